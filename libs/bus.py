@@ -1,0 +1,235 @@
+"""NATS plumbing shared by every service: connecting, JetStream work queues, chunked blobs.
+
+Binary blobs (a request's KV, a cache block) travel as ``Chunk`` messages of at most
+``CHUNK_DATA_BYTES`` on core subjects, with acked windows as flow control: the sender publishes
+``window - 1`` chunks and sends the window's last chunk as a request, waiting for the receiver's
+``ChunkAck`` before it goes on. A receiver that falls behind therefore slows the sender down
+instead of being cut off as a slow consumer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import zlib
+from collections.abc import Awaitable, Callable
+
+import msgspec
+import nats
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js.api import ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import BadRequestError
+
+from .log import get_logger
+from .protocol import CHUNK_DATA_BYTES, Chunk, ChunkAck, Subjects, decode, encode
+
+log = get_logger("bus")
+
+# Subscriptions that carry bulk data may buffer this much before nats-py drops messages.
+BULK_PENDING_BYTES = 512 * 1024 * 1024
+
+
+class TransferError(RuntimeError):
+    pass
+
+
+async def connect(url: str, name: str, *, connect_timeout: float = 30.0) -> NATS:
+    """Connect to NATS, retrying until ``connect_timeout``; reconnects forever afterwards."""
+
+    async def on_error(e: Exception) -> None:
+        log.warning("nats_error", error=str(e), client=name)
+
+    async def on_disconnect() -> None:
+        log.warning("nats_disconnected", client=name)
+
+    async def on_reconnect() -> None:
+        log.info("nats_reconnected", client=name)
+
+    deadline = time.monotonic() + connect_timeout
+    while True:
+        try:
+            return await nats.connect(
+                url,
+                name=name,
+                allow_reconnect=True,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,
+                connect_timeout=2,
+                ping_interval=5,
+                max_outstanding_pings=3,
+                error_cb=on_error,
+                disconnected_cb=on_disconnect,
+                reconnected_cb=on_reconnect,
+            )
+        except Exception as e:  # noqa: BLE001 - nats raises several unrelated types here
+            if time.monotonic() > deadline:
+                raise
+            log.info("nats_connect_retry", url=url, error=str(e) or type(e).__name__)
+            await asyncio.sleep(0.5)
+
+
+async def ensure_streams(js) -> None:
+    """Create (or keep) the JetStream work-queue streams for prefill and decode tasks."""
+    for name, subjects in (
+        (Subjects.PREFILL_STREAM, ["yb.task.prefill.>"]),
+        (Subjects.DECODE_STREAM, ["yb.task.decode.>"]),
+    ):
+        cfg = StreamConfig(
+            name=name,
+            subjects=subjects,
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
+            max_age=3600.0,
+        )
+        try:
+            await js.add_stream(cfg)
+        except BadRequestError:
+            await js.update_stream(cfg)
+
+
+async def work_subscription(js, stream: str, subject: str, durable: str, ack_wait: float = 60.0):
+    """A durable pull consumer on one instance's task subject of a work-queue stream."""
+    cfg = ConsumerConfig(
+        durable_name=durable,
+        ack_wait=ack_wait,
+        max_deliver=-1,
+        filter_subject=subject,
+    )
+    return await js.pull_subscribe(subject, durable=durable, stream=stream, config=cfg)
+
+
+def crc32(data) -> int:
+    return zlib.crc32(data) & 0xFFFFFFFF
+
+
+async def send_blob(
+    nc: NATS,
+    subject: str,
+    transfer_id: str,
+    data: bytes | memoryview,
+    meta: bytes = b"",
+    *,
+    window: int = 16,
+    timeout: float = 10.0,
+    chunk_bytes: int = CHUNK_DATA_BYTES,
+) -> None:
+    """Send ``data`` to ``subject`` as acked windows of chunks; raises TransferError on failure."""
+    view = memoryview(data).cast("B")
+    total = len(view)
+    count = max(1, -(-total // chunk_bytes))
+    checksum = crc32(view)
+    for i in range(count):
+        piece = view[i * chunk_bytes : (i + 1) * chunk_bytes]
+        payload = encode(
+            Chunk(
+                transfer_id=transfer_id,
+                index=i,
+                count=count,
+                offset=i * chunk_bytes,
+                total_bytes=total,
+                checksum=checksum,
+                data=piece,
+                meta=meta if i == 0 else b"",
+            )
+        )
+        if (i + 1) % window == 0 or i == count - 1:
+            try:
+                resp = await nc.request(subject, payload, timeout=timeout)
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as e:
+                raise TransferError(f"no ack from {subject} for {transfer_id}: {type(e).__name__}") from e
+            ack = decode(resp.data, ChunkAck)
+            if not ack.ok:
+                raise TransferError(f"{subject} refused {transfer_id}: {ack.error}")
+        else:
+            await nc.publish(subject, payload)
+
+
+class _Partial:
+    __slots__ = ("buf", "count", "next_index", "checksum", "meta", "started")
+
+    def __init__(self, first: Chunk):
+        self.buf = bytearray(first.total_bytes)
+        self.count = first.count
+        self.next_index = 0
+        self.checksum = first.checksum
+        self.meta = bytes(first.meta)
+        self.started = time.monotonic()
+
+
+BlobHandler = Callable[[str, bytes, bytearray], Awaitable[None] | None]
+
+
+class BlobAssembler:
+    """Reassembles chunked blobs arriving on one subscription.
+
+    ``on_blob(transfer_id, meta, data)`` is called once per complete, checksum-verified blob.
+    A missing chunk or a checksum mismatch fails the transfer: the sender gets a negative ack.
+    """
+
+    def __init__(self, nc: NATS, on_blob: BlobHandler, *, stale_after: float = 60.0):
+        self._nc = nc
+        self._on_blob = on_blob
+        self._partials: dict[str, _Partial] = {}
+        self._failed: dict[str, str] = {}
+        self._stale_after = stale_after
+        self.completed = 0
+        self.failed = 0
+
+    async def handle(self, msg: Msg) -> None:
+        try:
+            chunk = decode(msg.data, Chunk)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            log.warning("chunk_dropped", subject=msg.subject, error=str(e))
+            return
+        tid = chunk.transfer_id
+        error = self._failed.get(tid, "")
+        if not error:
+            error = self._accept(chunk)
+        if error:
+            self._failed[tid] = error
+            self._partials.pop(tid, None)
+        part = self._partials.get(tid)
+        done = part is not None and part.next_index == part.count
+        if done:
+            del self._partials[tid]
+            if crc32(part.buf) != part.checksum:
+                error = "checksum mismatch"
+                self._failed[tid] = error
+            else:
+                self.completed += 1
+                res = self._on_blob(tid, part.meta, part.buf)
+                if asyncio.iscoroutine(res):
+                    await res
+        if error:
+            self.failed += 1
+        if msg.reply:
+            ack = ChunkAck(transfer_id=tid, received=chunk.index + 1, ok=not error, error=error)
+            await self._nc.publish(msg.reply, encode(ack))
+        if chunk.index == chunk.count - 1:
+            self._failed.pop(tid, None)
+        self._gc()
+
+    def _accept(self, chunk: Chunk) -> str:
+        part = self._partials.get(chunk.transfer_id)
+        if part is None:
+            if chunk.index != 0:
+                return f"chunk {chunk.index} arrived before chunk 0"
+            part = self._partials[chunk.transfer_id] = _Partial(chunk)
+        if chunk.index != part.next_index:
+            return f"expected chunk {part.next_index}, got {chunk.index}"
+        start = chunk.offset
+        end = start + len(chunk.data)
+        if end > len(part.buf):
+            return "chunk overruns the announced size"
+        part.buf[start:end] = chunk.data
+        part.next_index += 1
+        return ""
+
+    def _gc(self) -> None:
+        if len(self._partials) < 8:
+            return
+        now = time.monotonic()
+        for tid in [t for t, p in self._partials.items() if now - p.started > self._stale_after]:
+            del self._partials[tid]
+            log.warning("transfer_abandoned", transfer_id=tid)

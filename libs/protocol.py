@@ -1,0 +1,255 @@
+"""Every message that crosses the bus, and every subject it travels on.
+
+All messages are msgspec Structs encoded as MessagePack. Messages that cross service
+boundaries carry ``v`` (the protocol version); a receiver drops messages of a version it does
+not speak. Nothing else is ever deserialised from the bus.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+
+# NATS' default max_payload is 1 MiB; a chunk of binary data leaves room for its header.
+MAX_PAYLOAD = 1024 * 1024
+CHUNK_DATA_BYTES = MAX_PAYLOAD - 4096
+
+
+# ---------------------------------------------------------------- subjects
+class Subjects:
+    """Subject names, in one place. ``<id>`` parts are instance or request ids."""
+
+    SCHEDULE = "yb.sched"  # gateway -> conductor, request/reply
+    ABORT = "yb.abort"  # gateway -> workers, core
+    HEARTBEAT_PREFIX = "yb.hb"  # yb.hb.<kind>.<instance>
+    PREFILL_STREAM = "YB_PREFILL"
+    DECODE_STREAM = "YB_DECODE"
+
+    @staticmethod
+    def heartbeat(kind: str, instance_id: str) -> str:
+        return f"yb.hb.{kind}.{instance_id}"
+
+    @staticmethod
+    def prefill_task(instance_id: str) -> str:
+        return f"yb.task.prefill.{instance_id}"
+
+    @staticmethod
+    def decode_task(instance_id: str) -> str:
+        return f"yb.task.decode.{instance_id}"
+
+    @staticmethod
+    def kv(decode_id: str) -> str:
+        return f"yb.kv.{decode_id}"
+
+    @staticmethod
+    def output(request_id: str) -> str:
+        return f"yb.out.{request_id}"
+
+    CACHE_PUT = "yb.cache.put"
+    CACHE_GET = "yb.cache.get"
+    CACHE_EXISTS = "yb.cache.exists"
+    CACHE_STATS = "yb.cache.stats"
+
+
+# ---------------------------------------------------------------- requests
+class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class ScheduleRequest(msgspec.Struct, kw_only=True):
+    """gateway -> conductor: place this request (and, if admitted, dispatch it)."""
+
+    v: int = PROTOCOL_VERSION
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    block_hashes: list[bytes] = []
+    arrival_time: float = 0.0
+
+
+class ScheduleReply(msgspec.Struct, kw_only=True):
+    """conductor -> gateway. ``status`` is the HTTP status to surface when not admitted."""
+
+    v: int = PROTOCOL_VERSION
+    request_id: str
+    admitted: bool
+    prefill_id: str = ""
+    decode_id: str = ""
+    status: int = 200
+    reason: str = ""
+    retry_after: float = 0.0
+
+
+class PrefillTask(msgspec.Struct, kw_only=True):
+    """conductor -> prefill instance (JetStream work queue)."""
+
+    v: int = PROTOCOL_VERSION
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    decode_id: str
+    block_hashes: list[bytes] = []
+    arrival_time: float = 0.0
+
+
+class DecodeTask(msgspec.Struct, kw_only=True):
+    """prefill -> decode instance (JetStream work queue), published after the KV is delivered."""
+
+    v: int = PROTOCOL_VERSION
+    request_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]  # tokens already streamed to the client (the first token)
+    sampling: SamplingParams
+    kv_len: int  # number of positions whose KV was transferred
+    cached_tokens: int = 0
+    prefill_id: str = ""
+
+
+class TokenEvent(msgspec.Struct, kw_only=True):
+    """prefill/decode -> gateway, on ``Subjects.output(request_id)``.
+
+    ``seq`` numbers the events of one request from 0 without gaps, across the prefill and
+    decode instances that produce them, so the gateway can order them and detect loss.
+    """
+
+    v: int = PROTOCOL_VERSION
+    request_id: str
+    seq: int
+    token_ids: list[int]
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    error: str = ""
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+
+
+class Abort(msgspec.Struct, kw_only=True):
+    v: int = PROTOCOL_VERSION
+    request_id: str
+    reason: str = ""
+
+
+class Heartbeat(msgspec.Struct, kw_only=True):
+    """Every instance announces itself and its load once per ``interval`` seconds."""
+
+    v: int = PROTOCOL_VERSION
+    kind: str  # prefill | decode | cachestore
+    instance_id: str
+    interval: float
+    model: str = ""
+    queued: int = 0  # tasks waiting
+    queued_tokens: int = 0  # prompt tokens waiting (prefill)
+    running: int = 0  # sequences in the running batch (decode)
+    max_running: int = 0
+    kv_tokens: int = 0  # KV positions held by the running batch (decode)
+
+
+# ---------------------------------------------------------------- binary transfers
+class Chunk(msgspec.Struct, kw_only=True, array_like=True):
+    """One piece of a binary blob (KV of a request, a cache block) at most ``CHUNK_DATA_BYTES``.
+
+    ``meta`` travels on chunk 0 only: the msgpack of the Struct that describes the blob.
+    ``checksum`` is the CRC32 of the whole blob, checked by the receiver after reassembly.
+    """
+
+    transfer_id: str
+    index: int
+    count: int
+    offset: int
+    total_bytes: int
+    checksum: int
+    data: memoryview
+    meta: bytes = b""
+
+
+class ChunkAck(msgspec.Struct, kw_only=True, array_like=True):
+    transfer_id: str
+    received: int  # number of chunks received so far
+    ok: bool = True
+    error: str = ""
+
+
+class KVMeta(msgspec.Struct, kw_only=True):
+    """Describes a request's KV sent from prefill to decode.
+
+    Layout of the blob: ``[num_layers, 2 (K, V), num_kv_heads, length, head_dim]`` in ``dtype``.
+    """
+
+    v: int = PROTOCOL_VERSION
+    request_id: str
+    length: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+
+
+class CachePutMeta(msgspec.Struct, kw_only=True):
+    v: int = PROTOCOL_VERSION
+    key: bytes
+
+
+class CacheGetRequest(msgspec.Struct, kw_only=True):
+    v: int = PROTOCOL_VERSION
+    keys: list[bytes]
+    reply_subject: str  # blocks are streamed here as chunked transfers, one per found key
+
+
+class CacheGetReply(msgspec.Struct, kw_only=True):
+    v: int = PROTOCOL_VERSION
+    found: list[bytes]  # the keys that will be streamed, in order
+
+
+class CacheExistsRequest(msgspec.Struct, kw_only=True):
+    v: int = PROTOCOL_VERSION
+    keys: list[bytes]
+
+
+class CacheExistsReply(msgspec.Struct, kw_only=True):
+    v: int = PROTOCOL_VERSION
+    present: list[bool]
+    tier: list[str] = []  # "dram" | "disk" | "" per key
+
+
+class CacheStats(msgspec.Struct, kw_only=True):
+    v: int = PROTOCOL_VERSION
+    instance_id: str
+    dram_bytes: int
+    dram_blocks: int
+    disk_bytes: int
+    disk_blocks: int
+    evictions_dram: int
+    evictions_disk: int
+
+
+_encoder = msgspec.msgpack.Encoder()
+
+
+def encode(msg: msgspec.Struct) -> bytes:
+    return _encoder.encode(msg)
+
+
+_decoders: dict[type, msgspec.msgpack.Decoder] = {}
+
+
+def decode(data: bytes | memoryview, typ: type[msgspec.Struct]):
+    """Decode ``data`` as ``typ``; raises ``msgspec.ValidationError``/``DecodeError`` on garbage
+    or on a protocol version this build does not speak."""
+    dec = _decoders.get(typ)
+    if dec is None:
+        dec = _decoders[typ] = msgspec.msgpack.Decoder(typ)
+    msg = dec.decode(data)
+    v = getattr(msg, "v", PROTOCOL_VERSION)
+    if v != PROTOCOL_VERSION:
+        raise msgspec.ValidationError(f"unsupported protocol version {v} for {typ.__name__}")
+    return msg

@@ -1,0 +1,122 @@
+"""Lifecycle shared by every service: connect, heartbeat, metrics, signals, clean shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+import structlog
+from prometheus_client import start_http_server
+
+from .bus import connect, ensure_streams
+from .config import Settings
+from .log import configure, get_logger
+from .protocol import Heartbeat, Subjects, encode
+
+
+class Service:
+    """Base of the five services. Subclasses implement ``setup`` and may override ``load``."""
+
+    kind = "service"
+
+    def __init__(self, settings: Settings):
+        self.settings = settings.with_instance(self.kind)
+        self.instance_id = self.settings.instance_id
+        self.log = get_logger(self.kind).bind(instance=self.instance_id)
+        self.nc = None
+        self.js = None
+        self._stopping = asyncio.Event()
+        self._tasks: set[asyncio.Task] = set()
+
+    # ---- hooks
+    async def setup(self) -> None:  # subscribe, load models, ...
+        pass
+
+    async def teardown(self) -> None:  # called once on stop, before the connection drains
+        pass
+
+    def load(self) -> Heartbeat | None:
+        """The heartbeat to publish, or None for services that are not placed by the conductor."""
+        return None
+
+    # ---- lifecycle
+    def spawn(self, coro) -> asyncio.Task:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.log.error("task_failed", error=repr(task.exception()), exc_info=task.exception())
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    async def start(self) -> None:
+        self.nc = await connect(self.settings.nats_url, f"{self.kind}:{self.instance_id}")
+        self.js = self.nc.jetstream()
+        await ensure_streams(self.js)
+        await self.setup()
+        self.spawn(self._heartbeat_loop())
+        self.log.info("service_started", nats=self.settings.nats_url)
+
+    async def stop(self) -> None:
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        self.log.info("service_stopping")
+        try:
+            await self.teardown()
+        finally:
+            for t in list(self._tasks):
+                t.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            if self.nc is not None and not self.nc.is_closed:
+                try:
+                    await asyncio.wait_for(self.nc.drain(), 5)
+                except Exception:  # noqa: BLE001 - closing anyway
+                    await self.nc.close()
+
+    async def _heartbeat_loop(self) -> None:
+        interval = self.settings.heartbeat_interval
+        while True:
+            hb = self.load()
+            if hb is not None and self.nc.is_connected:
+                try:
+                    await self.nc.publish(Subjects.heartbeat(self.kind, self.instance_id), encode(hb))
+                except Exception as e:  # noqa: BLE001 - a missed beat is tolerated
+                    self.log.warning("heartbeat_failed", error=str(e))
+            await asyncio.sleep(interval)
+
+    def heartbeat(self, **load) -> Heartbeat:
+        return Heartbeat(
+            kind=self.kind,
+            instance_id=self.instance_id,
+            interval=self.settings.heartbeat_interval,
+            model=self.settings.model,
+            **load,
+        )
+
+    async def serve_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        done = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, done.set)
+        await self.start()
+        await done.wait()
+        await self.stop()
+
+
+def run(service_cls: type[Service], settings: Settings) -> None:
+    """Entry point of ``yuebing serve KIND``: logs, metrics endpoint, event loop."""
+    configure(service_cls.kind)
+    structlog.contextvars.bind_contextvars(pid=__import__("os").getpid())
+    if settings.metrics_port and service_cls.kind != "gateway":
+        start_http_server(settings.metrics_port, addr=settings.host)
+    started = time.monotonic()
+    asyncio.run(service_cls(settings).serve_forever())
+    get_logger(service_cls.kind).info("service_exited", uptime_s=round(time.monotonic() - started, 1))

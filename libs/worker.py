@@ -1,0 +1,89 @@
+"""Pieces shared by the prefill and decode workers: the model thread, tasks, token events."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+
+import msgspec
+import nats
+
+from .model import ModelRunner, resolve_model
+from .protocol import Abort, SamplingParams, Subjects, TokenEvent, decode, encode
+from .service import Service
+
+
+class RecentIds:
+    """A bounded set of request ids (done or aborted), oldest forgotten first."""
+
+    def __init__(self, capacity: int = 10000):
+        self._ids: OrderedDict[str, float] = OrderedDict()
+        self._capacity = capacity
+
+    def add(self, rid: str) -> None:
+        self._ids[rid] = time.monotonic()
+        self._ids.move_to_end(rid)
+        while len(self._ids) > self._capacity:
+            self._ids.popitem(last=False)
+
+    def __contains__(self, rid: str) -> bool:
+        return rid in self._ids
+
+
+def finish_reason(token: int, n_out: int, params: SamplingParams, eos_ids: tuple[int, ...]) -> str | None:
+    """Why a sequence stops after emitting ``token`` as its ``n_out``-th output token, if it does."""
+    if not params.ignore_eos and token in eos_ids:
+        return "stop"
+    if token in params.stop_token_ids:
+        return "stop"
+    if n_out >= params.max_tokens:
+        return "length"
+    return None
+
+
+class ModelWorker(Service):
+    """A service that runs the model on one dedicated thread and streams tokens to gateways."""
+
+    async def setup(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.kind}-model")
+        path = await asyncio.to_thread(resolve_model, self.settings.model, self.settings.resolved_data_dir() / "models")
+        self.runner: ModelRunner = await self.compute(ModelRunner, path, self.settings.threads or None)
+        self.shape = self.runner.shape
+        self.aborted = RecentIds()
+        self.done = RecentIds()
+        await self.nc.subscribe(Subjects.ABORT, cb=self._on_abort)
+        self.log.info("model_loaded", path=str(path), layers=self.shape.num_layers)
+
+    async def compute(self, fn, *args, **kwargs):
+        """Run blocking model work on the model thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, partial(fn, *args, **kwargs))
+
+    async def teardown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _on_abort(self, msg) -> None:
+        try:
+            abort = decode(msg.data, Abort)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return
+        self.aborted.add(abort.request_id)
+        self.on_abort(abort.request_id)
+
+    def on_abort(self, request_id: str) -> None:
+        pass
+
+    async def emit(self, event: TokenEvent) -> None:
+        await self.nc.publish(Subjects.output(event.request_id), encode(event))
+
+    async def emit_error(self, request_id: str, seq: int, error: str) -> None:
+        await self.emit(TokenEvent(request_id=request_id, seq=seq, token_ids=[], finish_reason="error", error=error))
+
+    async def pull(self, sub, batch: int = 1, timeout: float = 1.0) -> list:
+        try:
+            return await sub.fetch(batch, timeout=timeout)
+        except (nats.errors.TimeoutError, asyncio.TimeoutError):
+            return []

@@ -1,0 +1,89 @@
+"""Sequence bookkeeping for continuous batching. Plain logic: no NATS, no model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from yuebing.libs.protocol import SamplingParams
+from yuebing.libs.worker import finish_reason
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    params: SamplingParams
+    prompt_len: int
+    output: list[int]  # every output token so far, including the one from prefill
+    kv: Any = None  # the KV to join with (wire layout); dropped once joined
+    handle: Any = None  # the task message to ack when finished
+    finish: str | None = None
+
+    @property
+    def next_seq(self) -> int:
+        """Sequence number of the next token event (one event per token)."""
+        return len(self.output)
+
+
+@dataclass
+class StepPlan:
+    joins: list[Sequence] = field(default_factory=list)
+    leaves: set[str] = field(default_factory=set)
+    rows: list[Sequence] = field(default_factory=list)  # batch order after joins/leaves
+
+
+class Batcher:
+    """Decides, between steps, who joins and who leaves the running batch."""
+
+    def __init__(self, max_running: int, eos_ids: tuple[int, ...]):
+        self.max_running = max_running
+        self.eos_ids = eos_ids
+        self.waiting: list[Sequence] = []
+        self.running: dict[str, Sequence] = {}  # in batch row order
+        self._leaving: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def has_room(self) -> bool:
+        return len(self) < self.max_running
+
+    def submit(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def abort(self, request_id: str) -> Sequence | None:
+        for i, s in enumerate(self.waiting):
+            if s.request_id == request_id:
+                s.finish = "abort"
+                return self.waiting.pop(i)
+        seq = self.running.get(request_id)
+        if seq is not None and seq.finish is None:
+            seq.finish = "abort"
+            self._leaving.add(request_id)
+        return seq
+
+    def plan(self) -> StepPlan:
+        """Joins and leaves to apply before the next step, and the resulting row order."""
+        leaves = self._leaving
+        self._leaving = set()
+        for rid in leaves:
+            self.running.pop(rid, None)
+        joins = self.waiting[: max(0, self.max_running - len(self.running))]
+        self.waiting = self.waiting[len(joins) :]
+        for s in joins:
+            self.running[s.request_id] = s
+        return StepPlan(joins=joins, leaves=leaves, rows=list(self.running.values()))
+
+    def record(self, rows: list[Sequence], tokens: list[int]) -> list[Sequence]:
+        """Append each row's new token; returns the sequences that finished with it."""
+        finished = []
+        for seq, tok in zip(rows, tokens):
+            if seq.finish is not None:  # aborted while the step ran
+                continue
+            seq.output.append(tok)
+            reason = finish_reason(tok, len(seq.output), seq.params, self.eos_ids)
+            if reason is not None:
+                seq.finish = reason
+                self._leaving.add(seq.request_id)
+                finished.append(seq)
+        return finished

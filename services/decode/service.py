@@ -1,0 +1,198 @@
+"""Decode wiring: receive KV, join sequences to the running batch, step, stream tokens."""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgspec
+import torch
+
+from yuebing.libs.bus import BULK_PENDING_BYTES, BlobAssembler, work_subscription
+from yuebing.libs.model import DecodeBatch, sample_token
+from yuebing.libs.protocol import DecodeTask, KVMeta, Subjects, TokenEvent, decode
+from yuebing.libs.worker import ModelWorker
+
+from .batcher import Batcher, Sequence
+
+KV_WAIT_SECONDS = 30.0
+PROGRESS_EVERY = 15.0
+
+
+class DecodeService(ModelWorker):
+    kind = "decode"
+
+    async def setup(self) -> None:
+        await super().setup()
+        self.batch = DecodeBatch(self.runner)
+        self.batcher = Batcher(self.settings.max_running, self.shape.eos_token_ids)
+        self._kv: dict[str, tuple[KVMeta, bytearray]] = {}
+        self._kv_ready: dict[str, asyncio.Event] = {}
+        self._wake = asyncio.Event()
+        self._assembler = BlobAssembler(self.nc, self._on_kv)
+        await self.nc.subscribe(
+            Subjects.kv(self.instance_id), cb=self._assembler.handle, pending_bytes_limit=BULK_PENDING_BYTES
+        )
+        self.sub = await work_subscription(
+            self.js, Subjects.DECODE_STREAM, Subjects.decode_task(self.instance_id), durable=self.instance_id
+        )
+        self.spawn(self._pull_loop())
+        self.spawn(self._engine_loop())
+        self.spawn(self._progress_loop())
+
+    def load(self):
+        b = self.batcher
+        return self.heartbeat(
+            queued=len(b.waiting), running=len(b.running), max_running=b.max_running, kv_tokens=self.batch.kv_tokens()
+        )
+
+    # ---- KV arrival
+    def _on_kv(self, transfer_id: str, meta: bytes, data: bytearray) -> None:
+        try:
+            m = decode(meta, KVMeta)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            self.log.warning("bad_kv_meta", transfer_id=transfer_id, error=str(e))
+            return
+        self._kv[m.request_id] = (m, data)
+        self._kv_ready.setdefault(m.request_id, asyncio.Event()).set()
+
+    def _take_kv(self, meta: KVMeta, data: bytearray) -> torch.Tensor:
+        s = self.shape
+        if (meta.num_layers, meta.num_kv_heads, meta.head_dim, meta.dtype) != (
+            s.num_layers, s.num_kv_heads, s.head_dim, s.dtype_name
+        ):
+            raise ValueError(f"KV shape {meta} does not match this model")
+        t = torch.frombuffer(data, dtype=s.dtype)
+        return t.view(s.num_layers, 2, s.num_kv_heads, meta.length, s.head_dim)
+
+    # ---- tasks
+    async def _pull_loop(self) -> None:
+        while not self.stopping:
+            if not self.batcher.has_room():
+                await asyncio.sleep(0.01)
+                continue
+            for msg in await self.pull(self.sub):
+                try:
+                    task = decode(msg.data, DecodeTask)
+                except (msgspec.DecodeError, msgspec.ValidationError) as e:
+                    self.log.warning("bad_decode_task", error=str(e))
+                    await msg.term()
+                    continue
+                self.spawn(self._admit(task, msg))
+
+    async def _admit(self, task: DecodeTask, msg) -> None:
+        rid = task.request_id
+        log = self.log.bind(request_id=rid)
+        if rid in self.done or rid in self.aborted or rid in self.batcher.running:
+            self._drop_kv(rid)
+            await msg.ack()
+            return
+        event = self._kv_ready.setdefault(rid, asyncio.Event())
+        try:
+            await asyncio.wait_for(event.wait(), KV_WAIT_SECONDS)
+            meta, data = self._kv.pop(rid)
+            kv = self._take_kv(meta, data)
+        except (asyncio.TimeoutError, KeyError, ValueError) as e:
+            log.error("kv_missing", error=repr(e))
+            await self.emit_error(rid, len(task.output_token_ids), "decode did not receive the KV cache")
+            self._drop_kv(rid)
+            await msg.ack()
+            return
+        finally:
+            self._kv_ready.pop(rid, None)
+        if rid in self.aborted:
+            await msg.ack()
+            return
+        seq = Sequence(
+            request_id=rid,
+            params=task.sampling,
+            prompt_len=len(task.prompt_token_ids),
+            output=list(task.output_token_ids),
+            kv=kv,
+            handle=msg,
+        )
+        self.batcher.submit(seq)
+        self._wake.set()
+        log.debug("decode_admitted", kv_len=task.kv_len)
+
+    def _drop_kv(self, rid: str) -> None:
+        self._kv.pop(rid, None)
+        self._kv_ready.pop(rid, None)
+
+    def on_abort(self, request_id: str) -> None:
+        seq = self.batcher.abort(request_id)
+        if seq is not None and seq.request_id not in self.batcher.running:
+            self.spawn(self._finish(seq))
+
+    # ---- the engine
+    def _step(self, plan):
+        """On the model thread: apply joins/leaves, run one step, sample every row."""
+        if plan.leaves:
+            self.batch.remove(plan.leaves)
+        for seq in plan.joins:
+            self.batch.add(seq.request_id, seq.kv)
+            seq.kv = None
+        if not plan.rows:
+            return []
+        assert self.batch.ids == [s.request_id for s in plan.rows]
+        logits = self.batch.step([s.output[-1] for s in plan.rows])
+        return [sample_token(logits[i], s.params, len(s.output)) for i, s in enumerate(plan.rows)]
+
+    async def _engine_loop(self) -> None:
+        while not self.stopping:
+            if not self.batcher.running and not self.batcher.waiting:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            plan = self.batcher.plan()
+            try:
+                tokens = await self.compute(self._step, plan)
+            except Exception as e:  # noqa: BLE001 - fail the batch's requests, keep serving
+                self.log.error("decode_step_failed", error=repr(e), exc_info=True)
+                for seq in plan.rows:
+                    await self.emit_error(seq.request_id, seq.next_seq, f"decode step failed: {e}")
+                    self.batcher.abort(seq.request_id)
+                    await self._ack(seq)
+                self.batch = DecodeBatch(self.runner)
+                self.batcher.plan()
+                continue
+            finished = {s.request_id for s in self.batcher.record(plan.rows, tokens)}
+            for seq, tok in zip(plan.rows, tokens):
+                if seq.finish == "abort":
+                    continue
+                await self.emit(
+                    TokenEvent(
+                        request_id=seq.request_id,
+                        seq=seq.next_seq - 1,
+                        token_ids=[tok],
+                        finish_reason=seq.finish if seq.request_id in finished else None,
+                    )
+                )
+                if seq.request_id in finished:
+                    await self._finish(seq)
+            for seq in plan.rows:
+                if seq.finish == "abort":
+                    await self._finish(seq)
+
+    async def _finish(self, seq: Sequence) -> None:
+        self.done.add(seq.request_id)
+        await self._ack(seq)
+
+    @staticmethod
+    async def _ack(seq: Sequence) -> None:
+        if seq.handle is not None:
+            handle, seq.handle = seq.handle, None
+            try:
+                await handle.ack()
+            except Exception:  # noqa: BLE001 - already acked or connection gone; redelivery is idempotent
+                pass
+
+    async def _progress_loop(self) -> None:
+        """Keep long-running sequences' task messages from being redelivered."""
+        while not self.stopping:
+            await asyncio.sleep(PROGRESS_EVERY)
+            for seq in list(self.batcher.running.values()) + list(self.batcher.waiting):
+                if seq.handle is not None:
+                    try:
+                        await seq.handle.in_progress()
+                    except Exception:  # noqa: BLE001
+                        pass

@@ -1,0 +1,66 @@
+"""Incremental detokenisation and stop strings. Plain logic over a tokenizer."""
+
+from __future__ import annotations
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas.
+
+    Decodes a short window of recent tokens rather than the whole output each time, and holds
+    back text that ends in an incomplete UTF-8 sequence until the next token completes it.
+    """
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.ids: list[int] = []
+        self._prefix = 0
+        self._read = 0
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        prefix_text = self._decode(self.ids[self._prefix : self._read])
+        new_text = self._decode(self.ids[self._prefix :])
+        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+            delta = new_text[len(prefix_text) :]
+            self._prefix = self._read
+            self._read = len(self.ids)
+            return delta
+        return ""
+
+
+class StopStrings:
+    """Finds the first stop string in the output and holds back text that may start one."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self._hold = max((len(s) for s in self.stops), default=1) - 1
+        self.text = ""
+        self._sent = 0
+        self.stopped = False
+
+    def feed(self, delta: str) -> str:
+        """Add ``delta``; returns the text now safe to send. Sets ``stopped`` on a match."""
+        if self.stopped:
+            return ""
+        start = max(0, len(self.text) - self._hold)
+        self.text += delta
+        if self.stops:
+            hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+            if hits:
+                self.text = self.text[: min(hits)]
+                self.stopped = True
+                return self.flush()
+        safe = len(self.text) - self._hold if self.stops else len(self.text)
+        if safe <= self._sent:
+            return ""
+        out = self.text[self._sent : safe]
+        self._sent = safe
+        return out
+
+    def flush(self) -> str:
+        out = self.text[self._sent :]
+        self._sent = len(self.text)
+        return out

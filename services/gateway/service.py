@@ -1,0 +1,333 @@
+"""Gateway wiring: the HTTP API, tokenisation, scheduling requests, turning token events into SSE."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+
+import msgspec
+import nats
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from yuebing.libs import metrics
+from yuebing.libs.model import load_tokenizer, model_name_for, read_shape, resolve_model
+from yuebing.libs.protocol import (
+    Abort,
+    Heartbeat,
+    ScheduleReply,
+    ScheduleRequest,
+    Subjects,
+    TokenEvent,
+    decode,
+    encode,
+)
+from yuebing.libs.service import Service
+
+from . import openai as oa
+from .detok import IncrementalDetokenizer, StopStrings
+
+SCHEDULE_TIMEOUT = 10.0
+STALL_TIMEOUT = 120.0  # longest silence between two token events before the request fails
+
+
+class ClientGone(Exception):
+    pass
+
+
+def _json(obj, status: int = 200, headers: dict | None = None) -> web.Response:
+    return web.Response(body=orjson.dumps(obj), status=status, content_type="application/json", headers=headers)
+
+
+def _error_response(err: oa.ApiError) -> web.Response:
+    return _json(err.body(), status=err.status, headers=err.headers)
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler):
+    try:
+        return await handler(request)
+    except oa.ApiError as e:
+        return _error_response(e)
+    except web.HTTPRequestEntityTooLarge as e:
+        return _error_response(oa.ApiError(413, f"request body too large: {e.text}", code="body_too_large"))
+    except web.HTTPException as e:
+        if e.status >= 400:
+            return _error_response(oa.ApiError(e.status, e.reason or "error"))
+        raise
+
+
+class GatewayService(Service):
+    kind = "gateway"
+
+    async def setup(self) -> None:
+        s = self.settings
+        path = await asyncio.to_thread(resolve_model, s.model, s.resolved_data_dir() / "models")
+        self.tokenizer = await asyncio.to_thread(load_tokenizer, path)
+        self.shape = read_shape(path)
+        self.model_name = model_name_for(s.model, path)
+        self.created = oa.now()
+        self.live: dict[tuple[str, str], tuple[float, float]] = {}  # (kind, id) -> (last seen, interval)
+        await self.nc.subscribe(f"{Subjects.HEARTBEAT_PREFIX}.>", cb=self._on_heartbeat)
+
+        app = web.Application(client_max_size=s.max_body_bytes, middlewares=[errors_middleware])
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.metrics)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, s.host, s.port)
+        await site.start()
+        self.url = f"http://{s.host}:{s.port}"
+        self.log.info("gateway_listening", url=self.url, model=self.model_name)
+
+    async def teardown(self) -> None:
+        await self._runner.cleanup()
+
+    async def _on_heartbeat(self, msg) -> None:
+        try:
+            hb = decode(msg.data, Heartbeat)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return
+        self.live[(hb.kind, hb.instance_id)] = (time.monotonic(), hb.interval)
+
+    def live_counts(self) -> dict[str, int]:
+        now = time.monotonic()
+        counts = {"conductor": 0, "prefill": 0, "decode": 0, "cachestore": 0}
+        for (kind, _), (seen, interval) in self.live.items():
+            if now - seen <= 3 * interval:
+                counts[kind] = counts.get(kind, 0) + 1
+        return counts
+
+    # ---------------------------------------------------------------- routes
+    async def health(self, request: web.Request) -> web.Response:
+        counts = self.live_counts()
+        ok = self.nc.is_connected
+        ready = ok and counts["prefill"] > 0 and counts["decode"] > 0 and counts["conductor"] > 0
+        body = {"status": "ok" if ok else "unavailable", "ready": ready, "model": self.model_name, "instances": counts}
+        return _json(body, status=200 if ok else 503)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def models(self, request: web.Request) -> web.Response:
+        return _json(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": self.model_name,
+                        "object": "model",
+                        "created": self.created,
+                        "owned_by": "yuebing",
+                        "max_model_len": self.shape.max_context,
+                    }
+                ],
+            }
+        )
+
+    async def _body(self, request: web.Request, typ):
+        raw = await request.read()
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError as e:
+            raise oa.ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+        req = oa.parse(obj, typ)
+        if req.model != self.model_name:
+            raise oa.ApiError(404, f"the model {req.model!r} does not exist; this server serves {self.model_name!r}",
+                              param="model", code="model_not_found")
+        return req
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        req = await self._body(request, oa.ChatCompletionRequest)
+        messages = oa.chat_messages(req)
+        if not self.tokenizer.chat_template:
+            raise oa.ApiError(400, "this model has no chat template; use /v1/completions", param="messages")
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        norm = oa.normalize(req, list(ids), self.shape.max_context, max_tokens, None)
+        return await self._serve(request, norm, "chat", f"chatcmpl-{uuid.uuid4().hex}")
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        req = await self._body(request, oa.CompletionRequest)
+        prompt = oa.completion_prompt(req, self.shape.vocab_size)
+        ids = prompt if isinstance(prompt, list) else self.tokenizer.encode(prompt, add_special_tokens=False)
+        # OpenAI's default for completions is 16 tokens.
+        norm = oa.normalize(req, list(ids), self.shape.max_context, req.max_tokens, 16)
+        return await self._serve(request, norm, "text", f"cmpl-{uuid.uuid4().hex}")
+
+    # ---------------------------------------------------------------- generation
+    async def _events(self, rid: str, norm: oa.Normalized, client_gone):
+        """Schedule the request and yield its TokenEvents in order; aborts it if left early."""
+        queue: asyncio.Queue = asyncio.Queue()
+        sub = await self.nc.subscribe(Subjects.output(rid), cb=queue.put)
+        finished = False
+        try:
+            sreq = ScheduleRequest(
+                request_id=rid,
+                prompt_token_ids=norm.prompt_token_ids,
+                sampling=norm.sampling,
+                arrival_time=time.time(),
+            )
+            try:
+                raw = await self.nc.request(Subjects.SCHEDULE, encode(sreq), timeout=SCHEDULE_TIMEOUT)
+                reply = decode(raw.data, ScheduleReply)
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
+                metrics.REJECTED.labels(reason="no_conductor").inc()
+                raise oa.ApiError(503, "the scheduler (conductor) is not reachable", code="service_unavailable",
+                                  headers={"Retry-After": "2"}) from None
+            if not reply.admitted:
+                metrics.REJECTED.labels(reason=str(reply.status)).inc()
+                retry = max(1, round(reply.retry_after))
+                raise oa.ApiError(reply.status, reply.reason, code="service_unavailable" if reply.status == 503
+                                  else "rate_limited", headers={"Retry-After": str(retry)})
+            expected = 0
+            early: dict[int, TokenEvent] = {}
+            deadline = time.monotonic() + self.settings.request_timeout
+            while True:
+                stall = time.monotonic() + STALL_TIMEOUT
+                msg = None
+                while msg is None:
+                    if client_gone():
+                        raise ClientGone()
+                    left = min(stall, deadline) - time.monotonic()
+                    if left <= 0:
+                        raise oa.ApiError(504, "the request timed out waiting for the model", code="timeout",
+                                          type="server_error")
+                    try:
+                        msg = await asyncio.wait_for(queue.get(), min(left, 1.0))
+                    except asyncio.TimeoutError:
+                        pass
+                try:
+                    ev = decode(msg.data, TokenEvent)
+                except (msgspec.DecodeError, msgspec.ValidationError):
+                    continue
+                early[ev.seq] = ev
+                while expected in early:
+                    ev = early.pop(expected)
+                    expected += 1
+                    if ev.finish_reason is not None:
+                        finished = True
+                    yield ev
+                    if finished:
+                        return
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+            if not finished and self.nc.is_connected:
+                with contextlib.suppress(Exception):
+                    await self.nc.publish(Subjects.ABORT, encode(Abort(request_id=rid, reason="client")))
+
+    async def _serve(self, request: web.Request, norm: oa.Normalized, kind: str, rid: str) -> web.StreamResponse:
+        log = self.log.bind(request_id=rid)
+        started = time.monotonic()
+        created = oa.now()
+        transport = request.transport
+
+        def client_gone() -> bool:
+            return transport is None or transport.is_closing()
+
+        detok = IncrementalDetokenizer(self.tokenizer)
+        stops = StopStrings(norm.stop)
+        n_out = 0
+        cached = 0
+        finish = None
+        first_at = last_at = None
+        resp: web.StreamResponse | None = None
+
+        async def send(obj) -> None:
+            await resp.write(b"data: " + orjson.dumps(obj) + b"\n\n")
+
+        def chunk(text: str, reason: str | None, first: bool = False) -> dict:
+            if kind == "chat":
+                delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+                return oa.chat_chunk(rid, self.model_name, created, delta, reason)
+            return oa.completion_chunk(rid, self.model_name, created, text, reason)
+
+        text_parts: list[str] = []
+        metrics.REQUESTS_RUNNING.inc()
+        try:
+            events = self._events(rid, norm, client_gone)
+            async with contextlib.aclosing(events):
+                async for ev in events:
+                    now = time.monotonic()
+                    if ev.error:
+                        raise oa.ApiError(503, f"generation failed: {ev.error}", code="worker_error", type="server_error")
+                    if ev.seq == 0:
+                        cached = ev.cached_tokens
+                    out = []
+                    for tok in ev.token_ids:
+                        n_out += 1
+                        if first_at is None:
+                            first_at = now
+                            metrics.TTFT.observe(now - started)
+                        else:
+                            metrics.ITL.observe(now - last_at)
+                        last_at = now
+                        piece = stops.feed(detok.add(tok))
+                        if piece:
+                            out.append(piece)
+                        if stops.stopped:
+                            finish = "stop"
+                            break
+                    if finish is None and ev.finish_reason is not None:
+                        finish = ev.finish_reason
+                        tail = stops.flush()
+                        if tail:
+                            out.append(tail)
+                    text = "".join(out)
+                    if norm.stream:
+                        if resp is None:
+                            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                                               "Cache-Control": "no-cache"})
+                            await resp.prepare(request)
+                            if kind == "chat":
+                                await send(chunk("", None, first=True))
+                        if text:
+                            await send(chunk(text, None))
+                    else:
+                        text_parts.append(text)
+                    if finish is not None:
+                        break
+        except ClientGone:
+            log.info("client_disconnected", completion_tokens=n_out)
+            metrics.REQUESTS_RUNNING.dec()
+            return resp or web.Response(status=499)
+        except (ConnectionResetError, asyncio.CancelledError):
+            log.info("client_disconnected", completion_tokens=n_out)
+            metrics.REQUESTS_RUNNING.dec()
+            raise
+        except oa.ApiError as e:
+            metrics.REQUESTS_RUNNING.dec()
+            log.warning("request_failed", status=e.status, error=e.message)
+            if resp is None:
+                raise
+            await send(e.body())
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+            return resp
+        metrics.REQUESTS_RUNNING.dec()
+        use = oa.usage(len(norm.prompt_token_ids), n_out, cached)
+        metrics.PROMPT_TOKENS.inc(len(norm.prompt_token_ids))
+        metrics.GENERATION_TOKENS.inc(n_out)
+        metrics.E2E.observe(time.monotonic() - started)
+        metrics.SUCCESS.labels(finished_reason=finish).inc()
+        log.info("request_done", prompt_tokens=len(norm.prompt_token_ids), completion_tokens=n_out,
+                 cached_tokens=cached, finish=finish, seconds=round(time.monotonic() - started, 4))
+        if not norm.stream:
+            body = (oa.chat_body if kind == "chat" else oa.completion_body)(
+                rid, self.model_name, created, "".join(text_parts), finish, use
+            )
+            return _json(body)
+        await send(chunk("", finish))
+        if norm.include_usage:
+            obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+            await send(oa.usage_chunk(rid, self.model_name, created, obj, use))
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp

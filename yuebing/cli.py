@@ -1,0 +1,177 @@
+"""The ``yuebing`` command: run the local cluster, run one service, convert the model, benchmark."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import signal
+import sys
+import time
+
+SERVICES = {
+    "gateway": ("yuebing.services.gateway.service", "GatewayService"),
+    "conductor": ("yuebing.services.conductor.service", "ConductorService"),
+    "prefill": ("yuebing.services.prefill.service", "PrefillService"),
+    "decode": ("yuebing.services.decode.service", "DecodeService"),
+    "cachestore": ("yuebing.services.cachestore.service", "CacheStoreService"),
+}
+
+HELP = """\
+yuebing: KVCache-centric, disaggregated LLM serving over NATS JetStream.
+
+Start everything on this machine (a NATS server and one instance of each service):
+    yuebing up                         # default model, http://127.0.0.1:8000/v1
+    yuebing up --prefill 2 --decode 2  # more workers
+
+Scale across machines: run a NATS server with JetStream, then on each machine
+    yuebing serve prefill --nats nats://HOST:4222
+    yuebing serve decode  --nats nats://HOST:4222   (and gateway, conductor, cachestore)
+
+Talk to it with any OpenAI client: base_url=http://127.0.0.1:8000/v1, model=smollm2-135m-instruct.
+"""
+
+
+def _settings(args, **extra):
+    from yuebing.libs.config import from_env
+
+    return from_env(
+        nats_url=getattr(args, "nats", None),
+        instance_id=getattr(args, "instance_id", None),
+        model=args.model,
+        data_dir=args.data_dir,
+        host=getattr(args, "host", None),
+        port=getattr(args, "port", None),
+        block_size=getattr(args, "block_size", None),
+        threads=getattr(args, "threads", None),
+        **extra,
+    )
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="smollm2-135m-instruct (default), a .gguf file, or a local Hugging Face model directory")
+    p.add_argument("--data-dir", default=None, help="models, cache files, NATS store and logs (default ~/.cache/yuebing)")
+    p.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default 16)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: torch's choice)")
+
+
+def cmd_up(args) -> int:
+    from yuebing.cluster import LocalCluster
+    from yuebing.libs.log import configure
+
+    configure("up")
+    settings = _settings(args)
+    cluster = LocalCluster(settings, prefill=args.prefill, decode=args.decode, nats_port=args.nats_port)
+    stop = {"now": False}
+
+    def on_signal(signum, frame):
+        stop["now"] = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    print(f"starting yuebing (model {settings.model}); logs in {cluster.log_dir}", flush=True)
+    try:
+        cluster.start()
+        print(
+            f"\nyuebing is ready: {cluster.url}/v1  (model: {settings.model if settings.model else ''})\n"
+            f"  NATS: {cluster.nats.url}   prefill x{args.prefill}, decode x{args.decode}\n"
+            f"  try:  curl {cluster.url}/v1/chat/completions -H 'Content-Type: application/json' "
+            f"-d '{{\"model\": \"{_model_id(settings)}\", \"messages\": [{{\"role\": \"user\", "
+            f"\"content\": \"What is the capital of France?\"}}]}}'\n"
+            f"  Ctrl-C stops everything.",
+            flush=True,
+        )
+        while not stop["now"]:
+            for name, p in cluster.procs.items():
+                if p.poll() is not None:
+                    print(f"{name} exited with {p.returncode}; stopping", file=sys.stderr)
+                    stop["now"] = True
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("stopping...", flush=True)
+        cluster.stop()
+        print("stopped.", flush=True)
+    return 0
+
+
+def _model_id(settings) -> str:
+    from pathlib import Path
+
+    from yuebing.libs.model import DEFAULT_MODEL
+
+    return DEFAULT_MODEL if settings.model == DEFAULT_MODEL else Path(settings.model).name
+
+
+def cmd_serve(args) -> int:
+    from yuebing.libs.service import run
+
+    module, cls = SERVICES[args.service]
+    settings = _settings(args, metrics_port=args.metrics_port)
+    run(getattr(importlib.import_module(module), cls), settings)
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from yuebing.libs.log import configure
+    from yuebing.libs.model import resolve_model
+
+    configure("convert")
+    settings = _settings(args)
+    print(resolve_model(settings.model, settings.resolved_data_dir() / "models"))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from yuebing import bench
+
+    return bench.main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="yuebing", description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start the local cluster (NATS + all services) and wait for Ctrl-C")
+    _common(up)
+    up.add_argument("--host", default=None, help="gateway address (default 127.0.0.1)")
+    up.add_argument("--port", type=int, default=None, help="gateway port (default 8000)")
+    up.add_argument("--prefill", type=int, default=1, help="prefill instances (default 1)")
+    up.add_argument("--decode", type=int, default=1, help="decode instances (default 1)")
+    up.add_argument("--nats-port", type=int, default=None, help="NATS port (default: a free port)")
+    up.set_defaults(func=cmd_up)
+
+    serve = sub.add_parser("serve", help="run one service against a NATS server (how yuebing scales across machines)")
+    serve.add_argument("service", choices=sorted(SERVICES))
+    _common(serve)
+    serve.add_argument("--nats", default=None, help="NATS URL (default nats://127.0.0.1:4222)")
+    serve.add_argument("--instance-id", default=None, help="stable id of this instance (default: host + random)")
+    serve.add_argument("--host", default=None, help="listen address of the gateway (and metrics)")
+    serve.add_argument("--port", type=int, default=None, help="gateway port (default 8000)")
+    serve.add_argument("--metrics-port", type=int, default=None, help="Prometheus port of a worker (default: off)")
+    serve.set_defaults(func=cmd_serve)
+
+    conv = sub.add_parser("convert", help="convert the model to a cached safetensors directory and print its path")
+    _common(conv)
+    conv.set_defaults(func=cmd_convert)
+
+    bench = sub.add_parser("bench", help="benchmarks (see docs/benchmarks.md)")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    serve_b = bench_sub.add_parser("serve", help="cluster vs plain transformers at 1, 8 and 16 concurrent streams")
+    _common(serve_b)
+    serve_b.add_argument("--concurrency", default="1,8,16")
+    serve_b.add_argument("--requests-per-level", type=int, default=0, help="default: 2x concurrency")
+    serve_b.add_argument("--max-tokens", type=int, default=128)
+    serve_b.add_argument("--out", default=None, help="also write the JSON figures here")
+    serve_b.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""The local cluster: a nats-server and the five services as child processes, stopped together."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from yuebing.libs.config import Settings
+from yuebing.libs.log import get_logger
+from yuebing.libs.model import resolve_model
+from yuebing.libs.natsserver import NatsServer
+from yuebing.libs.proc import die_with_parent
+
+log = get_logger("cluster")
+
+SERVICE_ORDER = ("cachestore", "conductor", "prefill", "decode", "gateway")
+
+
+@dataclass
+class LocalCluster:
+    settings: Settings
+    prefill: int = 1
+    decode: int = 1
+    cachestore: int = 1
+    nats_port: int | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+    nats: NatsServer | None = None
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    @property
+    def data_dir(self) -> Path:
+        return self.settings.resolved_data_dir()
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.settings.host}:{self.settings.port}"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+    def start(self, ready_timeout: float = 300.0) -> "LocalCluster":
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        # Convert the model once, here, so the services find it ready.
+        resolve_model(self.settings.model, self.data_dir / "models")
+        self.nats = NatsServer(self.data_dir / "nats", port=self.nats_port, log_file=self.log_dir / "nats-server.log")
+        self.nats.start()
+        try:
+            for kind in SERVICE_ORDER:
+                for i in range(self.count(kind)):
+                    self.start_service(kind, i)
+            self.wait_ready(ready_timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def count(self, kind: str) -> int:
+        return {"prefill": self.prefill, "decode": self.decode, "cachestore": self.cachestore}.get(kind, 1)
+
+    def start_service(self, kind: str, index: int) -> subprocess.Popen:
+        name = f"{kind}-{index}"
+        s = self.settings
+        cmd = [
+            sys.executable, "-m", "yuebing.cli", "serve", kind,
+            "--nats", self.nats.url,
+            "--instance-id", name,
+            "--model", s.model,
+            "--data-dir", str(self.data_dir),
+        ]
+        if kind == "gateway":
+            cmd += ["--host", s.host, "--port", str(s.port)]
+        env = dict(os.environ, **self.extra_env)
+        for f in ("block_size", "threads", "max_running", "dram_bytes", "disk_bytes", "prefill_chunk",
+                  "max_body_bytes", "request_timeout", "heartbeat_interval"):
+            env[f"YUEBING_{f.upper()}"] = str(getattr(s, f))
+        out = open(self.log_dir / f"{name}.log", "ab")
+        proc = subprocess.Popen(cmd, stdout=out, stderr=out, env=env, start_new_session=True,
+                                preexec_fn=die_with_parent)
+        self.procs[name] = proc
+        log.info("service_spawned", name=name, pid=proc.pid)
+        return proc
+
+    def health(self) -> dict | None:
+        try:
+            with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                return json.loads(r.read())
+        except (OSError, ValueError):
+            return None
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        want = {"prefill": self.prefill, "decode": self.decode, "conductor": 1, "cachestore": self.cachestore}
+        while True:
+            for name, p in self.procs.items():
+                if p.poll() is not None:
+                    raise RuntimeError(f"{name} exited with {p.returncode}; see {self.log_dir / (name + '.log')}")
+            h = self.health()
+            if h and all(h["instances"].get(k, 0) >= n for k, n in want.items()):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"cluster not ready after {timeout}s: {h}")
+            time.sleep(0.25)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for name, p in self.procs.items():
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("service_killed", name=name)
+                p.kill()
+                p.wait()
+        if self.nats is not None:
+            self.nats.stop()
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        self.procs[name].send_signal(sig)
+        self.procs[name].wait()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
