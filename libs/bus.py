@@ -157,14 +157,16 @@ class _Partial:
         self.started = time.monotonic()
 
 
-BlobHandler = Callable[[str, bytes, bytearray], Awaitable[None] | None]
+# Returns None to accept the blob, or an error string that the sender receives as a negative ack.
+BlobHandler = Callable[[str, bytes, bytearray], Awaitable[str | None] | str | None]
 
 
 class BlobAssembler:
     """Reassembles chunked blobs arriving on one subscription.
 
     ``on_blob(transfer_id, meta, data)`` is called once per complete, checksum-verified blob.
-    A missing chunk or a checksum mismatch fails the transfer: the sender gets a negative ack.
+    A missing chunk, a checksum mismatch, or an error returned or raised by ``on_blob`` fails the
+    transfer: the sender gets a negative ack.
     """
 
     def __init__(self, nc: NATS, on_blob: BlobHandler, *, stale_after: float = 60.0):
@@ -197,10 +199,17 @@ class BlobAssembler:
                 error = "checksum mismatch"
                 self._failed[tid] = error
             else:
-                self.completed += 1
-                res = self._on_blob(tid, part.meta, part.buf)
-                if asyncio.iscoroutine(res):
-                    await res
+                try:
+                    res = self._on_blob(tid, part.meta, part.buf)
+                    if asyncio.iscoroutine(res):
+                        res = await res
+                except Exception as e:  # noqa: BLE001 - the sender must hear about it
+                    log.exception("blob_handler_failed", transfer_id=tid)
+                    res = f"receiver failed: {e}"
+                if res:
+                    error = str(res)
+                else:
+                    self.completed += 1
         if error:
             self.failed += 1
         if msg.reply:

@@ -45,7 +45,10 @@ class Settings(msgspec.Struct, kw_only=True):
     def with_instance(self, kind: str) -> "Settings":
         if self.instance_id:
             return self
-        iid = f"{kind}-{socket.gethostname().split('.')[0]}-{uuid.uuid4().hex[:6]}"
+        host = socket.gethostname().split(".")[0]
+        # A cachestore owns files on disk: its default id is stable so a restart finds them again.
+        # Workers may run several to a host, so theirs get a random suffix.
+        iid = f"{kind}-{host}" if kind == "cachestore" else f"{kind}-{host}-{uuid.uuid4().hex[:6]}"
         return msgspec.structs.replace(self, instance_id=iid.replace(".", "-"))
 
 

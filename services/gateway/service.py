@@ -70,7 +70,7 @@ class GatewayService(Service):
         self.shape = read_shape(path)
         self.model_name = model_name_for(s.model, path)
         self.created = oa.now()
-        self.live: dict[tuple[str, str], tuple[float, float]] = {}  # (kind, id) -> (last seen, interval)
+        self.live: dict[tuple[str, str], tuple[float, Heartbeat]] = {}  # (kind, id) -> (last seen, beat)
         await self.nc.subscribe(f"{Subjects.HEARTBEAT_PREFIX}.>", cb=self._on_heartbeat)
 
         app = web.Application(client_max_size=s.max_body_bytes, middlewares=[errors_middleware])
@@ -94,22 +94,29 @@ class GatewayService(Service):
             hb = decode(msg.data, Heartbeat)
         except (msgspec.DecodeError, msgspec.ValidationError):
             return
-        self.live[(hb.kind, hb.instance_id)] = (time.monotonic(), hb.interval)
+        self.live[(hb.kind, hb.instance_id)] = (time.monotonic(), hb)
 
-    def live_counts(self) -> dict[str, int]:
+    def live_beats(self) -> list[Heartbeat]:
         now = time.monotonic()
-        counts = {"conductor": 0, "prefill": 0, "decode": 0, "cachestore": 0}
-        for (kind, _), (seen, interval) in self.live.items():
-            if now - seen <= 3 * interval:
-                counts[kind] = counts.get(kind, 0) + 1
-        return counts
+        for key in [k for k, (seen, hb) in self.live.items() if now - seen > 3 * hb.interval]:
+            del self.live[key]
+        return [hb for _, hb in self.live.values()]
 
     # ---------------------------------------------------------------- routes
     async def health(self, request: web.Request) -> web.Response:
-        counts = self.live_counts()
+        beats = self.live_beats()
+        counts = {"conductor": 0, "prefill": 0, "decode": 0, "cachestore": 0}
+        for hb in beats:
+            counts[hb.kind] = counts.get(hb.kind, 0) + 1
         ok = self.nc.is_connected
         ready = ok and counts["prefill"] > 0 and counts["decode"] > 0 and counts["conductor"] > 0
-        body = {"status": "ok" if ok else "unavailable", "ready": ready, "model": self.model_name, "instances": counts}
+        workers = [
+            {"kind": hb.kind, "id": hb.instance_id, "queued": hb.queued, "running": hb.running,
+             "kv_tokens": hb.kv_tokens}
+            for hb in sorted(beats, key=lambda b: (b.kind, b.instance_id))
+        ]
+        body = {"status": "ok" if ok else "unavailable", "ready": ready, "model": self.model_name,
+                "instances": counts, "workers": workers}
         return _json(body, status=200 if ok else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:

@@ -1,0 +1,1 @@
+"""yuebing cachestore."""

@@ -1,0 +1,372 @@
+"""The cache store's two tiers: a bytes-bounded LRU in DRAM and an LMDB database on disk.
+
+Values are encoded blocks (``yuebing.libs.blocks.encode_block``); keys are block hashes.
+Tiers are inclusive: a block promoted from disk keeps its disk copy, so demoting it again only
+refreshes its recency. DRAM is volatile; ``TieredStore.close`` writes DRAM-only blocks to disk so
+a clean restart loses nothing. The tiers are not thread-safe on their own; ``TieredStore``
+serialises every operation with one lock so the service can call it from worker threads.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import lmdb
+
+from yuebing.libs.blocks import BlockCorrupt, verify_block
+from yuebing.libs.log import get_logger
+
+log = get_logger("cachestore.store")
+
+
+class DramTier:
+    """Bytes-bounded LRU of key -> encoded block (most recently used last)."""
+
+    def __init__(self, capacity_bytes: int):
+        self.capacity_bytes = capacity_bytes
+        self._items: OrderedDict[bytes, bytes] = OrderedDict()
+        self.bytes = 0
+        self.evictions = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self._items
+
+    def put(self, key: bytes, value: bytes) -> list[tuple[bytes, bytes]]:
+        """Store ``value``; returns the (key, value) pairs evicted to make room, oldest first.
+
+        A value larger than the whole tier is not kept and comes straight back as evicted.
+        """
+        old = self._items.pop(key, None)
+        if old is not None:
+            self.bytes -= len(old)
+        if len(value) > self.capacity_bytes:
+            self.evictions += 1
+            return [(key, value)]
+        evicted = []
+        while self.bytes + len(value) > self.capacity_bytes:
+            k, v = self._items.popitem(last=False)
+            self.bytes -= len(v)
+            evicted.append((k, v))
+        self._items[key] = value
+        self.bytes += len(value)
+        self.evictions += len(evicted)
+        return evicted
+
+    def get(self, key: bytes) -> bytes | None:
+        value = self._items.get(key)
+        if value is not None:
+            self._items.move_to_end(key)
+        return value
+
+    def pop(self, key: bytes) -> bytes | None:
+        value = self._items.pop(key, None)
+        if value is not None:
+            self.bytes -= len(value)
+        return value
+
+    def keys(self) -> list[bytes]:
+        """Keys from least to most recently used."""
+        return list(self._items)
+
+
+_SEQ = struct.Struct(">Q")  # recency sequence number; big-endian so LMDB orders it numerically
+_ENTRY = struct.Struct(">QQ")  # (seq, size) of a stored block
+
+# LMDB needs room beyond the payload: B-tree pages, page-rounded overflow pages for large values,
+# and copy-on-write pages that are only reused after the transactions that freed them end.
+_MAP_HEADROOM_FRACTION = 0.25
+_MAP_HEADROOM_MIN = 32 << 20
+
+
+class DiskTier:
+    """LMDB at ``path``: key -> block, bounded to ``capacity_bytes`` of values, LRU eviction.
+
+    Three sub-databases, updated in one transaction per operation:
+    ``blocks`` key -> value, ``index`` key -> (seq, size), ``lru`` seq -> key. The lowest ``seq``
+    is the least recently used block. Everything persists, so reopening the directory finds the
+    blocks and their recency; the logical byte count is rebuilt from ``index`` on open.
+    """
+
+    def __init__(self, path: str | Path, capacity_bytes: int, *, map_size: int | None = None):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.capacity_bytes = capacity_bytes
+        if map_size is None:
+            map_size = capacity_bytes + max(int(capacity_bytes * _MAP_HEADROOM_FRACTION), _MAP_HEADROOM_MIN)
+        # metasync=False: a system crash may lose the last transaction but never the database.
+        self._env = lmdb.open(str(self.path), map_size=map_size, max_dbs=3, metasync=False, readahead=False)
+        self._blocks = self._env.open_db(b"blocks")
+        self._index = self._env.open_db(b"index")
+        self._lru = self._env.open_db(b"lru")
+        self.bytes = 0
+        self.count = 0
+        self.evictions = 0
+        self._seq = 0
+        with self._env.begin() as txn:
+            for _, entry in txn.cursor(db=self._index):
+                self.bytes += _ENTRY.unpack(entry)[1]
+                self.count += 1
+            cur = txn.cursor(db=self._lru)
+            if cur.last():
+                self._seq = _SEQ.unpack(cur.key())[0]
+
+    def __len__(self) -> int:
+        return self.count
+
+    def _next_seq(self) -> bytes:
+        self._seq += 1  # gaps after an aborted transaction are harmless
+        return _SEQ.pack(self._seq)
+
+    # ---- writes
+    def put(self, key: bytes, value: bytes) -> list[bytes]:
+        """Store ``value`` (replacing any previous one); returns the keys evicted to make room.
+
+        A value that cannot be stored at all (larger than the tier, or the map stays full) is
+        reported as evicted itself.
+        """
+        if len(value) > self.capacity_bytes:
+            self.delete(key)
+            self.evictions += 1
+            return [key]
+        evicted: list[bytes] = []
+        for _ in range(16):
+            try:
+                return evicted + self._put_txn(key, value)
+            except lmdb.MapFullError:
+                # The map is fuller than the logical count says: free real pages and retry.
+                freed = self._evict(max(1, self.count // 8))
+                evicted += freed
+                if not freed:
+                    break
+        log.warning("disk_put_dropped", key=key.hex(), size=len(value))
+        self.evictions += 1
+        return evicted + [key]
+
+    def _put_txn(self, key: bytes, value: bytes) -> list[bytes]:
+        evicted = []
+        size = len(value)
+        with self._env.begin(write=True) as txn:
+            total, count = self.bytes, self.count
+            old = txn.get(key, db=self._index)
+            if old is not None:
+                seq, old_size = _ENTRY.unpack(old)
+                txn.delete(_SEQ.pack(seq), db=self._lru)
+                total, count = total - old_size, count - 1
+            cur = txn.cursor(db=self._lru)
+            while total + size > self.capacity_bytes and cur.first():
+                victim = cur.value()
+                cur.delete()
+                total -= self._drop(txn, victim)
+                count -= 1
+                evicted.append(victim)
+            seq = self._next_seq()
+            txn.put(key, value, db=self._blocks)
+            txn.put(key, _ENTRY.pack(_SEQ.unpack(seq)[0], size), db=self._index)
+            txn.put(seq, key, db=self._lru)
+        self.bytes, self.count = total + size, count + 1
+        self.evictions += len(evicted)
+        return evicted
+
+    def _drop(self, txn, key: bytes) -> int:
+        """Remove ``key`` from ``blocks`` and ``index`` (not ``lru``); returns its size."""
+        entry = txn.pop(key, db=self._index)
+        txn.delete(key, db=self._blocks)
+        return _ENTRY.unpack(entry)[1] if entry is not None else 0
+
+    def _evict(self, n: int) -> list[bytes]:
+        """Evict the ``n`` least recently used blocks in their own transaction."""
+        evicted, freed = [], 0
+        with self._env.begin(write=True) as txn:
+            cur = txn.cursor(db=self._lru)
+            while len(evicted) < n and cur.first():
+                victim = cur.value()
+                cur.delete()
+                freed += self._drop(txn, victim)
+                evicted.append(victim)
+        self.bytes -= freed
+        self.count -= len(evicted)
+        self.evictions += len(evicted)
+        return evicted
+
+    def delete(self, key: bytes) -> bool:
+        with self._env.begin(write=True) as txn:
+            entry = txn.get(key, db=self._index)
+            if entry is None:
+                return False
+            seq, size = _ENTRY.unpack(entry)
+            txn.delete(_SEQ.pack(seq), db=self._lru)
+            self._drop(txn, key)
+        self.bytes -= size
+        self.count -= 1
+        return True
+
+    def touch(self, key: bytes) -> bool:
+        """Mark ``key`` most recently used; False when absent."""
+        try:
+            with self._env.begin(write=True) as txn:
+                entry = txn.get(key, db=self._index)
+                if entry is None:
+                    return False
+                old_seq, size = _ENTRY.unpack(entry)
+                seq = self._next_seq()
+                txn.delete(_SEQ.pack(old_seq), db=self._lru)
+                txn.put(seq, key, db=self._lru)
+                txn.put(key, _ENTRY.pack(_SEQ.unpack(seq)[0], size), db=self._index)
+            return True
+        except lmdb.MapFullError:
+            log.warning("disk_touch_skipped_map_full", key=key.hex())
+            return True
+
+    # ---- reads
+    def get(self, key: bytes, *, touch: bool = True) -> bytes | None:
+        with self._env.begin() as txn:
+            value = txn.get(key, db=self._blocks)
+        if value is not None and touch:
+            self.touch(key)
+        return value
+
+    def contains(self, key: bytes) -> bool:
+        with self._env.begin() as txn:
+            return txn.get(key, db=self._index) is not None
+
+    def contains_many(self, keys: list[bytes]) -> list[bool]:
+        with self._env.begin() as txn:
+            return [txn.get(k, db=self._index) is not None for k in keys]
+
+    def keys(self) -> list[bytes]:
+        """Keys from least to most recently used."""
+        with self._env.begin() as txn:
+            return [k for _, k in txn.cursor(db=self._lru)]
+
+    def close(self) -> None:
+        self._env.close()
+
+
+@dataclass
+class StoreStats:
+    dram_bytes: int
+    dram_blocks: int
+    disk_bytes: int
+    disk_blocks: int
+    evictions_dram: int  # blocks demoted out of DRAM
+    evictions_disk: int  # blocks dropped from disk (gone from the pool)
+    corrupt: int  # blocks deleted because their bytes failed verification
+
+
+class TieredStore:
+    """DRAM in front of LMDB. Thread-safe: every public method holds one lock."""
+
+    def __init__(self, dram_bytes: int, disk_dir: str | Path, disk_bytes: int, *, disk_map_size: int | None = None):
+        self.dram = DramTier(dram_bytes)
+        self.disk = DiskTier(disk_dir, disk_bytes, map_size=disk_map_size)
+        self.corrupt = 0
+        self._lock = threading.Lock()
+
+    def put(self, key: bytes, value: bytes) -> None:
+        """Store an encoded block; raises ``BlockCorrupt`` if it is not a valid block for ``key``."""
+        verify_block(value, expected_key=key)
+        with self._lock:
+            self._demote(self.dram.put(key, bytes(value)))
+
+    def _demote(self, evicted: list[tuple[bytes, bytes]]) -> None:
+        for k, v in evicted:
+            if not self.disk.touch(k):  # already on disk (tiers are inclusive): recency only
+                self.disk.put(k, v)
+
+    def get(self, key: bytes) -> bytes | None:
+        """The encoded block, or None. Bytes that fail verification are deleted: a miss."""
+        with self._lock:
+            return self._get(key)
+
+    def get_many(self, keys: list[bytes]) -> list[tuple[bytes, bytes]]:
+        """(key, block) for every present key, in the order asked."""
+        with self._lock:
+            found = []
+            for k in dict.fromkeys(keys):
+                v = self._get(k)
+                if v is not None:
+                    found.append((k, v))
+            return found
+
+    def _get(self, key: bytes) -> bytes | None:
+        value = self.dram.get(key)
+        if value is not None:
+            if self._valid(key, value, "dram"):
+                return value
+            self.dram.pop(key)
+        value = self.disk.get(key)
+        if value is None:
+            return None
+        if not self._valid(key, value, "disk"):
+            self.disk.delete(key)
+            return None
+        self._demote(self.dram.put(key, value))  # promote; the disk copy stays
+        return value
+
+    def _valid(self, key: bytes, value: bytes, tier: str) -> bool:
+        try:
+            verify_block(value, expected_key=key)
+            return True
+        except BlockCorrupt as e:
+            self.corrupt += 1
+            log.warning("block_corrupt_dropped", key=key.hex(), tier=tier, error=str(e))
+            return False
+
+    def where(self, key: bytes) -> str | None:
+        """"dram", "disk" or None. Does not verify the bytes nor change recency."""
+        return self.where_many([key])[0]
+
+    def where_many(self, keys: list[bytes]) -> list[str | None]:
+        with self._lock:
+            on_disk = self.disk.contains_many([k for k in keys if k not in self.dram])
+            it = iter(on_disk)
+            return ["dram" if k in self.dram else ("disk" if next(it) else None) for k in keys]
+
+    def exists(self, key: bytes) -> bool:
+        return self.where(key) is not None
+
+    def longest_prefix(self, keys: list[bytes]) -> int:
+        """How many leading ``keys`` are present (in either tier)."""
+        n = 0
+        for tier in self.where_many(keys):
+            if tier is None:
+                break
+            n += 1
+        return n
+
+    def keys(self) -> set[bytes]:
+        """Every key held, for an index resync."""
+        with self._lock:
+            return set(self.dram.keys()) | set(self.disk.keys())
+
+    def stats(self) -> StoreStats:
+        with self._lock:
+            return StoreStats(
+                dram_bytes=self.dram.bytes,
+                dram_blocks=len(self.dram),
+                disk_bytes=self.disk.bytes,
+                disk_blocks=len(self.disk),
+                evictions_dram=self.dram.evictions,
+                evictions_disk=self.disk.evictions,
+                corrupt=self.corrupt,
+            )
+
+    def flush(self) -> None:
+        """Write DRAM-only blocks to disk, oldest first, so disk recency follows DRAM recency."""
+        with self._lock:
+            for k in self.dram.keys():
+                if not self.disk.touch(k):
+                    self.disk.put(k, self.dram.get(k))
+
+    def close(self, *, flush: bool = True) -> None:
+        if flush:
+            self.flush()
+        with self._lock:
+            self.disk.close()

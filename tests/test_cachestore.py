@@ -1,0 +1,347 @@
+import nats
+import pytest
+import torch
+
+from yuebing.libs.blocks import (
+    BlockCorrupt,
+    CacheClient,
+    CacheError,
+    block_hashes,
+    encode_block,
+    namespace_digest,
+    split_blocks,
+)
+from yuebing.libs.bus import TransferError, connect
+from yuebing.libs.config import Settings
+from yuebing.libs.natsserver import NatsServer
+from yuebing.libs.protocol import Heartbeat, Subjects, decode
+from yuebing.services.cachestore.service import CacheStoreService
+from yuebing.services.cachestore.store import DiskTier, DramTier, TieredStore
+
+
+def key(i: int) -> bytes:
+    return i.to_bytes(16, "big")
+
+
+def block(i: int, head_dim: int = 8) -> bytes:
+    """A small valid encoded block whose content depends on ``i``."""
+    t = torch.full((1, 2, 1, 4, head_dim), float(i))
+    return encode_block(key(i), t)
+
+
+BLOCK_BYTES = len(block(0))
+
+
+# ---------------------------------------------------------------- DRAM tier
+def test_dram_bound_and_lru_order():
+    dram = DramTier(3 * BLOCK_BYTES)
+    for i in range(3):
+        assert dram.put(key(i), block(i)) == []
+    assert dram.get(key(0)) == block(0)  # 0 is now the most recent; 1 is the oldest
+    evicted = dram.put(key(3), block(3))
+    assert evicted == [(key(1), block(1))]
+    assert dram.keys() == [key(2), key(0), key(3)]
+    assert dram.bytes == 3 * BLOCK_BYTES and len(dram) == 3
+    assert dram.evictions == 1
+    # Re-putting an existing key refreshes it without evicting anything.
+    assert dram.put(key(2), block(2)) == []
+    assert dram.keys() == [key(0), key(3), key(2)]
+
+
+def test_dram_many_puts_stay_bounded():
+    dram = DramTier(10 * BLOCK_BYTES + BLOCK_BYTES // 2)
+    evicted = []
+    for i in range(100):
+        evicted += dram.put(key(i), block(i))
+        assert dram.bytes <= dram.capacity_bytes
+    assert [k for k, _ in evicted] == [key(i) for i in range(90)]
+    assert dram.keys() == [key(i) for i in range(90, 100)]
+
+
+def test_dram_value_bigger_than_tier_comes_back():
+    dram = DramTier(BLOCK_BYTES - 1)
+    assert dram.put(key(0), block(0)) == [(key(0), block(0))]
+    assert len(dram) == 0 and dram.bytes == 0
+
+
+# ---------------------------------------------------------------- disk tier
+def test_disk_bound_respected_under_many_puts(tmp_path):
+    disk = DiskTier(tmp_path / "db", 10 * BLOCK_BYTES)
+    evicted = []
+    for i in range(200):
+        evicted += disk.put(key(i), block(i))
+        assert disk.bytes <= 10 * BLOCK_BYTES
+    assert evicted == [key(i) for i in range(190)]
+    assert len(disk) == 10
+    assert disk.keys() == [key(i) for i in range(190, 200)]
+    assert disk.get(key(0)) is None
+    assert disk.get(key(199)) == block(199)
+    disk.close()
+
+
+def test_disk_lru_order_and_recency_survive_reopen(tmp_path):
+    disk = DiskTier(tmp_path / "db", 3 * BLOCK_BYTES)
+    for i in range(3):
+        disk.put(key(i), block(i))
+    assert disk.get(key(0)) == block(0)  # 0 becomes most recent
+    disk.close()
+
+    disk = DiskTier(tmp_path / "db", 3 * BLOCK_BYTES)
+    assert len(disk) == 3 and disk.bytes == 3 * BLOCK_BYTES
+    assert disk.keys() == [key(1), key(2), key(0)]
+    assert disk.put(key(3), block(3)) == [key(1)]
+    assert disk.touch(key(2))
+    assert disk.put(key(4), block(4)) == [key(0)]
+    assert disk.keys() == [key(3), key(2), key(4)]
+    assert disk.get(key(4)) == block(4)
+    assert disk.evictions == 2
+    disk.close()
+
+
+def test_disk_replace_and_delete_keep_the_byte_count(tmp_path):
+    disk = DiskTier(tmp_path / "db", 10 * BLOCK_BYTES)
+    disk.put(key(1), b"a" * 100)
+    disk.put(key(1), b"b" * 40)
+    assert disk.bytes == 40 and len(disk) == 1 and disk.get(key(1)) == b"b" * 40
+    assert disk.delete(key(1)) and not disk.delete(key(1))
+    assert disk.bytes == 0 and len(disk) == 0 and disk.keys() == []
+    assert disk.put(key(2), b"x" * (10 * BLOCK_BYTES + 1)) == [key(2)]  # larger than the tier
+    assert not disk.contains(key(2))
+    disk.close()
+
+
+def test_disk_map_full_evicts_and_retries(tmp_path):
+    # The logical bound is far above what the map can hold, so only MapFullError stops puts.
+    disk = DiskTier(tmp_path / "db", 1 << 30, map_size=1 << 20)
+    value = lambda i: bytes([i % 256]) * (64 << 10)  # noqa: E731
+    for i in range(60):  # ~3.8 MiB into a 1 MiB map
+        disk.put(key(i), value(i))
+        assert disk.get(key(i)) == value(i)
+    assert 0 < len(disk) < 60
+    assert disk.bytes == len(disk) * (64 << 10)
+    assert disk.evictions == 60 - len(disk)
+    assert disk.keys()[-1] == key(59)
+    disk.close()
+    disk = DiskTier(tmp_path / "db", 1 << 30, map_size=1 << 20)
+    assert disk.bytes == len(disk) * (64 << 10) and disk.get(key(59)) == value(59)
+    disk.close()
+
+
+# ---------------------------------------------------------------- tiered store
+def test_tiered_demotion_and_promotion(tmp_path):
+    store = TieredStore(2 * BLOCK_BYTES, tmp_path / "db", 100 * BLOCK_BYTES)
+    for i in range(3):
+        store.put(key(i), block(i))
+    assert store.where_many([key(0), key(1), key(2), key(9)]) == ["disk", "dram", "dram", None]
+    st = store.stats()
+    assert (st.dram_blocks, st.disk_blocks, st.evictions_dram) == (2, 1, 1)
+
+    assert store.get(key(0)) == block(0)  # disk hit: promoted, 1 (oldest in DRAM) demoted
+    assert store.where(key(0)) == "dram"
+    assert store.where(key(1)) == "disk"
+    assert store.get(key(9)) is None
+    assert store.longest_prefix([key(0), key(1), key(2), key(9), key(0)]) == 3
+    assert store.longest_prefix([key(9), key(0)]) == 0
+    assert store.exists(key(2)) and not store.exists(key(9))
+    assert store.keys() == {key(0), key(1), key(2)}
+    st = store.stats()
+    assert st.dram_blocks == 2 and st.dram_bytes == 2 * BLOCK_BYTES
+    assert st.disk_blocks == 2  # tiers are inclusive: 0 kept its disk copy
+    store.close()
+
+    store = TieredStore(2 * BLOCK_BYTES, tmp_path / "db", 100 * BLOCK_BYTES)
+    assert store.where_many([key(0), key(1), key(2)]) == ["disk"] * 3  # close flushed DRAM
+    assert [store.get(key(i)) for i in range(3)] == [block(i) for i in range(3)]
+    store.close()
+
+
+def test_tiered_disk_eviction_drops_from_pool(tmp_path):
+    store = TieredStore(BLOCK_BYTES, tmp_path / "db", 2 * BLOCK_BYTES)
+    for i in range(5):
+        store.put(key(i), block(i))
+    assert store.where_many([key(i) for i in range(5)]) == [None, None, "disk", "disk", "dram"]
+    assert store.stats().evictions_disk == 2
+    store.close()
+
+
+def test_tiered_rejects_invalid_blocks(tmp_path):
+    store = TieredStore(10 * BLOCK_BYTES, tmp_path / "db", 10 * BLOCK_BYTES)
+    with pytest.raises(BlockCorrupt):
+        store.put(key(2), block(1))  # key does not match the block's header
+    bad = bytearray(block(1))
+    bad[-1] ^= 0xFF
+    with pytest.raises(BlockCorrupt):
+        store.put(key(1), bytes(bad))
+    assert store.stats().dram_blocks == 0
+    store.close()
+
+
+def test_corrupted_bytes_on_disk_are_a_miss(tmp_path):
+    store = TieredStore(0, tmp_path / "db", 10 * BLOCK_BYTES)  # no DRAM: everything on disk
+    store.put(key(1), block(1))
+    store.put(key(2), block(2))
+    assert store.where_many([key(1), key(2)]) == ["disk", "disk"]
+    store.close(flush=False)
+
+    # Flip one byte of block 1 as stored in LMDB.
+    disk = DiskTier(tmp_path / "db", 10 * BLOCK_BYTES)
+    stored = bytearray(disk.get(key(1)))
+    stored[-3] ^= 0x40
+    disk.put(key(1), bytes(stored))
+    disk.close()
+
+    store = TieredStore(0, tmp_path / "db", 10 * BLOCK_BYTES)
+    assert store.where(key(1)) == "disk"  # where does not read the bytes
+    assert store.get(key(1)) is None
+    assert store.where(key(1)) is None  # deleted
+    assert store.get(key(2)) == block(2)
+    assert store.get_many([key(1), key(2)]) == [(key(2), block(2))]
+    st = store.stats()
+    assert st.corrupt == 1 and st.disk_blocks == 1
+    store.close()
+
+
+# ---------------------------------------------------------------- service end to end
+@pytest.fixture(scope="module")
+def nats_server(tmp_path_factory):
+    srv = NatsServer(tmp_path_factory.mktemp("nats")).start()
+    yield srv
+    srv.stop()
+
+
+def make_kv(tokens: int) -> torch.Tensor:
+    # 4 layers x K,V x 4 heads x 640 dims x fp32 = 80 KiB per position: 1.25 MiB per 16-token block.
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(4, 2, 4, tokens, 640, generator=g)
+
+
+async def test_service_end_to_end_and_restart(nats_server, tmp_path):
+    settings = Settings(
+        nats_url=nats_server.url,
+        instance_id="cachestore-e2e",
+        data_dir=str(tmp_path / "data"),
+        dram_bytes=3 << 20,  # two blocks: the first one put is demoted to LMDB
+        disk_bytes=64 << 20,
+        heartbeat_interval=0.2,
+    )
+    nc = await connect(nats_server.url, "test-client")
+    client = CacheClient(nc, timeout=10)
+    hb_sub = await nc.subscribe(Subjects.heartbeat("cachestore", "cachestore-e2e"))
+    svc = CacheStoreService(settings)
+    await svc.start()
+    try:
+        hb = decode((await hb_sub.next_msg(timeout=10)).data, Heartbeat)
+        assert hb.kind == "cachestore" and hb.instance_id == "cachestore-e2e"
+
+        tokens = list(range(100, 153))  # 3 full blocks of 16 + a tail of 5
+        keys = block_hashes(tokens, 16, namespace_digest("test-model", "float32", 16))
+        blocks = split_blocks(make_kv(len(tokens)), 16)
+        assert len(keys) == len(blocks) == 3
+        assert len(encode_block(keys[0], blocks[0])) > 1 << 20  # chunked on the bus
+        for k, b in zip(keys, blocks):
+            await client.put_block(k, b)
+
+        missing = b"\x00" * 16
+        assert await client.exists(keys + [missing]) == [True, True, True, False]
+        assert await client.where(keys + [missing]) == ["disk", "dram", "dram", ""]
+        got = await client.get_blocks(keys + [missing])
+        assert set(got) == set(keys)
+        for k, b in zip(keys, blocks):
+            assert torch.equal(got[k], b)
+        assert await client.get_blocks([missing]) == {}
+
+        st = await client.stats()
+        assert st.instance_id == "cachestore-e2e"
+        assert st.dram_blocks == 2 and st.evictions_dram >= 1 and st.disk_blocks >= 1
+
+        # Malformed messages are dropped; the service keeps answering.
+        await nc.publish(Subjects.CACHE_PUT, b"\xc1garbage")
+        await nc.publish(Subjects.CACHE_GET, b"\xc1garbage")
+        await nc.publish(Subjects.CACHE_EXISTS, b"not msgpack")
+        with pytest.raises(nats.errors.TimeoutError):  # dropped: no reply
+            await nc.request(Subjects.CACHE_EXISTS, b"\x93\x01\x02\x03", timeout=0.5)
+        assert await client.exists(keys) == [True, True, True]
+    finally:
+        await svc.stop()
+
+    # A restart on the same data dir finds every block in LMDB.
+    svc = CacheStoreService(settings)
+    await svc.start()
+    try:
+        assert await client.where(keys) == ["disk"] * 3
+        got = await client.get_blocks(keys)
+        assert all(torch.equal(got[k], b) for k, b in zip(keys, blocks))
+    finally:
+        await svc.stop()
+        await nc.close()
+
+
+async def test_client_with_no_pool_misses_and_raises(nats_server):
+    nc = await connect(nats_server.url, "test-client-nopool")
+    client = CacheClient(nc, timeout=2)
+    try:
+        k = b"\x01" * 16
+        assert await client.exists([k]) == [False]
+        assert await client.get_blocks([k]) == {}
+        assert await client.stats() is None
+        with pytest.raises(CacheError):
+            await client.put_block(k, torch.zeros(1, 2, 1, 4, 8))
+    finally:
+        await nc.close()
+
+
+async def test_put_of_corrupt_block_is_not_stored(nats_server, tmp_path):
+    from yuebing.libs.bus import send_blob
+    from yuebing.libs.protocol import CachePutMeta, encode
+
+    settings = Settings(nats_url=nats_server.url, instance_id="cachestore-bad", data_dir=str(tmp_path))
+    svc = CacheStoreService(settings)
+    await svc.start()
+    nc = await connect(nats_server.url, "test-client-bad")
+    try:
+        client = CacheClient(nc, timeout=5)
+        good = torch.ones(1, 2, 1, 4, 8)
+        k1, k2 = b"\x01" * 16, b"\x02" * 16
+        # A block announced under another key than its header's is refused by the store, and the
+        # sender hears so.
+        with pytest.raises(TransferError, match="key mismatch"):
+            await send_blob(nc, Subjects.CACHE_PUT, "t1", encode_block(k1, good), meta=encode(CachePutMeta(key=k2)))
+        with pytest.raises(TransferError, match="corrupt block"):
+            await send_blob(nc, Subjects.CACHE_PUT, "t2", b"not a block", meta=encode(CachePutMeta(key=k1)))
+        await client.put_block(k1, good)
+        assert await client.exists([k1, k2]) == [True, False]
+        assert torch.equal((await client.get_blocks([k1]))[k1], good)
+    finally:
+        await svc.stop()
+        await nc.close()
+
+
+async def test_client_with_a_stuck_pool_returns_misses(nats_server):
+    """A pool that answers but never streams, or never answers, yields misses, not a hang."""
+    from yuebing.libs.protocol import CacheGetReply, CacheGetRequest, encode
+
+    nc = await connect(nats_server.url, "test-client-stuck")
+    fake = await connect(nats_server.url, "fake-pool")
+    k = b"\x05" * 16
+
+    async def announce_but_never_send(msg):
+        req = decode(msg.data, CacheGetRequest)
+        await msg.respond(encode(CacheGetReply(found=req.keys)))
+
+    async def never_answer(msg):
+        pass
+
+    subs = [
+        await fake.subscribe(Subjects.CACHE_GET, cb=announce_but_never_send),
+        await fake.subscribe(Subjects.CACHE_EXISTS, cb=never_answer),
+    ]
+    await fake.flush()
+    try:
+        client = CacheClient(nc, timeout=0.3)
+        assert await client.get_blocks([k]) == {}
+        assert await client.where([k]) == [""]
+    finally:
+        for s in subs:
+            await s.unsubscribe()
+        await fake.close()
+        await nc.close()
