@@ -22,6 +22,7 @@ class Settings(msgspec.Struct, kw_only=True):
     instance_id: str = ""
     model: str = DEFAULT_MODEL
     data_dir: str = ""
+    models_dir: str = ""  # converted models; default <data_dir>/models
     block_size: int = DEFAULT_BLOCK_SIZE
     heartbeat_interval: float = 1.0
     metrics_port: int = 0  # 0 = no separate metrics server (the gateway serves /metrics itself)
@@ -41,6 +42,9 @@ class Settings(msgspec.Struct, kw_only=True):
 
     def resolved_data_dir(self) -> Path:
         return Path(self.data_dir).expanduser() if self.data_dir else default_data_dir()
+
+    def resolved_models_dir(self) -> Path:
+        return Path(self.models_dir).expanduser() if self.models_dir else self.resolved_data_dir() / "models"
 
     def with_instance(self, kind: str) -> "Settings":
         if self.instance_id:

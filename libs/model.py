@@ -43,11 +43,11 @@ def _default_gguf() -> Path:
     return path
 
 
-def resolve_model(spec: str, cache_dir: Path | None = None) -> Path:
+def resolve_model(spec: str, models_dir: Path | None = None) -> Path:
     """Turn a model spec into a local Hugging Face directory, converting a GGUF file once.
 
     ``spec`` is the default model's name, a path to a ``.gguf`` file, or a local directory with
-    ``config.json``. Nothing is ever fetched from a model hub.
+    ``config.json``. Converted models live in ``models_dir``. Nothing is fetched from a model hub.
     """
     p = Path(spec).expanduser()
     if p.is_dir():
@@ -64,7 +64,7 @@ def resolve_model(spec: str, cache_dir: Path | None = None) -> Path:
         )
     st = gguf.stat()
     tag = hashlib.blake2b(f"{gguf}:{st.st_size}:{int(st.st_mtime)}".encode(), digest_size=6).hexdigest()
-    out = (cache_dir or default_data_dir()) / "models" / f"{gguf.stem}-{tag}"
+    out = (models_dir or default_data_dir() / "models") / f"{gguf.stem}-{tag}"
     if not (out / "model.safetensors").exists() and not (out / "model.safetensors.index.json").exists():
         convert_gguf(gguf, out)
     return out
@@ -99,6 +99,15 @@ def convert_gguf(gguf: Path, out: Path) -> None:
 def model_name_for(spec: str, path: Path) -> str:
     """The name clients use in the ``model`` field."""
     return DEFAULT_MODEL if spec == DEFAULT_MODEL else path.name
+
+
+def model_identity(path: Path) -> str:
+    """A digest binding a model directory's config and weights (their sizes), for block namespaces."""
+    h = hashlib.blake2b(digest_size=12)
+    h.update((path / "config.json").read_bytes())
+    for f in sorted(path.glob("*.safetensors")):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return h.hexdigest()
 
 
 def load_tokenizer(path: Path):

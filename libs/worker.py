@@ -11,7 +11,8 @@ from functools import partial
 import msgspec
 import nats
 
-from .model import ModelRunner, resolve_model
+from .blocks import namespace_digest
+from .model import ModelRunner, model_identity, resolve_model
 from .protocol import Abort, SamplingParams, Subjects, TokenEvent, decode, encode
 from .service import Service
 
@@ -49,9 +50,10 @@ class ModelWorker(Service):
 
     async def setup(self) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.kind}-model")
-        path = await asyncio.to_thread(resolve_model, self.settings.model, self.settings.resolved_data_dir() / "models")
+        path = await asyncio.to_thread(resolve_model, self.settings.model, self.settings.resolved_models_dir())
         self.runner: ModelRunner = await self.compute(ModelRunner, path, self.settings.threads or None)
         self.shape = self.runner.shape
+        self.namespace = namespace_digest(model_identity(path), self.shape.dtype_name, self.settings.block_size)
         self.aborted = RecentIds()
         self.done = RecentIds()
         await self.nc.subscribe(Subjects.ABORT, cb=self._on_abort)

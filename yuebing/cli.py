@@ -39,6 +39,7 @@ def _settings(args, **extra):
         instance_id=getattr(args, "instance_id", None),
         model=args.model,
         data_dir=args.data_dir,
+        models_dir=args.models_dir,
         host=getattr(args, "host", None),
         port=getattr(args, "port", None),
         block_size=getattr(args, "block_size", None),
@@ -51,6 +52,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="smollm2-135m-instruct (default), a .gguf file, or a local Hugging Face model directory")
     p.add_argument("--data-dir", default=None, help="models, cache files, NATS store and logs (default ~/.cache/yuebing)")
+    p.add_argument("--models-dir", default=None, help="converted models (default DATA_DIR/models)")
     p.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default 16)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: torch's choice)")
 
@@ -119,7 +121,7 @@ def cmd_convert(args) -> int:
 
     configure("convert")
     settings = _settings(args)
-    print(resolve_model(settings.model, settings.resolved_data_dir() / "models"))
+    print(resolve_model(settings.model, settings.resolved_models_dir()))
     return 0
 
 

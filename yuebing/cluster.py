@@ -49,7 +49,7 @@ class LocalCluster:
     def start(self, ready_timeout: float = 300.0) -> "LocalCluster":
         self.log_dir.mkdir(parents=True, exist_ok=True)
         # Convert the model once, here, so the services find it ready.
-        resolve_model(self.settings.model, self.data_dir / "models")
+        resolve_model(self.settings.model, self.settings.resolved_models_dir())
         self.nats = NatsServer(self.data_dir / "nats", port=self.nats_port, log_file=self.log_dir / "nats-server.log")
         self.nats.start()
         try:
@@ -74,6 +74,7 @@ class LocalCluster:
             "--instance-id", name,
             "--model", s.model,
             "--data-dir", str(self.data_dir),
+            "--models-dir", str(self.settings.resolved_models_dir()),
         ]
         if kind == "gateway":
             cmd += ["--host", s.host, "--port", str(s.port)]

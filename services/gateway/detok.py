@@ -32,7 +32,7 @@ class IncrementalDetokenizer:
 
 
 class StopStrings:
-    """Finds the first stop string in the output and holds back text that may start one."""
+    """Finds the first stop string in the output and holds back a tail that may start one."""
 
     def __init__(self, stops: list[str]):
         self.stops = [s for s in stops if s]
@@ -53,12 +53,22 @@ class StopStrings:
                 self.text = self.text[: min(hits)]
                 self.stopped = True
                 return self.flush()
-        safe = len(self.text) - self._hold if self.stops else len(self.text)
+        safe = len(self.text) - self._partial_match()
         if safe <= self._sent:
             return ""
         out = self.text[self._sent : safe]
         self._sent = safe
         return out
+
+    def _partial_match(self) -> int:
+        """Length of the longest tail of the text that is the start of some stop string."""
+        best = 0
+        for stop in self.stops:
+            for k in range(min(len(stop) - 1, len(self.text)), best, -1):
+                if self.text.endswith(stop[:k]):
+                    best = k
+                    break
+        return best
 
     def flush(self) -> str:
         out = self.text[self._sent :]

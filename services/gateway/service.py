@@ -14,7 +14,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from yuebing.libs import metrics
-from yuebing.libs.model import load_tokenizer, model_name_for, read_shape, resolve_model
+from yuebing.libs.blocks import block_hashes, namespace_digest
+from yuebing.libs.model import load_tokenizer, model_identity, model_name_for, read_shape, resolve_model
 from yuebing.libs.protocol import (
     Abort,
     Heartbeat,
@@ -65,9 +66,10 @@ class GatewayService(Service):
 
     async def setup(self) -> None:
         s = self.settings
-        path = await asyncio.to_thread(resolve_model, s.model, s.resolved_data_dir() / "models")
+        path = await asyncio.to_thread(resolve_model, s.model, s.resolved_models_dir())
         self.tokenizer = await asyncio.to_thread(load_tokenizer, path)
         self.shape = read_shape(path)
+        self.namespace = namespace_digest(model_identity(path), self.shape.dtype_name, s.block_size)
         self.model_name = model_name_for(s.model, path)
         self.created = oa.now()
         self.live: dict[tuple[str, str], tuple[float, Heartbeat]] = {}  # (kind, id) -> (last seen, beat)
@@ -179,6 +181,7 @@ class GatewayService(Service):
                 request_id=rid,
                 prompt_token_ids=norm.prompt_token_ids,
                 sampling=norm.sampling,
+                block_hashes=block_hashes(norm.prompt_token_ids, self.settings.block_size, self.namespace),
                 arrival_time=time.time(),
             )
             try:

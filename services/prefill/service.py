@@ -7,10 +7,14 @@ import time
 
 import msgspec
 
+from yuebing.libs.blocks import CacheClient, CacheError
 from yuebing.libs.bus import TransferError, send_blob, work_subscription
 from yuebing.libs.model import sample_token
 from yuebing.libs.protocol import DecodeTask, KVMeta, PrefillTask, Subjects, TokenEvent, decode, encode
 from yuebing.libs.worker import ModelWorker, finish_reason
+
+
+CACHE_TIMEOUT = 5.0
 
 
 class PrefillService(ModelWorker):
@@ -18,6 +22,7 @@ class PrefillService(ModelWorker):
 
     async def setup(self) -> None:
         await super().setup()
+        self.cache = CacheClient(self.nc, timeout=CACHE_TIMEOUT)
         self.queued = 0
         self.queued_tokens = 0
         self.sub = await work_subscription(
@@ -73,6 +78,23 @@ class PrefillService(ModelWorker):
                 await self.emit_error(rid, 1, f"KV hand-off to decode failed: {e}")
         self.done.add(rid)
         await msg.ack()
+        if task.block_hashes:
+            self.spawn(self._store_blocks(rid, task.block_hashes, kv))
+
+    async def _store_blocks(self, rid: str, keys: list[bytes], kv) -> None:
+        """Write the prompt's full blocks to the pool, off the critical path. Best effort."""
+        bs = self.settings.block_size
+        keys = keys[: kv.shape[3] // bs]
+        try:
+            present = await self.cache.exists(keys)
+            stored = 0
+            for i, (key, have) in enumerate(zip(keys, present)):
+                if not have:
+                    await self.cache.put_block(key, kv[:, :, :, i * bs : (i + 1) * bs])
+                    stored += 1
+            self.log.debug("blocks_stored", request_id=rid, stored=stored, present=len(keys) - stored)
+        except CacheError as e:
+            self.log.warning("block_store_failed", request_id=rid, error=str(e))
 
     async def _hand_off(self, task: PrefillTask, token: int, kv) -> None:
         shape = self.shape

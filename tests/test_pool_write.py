@@ -1,0 +1,33 @@
+"""Prefill writes the full blocks of every prompt to the cachestore pool."""
+
+import torch
+
+from helpers import post, wait_until
+from yuebing.libs.blocks import CacheClient, block_hashes, namespace_digest
+from yuebing.libs.bus import connect
+from yuebing.libs.model import ModelRunner, model_identity
+
+
+async def test_prefill_stores_full_prompt_blocks(tiny_cluster, tiny_dir):
+    prompt = list(range(1000, 1000 + 40))  # two full blocks of 16 and a tail of 8
+    status, body, _ = await post(tiny_cluster.url + "/v1/completions",
+                                 {"model": tiny_dir.name, "prompt": prompt, "max_tokens": 3, "temperature": 0})
+    assert status == 200, body
+    ns = namespace_digest(model_identity(tiny_dir), "float32", 16)
+    keys = block_hashes(prompt, 16, ns)
+    assert len(keys) == 2
+    nc = await connect(tiny_cluster.nats.url, "test-pool")
+    try:
+        client = CacheClient(nc)
+
+        async def stored():
+            return all(await client.exists(keys))
+
+        assert await wait_until(stored, timeout=30)
+        blocks = await client.get_blocks(keys)
+    finally:
+        await nc.close()
+    _, kv = ModelRunner(tiny_dir).prefill(prompt)
+    for i, key in enumerate(keys):
+        assert blocks[key].shape == (2, 2, 2, 16, 16)
+        torch.testing.assert_close(blocks[key], kv[:, :, :, 16 * i : 16 * (i + 1)], rtol=1e-5, atol=1e-6)

@@ -1,0 +1,153 @@
+"""Plain logic, tested directly: detokenisation, stop strings, validation, batching, placement."""
+
+import msgspec
+import pytest
+
+from yuebing.libs.protocol import Heartbeat, SamplingParams
+from yuebing.services.conductor.placement import LeastLoaded
+from yuebing.services.conductor.registry import Registry
+from yuebing.services.decode.batcher import Batcher, Sequence
+from yuebing.services.gateway import openai as oa
+from yuebing.services.gateway.detok import IncrementalDetokenizer, StopStrings
+
+
+# ---------------------------------------------------------------- detokenisation
+def test_incremental_detok_equals_full_decode(tiny_model):
+    _, tok = tiny_model
+    text = "Héllo wörld — naïve café, 日本語のテキスト and emoji 🚀🌕 done."
+    ids = tok.encode(text, add_special_tokens=False)
+    d = IncrementalDetokenizer(tok)
+    pieces = [d.add(t) for t in ids]
+    assert "".join(pieces) == tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    assert all("\ufffd" not in p for p in pieces)
+
+
+@pytest.mark.parametrize("deltas,stops,expected,stopped", [
+    (["Hel", "lo wo", "rld"], ["wor"], "Hello ", True),
+    (["ab", "c", "STO", "P", "xyz"], ["STOP"], "abc", True),
+    (["no stop here"], ["zzz"], "no stop here", False),
+    (["plain"], [], "plain", False),
+    (["x", "END"], ["END", "x"], "", True),
+])
+def test_stop_strings(deltas, stops, expected, stopped):
+    s = StopStrings(stops)
+    out = "".join(s.feed(d) for d in deltas)
+    out += s.flush()
+    assert out == expected and s.stopped == stopped
+
+
+def test_stop_strings_hold_back_a_possible_prefix():
+    s = StopStrings(["STOP"])
+    assert s.feed("abcST") == "abc"  # "ST" could still become "STOP"
+    assert s.feed("x") == "STx"
+    assert s.feed("S") == ""
+    assert s.feed("TOP and more") == ""
+    assert s.stopped and s.flush() == "" and s.text == "abcSTx"
+
+
+# ---------------------------------------------------------------- validation
+def test_parse_names_the_bad_field():
+    with pytest.raises(oa.ApiError) as e:
+        oa.parse({"model": "m", "messages": [], "max_tokens": "many"}, oa.ChatCompletionRequest)
+    assert e.value.status == 400 and e.value.param == "max_tokens"
+    with pytest.raises(oa.ApiError) as e:
+        oa.parse({"model": "m"}, oa.ChatCompletionRequest)
+    assert e.value.param == "messages"
+
+
+def _req(**kw):
+    return msgspec.convert({"model": "m", "prompt": [1], **kw}, oa.CompletionRequest)
+
+
+def test_normalize_bounds_and_defaults():
+    n = oa.normalize(_req(), [1, 2, 3], 100, None, 16)
+    assert n.sampling.max_tokens == 16 and n.sampling.temperature == 1.0
+    n = oa.normalize(_req(), [1, 2, 3], 10, None, None)
+    assert n.sampling.max_tokens == 7  # the rest of the context
+    for kw, param in [({"temperature": 2.5}, "temperature"), ({"top_p": 0}, "top_p"), ({"n": 2}, "n"),
+                      ({"top_k": -3}, "top_k"), ({"stop": ["x" * 300]}, "stop")]:
+        with pytest.raises(oa.ApiError) as e:
+            oa.normalize(_req(**kw), [1], 100, None, 16)
+        assert e.value.param == param
+    with pytest.raises(oa.ApiError) as e:
+        oa.normalize(_req(), [1] * 10, 10, None, 16)
+    assert e.value.code == "context_length_exceeded"
+    with pytest.raises(oa.ApiError) as e:
+        oa.normalize(_req(), [1] * 5, 10, 6, 16)
+    assert e.value.param == "max_tokens"
+
+
+def test_completion_prompt_forms():
+    assert oa.completion_prompt(_req(prompt="hi"), 10) == "hi"
+    assert oa.completion_prompt(_req(prompt=[[1, 2]]), 10) == [1, 2]
+    assert oa.completion_prompt(_req(prompt=["x"]), 10) == "x"
+    for bad in ([1, "a"], [[1], [2]], [True], [10]):
+        with pytest.raises(oa.ApiError):
+            oa.completion_prompt(_req(prompt=bad), 10)
+
+
+def test_chat_messages_text_parts_and_roles():
+    req = msgspec.convert({"model": "m", "messages": [
+        {"role": "developer", "content": "be nice"},
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+    ]}, oa.ChatCompletionRequest)
+    assert oa.chat_messages(req) == [{"role": "system", "content": "be nice"}, {"role": "user", "content": "ab"}]
+
+
+# ---------------------------------------------------------------- batching
+def _seq(rid, max_tokens=3, eos=()):
+    return Sequence(request_id=rid, params=SamplingParams(max_tokens=max_tokens, temperature=0.0), prompt_len=4,
+                    output=[7])
+
+
+def test_batcher_joins_within_capacity_and_finishes():
+    b = Batcher(max_running=2, eos_ids=(2,))
+    for rid in "abc":
+        b.submit(_seq(rid))
+    plan = b.plan()
+    assert [s.request_id for s in plan.rows] == ["a", "b"] and len(b.waiting) == 1
+    finished = b.record(plan.rows, [5, 2])  # b emits EOS
+    assert [s.request_id for s in finished] == ["b"] and finished[0].finish == "stop"
+    plan = b.plan()
+    assert plan.leaves == {"b"} and [s.request_id for s in plan.rows] == ["a", "c"]
+    finished = b.record(plan.rows, [5, 5])  # a reaches max_tokens=3 (7, 5, 5)
+    assert [(s.request_id, s.finish) for s in finished] == [("a", "length")]
+
+
+def test_batcher_abort_waiting_and_running():
+    b = Batcher(max_running=4, eos_ids=(2,))
+    b.submit(_seq("a"))
+    b.plan()
+    b.submit(_seq("w"))
+    assert b.abort("w").finish == "abort" and not b.waiting
+    assert b.abort("a").finish == "abort"
+    assert b.record(list(b.running.values()), [9]) == []  # no token recorded after abort
+    assert b.plan().leaves == {"a"} and not b.running
+
+
+# ---------------------------------------------------------------- conductor
+def _hb(kind, iid, **load):
+    return Heartbeat(kind=kind, instance_id=iid, interval=1.0, **load)
+
+
+def test_registry_expires_after_three_missed_beats():
+    r = Registry()
+    r.beat(_hb("prefill", "p0"), now=0.0)
+    assert [i.instance_id for i in r.alive("prefill", 2.9)] == ["p0"]
+    assert r.alive("prefill", 3.1) == []
+    assert [i.instance_id for i in r.prune(3.1)] == ["p0"]
+
+
+def test_least_loaded_counts_work_placed_since_last_beat():
+    r = Registry()
+    r.beat(_hb("prefill", "p0", queued_tokens=0), 0)
+    r.beat(_hb("prefill", "p1", queued_tokens=10), 0)
+    r.beat(_hb("decode", "d0", running=3), 0)
+    r.beat(_hb("decode", "d1", running=1), 0)
+    policy = LeastLoaded()
+    first = policy.place(100, r.alive("prefill", 0), r.alive("decode", 0))
+    assert (first.prefill_id, first.decode_id) == ("p0", "d1")
+    second = policy.place(100, r.alive("prefill", 0), r.alive("decode", 0))
+    assert second.prefill_id == "p1"  # p0 now has 100 tokens placed on it
+    none = policy.place(5, [], r.alive("decode", 0))
+    assert not none.admitted and none.status == 503 and "prefill" in none.reason
