@@ -24,7 +24,7 @@ import math
 import struct
 import uuid
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import msgspec
 import nats
@@ -39,6 +39,8 @@ from .protocol import (
     CacheGetRequest,
     CachePutMeta,
     CacheStats,
+    Heartbeat,
+    PROTOCOL_VERSION,
     Subjects,
     decode,
     encode,
@@ -89,11 +91,22 @@ class KVBlock(msgspec.Struct, kw_only=True):
     data: bytes  # the tensor's raw bytes, C-contiguous, little-endian
 
 
+class _KVBlockView(msgspec.Struct, kw_only=True):
+    """``KVBlock`` as decoded for reading: ``data`` is a view into the decoded buffer, not a copy."""
+
+    v: int = BLOCK_FORMAT_VERSION
+    key: bytes
+    shape: list[int]
+    dtype: str
+    checksum: int
+    data: memoryview
+
+
 _DTYPES: dict[str, torch.dtype] = {
     name: getattr(torch, name) for name in ("float32", "float16", "bfloat16", "float64", "int8", "uint8")
 }
 _block_encoder = msgspec.msgpack.Encoder()
-_block_decoder = msgspec.msgpack.Decoder(KVBlock)
+_block_decoder = msgspec.msgpack.Decoder(_KVBlockView)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -112,19 +125,22 @@ def encode_block(key: bytes, tensor: torch.Tensor) -> bytes:
     """Encode one block's KV (wire layout) as ``KVBlock`` MessagePack."""
     _check_shape(tensor.shape)
     t = tensor.detach().to("cpu").contiguous()
-    raw = t.reshape(-1).view(torch.uint8).numpy().tobytes()
+    raw = memoryview(t.reshape(-1).view(torch.uint8).numpy())  # no copy: encoded straight from the tensor
     blk = KVBlock(
         key=bytes(key),
         shape=list(t.shape),
         dtype=_dtype_name(t.dtype),
         checksum=zlib.crc32(raw) & 0xFFFFFFFF,
-        data=raw,
+        data=raw,  # type: ignore[arg-type] - msgspec encodes any buffer as bin
     )
     return _block_encoder.encode(blk)
 
 
-def verify_block(buf: bytes | bytearray | memoryview, expected_key: bytes | None = None) -> KVBlock:
-    """Parse and check a block without building a tensor; raises ``BlockCorrupt``."""
+def verify_block(buf: bytes | bytearray | memoryview, expected_key: bytes | None = None) -> _KVBlockView:
+    """Parse and check a block without building a tensor (nor copying its data); raises ``BlockCorrupt``.
+
+    The result's ``data`` is a memoryview into ``buf``.
+    """
     try:
         blk = _block_decoder.decode(buf)
     except (msgspec.DecodeError, msgspec.ValidationError) as e:
@@ -147,10 +163,23 @@ def verify_block(buf: bytes | bytearray | memoryview, expected_key: bytes | None
     return blk
 
 
-def decode_block(buf: bytes | bytearray | memoryview, expected_key: bytes | None = None) -> tuple[bytes, torch.Tensor]:
-    """Decode ``encode_block`` output to ``(key, tensor)``, bit-identical; raises ``BlockCorrupt``."""
+def decode_block(
+    buf: bytes | bytearray | memoryview, expected_key: bytes | None = None, *, copy: bool = True
+) -> tuple[bytes, torch.Tensor]:
+    """Decode ``encode_block`` output to ``(key, tensor)``, bit-identical; raises ``BlockCorrupt``.
+
+    With ``copy=False`` and a writable ``buf`` (a bytearray, or a writable memoryview of one) the
+    tensor shares ``buf``'s memory instead of owning a copy (unless its data is not aligned for the
+    dtype, then it is copied anyway). A read-only ``buf`` is always copied.
+    """
     blk = verify_block(buf, expected_key)
-    tensor = torch.frombuffer(bytearray(blk.data), dtype=_DTYPES[blk.dtype]).reshape(blk.shape)
+    dtype = _DTYPES[blk.dtype]
+    data = blk.data
+    if copy or data.readonly:
+        return blk.key, torch.frombuffer(bytearray(data), dtype=dtype).reshape(blk.shape)
+    tensor = torch.frombuffer(data, dtype=dtype).reshape(blk.shape)
+    if tensor.data_ptr() % dtype.itemsize:
+        tensor = tensor.clone()
     return blk.key, tensor
 
 
@@ -169,115 +198,385 @@ def join_blocks(blocks: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat(list(blocks), dim=3)
 
 
+# ---------------------------------------------------------------- sharding
+def _hrw_score(key: bytes, instance_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(instance_id.encode() + b"\x00" + key, digest_size=8).digest(), "big")
+
+
+def rank(key: bytes, instance_ids: Iterable[str]) -> list[str]:
+    """Every instance in rendezvous (highest random weight) order for ``key``; deterministic."""
+    return sorted(set(instance_ids), key=lambda iid: (_hrw_score(key, iid), iid), reverse=True)
+
+
+def owners(key: bytes, instance_ids: Iterable[str], replicas: int = 1) -> list[str]:
+    """The ``replicas`` instances that hold ``key``: the top of its rendezvous ranking.
+
+    Removing an instance only moves the keys it owned (each to its next-ranked instance); adding
+    one only moves keys to the new instance. Keys spread evenly over the instances.
+    """
+    return rank(key, instance_ids)[: max(0, replicas)]
+
+
 # ---------------------------------------------------------------- client
 class CacheError(RuntimeError):
     """A cache operation that must not be silently skipped (a put) failed."""
 
 
+class CacheGetMeta(msgspec.Struct, kw_only=True):
+    """Meta of one blob streamed back for a ``CacheGetRequest``: the encoded blocks of ``keys``,
+    concatenated in that order, block ``i`` being ``sizes[i]`` bytes long. A get's found blocks
+    arrive as one or more such blobs, in any order.
+
+    TODO(protocol): belongs in ``libs/protocol.py`` with the other bus messages.
+    """
+
+    v: int = PROTOCOL_VERSION
+    keys: list[bytes]
+    sizes: list[int]
+
+
+# Blocks per get blob: bounds the meta (it travels in chunk 0's header room) and the sender's buffer.
+GET_BLOB_MAX_BLOCKS = 64
+MISSED_BEATS = 3  # an instance is gone after missing this many heartbeats
+DISCOVERY_WAIT = 2.0  # a client used without start() waits this long (at most) for the first heartbeat
+
 _NATS_ERRORS = (nats.errors.Error, asyncio.TimeoutError, TransferError)
+_BAD_REPLY = (msgspec.DecodeError, msgspec.ValidationError)
+
+
+def _no_responders(e: BaseException) -> bool:
+    return isinstance(e, nats.errors.NoRespondersError) or isinstance(e.__cause__, nats.errors.NoRespondersError)
 
 
 class CacheClient:
-    """Talks to the cachestore pool over ``nc``. Every call is bounded by a timeout.
+    """Talks to the cachestore pool over ``nc``: keys are sharded by rendezvous hashing over the
+    live instances (known from their heartbeats), each put going to ``replicas`` of them.
 
-    Reads degrade to misses when the pool is down, slow or answers garbage; a failed put raises
-    ``CacheError`` (callers typically log it and go on: the cache is an optimisation).
+    Call ``start()`` (then optionally ``wait_for_pool()``) before use and ``close()`` after; a
+    client used without ``start()`` starts itself and waits up to ``DISCOVERY_WAIT`` for the pool
+    on its first call. Every call is bounded by its timeout. Reads degrade to misses when the pool
+    is down, slow or answers garbage; a failed put raises ``CacheError`` (callers typically log it
+    and go on: the cache is an optimisation).
     """
 
-    def __init__(self, nc, *, timeout: float = 5.0):
+    def __init__(self, nc, *, timeout: float = 5.0, replicas: int = 1):
+        if replicas < 1:
+            raise ValueError(f"replicas must be >= 1, got {replicas}")
         self.nc = nc
         self.timeout = timeout
+        self.replicas = replicas
+        self._beats: dict[str, tuple[float, float]] = {}  # instance -> (last beat, its interval)
+        self._hb_sub = None
+        self._pool_changed: asyncio.Event | None = None
+        self._starting: asyncio.Task | None = None
+        self._closed = False
 
+    # ---- pool membership
+    async def start(self) -> None:
+        """Subscribe to the cachestore heartbeats. Idempotent."""
+        if self._hb_sub is not None:
+            return
+        if self._pool_changed is None:
+            self._pool_changed = asyncio.Event()
+        self._hb_sub = await self.nc.subscribe(Subjects.heartbeat("cachestore", "*"), cb=self._on_heartbeat)
+
+    async def close(self) -> None:
+        """Stop tracking the pool; later calls find no instance (misses, failed puts)."""
+        self._closed = True
+        sub, self._hb_sub = self._hb_sub, None
+        if sub is not None:
+            try:
+                await sub.unsubscribe()
+            except nats.errors.Error:
+                pass
+        self._beats.clear()
+
+    async def _on_heartbeat(self, msg) -> None:
+        try:
+            hb = decode(msg.data, Heartbeat)
+        except _BAD_REPLY:
+            return
+        if hb.kind != "cachestore" or not hb.instance_id:
+            return
+        self._beats[hb.instance_id] = (asyncio.get_running_loop().time(), max(hb.interval, 0.01))
+        self._pool_changed.set()
+
+    def live(self) -> list[str]:
+        """The cachestore instances heard from within their last ``MISSED_BEATS`` intervals."""
+        now = asyncio.get_running_loop().time()
+        return sorted(iid for iid, (seen, interval) in self._beats.items() if now - seen <= MISSED_BEATS * interval)
+
+    def _heard_from(self, instance_id: str) -> None:
+        """A reply is as good as a heartbeat (which may queue behind bulk data on a busy client)."""
+        beat = self._beats.get(instance_id)
+        if beat is not None:
+            self._beats[instance_id] = (asyncio.get_running_loop().time(), beat[1])
+
+    def _gone(self, instance_id: str) -> None:
+        """Nothing listens on the instance's subjects: forget it until its next heartbeat."""
+        if self._beats.pop(instance_id, None) is not None:
+            log.info("cache_instance_gone", instance=instance_id)
+
+    async def wait_for_pool(self, timeout: float) -> bool:
+        """Wait until at least one live instance is known; False on timeout."""
+        await self.start()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not self.live():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            self._pool_changed.clear()
+            try:
+                await asyncio.wait_for(self._pool_changed.wait(), remaining)
+            except asyncio.TimeoutError:
+                return bool(self.live())
+        return True
+
+    async def _pool(self, deadline: float) -> list[str]:
+        """The live instances; starts a client that was not started, waiting briefly for the pool."""
+        if self._closed:
+            return []
+        if self._hb_sub is None:
+            if self._starting is None:
+                self._starting = asyncio.ensure_future(self._auto_start())
+            remaining = deadline - asyncio.get_running_loop().time()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._starting), max(0.0, remaining))
+            except (asyncio.TimeoutError, *_NATS_ERRORS):
+                pass
+        return self.live()
+
+    async def _auto_start(self) -> None:
+        try:
+            await self.start()
+            await self.wait_for_pool(DISCOVERY_WAIT)
+        except _NATS_ERRORS as e:
+            log.warning("cache_client_start_failed", error=f"{type(e).__name__}: {e}")
+            self._starting = None  # try again on the next call
+
+    def _deadline(self, timeout: float | None) -> float:
+        return asyncio.get_running_loop().time() + (timeout or self.timeout)
+
+    def _left(self, deadline: float) -> float:
+        return max(0.0, deadline - asyncio.get_running_loop().time())
+
+    async def _rounds(self, keys: list[bytes], live: list[str], deadline: float, ask, merge) -> None:
+        """Ask each key's owners, in rank order, until it is found: round ``r`` sends every key still
+        missing to its ``r``-th owner, one request per instance, all instances in parallel.
+
+        ``ask(instance, keys, budget)`` returns a reply or None (unreachable); ``merge(indices, reply)``
+        records it and returns the indices still missing.
+        """
+        ranks = [owners(k, live, self.replicas) for k in keys]
+        pending = list(range(len(keys)))
+        for r in range(self.replicas):
+            groups: dict[str, list[int]] = {}
+            for i in pending:
+                if len(ranks[i]) > r:
+                    groups.setdefault(ranks[i][r], []).append(i)
+            if not groups or self._left(deadline) <= 0:
+                return
+            budget = self._left(deadline) / (self.replicas - r)  # leave time for the later rounds
+            replies = await asyncio.gather(
+                *(ask(iid, [keys[i] for i in idxs], budget) for iid, idxs in groups.items())
+            )
+            pending = []
+            for idxs, reply in zip(groups.values(), replies):
+                pending += idxs if reply is None else merge(idxs, reply)
+            pending.sort()
+            if not pending:
+                return
+
+    # ---- operations
     async def put_block(self, key: bytes, tensor: torch.Tensor, *, timeout: float | None = None) -> None:
+        """Store a block on its ``replicas`` owners; raises ``CacheError`` unless at least one took it."""
+        deadline = self._deadline(timeout)
         data = encode_block(key, tensor)
-        timeout = timeout or self.timeout
+        targets = owners(key, await self._pool(deadline), self.replicas)
+        if not targets:
+            raise CacheError(f"cache put of {key.hex()} failed: no live cachestore instance")
+        errors = [e for e in await asyncio.gather(*(self._put_one(iid, key, data, deadline) for iid in targets)) if e]
+        if len(errors) == len(targets):
+            raise CacheError(f"cache put of {key.hex()} failed: {'; '.join(errors)}")
+        if errors:
+            log.warning("cache_put_partial", key=key.hex(), stored=len(targets) - len(errors), errors=errors)
+
+    async def _put_one(self, iid: str, key: bytes, data: bytes, deadline: float) -> str:
         tid = f"{key.hex()}.{uuid.uuid4().hex[:8]}"
+        remaining = self._left(deadline)
         try:
             await asyncio.wait_for(
-                send_blob(self.nc, Subjects.CACHE_PUT, tid, data, meta=encode(CachePutMeta(key=key)), timeout=timeout),
-                timeout,
+                send_blob(self.nc, Subjects.cache(iid, "put"), tid, data, meta=encode(CachePutMeta(key=key)),
+                          timeout=max(0.01, remaining)),
+                remaining,
             )
-        except (*_NATS_ERRORS, msgspec.DecodeError, msgspec.ValidationError) as e:
-            raise CacheError(f"cache put of {key.hex()} failed: {type(e).__name__}: {e}") from e
+            self._heard_from(iid)
+            return ""
+        except (*_NATS_ERRORS, *_BAD_REPLY) as e:
+            if _no_responders(e):
+                self._gone(iid)
+            return f"{iid}: {type(e).__name__}: {e}"
 
     async def get_blocks(self, keys: Sequence[bytes], *, timeout: float | None = None) -> dict[bytes, torch.Tensor]:
-        """The blocks of ``keys`` that the pool has; anything missing, late or corrupt is absent."""
+        """The blocks of ``keys`` that the pool has; anything missing, late or corrupt is absent.
+
+        Every block is checked (checksum, key) on arrival. Large blocks are not copied out of the
+        receive buffer: each tensor owns its own buffer, a few header bytes larger than the tensor.
+        """
+        keys = list(dict.fromkeys(keys))
         if not keys:
             return {}
+        deadline = self._deadline(timeout)
+        live = await self._pool(deadline)
+        got: dict[bytes, torch.Tensor] = {}
+        if not live:
+            return got
+
+        async def ask(iid, ks, budget):
+            return await self._get_one(iid, ks, budget, deadline)
+
+        def merge(idxs, reply):
+            got.update(reply)
+            return [i for i in idxs if keys[i] not in reply]
+
+        await self._rounds(keys, live, deadline, ask, merge)
+        return {k: got[k] for k in keys if k in got}
+
+    async def _get_one(self, iid: str, keys: list[bytes], budget: float, deadline: float):
+        """Blocks of ``keys`` held by ``iid`` (a dict), or None when it does not answer.
+
+        The instance answers which keys it found, then streams them as a few large chunked blobs
+        (``CacheGetMeta``) to a private inbox; ``budget`` bounds the answer, ``deadline`` the stream.
+        """
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + (timeout or self.timeout)
         wanted = set(keys)
         arrived: set[bytes] = set()
         got: dict[bytes, torch.Tensor] = {}
         changed = asyncio.Event()
 
-        def on_blob(transfer_id: str, meta: bytes, data: bytearray) -> None:
+        def on_blob(transfer_id: str, meta: bytes, data: bytearray) -> str | None:
             try:
-                key = bytes.fromhex(transfer_id)
-            except ValueError:
-                return
-            if key not in wanted:
-                return
-            arrived.add(key)
+                m = decode(meta, CacheGetMeta)
+            except _BAD_REPLY as e:
+                return f"bad get meta: {e}"
+            if len(m.keys) != len(m.sizes) or sum(m.sizes) != len(data) or min(m.sizes, default=0) < 0:
+                return "get meta does not match the blob"
+            view = memoryview(data)
+            # A blob holding one block (the usual case for real models' blocks) is the tensor's
+            # memory: no copy. Small blocks packed together are copied, so that keeping one of
+            # them does not keep the whole blob alive.
+            share = len(m.keys) == 1
+            offset = 0
+            for k, size in zip(m.keys, m.sizes):
+                piece = view[offset : offset + size]
+                offset += size
+                if k not in wanted:
+                    continue
+                arrived.add(k)
+                try:
+                    got[k] = decode_block(piece, expected_key=k, copy=not share)[1]
+                except BlockCorrupt as e:
+                    log.warning("cache_block_corrupt", key=k.hex(), instance=iid, error=str(e))
             changed.set()
-            try:
-                got[key] = decode_block(data, expected_key=key)[1]
-            except BlockCorrupt as e:
-                log.warning("cache_block_corrupt", key=key.hex(), error=str(e))
+            self._heard_from(iid)
+            return None
 
-        inbox = self.nc.new_inbox()
-        sub = await self.nc.subscribe(
-            inbox, cb=BlobAssembler(self.nc, on_blob).handle, pending_bytes_limit=BULK_PENDING_BYTES
-        )
+        sub = None
         try:
-            req = CacheGetRequest(keys=list(keys), reply_subject=inbox)
-            resp = await self.nc.request(Subjects.CACHE_GET, encode(req), timeout=max(0.01, deadline - loop.time()))
+            inbox = self.nc.new_inbox()
+            sub = await self.nc.subscribe(
+                inbox, cb=BlobAssembler(self.nc, on_blob).handle, pending_bytes_limit=BULK_PENDING_BYTES
+            )
+            req = CacheGetRequest(keys=keys, reply_subject=inbox)
+            resp = await self.nc.request(Subjects.cache(iid, "get"), encode(req), timeout=max(0.01, budget))
             found = [k for k in decode(resp.data, CacheGetReply).found if k in wanted]
-            # Blocks are streamed in the announced order, so once the last one is here the rest
-            # have either arrived or failed.
-            while found and found[-1] not in arrived:
+            self._heard_from(iid)
+            while not arrived.issuperset(found):
                 remaining = deadline - loop.time()
                 if remaining <= 0:
-                    log.warning("cache_get_incomplete", announced=len(found), received=len(got))
+                    log.warning("cache_get_incomplete", instance=iid, announced=len(found), received=len(arrived))
                     break
                 changed.clear()
                 try:
                     await asyncio.wait_for(changed.wait(), remaining)
                 except asyncio.TimeoutError:
                     pass
-        except (*_NATS_ERRORS, msgspec.DecodeError, msgspec.ValidationError) as e:
-            log.warning("cache_get_failed", error=f"{type(e).__name__}: {e}", keys=len(keys))
+        except (*_NATS_ERRORS, *_BAD_REPLY) as e:
+            if _no_responders(e):
+                self._gone(iid)
+            log.warning("cache_get_failed", instance=iid, error=f"{type(e).__name__}: {e}", keys=len(keys))
+            if not got:
+                return None
         finally:
-            try:
-                await sub.unsubscribe()
-            except nats.errors.Error:
-                pass
+            if sub is not None:
+                try:
+                    await sub.unsubscribe()
+                except nats.errors.Error:
+                    pass
         return got
 
     async def where(self, keys: Sequence[bytes], *, timeout: float | None = None) -> list[str]:
-        """Tier of each key: "dram", "disk", or "" when absent (or when the pool does not answer)."""
+        """Tier of each key: "dram", "disk", or "" when absent (or when no owner answers)."""
+        keys = list(keys)
+        result = [""] * len(keys)
         if not keys:
-            return []
+            return result
+        deadline = self._deadline(timeout)
+        live = await self._pool(deadline)
+        if not live:
+            return result
+
+        def merge(idxs, tiers):
+            for i, t in zip(idxs, tiers):
+                result[i] = t
+            return [i for i in idxs if not result[i]]
+
+        await self._rounds(keys, live, deadline, self._exists_one, merge)
+        return result
+
+    async def _exists_one(self, iid: str, keys: list[bytes], budget: float) -> list[str] | None:
         try:
             resp = await self.nc.request(
-                Subjects.CACHE_EXISTS, encode(CacheExistsRequest(keys=list(keys))), timeout=timeout or self.timeout
+                Subjects.cache(iid, "exists"), encode(CacheExistsRequest(keys=keys)), timeout=max(0.01, budget)
             )
             reply = decode(resp.data, CacheExistsReply)
-        except (*_NATS_ERRORS, msgspec.DecodeError, msgspec.ValidationError) as e:
-            log.warning("cache_exists_failed", error=f"{type(e).__name__}: {e}", keys=len(keys))
-            return [""] * len(keys)
+            self._heard_from(iid)
+        except (*_NATS_ERRORS, *_BAD_REPLY) as e:
+            if _no_responders(e):
+                self._gone(iid)
+            log.warning("cache_exists_failed", instance=iid, error=f"{type(e).__name__}: {e}", keys=len(keys))
+            return None
         if len(reply.present) != len(keys):
-            return [""] * len(keys)
+            return None
         tiers = reply.tier if len(reply.tier) == len(keys) else ["?"] * len(keys)
-        return [t if p else "" for p, t in zip(reply.present, tiers)]
+        return [(t or "?") if p else "" for p, t in zip(reply.present, tiers)]
 
     async def exists(self, keys: Sequence[bytes], *, timeout: float | None = None) -> list[bool]:
         return [bool(t) for t in await self.where(keys, timeout=timeout)]
 
-    async def stats(self, *, timeout: float | None = None) -> CacheStats | None:
-        try:
-            resp = await self.nc.request(Subjects.CACHE_STATS, b"", timeout=timeout or self.timeout)
-            return decode(resp.data, CacheStats)
-        except (*_NATS_ERRORS, msgspec.DecodeError, msgspec.ValidationError) as e:
-            log.warning("cache_stats_failed", error=f"{type(e).__name__}: {e}")
-            return None
+    async def lookup(self, keys: Sequence[bytes], *, timeout: float | None = None) -> int:
+        """How many leading ``keys`` (a hash chain) the pool holds."""
+        n = 0
+        for tier in await self.where(keys, timeout=timeout):
+            if not tier:
+                break
+            n += 1
+        return n
+
+    async def stats(self, *, timeout: float | None = None) -> list[CacheStats]:
+        """The stats of every live instance that answers, by instance id."""
+        deadline = self._deadline(timeout)
+        live = await self._pool(deadline)
+
+        async def one(iid):
+            try:
+                resp = await self.nc.request(Subjects.cache(iid, "stats"), b"", timeout=max(0.01, self._left(deadline)))
+                return decode(resp.data, CacheStats)
+            except (*_NATS_ERRORS, *_BAD_REPLY) as e:
+                if _no_responders(e):
+                    self._gone(iid)
+                log.warning("cache_stats_failed", instance=iid, error=f"{type(e).__name__}: {e}")
+                return None
+
+        return [st for st in await asyncio.gather(*(one(iid) for iid in live)) if st is not None]

@@ -86,6 +86,23 @@ async def ensure_streams(js) -> None:
             await js.add_stream(cfg)
         except BadRequestError:
             await js.update_stream(cfg)
+    await ensure_event_stream(js)
+
+
+async def ensure_event_stream(js) -> None:
+    """The KV-event stream: kept by age and size, replayed by the conductor after a restart."""
+    cfg = StreamConfig(
+        name=Subjects.KV_EVENTS_STREAM,
+        subjects=["yb.kvev.>"],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        max_age=24 * 3600.0,
+        max_bytes=1 << 30,
+    )
+    try:
+        await js.add_stream(cfg)
+    except BadRequestError:
+        await js.update_stream(cfg)
 
 
 async def work_subscription(js, stream: str, subject: str, durable: str, ack_wait: float = 60.0):

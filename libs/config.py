@@ -32,8 +32,13 @@ class Settings(msgspec.Struct, kw_only=True):
     port: int = 8000
     max_body_bytes: int = 1024 * 1024
     request_timeout: float = 600.0
+    # conductor
+    policy: str = "global_cache_aware"  # random | round_robin | least_loaded | local_cache_aware | global_cache_aware
+    use_pool: bool = True  # False: each prefill reuses only its own DRAM cache (no cachestore pool)
     # prefill
     prefill_chunk: int = 512
+    prefill_cache_bytes: int = 256 << 20  # the instance's own DRAM cache of recent blocks
+    cache_replicas: int = 1
     # decode
     max_running: int = 32
     # cachestore

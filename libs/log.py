@@ -11,6 +11,19 @@ import structlog
 _configured = False
 
 
+class _StderrLogger:
+    """Writes each rendered line to the *current* ``sys.stderr`` (which test runners swap)."""
+
+    def msg(self, message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    log = debug = info = warning = warn = error = critical = exception = fatal = msg
+
+
+def _stderr_factory(*args) -> _StderrLogger:
+    return _StderrLogger()
+
+
 def configure(service: str = "", level: str | None = None) -> None:
     global _configured
     level_name = (level or os.environ.get("YUEBING_LOG_LEVEL", "INFO")).upper()
@@ -25,7 +38,7 @@ def configure(service: str = "", level: str | None = None) -> None:
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level_name)),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_stderr_factory,
         cache_logger_on_first_use=True,
     )
     if service:

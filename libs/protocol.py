@@ -51,6 +51,23 @@ class Subjects:
     CACHE_EXISTS = "yb.cache.exists"
     CACHE_STATS = "yb.cache.stats"
 
+    @staticmethod
+    def cache(instance_id: str, op: str) -> str:
+        """Per-instance cachestore subjects (op: put, get, exists, stats), for sharded pools."""
+        return f"yb.cache.{instance_id}.{op}"
+
+    KV_EVENTS_STREAM = "YB_KV_EVENTS"
+
+    @staticmethod
+    def kv_events(instance_id: str) -> str:
+        return f"yb.kvev.{instance_id}"
+
+    @staticmethod
+    def kv_dump(instance_id: str) -> str:
+        return f"yb.kvdump.{instance_id}"
+
+    PREFILL_REPORT = "yb.report.prefill"
+
 
 # ---------------------------------------------------------------- requests
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
@@ -92,7 +109,12 @@ class ScheduleReply(msgspec.Struct, kw_only=True):
 
 
 class PrefillTask(msgspec.Struct, kw_only=True):
-    """conductor -> prefill instance (JetStream work queue)."""
+    """conductor -> prefill instance (JetStream work queue).
+
+    ``reuse_blocks`` caps how many leading blocks the instance reuses instead of computing
+    (-1: as many as it finds); ``use_pool`` allows loading them from the cachestore pool when its
+    own DRAM cache does not have them.
+    """
 
     v: int = PROTOCOL_VERSION
     request_id: str
@@ -101,6 +123,9 @@ class PrefillTask(msgspec.Struct, kw_only=True):
     decode_id: str
     block_hashes: list[bytes] = []
     arrival_time: float = 0.0
+    reuse_blocks: int = -1
+    use_pool: bool = True
+    predicted_seconds: float = 0.0
 
 
 class DecodeTask(msgspec.Struct, kw_only=True):
@@ -131,6 +156,56 @@ class TokenEvent(msgspec.Struct, kw_only=True):
     error: str = ""
     prompt_tokens: int = 0
     cached_tokens: int = 0
+
+
+class PrefillReport(msgspec.Struct, kw_only=True):
+    """prefill -> conductor after each prompt: what was reused and what it cost (cost-model input)."""
+
+    v: int = PROTOCOL_VERSION
+    instance_id: str
+    request_id: str
+    prompt_tokens: int
+    local_tokens: int  # reused from the instance's own DRAM cache
+    pool_tokens: int  # reused from the cachestore pool
+    load_bytes: int
+    load_seconds: float
+    compute_seconds: float
+    queue_seconds: float
+
+
+class KVEvent(msgspec.Struct, kw_only=True):
+    """Blocks stored in / removed from one instance's cache (JetStream ``YB_KV_EVENTS``).
+
+    ``seq`` counts from 1 within an ``epoch`` (one run of the instance) without gaps; a receiver
+    that sees a gap or a new epoch asks the instance for a dump of what it holds.
+    """
+
+    v: int = PROTOCOL_VERSION
+    instance_id: str
+    source: str  # "prefill" | "cachestore"
+    epoch: str
+    seq: int
+    stored: list[bytes] = []
+    removed: list[bytes] = []
+
+
+class KVDumpRequest(msgspec.Struct, kw_only=True):
+    v: int = PROTOCOL_VERSION
+    offset: int = 0
+    limit: int = 20000
+
+
+class KVDump(msgspec.Struct, kw_only=True):
+    """One page of the keys an instance holds, and the event ``seq`` they are current as of."""
+
+    v: int = PROTOCOL_VERSION
+    instance_id: str
+    source: str
+    epoch: str
+    seq: int
+    keys: list[bytes]
+    total: int
+    offset: int
 
 
 class Abort(msgspec.Struct, kw_only=True):

@@ -99,6 +99,25 @@ def test_codec_accepts_non_contiguous_views():
     assert torch.equal(join_blocks(decoded), kv[:, :, :, :8, :])
 
 
+def test_decode_without_copy_shares_a_writable_buffer():
+    t = torch.randn(2, 2, 2, 4, 8)
+    key = b"z" * KEY_BYTES
+    enc = encode_block(key, t)
+    data_at = len(enc) - t.numel() * t.element_size()  # the tensor bytes end the encoding
+    for pad in range(4):
+        buf = bytearray(pad) + enc
+        _, out = decode_block(memoryview(buf)[pad:], copy=False)
+        assert torch.equal(out, t)
+        assert out.data_ptr() % 4 == 0  # a misaligned view is copied to an aligned tensor
+        buf[pad + data_at] ^= 0xFF
+        shares = not torch.equal(out, t)
+        assert shares == ((pad + data_at) % 4 == 0)  # aligned: a view into buf, not a copy
+    # Read-only input (bytes) is always copied, so the tensor owns writable memory.
+    _, owned = decode_block(enc, copy=False)
+    owned += 1
+    assert torch.equal(owned, t + 1)
+
+
 def test_corrupted_byte_is_detected():
     t = torch.randn(2, 2, 2, 4, 8)
     key = b"x" * KEY_BYTES

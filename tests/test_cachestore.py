@@ -16,7 +16,7 @@ from yuebing.libs.config import Settings
 from yuebing.libs.natsserver import NatsServer
 from yuebing.libs.protocol import Heartbeat, Subjects, decode
 from yuebing.services.cachestore.service import CacheStoreService
-from yuebing.services.cachestore.store import DiskTier, DramTier, TieredStore
+from yuebing.services.cachestore.store import DiskTier, DramTier, StoreChanges, TieredStore
 
 
 def key(i: int) -> bytes:
@@ -196,8 +196,64 @@ def test_corrupted_bytes_on_disk_are_a_miss(tmp_path):
     assert store.where(key(1)) is None  # deleted
     assert store.get(key(2)) == block(2)
     assert store.get_many([key(1), key(2)]) == [(key(2), block(2))]
+    assert store.drain_changes() == StoreChanges(removed=[key(1)])  # deleted as corrupt
+    assert store.held_keys() == [key(2)]
     st = store.stats()
     assert st.corrupt == 1 and st.disk_blocks == 1
+    store.close()
+
+
+def test_tiered_reports_what_enters_and_leaves(tmp_path):
+    store = TieredStore(BLOCK_BYTES, tmp_path / "db", 2 * BLOCK_BYTES)
+    assert store.put(key(0), block(0)) == StoreChanges(stored=[key(0)])
+    assert store.put(key(0), block(0)) == StoreChanges()  # a re-put is no news
+    assert store.put(key(1), block(1)) == StoreChanges(stored=[key(1)])  # 0 demoted: not a removal
+    assert store.put(key(2), block(2)) == StoreChanges(stored=[key(2)])  # 1 demoted
+    # 2 is demoted next; the disk (0, 1) has room for two, so 0 leaves the store.
+    assert store.put(key(3), block(3)) == StoreChanges(stored=[key(3)], removed=[key(0)])
+    assert store.put(key(0), block(0)) == StoreChanges(stored=[key(0)], removed=[key(1)])
+    assert set(store.held_keys()) == store.keys() == {key(0), key(2), key(3)}
+    drained = store.drain_changes()  # net effect since the start: 0 came back, 1 left
+    assert set(drained.stored) == {key(0), key(2), key(3)} and drained.removed == [key(1)]
+    assert not store.drain_changes()
+    # A disk hit promotes (3 moves to disk, which drops its oldest): only what leaves both tiers counts.
+    assert store.get(key(2)) == block(2)
+    assert set(store.held_keys()) == store.keys()
+    assert store.drain_changes().stored == []
+    store.close()
+
+
+def test_tiered_held_keys_track_the_tiers(tmp_path):
+    import random
+
+    rng = random.Random(7)
+    store = TieredStore(3 * BLOCK_BYTES, tmp_path / "db", 5 * BLOCK_BYTES)
+    held: set[bytes] = set()
+    for _ in range(300):
+        i = rng.randrange(20)
+        if rng.random() < 0.6:
+            store.put(key(i), block(i))
+        else:
+            store.get_many([key(i), key(rng.randrange(20))])
+        ch = store.drain_changes()
+        assert not set(ch.stored) & set(ch.removed)
+        held = (held | set(ch.stored)) - set(ch.removed)
+        assert held == set(store.held_keys()) == store.keys()
+    store.flush()  # DRAM-only blocks go to disk, which may drop older ones to make room
+    ch = store.drain_changes()
+    assert ch.stored == []
+    held -= set(ch.removed)
+    assert held == set(store.held_keys()) == store.keys()
+    store.close()
+    store = TieredStore(3 * BLOCK_BYTES, tmp_path / "db", 5 * BLOCK_BYTES)
+    assert set(store.held_keys()) == store.keys() == held  # everything is on disk now
+    store.close()
+
+
+def test_oversized_block_is_never_held(tmp_path):
+    store = TieredStore(BLOCK_BYTES - 1, tmp_path / "db", BLOCK_BYTES - 1)
+    assert store.put(key(1), block(1)) == StoreChanges()
+    assert store.held_keys() == [] and not store.drain_changes()
     store.close()
 
 
@@ -226,12 +282,15 @@ async def test_service_end_to_end_and_restart(nats_server, tmp_path):
     )
     nc = await connect(nats_server.url, "test-client")
     client = CacheClient(nc, timeout=10)
+    await client.start()
     hb_sub = await nc.subscribe(Subjects.heartbeat("cachestore", "cachestore-e2e"))
     svc = CacheStoreService(settings)
     await svc.start()
     try:
         hb = decode((await hb_sub.next_msg(timeout=10)).data, Heartbeat)
         assert hb.kind == "cachestore" and hb.instance_id == "cachestore-e2e"
+        assert await client.wait_for_pool(10)
+        assert client.live() == ["cachestore-e2e"]
 
         tokens = list(range(100, 153))  # 3 full blocks of 16 + a tail of 5
         keys = block_hashes(tokens, 16, namespace_digest("test-model", "float32", 16))
@@ -249,17 +308,20 @@ async def test_service_end_to_end_and_restart(nats_server, tmp_path):
         for k, b in zip(keys, blocks):
             assert torch.equal(got[k], b)
         assert await client.get_blocks([missing]) == {}
+        assert await client.lookup(keys + [missing]) == 3
+        assert await client.lookup([missing] + keys) == 0
 
-        st = await client.stats()
+        [st] = await client.stats()
         assert st.instance_id == "cachestore-e2e"
         assert st.dram_blocks == 2 and st.evictions_dram >= 1 and st.disk_blocks >= 1
 
         # Malformed messages are dropped; the service keeps answering.
-        await nc.publish(Subjects.CACHE_PUT, b"\xc1garbage")
-        await nc.publish(Subjects.CACHE_GET, b"\xc1garbage")
-        await nc.publish(Subjects.CACHE_EXISTS, b"not msgpack")
+        subject = lambda op: Subjects.cache("cachestore-e2e", op)  # noqa: E731
+        await nc.publish(subject("put"), b"\xc1garbage")
+        await nc.publish(subject("get"), b"\xc1garbage")
+        await nc.publish(subject("exists"), b"not msgpack")
         with pytest.raises(nats.errors.TimeoutError):  # dropped: no reply
-            await nc.request(Subjects.CACHE_EXISTS, b"\x93\x01\x02\x03", timeout=0.5)
+            await nc.request(subject("exists"), b"\x93\x01\x02\x03", timeout=0.5)
         assert await client.exists(keys) == [True, True, True]
     finally:
         await svc.stop()
@@ -273,18 +335,23 @@ async def test_service_end_to_end_and_restart(nats_server, tmp_path):
         assert all(torch.equal(got[k], b) for k, b in zip(keys, blocks))
     finally:
         await svc.stop()
+        await client.close()
         await nc.close()
 
 
 async def test_client_with_no_pool_misses_and_raises(nats_server):
     nc = await connect(nats_server.url, "test-client-nopool")
     client = CacheClient(nc, timeout=2)
+    await client.start()
     try:
+        assert not await client.wait_for_pool(0.3)
         k = b"\x01" * 16
         assert await client.exists([k]) == [False]
+        assert await client.where([k]) == [""]
+        assert await client.lookup([k]) == 0
         assert await client.get_blocks([k]) == {}
-        assert await client.stats() is None
-        with pytest.raises(CacheError):
+        assert await client.stats() == []
+        with pytest.raises(CacheError, match="no live cachestore"):
             await client.put_block(k, torch.zeros(1, 2, 1, 4, 8))
     finally:
         await nc.close()
@@ -299,15 +366,17 @@ async def test_put_of_corrupt_block_is_not_stored(nats_server, tmp_path):
     await svc.start()
     nc = await connect(nats_server.url, "test-client-bad")
     try:
+        # Used without start(): the client starts itself and waits for the pool's first heartbeat.
         client = CacheClient(nc, timeout=5)
         good = torch.ones(1, 2, 1, 4, 8)
         k1, k2 = b"\x01" * 16, b"\x02" * 16
+        put = Subjects.cache("cachestore-bad", "put")
         # A block announced under another key than its header's is refused by the store, and the
         # sender hears so.
         with pytest.raises(TransferError, match="key mismatch"):
-            await send_blob(nc, Subjects.CACHE_PUT, "t1", encode_block(k1, good), meta=encode(CachePutMeta(key=k2)))
+            await send_blob(nc, put, "t1", encode_block(k1, good), meta=encode(CachePutMeta(key=k2)))
         with pytest.raises(TransferError, match="corrupt block"):
-            await send_blob(nc, Subjects.CACHE_PUT, "t2", b"not a block", meta=encode(CachePutMeta(key=k1)))
+            await send_blob(nc, put, "t2", b"not a block", meta=encode(CachePutMeta(key=k1)))
         await client.put_block(k1, good)
         assert await client.exists([k1, k2]) == [True, False]
         assert torch.equal((await client.get_blocks([k1]))[k1], good)
@@ -323,6 +392,7 @@ async def test_client_with_a_stuck_pool_returns_misses(nats_server):
     nc = await connect(nats_server.url, "test-client-stuck")
     fake = await connect(nats_server.url, "fake-pool")
     k = b"\x05" * 16
+    beat = encode(Heartbeat(kind="cachestore", instance_id="fake", interval=30.0))
 
     async def announce_but_never_send(msg):
         req = decode(msg.data, CacheGetRequest)
@@ -332,16 +402,26 @@ async def test_client_with_a_stuck_pool_returns_misses(nats_server):
         pass
 
     subs = [
-        await fake.subscribe(Subjects.CACHE_GET, cb=announce_but_never_send),
-        await fake.subscribe(Subjects.CACHE_EXISTS, cb=never_answer),
+        await fake.subscribe(Subjects.cache("fake", "get"), cb=announce_but_never_send),
+        await fake.subscribe(Subjects.cache("fake", "exists"), cb=never_answer),
+        await fake.subscribe(Subjects.cache("fake", "put"), cb=never_answer),
     ]
     await fake.flush()
+    client = CacheClient(nc, timeout=0.3)
+    await client.start()
+    await nc.flush()
+    await fake.publish(Subjects.heartbeat("cachestore", "fake"), beat)
     try:
-        client = CacheClient(nc, timeout=0.3)
+        assert await client.wait_for_pool(5)
         assert await client.get_blocks([k]) == {}
         assert await client.where([k]) == [""]
+        assert await client.lookup([k]) == 0
+        with pytest.raises(CacheError):
+            await client.put_block(k, torch.zeros(1, 2, 1, 4, 8))
+        assert client.live() == ["fake"]  # slow is not gone
     finally:
         for s in subs:
             await s.unsubscribe()
+        await client.close()
         await fake.close()
         await nc.close()

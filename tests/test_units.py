@@ -4,7 +4,6 @@ import msgspec
 import pytest
 
 from yuebing.libs.protocol import Heartbeat, SamplingParams
-from yuebing.services.conductor.placement import LeastLoaded
 from yuebing.services.conductor.registry import Registry
 from yuebing.services.decode.batcher import Batcher, Sequence
 from yuebing.services.gateway import openai as oa
@@ -138,16 +137,3 @@ def test_registry_expires_after_three_missed_beats():
     assert [i.instance_id for i in r.prune(3.1)] == ["p0"]
 
 
-def test_least_loaded_counts_work_placed_since_last_beat():
-    r = Registry()
-    r.beat(_hb("prefill", "p0", queued_tokens=0), 0)
-    r.beat(_hb("prefill", "p1", queued_tokens=10), 0)
-    r.beat(_hb("decode", "d0", running=3), 0)
-    r.beat(_hb("decode", "d1", running=1), 0)
-    policy = LeastLoaded()
-    first = policy.place(100, r.alive("prefill", 0), r.alive("decode", 0))
-    assert (first.prefill_id, first.decode_id) == ("p0", "d1")
-    second = policy.place(100, r.alive("prefill", 0), r.alive("decode", 0))
-    assert second.prefill_id == "p1"  # p0 now has 100 tokens placed on it
-    none = policy.place(5, [], r.alive("decode", 0))
-    assert not none.admitted and none.status == 503 and "prefill" in none.reason

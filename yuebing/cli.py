@@ -44,6 +44,7 @@ def _settings(args, **extra):
         port=getattr(args, "port", None),
         block_size=getattr(args, "block_size", None),
         threads=getattr(args, "threads", None),
+        policy=getattr(args, "policy", None),
         **extra,
     )
 
@@ -63,7 +64,8 @@ def cmd_up(args) -> int:
 
     configure("up")
     settings = _settings(args)
-    cluster = LocalCluster(settings, prefill=args.prefill, decode=args.decode, nats_port=args.nats_port)
+    cluster = LocalCluster(settings, prefill=args.prefill, decode=args.decode, cachestore=args.cachestore,
+                           nats_port=args.nats_port)
     stop = {"now": False}
 
     def on_signal(signum, frame):
@@ -77,6 +79,7 @@ def cmd_up(args) -> int:
         print(
             f"\nyuebing is ready: {cluster.url}/v1  (model: {settings.model if settings.model else ''})\n"
             f"  NATS: {cluster.nats.url}   prefill x{args.prefill}, decode x{args.decode}\n"
+            f"  metrics: " + ", ".join(f"{n} {u}" for n, u in cluster.metrics_urls.items()) + "\n"
             f"  try:  curl {cluster.url}/v1/chat/completions -H 'Content-Type: application/json' "
             f"-d '{{\"model\": \"{_model_id(settings)}\", \"messages\": [{{\"role\": \"user\", "
             f"\"content\": \"What is the capital of France?\"}}]}}'\n"
@@ -141,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=None, help="gateway port (default 8000)")
     up.add_argument("--prefill", type=int, default=1, help="prefill instances (default 1)")
     up.add_argument("--decode", type=int, default=1, help="decode instances (default 1)")
+    up.add_argument("--cachestore", type=int, default=1, help="cachestore instances (default 1)")
+    up.add_argument("--policy", default=None, help="placement: random, round_robin, least_loaded, "
+                    "local_cache_aware, global_cache_aware (default)")
     up.add_argument("--nats-port", type=int, default=None, help="NATS port (default: a free port)")
     up.set_defaults(func=cmd_up)
 
@@ -151,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--instance-id", default=None, help="stable id of this instance (default: host + random)")
     serve.add_argument("--host", default=None, help="listen address of the gateway (and metrics)")
     serve.add_argument("--port", type=int, default=None, help="gateway port (default 8000)")
+    serve.add_argument("--policy", default=None, help="conductor placement policy (default global_cache_aware)")
     serve.add_argument("--metrics-port", type=int, default=None, help="Prometheus port of a worker (default: off)")
     serve.set_defaults(func=cmd_serve)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from yuebing.libs.config import Settings
 from yuebing.libs.log import get_logger
 from yuebing.libs.model import resolve_model
-from yuebing.libs.natsserver import NatsServer
+from yuebing.libs.natsserver import NatsServer, free_port
 from yuebing.libs.proc import die_with_parent
 
 log = get_logger("cluster")
@@ -33,6 +33,7 @@ class LocalCluster:
     extra_env: dict[str, str] = field(default_factory=dict)
     nats: NatsServer | None = None
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    metrics_urls: dict[str, str] = field(default_factory=dict)  # worker name -> Prometheus URL
 
     @property
     def data_dir(self) -> Path:
@@ -78,9 +79,15 @@ class LocalCluster:
         ]
         if kind == "gateway":
             cmd += ["--host", s.host, "--port", str(s.port)]
+            self.metrics_urls[name] = f"{self.url}/metrics"
+        else:
+            port = free_port(s.host)
+            cmd += ["--host", s.host, "--metrics-port", str(port)]
+            self.metrics_urls[name] = f"http://{s.host}:{port}/metrics"
         env = dict(os.environ, **self.extra_env)
         for f in ("block_size", "threads", "max_running", "dram_bytes", "disk_bytes", "prefill_chunk",
-                  "max_body_bytes", "request_timeout", "heartbeat_interval"):
+                  "max_body_bytes", "request_timeout", "heartbeat_interval", "policy", "use_pool",
+                  "prefill_cache_bytes", "cache_replicas"):
             env[f"YUEBING_{f.upper()}"] = str(getattr(s, f))
         out = open(self.log_dir / f"{name}.log", "ab")
         proc = subprocess.Popen(cmd, stdout=out, stderr=out, env=env, start_new_session=True,

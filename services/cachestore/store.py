@@ -12,7 +12,7 @@ from __future__ import annotations
 import struct
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lmdb
@@ -260,54 +260,130 @@ class StoreStats:
     corrupt: int  # blocks deleted because their bytes failed verification
 
 
+@dataclass
+class StoreChanges:
+    """What entered and what left the store (both tiers together) over some operations."""
+
+    stored: list[bytes] = field(default_factory=list)  # keys newly held
+    removed: list[bytes] = field(default_factory=list)  # keys no longer held by either tier
+
+    def __bool__(self) -> bool:
+        return bool(self.stored or self.removed)
+
+
 class TieredStore:
-    """DRAM in front of LMDB. Thread-safe: every public method holds one lock."""
+    """DRAM in front of LMDB. Thread-safe: every public method holds one lock.
+
+    The store keeps the set of keys it holds (either tier) and an ordered log of changes to it:
+    a key is *stored* when a put brings a key it did not hold, *removed* when it leaves both tiers
+    (evicted from LMDB while not in DRAM, dropped as too large, or deleted as corrupt). Moving
+    between tiers is neither. ``drain_changes`` hands the log out, e.g. to publish KV events.
+    """
 
     def __init__(self, dram_bytes: int, disk_dir: str | Path, disk_bytes: int, *, disk_map_size: int | None = None):
         self.dram = DramTier(dram_bytes)
         self.disk = DiskTier(disk_dir, disk_bytes, map_size=disk_map_size)
         self.corrupt = 0
         self._lock = threading.Lock()
+        # The held set and the change log have their own short lock, so reading them never waits
+        # for a store operation (LMDB I/O) to finish.
+        self._log_lock = threading.Lock()
+        self._held: set[bytes] = set(self.disk.keys())
+        self._log: list[tuple[bytes, bool]] = []  # (key, stored?) in the order it happened
 
-    def put(self, key: bytes, value: bytes) -> None:
-        """Store an encoded block; raises ``BlockCorrupt`` if it is not a valid block for ``key``."""
+    # ---- change tracking (callers hold self._lock)
+    def _settle(self, candidates: list[bytes], new_key: bytes | None = None) -> StoreChanges:
+        """Record the effect of one operation: ``candidates`` may have left both tiers,
+        ``new_key`` may have entered."""
+        changes = StoreChanges()
+        for k in dict.fromkeys(candidates):
+            if k != new_key and k in self._held and k not in self.dram and not self.disk.contains(k):
+                changes.removed.append(k)
+        if new_key is not None:
+            held = new_key in self.dram or self.disk.contains(new_key)
+            if held and new_key not in self._held:
+                changes.stored.append(new_key)
+            elif not held and new_key in self._held:
+                changes.removed.append(new_key)
+        if changes:
+            with self._log_lock:
+                for k in changes.removed:
+                    self._held.discard(k)
+                    self._log.append((k, False))
+                for k in changes.stored:
+                    self._held.add(k)
+                    self._log.append((k, True))
+        return changes
+
+    def drain_changes(self) -> StoreChanges:
+        """The net changes since the last drain: ``stored`` and ``removed`` are disjoint, and
+        applying them (in either order) to the held set as of the last drain gives the current one."""
+        with self._log_lock:
+            log_, self._log = self._log, []
+        last: dict[bytes, bool] = {}
+        for k, stored in log_:
+            last.pop(k, None)  # keep the order of the last change
+            last[k] = stored
+        return StoreChanges(stored=[k for k, st in last.items() if st], removed=[k for k, st in last.items() if not st])
+
+    def held_keys(self) -> list[bytes]:
+        """Every key held (either tier), from memory: cheap, never waits for LMDB."""
+        with self._log_lock:
+            return list(self._held)
+
+    # ---- operations
+    def put(self, key: bytes, value: bytes | bytearray | memoryview) -> StoreChanges:
+        """Store an encoded block; raises ``BlockCorrupt`` if it is not a valid block for ``key``.
+
+        Returns what this put changed: ``stored == [key]`` unless the key was already held (or
+        could not be kept at all), and the keys evicted from the store entirely to make room.
+        """
         verify_block(value, expected_key=key)
         with self._lock:
-            self._demote(self.dram.put(key, bytes(value)))
+            return self._settle(self._demote(self.dram.put(key, bytes(value))), new_key=key)
 
-    def _demote(self, evicted: list[tuple[bytes, bytes]]) -> None:
+    def _demote(self, evicted: list[tuple[bytes, bytes]]) -> list[bytes]:
+        """Move DRAM evictions to disk; returns the keys the disk dropped on the way."""
+        dropped: list[bytes] = []
         for k, v in evicted:
             if not self.disk.touch(k):  # already on disk (tiers are inclusive): recency only
-                self.disk.put(k, v)
+                dropped += self.disk.put(k, v)
+        return dropped
 
     def get(self, key: bytes) -> bytes | None:
         """The encoded block, or None. Bytes that fail verification are deleted: a miss."""
         with self._lock:
-            return self._get(key)
+            dropped: list[bytes] = []
+            value = self._get(key, dropped)
+            self._settle(dropped)
+            return value
 
     def get_many(self, keys: list[bytes]) -> list[tuple[bytes, bytes]]:
         """(key, block) for every present key, in the order asked."""
         with self._lock:
             found = []
+            dropped: list[bytes] = []
             for k in dict.fromkeys(keys):
-                v = self._get(k)
+                v = self._get(k, dropped)
                 if v is not None:
                     found.append((k, v))
+            self._settle(dropped)
             return found
 
-    def _get(self, key: bytes) -> bytes | None:
+    def _get(self, key: bytes, dropped: list[bytes]) -> bytes | None:
         value = self.dram.get(key)
         if value is not None:
-            if self._valid(key, value, "dram"):
-                return value
-            self.dram.pop(key)
+            # Verified when it entered DRAM (put or promotion) and immutable since; readers check
+            # every block end to end anyway, and a re-put of the key replaces it.
+            return value
         value = self.disk.get(key)
         if value is None:
             return None
         if not self._valid(key, value, "disk"):
             self.disk.delete(key)
+            dropped.append(key)
             return None
-        self._demote(self.dram.put(key, value))  # promote; the disk copy stays
+        dropped += self._demote(self.dram.put(key, value))  # promote; the disk copy stays
         return value
 
     def _valid(self, key: bytes, value: bytes, tier: str) -> bool:
@@ -361,9 +437,11 @@ class TieredStore:
     def flush(self) -> None:
         """Write DRAM-only blocks to disk, oldest first, so disk recency follows DRAM recency."""
         with self._lock:
+            dropped: list[bytes] = []
             for k in self.dram.keys():
                 if not self.disk.touch(k):
-                    self.disk.put(k, self.dram.get(k))
+                    dropped += self.disk.put(k, self.dram.get(k))
+            self._settle(dropped)
 
     def close(self, *, flush: bool = True) -> None:
         if flush:

@@ -1,10 +1,45 @@
-"""Placement decisions. Plain logic with no I/O, unit-tested directly."""
+"""Placement policies: which prefill and decode instance serve a request, and what it reuses.
+
+Plain logic with no I/O, unit-tested directly. ``global_cache_aware`` is Algorithm 1 of the
+Mooncake paper: for every prefill instance, predicted TTFT = queue + prefill of the part not
+reused + transfer of the blocks to load, where the reused part is the instance's own prefix hit
+or, when loading it beats recomputing, the pool's longer hit.
+"""
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
-from .registry import Instance
+from .costmodel import PrefillCostModel
+
+POLICIES = ("random", "round_robin", "least_loaded", "local_cache_aware", "global_cache_aware")
+
+
+@dataclass(frozen=True)
+class RequestView:
+    prompt_len: int
+    block_size: int
+    pool_blocks: int  # leading blocks present in the pool
+
+    @property
+    def max_reuse_blocks(self) -> int:
+        # at least one prompt token is always computed: its logits give the first output token
+        return max(0, (self.prompt_len - 1) // self.block_size)
+
+
+@dataclass(frozen=True)
+class PrefillView:
+    instance_id: str
+    queue_seconds: float
+    local_blocks: int  # leading blocks in the instance's own DRAM cache
+
+
+@dataclass(frozen=True)
+class DecodeView:
+    instance_id: str
+    sequences: int  # running + waiting + placed since the last heartbeat
+    kv_tokens: int
 
 
 @dataclass(frozen=True)
@@ -15,30 +50,121 @@ class Placement:
     status: int = 200
     reason: str = ""
     retry_after: float = 0.0
+    reuse_blocks: int = -1
+    use_pool: bool = True
+    predicted_ttft: float = 0.0
+    predicted_prefill: float = 0.0
+    cached_blocks: int = 0  # blocks the plan expects to reuse
 
 
-class LeastLoaded:
-    """Prefill: fewest queued prompt tokens; decode: fewest running + queued sequences."""
+@dataclass(frozen=True)
+class _Choice:
+    view: PrefillView
+    reuse_blocks: int
+    use_pool: bool
+    ttft: float
+    prefill: float
 
-    name = "least_loaded"
 
-    @staticmethod
-    def prefill_load(i: Instance) -> tuple[int, int, str]:
-        b = i.beat
-        return (b.queued_tokens + i.placed_tokens_since_beat, b.queued + i.placed_since_beat, i.instance_id)
+class Policy:
+    """Base: the estimate for a given instance and reuse plan; subclasses pick."""
 
-    @staticmethod
-    def decode_load(i: Instance) -> tuple[int, int, str]:
-        b = i.beat
-        return (b.running + b.queued + i.placed_since_beat, b.kv_tokens, i.instance_id)
+    name = "base"
 
-    def place(self, prompt_len: int, prefills: list[Instance], decodes: list[Instance]) -> Placement:
+    def __init__(self, model: PrefillCostModel, use_pool: bool = True, seed: int | None = None):
+        self.model = model
+        self.use_pool = use_pool
+        self.rng = random.Random(seed)
+        self._rr = 0
+
+    def estimate(self, req: RequestView, p: PrefillView, use_pool: bool) -> _Choice:
+        """Predicted TTFT on ``p`` reusing its own prefix, or the pool's when that is faster."""
+        local = min(p.local_blocks, req.max_reuse_blocks)
+        prefill = self.model.prefill_seconds(req.prompt_len, local * req.block_size)
+        best = _Choice(p, local, False, p.queue_seconds + prefill, prefill)
+        pool = min(req.pool_blocks, req.max_reuse_blocks)
+        if use_pool and pool > local:
+            prefill = self.model.prefill_seconds(req.prompt_len, pool * req.block_size)
+            ttft = p.queue_seconds + prefill + self.model.load_seconds((pool - local) * req.block_size)
+            if ttft < best.ttft:  # the kvcache-balancing threshold: load only when it beats recompute
+                best = _Choice(p, pool, True, ttft, prefill)
+        return best
+
+    def choose_prefill(self, req: RequestView, prefills: list[PrefillView]) -> _Choice:
+        raise NotImplementedError
+
+    def choose_decode(self, decodes: list[DecodeView]) -> DecodeView:
+        return min(decodes, key=lambda d: (d.sequences, d.kv_tokens, d.instance_id))
+
+    def place(self, req: RequestView, prefills: list[PrefillView], decodes: list[DecodeView]) -> Placement:
         if not prefills or not decodes:
             missing = " and ".join(k for k, v in (("prefill", prefills), ("decode", decodes)) if not v)
             return Placement(False, status=503, reason=f"no {missing} instance is alive", retry_after=2.0)
-        p = min(prefills, key=self.prefill_load)
-        d = min(decodes, key=self.decode_load)
-        p.placed_since_beat += 1
-        p.placed_tokens_since_beat += prompt_len
-        d.placed_since_beat += 1
-        return Placement(True, prefill_id=p.instance_id, decode_id=d.instance_id)
+        prefills = sorted(prefills, key=lambda p: p.instance_id)
+        decodes = sorted(decodes, key=lambda d: d.instance_id)
+        c = self.choose_prefill(req, prefills)
+        d = self.choose_decode(decodes)
+        return Placement(
+            True,
+            prefill_id=c.view.instance_id,
+            decode_id=d.instance_id,
+            use_pool=c.use_pool,
+            predicted_ttft=c.ttft,
+            predicted_prefill=c.prefill,
+            cached_blocks=c.reuse_blocks,
+        )
+
+
+class RandomPolicy(Policy):
+    name = "random"
+
+    def choose_prefill(self, req, prefills):
+        return self.estimate(req, self.rng.choice(prefills), self.use_pool)
+
+    def choose_decode(self, decodes):
+        return self.rng.choice(decodes)
+
+
+class RoundRobinPolicy(Policy):
+    name = "round_robin"
+
+    def choose_prefill(self, req, prefills):
+        p = prefills[self._rr % len(prefills)]
+        self._rr += 1
+        return self.estimate(req, p, self.use_pool)
+
+    def choose_decode(self, decodes):
+        return decodes[(self._rr - 1) % len(decodes)]
+
+
+class LeastLoadedPolicy(Policy):
+    name = "least_loaded"
+
+    def choose_prefill(self, req, prefills):
+        return self.estimate(req, min(prefills, key=lambda p: p.queue_seconds), self.use_pool)
+
+
+class LocalCacheAwarePolicy(Policy):
+    """Minimum of queue + prefill given each instance's own cache; never loads from the pool."""
+
+    name = "local_cache_aware"
+
+    def choose_prefill(self, req, prefills):
+        return min((self.estimate(req, p, False) for p in prefills), key=lambda c: c.ttft)
+
+
+class GlobalCacheAwarePolicy(Policy):
+    """Algorithm 1: minimum predicted TTFT over instances, local or pool prefix."""
+
+    name = "global_cache_aware"
+
+    def choose_prefill(self, req, prefills):
+        return min((self.estimate(req, p, self.use_pool) for p in prefills), key=lambda c: c.ttft)
+
+
+def make_policy(name: str, model: PrefillCostModel, use_pool: bool = True, seed: int | None = None) -> Policy:
+    classes = {c.name: c for c in (RandomPolicy, RoundRobinPolicy, LeastLoadedPolicy, LocalCacheAwarePolicy,
+                                   GlobalCacheAwarePolicy)}
+    if name not in classes:
+        raise ValueError(f"unknown placement policy {name!r}; choose one of {', '.join(POLICIES)}")
+    return classes[name](model, use_pool=use_pool, seed=seed)

@@ -1,13 +1,21 @@
-"""Conductor wiring: heartbeats in, schedule requests answered, prefill tasks dispatched."""
+"""Conductor wiring: heartbeats, KV events and prefill reports in; placements out."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import msgspec
+import nats
+from nats.js.api import DeliverPolicy
+from prometheus_client import Counter, Gauge, Histogram
 
 from yuebing.libs.protocol import (
     Heartbeat,
+    KVDump,
+    KVDumpRequest,
+    KVEvent,
+    PrefillReport,
     PrefillTask,
     ScheduleReply,
     ScheduleRequest,
@@ -17,66 +25,177 @@ from yuebing.libs.protocol import (
 )
 from yuebing.libs.service import Service
 
-from .placement import LeastLoaded
+from .costmodel import PrefillCostModel
+from .index import PrefixIndex
+from .placement import DecodeView, PrefillView, RequestView, make_policy
 from .registry import Registry
+
+_BAD = (msgspec.DecodeError, msgspec.ValidationError)
+
+PLACED = Counter("yuebing:conductor_placements", "Requests placed", ["policy", "plan"])
+NOT_ADMITTED = Counter("yuebing:conductor_rejections", "Requests not admitted", ["status"])
+PREDICTED_TTFT = Histogram("yuebing:conductor_predicted_ttft_seconds", "Predicted TTFT of placed requests")
+INDEX_BLOCKS = Gauge("yuebing:conductor_index_blocks", "Blocks in the global prefix index", ["source"])
+RESYNCS = Counter("yuebing:conductor_index_resyncs", "Dumps fetched to repair the prefix index")
 
 
 class ConductorService(Service):
     kind = "conductor"
 
     async def setup(self) -> None:
+        s = self.settings
         self.registry = Registry()
-        self.policy = LeastLoaded()
+        self.index = PrefixIndex()
+        self.cost = PrefillCostModel()
+        self.policy = make_policy(s.policy, self.cost, use_pool=s.use_pool)
+        self.outstanding: dict[str, dict[str, float]] = {}  # prefill id -> request id -> predicted seconds
+        self._dumping: set[str] = set()
         await self.nc.subscribe(f"{Subjects.HEARTBEAT_PREFIX}.>", cb=self._on_heartbeat)
+        await self.nc.subscribe(Subjects.PREFILL_REPORT, cb=self._on_report)
+        # Replay every KV event kept in the stream, then follow it: this rebuilds the index after a
+        # restart; gaps and unknown epochs are repaired with dumps.
+        await self.js.subscribe("yb.kvev.>", cb=self._on_kv_event, ordered_consumer=True,
+                                deliver_policy=DeliverPolicy.ALL)
         await self.nc.subscribe(Subjects.SCHEDULE, queue="conductor", cb=self._on_schedule)
+        self.spawn(self._maintenance_loop())
+        self.log.info("conductor_policy", policy=s.policy, use_pool=s.use_pool)
 
     def load(self):
         return self.heartbeat()
 
+    # ---- inputs
     async def _on_heartbeat(self, msg) -> None:
         try:
             hb = decode(msg.data, Heartbeat)
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except _BAD:
             return
         if self.registry.get(hb.kind, hb.instance_id) is None:
             self.log.info("instance_joined", kind=hb.kind, id=hb.instance_id)
         self.registry.beat(hb, time.monotonic())
 
+    async def _on_report(self, msg) -> None:
+        try:
+            r = decode(msg.data, PrefillReport)
+        except _BAD:
+            return
+        self.outstanding.get(r.instance_id, {}).pop(r.request_id, None)
+        reused = r.local_tokens + r.pool_tokens
+        self.cost.observe_prefill(r.prompt_tokens - reused, reused, r.compute_seconds)
+        self.cost.observe_load(r.pool_tokens, r.load_seconds)
+
+    async def _on_kv_event(self, msg) -> None:
+        try:
+            ev = decode(msg.data, KVEvent)
+        except _BAD:
+            return
+        if self.index.apply(ev):
+            self.spawn(self._fetch_dump(ev.instance_id, ev.source))
+
+    async def _fetch_dump(self, iid: str, source: str) -> None:
+        if iid in self._dumping:
+            return
+        self._dumping.add(iid)
+        try:
+            keys: list[bytes] = []
+            offset = 0
+            epoch, seq = "", 0
+            while True:
+                raw = await self.nc.request(Subjects.kv_dump(iid), encode(KVDumpRequest(offset=offset)), timeout=3)
+                page = decode(raw.data, KVDump)
+                if offset and (page.epoch, page.seq) != (epoch, seq):
+                    keys, offset = [], 0  # changed while paging: start over
+                    epoch, seq = page.epoch, page.seq
+                    continue
+                epoch, seq = page.epoch, page.seq
+                keys.extend(page.keys)
+                offset += len(page.keys)
+                if offset >= page.total or not page.keys:
+                    break
+            self.index.load_dump(iid, source, epoch, seq, keys)
+            RESYNCS.inc()
+            self.log.info("index_resynced", instance=iid, blocks=len(keys), seq=seq)
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+            if self.registry.get(source, iid) is None:
+                self.index.drop_instance(iid)  # an instance that is gone: its blocks are too
+        except _BAD as e:
+            self.log.warning("bad_dump", instance=iid, error=str(e))
+        finally:
+            self._dumping.discard(iid)
+
+    async def _maintenance_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            for gone in self.registry.prune(time.monotonic()):
+                self.log.warning("instance_lost", kind=gone.kind, id=gone.instance_id)
+                self.index.drop_instance(gone.instance_id)
+                self.outstanding.pop(gone.instance_id, None)
+            for iid in self.index.instances():
+                if self.index.needs_dump(iid) and iid not in self._dumping:
+                    src = "cachestore" if self.registry.get("cachestore", iid) else "prefill"
+                    self.spawn(self._fetch_dump(iid, src))
+            pool = self.index.pool_keys()
+            INDEX_BLOCKS.labels(source="cachestore").set(len(pool))
+
+    # ---- placement
+    def queue_seconds(self, iid: str) -> float:
+        return sum(self.outstanding.get(iid, {}).values())
+
     async def _on_schedule(self, msg) -> None:
         try:
             req = decode(msg.data, ScheduleRequest)
-        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        except _BAD as e:
             self.log.warning("bad_schedule_request", error=str(e))
             return
         log = self.log.bind(request_id=req.request_id)
         now = time.monotonic()
-        for gone in self.registry.prune(now):
-            self.log.warning("instance_lost", kind=gone.kind, id=gone.instance_id)
-        placement = self.policy.place(
-            len(req.prompt_token_ids), self.registry.alive("prefill", now), self.registry.alive("decode", now)
+        keys = req.block_hashes
+        view = RequestView(
+            prompt_len=len(req.prompt_token_ids),
+            block_size=self.settings.block_size,
+            pool_blocks=self.index.pool_prefix_len(keys) if self.settings.use_pool else 0,
         )
+        prefills = [
+            PrefillView(i.instance_id, self.queue_seconds(i.instance_id), self.index.prefix_len(keys, i.instance_id))
+            for i in self.registry.alive("prefill", now)
+        ]
+        decode_insts = self.registry.alive("decode", now)
+        decodes = [
+            DecodeView(i.instance_id, i.beat.running + i.beat.queued + i.placed_since_beat, i.beat.kv_tokens)
+            for i in decode_insts
+        ]
+        placement = self.policy.place(view, prefills, decodes)
         if placement.admitted:
             task = PrefillTask(
                 request_id=req.request_id,
                 prompt_token_ids=req.prompt_token_ids,
                 sampling=req.sampling,
                 decode_id=placement.decode_id,
-                block_hashes=req.block_hashes,
+                block_hashes=keys,
                 arrival_time=req.arrival_time,
+                reuse_blocks=placement.reuse_blocks,
+                use_pool=placement.use_pool and self.settings.use_pool,
+                predicted_seconds=placement.predicted_prefill,
             )
             try:
-                await self.js.publish(
-                    Subjects.prefill_task(placement.prefill_id), encode(task), headers={"Nats-Msg-Id": req.request_id}
-                )
+                await self.js.publish(Subjects.prefill_task(placement.prefill_id), encode(task),
+                                      headers={"Nats-Msg-Id": req.request_id})
             except Exception as e:  # noqa: BLE001 - JetStream unavailable: tell the client, do not hang
                 log.error("dispatch_failed", error=str(e))
                 reply = ScheduleReply(request_id=req.request_id, admitted=False, status=503,
                                       reason="task queue unavailable", retry_after=1.0)
                 await msg.respond(encode(reply))
                 return
+            self.outstanding.setdefault(placement.prefill_id, {})[req.request_id] = placement.predicted_prefill
+            for d in decode_insts:
+                if d.instance_id == placement.decode_id:
+                    d.placed_since_beat += 1
+            PLACED.labels(policy=self.policy.name, plan="pool" if placement.use_pool else "local").inc()
+            PREDICTED_TTFT.observe(placement.predicted_ttft)
             log.info("scheduled", prefill=placement.prefill_id, decode=placement.decode_id,
-                     prompt_tokens=len(req.prompt_token_ids))
+                     prompt_tokens=view.prompt_len, cached_blocks=placement.cached_blocks,
+                     pool_blocks=view.pool_blocks, predicted_ttft=round(placement.predicted_ttft, 4))
         else:
+            NOT_ADMITTED.labels(status=str(placement.status)).inc()
             log.warning("not_admitted", status=placement.status, reason=placement.reason)
         reply = ScheduleReply(
             request_id=req.request_id,

@@ -133,9 +133,12 @@ class DecodeService(ModelWorker):
             seq.kv = None
         if not plan.rows:
             return []
-        assert self.batch.ids == [s.request_id for s in plan.rows]
-        logits = self.batch.step([s.output[-1] for s in plan.rows])
-        return [sample_token(logits[i], s.params, len(s.output)) for i, s in enumerate(plan.rows)]
+        by_id = {s.request_id: s for s in plan.rows}
+        rows = [by_id[rid] for rid in self.batch.ids]  # the batch keeps its own row order
+        assert len(rows) == len(by_id)
+        logits = self.batch.step([s.output[-1] for s in rows])
+        tokens = {s.request_id: sample_token(logits[i], s.params, len(s.output)) for i, s in enumerate(rows)}
+        return [tokens[s.request_id] for s in plan.rows]
 
     async def _engine_loop(self) -> None:
         while not self.stopping:

@@ -1,20 +1,41 @@
-"""Prefill wiring: take a task, run the prompt, stream the first token, hand KV to decode."""
+"""Prefill wiring: reuse cached prefix blocks, run the rest of the prompt, stream the first token,
+hand the KV to decode, and keep the new blocks (own DRAM cache, then the pool)."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import msgspec
+import torch
+from prometheus_client import Counter, Gauge, Histogram
 
-from yuebing.libs.blocks import CacheClient, CacheError
+from yuebing.libs.blocks import CacheClient, CacheError, join_blocks
 from yuebing.libs.bus import TransferError, send_blob, work_subscription
+from yuebing.libs.kvevents import KVEventPublisher
 from yuebing.libs.model import sample_token
-from yuebing.libs.protocol import DecodeTask, KVMeta, PrefillTask, Subjects, TokenEvent, decode, encode
+from yuebing.libs.protocol import (
+    DecodeTask,
+    KVMeta,
+    PrefillReport,
+    PrefillTask,
+    Subjects,
+    TokenEvent,
+    decode,
+    encode,
+)
 from yuebing.libs.worker import ModelWorker, finish_reason
 
+from .blockcache import BlockCache
 
 CACHE_TIMEOUT = 5.0
+
+QUERY_TOKENS = Counter("yuebing:prefix_cache_queries", "Prompt tokens looked up in the prefix cache")
+HIT_TOKENS = Counter("yuebing:prefix_cache_hits", "Prompt tokens whose KV was reused", ["source"])
+COMPUTED_TOKENS = Counter("yuebing:prefill_computed_tokens", "Prompt tokens computed")
+PREFILL_SECONDS = Histogram("yuebing:prefill_compute_seconds", "Model time of one prompt")
+LOAD_SECONDS = Histogram("yuebing:prefill_pool_load_seconds", "Time to load prefix blocks from the pool")
+LOCAL_BYTES = Gauge("yuebing:prefill_local_cache_bytes", "Bytes in the instance's own block cache")
+LOCAL_EVICTIONS = Counter("yuebing:prefill_local_cache_evictions", "Blocks evicted from the instance's own cache")
 
 
 class PrefillService(ModelWorker):
@@ -22,13 +43,24 @@ class PrefillService(ModelWorker):
 
     async def setup(self) -> None:
         await super().setup()
-        self.cache = CacheClient(self.nc, timeout=CACHE_TIMEOUT)
+        s = self.settings
+        self.blocks = BlockCache(s.prefill_cache_bytes)
+        self.cache = CacheClient(self.nc, timeout=CACHE_TIMEOUT, replicas=s.cache_replicas)
+        await self.cache.start()
+        await self.cache.wait_for_pool(2 * s.heartbeat_interval + 1)  # a pool may not exist: go on
+        self.events = KVEventPublisher(self.nc, self.js, self.instance_id, "prefill", self.blocks.keys)
+        await self.events.start()
         self.queued = 0
         self.queued_tokens = 0
         self.sub = await work_subscription(
             self.js, Subjects.PREFILL_STREAM, Subjects.prefill_task(self.instance_id), durable=self.instance_id
         )
         self.spawn(self._loop())
+
+    async def teardown(self) -> None:
+        await self.events.stop()
+        await self.cache.close()
+        await super().teardown()
 
     def load(self):
         return self.heartbeat(queued=self.queued, queued_tokens=self.queued_tokens)
@@ -49,6 +81,42 @@ class PrefillService(ModelWorker):
                 finally:
                     self.queued, self.queued_tokens = 0, 0
 
+    # ---- prefix reuse
+    async def _load_prefix(self, task: PrefillTask) -> tuple[list[torch.Tensor], int, int, int, float]:
+        """Blocks to reuse: own DRAM first, then the pool. Returns (blocks, local, pool, bytes, seconds).
+
+        A pool that is down, slow or corrupt yields fewer blocks: the rest is computed.
+        """
+        bs = self.settings.block_size
+        n = max(0, (len(task.prompt_token_ids) - 1) // bs)  # always compute at least one token
+        if task.reuse_blocks >= 0:
+            n = min(n, task.reuse_blocks)
+        keys = task.block_hashes[:n]
+        blocks = self.blocks.prefix(keys)
+        local = len(blocks)
+        pool, nbytes, seconds = 0, 0, 0.0
+        if task.use_pool and local < len(keys):
+            started = time.monotonic()
+            want = keys[local:]
+            try:
+                found = await self.cache.lookup(want)
+                got = await self.cache.get_blocks(want[:found]) if found else {}
+            except CacheError as e:
+                self.log.warning("pool_load_failed", request_id=task.request_id, error=str(e))
+                got = {}
+            expect = (self.shape.num_layers, 2, self.shape.num_kv_heads, bs, self.shape.head_dim)
+            for k in want:
+                t = got.get(k)
+                if t is None or tuple(t.shape) != expect or t.dtype != self.shape.dtype:
+                    break
+                blocks.append(t)
+                pool += 1
+                nbytes += t.numel() * t.element_size()
+            seconds = time.monotonic() - started
+            if pool:
+                LOAD_SECONDS.observe(seconds)
+        return blocks, local, pool, nbytes, seconds
+
     async def _run(self, task: PrefillTask, msg) -> None:
         rid = task.request_id
         log = self.log.bind(request_id=rid)
@@ -56,20 +124,37 @@ class PrefillService(ModelWorker):
             await msg.ack()  # a redelivery of finished work, or the client has gone
             return
         started = time.monotonic()
+        queue_seconds = max(0.0, time.time() - task.arrival_time) if task.arrival_time else 0.0
+        prompt = task.prompt_token_ids
+        bs = self.settings.block_size
         try:
-            logits, kv = await self.compute(self.runner.prefill, task.prompt_token_ids, None, self.settings.prefill_chunk)
+            blocks, local, pool, nbytes, load_seconds = await self._load_prefix(task)
+            reused = (local + pool) * bs
+            past = join_blocks(blocks) if blocks else None
+            t0 = time.monotonic()
+            logits, kv = await self.compute(self.runner.prefill, prompt[reused:], past, self.settings.prefill_chunk)
+            compute_seconds = time.monotonic() - t0
         except Exception as e:  # noqa: BLE001 - report, never hang the client
             log.error("prefill_failed", error=repr(e))
             await self.emit_error(rid, 0, f"prefill failed: {e}")
             await msg.ack()
             return
-        prompt_len = len(task.prompt_token_ids)
         token = sample_token(logits, task.sampling, 0)
         reason = finish_reason(token, 1, task.sampling, self.shape.eos_token_ids)
-        await self.emit(
-            TokenEvent(request_id=rid, seq=0, token_ids=[token], finish_reason=reason, prompt_tokens=prompt_len)
-        )
-        log.info("prefilled", prompt_tokens=prompt_len, seconds=round(time.monotonic() - started, 4))
+        await self.emit(TokenEvent(request_id=rid, seq=0, token_ids=[token], finish_reason=reason,
+                                   prompt_tokens=len(prompt), cached_tokens=reused))
+        QUERY_TOKENS.inc(len(prompt))
+        HIT_TOKENS.labels(source="local").inc(local * bs)
+        HIT_TOKENS.labels(source="pool").inc(pool * bs)
+        COMPUTED_TOKENS.inc(len(prompt) - reused)
+        PREFILL_SECONDS.observe(compute_seconds)
+        log.info("prefilled", prompt_tokens=len(prompt), local_tokens=local * bs, pool_tokens=pool * bs,
+                 load_s=round(load_seconds, 4), compute_s=round(compute_seconds, 4),
+                 total_s=round(time.monotonic() - started, 4))
+        await self.nc.publish(Subjects.PREFILL_REPORT, encode(PrefillReport(
+            instance_id=self.instance_id, request_id=rid, prompt_tokens=len(prompt), local_tokens=local * bs,
+            pool_tokens=pool * bs, load_bytes=nbytes, load_seconds=load_seconds, compute_seconds=compute_seconds,
+            queue_seconds=queue_seconds)))
         if reason is None and rid not in self.aborted:
             try:
                 await self._hand_off(task, token, kv)
@@ -79,22 +164,10 @@ class PrefillService(ModelWorker):
         self.done.add(rid)
         await msg.ack()
         if task.block_hashes:
-            self.spawn(self._store_blocks(rid, task.block_hashes, kv))
-
-    async def _store_blocks(self, rid: str, keys: list[bytes], kv) -> None:
-        """Write the prompt's full blocks to the pool, off the critical path. Best effort."""
-        bs = self.settings.block_size
-        keys = keys[: kv.shape[3] // bs]
-        try:
-            present = await self.cache.exists(keys)
-            stored = 0
-            for i, (key, have) in enumerate(zip(keys, present)):
-                if not have:
-                    await self.cache.put_block(key, kv[:, :, :, i * bs : (i + 1) * bs])
-                    stored += 1
-            self.log.debug("blocks_stored", request_id=rid, stored=stored, present=len(keys) - stored)
-        except CacheError as e:
-            self.log.warning("block_store_failed", request_id=rid, error=str(e))
+            from_pool = set(task.block_hashes[local : local + pool])
+            await self._keep_blocks(task.block_hashes, kv)
+            self.spawn(self._store_blocks(rid, [k for k in task.block_hashes if k not in from_pool], kv,
+                                          task.block_hashes))
 
     async def _hand_off(self, task: PrefillTask, token: int, kv) -> None:
         shape = self.shape
@@ -119,3 +192,37 @@ class PrefillService(ModelWorker):
         await self.js.publish(
             Subjects.decode_task(task.decode_id), encode(dtask), headers={"Nats-Msg-Id": task.request_id}
         )
+
+    # ---- keeping blocks
+    async def _keep_blocks(self, keys: list[bytes], kv) -> None:
+        """Own DRAM cache: every full block of the prompt, so the next request here reuses it."""
+        bs = self.settings.block_size
+        stored, removed = [], []
+        for i, key in enumerate(keys[: kv.shape[3] // bs]):
+            new, evicted = self.blocks.put(key, kv[:, :, :, i * bs : (i + 1) * bs])
+            if new:
+                stored.append(key)
+            removed.extend(evicted)
+        LOCAL_BYTES.set(self.blocks.bytes)
+        LOCAL_EVICTIONS.inc(len(removed))
+        if stored or removed:
+            await self.events.publish(stored, removed)
+
+    async def _store_blocks(self, rid: str, keys: list[bytes], kv, chain: list[bytes]) -> None:
+        """Write the prompt's full blocks that the pool lacks, off the critical path. Best effort."""
+        bs = self.settings.block_size
+        index = {k: i for i, k in enumerate(chain[: kv.shape[3] // bs])}
+        keys = [k for k in keys if k in index]
+        if not keys:
+            return
+        try:
+            present = await self.cache.exists(keys)
+            stored = 0
+            for key, have in zip(keys, present):
+                if not have:
+                    i = index[key]
+                    await self.cache.put_block(key, kv[:, :, :, i * bs : (i + 1) * bs])
+                    stored += 1
+            self.log.debug("blocks_stored", request_id=rid, stored=stored, present=len(keys) - stored)
+        except CacheError as e:
+            self.log.warning("block_store_failed", request_id=rid, error=str(e))

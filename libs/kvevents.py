@@ -1,0 +1,72 @@
+"""KV events: every instance with a block cache publishes what it stores and removes.
+
+The publisher numbers events gap-free within an epoch (one run of the instance) and answers
+paged dump requests, so a receiver can rebuild its view of the instance at any time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable, Sequence
+
+import msgspec
+
+from .log import get_logger
+from .protocol import KVDump, KVDumpRequest, KVEvent, Subjects, decode, encode
+
+log = get_logger("kvevents")
+
+MAX_KEYS_PER_EVENT = 20000  # 16-byte keys: an event stays far below the 1 MiB payload limit
+
+
+class KVEventPublisher:
+    def __init__(self, nc, js, instance_id: str, source: str, keys: Callable[[], Sequence[bytes]]):
+        self.nc = nc
+        self.js = js
+        self.instance_id = instance_id
+        self.source = source
+        self.epoch = uuid.uuid4().hex[:12]
+        self.seq = 0
+        self._keys = keys  # the instance's current keys, for dumps
+        self._lock = asyncio.Lock()
+        self._sub = None
+
+    async def start(self) -> None:
+        self._sub = await self.nc.subscribe(Subjects.kv_dump(self.instance_id), cb=self._on_dump)
+        # An empty first event announces the epoch: receivers resync (dump) on a new epoch.
+        await self.publish([], [])
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+
+    async def publish(self, stored: Sequence[bytes], removed: Sequence[bytes]) -> None:
+        """Publish one event (split if large). A failed publish leaves a gap that receivers repair."""
+        async with self._lock:
+            stored, removed = list(stored), list(removed)
+            while True:
+                s, stored = stored[:MAX_KEYS_PER_EVENT], stored[MAX_KEYS_PER_EVENT:]
+                r, removed = removed[:MAX_KEYS_PER_EVENT], removed[MAX_KEYS_PER_EVENT:]
+                self.seq += 1
+                ev = KVEvent(instance_id=self.instance_id, source=self.source, epoch=self.epoch, seq=self.seq,
+                             stored=s, removed=r)
+                try:
+                    await self.js.publish(Subjects.kv_events(self.instance_id), encode(ev), timeout=2.0)
+                except Exception as e:  # noqa: BLE001 - the gap is repaired by a dump
+                    log.warning("kv_event_publish_failed", seq=self.seq, error=str(e) or type(e).__name__)
+                if not stored and not removed:
+                    return
+
+    async def _on_dump(self, msg) -> None:
+        try:
+            req = decode(msg.data, KVDumpRequest)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return
+        keys = list(self._keys())
+        limit = max(1, min(req.limit, MAX_KEYS_PER_EVENT))
+        page = keys[req.offset : req.offset + limit]
+        dump = KVDump(instance_id=self.instance_id, source=self.source, epoch=self.epoch, seq=self.seq,
+                      keys=page, total=len(keys), offset=req.offset)
+        if msg.reply:
+            await msg.respond(encode(dump))

@@ -1,0 +1,66 @@
+"""Cost models fitted online from the workers' own reports. Plain logic, no I/O."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class PrefillCalibration:
+    """T_prefill(new, reused) = fixed + per_token * new + per_pair * new * (reused + new / 2).
+
+    The last term is attention: each new token attends to every earlier one.
+    Defaults are a conservative start for a small model on CPU; reports refine them.
+    """
+
+    fixed: float = 0.02
+    per_token: float = 2e-3
+    per_pair: float = 2e-7
+    load_tokens_per_second: float = 50_000.0
+
+
+class PrefillCostModel:
+    MIN_SAMPLES = 8
+
+    def __init__(self, calibration: PrefillCalibration | None = None, window: int = 512):
+        self.cal = calibration or PrefillCalibration()
+        self.coef = np.array([self.cal.fixed, self.cal.per_token, self.cal.per_pair])
+        self._samples: deque[tuple[float, float, float]] = deque(maxlen=window)
+        self._load_rate = self.cal.load_tokens_per_second
+        self.fits = 0
+
+    @staticmethod
+    def _features(new: float, reused: float) -> np.ndarray:
+        return np.array([1.0, new, new * (reused + new / 2.0)])
+
+    def prefill_seconds(self, prompt_len: int, reused_len: int) -> float:
+        new = max(1, prompt_len - reused_len)
+        return float(self._features(new, reused_len) @ self.coef)
+
+    def load_seconds(self, tokens: int) -> float:
+        return tokens / self._load_rate if tokens > 0 else 0.0
+
+    def observe_prefill(self, new_tokens: int, reused_tokens: int, seconds: float) -> None:
+        self._samples.append((float(max(1, new_tokens)), float(reused_tokens), float(seconds)))
+        if len(self._samples) >= self.MIN_SAMPLES:
+            self._fit()
+
+    def observe_load(self, tokens: int, seconds: float) -> None:
+        if tokens > 0 and seconds > 0:
+            rate = tokens / seconds
+            self._load_rate = 0.8 * self._load_rate + 0.2 * rate
+
+    def _fit(self) -> None:
+        x = np.array([self._features(n, r) for n, r, _ in self._samples])
+        y = np.array([t for _, _, t in self._samples])
+        if np.linalg.matrix_rank(x) < x.shape[1]:
+            # not enough variety yet (e.g. every prompt the same length): fit the slope only
+            per_token = float(np.sum(y) / max(1e-9, float(np.sum(x[:, 1]))))
+            self.coef = np.array([0.0, max(per_token, 1e-6), self.coef[2]])
+        else:
+            coef, *_ = np.linalg.lstsq(x, y, rcond=None)
+            self.coef = np.maximum(coef, [0.0, 1e-6, 0.0])
+        self.fits += 1

@@ -1,0 +1,234 @@
+"""A pool of several cachestore instances: rendezvous sharding, replicas, and KV events."""
+
+import asyncio
+import collections
+import random
+
+import pytest
+import torch
+from nats.js.api import DeliverPolicy
+from prometheus_client import REGISTRY
+
+from yuebing.libs.blocks import GET_BLOB_MAX_BLOCKS, CacheClient, owners, rank
+from yuebing.libs.bus import connect
+from yuebing.libs.config import Settings
+from yuebing.libs.protocol import KVDump, KVDumpRequest, KVEvent, Subjects, decode, encode
+from yuebing.services.cachestore.service import CacheStoreService
+
+SHAPE = (1, 2, 1, 4, 8)
+
+
+def key(i: int) -> bytes:
+    return i.to_bytes(16, "big")
+
+
+def tensor(i: int) -> torch.Tensor:
+    return torch.full(SHAPE, float(i)) + torch.arange(8, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------- rendezvous hashing
+IDS = ["cs-a", "cs-b", "cs-c", "cs-d"]
+_rng = random.Random(1)
+KEYS = [_rng.randbytes(16) for _ in range(8000)]
+
+
+def test_owners_deterministic_and_distinct():
+    k = KEYS[5]
+    assert owners(k, IDS, 2) == owners(k, list(reversed(IDS)) + IDS, 2)  # order and duplicates don't matter
+    assert len(set(owners(k, IDS, 3))) == 3
+    assert owners(k, IDS, 2) == rank(k, IDS)[:2]
+    assert sorted(rank(k, IDS)) == sorted(IDS)
+    assert owners(k, IDS, 9) == rank(k, IDS)  # more replicas than instances: all of them
+    assert owners(k, [], 2) == [] and owners(k, IDS, 0) == []
+
+
+def test_owners_spread_is_balanced():
+    for replicas in (1, 2):
+        counts = collections.Counter(i for k in KEYS for i in owners(k, IDS, replicas))
+        expected = len(KEYS) * replicas / len(IDS)
+        assert set(counts) == set(IDS)
+        assert all(abs(c - expected) < 0.1 * expected for c in counts.values()), counts
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_owners_minimal_movement(replicas):
+    gone, rest = "cs-b", [i for i in IDS if i != "cs-b"]
+    moved = 0
+    for k in KEYS:
+        before, after = owners(k, IDS, replicas), owners(k, rest, replicas)
+        if gone in before:
+            # The survivors keep the key; only the departed one's share goes to the next in rank.
+            assert after[: replicas - 1] == [i for i in before if i != gone]
+            moved += 1
+        else:
+            assert after == before
+        # Joining is the same in reverse: a key only moves to the newcomer.
+        assert set(before) - set(after) <= {gone}
+    assert abs(moved - len(KEYS) * replicas / len(IDS)) < 0.1 * len(KEYS) * replicas / len(IDS)
+
+
+# ---------------------------------------------------------------- a live pool
+async def start_pool(url, tmp_path, ids, **overrides):
+    svcs = []
+    for iid in ids:
+        settings = Settings(nats_url=url, instance_id=iid, data_dir=str(tmp_path / "data"),
+                            heartbeat_interval=0.2, **overrides)
+        svc = CacheStoreService(settings)
+        await svc.start()
+        svcs.append(svc)
+    return svcs
+
+
+async def pool_client(nc, ids, **kw) -> CacheClient:
+    client = CacheClient(nc, **kw)
+    await client.start()
+    for _ in range(100):
+        if client.live() == sorted(ids):
+            return client
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"pool not seen: {client.live()}")
+
+
+async def test_two_instances_shard_and_replicate(nats_server, tmp_path):
+    ids = ["cs-one", "cs-two"]
+    svcs = await start_pool(nats_server.url, tmp_path, ids)
+    nc = await connect(nats_server.url, "test-shards")
+    try:
+        # replicas=1: each key lives on exactly its rendezvous owner.
+        client = await pool_client(nc, ids, timeout=5)
+        keys = [key(i) for i in range(40)]
+        for i, k in enumerate(keys):
+            await client.put_block(k, tensor(i))
+        held = {svc.instance_id: set(svc.store.keys()) for svc in svcs}
+        assert all(held.values())  # both hold some
+        assert held["cs-one"].isdisjoint(held["cs-two"]) and set.union(*held.values()) == set(keys)
+        for k in keys:
+            assert k in held[owners(k, ids, 1)[0]]
+        missing = key(999)
+        assert await client.exists(keys + [missing]) == [True] * 40 + [False]
+        assert await client.lookup(keys) == 40
+        assert await client.lookup(keys[:7] + [missing] + keys[7:]) == 7
+        got = await client.get_blocks(keys + [missing] + keys[:3])  # duplicates are fine
+        assert list(got) == keys
+        assert all(torch.equal(got[k], tensor(i)) for i, k in enumerate(keys))
+        assert sorted(st.instance_id for st in await client.stats()) == ids
+
+        # replicas=2: every key on both.
+        client2 = await pool_client(nc, ids, timeout=5, replicas=2)
+        keys2 = [key(100 + i) for i in range(40)]
+        for i, k in enumerate(keys2):
+            await client2.put_block(k, tensor(100 + i))
+        for svc in svcs:
+            assert set(keys2) <= svc.store.keys()
+
+        # One instance stops: with replicas=2 every key is still found, at once (before its
+        # heartbeats are missed), and puts go on to the survivor.
+        await svcs[0].stop()
+        assert await client2.exists(keys2) == [True] * 40
+        assert await client2.lookup(keys2) == 40
+        got = await client2.get_blocks(keys2)
+        assert list(got) == keys2 and all(torch.equal(got[k], tensor(100 + i)) for i, k in enumerate(keys2))
+        assert client2.live() == ["cs-two"]
+        await client2.put_block(key(500), tensor(500))
+        assert await client2.exists([key(500)]) == [True]
+        # replicas=1: the keys the stopped instance owned are misses now, never errors or hangs.
+        assert sum(await client.exists(keys)) == len(held["cs-two"])
+        await client.close()
+        await client2.close()
+    finally:
+        for svc in svcs:
+            await svc.stop()
+        await nc.close()
+
+
+async def test_large_batched_get_spans_several_blobs(nats_server, tmp_path):
+    [svc] = await start_pool(nats_server.url, tmp_path, ["cs-big"])
+    nc = await connect(nats_server.url, "test-big")
+    try:
+        client = await pool_client(nc, ["cs-big"], timeout=10)
+        n = 2 * GET_BLOB_MAX_BLOCKS + 5
+        keys = [key(i) for i in range(n)]
+        for i, k in enumerate(keys):
+            await client.put_block(k, tensor(i))
+        got = await client.get_blocks(list(reversed(keys)))
+        assert list(got) == list(reversed(keys))
+        assert all(torch.equal(got[k], tensor(i)) for i, k in enumerate(keys))
+        hits = REGISTRY.get_sample_value("yuebing:cache_get_hit_blocks_total", {"instance_id": "cs-big"})
+        assert hits == n
+        await client.close()
+    finally:
+        await svc.stop()
+        await nc.close()
+
+
+# ---------------------------------------------------------------- KV events
+async def read_events(js, instance_id: str) -> list[KVEvent]:
+    subject = Subjects.kv_events(instance_id)
+    info = await js.stream_info(Subjects.KV_EVENTS_STREAM, subjects_filter=subject)
+    total = info.state.subjects.get(subject, 0) if info.state.subjects else 0
+    sub = await js.subscribe(subject, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
+    try:
+        return [decode((await sub.next_msg(timeout=5)).data, KVEvent) for _ in range(total)]
+    finally:
+        await sub.unsubscribe()
+
+
+async def dump(nc, instance_id: str, page: int) -> tuple[str, set[bytes]]:
+    keys, offset = [], 0
+    while True:
+        resp = await nc.request(Subjects.kv_dump(instance_id), encode(KVDumpRequest(offset=offset, limit=page)), timeout=5)
+        d = decode(resp.data, KVDump)
+        assert d.instance_id == instance_id and d.source == "cachestore" and d.offset == offset
+        keys += d.keys
+        offset += len(d.keys)
+        if offset >= d.total:
+            return d.epoch, set(keys)
+
+
+async def test_kv_events_track_what_the_instance_holds(nats_server, tmp_path):
+    from yuebing.libs.blocks import encode_block
+
+    block_bytes = len(encode_block(key(0), tensor(0)))
+    disk_bytes = 6 * block_bytes
+    [svc] = await start_pool(nats_server.url, tmp_path, ["cs-ev"], dram_bytes=2 * block_bytes, disk_bytes=disk_bytes)
+    nc = await connect(nats_server.url, "test-events")
+    js = nc.jetstream()
+    try:
+        client = await pool_client(nc, ["cs-ev"], timeout=5)
+        rng = random.Random(3)
+        puts = 0
+        for _ in range(60):
+            i = rng.randrange(25)
+            if rng.random() < 0.25:
+                await client.get_blocks([key(i), key(rng.randrange(25))])  # promotions push others out
+            else:
+                await client.put_block(key(i), tensor(i))
+                puts += 1
+                assert svc.store.stats().disk_bytes <= disk_bytes
+        await client.put_block(key(99), tensor(99))  # acked after every earlier change is published
+        puts += 1
+
+        events = await read_events(js, "cs-ev")
+        assert [e.seq for e in events] == list(range(1, len(events) + 1))  # gap-free from 1
+        assert {(e.instance_id, e.source, e.epoch) for e in events} == {("cs-ev", "cachestore", svc.events.epoch)}
+        held: set[bytes] = set()
+        for e in events:
+            assert not set(e.stored) & held  # stored only when new
+            assert set(e.removed) <= held  # removed only what was there
+            held = (held | set(e.stored)) - set(e.removed)
+        assert any(e.removed for e in events)  # the bounds forced evictions
+        epoch, dumped = await dump(nc, "cs-ev", page=4)
+        assert epoch == svc.events.epoch
+        assert held == dumped == svc.store.keys()
+        st = svc.store.stats()
+        assert st.disk_bytes <= disk_bytes and st.evictions_disk > 0
+
+        labels = {"instance_id": "cs-ev"}
+        assert REGISTRY.get_sample_value("yuebing:cache_puts_total", labels) == puts
+        assert REGISTRY.get_sample_value("yuebing:cache_pool_blocks", {**labels, "tier": "disk"}) == st.disk_blocks
+        assert REGISTRY.get_sample_value("yuebing:cache_pool_bytes", {**labels, "tier": "dram"}) == st.dram_bytes
+        assert REGISTRY.get_sample_value("yuebing:cache_evictions_total", {**labels, "tier": "disk"}) == st.evictions_disk
+        await client.close()
+    finally:
+        await svc.stop()
+        await nc.close()

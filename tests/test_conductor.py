@@ -1,0 +1,156 @@
+"""Conductor decision logic as plain classes: prefix index, cost model, placement policies."""
+
+import numpy as np
+import pytest
+
+from yuebing.libs.protocol import KVEvent
+from yuebing.services.conductor.costmodel import PrefillCalibration, PrefillCostModel
+from yuebing.services.conductor.index import PrefixIndex
+from yuebing.services.conductor.placement import (
+    DecodeView,
+    PrefillView,
+    RequestView,
+    make_policy,
+)
+
+K = [bytes([i]) * 16 for i in range(10)]
+
+
+def ev(iid, seq, stored=(), removed=(), epoch="e1", source="prefill"):
+    return KVEvent(instance_id=iid, source=source, epoch=epoch, seq=seq, stored=list(stored), removed=list(removed))
+
+
+# ---------------------------------------------------------------- index
+def test_index_new_instance_needs_dump_then_applies_in_order():
+    idx = PrefixIndex()
+    assert idx.apply(ev("p0", 1)) is True  # first sight of an epoch: resync
+    assert idx.apply(ev("p0", 2, stored=K[:3])) is False  # buffered during resync
+    idx.load_dump("p0", "prefill", "e1", 1, [])
+    assert idx.prefix_len(K, "p0") == 3  # the buffered event applied on top of the dump
+    assert idx.apply(ev("p0", 3, removed=[K[1]])) is False
+    assert idx.prefix_len(K, "p0") == 1
+    assert idx.apply(ev("p0", 3, stored=[K[5]])) is False  # duplicate seq ignored
+    assert idx.keys_of("p0") == {K[0], K[2]}
+
+
+def test_index_gap_triggers_resync_and_dump_repairs():
+    idx = PrefixIndex()
+    idx.apply(ev("c0", 1, source="cachestore"))
+    idx.load_dump("c0", "cachestore", "e1", 1, [])
+    idx.apply(ev("c0", 2, stored=K[:2], source="cachestore"))
+    assert idx.apply(ev("c0", 4, stored=[K[3]], source="cachestore")) is True  # seq 3 lost
+    assert idx.gaps == 1 and idx.needs_dump("c0")
+    idx.load_dump("c0", "cachestore", "e1", 4, K[:4])
+    assert idx.pool_prefix_len(K) == 4 and not idx.needs_dump("c0")
+
+
+def test_index_restart_epoch_and_stale_replay():
+    idx = PrefixIndex()
+    idx.apply(ev("c0", 1, source="cachestore", epoch="old"))
+    # the instance restarted meanwhile: the dump answers with the new epoch
+    idx.load_dump("c0", "cachestore", "new", 2, K[:2])
+    # replayed events of the old epoch are ignored, the new epoch's continue
+    assert idx.apply(ev("c0", 2, stored=[K[7]], source="cachestore", epoch="old")) is False
+    assert idx.apply(ev("c0", 3, stored=[K[2]], source="cachestore", epoch="new")) is False
+    assert idx.pool_prefix_len(K) == 3
+    # a further restart (unknown epoch) resyncs
+    assert idx.apply(ev("c0", 1, source="cachestore", epoch="newer")) is True
+
+
+def test_pool_prefix_counts_only_cachestores_and_drop_forgets():
+    idx = PrefixIndex()
+    idx.load_dump("p0", "prefill", "e", 0, K[:5])
+    idx.load_dump("c0", "cachestore", "e", 0, K[:2])
+    assert idx.pool_prefix_len(K) == 2 and idx.prefix_len(K, "p0") == 5
+    idx.drop_instance("c0")
+    assert idx.pool_prefix_len(K) == 0
+    assert idx.apply(ev("c0", 1, source="cachestore", epoch="e")) is False  # dead epoch ignored
+
+
+# ---------------------------------------------------------------- cost model
+def test_cost_model_fits_reports():
+    m = PrefillCostModel(PrefillCalibration(fixed=1.0, per_token=1.0, per_pair=1.0))
+    truth = np.array([0.05, 1e-3, 1e-7])
+    rng = np.random.default_rng(0)
+    for _ in range(64):
+        new, reused = int(rng.integers(16, 4000)), int(rng.integers(0, 4000))
+        t = float(np.array([1.0, new, new * (reused + new / 2)]) @ truth)
+        m.observe_prefill(new, reused, t)
+    assert m.fits > 0
+    assert m.prefill_seconds(2048, 0) == pytest.approx(float(np.array([1, 2048, 2048 * 1024]) @ truth), rel=1e-3)
+    assert m.prefill_seconds(2048, 1984) < m.prefill_seconds(2048, 0) / 10
+
+
+def test_cost_model_load_rate_moves_toward_observations():
+    m = PrefillCostModel(PrefillCalibration(load_tokens_per_second=1000.0))
+    for _ in range(50):
+        m.observe_load(10_000, 0.1)  # 100k tokens/s
+    assert m.load_seconds(100_000) == pytest.approx(1.0, rel=0.05)
+
+
+# ---------------------------------------------------------------- policies
+def _model():
+    return PrefillCostModel(PrefillCalibration(fixed=0.01, per_token=1e-3, per_pair=0.0,
+                                               load_tokens_per_second=100_000))
+
+
+DECODES = [DecodeView("d0", 3, 100), DecodeView("d1", 1, 50)]
+
+
+def test_global_cache_aware_prefers_pool_hit_over_recompute():
+    req = RequestView(prompt_len=2048, block_size=16, pool_blocks=124)
+    prefills = [PrefillView("p0", 0.0, 0), PrefillView("p1", 0.5, 0)]
+    pl = make_policy("global_cache_aware", _model()).place(req, prefills, DECODES)
+    assert pl.prefill_id == "p0" and pl.use_pool and pl.cached_blocks == 124 and pl.decode_id == "d1"
+    # compute of 64 tokens + load of 1984 beats computing 2048
+    assert pl.predicted_ttft < _model().prefill_seconds(2048, 0) / 5
+
+
+def test_global_cache_aware_weighs_queue_against_local_hit():
+    req = RequestView(prompt_len=1000, block_size=16, pool_blocks=0)
+    busy_with_hit = PrefillView("p0", 0.2, 60)
+    idle_cold = PrefillView("p1", 0.0, 0)
+    pl = make_policy("global_cache_aware", _model()).place(req, [busy_with_hit, idle_cold], DECODES)
+    assert pl.prefill_id == "p0"  # 0.2 + 0.05 < 1.01
+    very_busy = PrefillView("p0", 5.0, 60)
+    assert make_policy("global_cache_aware", _model()).place(req, [very_busy, idle_cold], DECODES).prefill_id == "p1"
+
+
+def test_kvcache_balancing_threshold_recomputes_when_loading_is_slower():
+    slow_load = PrefillCostModel(PrefillCalibration(fixed=0.0, per_token=1e-4, per_pair=0.0,
+                                                    load_tokens_per_second=1000))
+    req = RequestView(prompt_len=1600, block_size=16, pool_blocks=99)
+    pl = make_policy("global_cache_aware", slow_load).place(req, [PrefillView("p0", 0.0, 0)], DECODES)
+    assert not pl.use_pool and pl.cached_blocks == 0
+
+
+def test_local_cache_aware_never_uses_the_pool():
+    req = RequestView(prompt_len=2048, block_size=16, pool_blocks=127)
+    pl = make_policy("local_cache_aware", _model()).place(
+        req, [PrefillView("p0", 0.0, 10), PrefillView("p1", 0.0, 40)], DECODES)
+    assert pl.prefill_id == "p1" and not pl.use_pool and pl.cached_blocks == 40
+
+
+def test_round_robin_random_least_loaded():
+    req = RequestView(prompt_len=100, block_size=16, pool_blocks=0)
+    ps = [PrefillView("p0", 0.3, 0), PrefillView("p1", 0.1, 0), PrefillView("p2", 0.2, 0)]
+    rr = make_policy("round_robin", _model())
+    assert [rr.place(req, ps, DECODES).prefill_id for _ in range(4)] == ["p0", "p1", "p2", "p0"]
+    assert make_policy("least_loaded", _model()).place(req, ps, DECODES).prefill_id == "p1"
+    rnd = make_policy("random", _model(), seed=1)
+    assert {rnd.place(req, ps, DECODES).prefill_id for _ in range(50)} == {"p0", "p1", "p2"}
+    with pytest.raises(ValueError):
+        make_policy("best_effort", _model())
+
+
+def test_max_reuse_keeps_one_token_to_compute():
+    req = RequestView(prompt_len=64, block_size=16, pool_blocks=4)
+    assert req.max_reuse_blocks == 3
+    pl = make_policy("global_cache_aware", _model()).place(req, [PrefillView("p0", 0.0, 4)], DECODES)
+    assert pl.cached_blocks == 3
+
+
+def test_no_workers_is_503():
+    req = RequestView(prompt_len=10, block_size=16, pool_blocks=0)
+    pl = make_policy("global_cache_aware", _model()).place(req, [], DECODES)
+    assert not pl.admitted and pl.status == 503

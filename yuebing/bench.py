@@ -1,0 +1,511 @@
+"""``yuebing bench serve``: the local cluster against plain ``transformers`` generate, same machine, same run.
+
+What it does (DESIGN.md section 10: every speed claim is a ratio against a baseline measured in one run):
+
+1. Resolve the model once into the shared model cache, start a :class:`LocalCluster` (one prefill, one
+   decode) on a fresh temporary data directory, and send one warm-up request.
+2. For each concurrency level C, send R requests (``--requests-per-level``, default 2*C) with at most C in
+   flight: streaming ``/v1/completions`` with token-id prompts (the chat template applied here, so the
+   baseline sees exactly the same ids), greedy, ``ignore_eos`` so each request makes exactly
+   ``--max-tokens`` tokens. Per request: TTFT (send -> first chunk with text) and inter-token latencies
+   (gaps between chunks with text); tokens come from the ``usage`` chunk. Per level: TTFT and ITL
+   p50/p90 and output tokens/s = completion tokens / wall time of the level.
+3. Stop the cluster, then run ``model.generate`` on the same model directory and the same prompts: batch 1
+   (a few prompts one after another) and batch 16 (left padded), greedy, exactly ``--max-tokens`` tokens.
+4. Print a table, then one line of JSON with the named figures (also written to ``--out``).
+
+Prompts are unique per request (an index at the start of the user message) so no level is served from
+blocks an earlier level left in the cache: this measures serving, not prefix reuse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HF_BATCH = 16
+HF_B1_PROMPTS = 4
+PROMPT_MIN_TOKENS = 30
+PROMPT_MAX_TOKENS = 300
+PROMPT_SEED = 1234
+WARMUP_TOKENS = 4
+
+# Fixed source texts; prompts are built from them deterministically (no randomness between runs).
+TEXTS = [
+    "The Rhine rises in the Swiss Alps and flows north through Germany and the Netherlands to the North Sea.",
+    "Photosynthesis turns light, water and carbon dioxide into sugar and oxygen inside the chloroplasts of plants.",
+    "A hash table stores keys in buckets chosen by a hash function, so lookups take constant time on average.",
+    "In 1969 the Apollo 11 mission landed two astronauts on the Moon while a third stayed in lunar orbit.",
+    "Bread rises because yeast ferments sugars in the dough and releases bubbles of carbon dioxide.",
+    "The mitochondrion is often called the powerhouse of the cell because it produces most of its ATP.",
+    "Interest compounds when the interest earned in one period is added to the principal for the next.",
+    "Volcanoes form where molten rock from the mantle reaches the surface through cracks in the crust.",
+    "A binary search halves the remaining range at every step, so it needs about log2(n) comparisons.",
+    "The violin has four strings tuned in fifths and is usually played with a bow made of horsehair.",
+    "Tides are caused mainly by the gravitational pull of the Moon and, to a lesser degree, the Sun.",
+    "Rust guarantees memory safety without a garbage collector by checking ownership and borrowing at compile time.",
+    "Honeybees communicate the direction and distance of flowers to their hive mates with a waggle dance.",
+    "The French Revolution began in 1789 and ended the absolute monarchy of the Bourbon kings.",
+    "Glaciers carve U-shaped valleys as they slowly grind their way downhill under their own weight.",
+    "A transformer language model predicts the next token from all the previous ones using self-attention.",
+    "Coffee plants grow best in the tropics at high altitude, where days are warm and nights are cool.",
+    "The speed of light in a vacuum is about 299,792 kilometres per second and is the same for every observer.",
+    "Chess openings such as the Sicilian Defence have been studied for centuries by players and computers.",
+    "Wind turbines convert the kinetic energy of moving air into electricity with a generator in the nacelle.",
+]
+QUESTIONS = [
+    "Summarise the following notes in a few sentences.",
+    "Write a short story that uses the facts below.",
+    "Explain the following to a ten-year-old.",
+    "Which of these statements is the most surprising, and why?",
+    "Turn these notes into a list of quiz questions.",
+]
+
+
+# ---------------------------------------------------------------- prompts
+def build_prompts(tokenizer, n: int, seed: int = PROMPT_SEED) -> list[list[int]]:
+    """``n`` chat prompts as token ids, lengths spread over ~30..~300 tokens, identical on every run."""
+    rng = random.Random(seed)
+    prompts = []
+    for i in range(n):
+        target = rng.randint(PROMPT_MIN_TOKENS, PROMPT_MAX_TOKENS)
+        start = rng.randrange(len(TEXTS))
+        head = f"[{i}] {QUESTIONS[i % len(QUESTIONS)]}"
+        ids = _chat_ids(tokenizer, head)
+        k = 0
+        body: list[str] = []
+        while len(ids) < target and k < 200:
+            body.append(TEXTS[(start + k) % len(TEXTS)])
+            k += 1
+            ids = _chat_ids(tokenizer, head + "\n\n" + " ".join(body))
+        prompts.append(list(ids))
+    return prompts
+
+
+def _chat_ids(tokenizer, content: str) -> list[int]:
+    messages = [{"role": "user", "content": content}]
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        return list(ids)
+    return tokenizer.encode(content, add_special_tokens=True)
+
+
+# ---------------------------------------------------------------- figures
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    import numpy as np
+
+    return float(np.percentile(np.asarray(values, dtype=float), q))
+
+
+def _ms(x: float | None) -> float | None:
+    return None if x is None else round(x * 1000.0, 2)
+
+
+def _round(x: float | None, nd: int = 2) -> float | None:
+    return None if x is None else round(x, nd)
+
+
+@dataclass
+class RequestResult:
+    ok: bool
+    ttft: float | None = None
+    itls: list[float] = field(default_factory=list)
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass
+class LevelResult:
+    concurrency: int
+    requests: int
+    wall: float
+    results: list[RequestResult]
+
+    @property
+    def errors(self) -> int:
+        return sum(not r.ok for r in self.results)
+
+    @property
+    def tokens(self) -> int:
+        return sum(r.completion_tokens for r in self.results if r.ok)
+
+    def figures(self) -> dict:
+        ok = [r for r in self.results if r.ok]
+        ttfts = [r.ttft for r in ok if r.ttft is not None]
+        itls = [g for r in ok for g in r.itls]
+        return {
+            "tok_s": _round(self.tokens / self.wall if self.wall > 0 else None),
+            "ttft_p50_ms": _ms(percentile(ttfts, 50)),
+            "ttft_p90_ms": _ms(percentile(ttfts, 90)),
+            "itl_p50_ms": _ms(percentile(itls, 50)),
+            "itl_p90_ms": _ms(percentile(itls, 90)),
+            "errors": self.errors,
+        }
+
+
+# ---------------------------------------------------------------- the cluster side
+async def _one_request(session, url: str, body: dict) -> RequestResult:
+    import orjson
+
+    sent = time.perf_counter()
+    last = None
+    res = RequestResult(ok=False)
+    usage = None
+    try:
+        async with session.post(url, json=body) as r:
+            if r.status != 200:
+                res.error = f"HTTP {r.status}: {(await r.text())[:200]}"
+                return res
+            async for line in r.content:
+                line = line.strip()
+                if not line.startswith(b"data: "):
+                    continue
+                payload = line[6:]
+                if payload == b"[DONE]":
+                    break
+                now = time.perf_counter()
+                ev = orjson.loads(payload)
+                if "error" in ev:
+                    res.error = str(ev["error"].get("message", ev["error"]))
+                    return res
+                if ev.get("usage"):
+                    usage = ev["usage"]
+                choices = ev.get("choices") or []
+                if choices and choices[0].get("text"):
+                    if last is None:
+                        res.ttft = now - sent
+                    else:
+                        res.itls.append(now - last)
+                    last = now
+    except Exception as e:  # noqa: BLE001 - a client failure is a failed request, not a crashed benchmark
+        res.error = repr(e)
+        return res
+    if usage is None:
+        res.error = "no usage chunk in the stream"
+        return res
+    res.completion_tokens = int(usage["completion_tokens"])
+    res.ok = True
+    return res
+
+
+def _body(model_name: str, prompt: list[int], max_tokens: int) -> dict:
+    return {
+        "model": model_name,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
+async def _model_name(session, base: str) -> str:
+    async with session.get(base + "/v1/models") as r:
+        r.raise_for_status()
+        return (await r.json())["data"][0]["id"]
+
+
+async def run_cluster_levels(base: str, levels: list[int], per_level: int, prompts: list[list[int]],
+                             max_tokens: int, progress: bool = True) -> tuple[list[LevelResult], RequestResult]:
+    """Warm up with prompts[0], then run each level on its own slice of the remaining prompts."""
+    import aiohttp
+    from tqdm import tqdm
+
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=900)
+    connector = aiohttp.TCPConnector(limit=0)
+    url = base + "/v1/completions"
+    results: list[LevelResult] = []
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        name = await _model_name(session, base)
+        warm = await _one_request(session, url, _body(name, prompts[0], min(WARMUP_TOKENS, max_tokens)))
+        if not warm.ok:
+            raise RuntimeError(f"the warm-up request failed: {warm.error}")
+        offset = 1
+        for c in levels:
+            n = per_level or 2 * c
+            mine = prompts[offset : offset + n]
+            offset += n
+            sem = asyncio.Semaphore(c)
+            bar = tqdm(total=n, desc=f"cluster c={c}", unit="req", file=sys.stderr, disable=not progress,
+                       leave=True, dynamic_ncols=True)
+
+            async def go(p: list[int]) -> RequestResult:
+                async with sem:
+                    r = await _one_request(session, url, _body(name, p, max_tokens))
+                bar.update(1)
+                return r
+
+            started = time.perf_counter()
+            try:
+                out = await asyncio.gather(*(go(p) for p in mine))
+            finally:
+                bar.close()
+            wall = time.perf_counter() - started
+            results.append(LevelResult(concurrency=c, requests=n, wall=wall, results=list(out)))
+    return results, warm
+
+
+# ---------------------------------------------------------------- the transformers baseline
+class _StepTimes:
+    """A generate() streamer that records when each generation step's tokens come out."""
+
+    def __init__(self, bar=None):
+        self.times: list[float] = []
+        self._prompt_seen = False
+        self.bar = bar
+
+    def put(self, value) -> None:
+        if not self._prompt_seen:  # generate() first puts the prompt
+            self._prompt_seen = True
+            return
+        self.times.append(time.perf_counter())
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def end(self) -> None:
+        pass
+
+
+def run_hf(model_dir: Path, b1_prompts: list[list[int]], b16_prompts: list[list[int]], max_tokens: int,
+           progress: bool = True) -> dict:
+    import torch
+    from tqdm import tqdm
+
+    from yuebing.libs.model import load_model, load_tokenizer
+
+    tok = load_tokenizer(model_dir)
+    model = load_model(model_dir)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    gen = dict(do_sample=False, max_new_tokens=max_tokens, min_new_tokens=max_tokens, pad_token_id=pad_id,
+               temperature=None, top_p=None, top_k=None)
+
+    def generate(batch: list[list[int]], streamer=None, **override):
+        width = max(len(p) for p in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, p in enumerate(batch):  # left padding
+            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - len(p):] = 1
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=mask, streamer=streamer, **{**gen, **override})
+        return out[:, width:]
+
+    figures: dict = {}
+    with torch.inference_mode():
+        generate([b1_prompts[0]], None, max_new_tokens=WARMUP_TOKENS, min_new_tokens=WARMUP_TOKENS)  # warm-up
+        # batch 1, prompts one after another
+        bar = tqdm(total=len(b1_prompts) * max_tokens, desc="hf batch 1", unit="tok", file=sys.stderr,
+                   disable=not progress, dynamic_ncols=True)
+        total_tokens, total_time, ttfts, itls = 0, 0.0, [], []
+        try:
+            for p in b1_prompts:
+                st = _StepTimes(bar)
+                t0 = time.perf_counter()
+                out = generate([p], st)
+                total_time += time.perf_counter() - t0
+                total_tokens += int(out.shape[1])
+                if st.times:
+                    ttfts.append(st.times[0] - t0)
+                    itls.extend(b - a for a, b in zip(st.times, st.times[1:]))
+        finally:
+            bar.close()
+        figures["hf_b1_tok_s"] = _round(total_tokens / total_time)
+        figures["hf_b1_ttft_p50_ms"] = _ms(percentile(ttfts, 50))
+        figures["hf_b1_itl_p50_ms"] = _ms(percentile(itls, 50))
+        figures["hf_b1_itl_p90_ms"] = _ms(percentile(itls, 90))
+        figures["hf_b1_ms_per_token"] = _ms(total_time / total_tokens)
+        # batch 16, left padded
+        bar = tqdm(total=max_tokens, desc=f"hf batch {len(b16_prompts)}", unit="step", file=sys.stderr,
+                   disable=not progress, dynamic_ncols=True)
+        try:
+            st = _StepTimes(bar)
+            t0 = time.perf_counter()
+            out = generate(b16_prompts, st)
+            elapsed = time.perf_counter() - t0
+        finally:
+            bar.close()
+        steps = [b - a for a, b in zip(st.times, st.times[1:])]
+        figures[f"hf_b{HF_BATCH}_tok_s"] = _round(out.numel() / elapsed)
+        figures[f"hf_b{HF_BATCH}_ttft_ms"] = _ms(st.times[0] - t0) if st.times else None
+        figures[f"hf_b{HF_BATCH}_step_p50_ms"] = _ms(percentile(steps, 50))
+        figures[f"hf_b{HF_BATCH}_step_p90_ms"] = _ms(percentile(steps, 90))
+    return figures
+
+
+# ---------------------------------------------------------------- output
+def format_table(rows: list[dict]) -> str:
+    cols = ["config", "requests", "tok/s", "TTFT p50", "TTFT p90", "ITL p50", "ITL p90", "errors"]
+
+    def cell(v) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.1f}"
+        return str(v)
+
+    body = [[cell(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(b[i]) for b in body)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cols, widths)))]
+    lines.append("  ".join("-" * w for w in widths))
+    for b in body:
+        lines.append("  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(b, widths))))
+    return "\n".join(lines)
+
+
+def _parse_levels(spec) -> list[int]:
+    if isinstance(spec, (list, tuple)):
+        levels = [int(x) for x in spec]
+    else:
+        levels = [int(x) for x in str(spec).replace(" ", "").split(",") if x]
+    if not levels or any(c < 1 for c in levels):
+        raise ValueError(f"--concurrency must be a comma-separated list of positive integers, not {spec!r}")
+    return levels
+
+
+# ---------------------------------------------------------------- entry point
+def main(args) -> int:
+    from yuebing.libs.log import configure
+
+    configure("bench", level="WARNING")
+    if getattr(args, "bench", "serve") != "serve":
+        print(f"unknown benchmark {args.bench!r}", file=sys.stderr)
+        return 2
+    # SIGTERM behaves like Ctrl-C: unwind through the finally blocks that stop the cluster.
+    previous = None
+    try:
+        def on_term(signum, frame):
+            raise KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread
+        pass
+    try:
+        return _serve(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _serve(args) -> int:
+    import torch
+
+    from yuebing.cluster import LocalCluster
+    from yuebing.libs.config import from_env
+    from yuebing.libs.model import DEFAULT_MODEL, default_data_dir, load_tokenizer, resolve_model
+    from yuebing.libs.natsserver import free_port
+
+    levels = _parse_levels(getattr(args, "concurrency", "1,8,16"))
+    per_level = int(getattr(args, "requests_per_level", 0) or 0)
+    max_tokens = int(getattr(args, "max_tokens", 128))
+    threads = getattr(args, "threads", None)
+    progress = bool(getattr(args, "progress", True))
+
+    spec = getattr(args, "model", None) or DEFAULT_MODEL
+    # The shared model cache, whatever the data dir: the model is converted at most once.
+    models_dir = default_data_dir() / "models"
+    if getattr(args, "models_dir", None):
+        models_dir = Path(args.models_dir).expanduser()
+    model_dir = resolve_model(spec, models_dir)
+    tokenizer = load_tokenizer(model_dir)
+    n_prompts = 1 + sum(per_level or 2 * c for c in levels)
+    prompts = build_prompts(tokenizer, max(n_prompts, HF_BATCH + 1))
+
+    own_dir = None
+    data_dir = getattr(args, "data_dir", None)
+    if not data_dir:
+        own_dir = tempfile.mkdtemp(prefix="yuebing-bench-")
+        data_dir = own_dir
+    settings = from_env(model=str(model_dir), data_dir=str(data_dir), models_dir=str(models_dir), port=free_port(),
+                        block_size=getattr(args, "block_size", None), threads=threads or None)
+    cluster = LocalCluster(settings, prefill=1, decode=1)
+    print(f"bench serve: model {model_dir}, max_tokens {max_tokens}, concurrency {levels}, "
+          f"torch threads {threads or torch.get_num_threads()}; cluster logs in {cluster.log_dir}",
+          file=sys.stderr, flush=True)
+    clean = False
+    try:
+        try:
+            t0 = time.perf_counter()
+            print("starting the cluster (nats-server, gateway, conductor, cachestore, prefill, decode)...",
+                  file=sys.stderr, flush=True)
+            cluster.start(ready_timeout=300)
+            print(f"cluster ready in {time.perf_counter() - t0:.1f}s at {cluster.url}", file=sys.stderr, flush=True)
+            level_results, _ = asyncio.run(
+                run_cluster_levels(cluster.url, levels, per_level, prompts, max_tokens, progress)
+            )
+        finally:
+            print("stopping the cluster...", file=sys.stderr, flush=True)
+            cluster.stop()
+        for lr in level_results:  # shown now too, in case the baseline fails after minutes of measuring
+            print(f"cluster c={lr.concurrency}: {json.dumps(lr.figures())}", file=sys.stderr, flush=True)
+        # The same prompts the cluster served: batch 1 the first few measured ones (after the warm-up),
+        # batch 16 the first 16 of the largest level (cycled when that level had fewer).
+        slices, off = [], 1
+        for c in levels:
+            n = per_level or 2 * c
+            slices.append((c, off, n))
+            off += n
+        b1 = prompts[1 : 1 + min(HF_B1_PROMPTS, off - 1)]
+        _, ob, nb = max(slices, key=lambda x: x[0])
+        big = prompts[ob : ob + nb]
+        b16 = [big[i % len(big)] for i in range(HF_BATCH)]
+        if threads:
+            torch.set_num_threads(threads)
+        print("running plain transformers generate on the same model and prompts...", file=sys.stderr, flush=True)
+        hf = run_hf(model_dir, b1, b16, max_tokens, progress)
+        clean = not any(lr.errors for lr in level_results)
+    finally:
+        if own_dir is not None:
+            if clean:
+                shutil.rmtree(own_dir, ignore_errors=True)
+            else:  # keep the logs of a failed run
+                print(f"kept {own_dir} (cluster logs in {cluster.log_dir})", file=sys.stderr, flush=True)
+
+    figures: dict = {"model": model_dir.name if spec != DEFAULT_MODEL else DEFAULT_MODEL, "max_tokens": max_tokens}
+    rows = []
+    for lr in level_results:
+        f = lr.figures()
+        rows.append({"config": f"cluster c={lr.concurrency}", "requests": lr.requests, "tok/s": f["tok_s"],
+                     "TTFT p50": f["ttft_p50_ms"], "TTFT p90": f["ttft_p90_ms"], "ITL p50": f["itl_p50_ms"],
+                     "ITL p90": f["itl_p90_ms"], "errors": f["errors"]})
+        for k, v in f.items():
+            figures[f"cluster_c{lr.concurrency}_{k}"] = v
+    rows.append({"config": "hf generate b=1", "requests": len(b1), "tok/s": hf["hf_b1_tok_s"],
+                 "TTFT p50": hf["hf_b1_ttft_p50_ms"], "ITL p50": hf["hf_b1_itl_p50_ms"],
+                 "ITL p90": hf["hf_b1_itl_p90_ms"], "errors": 0})
+    rows.append({"config": f"hf generate b={HF_BATCH}", "requests": HF_BATCH, "tok/s": hf[f"hf_b{HF_BATCH}_tok_s"],
+                 "TTFT p50": hf[f"hf_b{HF_BATCH}_ttft_ms"], "ITL p50": hf[f"hf_b{HF_BATCH}_step_p50_ms"],
+                 "ITL p90": hf[f"hf_b{HF_BATCH}_step_p90_ms"], "errors": 0})
+    figures.update(hf)
+
+    def ratio(a, b):
+        return round(a / b, 3) if a is not None and b else None
+
+    top = max(levels)
+    figures[f"ratio_c{top}_vs_hf_b{HF_BATCH}"] = ratio(figures[f"cluster_c{top}_tok_s"], hf[f"hf_b{HF_BATCH}_tok_s"])
+    if 1 in levels:
+        figures["ratio_c1_vs_hf_b1"] = ratio(figures["cluster_c1_tok_s"], hf["hf_b1_tok_s"])
+
+    print(f"\nmodel {figures['model']}, {max_tokens} output tokens per request, prompts "
+          f"{PROMPT_MIN_TOKENS}-{PROMPT_MAX_TOKENS} tokens; times in ms (hf b={HF_BATCH}: ITL = one batched step)")
+    print(format_table(rows))
+    line = json.dumps(figures)
+    print(line, flush=True)
+    out = getattr(args, "out", None)
+    if out:
+        Path(out).write_text(line + "\n")
+    errors = sum(lr.errors for lr in level_results)
+    return 1 if errors else 0
