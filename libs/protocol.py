@@ -67,6 +67,7 @@ class Subjects:
         return f"yb.kvdump.{instance_id}"
 
     PREFILL_REPORT = "yb.report.prefill"
+    CONDUCTOR_STATE = "yb.conductor.state"  # request/reply: IndexSummary
 
 
 # ---------------------------------------------------------------- requests
@@ -206,6 +207,27 @@ class KVDump(msgspec.Struct, kw_only=True):
     keys: list[bytes]
     total: int
     offset: int
+
+
+class IndexSummary(msgspec.Struct, kw_only=True):
+    """What the conductor's prefix index holds: blocks per instance and a digest of the pool's keys
+    (blake2b-16 over the sorted keys), so an operator or a test can compare it with the pool."""
+
+    v: int = PROTOCOL_VERSION
+    blocks: dict[str, int]
+    pool_blocks: int
+    pool_digest: bytes
+    gaps: int
+    resyncs: int
+
+
+def keys_digest(keys) -> bytes:
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    for k in sorted(keys):
+        h.update(k)
+    return h.digest()
 
 
 class Abort(msgspec.Struct, kw_only=True):

@@ -134,7 +134,7 @@ def test_tiered_demotion_and_promotion(tmp_path):
         store.put(key(i), block(i))
     assert store.where_many([key(0), key(1), key(2), key(9)]) == ["disk", "dram", "dram", None]
     st = store.stats()
-    assert (st.dram_blocks, st.disk_blocks, st.evictions_dram) == (2, 1, 1)
+    assert (st.dram_blocks, st.disk_blocks, st.evictions_dram) == (2, 3, 1)  # written through to disk
 
     assert store.get(key(0)) == block(0)  # disk hit: promoted, 1 (oldest in DRAM) demoted
     assert store.where(key(0)) == "dram"
@@ -146,7 +146,7 @@ def test_tiered_demotion_and_promotion(tmp_path):
     assert store.keys() == {key(0), key(1), key(2)}
     st = store.stats()
     assert st.dram_blocks == 2 and st.dram_bytes == 2 * BLOCK_BYTES
-    assert st.disk_blocks == 2  # tiers are inclusive: 0 kept its disk copy
+    assert st.disk_blocks == 3  # tiers are inclusive: every block has its disk copy
     store.close()
 
     store = TieredStore(2 * BLOCK_BYTES, tmp_path / "db", 100 * BLOCK_BYTES)
@@ -159,8 +159,9 @@ def test_tiered_disk_eviction_drops_from_pool(tmp_path):
     store = TieredStore(BLOCK_BYTES, tmp_path / "db", 2 * BLOCK_BYTES)
     for i in range(5):
         store.put(key(i), block(i))
-    assert store.where_many([key(i) for i in range(5)]) == [None, None, "disk", "disk", "dram"]
-    assert store.stats().evictions_disk == 2
+    # the disk holds the two most recent blocks (3, and 4 which DRAM holds too)
+    assert store.where_many([key(i) for i in range(5)]) == [None, None, None, "disk", "dram"]
+    assert store.stats().evictions_disk == 3
     store.close()
 
 
@@ -208,16 +209,16 @@ def test_tiered_reports_what_enters_and_leaves(tmp_path):
     assert store.put(key(0), block(0)) == StoreChanges(stored=[key(0)])
     assert store.put(key(0), block(0)) == StoreChanges()  # a re-put is no news
     assert store.put(key(1), block(1)) == StoreChanges(stored=[key(1)])  # 0 demoted: not a removal
-    assert store.put(key(2), block(2)) == StoreChanges(stored=[key(2)])  # 1 demoted
-    # 2 is demoted next; the disk (0, 1) has room for two, so 0 leaves the store.
-    assert store.put(key(3), block(3)) == StoreChanges(stored=[key(3)], removed=[key(0)])
-    assert store.put(key(0), block(0)) == StoreChanges(stored=[key(0)], removed=[key(1)])
-    assert set(store.held_keys()) == store.keys() == {key(0), key(2), key(3)}
-    drained = store.drain_changes()  # net effect since the start: 0 came back, 1 left
-    assert set(drained.stored) == {key(0), key(2), key(3)} and drained.removed == [key(1)]
+    # written through, the disk holds two blocks: each new one pushes the oldest out of the store
+    assert store.put(key(2), block(2)) == StoreChanges(stored=[key(2)], removed=[key(0)])
+    assert store.put(key(3), block(3)) == StoreChanges(stored=[key(3)], removed=[key(1)])
+    assert store.put(key(0), block(0)) == StoreChanges(stored=[key(0)], removed=[key(2)])
+    assert set(store.held_keys()) == store.keys() == {key(0), key(3)}
+    drained = store.drain_changes()  # net effect since the start: 0 came back, 1 and 2 left
+    assert set(drained.stored) == {key(0), key(3)} and set(drained.removed) == {key(1), key(2)}
     assert not store.drain_changes()
-    # A disk hit promotes (3 moves to disk, which drops its oldest): only what leaves both tiers counts.
-    assert store.get(key(2)) == block(2)
+    # A disk hit promotes (0 leaves DRAM for its disk copy): nothing enters or leaves the store.
+    assert store.get(key(3)) == block(3)
     assert set(store.held_keys()) == store.keys()
     assert store.drain_changes().stored == []
     store.close()

@@ -272,7 +272,9 @@ class StoreChanges:
 
 
 class TieredStore:
-    """DRAM in front of LMDB. Thread-safe: every public method holds one lock.
+    """DRAM in front of LMDB, written through: every put lands in both, a DRAM eviction leaves
+    the LMDB copy (a demotion), an LMDB hit is promoted back into DRAM. Thread-safe: every public
+    method holds one lock.
 
     The store keeps the set of keys it holds (either tier) and an ordered log of changes to it:
     a key is *stored* when a put brings a key it did not hold, *removed* when it leaves both tiers
@@ -339,8 +341,14 @@ class TieredStore:
         could not be kept at all), and the keys evicted from the store entirely to make room.
         """
         verify_block(value, expected_key=key)
+        data = bytes(value)
         with self._lock:
-            return self._settle(self._demote(self.dram.put(key, bytes(value))), new_key=key)
+            dropped = self._demote(self.dram.put(key, data))
+            # Write-through: LMDB holds every block too, so a crash (kill -9) loses nothing that
+            # was acknowledged; DRAM is the fast copy of the recently used ones.
+            if not self.disk.touch(key):
+                dropped += self.disk.put(key, data)
+            return self._settle(dropped, new_key=key)
 
     def _demote(self, evicted: list[tuple[bytes, bytes]]) -> list[bytes]:
         """Move DRAM evictions to disk; returns the keys the disk dropped on the way."""

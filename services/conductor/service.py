@@ -12,6 +12,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from yuebing.libs.protocol import (
     Heartbeat,
+    IndexSummary,
     KVDump,
     KVDumpRequest,
     KVEvent,
@@ -22,6 +23,7 @@ from yuebing.libs.protocol import (
     Subjects,
     decode,
     encode,
+    keys_digest,
 )
 from yuebing.libs.service import Service
 
@@ -57,6 +59,8 @@ class ConductorService(Service):
         await self.js.subscribe("yb.kvev.>", cb=self._on_kv_event, ordered_consumer=True,
                                 deliver_policy=DeliverPolicy.ALL)
         await self.nc.subscribe(Subjects.SCHEDULE, queue="conductor", cb=self._on_schedule)
+        await self.nc.subscribe(Subjects.CONDUCTOR_STATE, cb=self._on_state)
+        self.resyncs = 0
         self.spawn(self._maintenance_loop())
         self.log.info("conductor_policy", policy=s.policy, use_pool=s.use_pool)
 
@@ -113,6 +117,7 @@ class ConductorService(Service):
                     break
             self.index.load_dump(iid, source, epoch, seq, keys)
             RESYNCS.inc()
+            self.resyncs += 1
             self.log.info("index_resynced", instance=iid, blocks=len(keys), seq=seq)
         except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
             if self.registry.get(source, iid) is None:
@@ -135,6 +140,19 @@ class ConductorService(Service):
                     self.spawn(self._fetch_dump(iid, src))
             pool = self.index.pool_keys()
             INDEX_BLOCKS.labels(source="cachestore").set(len(pool))
+
+    async def _on_state(self, msg) -> None:
+        if not msg.reply:
+            return
+        pool = self.index.pool_keys()
+        summary = IndexSummary(
+            blocks={i: len(self.index.keys_of(i)) for i in self.index.instances()},
+            pool_blocks=len(pool),
+            pool_digest=keys_digest(pool),
+            gaps=self.index.gaps,
+            resyncs=self.resyncs,
+        )
+        await msg.respond(encode(summary))
 
     # ---- placement
     def queue_seconds(self, iid: str) -> float:

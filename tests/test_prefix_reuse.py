@@ -1,0 +1,186 @@
+"""KV-cache reuse end to end: the output with a cached prefix equals the cold output, token for
+token, whether the prefix comes from the instance's own DRAM, from the pool, or from LMDB after a
+cachestore restart; cached_tokens says how much was reused."""
+
+import signal
+
+import lmdb
+import pytest
+
+from conftest import reference_greedy, start_cluster
+from helpers import get_json, post, wait_until
+from yuebing.libs.bus import connect
+from yuebing.libs.protocol import IndexSummary, KVDump, KVDumpRequest, Subjects, decode, encode, keys_digest
+
+BS = 16
+
+
+def _text(tok, ids):
+    return tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+async def _complete(cluster, model, prompt, max_tokens=24):
+    status, body, _ = await post(cluster.url + "/v1/completions",
+                                 {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+    assert status == 200, body
+    return body["choices"][0]["text"], body["usage"]
+
+
+async def _prefill_hits(cluster, name: str) -> dict[str, float]:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as s:
+        async with s.get(cluster.metrics_urls[name]) as r:
+            text = await r.text()
+    out = {"local": 0.0, "pool": 0.0}
+    for line in text.splitlines():
+        if line.startswith("yuebing:prefix_cache_hits_total{"):
+            src = line.split('source="')[1].split('"')[0]
+            out[src] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+async def _pool_holds(cluster, n_keys: int) -> bool:
+    nc = await connect(cluster.nats.url, "test-pool-holds")
+    try:
+        raw = await nc.request(Subjects.kv_dump("cachestore-0"), encode(KVDumpRequest()), timeout=5)
+        return decode(raw.data, KVDump).total >= n_keys
+    finally:
+        await nc.close()
+
+
+def _restart(cluster, name):
+    kind, index = name.rsplit("-", 1)
+    cluster.kill(name, signal.SIGTERM)
+    cluster.start_service(kind, int(index))
+
+
+async def _wait_ready(cluster):
+    want = {"prefill": cluster.prefill, "decode": cluster.decode, "cachestore": cluster.cachestore, "conductor": 1}
+
+    async def ready():
+        h = await get_json(cluster.url + "/health")
+        return all(h["instances"].get(k, 0) >= n for k, n in want.items())
+
+    assert await wait_until(ready, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def rr_cluster(tiny_dir, tmp_path_factory):
+    """Two prefill instances taking turns, so a prefix computed on one is needed on the other."""
+    cluster = start_cluster(tiny_dir, tmp_path_factory.mktemp("rr"), prefill=2, policy="round_robin")
+    yield cluster
+    cluster.stop()
+
+
+async def test_own_dram_hit_full_and_partial_is_token_exact(tiny_cluster, tiny_dir, tiny_model):
+    model, tok = tiny_model
+    prompt = [(7 * i + 3) % 20000 + 100 for i in range(100)]  # 6 full blocks and a tail of 4
+    cold_text, cold_usage = await _complete(tiny_cluster, tiny_dir.name, prompt)
+    assert cold_usage["prompt_tokens_details"]["cached_tokens"] == 0
+    assert cold_text == _text(tok, reference_greedy(model, prompt, 24))
+    warm_text, warm_usage = await _complete(tiny_cluster, tiny_dir.name, prompt)
+    assert warm_usage["prompt_tokens_details"]["cached_tokens"] == 96
+    assert warm_text == cold_text
+    partial = prompt[:70] + [555, 556, 557, 558, 559]
+    text, usage = await _complete(tiny_cluster, tiny_dir.name, partial)
+    assert usage["prompt_tokens_details"]["cached_tokens"] == 64  # 4 blocks of the shared 70 tokens
+    assert text == _text(tok, reference_greedy(model, partial, 24))
+    # a prompt that is exactly cached still computes its last token
+    exact = prompt[:64]
+    _, _ = await _complete(tiny_cluster, tiny_dir.name, exact)
+    text, usage = await _complete(tiny_cluster, tiny_dir.name, exact)
+    assert usage["prompt_tokens_details"]["cached_tokens"] == 48
+    assert text == _text(tok, reference_greedy(model, exact, 24))
+
+
+async def test_multi_turn_chat_cached_tokens(tiny_cluster, tiny_dir, tiny_model):
+    _, tok = tiny_model
+    turn1 = [{"role": "system", "content": "You answer questions about astronomy in detail. " * 3},
+             {"role": "user", "content": "Why is the Moon's far side never visible from Earth?"}]
+    status, body, _ = await post(tiny_cluster.url + "/v1/chat/completions",
+                                 {"model": tiny_dir.name, "messages": turn1, "max_tokens": 16, "temperature": 0})
+    assert status == 200
+    answer = body["choices"][0]["message"]["content"]
+    turn2 = turn1 + [{"role": "assistant", "content": answer}, {"role": "user", "content": "And Mars?"}]
+    status, body2, _ = await post(tiny_cluster.url + "/v1/chat/completions",
+                                  {"model": tiny_dir.name, "messages": turn2, "max_tokens": 8, "temperature": 0})
+    assert status == 200
+    ids1 = tok.apply_chat_template(turn1, add_generation_prompt=True, tokenize=True, return_dict=False)
+    ids2 = tok.apply_chat_template(turn2, add_generation_prompt=True, tokenize=True, return_dict=False)
+    common = next((i for i, (a, b) in enumerate(zip(ids1, ids2)) if a != b), min(len(ids1), len(ids2)))
+    expected = min(len(ids1) // BS, common // BS, (len(ids2) - 1) // BS) * BS
+    assert expected > 0
+    assert body2["usage"]["prompt_tokens_details"]["cached_tokens"] == expected
+
+
+async def test_prefix_from_instance_a_is_reused_by_instance_b(rr_cluster, tiny_dir, tiny_model):
+    model, tok = tiny_model
+    prompt = [(11 * i + 5) % 30000 + 200 for i in range(90)]  # 5 full blocks
+    cold_text, cold_usage = await _complete(rr_cluster, tiny_dir.name, prompt)  # on prefill-0
+    assert cold_usage["prompt_tokens_details"]["cached_tokens"] == 0
+    assert await wait_until(lambda: _pool_holds(rr_cluster, 5), timeout=30)
+    before = await _prefill_hits(rr_cluster, "prefill-1")
+    text, usage = await _complete(rr_cluster, tiny_dir.name, prompt)  # round robin: on prefill-1
+    assert usage["prompt_tokens_details"]["cached_tokens"] == 80
+    assert text == cold_text == _text(tok, reference_greedy(model, prompt, 24))
+    after = await _prefill_hits(rr_cluster, "prefill-1")
+    assert after["pool"] - before["pool"] == 80  # loaded from the pool, not its own DRAM
+
+
+async def test_reuse_from_lmdb_after_cachestore_restart_and_index_rebuild(rr_cluster, tiny_dir, tiny_model):
+    model, tok = tiny_model
+    prompt = [(13 * i + 1) % 30000 + 300 for i in range(70)]  # 4 full blocks
+    cold_text, _ = await _complete(rr_cluster, tiny_dir.name, prompt)
+    assert await wait_until(lambda: _pool_holds(rr_cluster, 4), timeout=30)
+    # restart the cachestore (its DRAM is gone, LMDB stays) and both prefills (their DRAM is gone)
+    for name in ("cachestore-0", "prefill-0", "prefill-1"):
+        _restart(rr_cluster, name)
+    await _wait_ready(rr_cluster)
+    text, usage = await _complete(rr_cluster, tiny_dir.name, prompt)
+    assert usage["prompt_tokens_details"]["cached_tokens"] == 64
+    assert text == cold_text == _text(tok, reference_greedy(model, prompt, 24))
+    # the conductor, restarted, rebuilds its index from the event stream and dumps
+    _restart(rr_cluster, "conductor-0")
+    await _wait_ready(rr_cluster)
+    nc = await connect(rr_cluster.nats.url, "test-index")
+    try:
+        async def matches():
+            raw = await nc.request(Subjects.kv_dump("cachestore-0"), encode(KVDumpRequest(limit=20000)), timeout=5)
+            dump = decode(raw.data, KVDump)
+            try:
+                s = decode((await nc.request(Subjects.CONDUCTOR_STATE, b"", timeout=5)).data, IndexSummary)
+            except Exception:
+                return False
+            return s.pool_blocks == dump.total and s.pool_digest == keys_digest(dump.keys)
+
+        assert await wait_until(matches, timeout=30)
+    finally:
+        await nc.close()
+
+
+async def test_corrupt_block_in_lmdb_is_a_miss_not_wrong_text(tiny_dir, tiny_model, tmp_path):
+    model, tok = tiny_model
+    cluster = start_cluster(tiny_dir, tmp_path / "c")
+    try:
+        prompt = [(17 * i + 9) % 30000 + 400 for i in range(60)]  # 3 full blocks
+        cold_text, _ = await _complete(cluster, tiny_dir.name, prompt)
+        assert await wait_until(lambda: _pool_holds(cluster, 3), timeout=30)
+        cluster.kill("cachestore-0", signal.SIGTERM)
+        db = cluster.data_dir / "cachestore" / "cachestore-0"
+        env = lmdb.open(str(db), max_dbs=3)
+        blocks = env.open_db(b"blocks")
+        with env.begin(write=True) as txn:
+            for k, v in list(txn.cursor(db=blocks)):
+                bad = bytearray(v)
+                bad[len(bad) // 2] ^= 0x5A  # flip bits in every stored block's KV bytes
+                txn.put(k, bytes(bad), db=blocks)
+        env.close()
+        cluster.start_service("cachestore", 0)
+        _restart(cluster, "prefill-0")
+        await _wait_ready(cluster)
+        text, usage = await _complete(cluster, tiny_dir.name, prompt)
+        assert usage["prompt_tokens_details"]["cached_tokens"] == 0
+        assert text == cold_text == _text(tok, reference_greedy(model, prompt, 24))
+    finally:
+        cluster.stop()
