@@ -176,6 +176,14 @@ async def test_corrupt_block_in_lmdb_is_a_miss_not_wrong_text(tiny_dir, tiny_mod
                 bad[len(bad) // 2] ^= 0x5A  # flip bits in every stored block's KV bytes
                 txn.put(k, bytes(bad), db=blocks)
         env.close()
+        # while the pool is down, a fresh prefill instance recomputes: same text, nothing cached
+        _restart(cluster, "prefill-0")
+        cluster.cachestore = 0
+        await _wait_ready(cluster)
+        text, usage = await _complete(cluster, tiny_dir.name, prompt)
+        assert usage["prompt_tokens_details"]["cached_tokens"] == 0
+        assert text == cold_text
+        cluster.cachestore = 1
         cluster.start_service("cachestore", 0)
         _restart(cluster, "prefill-0")
         await _wait_ready(cluster)
