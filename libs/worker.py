@@ -12,6 +12,7 @@ import msgspec
 import nats
 
 from .blocks import namespace_digest
+from .bus import work_subscription
 from .model import ModelRunner, model_identity, resolve_model
 from .protocol import Abort, SamplingParams, Subjects, TokenEvent, decode, encode
 from .service import Service
@@ -84,8 +85,23 @@ class ModelWorker(Service):
     async def emit_error(self, request_id: str, seq: int, error: str) -> None:
         await self.emit(TokenEvent(request_id=request_id, seq=seq, token_ids=[], finish_reason="error", error=error))
 
-    async def pull(self, sub, batch: int = 1, timeout: float = 1.0) -> list:
+    async def subscribe_tasks(self, stream: str, subject: str) -> None:
+        """This instance's durable pull consumer on its task subject."""
+        self._task_source = (stream, subject)
+        self.sub = await work_subscription(self.js, stream, subject, durable=self.instance_id)
+
+    async def pull(self, batch: int = 1, timeout: float = 1.0) -> list:
+        """Next tasks, or [] after ``timeout``. Survives the consumer being deleted (the conductor
+        does that when it took this instance for dead) or the server restarting: it re-creates it."""
         try:
-            return await sub.fetch(batch, timeout=timeout)
+            return await self.sub.fetch(batch, timeout=timeout)
         except (nats.errors.TimeoutError, asyncio.TimeoutError):
+            return []
+        except Exception as e:  # noqa: BLE001
+            self.log.warning("task_fetch_failed", error=str(e) or type(e).__name__)
+            await asyncio.sleep(1.0)
+            try:
+                await self.subscribe_tasks(*self._task_source)
+            except Exception as e2:  # noqa: BLE001 - try again on the next pull
+                self.log.warning("task_resubscribe_failed", error=str(e2) or type(e2).__name__)
             return []

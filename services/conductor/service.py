@@ -7,6 +7,7 @@ import time
 
 import msgspec
 import nats
+import nats.js.errors
 from nats.js.api import DeliverPolicy
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -21,6 +22,7 @@ from yuebing.libs.protocol import (
     ScheduleReply,
     ScheduleRequest,
     Subjects,
+    TokenEvent,
     decode,
     encode,
     keys_digest,
@@ -134,6 +136,8 @@ class ConductorService(Service):
                 self.log.warning("instance_lost", kind=gone.kind, id=gone.instance_id)
                 self.index.drop_instance(gone.instance_id)
                 self.outstanding.pop(gone.instance_id, None)
+                if gone.kind == "prefill":
+                    self.spawn(self._reassign_prefill(gone.instance_id))
             for iid in self.index.instances():
                 if self.index.needs_dump(iid) and iid not in self._dumping:
                     src = "cachestore" if self.registry.get("cachestore", iid) else "prefill"
@@ -158,17 +162,10 @@ class ConductorService(Service):
     def queue_seconds(self, iid: str) -> float:
         return sum(self.outstanding.get(iid, {}).values())
 
-    async def _on_schedule(self, msg) -> None:
-        try:
-            req = decode(msg.data, ScheduleRequest)
-        except _BAD as e:
-            self.log.warning("bad_schedule_request", error=str(e))
-            return
-        log = self.log.bind(request_id=req.request_id)
+    def _place(self, prompt_len: int, keys: list[bytes]):
         now = time.monotonic()
-        keys = req.block_hashes
         view = RequestView(
-            prompt_len=len(req.prompt_token_ids),
+            prompt_len=prompt_len,
             block_size=self.settings.block_size,
             pool_blocks=self.index.pool_prefix_len(keys) if self.settings.use_pool else 0,
         )
@@ -176,12 +173,75 @@ class ConductorService(Service):
             PrefillView(i.instance_id, self.queue_seconds(i.instance_id), self.index.prefix_len(keys, i.instance_id))
             for i in self.registry.alive("prefill", now)
         ]
-        decode_insts = self.registry.alive("decode", now)
         decodes = [
             DecodeView(i.instance_id, i.beat.running + i.beat.queued + i.placed_since_beat, i.beat.kv_tokens)
-            for i in decode_insts
+            for i in self.registry.alive("decode", now)
         ]
-        placement = self.policy.place(view, prefills, decodes)
+        return self.policy.place(view, prefills, decodes), view
+
+    def _placed(self, request_id: str, placement) -> None:
+        self.outstanding.setdefault(placement.prefill_id, {})[request_id] = placement.predicted_prefill
+        inst = self.registry.get("decode", placement.decode_id)
+        if inst is not None:
+            inst.placed_since_beat += 1
+
+    async def _reassign_prefill(self, dead: str) -> None:
+        """Move the tasks queued on (or in flight at) a lost prefill instance to live ones.
+
+        Its durable consumer is deleted, so its unacked and undelivered tasks become available
+        again; a temporary consumer takes them and they are placed afresh. Handlers downstream
+        are idempotent by request id, so work the instance had partly done is not repeated
+        visibly (duplicate first tokens and KV are dropped).
+        """
+        stream, subject = Subjects.PREFILL_STREAM, Subjects.prefill_task(dead)
+        try:
+            await self.js.delete_consumer(stream, dead)
+        except nats.js.errors.NotFoundError:
+            pass
+        except Exception as e:  # noqa: BLE001
+            self.log.warning("consumer_delete_failed", instance=dead, error=str(e))
+        moved = failed = 0
+        sub = await self.js.pull_subscribe(subject, stream=stream)
+        try:
+            while True:
+                try:
+                    msgs = await sub.fetch(32, timeout=1.0)
+                except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                    break
+                for m in msgs:
+                    try:
+                        task = decode(m.data, PrefillTask)
+                    except _BAD:
+                        await m.term()
+                        continue
+                    placement, _ = self._place(len(task.prompt_token_ids), task.block_hashes)
+                    if not placement.admitted:
+                        await self.nc.publish(Subjects.output(task.request_id), encode(TokenEvent(
+                            request_id=task.request_id, seq=0, token_ids=[], finish_reason="error",
+                            error=f"prefill instance {dead} was lost and {placement.reason}")))
+                        failed += 1
+                    else:
+                        task.decode_id = placement.decode_id
+                        task.reuse_blocks, task.use_pool = placement.reuse_blocks, placement.use_pool
+                        await self.js.publish(Subjects.prefill_task(placement.prefill_id), encode(task),
+                                              headers={"Nats-Msg-Id": f"{task.request_id}@{placement.prefill_id}"})
+                        self._placed(task.request_id, placement)
+                        moved += 1
+                    await m.ack()
+        finally:
+            await sub.unsubscribe()
+        if moved or failed:
+            self.log.warning("prefill_tasks_reassigned", instance=dead, moved=moved, failed=failed)
+
+    async def _on_schedule(self, msg) -> None:
+        try:
+            req = decode(msg.data, ScheduleRequest)
+        except _BAD as e:
+            self.log.warning("bad_schedule_request", error=str(e))
+            return
+        log = self.log.bind(request_id=req.request_id)
+        keys = req.block_hashes
+        placement, view = self._place(len(req.prompt_token_ids), keys)
         if placement.admitted:
             task = PrefillTask(
                 request_id=req.request_id,
@@ -203,10 +263,7 @@ class ConductorService(Service):
                                       reason="task queue unavailable", retry_after=1.0)
                 await msg.respond(encode(reply))
                 return
-            self.outstanding.setdefault(placement.prefill_id, {})[req.request_id] = placement.predicted_prefill
-            for d in decode_insts:
-                if d.instance_id == placement.decode_id:
-                    d.placed_since_beat += 1
+            self._placed(req.request_id, placement)
             PLACED.labels(policy=self.policy.name, plan="pool" if placement.use_pool else "local").inc()
             PREDICTED_TTFT.observe(placement.predicted_ttft)
             log.info("scheduled", prefill=placement.prefill_id, decode=placement.decode_id,

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import msgspec
 import torch
 
-from yuebing.libs.bus import BULK_PENDING_BYTES, BlobAssembler, work_subscription
+from yuebing.libs.bus import BULK_PENDING_BYTES, BlobAssembler
 from yuebing.libs.model import DecodeBatch, sample_token
 from yuebing.libs.protocol import DecodeTask, KVMeta, Subjects, TokenEvent, decode
 from yuebing.libs.worker import ModelWorker
@@ -25,16 +26,14 @@ class DecodeService(ModelWorker):
         await super().setup()
         self.batch = DecodeBatch(self.runner)
         self.batcher = Batcher(self.settings.max_running, self.shape.eos_token_ids)
-        self._kv: dict[str, tuple[KVMeta, bytearray]] = {}
+        self._kv: dict[str, tuple[KVMeta, bytearray, float]] = {}  # request id -> KV waiting for its task
         self._kv_ready: dict[str, asyncio.Event] = {}
         self._wake = asyncio.Event()
         self._assembler = BlobAssembler(self.nc, self._on_kv)
         await self.nc.subscribe(
             Subjects.kv(self.instance_id), cb=self._assembler.handle, pending_bytes_limit=BULK_PENDING_BYTES
         )
-        self.sub = await work_subscription(
-            self.js, Subjects.DECODE_STREAM, Subjects.decode_task(self.instance_id), durable=self.instance_id
-        )
+        await self.subscribe_tasks(Subjects.DECODE_STREAM, Subjects.decode_task(self.instance_id))
         self.spawn(self._pull_loop())
         self.spawn(self._engine_loop())
         self.spawn(self._progress_loop())
@@ -52,8 +51,11 @@ class DecodeService(ModelWorker):
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
             self.log.warning("bad_kv_meta", transfer_id=transfer_id, error=str(e))
             return
-        self._kv[m.request_id] = (m, data)
-        self._kv_ready.setdefault(m.request_id, asyncio.Event()).set()
+        rid = m.request_id
+        if rid in self.done or rid in self.batcher.running:
+            return  # a second copy (the prefill was redone after a failure)
+        self._kv[rid] = (m, data, time.monotonic())
+        self._kv_ready.setdefault(rid, asyncio.Event()).set()
 
     def _take_kv(self, meta: KVMeta, data: bytearray) -> torch.Tensor:
         s = self.shape
@@ -70,7 +72,7 @@ class DecodeService(ModelWorker):
             if not self.batcher.has_room():
                 await asyncio.sleep(0.01)
                 continue
-            for msg in await self.pull(self.sub):
+            for msg in await self.pull():
                 try:
                     task = decode(msg.data, DecodeTask)
                 except (msgspec.DecodeError, msgspec.ValidationError) as e:
@@ -89,7 +91,7 @@ class DecodeService(ModelWorker):
         event = self._kv_ready.setdefault(rid, asyncio.Event())
         try:
             await asyncio.wait_for(event.wait(), KV_WAIT_SECONDS)
-            meta, data = self._kv.pop(rid)
+            meta, data, _ = self._kv.pop(rid)
             kv = self._take_kv(meta, data)
         except (asyncio.TimeoutError, KeyError, ValueError) as e:
             log.error("kv_missing", error=repr(e))
@@ -190,9 +192,14 @@ class DecodeService(ModelWorker):
                 pass
 
     async def _progress_loop(self) -> None:
-        """Keep long-running sequences' task messages from being redelivered."""
+        """Keep long-running sequences' task messages from being redelivered; drop KV whose task
+        never came (its prefill failed after sending it, and the request went elsewhere)."""
         while not self.stopping:
             await asyncio.sleep(PROGRESS_EVERY)
+            now = time.monotonic()
+            for rid in [r for r, (_, _, t) in self._kv.items() if now - t > 4 * KV_WAIT_SECONDS]:
+                self._drop_kv(rid)
+                self.log.warning("kv_dropped_unclaimed", request_id=rid)
             for seq in list(self.batcher.running.values()) + list(self.batcher.waiting):
                 if seq.handle is not None:
                     try:

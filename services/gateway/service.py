@@ -217,6 +217,8 @@ class GatewayService(Service):
                     ev = decode(msg.data, TokenEvent)
                 except (msgspec.DecodeError, msgspec.ValidationError):
                     continue
+                if ev.seq < expected:
+                    continue  # a duplicate: the task was redone after an instance failed
                 early[ev.seq] = ev
                 while expected in early:
                     ev = early.pop(expected)

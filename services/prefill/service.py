@@ -10,7 +10,7 @@ import torch
 from prometheus_client import Counter, Gauge, Histogram
 
 from yuebing.libs.blocks import CacheClient, CacheError, join_blocks
-from yuebing.libs.bus import TransferError, send_blob, work_subscription
+from yuebing.libs.bus import TransferError, send_blob
 from yuebing.libs.kvevents import KVEventPublisher
 from yuebing.libs.model import sample_token
 from yuebing.libs.protocol import (
@@ -52,9 +52,7 @@ class PrefillService(ModelWorker):
         await self.events.start()
         self.queued = 0
         self.queued_tokens = 0
-        self.sub = await work_subscription(
-            self.js, Subjects.PREFILL_STREAM, Subjects.prefill_task(self.instance_id), durable=self.instance_id
-        )
+        await self.subscribe_tasks(Subjects.PREFILL_STREAM, Subjects.prefill_task(self.instance_id))
         self.spawn(self._loop())
 
     async def teardown(self) -> None:
@@ -67,7 +65,7 @@ class PrefillService(ModelWorker):
 
     async def _loop(self) -> None:
         while not self.stopping:
-            msgs = await self.pull(self.sub)
+            msgs = await self.pull()
             for msg in msgs:
                 try:
                     task = decode(msg.data, PrefillTask)
