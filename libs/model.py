@@ -347,6 +347,7 @@ class DecodeBatch:
                 self._v[i][: len(rows), :, new_width - keep : new_width] = old_v[i].index_select(0, idx)[:, :, old_w - keep : old_w]
         self.width = new_width
 
+    @torch.inference_mode()
     def add(self, seq_id: str, kv: torch.Tensor) -> None:
         """Join a sequence whose KV (wire layout, one sequence) covers ``kv.shape[3]`` positions."""
         n_layers, _, _, length, _ = kv.shape
@@ -366,6 +367,7 @@ class DecodeBatch:
         self.ids.append(seq_id)
         self.lengths.append(length)
 
+    @torch.inference_mode()
     def remove(self, seq_ids: set[str]) -> None:
         """Leave: each freed row is filled by moving the last row into it (one row copied per
         leave); the buffers are rebuilt only when most columns have become padding."""

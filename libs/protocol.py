@@ -85,6 +85,18 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
         return self.temperature == 0.0
 
 
+class Resume(msgspec.Struct, kw_only=True):
+    """Set when a request is resumed on other instances after one failed mid-stream.
+
+    ``request_id`` of the task is then a new attempt id; token events go to the client's original
+    ``output_id`` and are numbered from ``seq_base`` (the events the client already has). The
+    prompt of the attempt is the original prompt plus the tokens already streamed.
+    """
+
+    output_id: str
+    seq_base: int
+
+
 class ScheduleRequest(msgspec.Struct, kw_only=True):
     """gateway -> conductor: place this request (and, if admitted, dispatch it)."""
 
@@ -94,6 +106,7 @@ class ScheduleRequest(msgspec.Struct, kw_only=True):
     sampling: SamplingParams
     block_hashes: list[bytes] = []
     arrival_time: float = 0.0
+    resume: Resume | None = None
 
 
 class ScheduleReply(msgspec.Struct, kw_only=True):
@@ -127,6 +140,15 @@ class PrefillTask(msgspec.Struct, kw_only=True):
     reuse_blocks: int = -1
     use_pool: bool = True
     predicted_seconds: float = 0.0
+    resume: Resume | None = None
+
+    @property
+    def output_id(self) -> str:
+        return self.resume.output_id if self.resume else self.request_id
+
+    @property
+    def seq_base(self) -> int:
+        return self.resume.seq_base if self.resume else 0
 
 
 class DecodeTask(msgspec.Struct, kw_only=True):
@@ -140,6 +162,15 @@ class DecodeTask(msgspec.Struct, kw_only=True):
     kv_len: int  # number of positions whose KV was transferred
     cached_tokens: int = 0
     prefill_id: str = ""
+    resume: Resume | None = None
+
+    @property
+    def output_id(self) -> str:
+        return self.resume.output_id if self.resume else self.request_id
+
+    @property
+    def seq_base(self) -> int:
+        return self.resume.seq_base if self.resume else 0
 
 
 class TokenEvent(msgspec.Struct, kw_only=True):
@@ -155,6 +186,7 @@ class TokenEvent(msgspec.Struct, kw_only=True):
     token_ids: list[int]
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     error: str = ""
+    retry: bool = False  # with "error": the request can be resumed elsewhere from where it stands
     prompt_tokens: int = 0
     cached_tokens: int = 0
 

@@ -82,8 +82,9 @@ class ModelWorker(Service):
     async def emit(self, event: TokenEvent) -> None:
         await self.nc.publish(Subjects.output(event.request_id), encode(event))
 
-    async def emit_error(self, request_id: str, seq: int, error: str) -> None:
-        await self.emit(TokenEvent(request_id=request_id, seq=seq, token_ids=[], finish_reason="error", error=error))
+    async def emit_error(self, output_id: str, seq: int, error: str, retry: bool = False) -> None:
+        await self.emit(TokenEvent(request_id=output_id, seq=seq, token_ids=[], finish_reason="error", error=error,
+                                   retry=retry))
 
     async def subscribe_tasks(self, stream: str, subject: str) -> None:
         """This instance's durable pull consumer on its task subject."""

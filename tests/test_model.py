@@ -68,3 +68,34 @@ def test_seeded_sampling_is_reproducible_and_position_dependent():
     assert len(set(draws)) > 1
     top50 = set(torch.topk(logits, 50).indices.tolist())
     assert set(draws) <= top50
+
+
+def test_batch_survives_growth_joins_and_leaves(tiny_dir, tiny_model):
+    """Capacity growth inside a step, then joins and leaves (moving rows), stay exact."""
+    model, _ = tiny_model
+    runner = ModelRunner(tiny_dir)
+    DecodeBatch.GROW = 4  # force buffer growth during steps
+    try:
+        batch = DecodeBatch(runner)
+        prompts = {str(k): [40 + 3 * k + i for i in range(5 + 7 * k)] for k in range(5)}
+        outs = {}
+        for k in ("0", "1"):
+            logits, kv = runner.prefill(prompts[k])
+            outs[k] = [sample_token(logits, GREEDY, 0)]
+            batch.add(k, kv)
+        for step in range(30):
+            if step == 6:
+                batch.remove({"0"})  # a row in the middle leaves
+            if step in (8, 9, 10):
+                k = str(step - 6)
+                logits, kv = runner.prefill(prompts[k])
+                outs[k] = [sample_token(logits, GREEDY, 0)]
+                batch.add(k, kv)
+            lg = batch.step([outs[s][-1] for s in batch.ids])
+            for row, s in enumerate(batch.ids):
+                outs[s].append(sample_token(lg[row], GREEDY, 0))
+        for k, out in outs.items():
+            ref = reference_greedy(model, prompts[k], len(out))
+            assert out[: len(ref)] == ref, k
+    finally:
+        DecodeBatch.GROW = 256

@@ -138,6 +138,8 @@ class ConductorService(Service):
                 self.outstanding.pop(gone.instance_id, None)
                 if gone.kind == "prefill":
                     self.spawn(self._reassign_prefill(gone.instance_id))
+                elif gone.kind == "decode":
+                    self.spawn(self._drop_decode_tasks(gone.instance_id))
             for iid in self.index.instances():
                 if self.index.needs_dump(iid) and iid not in self._dumping:
                     src = "cachestore" if self.registry.get("cachestore", iid) else "prefill"
@@ -185,6 +187,18 @@ class ConductorService(Service):
         if inst is not None:
             inst.placed_since_beat += 1
 
+    async def _drop_decode_tasks(self, dead: str) -> None:
+        """A lost decode instance's tasks are useless (their KV died with it): the gateways resume
+        those requests on live instances. Drop its consumer and its queued tasks."""
+        try:
+            await self.js.delete_consumer(Subjects.DECODE_STREAM, dead)
+        except Exception:  # noqa: BLE001 - not found, or the server is busy: nothing to drop
+            pass
+        try:
+            await self.js.purge_stream(Subjects.DECODE_STREAM, subject=Subjects.decode_task(dead))
+        except Exception as e:  # noqa: BLE001
+            self.log.warning("decode_purge_failed", instance=dead, error=str(e))
+
     async def _reassign_prefill(self, dead: str) -> None:
         """Move the tasks queued on (or in flight at) a lost prefill instance to live ones.
 
@@ -216,8 +230,8 @@ class ConductorService(Service):
                         continue
                     placement, _ = self._place(len(task.prompt_token_ids), task.block_hashes)
                     if not placement.admitted:
-                        await self.nc.publish(Subjects.output(task.request_id), encode(TokenEvent(
-                            request_id=task.request_id, seq=0, token_ids=[], finish_reason="error",
+                        await self.nc.publish(Subjects.output(task.output_id), encode(TokenEvent(
+                            request_id=task.output_id, seq=task.seq_base, token_ids=[], finish_reason="error",
                             error=f"prefill instance {dead} was lost and {placement.reason}")))
                         failed += 1
                     else:
@@ -253,6 +267,7 @@ class ConductorService(Service):
                 reuse_blocks=placement.reuse_blocks,
                 use_pool=placement.use_pool and self.settings.use_pool,
                 predicted_seconds=placement.predicted_prefill,
+                resume=req.resume,
             )
             try:
                 await self.js.publish(Subjects.prefill_task(placement.prefill_id), encode(task),

@@ -18,11 +18,13 @@ class Sequence:
     kv: Any = None  # the KV to join with (wire layout); dropped once joined
     handle: Any = None  # the task message to ack when finished
     finish: str | None = None
+    output_id: str = ""  # where the client listens (the request id, or the original one of a resumed request)
+    seq_base: int = 0  # token events the client had before this attempt
 
     @property
     def next_seq(self) -> int:
         """Sequence number of the next token event (one event per token)."""
-        return len(self.output)
+        return self.seq_base + len(self.output)
 
 
 @dataclass

@@ -95,7 +95,8 @@ class DecodeService(ModelWorker):
             kv = self._take_kv(meta, data)
         except (asyncio.TimeoutError, KeyError, ValueError) as e:
             log.error("kv_missing", error=repr(e))
-            await self.emit_error(rid, len(task.output_token_ids), "decode did not receive the KV cache")
+            await self.emit_error(task.output_id, task.seq_base + len(task.output_token_ids),
+                                  "decode did not receive the KV cache", retry=True)
             self._drop_kv(rid)
             await msg.ack()
             return
@@ -111,6 +112,8 @@ class DecodeService(ModelWorker):
             output=list(task.output_token_ids),
             kv=kv,
             handle=msg,
+            output_id=task.output_id,
+            seq_base=task.seq_base,
         )
         self.batcher.submit(seq)
         self._wake.set()
@@ -139,7 +142,7 @@ class DecodeService(ModelWorker):
         rows = [by_id[rid] for rid in self.batch.ids]  # the batch keeps its own row order
         assert len(rows) == len(by_id)
         logits = self.batch.step([s.output[-1] for s in rows])
-        tokens = {s.request_id: sample_token(logits[i], s.params, len(s.output)) for i, s in enumerate(rows)}
+        tokens = {s.request_id: sample_token(logits[i], s.params, s.next_seq) for i, s in enumerate(rows)}
         return [tokens[s.request_id] for s in plan.rows]
 
     async def _engine_loop(self) -> None:
@@ -154,7 +157,7 @@ class DecodeService(ModelWorker):
             except Exception as e:  # noqa: BLE001 - fail the batch's requests, keep serving
                 self.log.error("decode_step_failed", error=repr(e), exc_info=True)
                 for seq in plan.rows:
-                    await self.emit_error(seq.request_id, seq.next_seq, f"decode step failed: {e}")
+                    await self.emit_error(seq.output_id, seq.next_seq, f"decode step failed: {e}", retry=True)
                     self.batcher.abort(seq.request_id)
                     await self._ack(seq)
                 self.batch = DecodeBatch(self.runner)
@@ -166,7 +169,7 @@ class DecodeService(ModelWorker):
                     continue
                 await self.emit(
                     TokenEvent(
-                        request_id=seq.request_id,
+                        request_id=seq.output_id,
                         seq=seq.next_seq - 1,
                         token_ids=[tok],
                         finish_reason=seq.finish if seq.request_id in finished else None,

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import time
 import uuid
+from msgspec.structs import replace
 
 import msgspec
 import nats
@@ -19,6 +20,7 @@ from yuebing.libs.model import load_tokenizer, model_identity, model_name_for, r
 from yuebing.libs.protocol import (
     Abort,
     Heartbeat,
+    Resume,
     ScheduleReply,
     ScheduleRequest,
     Subjects,
@@ -33,6 +35,7 @@ from .detok import IncrementalDetokenizer, StopStrings
 
 SCHEDULE_TIMEOUT = 10.0
 STALL_TIMEOUT = 120.0  # longest silence between two token events before the request fails
+MAX_ATTEMPTS = 3  # a request is resumed at most twice after instance failures
 
 
 class ClientGone(Exception):
@@ -100,9 +103,7 @@ class GatewayService(Service):
 
     def live_beats(self) -> list[Heartbeat]:
         now = time.monotonic()
-        for key in [k for k, (seen, hb) in self.live.items() if now - seen > 3 * hb.interval]:
-            del self.live[key]
-        return [hb for _, hb in self.live.values()]
+        return [hb for seen, hb in self.live.values() if now - seen <= 3 * hb.interval]
 
     # ---------------------------------------------------------------- routes
     async def health(self, request: web.Request) -> web.Response:
@@ -171,37 +172,57 @@ class GatewayService(Service):
         return await self._serve(request, norm, "text", f"cmpl-{uuid.uuid4().hex}")
 
     # ---------------------------------------------------------------- generation
+    async def _schedule(self, attempt_id: str, prompt: list[int], sampling, resume: Resume | None) -> ScheduleReply:
+        sreq = ScheduleRequest(
+            request_id=attempt_id,
+            prompt_token_ids=prompt,
+            sampling=sampling,
+            block_hashes=block_hashes(prompt, self.settings.block_size, self.namespace),
+            arrival_time=time.time(),
+            resume=resume,
+        )
+        try:
+            raw = await self.nc.request(Subjects.SCHEDULE, encode(sreq), timeout=SCHEDULE_TIMEOUT)
+            reply = decode(raw.data, ScheduleReply)
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
+            metrics.REJECTED.labels(reason="no_conductor").inc()
+            raise oa.ApiError(503, "the scheduler (conductor) is not reachable", code="service_unavailable",
+                              headers={"Retry-After": "2"}) from None
+        if not reply.admitted:
+            metrics.REJECTED.labels(reason=str(reply.status)).inc()
+            retry = max(1, round(reply.retry_after))
+            raise oa.ApiError(reply.status, reply.reason, code="service_unavailable" if reply.status == 503
+                              else "rate_limited", headers={"Retry-After": str(retry)})
+        return reply
+
+    def _lost(self, kind: str, instance_id: str) -> bool:
+        """An instance this gateway heard from that has now missed three heartbeats."""
+        seen = self.live.get((kind, instance_id))
+        return seen is not None and time.monotonic() - seen[0] > 3 * seen[1].interval
+
     async def _events(self, rid: str, norm: oa.Normalized, client_gone):
-        """Schedule the request and yield its TokenEvents in order; aborts it if left early."""
+        """Schedule the request and yield its TokenEvents in order; aborts it if left early.
+
+        If the decode instance serving it is lost (or a worker reports a retryable failure), the
+        request is resumed: rescheduled as a new attempt whose prompt is the original prompt plus
+        the tokens already streamed, its events numbered on from where the client stands, so the
+        client sees no token twice and none missing.
+        """
         queue: asyncio.Queue = asyncio.Queue()
         sub = await self.nc.subscribe(Subjects.output(rid), cb=queue.put)
         finished = False
+        attempt_id = rid
         try:
-            sreq = ScheduleRequest(
-                request_id=rid,
-                prompt_token_ids=norm.prompt_token_ids,
-                sampling=norm.sampling,
-                block_hashes=block_hashes(norm.prompt_token_ids, self.settings.block_size, self.namespace),
-                arrival_time=time.time(),
-            )
-            try:
-                raw = await self.nc.request(Subjects.SCHEDULE, encode(sreq), timeout=SCHEDULE_TIMEOUT)
-                reply = decode(raw.data, ScheduleReply)
-            except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
-                metrics.REJECTED.labels(reason="no_conductor").inc()
-                raise oa.ApiError(503, "the scheduler (conductor) is not reachable", code="service_unavailable",
-                                  headers={"Retry-After": "2"}) from None
-            if not reply.admitted:
-                metrics.REJECTED.labels(reason=str(reply.status)).inc()
-                retry = max(1, round(reply.retry_after))
-                raise oa.ApiError(reply.status, reply.reason, code="service_unavailable" if reply.status == 503
-                                  else "rate_limited", headers={"Retry-After": str(retry)})
+            reply = await self._schedule(rid, norm.prompt_token_ids, norm.sampling, None)
+            attempts = 1
+            got: list[int] = []  # tokens yielded so far
             expected = 0
             early: dict[int, TokenEvent] = {}
             deadline = time.monotonic() + self.settings.request_timeout
             while True:
                 stall = time.monotonic() + STALL_TIMEOUT
                 msg = None
+                resume = False
                 while msg is None:
                     if client_gone():
                         raise ClientGone()
@@ -209,20 +230,41 @@ class GatewayService(Service):
                     if left <= 0:
                         raise oa.ApiError(504, "the request timed out waiting for the model", code="timeout",
                                           type="server_error")
+                    if self._lost("decode", reply.decode_id):
+                        resume = True
+                        break
                     try:
                         msg = await asyncio.wait_for(queue.get(), min(left, 1.0))
                     except asyncio.TimeoutError:
                         pass
-                try:
-                    ev = decode(msg.data, TokenEvent)
-                except (msgspec.DecodeError, msgspec.ValidationError):
+                ev = None
+                if msg is not None:
+                    try:
+                        ev = decode(msg.data, TokenEvent)
+                    except (msgspec.DecodeError, msgspec.ValidationError):
+                        continue
+                    if ev.seq < expected:
+                        continue  # a duplicate: the task was redone after an instance failed
+                    resume = ev.retry and ev.seq == expected
+                if resume:
+                    if attempts >= MAX_ATTEMPTS:
+                        raise oa.ApiError(503, "the request failed on every attempt", code="worker_error",
+                                          type="server_error")
+                    await self.nc.publish(Subjects.ABORT, encode(Abort(request_id=attempt_id, reason="resume")))
+                    attempts += 1
+                    attempt_id = f"{rid}.a{attempts}"
+                    remaining = replace(norm.sampling, max_tokens=norm.sampling.max_tokens - len(got))
+                    self.log.warning("request_resumed", request_id=rid, attempt=attempts, tokens_so_far=len(got),
+                                     lost_decode=reply.decode_id)
+                    early.clear()
+                    reply = await self._schedule(attempt_id, norm.prompt_token_ids + got, remaining,
+                                                 Resume(output_id=rid, seq_base=expected))
                     continue
-                if ev.seq < expected:
-                    continue  # a duplicate: the task was redone after an instance failed
                 early[ev.seq] = ev
                 while expected in early:
                     ev = early.pop(expected)
                     expected += 1
+                    got.extend(ev.token_ids)
                     if ev.finish_reason is not None:
                         finished = True
                     yield ev
@@ -233,7 +275,7 @@ class GatewayService(Service):
                 await sub.unsubscribe()
             if not finished and self.nc.is_connected:
                 with contextlib.suppress(Exception):
-                    await self.nc.publish(Subjects.ABORT, encode(Abort(request_id=rid, reason="client")))
+                    await self.nc.publish(Subjects.ABORT, encode(Abort(request_id=attempt_id, reason="client")))
 
     async def _serve(self, request: web.Request, norm: oa.Normalized, kind: str, rid: str) -> web.StreamResponse:
         log = self.log.bind(request_id=rid)

@@ -134,13 +134,13 @@ class PrefillService(ModelWorker):
             compute_seconds = time.monotonic() - t0
         except Exception as e:  # noqa: BLE001 - report, never hang the client
             log.error("prefill_failed", error=repr(e))
-            await self.emit_error(rid, 0, f"prefill failed: {e}")
+            await self.emit_error(task.output_id, task.seq_base, f"prefill failed: {e}")
             await msg.ack()
             return
-        token = sample_token(logits, task.sampling, 0)
+        token = sample_token(logits, task.sampling, task.seq_base)
         reason = finish_reason(token, 1, task.sampling, self.shape.eos_token_ids)
-        await self.emit(TokenEvent(request_id=rid, seq=0, token_ids=[token], finish_reason=reason,
-                                   prompt_tokens=len(prompt), cached_tokens=reused))
+        await self.emit(TokenEvent(request_id=task.output_id, seq=task.seq_base, token_ids=[token],
+                                   finish_reason=reason, prompt_tokens=len(prompt), cached_tokens=reused))
         QUERY_TOKENS.inc(len(prompt))
         HIT_TOKENS.labels(source="local").inc(local * bs)
         HIT_TOKENS.labels(source="pool").inc(pool * bs)
@@ -158,7 +158,8 @@ class PrefillService(ModelWorker):
                 await self._hand_off(task, token, kv)
             except (TransferError, Exception) as e:  # noqa: BLE001
                 log.error("handoff_failed", decode=task.decode_id, error=repr(e))
-                await self.emit_error(rid, 1, f"KV hand-off to decode failed: {e}")
+                await self.emit_error(task.output_id, task.seq_base + 1, f"KV hand-off to decode failed: {e}",
+                                      retry=True)
         self.done.add(rid)
         await msg.ack()
         if task.block_hashes:
@@ -186,6 +187,7 @@ class PrefillService(ModelWorker):
             sampling=task.sampling,
             kv_len=kv.shape[3],
             prefill_id=self.instance_id,
+            resume=task.resume,
         )
         await self.js.publish(
             Subjects.decode_task(task.decode_id), encode(dtask), headers={"Nats-Msg-Id": task.request_id}
