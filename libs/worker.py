@@ -10,6 +10,7 @@ from functools import partial
 
 import msgspec
 import nats
+from nats.js.errors import BadRequestError
 
 from .blocks import namespace_digest
 from .bus import work_subscription
@@ -86,10 +87,23 @@ class ModelWorker(Service):
         await self.emit(TokenEvent(request_id=output_id, seq=seq, token_ids=[], finish_reason="error", error=error,
                                    retry=retry))
 
-    async def subscribe_tasks(self, stream: str, subject: str) -> None:
-        """This instance's durable pull consumer on its task subject."""
+    async def subscribe_tasks(self, stream: str, subject: str, wait: float = 30.0) -> None:
+        """This instance's durable pull consumer on its task subject.
+
+        A work queue allows one consumer per subject: while the conductor is moving this instance's
+        tasks away (it took the instance for dead), creating the consumer fails; wait for it.
+        """
         self._task_source = (stream, subject)
-        self.sub = await work_subscription(self.js, stream, subject, durable=self.instance_id)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                self.sub = await work_subscription(self.js, stream, subject, durable=self.instance_id)
+                return
+            except BadRequestError as e:
+                if time.monotonic() > deadline:
+                    raise
+                self.log.info("task_consumer_busy", error=str(e))
+                await asyncio.sleep(1.0)
 
     async def pull(self, batch: int = 1, timeout: float = 1.0) -> list:
         """Next tasks, or [] after ``timeout``. Survives the consumer being deleted (the conductor

@@ -78,3 +78,22 @@ async def test_kill_one_of_two_decode_instances_mid_stream(tiny_dir, tiny_model,
             assert text == tok.decode(ref, skip_special_tokens=True, clean_up_tokenization_spaces=False)
     finally:
         cluster.stop()
+
+
+async def test_cachestore_kill9_and_restart_keeps_blocks(tiny_dir, tiny_model, tmp_path):
+    from test_prefix_reuse import _complete, _pool_holds, _restart, _wait_ready
+    from helpers import wait_until
+
+    cluster = start_cluster(tiny_dir, tmp_path / "c")
+    try:
+        prompt = [(19 * i + 4) % 30000 + 500 for i in range(85)]  # 5 full blocks
+        cold_text, _ = await _complete(cluster, tiny_dir.name, prompt)
+        assert await wait_until(lambda: _pool_holds(cluster, 5), timeout=30)
+        await _restart(cluster, "cachestore-0", signal.SIGKILL)
+        await _restart(cluster, "prefill-0")  # its own DRAM copy is gone: the blocks must come from the pool
+        await _wait_ready(cluster)
+        text, usage = await _complete(cluster, tiny_dir.name, prompt)
+        assert usage["prompt_tokens_details"]["cached_tokens"] == 80
+        assert text == cold_text
+    finally:
+        cluster.stop()

@@ -49,9 +49,21 @@ async def _pool_holds(cluster, n_keys: int) -> bool:
         await nc.close()
 
 
-def _restart(cluster, name):
+async def _gone(cluster, name):
+    """Wait until the cluster no longer counts ``name`` as alive (its heartbeats have lapsed)."""
+
+    async def gone():
+        h = await get_json(cluster.url + "/health")
+        return all(w["id"] != name for w in h["workers"])
+
+    assert await wait_until(gone, timeout=30)
+
+
+async def _restart(cluster, name, sig=signal.SIGTERM):
+    """Stop an instance, let the cluster notice, and start it again under the same id."""
     kind, index = name.rsplit("-", 1)
-    cluster.kill(name, signal.SIGTERM)
+    cluster.kill(name, sig)
+    await _gone(cluster, name)
     cluster.start_service(kind, int(index))
 
 
@@ -135,13 +147,13 @@ async def test_reuse_from_lmdb_after_cachestore_restart_and_index_rebuild(rr_clu
     assert await wait_until(lambda: _pool_holds(rr_cluster, 4), timeout=30)
     # restart the cachestore (its DRAM is gone, LMDB stays) and both prefills (their DRAM is gone)
     for name in ("cachestore-0", "prefill-0", "prefill-1"):
-        _restart(rr_cluster, name)
+        await _restart(rr_cluster, name)
     await _wait_ready(rr_cluster)
     text, usage = await _complete(rr_cluster, tiny_dir.name, prompt)
     assert usage["prompt_tokens_details"]["cached_tokens"] == 64
     assert text == cold_text == _text(tok, reference_greedy(model, prompt, 24))
     # the conductor, restarted, rebuilds its index from the event stream and dumps
-    _restart(rr_cluster, "conductor-0")
+    await _restart(rr_cluster, "conductor-0")
     await _wait_ready(rr_cluster)
     nc = await connect(rr_cluster.nats.url, "test-index")
     try:
@@ -167,6 +179,7 @@ async def test_corrupt_block_in_lmdb_is_a_miss_not_wrong_text(tiny_dir, tiny_mod
         cold_text, _ = await _complete(cluster, tiny_dir.name, prompt)
         assert await wait_until(lambda: _pool_holds(cluster, 3), timeout=30)
         cluster.kill("cachestore-0", signal.SIGTERM)
+        await _gone(cluster, "cachestore-0")
         db = cluster.data_dir / "cachestore" / "cachestore-0"
         env = lmdb.open(str(db), max_dbs=3)
         blocks = env.open_db(b"blocks")
@@ -177,7 +190,7 @@ async def test_corrupt_block_in_lmdb_is_a_miss_not_wrong_text(tiny_dir, tiny_mod
                 txn.put(k, bytes(bad), db=blocks)
         env.close()
         # while the pool is down, a fresh prefill instance recomputes: same text, nothing cached
-        _restart(cluster, "prefill-0")
+        await _restart(cluster, "prefill-0")
         cluster.cachestore = 0
         await _wait_ready(cluster)
         text, usage = await _complete(cluster, tiny_dir.name, prompt)
@@ -185,7 +198,7 @@ async def test_corrupt_block_in_lmdb_is_a_miss_not_wrong_text(tiny_dir, tiny_mod
         assert text == cold_text
         cluster.cachestore = 1
         cluster.start_service("cachestore", 0)
-        _restart(cluster, "prefill-0")
+        await _restart(cluster, "prefill-0")
         await _wait_ready(cluster)
         text, usage = await _complete(cluster, tiny_dir.name, prompt)
         assert usage["prompt_tokens_details"]["cached_tokens"] == 0

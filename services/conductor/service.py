@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import msgspec
@@ -216,6 +217,7 @@ class ConductorService(Service):
             self.log.warning("consumer_delete_failed", instance=dead, error=str(e))
         moved = failed = 0
         sub = await self.js.pull_subscribe(subject, stream=stream)
+        consumer = (await sub.consumer_info()).name
         try:
             while True:
                 try:
@@ -244,6 +246,10 @@ class ConductorService(Service):
                     await m.ack()
         finally:
             await sub.unsubscribe()
+            # delete the temporary consumer now: a work queue allows one consumer per subject, and
+            # the instance may come back under the same id
+            with contextlib.suppress(Exception):
+                await self.js.delete_consumer(stream, consumer)
         if moved or failed:
             self.log.warning("prefill_tasks_reassigned", instance=dead, moved=moved, failed=failed)
 
