@@ -34,7 +34,8 @@ class TransferError(RuntimeError):
     pass
 
 
-async def connect(url: str, name: str, *, connect_timeout: float = 30.0) -> NATS:
+async def connect(url: str, name: str, *, connect_timeout: float = 30.0,
+                  on_reconnect: Callable[[], None] | None = None) -> NATS:
     """Connect to NATS, retrying until ``connect_timeout``; reconnects forever afterwards."""
 
     async def on_error(e: Exception) -> None:
@@ -43,8 +44,10 @@ async def connect(url: str, name: str, *, connect_timeout: float = 30.0) -> NATS
     async def on_disconnect() -> None:
         log.warning("nats_disconnected", client=name)
 
-    async def on_reconnect() -> None:
+    async def reconnected() -> None:
         log.info("nats_reconnected", client=name)
+        if on_reconnect is not None:
+            on_reconnect()
 
     deadline = time.monotonic() + connect_timeout
     while True:
@@ -60,7 +63,7 @@ async def connect(url: str, name: str, *, connect_timeout: float = 30.0) -> NATS
                 max_outstanding_pings=3,
                 error_cb=on_error,
                 disconnected_cb=on_disconnect,
-                reconnected_cb=on_reconnect,
+                reconnected_cb=reconnected,
             )
         except Exception as e:  # noqa: BLE001 - nats raises several unrelated types here
             if time.monotonic() > deadline:

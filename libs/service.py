@@ -36,6 +36,9 @@ class Service:
     async def teardown(self) -> None:  # called once on stop, before the connection drains
         pass
 
+    def on_reconnected(self) -> None:
+        """Called after the connection to NATS came back (messages may have been lost meanwhile)."""
+
     def load(self) -> Heartbeat | None:
         """The heartbeat to publish, or None for services that are not placed by the conductor."""
         return None
@@ -57,7 +60,8 @@ class Service:
         return self._stopping.is_set()
 
     async def start(self) -> None:
-        self.nc = await connect(self.settings.nats_url, f"{self.kind}:{self.instance_id}")
+        self.nc = await connect(self.settings.nats_url, f"{self.kind}:{self.instance_id}",
+                                on_reconnect=self.on_reconnected)
         self.js = self.nc.jetstream()
         await ensure_streams(self.js)
         await self.setup()

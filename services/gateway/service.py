@@ -75,6 +75,7 @@ class GatewayService(Service):
         self.namespace = namespace_digest(model_identity(path), self.shape.dtype_name, s.block_size)
         self.model_name = model_name_for(s.model, path)
         self.created = oa.now()
+        self.reconnects = 0
         self.live: dict[tuple[str, str], tuple[float, Heartbeat]] = {}  # (kind, id) -> (last seen, beat)
         await self.nc.subscribe(f"{Subjects.HEARTBEAT_PREFIX}.>", cb=self._on_heartbeat)
 
@@ -90,6 +91,10 @@ class GatewayService(Service):
         await site.start()
         self.url = f"http://{s.host}:{s.port}"
         self.log.info("gateway_listening", url=self.url, model=self.model_name)
+
+    def on_reconnected(self) -> None:
+        # token events published while the gateway was cut off are lost: in-flight requests resume
+        self.reconnects += 1
 
     async def teardown(self) -> None:
         await self._runner.cleanup()
@@ -195,6 +200,19 @@ class GatewayService(Service):
                               else "rate_limited", headers={"Retry-After": str(retry)})
         return reply
 
+    async def _reschedule(self, attempt_id: str, prompt: list[int], sampling, resume: Resume,
+                          patience: float = 15.0) -> ScheduleReply:
+        """Schedule a resumed attempt, waiting out a short outage (the bus or the conductor coming
+        back, a replacement instance joining) instead of failing at once."""
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                return await self._schedule(attempt_id, prompt, sampling, resume)
+            except oa.ApiError as e:
+                if e.status != 503 or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(1.0)
+
     def _lost(self, kind: str, instance_id: str) -> bool:
         """An instance this gateway heard from that has now missed three heartbeats."""
         seen = self.live.get((kind, instance_id))
@@ -214,6 +232,7 @@ class GatewayService(Service):
         attempt_id = rid
         try:
             reply = await self._schedule(rid, norm.prompt_token_ids, norm.sampling, None)
+            reconnects = self.reconnects
             attempts = 1
             got: list[int] = []  # tokens yielded so far
             expected = 0
@@ -230,7 +249,7 @@ class GatewayService(Service):
                     if left <= 0:
                         raise oa.ApiError(504, "the request timed out waiting for the model", code="timeout",
                                           type="server_error")
-                    if self._lost("decode", reply.decode_id):
+                    if self._lost("decode", reply.decode_id) or self.reconnects != reconnects:
                         resume = True
                         break
                     try:
@@ -257,8 +276,9 @@ class GatewayService(Service):
                     self.log.warning("request_resumed", request_id=rid, attempt=attempts, tokens_so_far=len(got),
                                      lost_decode=reply.decode_id)
                     early.clear()
-                    reply = await self._schedule(attempt_id, norm.prompt_token_ids + got, remaining,
-                                                 Resume(output_id=rid, seq_base=expected))
+                    reconnects = self.reconnects
+                    reply = await self._reschedule(attempt_id, norm.prompt_token_ids + got, remaining,
+                                                   Resume(output_id=rid, seq_base=expected))
                     continue
                 early[ev.seq] = ev
                 while expected in early:
