@@ -25,6 +25,7 @@ class Settings(msgspec.Struct, kw_only=True):
     models_dir: str = ""  # converted models; default <data_dir>/models
     block_size: int = DEFAULT_BLOCK_SIZE
     heartbeat_interval: float = 1.0
+    drain_seconds: float = 30.0  # on SIGTERM, time to finish work in flight before handing it back
     metrics_port: int = 0  # 0 = no separate metrics server (the gateway serves /metrics itself)
     threads: int = 0  # torch threads; 0 = torch's default
     # gateway

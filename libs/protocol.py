@@ -281,6 +281,7 @@ class Heartbeat(msgspec.Struct, kw_only=True):
     running: int = 0  # sequences in the running batch (decode)
     max_running: int = 0
     kv_tokens: int = 0  # KV positions held by the running batch (decode)
+    draining: bool = False  # stopping: finishes what it has, takes nothing new
 
 
 # ---------------------------------------------------------------- binary transfers

@@ -33,6 +33,10 @@ class Service:
     async def setup(self) -> None:  # subscribe, load models, ...
         pass
 
+    async def drain(self) -> None:
+        """On stop, before teardown: finish or hand back work in flight (heartbeats go on, marked
+        draining, so nothing new is placed here)."""
+
     async def teardown(self) -> None:  # called once on stop, before the connection drains
         pass
 
@@ -74,6 +78,10 @@ class Service:
         self._stopping.set()
         self.log.info("service_stopping")
         try:
+            try:
+                await asyncio.wait_for(self.drain(), self.settings.drain_seconds + 5)
+            except Exception as e:  # noqa: BLE001 - stop anyway
+                self.log.warning("drain_incomplete", error=repr(e))
             await self.teardown()
         finally:
             for t in list(self._tasks):
@@ -102,6 +110,7 @@ class Service:
             instance_id=self.instance_id,
             interval=self.settings.heartbeat_interval,
             model=self.settings.model,
+            draining=self.stopping,
             **load,
         )
 

@@ -35,47 +35,65 @@ async def test_kill_one_of_two_prefill_instances_under_load(tiny_dir, tiny_model
         cluster.stop()
 
 
-async def test_kill_one_of_two_decode_instances_mid_stream(tiny_dir, tiny_model, tmp_path):
-    """Streams on the killed instance resume elsewhere: every stream completes, and the text is
-    what an undisturbed greedy run produces: no token repeated, none skipped."""
+async def _streams_survive(cluster, tiny_dir, tiny_model, disturb, max_tokens=400, n=8):
+    """Run ``n`` greedy streams; once all are under way, ``disturb()``; every stream must complete
+    with the text of an undisturbed greedy run: no token repeated, none skipped."""
     import aiohttp
     import orjson
 
     model, tok = tiny_model
+    prompts = [[(37 * r + 11 * i) % 40000 + 60 for i in range(40 + 9 * r)] for r in range(n)]
+    progress = [0] * len(prompts)
+
+    async def stream(r, p):
+        text, n = "", 0
+        body = {"model": tiny_dir.name, "prompt": p, "max_tokens": max_tokens, "temperature": 0,
+                "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=240)) as s:
+            async with s.post(cluster.url + "/v1/completions", json=body) as resp:
+                assert resp.status == 200
+                async for line in resp.content:
+                    if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
+                        continue
+                    ev = orjson.loads(line[6:])
+                    assert "error" not in ev, ev
+                    if ev["choices"]:
+                        text += ev["choices"][0]["text"]
+                        progress[r] += 1
+                    else:
+                        n = ev["usage"]["completion_tokens"]
+        return text, n
+
+    tasks = [asyncio.create_task(stream(r, p)) for r, p in enumerate(prompts)]
+    while min(progress) < 5:  # every stream is under way on one of the two decode instances
+        await asyncio.sleep(0.05)
+    await disturb()
+    results = await asyncio.gather(*tasks)
+    for p, (text, got) in zip(prompts, results):
+        ref = reference_greedy(model, p, max_tokens)
+        assert got == max_tokens
+        assert text == tok.decode(ref, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+async def test_kill_one_of_two_decode_instances_mid_stream(tiny_dir, tiny_model, tmp_path):
+    """Streams on the killed instance resume elsewhere (re-prefill of prompt + tokens sent)."""
     cluster = start_cluster(tiny_dir, tmp_path / "c", decode=2)
-    max_tokens = 400
     try:
-        prompts = [[(37 * r + 11 * i) % 40000 + 60 for i in range(40 + 9 * r)] for r in range(8)]
-        progress = [0] * len(prompts)
+        await _streams_survive(cluster, tiny_dir, tiny_model,
+                               lambda: asyncio.to_thread(cluster.kill, "decode-1", signal.SIGKILL))
+    finally:
+        cluster.stop()
 
-        async def stream(r, p):
-            text, n = "", 0
-            body = {"model": tiny_dir.name, "prompt": p, "max_tokens": max_tokens, "temperature": 0,
-                    "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=240)) as s:
-                async with s.post(cluster.url + "/v1/completions", json=body) as resp:
-                    assert resp.status == 200
-                    async for line in resp.content:
-                        if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
-                            continue
-                        ev = orjson.loads(line[6:])
-                        assert "error" not in ev, ev
-                        if ev["choices"]:
-                            text += ev["choices"][0]["text"]
-                            progress[r] += 1
-                        else:
-                            n = ev["usage"]["completion_tokens"]
-            return text, n
 
-        tasks = [asyncio.create_task(stream(r, p)) for r, p in enumerate(prompts)]
-        while min(progress) < 5:  # every stream is under way on one of the two decode instances
-            await asyncio.sleep(0.05)
-        await asyncio.to_thread(cluster.kill, "decode-1", signal.SIGKILL)
-        results = await asyncio.gather(*tasks)
-        for p, (text, n) in zip(prompts, results):
-            ref = reference_greedy(model, p, max_tokens)
-            assert n == max_tokens
-            assert text == tok.decode(ref, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+async def test_sigterm_drains_a_decode_instance(tiny_dir, tiny_model, tmp_path):
+    """SIGTERM: the instance takes nothing new, finishes what it can within drain_seconds, hands
+    the rest back (resumed elsewhere), and exits 0."""
+    cluster = start_cluster(tiny_dir, tmp_path / "c", decode=2, drain_seconds=1.0)
+    try:
+        await _streams_survive(cluster, tiny_dir, tiny_model,
+                               lambda: asyncio.to_thread(cluster.kill, "decode-1", signal.SIGTERM),
+                               max_tokens=1200, n=6)
+        assert cluster.procs["decode-1"].returncode == 0
     finally:
         cluster.stop()
 

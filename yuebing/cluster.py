@@ -87,7 +87,7 @@ class LocalCluster:
         env = dict(os.environ, **self.extra_env)
         for f in ("block_size", "threads", "max_running", "dram_bytes", "disk_bytes", "prefill_chunk",
                   "max_body_bytes", "request_timeout", "heartbeat_interval", "policy", "use_pool",
-                  "prefill_cache_bytes", "cache_replicas"):
+                  "prefill_cache_bytes", "cache_replicas", "drain_seconds"):
             env[f"YUEBING_{f.upper()}"] = str(getattr(s, f))
         out = open(self.log_dir / f"{name}.log", "ab")
         proc = subprocess.Popen(cmd, stdout=out, stderr=out, env=env, start_new_session=True,

@@ -41,7 +41,8 @@ class Registry:
         return inst
 
     def alive(self, kind: str, now: float) -> list[Instance]:
-        return [i for (k, _), i in self._instances.items() if k == kind and i.alive(now)]
+        """Instances that can take new work: beating, and not draining."""
+        return [i for (k, _), i in self._instances.items() if k == kind and i.alive(now) and not i.beat.draining]
 
     def prune(self, now: float) -> list[Instance]:
         """Forget instances that missed their beats; returns them."""

@@ -145,8 +145,22 @@ class DecodeService(ModelWorker):
         tokens = {s.request_id: sample_token(logits[i], s.params, s.next_seq) for i, s in enumerate(rows)}
         return [tokens[s.request_id] for s in plan.rows]
 
+    async def drain(self) -> None:
+        """Finish running sequences for up to ``drain_seconds``; hand the rest back: each gets a
+        retryable error event, on which its gateway resumes it on another instance."""
+        deadline = time.monotonic() + self.settings.drain_seconds
+        while (self.batcher.running or self.batcher.waiting) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        left = list(self.batcher.running.values()) + list(self.batcher.waiting)
+        for seq in left:
+            self.batcher.abort(seq.request_id)
+            await self.emit_error(seq.output_id, seq.next_seq, "decode instance is shutting down", retry=True)
+            await self._finish(seq)
+        if left:
+            self.log.info("drain_handed_back", sequences=len(left))
+
     async def _engine_loop(self) -> None:
-        while not self.stopping:
+        while not self.stopping or self.batcher.running or self.batcher.waiting:
             if not self.batcher.running and not self.batcher.waiting:
                 self._wake.clear()
                 await self._wake.wait()

@@ -256,7 +256,6 @@ class GatewayService(Service):
                         msg = await asyncio.wait_for(queue.get(), min(left, 1.0))
                     except asyncio.TimeoutError:
                         pass
-                ev = None
                 if msg is not None:
                     try:
                         ev = decode(msg.data, TokenEvent)
@@ -264,7 +263,19 @@ class GatewayService(Service):
                         continue
                     if ev.seq < expected:
                         continue  # a duplicate: the task was redone after an instance failed
-                    resume = ev.retry and ev.seq == expected
+                    early[ev.seq] = ev
+                    while expected in early and not resume:
+                        ev = early.pop(expected)
+                        if ev.retry:
+                            resume = True  # the worker handed the request back: resume it from here
+                            break
+                        expected += 1
+                        got.extend(ev.token_ids)
+                        if ev.finish_reason is not None:
+                            finished = True
+                        yield ev
+                        if finished:
+                            return
                 if resume:
                     if attempts >= MAX_ATTEMPTS:
                         raise oa.ApiError(503, "the request failed on every attempt", code="worker_error",
@@ -279,17 +290,6 @@ class GatewayService(Service):
                     reconnects = self.reconnects
                     reply = await self._reschedule(attempt_id, norm.prompt_token_ids + got, remaining,
                                                    Resume(output_id=rid, seq_base=expected))
-                    continue
-                early[ev.seq] = ev
-                while expected in early:
-                    ev = early.pop(expected)
-                    expected += 1
-                    got.extend(ev.token_ids)
-                    if ev.finish_reason is not None:
-                        finished = True
-                    yield ev
-                    if finished:
-                        return
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()

@@ -3,6 +3,7 @@ hand the KV to decode, and keep the new blocks (own DRAM cache, then the pool)."
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import msgspec
@@ -53,7 +54,12 @@ class PrefillService(ModelWorker):
         self.queued = 0
         self.queued_tokens = 0
         await self.subscribe_tasks(Subjects.PREFILL_STREAM, Subjects.prefill_task(self.instance_id))
-        self.spawn(self._loop())
+        self._loop_task = self.spawn(self._loop())
+
+    async def drain(self) -> None:
+        """Finish the prompt in hand; queued tasks go to other instances (the conductor moves
+        them once this one stops beating)."""
+        await asyncio.wait({self._loop_task}, timeout=self.settings.drain_seconds)
 
     async def teardown(self) -> None:
         await self.events.stop()
