@@ -32,6 +32,8 @@ class Settings(msgspec.Struct, kw_only=True):
     host: str = "127.0.0.1"
     port: int = 8000
     max_body_bytes: int = 1024 * 1024
+    api_keys: str = ""  # comma-separated Bearer keys the gateway accepts
+    no_auth: bool = False  # serve without API keys: only when explicitly configured (local use)
     request_timeout: float = 600.0
     # conductor
     policy: str = "global_cache_aware"  # random | round_robin | least_loaded | local_cache_aware | global_cache_aware

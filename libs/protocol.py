@@ -371,10 +371,51 @@ def encode(msg: msgspec.Struct) -> bytes:
 
 _decoders: dict[type, msgspec.msgpack.Decoder] = {}
 
+# Size bounds per message type: anything larger is dropped (and counted) before it is parsed.
+# Control messages are small; tasks carry token lists; chunks carry up to a bus message of data.
+SMALL_MESSAGE_BYTES = 64 * 1024
+MESSAGE_BOUNDS: dict[str, int] = {
+    "ScheduleRequest": MAX_PAYLOAD,
+    "PrefillTask": MAX_PAYLOAD,
+    "DecodeTask": MAX_PAYLOAD,
+    "Chunk": MAX_PAYLOAD,
+    "KVEvent": MAX_PAYLOAD,
+    "KVDump": MAX_PAYLOAD,
+    "CacheGetRequest": MAX_PAYLOAD,
+    "CacheExistsRequest": MAX_PAYLOAD,
+    "CacheExistsReply": MAX_PAYLOAD,
+    "CacheGetReply": MAX_PAYLOAD,
+    "TokenEvent": SMALL_MESSAGE_BYTES,
+}
+
+try:
+    from prometheus_client import Counter as _Counter
+
+    DROPPED = _Counter("yuebing:bus_messages_dropped", "Bus messages refused before use", ["type", "reason"])
+except ImportError:  # pragma: no cover
+    DROPPED = None
+
+
+class Oversized(msgspec.ValidationError):
+    pass
+
 
 def decode(data: bytes | memoryview, typ: type[msgspec.Struct]):
-    """Decode ``data`` as ``typ``; raises ``msgspec.ValidationError``/``DecodeError`` on garbage
-    or on a protocol version this build does not speak."""
+    """Decode ``data`` as ``typ``; raises ``msgspec.ValidationError``/``DecodeError`` on garbage,
+    on a message over its size bound, or on a protocol version this build does not speak.
+    Every refusal is counted in ``yuebing:bus_messages_dropped``."""
+    bound = MESSAGE_BOUNDS.get(typ.__name__, SMALL_MESSAGE_BYTES)
+    if len(data) > bound:
+        DROPPED.labels(type=typ.__name__, reason="oversized").inc()
+        raise Oversized(f"{typ.__name__} of {len(data)} bytes exceeds its bound of {bound}")
+    try:
+        return _decode(data, typ)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        DROPPED.labels(type=typ.__name__, reason="invalid").inc()
+        raise
+
+
+def _decode(data, typ):
     dec = _decoders.get(typ)
     if dec is None:
         dec = _decoders[typ] = msgspec.msgpack.Decoder(typ)

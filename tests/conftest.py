@@ -40,6 +40,7 @@ def start_cluster(model: Path | str, data_dir: Path, **kwargs):
 
     settings_overrides = {k: kwargs.pop(k) for k in list(kwargs) if k not in ("prefill", "decode", "cachestore")}
     settings_overrides.setdefault("models_dir", str(default_data_dir() / "models"))
+    settings_overrides.setdefault("no_auth", True)  # tests of the API keys turn them on explicitly
     settings = from_env(model=str(model), data_dir=str(data_dir), port=free_port(), **settings_overrides)
     return LocalCluster(settings, **kwargs).start(ready_timeout=180)
 

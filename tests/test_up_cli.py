@@ -48,10 +48,15 @@ async def test_up_serves_and_sigint_stops_everything(tiny_dir, tmp_path):
     try:
         assert ready.wait(180), "".join(lines[-30:])
         assert any(f"http://127.0.0.1:{port}/v1" in line for line in lines)
+        key = next(line.split("API key: ")[1].split()[0] for line in lines if "API key: " in line)
+        assert (data_dir / "api_key").read_text().strip() == key
         children = _processes_mentioning(str(data_dir))
         assert len(children) >= 7  # nats-server, cachestore, conductor, 2 prefill, decode, gateway
-        status, body, _ = await post(f"http://127.0.0.1:{port}/v1/completions",
-                                     {"model": tiny_dir.name, "prompt": "hello", "max_tokens": 4})
+        request = {"model": tiny_dir.name, "prompt": "hello", "max_tokens": 4}
+        status, body, _ = await post(f"http://127.0.0.1:{port}/v1/completions", request)
+        assert status == 401 and body["error"]["code"] == "invalid_api_key"  # auth is on by default
+        status, body, _ = await post(f"http://127.0.0.1:{port}/v1/completions", request,
+                                     headers={"Authorization": f"Bearer {key}"})
         assert status == 200, body
     finally:
         proc.send_signal(signal.SIGINT)

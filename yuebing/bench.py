@@ -430,7 +430,8 @@ def _serve(args) -> int:
         own_dir = tempfile.mkdtemp(prefix="yuebing-bench-")
         data_dir = own_dir
     settings = from_env(model=str(model_dir), data_dir=str(data_dir), models_dir=str(models_dir), port=free_port(),
-                        block_size=getattr(args, "block_size", None), threads=threads or None)
+                        block_size=getattr(args, "block_size", None), threads=threads or None,
+                        no_auth=True)  # a private cluster on loopback, for this run only
     cluster = LocalCluster(settings, prefill=1, decode=1)
     print(f"bench serve: model {model_dir}, max_tokens {max_tokens}, concurrency {levels}, "
           f"torch threads {threads or torch.get_num_threads()}; cluster logs in {cluster.log_dir}",

@@ -45,8 +45,16 @@ def _settings(args, **extra):
         block_size=getattr(args, "block_size", None),
         threads=getattr(args, "threads", None),
         policy=getattr(args, "policy", None),
+        api_keys=",".join(args.api_key) if getattr(args, "api_key", None) else None,
+        no_auth=True if getattr(args, "no_auth", False) else None,
         **extra,
     )
+
+
+def _auth_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--api-key", action="append", default=None,
+                   help="an API key the gateway accepts (repeatable; default for `up`: one is generated)")
+    p.add_argument("--no-auth", action="store_true", help="serve without API keys (local use only)")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -76,16 +84,21 @@ def cmd_up(args) -> int:
     print(f"starting yuebing (model {settings.model}); logs in {cluster.log_dir}", flush=True)
     try:
         cluster.start()
-        print(
-            f"\nyuebing is ready: {cluster.url}/v1  (model: {settings.model if settings.model else ''})\n"
-            f"  NATS: {cluster.nats.url}   prefill x{args.prefill}, decode x{args.decode}\n"
-            f"  metrics: " + ", ".join(f"{n} {u}" for n, u in cluster.metrics_urls.items()) + "\n"
-            f"  try:  curl {cluster.url}/v1/chat/completions -H 'Content-Type: application/json' "
+        key = cluster.api_key
+        auth_header = f"-H 'Authorization: Bearer {key}' " if key else ""
+        lines = [
+            "",
+            f"yuebing is ready: {cluster.url}/v1  (model: {_model_id(settings)})",
+            f"  NATS: {cluster.nats.url}   prefill x{args.prefill}, decode x{args.decode}",
+            "  metrics: " + ", ".join(f"{n} {u}" for n, u in cluster.metrics_urls.items()),
+            (f"  API key: {key}   (send 'Authorization: Bearer <key>'; kept in {cluster.data_dir / 'api_key'})"
+             if key else "  API keys: off (--no-auth)"),
+            f"  try:  curl {cluster.url}/v1/chat/completions -H 'Content-Type: application/json' {auth_header}"
             f"-d '{{\"model\": \"{_model_id(settings)}\", \"messages\": [{{\"role\": \"user\", "
-            f"\"content\": \"What is the capital of France?\"}}]}}'\n"
-            f"  Ctrl-C stops everything.",
-            flush=True,
-        )
+            f"\"content\": \"What is the capital of France?\"}}]}}'",
+            "  Ctrl-C stops everything.",
+        ]
+        print("\n".join(lines), flush=True)
         while not stop["now"]:
             for name, p in cluster.procs.items():
                 if p.poll() is not None:
@@ -144,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=None, help="gateway port (default 8000)")
     up.add_argument("--prefill", type=int, default=1, help="prefill instances (default 1)")
     up.add_argument("--decode", type=int, default=1, help="decode instances (default 1)")
+    _auth_flags(up)
     up.add_argument("--cachestore", type=int, default=1, help="cachestore instances (default 1)")
     up.add_argument("--policy", default=None, help="placement: random, round_robin, least_loaded, "
                     "local_cache_aware, global_cache_aware (default)")
@@ -157,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--instance-id", default=None, help="stable id of this instance (default: host + random)")
     serve.add_argument("--host", default=None, help="listen address of the gateway (and metrics)")
     serve.add_argument("--port", type=int, default=None, help="gateway port (default 8000)")
+    _auth_flags(serve)
     serve.add_argument("--policy", default=None, help="conductor placement policy (default global_cache_aware)")
     serve.add_argument("--metrics-port", type=int, default=None, help="Prometheus port of a worker (default: off)")
     serve.set_defaults(func=cmd_serve)
@@ -174,6 +189,39 @@ def build_parser() -> argparse.ArgumentParser:
     serve_b.add_argument("--max-tokens", type=int, default=128)
     serve_b.add_argument("--out", default=None, help="also write the JSON figures here")
     serve_b.set_defaults(func=cmd_bench)
+
+    from yuebing import bench_cache  # light: imports its heavy dependencies only when run
+
+    prefix_b = bench_sub.add_parser("prefix", help="TTFT of a prompt whose prefix is in the pool vs cold TTFT")
+    _common(prefix_b)
+    prefix_b.add_argument("--prompt-tokens", type=int, default=2048)
+    prefix_b.add_argument("--shared-tokens", type=int, default=1984, help="prefix in the pool (a multiple of the block size)")
+    prefix_b.add_argument("--cold", type=int, default=3, help="cold prompts measured")
+    prefix_b.add_argument("--repeats", type=int, default=3, help="pool hits measured, each with a fresh prefix")
+    prefix_b.add_argument("--out", default=None, help="also write the JSON figures here")
+    prefix_b.set_defaults(func=bench_cache.prefix_main)
+
+    transfer_b = bench_sub.add_parser("transfer", help="KV blocks from the pool over NATS vs raw NATS pub/sub")
+    transfer_b.add_argument("--blocks", type=int, default=124, help="blocks per get (default 124)")
+    transfer_b.add_argument("--block-shape", default="30,2,3,16,64", help="layers,2,kv_heads,block_size,head_dim")
+    transfer_b.add_argument("--repeats", type=int, default=5, help="rounds of each")
+    transfer_b.add_argument("--data-dir", default=None, help="NATS store, cachestore files and logs (default: a temp dir)")
+    transfer_b.add_argument("--out", default=None, help="also write the JSON figures here")
+    transfer_b.set_defaults(func=bench_cache.transfer_main)
+
+    trace_b = bench_sub.add_parser("trace", help="replay the Mooncake conversation trace: prefix hit ratio vs the bound")
+    _common(trace_b)
+    trace_b.add_argument("--trace", default=None, help="trace file (default ../shared/traces/conversation_trace.jsonl)")
+    trace_b.add_argument("--requests", type=int, default=1000, help="first N requests of the trace")
+    trace_b.add_argument("--token-scale", type=int, default=32, help="512/token_scale tokens per hash id (default 32)")
+    trace_b.add_argument("--concurrency", type=int, default=1, help="requests in flight (default 1: sequential)")
+    trace_b.add_argument("--pool-fractions", default="0.5,0.25,0.1", help="smaller pools, as fractions of the working set")
+    trace_b.add_argument("--configs", default=None, help="subset of global,local,pool (default: all)")
+    trace_b.add_argument("--max-context", type=int, default=32768, help="context of the tiny model built for the replay")
+    trace_b.add_argument("--no-settle", dest="settle", action="store_false",
+                         help="send the next request without waiting for the previous one's pool writes")
+    trace_b.add_argument("--out", default=None, help="also write the JSON figures here")
+    trace_b.set_defaults(func=bench_cache.trace_main)
     return parser
 
 

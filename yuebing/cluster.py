@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -11,6 +12,8 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import msgspec
 
 from yuebing.libs.config import Settings
 from yuebing.libs.log import get_logger
@@ -47,8 +50,25 @@ class LocalCluster:
     def log_dir(self) -> Path:
         return self.data_dir / "logs"
 
+    @property
+    def api_key(self) -> str | None:
+        """The first API key clients must send, or None when the gateway runs with --no-auth."""
+        keys = [k for k in self.settings.api_keys.split(",") if k.strip()]
+        return keys[0].strip() if keys else None
+
+    def _ensure_api_key(self) -> None:
+        """Auth is on unless explicitly off: without keys, make one (kept in DATA_DIR/api_key)."""
+        if self.settings.no_auth or self.api_key:
+            return
+        path = self.data_dir / "api_key"
+        if not path.exists():
+            path.write_text("yb-" + secrets.token_urlsafe(24) + "\n")
+            path.chmod(0o600)
+        self.settings = msgspec.structs.replace(self.settings, api_keys=path.read_text().strip())
+
     def start(self, ready_timeout: float = 300.0) -> "LocalCluster":
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._ensure_api_key()
         # Convert the model once, here, so the services find it ready.
         resolve_model(self.settings.model, self.settings.resolved_models_dir())
         self.nats = NatsServer(self.data_dir / "nats", port=self.nats_port, log_file=self.log_dir / "nats-server.log")
@@ -87,8 +107,10 @@ class LocalCluster:
         env = dict(os.environ, **self.extra_env)
         for f in ("block_size", "threads", "max_running", "dram_bytes", "disk_bytes", "prefill_chunk",
                   "max_body_bytes", "request_timeout", "heartbeat_interval", "policy", "use_pool",
-                  "prefill_cache_bytes", "cache_replicas", "drain_seconds"):
+                  "prefill_cache_bytes", "cache_replicas", "drain_seconds", "no_auth"):
             env[f"YUEBING_{f.upper()}"] = str(getattr(s, f))
+        if kind == "gateway":
+            env["YUEBING_API_KEYS"] = s.api_keys  # only the gateway needs them
         out = open(self.log_dir / f"{name}.log", "ab")
         proc = subprocess.Popen(cmd, stdout=out, stderr=out, env=env, start_new_session=True,
                                 preexec_fn=die_with_parent)

@@ -12,6 +12,7 @@ import msgspec
 from yuebing.libs.protocol import SamplingParams
 
 MAX_MESSAGES = 1024
+MAX_JSON_DEPTH = 16
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
 
@@ -81,10 +82,27 @@ class CompletionRequest(_Common, kw_only=True):
 _PATH = re.compile(r"at `\$\.?([^`]*)`")
 
 
+def json_depth(obj: Any, limit: int = MAX_JSON_DEPTH) -> int:
+    """Nesting depth of a decoded JSON value, counting no further than ``limit + 1``."""
+    depth, level = 0, [obj]
+    while level and depth <= limit:
+        depth += 1
+        nxt = []
+        for v in level:
+            if isinstance(v, dict):
+                nxt.extend(v.values())
+            elif isinstance(v, list):
+                nxt.extend(v)
+        level = [v for v in nxt if isinstance(v, (dict, list))]
+    return depth
+
+
 def parse(obj: Any, typ: type[msgspec.Struct]):
     """Convert a decoded JSON object into a request Struct, or raise a 400 naming the field."""
     if not isinstance(obj, dict):
         raise ApiError(400, "the request body must be a JSON object")
+    if json_depth(obj) > MAX_JSON_DEPTH:
+        raise ApiError(400, f"the request body is nested deeper than {MAX_JSON_DEPTH} levels", code="too_deep")
     try:
         return msgspec.convert(obj, typ)
     except msgspec.ValidationError as e:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import time
 import uuid
 from msgspec.structs import replace
@@ -31,6 +32,7 @@ from yuebing.libs.protocol import (
 from yuebing.libs.service import Service
 
 from . import openai as oa
+from . import openapi
 from .detok import IncrementalDetokenizer, StopStrings
 
 SCHEDULE_TIMEOUT = 10.0
@@ -79,12 +81,18 @@ class GatewayService(Service):
         self.live: dict[tuple[str, str], tuple[float, Heartbeat]] = {}  # (kind, id) -> (last seen, beat)
         await self.nc.subscribe(f"{Subjects.HEARTBEAT_PREFIX}.>", cb=self._on_heartbeat)
 
-        app = web.Application(client_max_size=s.max_body_bytes, middlewares=[errors_middleware])
+        self.api_keys = {k.strip() for k in s.api_keys.split(",") if k.strip()}
+        if not self.api_keys and not s.no_auth:
+            raise RuntimeError("the gateway needs API keys (--api-key / YUEBING_API_KEYS) "
+                               "or an explicit --no-auth for local use")
+        self.openapi = openapi.document(self.model_name)
+        app = web.Application(client_max_size=s.max_body_bytes, middlewares=[errors_middleware, self._auth])
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/openapi.json", self.openapi_json)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, s.host, s.port)
@@ -110,7 +118,21 @@ class GatewayService(Service):
         now = time.monotonic()
         return [hb for seen, hb in self.live.values() if now - seen <= 3 * hb.interval]
 
+    @web.middleware
+    async def _auth(self, request: web.Request, handler):
+        """Bearer API keys on /v1/*; /health, /metrics and /openapi.json stay open."""
+        if self.api_keys and request.path.startswith("/v1/"):
+            header = request.headers.get("Authorization", "")
+            scheme, _, key = header.partition(" ")
+            if scheme.lower() != "bearer" or not any(hmac.compare_digest(key.strip(), k) for k in self.api_keys):
+                raise oa.ApiError(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                                  code="invalid_api_key")
+        return await handler(request)
+
     # ---------------------------------------------------------------- routes
+    async def openapi_json(self, request: web.Request) -> web.Response:
+        return _json(self.openapi)
+
     async def health(self, request: web.Request) -> web.Response:
         beats = self.live_beats()
         counts = {"conductor": 0, "prefill": 0, "decode": 0, "cachestore": 0}

@@ -1,0 +1,65 @@
+"""The OpenAPI document of the gateway, built from the request Structs the gateway validates with."""
+
+from __future__ import annotations
+
+import msgspec
+
+from yuebing import __version__
+
+from . import openai as oa
+
+
+def _error_response(description: str) -> dict:
+    return {"description": description,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+
+
+def document(model_name: str) -> dict:
+    (chat, completion), components = msgspec.json.schema_components(
+        [oa.ChatCompletionRequest, oa.CompletionRequest], ref_template="#/components/schemas/{name}"
+    )
+    components["ErrorResponse"] = {
+        "type": "object",
+        "required": ["error"],
+        "properties": {"error": {"type": "object", "required": ["message", "type", "param", "code"],
+                                 "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                                                "param": {"type": ["string", "null"]},
+                                                "code": {"type": ["string", "null"]}}}},
+    }
+    errors = {
+        "400": _error_response("invalid request"),
+        "401": _error_response("missing or wrong API key"),
+        "404": _error_response("unknown model"),
+        "413": _error_response("request body too large"),
+        "429": _error_response("not admitted now; see Retry-After"),
+        "503": _error_response("no worker available; see Retry-After"),
+    }
+    completion_ok = {
+        "description": "a completion (JSON), or a stream of server-sent events ending in `data: [DONE]`",
+        "content": {"application/json": {"schema": {"type": "object"}},
+                    "text/event-stream": {"schema": {"type": "string"}}},
+    }
+
+    def post(summary: str, schema: dict) -> dict:
+        return {"post": {"summary": summary, "security": [{"bearer": []}],
+                         "requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
+                         "responses": {"200": completion_ok, **errors}}}
+
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "yuebing", "version": __version__,
+                 "description": f"OpenAI-compatible API serving {model_name}"},
+        "paths": {
+            "/v1/chat/completions": post("Chat completion", chat),
+            "/v1/completions": post("Text completion", completion),
+            "/v1/models": {"get": {"summary": "Served models", "security": [{"bearer": []}],
+                                   "responses": {"200": {"description": "model list",
+                                                         "content": {"application/json": {"schema": {"type": "object"}}}},
+                                                 "401": errors["401"]}}},
+            "/health": {"get": {"summary": "Liveness and readiness",
+                                "responses": {"200": {"description": "status",
+                                                      "content": {"application/json": {"schema": {"type": "object"}}}}}}},
+        },
+        "components": {"schemas": components,
+                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+    }

@@ -1,0 +1,116 @@
+"""API keys, the OpenAPI document, input bounds, and fuzzing of the HTTP API."""
+
+import asyncio
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from openai import AsyncOpenAI, AuthenticationError
+
+from conftest import start_cluster
+from helpers import get_json, post
+
+
+@pytest.fixture(scope="module")
+def keyed_cluster(tiny_dir, tmp_path_factory):
+    cluster = start_cluster(tiny_dir, tmp_path_factory.mktemp("keyed"), no_auth=False, api_keys="k-one,k-two")
+    yield cluster
+    cluster.stop()
+
+
+async def test_api_keys_are_required_and_checked(keyed_cluster, tiny_dir):
+    body = {"model": tiny_dir.name, "prompt": "hi", "max_tokens": 2}
+    url = keyed_cluster.url + "/v1/completions"
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic k-one"}):
+        status, resp, _ = await post(url, body, headers=headers)
+        assert status == 401 and resp["error"]["code"] == "invalid_api_key"
+    for key in ("k-one", "k-two"):
+        status, resp, _ = await post(url, body, headers={"Authorization": f"Bearer {key}"})
+        assert status == 200, resp
+    with pytest.raises(AuthenticationError):
+        await AsyncOpenAI(base_url=keyed_cluster.url + "/v1", api_key="nope", max_retries=0).models.list()
+    models = await AsyncOpenAI(base_url=keyed_cluster.url + "/v1", api_key="k-two", max_retries=0).models.list()
+    assert models.data[0].id == tiny_dir.name
+    assert (await get_json(keyed_cluster.url + "/health"))["ready"]  # health stays open
+
+
+async def test_openapi_document(tiny_cluster):
+    doc = await get_json(tiny_cluster.url + "/openapi.json")
+    assert doc["openapi"].startswith("3.")
+    assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health"} <= set(doc["paths"])
+    chat = doc["components"]["schemas"]["ChatCompletionRequest"]
+    assert {"model", "messages"} <= set(chat["required"])
+
+
+async def test_deeply_nested_json_is_refused(tiny_cluster, tiny_dir):
+    deep = {"type": "text", "text": "x"}
+    for _ in range(40):
+        deep = {"a": deep}
+    body = {"model": tiny_dir.name, "messages": [{"role": "user", "content": "hi"}], "user": deep}
+    status, resp, _ = await post(tiny_cluster.url + "/v1/chat/completions", body)
+    assert status == 400 and resp["error"]["code"] == "too_deep"
+
+
+# ---------------------------------------------------------------- fuzzing
+_json_leaf = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=False),
+                       st.text(max_size=40))
+_json = st.recursive(_json_leaf, lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                          st.dictionaries(st.text(max_size=8), inner, max_size=4)),
+                     max_leaves=12)
+_FIELDS = ["model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
+           "seed", "stop", "n", "stream", "stream_options", "ignore_eos", "user"]
+
+
+@st.composite
+def _request(draw, model: str):
+    """Bodies near the real schema: the right field names with values of any shape, or a valid
+    request with random sampling parameters."""
+    if draw(st.integers(0, 3)) == 0:
+        return {
+            "model": model,
+            "messages": [{"role": "user", "content": draw(st.text(min_size=1, max_size=40))}],
+            "prompt": draw(st.lists(st.integers(0, 40000), min_size=1, max_size=30)),
+            "max_tokens": draw(st.integers(1, 4)),
+            "temperature": draw(st.floats(0, 2)),
+            "top_p": draw(st.floats(0.01, 1)),
+            "seed": draw(st.integers(0, 2**31)),
+            "stop": draw(st.lists(st.text(min_size=1, max_size=5), max_size=3)),
+            "stream": False,
+        }
+    body = {}
+    for field in draw(st.lists(st.sampled_from(_FIELDS), max_size=7, unique=True)):
+        body[field] = draw(_json)
+    if draw(st.booleans()):
+        body["model"] = model
+    if draw(st.booleans()):
+        body["messages"] = draw(st.lists(st.fixed_dictionaries(
+            {"role": st.sampled_from(["user", "system", "assistant", "tool", ""]),
+             "content": st.one_of(st.text(max_size=30), _json)}), max_size=3))
+    if draw(st.booleans()):
+        body["max_tokens"] = draw(st.integers(-3, 5))
+    body["stream"] = False  # streams are fuzzed through the same validation; keep replies whole
+    return body
+
+
+async def test_fuzzed_bodies_never_get_a_5xx(tiny_cluster, tiny_dir):
+    loop = asyncio.get_running_loop()
+    seen: list[int] = []
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(body=_request(tiny_dir.name), path=st.sampled_from(["/v1/chat/completions", "/v1/completions"]),
+           raw=st.one_of(st.none(), st.binary(max_size=60)))
+    def check(body, path, raw):
+        status, resp, _ = asyncio.run_coroutine_threadsafe(
+            post(tiny_cluster.url + path, body, raw=raw if raw is not None else None), loop).result(60)
+        seen.append(status)
+        assert status < 500, (body, resp)
+        if status != 200:
+            assert set(resp["error"]) == {"message", "type", "param", "code"}
+
+    await asyncio.to_thread(check)
+    assert any(s == 200 for s in seen) and any(400 <= s < 500 for s in seen)
+    status, resp, _ = await post(tiny_cluster.url + "/v1/chat/completions",
+                                 {"model": tiny_dir.name, "messages": [{"role": "user", "content": "ok?"}],
+                                  "max_tokens": 3})
+    assert status == 200, resp
