@@ -68,7 +68,7 @@ async def connect(url: str, name: str, *, connect_timeout: float = 30.0,
         except Exception as e:  # noqa: BLE001 - nats raises several unrelated types here
             if time.monotonic() > deadline:
                 raise
-            log.info("nats_connect_retry", url=url, error=str(e) or type(e).__name__)
+            log.info("nats_connect_retry", url=url.rpartition("@")[2], error=str(e) or type(e).__name__)
             await asyncio.sleep(0.5)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -39,19 +40,69 @@ def _port_open(host: str, port: int) -> bool:
         return s.connect_ex((host, port)) == 0
 
 
-class NatsServer:
-    """A nats-server with JetStream, listening on loopback, its store under ``store_dir``."""
+# What each service may publish and subscribe to (beyond replies to its own requests, which all
+# use _INBOX.>, and heartbeats on its own kind's subject). JetStream API calls ($JS.API.>) and acks
+# ($JS.ACK.>) are open to every service that uses JetStream.
+_JS = ["$JS.API.>", "$JS.ACK.>", "$JS.FC.>"]
+PERMISSIONS: dict[str, dict[str, list[str]]] = {
+    "gateway": {"pub": ["yb.sched", "yb.abort"], "sub": ["yb.out.>", "yb.hb.>"]},
+    "conductor": {"pub": ["yb.task.prefill.>", "yb.kvdump.>", "yb.out.>", *_JS],
+                  "sub": ["yb.sched", "yb.hb.>", "yb.report.prefill", "yb.conductor.state"]},
+    "prefill": {"pub": ["yb.out.>", "yb.kv.>", "yb.task.decode.>", "yb.cache.>", "yb.kvev.>", "yb.report.prefill",
+                        *_JS],
+                "sub": ["yb.abort", "yb.kvdump.>", "yb.hb.cachestore.>"]},
+    "decode": {"pub": ["yb.out.>", *_JS], "sub": ["yb.kv.>", "yb.abort"]},
+    "cachestore": {"pub": ["yb.kvev.>", *_JS], "sub": ["yb.cache.>", "yb.kvdump.>"]},
+}
 
-    def __init__(self, store_dir: Path, port: int | None = None, host: str = "127.0.0.1", log_file: Path | None = None):
+
+def _quote(items: list[str]) -> str:
+    return "[" + ", ".join(f'"{i}"' for i in items) + "]"
+
+
+class NatsServer:
+    """A nats-server with JetStream, listening on loopback, its store under ``store_dir``.
+
+    With ``auth=True`` every service kind gets its own user with the permissions above (random
+    passwords, written only into the server's config file), plus an ``admin`` user for tools.
+    ``url`` then carries the admin credentials; ``url_for(kind)`` a service's.
+    """
+
+    def __init__(self, store_dir: Path, port: int | None = None, host: str = "127.0.0.1", log_file: Path | None = None,
+                 auth: bool = False):
         self.host = host
         self.port = port or free_port(host)
         self.store_dir = Path(store_dir)
         self.log_file = log_file
         self.proc: subprocess.Popen | None = None
+        self.passwords = {u: secrets.token_urlsafe(18) for u in [*PERMISSIONS, "admin"]} if auth else {}
+
+    @property
+    def public_url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
 
     @property
     def url(self) -> str:
-        return f"nats://{self.host}:{self.port}"
+        return self.url_for("admin")
+
+    def url_for(self, user: str) -> str:
+        if not self.passwords:
+            return self.public_url
+        return f"nats://{user}:{self.passwords[user]}@{self.host}:{self.port}"
+
+    def _auth_text(self) -> list[str]:
+        if not self.passwords:
+            return []
+        users = []
+        for user, perms in PERMISSIONS.items():
+            pub = [*perms["pub"], "_INBOX.>", f"yb.hb.{user}.>"]
+            sub = [*perms["sub"], "_INBOX.>"]
+            users.append(
+                f'    {{user: "{user}", password: "{self.passwords[user]}", permissions: {{'
+                f"publish: {{allow: {_quote(pub)}}}, subscribe: {{allow: {_quote(sub)}}}}}}}"
+            )
+        users.append(f'    {{user: "admin", password: "{self.passwords["admin"]}"}}')
+        return ["authorization {", "  users: [", *users, "  ]", "}"]
 
     def config_text(self) -> str:
         return "\n".join(
@@ -65,6 +116,7 @@ class NatsServer:
                 "  max_memory_store: 256MB",
                 "  max_file_store: 4GB",
                 "}",
+                *self._auth_text(),
                 "",
             ]
         )
@@ -73,6 +125,7 @@ class NatsServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         conf = self.store_dir / "nats-server.conf"
         conf.write_text(self.config_text())
+        conf.chmod(0o600)  # it holds the passwords
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         self.proc = subprocess.Popen(
             [nats_server_binary(), "-c", str(conf)],
@@ -89,7 +142,7 @@ class NatsServer:
                 self.stop()
                 raise TimeoutError(f"nats-server did not listen on {self.url}")
             time.sleep(0.05)
-        log.info("nats_server_started", url=self.url, pid=self.proc.pid)
+        log.info("nats_server_started", url=self.public_url, pid=self.proc.pid, auth=bool(self.passwords))
         return self
 
     def stop(self, timeout: float = 10.0) -> None:

@@ -19,6 +19,7 @@ class Service:
     """Base of the five services. Subclasses implement ``setup`` and may override ``load``."""
 
     kind = "service"
+    uses_jetstream = True  # creates (or checks) the streams at start
 
     def __init__(self, settings: Settings):
         self.settings = settings.with_instance(self.kind)
@@ -67,10 +68,11 @@ class Service:
         self.nc = await connect(self.settings.nats_url, f"{self.kind}:{self.instance_id}",
                                 on_reconnect=self.on_reconnected)
         self.js = self.nc.jetstream()
-        await ensure_streams(self.js)
+        if self.uses_jetstream:
+            await ensure_streams(self.js)
         await self.setup()
         self.spawn(self._heartbeat_loop())
-        self.log.info("service_started", nats=self.settings.nats_url)
+        self.log.info("service_started", nats=self.settings.nats_url.rpartition("@")[2])
 
     async def stop(self) -> None:
         if self._stopping.is_set():

@@ -98,6 +98,11 @@ def test_bench_trace_global_and_local_figures(tiny_dir, tmp_path, capsys):
     assert figures["bound"] > 0  # the first 30 requests share prefixes
     assert figures["global_vs_local"] is None or _number(figures["global_vs_local"])
     assert figures["global_errors"] == figures["local_errors"] == 0
+    for cfg in ("global", "local"):
+        for k in ("missed_unavailable", "missed_recomputed", "missed_not_loaded", "pool_put_failures",
+                  "settle_timeouts"):
+            assert isinstance(figures[f"{cfg}_{k}"], int), (cfg, k)
+    assert figures["settle"] is True
     assert "pool_50pct_hit" not in figures
     assert "unbounded bound" in table and "global_cache_aware" in table and "round_robin" in table
 

@@ -38,3 +38,9 @@ def test_workers_are_scalable_and_wait_for_the_model():
     assert services["gateway"]["ports"] == ["8000:8000"]
     assert services["model"]["command"] == ["convert"]
     assert (ROOT / services["prefill"]["build"] / "Dockerfile").exists()
+
+
+def test_gateway_requires_an_api_key():
+    gateway = _compose()["services"]["gateway"]
+    assert "YUEBING_API_KEYS" in gateway["environment"]
+    assert ":?" in gateway["environment"]["YUEBING_API_KEYS"]  # compose refuses to start without one

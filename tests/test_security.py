@@ -53,13 +53,13 @@ async def test_deeply_nested_json_is_refused(tiny_cluster, tiny_dir):
 
 
 # ---------------------------------------------------------------- fuzzing
-_json_leaf = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=False),
+_json_leaf = st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**63 - 1), st.floats(allow_nan=False),
                        st.text(max_size=40))
 _json = st.recursive(_json_leaf, lambda inner: st.one_of(st.lists(inner, max_size=4),
                                                           st.dictionaries(st.text(max_size=8), inner, max_size=4)),
                      max_leaves=12)
-_FIELDS = ["model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
-           "seed", "stop", "n", "stream", "stream_options", "ignore_eos", "user"]
+_FIELDS = ["model", "messages", "prompt", "temperature", "top_p", "top_k", "seed", "stop", "n", "stream",
+           "stream_options", "ignore_eos", "user"]
 
 
 @st.composite
@@ -87,8 +87,12 @@ def _request(draw, model: str):
         body["messages"] = draw(st.lists(st.fixed_dictionaries(
             {"role": st.sampled_from(["user", "system", "assistant", "tool", ""]),
              "content": st.one_of(st.text(max_size=30), _json)}), max_size=3))
-    if draw(st.booleans()):
-        body["max_tokens"] = draw(st.integers(-3, 5))
+    # the length fields are always bounded small: a random model may never emit EOS, and thousands
+    # of tokens per example would only make the run long, not the check stronger
+    length_field = draw(st.sampled_from(["max_tokens", "max_completion_tokens"]))
+    body[length_field] = draw(st.one_of(st.integers(-3, 5), st.booleans(), st.floats(), st.text(max_size=5)))
+    if isinstance(body[length_field], int) and not isinstance(body[length_field], bool) and body[length_field] > 5:
+        body[length_field] = 5
     body["stream"] = False  # streams are fuzzed through the same validation; keep replies whole
     return body
 
@@ -97,7 +101,7 @@ async def test_fuzzed_bodies_never_get_a_5xx(tiny_cluster, tiny_dir):
     loop = asyncio.get_running_loop()
     seen: list[int] = []
 
-    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
     @given(body=_request(tiny_dir.name), path=st.sampled_from(["/v1/chat/completions", "/v1/completions"]),
            raw=st.one_of(st.none(), st.binary(max_size=60)))
     def check(body, path, raw):
@@ -114,3 +118,38 @@ async def test_fuzzed_bodies_never_get_a_5xx(tiny_cluster, tiny_dir):
                                  {"model": tiny_dir.name, "messages": [{"role": "user", "content": "ok?"}],
                                   "max_tokens": 3})
     assert status == 200, resp
+
+
+async def test_nats_users_cannot_publish_outside_their_service(tiny_cluster):
+    import nats
+
+    server = tiny_cluster.nats
+    errors: list[str] = []
+
+    async def on_error(e):
+        errors.append(str(e))
+
+    admin = await nats.connect(server.url)
+    decode_user = await nats.connect(server.url_for("decode"), error_cb=on_error, allow_reconnect=False)
+    try:
+        seen: list[str] = []
+
+        async def record(msg):
+            seen.append(msg.subject)
+
+        for subject in ("yb.sched", "yb.task.prefill.nowhere", "yb.out.probe"):
+            await admin.subscribe(subject, cb=record)
+        await admin.flush()
+        # decode's business: token events. Not its business: scheduling, prefill tasks.
+        await decode_user.publish("yb.sched", b"forged")
+        await decode_user.publish("yb.task.prefill.nowhere", b"forged")
+        await decode_user.publish("yb.out.probe", b"allowed")
+        await decode_user.flush()
+        await asyncio.sleep(0.5)
+        assert seen == ["yb.out.probe"]
+        assert sum("permissions violation" in e.lower() for e in errors) == 2
+    finally:
+        await decode_user.close()
+        await admin.close()
+    with pytest.raises(Exception):  # no credentials, no connection
+        await nats.connect(server.public_url, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=2)

@@ -22,11 +22,19 @@ publisher ends with a core NATS flush). Rounds of the two alternate; medians are
 its README says (every hash id -> a deterministic block of ``512 / token_scale`` token ids; a request's
 input = its hash-id blocks, truncated to ``input_length / token_scale`` tokens), ``max_tokens`` 1,
 timestamps not honoured: requests go in trace order with at most ``--concurrency`` in flight (default 1:
-sequential). On a tiny model (the real tokenizer, a context raised to 32,768) against fresh clusters of
+sequential), and each one is "settled" before its slot is freed: the pool holds its last full block (the
+prefill writes a prompt's blocks in order, after answering) and the conductor's index has caught up.
+Compressing an hour into a minute would otherwise send the next turn of a conversation while the previous
+turn's blocks are still being written, a race real traffic (turns seconds to minutes apart) does not have;
+``--no-settle`` replays without it. On a tiny model (the real tokenizer, a context raised to 32,768) against fresh clusters of
 two prefill instances: global (global_cache_aware with a pool larger than the working set), local-only
 (round robin, no pool, each instance's own cache as large as that pool) and global with smaller pools.
 Figure: hit ratio = sum(cached_tokens) / sum(prompt_tokens), next to the bound an unbounded cache
-reaches on the same requests, computed from the trace itself.
+reaches on the same requests, computed from the trace itself. From the conductor's and prefills' logs,
+the tokens of the bound each configuration did not reuse are split into: not available to the plan
+(neither the chosen instance's cache nor the pool index had them), recomputed by choice (the
+kvcache-balancing threshold predicted recomputing faster than loading) and planned but not loaded;
+failures of the cache path found in the logs are counted too.
 
 Each prints a table and a final JSON line of named figures (also written to ``--out``).
 """
@@ -474,7 +482,7 @@ def _prefix(args) -> int:
     data_dir, own = _data_dir(args, "yuebing-bench-prefix-")
     settings = from_env(model=str(model_dir), data_dir=str(data_dir), models_dir=str(models_dir), port=free_port(),
                         block_size=getattr(args, "block_size", None), threads=getattr(args, "threads", None) or None,
-                        policy="round_robin", use_pool=True)
+                        policy="round_robin", use_pool=True, no_auth=True)  # a private loopback cluster
     if shared_tokens % settings.block_size:
         raise SystemExit(f"--shared-tokens must be a multiple of the block size ({settings.block_size})")
     cluster = LocalCluster(settings, prefill=2, decode=1, cachestore=1)
@@ -937,8 +945,9 @@ class TraceResult:
     local_tokens: float = 0.0
     pool_tokens: float = 0.0
     startup: float = 0.0
-    settle_timeouts: int = 0
+    settle: dict = field(default_factory=dict)
     misses: dict = field(default_factory=dict)
+    log_problems: dict = field(default_factory=dict)
 
     @property
     def ok(self) -> list[Reply]:
@@ -973,12 +982,14 @@ def trace_configs(working_set: int, pool_fractions: list[float], names: list[str
 
 async def replay(cluster, requests: list[TraceRequest], concurrency: int, progress: bool = True,
                  desc: str = "replay", settle_keys: list[bytes | None] | None = None,
-                 settle_timeout: float = 10.0) -> tuple[list[Reply], float, int]:
+                 settle_timeout: float = 5.0, settle_give_up: int = 3) -> tuple[list[Reply], float, dict]:
     """Send ``requests`` in order, at most ``concurrency`` in flight. With ``settle_keys`` (per request,
     the key of its last full block, or None) each request's slot is held until the pool holds that
     block and the conductor's index has caught up: the prefill writes a prompt's blocks in order,
-    so by then the request's writes are done (see ``bench trace --no-settle``). Returns the replies,
-    the wall time and how many settles timed out."""
+    so by then the request's writes are done (see ``bench trace --no-settle``). A pool that stops
+    taking blocks would make every settle time out: after ``settle_give_up`` timeouts in a row the
+    rest of the replay goes without settling. Returns the replies, the wall time and
+    ``{"timeouts": n, "stopped_at": request index or None}``."""
     import aiohttp
     from tqdm import tqdm
 
@@ -988,7 +999,8 @@ async def replay(cluster, requests: list[TraceRequest], concurrency: int, progre
     if settle_keys is not None:
         stores = sorted(n for n in cluster.procs if n.startswith("cachestore-"))
         probe = await PoolProbe(cluster.nats.url, stores).start()
-    timeouts = 0
+    settle = {"timeouts": 0, "stopped_at": None}
+    in_a_row = 0
     try:
         async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
             name = await _model_name(session, cluster.url)
@@ -997,13 +1009,20 @@ async def replay(cluster, requests: list[TraceRequest], concurrency: int, progre
                        dynamic_ncols=True)
 
             async def one(i: int, r: TraceRequest) -> Reply:
-                nonlocal timeouts
+                nonlocal in_a_row
                 async with sem:
                     rep = await _complete(session, url, _body(name, r.prompt, stream=False))
                     key = settle_keys[i] if settle_keys is not None else None
-                    if rep.ok and probe is not None and key is not None:
-                        if not await probe.settle([key], settle_timeout, poll=0.005):
-                            timeouts += 1
+                    if rep.ok and probe is not None and key is not None and settle["stopped_at"] is None:
+                        if await probe.settle([key], settle_timeout, poll=0.005):
+                            in_a_row = 0
+                        else:
+                            settle["timeouts"] += 1
+                            in_a_row += 1
+                            if in_a_row >= settle_give_up:
+                                settle["stopped_at"] = i
+                                _say(f"[{desc}] {in_a_row} settles in a row timed out (the pool does not get the "
+                                     f"blocks): no more settling from request {i} on")
                 bar.update(1)
                 return rep
 
@@ -1015,7 +1034,7 @@ async def replay(cluster, requests: list[TraceRequest], concurrency: int, progre
                     replies = list(await asyncio.gather(*(one(i, r) for i, r in enumerate(requests))))
             finally:
                 bar.close()
-            return replies, time.perf_counter() - t0, timeouts
+            return replies, time.perf_counter() - t0, settle
     finally:
         if probe is not None:
             await probe.close()
@@ -1060,6 +1079,20 @@ def miss_breakdown(log_dir: Path, replies: list[Reply], bounds: list[int], block
         else:
             out["recomputed"] += miss
     return out
+
+
+LOG_PROBLEMS = ("cache_put_failed", "block_store_failed", "pool_load_failed", "cache_get_failed", "prefill_failed")
+
+
+def log_problems(log_dir: Path) -> dict[str, int]:
+    """How many times each known cache-path failure appears in the cluster's logs."""
+    counts = dict.fromkeys(LOG_PROBLEMS, 0)
+    for f in Path(log_dir).glob("*.log"):
+        for line in f.read_text(errors="replace").splitlines():
+            for ev in LOG_PROBLEMS:
+                if f'"event": "{ev}"' in line:
+                    counts[ev] += 1
+    return counts
 
 
 async def _hit_counters(cluster) -> tuple[float, float]:
@@ -1153,7 +1186,7 @@ def _trace(args) -> int:
             settings = from_env(model=str(model_dir), data_dir=str(data_dir / cfg.name), models_dir=str(models_dir),
                                 port=free_port(), block_size=block_size, threads=threads, policy=cfg.policy,
                                 use_pool=cfg.use_pool, dram_bytes=cfg.dram_bytes, disk_bytes=cfg.disk_bytes,
-                                prefill_cache_bytes=cfg.prefill_cache_bytes)
+                                prefill_cache_bytes=cfg.prefill_cache_bytes, no_auth=True)
             cluster = LocalCluster(settings, prefill=2, decode=1, cachestore=1)
             res = TraceResult(cfg)
             try:
@@ -1163,26 +1196,33 @@ def _trace(args) -> int:
                 _say(f"[{cfg.name}] cluster ready in {res.startup:.1f}s: policy {cfg.policy}, pool "
                      f"{'on' if cfg.use_pool else 'off'}, cachestore dram {cfg.dram_bytes / 1e6:.1f} MB / disk "
                      f"{cfg.disk_bytes / 1e6:.1f} MB, prefill cache {cfg.prefill_cache_bytes / 1e6:.1f} MB each")
-                res.replies, res.wall, res.settle_timeouts = asyncio.run(
+                res.replies, res.wall, res.settle = asyncio.run(
                     replay(cluster, requests, concurrency, progress, cfg.name, settle_keys))
                 res.local_tokens, res.pool_tokens = asyncio.run(_hit_counters(cluster))
             finally:
                 cluster.stop()
             res.misses = miss_breakdown(cluster.log_dir, res.replies, bound["per_request"], block_size)
+            res.log_problems = log_problems(cluster.log_dir)
             results.append(res)
             _say(f"[{cfg.name}] hit ratio {res.hit}, errors {res.errors}, {res.wall:.1f}s; tokens of the bound "
-                 f"missed: {res.misses}" + (f"; {res.settle_timeouts} settles timed out" if settle else ""))
+                 f"missed: {res.misses}" + (f"; settling: {res.settle}" if settle else "")
+                 + f"; problems in the logs: {res.log_problems}")
             for r in res.replies:
                 if not r.ok:
                     _say(f"[{cfg.name}] failed request: {r.error}")
                     break
-        clean = not any(r.errors for r in results)
+        clean = not any(r.errors or any(r.log_problems.values()) for r in results)
     finally:
         if own is not None:
             if clean:
                 shutil.rmtree(own, ignore_errors=True)
             else:
                 _say(f"kept {own} (cluster logs under it)")
+    for res in results:
+        bad = {k: v for k, v in res.log_problems.items() if v}
+        if bad:
+            _say(f"PROBLEM: [{res.config.name}] failures in the cluster's logs (under {data_dir / res.config.name}/logs): "
+                 f"{bad}")
 
     b = bound["bound"]
     rows = [{"config": "unbounded bound", "hit ratio": round(b, 4), "vs bound": 1.0,
@@ -1220,7 +1260,10 @@ def _trace(args) -> int:
         for m, v in res.misses.items():
             figures[f"{key}_missed_{m}"] = v
         if settle:
-            figures[f"{key}_settle_timeouts"] = res.settle_timeouts
+            figures[f"{key}_settle_timeouts"] = res.settle.get("timeouts", 0)
+            figures[f"{key}_settle_stopped_at"] = res.settle.get("stopped_at")
+        figures[f"{key}_pool_put_failures"] = res.log_problems.get("cache_put_failed", 0)
+        figures[f"{key}_pool_write_failures"] = res.log_problems.get("block_store_failed", 0)
     if "global" in by_name and "local" in by_name:
         figures["global_vs_local"] = _ratio(by_name["global"], by_name["local"])
     figures["seconds"] = round(time.perf_counter() - started, 1)

@@ -89,7 +89,7 @@ def cmd_up(args) -> int:
         lines = [
             "",
             f"yuebing is ready: {cluster.url}/v1  (model: {_model_id(settings)})",
-            f"  NATS: {cluster.nats.url}   prefill x{args.prefill}, decode x{args.decode}",
+            f"  NATS: {cluster.nats.public_url} (a user per service)   prefill x{args.prefill}, decode x{args.decode}",
             "  metrics: " + ", ".join(f"{n} {u}" for n, u in cluster.metrics_urls.items()),
             (f"  API key: {key}   (send 'Authorization: Bearer <key>'; kept in {cluster.data_dir / 'api_key'})"
              if key else "  API keys: off (--no-auth)"),

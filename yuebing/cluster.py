@@ -71,7 +71,8 @@ class LocalCluster:
         self._ensure_api_key()
         # Convert the model once, here, so the services find it ready.
         resolve_model(self.settings.model, self.settings.resolved_models_dir())
-        self.nats = NatsServer(self.data_dir / "nats", port=self.nats_port, log_file=self.log_dir / "nats-server.log")
+        self.nats = NatsServer(self.data_dir / "nats", port=self.nats_port, log_file=self.log_dir / "nats-server.log",
+                               auth=True)
         self.nats.start()
         try:
             for kind in SERVICE_ORDER:
@@ -91,7 +92,7 @@ class LocalCluster:
         s = self.settings
         cmd = [
             sys.executable, "-m", "yuebing.cli", "serve", kind,
-            "--nats", self.nats.url,
+            "--nats", self.nats.url_for(kind),
             "--instance-id", name,
             "--model", s.model,
             "--data-dir", str(self.data_dir),

@@ -68,6 +68,7 @@ async def errors_middleware(request: web.Request, handler):
 
 class GatewayService(Service):
     kind = "gateway"
+    uses_jetstream = False
 
     async def setup(self) -> None:
         s = self.settings
