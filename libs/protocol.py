@@ -97,6 +97,21 @@ class Resume(msgspec.Struct, kw_only=True):
     seq_base: int
 
 
+class _Resumable(msgspec.Struct, kw_only=True):
+    """A task that may belong to a resumed request: where its token events go, numbered from where."""
+
+    request_id: str
+    resume: Resume | None = None
+
+    @property
+    def output_id(self) -> str:
+        return self.resume.output_id if self.resume else self.request_id
+
+    @property
+    def seq_base(self) -> int:
+        return self.resume.seq_base if self.resume else 0
+
+
 class ScheduleRequest(msgspec.Struct, kw_only=True):
     """gateway -> conductor: place this request (and, if admitted, dispatch it)."""
 
@@ -122,7 +137,7 @@ class ScheduleReply(msgspec.Struct, kw_only=True):
     retry_after: float = 0.0
 
 
-class PrefillTask(msgspec.Struct, kw_only=True):
+class PrefillTask(_Resumable, kw_only=True):
     """conductor -> prefill instance (JetStream work queue).
 
     ``reuse_blocks`` caps how many leading blocks the instance reuses instead of computing
@@ -140,18 +155,9 @@ class PrefillTask(msgspec.Struct, kw_only=True):
     reuse_blocks: int = -1
     use_pool: bool = True
     predicted_seconds: float = 0.0
-    resume: Resume | None = None
-
-    @property
-    def output_id(self) -> str:
-        return self.resume.output_id if self.resume else self.request_id
-
-    @property
-    def seq_base(self) -> int:
-        return self.resume.seq_base if self.resume else 0
 
 
-class DecodeTask(msgspec.Struct, kw_only=True):
+class DecodeTask(_Resumable, kw_only=True):
     """prefill -> decode instance (JetStream work queue), published after the KV is delivered."""
 
     v: int = PROTOCOL_VERSION
@@ -162,15 +168,6 @@ class DecodeTask(msgspec.Struct, kw_only=True):
     kv_len: int  # number of positions whose KV was transferred
     cached_tokens: int = 0
     prefill_id: str = ""
-    resume: Resume | None = None
-
-    @property
-    def output_id(self) -> str:
-        return self.resume.output_id if self.resume else self.request_id
-
-    @property
-    def seq_base(self) -> int:
-        return self.resume.seq_base if self.resume else 0
 
 
 class TokenEvent(msgspec.Struct, kw_only=True):

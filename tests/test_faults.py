@@ -118,56 +118,20 @@ async def test_cachestore_kill9_and_restart_keeps_blocks(tiny_dir, tiny_model, t
 
 
 async def test_nats_restart_during_load(tiny_dir, tiny_model, tmp_path):
-    """Services reconnect by themselves; streams in flight finish (resumed) or fail cleanly,
-    none hangs, and later requests succeed."""
-    import aiohttp
-    import orjson
-
-    model, tok = tiny_model
+    """Services reconnect by themselves; streams in flight finish (resumed after the gateway's
+    reconnect, since token events sent meanwhile are lost), and later requests succeed."""
     cluster = start_cluster(tiny_dir, tmp_path / "c")
-    max_tokens = 300
-    try:
-        prompts = [[(41 * r + 13 * i) % 40000 + 70 for i in range(30 + 11 * r)] for r in range(6)]
-        progress = [0] * len(prompts)
 
-        async def stream(r, p):
-            text, n = "", 0
-            body = {"model": tiny_dir.name, "prompt": p, "max_tokens": max_tokens, "temperature": 0,
-                    "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=180)) as s:
-                async with s.post(cluster.url + "/v1/completions", json=body) as resp:
-                    assert resp.status == 200
-                    async for line in resp.content:
-                        if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
-                            continue
-                        ev = orjson.loads(line[6:])
-                        if "error" in ev:
-                            return "error", ev["error"]["message"]
-                        if ev["choices"]:
-                            text += ev["choices"][0]["text"]
-                            progress[r] += 1
-                        else:
-                            n = ev["usage"]["completion_tokens"]
-            return text, n
-
-        tasks = [asyncio.create_task(stream(r, p)) for r, p in enumerate(prompts)]
-        while min(progress) < 3:
-            await asyncio.sleep(0.05)
+    async def restart_nats():
         await asyncio.to_thread(cluster.nats.stop)
         await asyncio.sleep(1.0)
         await asyncio.to_thread(cluster.nats.start)
-        results = await asyncio.wait_for(asyncio.gather(*tasks), 200)  # none hangs
-        completed = 0
-        for p, (text, n) in zip(prompts, results):
-            if text == "error":
-                continue  # failed cleanly, with an error event
-            completed += 1
-            assert n == max_tokens
-            ref = reference_greedy(model, p, max_tokens)
-            assert text == tok.decode(ref, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        assert completed == len(prompts), results
+
+    try:
+        await asyncio.wait_for(_streams_survive(cluster, tiny_dir, tiny_model, restart_nats, max_tokens=300, n=6),
+                               240)  # none hangs
         status, body, _ = await post(cluster.url + "/v1/completions",
-                                     {"model": tiny_dir.name, "prompt": prompts[0], "max_tokens": 8}, timeout=60)
+                                     {"model": tiny_dir.name, "prompt": [5, 6, 7], "max_tokens": 8}, timeout=60)
         assert status == 200, body
     finally:
         cluster.stop()
