@@ -110,6 +110,16 @@ def test_disk_replace_and_delete_keep_the_byte_count(tmp_path):
     disk.close()
 
 
+def test_disk_bound_counts_lmdb_pages_so_small_blocks_never_fill_the_map(tmp_path):
+    # blocks of 8,266 bytes take three 4 KiB pages each; the bound must hold on pages, and the
+    # map (bound + headroom) must never fill, however many blocks go through
+    disk = DiskTier(tmp_path / "db", 4 << 20)
+    for i in range(2000):
+        assert disk.put(key(i), bytes([i % 256]) * 8266) != [key(i)]  # never dropped
+    assert disk.bytes <= 4 << 20 and len(disk) == (4 << 20) // (3 * 4096)
+    disk.close()
+
+
 def test_disk_map_full_evicts_and_retries(tmp_path):
     # The logical bound is far above what the map can hold, so only MapFullError stops puts.
     disk = DiskTier(tmp_path / "db", 1 << 30, map_size=1 << 20)
@@ -118,12 +128,13 @@ def test_disk_map_full_evicts_and_retries(tmp_path):
         disk.put(key(i), value(i))
         assert disk.get(key(i)) == value(i)
     assert 0 < len(disk) < 60
-    assert disk.bytes == len(disk) * (64 << 10)
+    footprint = 17 * 4096  # 64 KiB + LMDB's 16-byte overflow header: 17 pages
+    assert disk.bytes == len(disk) * footprint
     assert disk.evictions == 60 - len(disk)
     assert disk.keys()[-1] == key(59)
     disk.close()
     disk = DiskTier(tmp_path / "db", 1 << 30, map_size=1 << 20)
-    assert disk.bytes == len(disk) * (64 << 10) and disk.get(key(59)) == value(59)
+    assert disk.bytes == len(disk) * footprint and disk.get(key(59)) == value(59)
     disk.close()
 
 

@@ -81,8 +81,16 @@ _ENTRY = struct.Struct(">QQ")  # (seq, size) of a stored block
 
 # LMDB needs room beyond the payload: B-tree pages, page-rounded overflow pages for large values,
 # and copy-on-write pages that are only reused after the transactions that freed them end.
-_MAP_HEADROOM_FRACTION = 0.25
-_MAP_HEADROOM_MIN = 32 << 20
+_MAP_HEADROOM_FRACTION = 0.5
+_MAP_HEADROOM_MIN = 64 << 20
+_PAGE = 4096
+
+
+def _footprint(n: int) -> int:
+    """Bytes a value of ``n`` bytes takes in LMDB: values over about half a page go to their own
+    overflow pages (with a 16-byte header), so a block of 8,266 bytes costs 12,288. The bound is
+    kept on footprints, or a tier of small blocks would fill the map long before its bound."""
+    return n if n <= _PAGE // 2 else -(-(n + 16) // _PAGE) * _PAGE
 
 
 class DiskTier:
@@ -131,7 +139,7 @@ class DiskTier:
         A value that cannot be stored at all (larger than the tier, or the map stays full) is
         reported as evicted itself.
         """
-        if len(value) > self.capacity_bytes:
+        if _footprint(len(value)) > self.capacity_bytes:
             self.delete(key)
             self.evictions += 1
             return [key]
@@ -151,7 +159,7 @@ class DiskTier:
 
     def _put_txn(self, key: bytes, value: bytes) -> list[bytes]:
         evicted = []
-        size = len(value)
+        size = _footprint(len(value))
         with self._env.begin(write=True) as txn:
             total, count = self.bytes, self.count
             old = txn.get(key, db=self._index)
