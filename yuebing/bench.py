@@ -24,7 +24,6 @@ import asyncio
 import json
 import random
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -375,29 +374,12 @@ def _parse_levels(spec) -> list[int]:
 
 # ---------------------------------------------------------------- entry point
 def main(args) -> int:
-    from yuebing.libs.log import configure
-
-    configure("bench", level="WARNING")
     if getattr(args, "bench", "serve") != "serve":
         print(f"unknown benchmark {args.bench!r}", file=sys.stderr)
         return 2
-    # SIGTERM behaves like Ctrl-C: unwind through the finally blocks that stop the cluster.
-    previous = None
-    try:
-        def on_term(signum, frame):
-            raise KeyboardInterrupt
+    from yuebing.bench_cache import _entry  # quiet logs; SIGTERM unwinds like Ctrl-C
 
-        previous = signal.signal(signal.SIGTERM, on_term)
-    except ValueError:  # not the main thread
-        pass
-    try:
-        return _serve(args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+    return _entry(_serve, args)
 
 
 def _serve(args) -> int:
