@@ -106,6 +106,10 @@ class LocalCluster:
             cmd += ["--host", s.host, "--metrics-port", str(port)]
             self.metrics_urls[name] = f"http://{s.host}:{port}/metrics"
         env = dict(os.environ, **self.extra_env)
+        if kind in ("prefill", "decode"):
+            # Model workers share the cores: an idle OpenMP thread sleeps instead of spinning, so a
+            # decode step is not slowed by the other process's threads waiting for work.
+            env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         for f in ("block_size", "threads", "max_running", "dram_bytes", "disk_bytes", "prefill_chunk",
                   "max_body_bytes", "request_timeout", "heartbeat_interval", "policy", "use_pool",
                   "prefill_cache_bytes", "cache_replicas", "drain_seconds", "no_auth"):
