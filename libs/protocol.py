@@ -82,7 +82,8 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # below this, logits / temperature overflows float32: the distribution is the argmax anyway
+        return self.temperature < 1e-4
 
 
 class Resume(msgspec.Struct, kw_only=True):

@@ -99,3 +99,9 @@ def test_batch_survives_growth_joins_and_leaves(tiny_dir, tiny_model):
             assert out[: len(ref)] == ref, k
     finally:
         DecodeBatch.GROW = 256
+
+
+def test_tiny_temperatures_sample_like_greedy():
+    logits = torch.randn(5000) * 30
+    p = SamplingParams(max_tokens=1, temperature=1e-30, top_p=0.5, seed=3)
+    assert sample_token(logits, p, 0) == int(torch.argmax(logits))

@@ -92,7 +92,6 @@ class LocalCluster:
         s = self.settings
         cmd = [
             sys.executable, "-m", "yuebing.cli", "serve", kind,
-            "--nats", self.nats.url_for(kind),
             "--instance-id", name,
             "--model", s.model,
             "--data-dir", str(self.data_dir),
@@ -106,6 +105,7 @@ class LocalCluster:
             cmd += ["--host", s.host, "--metrics-port", str(port)]
             self.metrics_urls[name] = f"http://{s.host}:{port}/metrics"
         env = dict(os.environ, **self.extra_env)
+        env["YUEBING_NATS_URL"] = self.nats.url_for(kind)  # in the environment, not argv: it has a password
         if kind in ("prefill", "decode"):
             # Model workers share the cores: an idle OpenMP thread sleeps instead of spinning, so a
             # decode step is not slowed by the other process's threads waiting for work.

@@ -143,7 +143,13 @@ class PrefillService(ModelWorker):
             await self.emit_error(task.output_id, task.seq_base, f"prefill failed: {e}")
             await msg.ack()
             return
-        token = sample_token(logits, task.sampling, task.seq_base)
+        try:
+            token = sample_token(logits, task.sampling, task.seq_base)
+        except Exception as e:  # noqa: BLE001 - one request's bad draw must not stop the instance
+            log.error("sampling_failed", error=repr(e))
+            await self.emit_error(task.output_id, task.seq_base, f"sampling failed: {e}")
+            await msg.ack()
+            return
         reason = finish_reason(token, 1, task.sampling, self.shape.eos_token_ids)
         await self.emit(TokenEvent(request_id=task.output_id, seq=task.seq_base, token_ids=[token],
                                    finish_reason=reason, prompt_tokens=len(prompt), cached_tokens=reused))
