@@ -46,11 +46,6 @@ class Subjects:
     def output(request_id: str) -> str:
         return f"yb.out.{request_id}"
 
-    CACHE_PUT = "yb.cache.put"
-    CACHE_GET = "yb.cache.get"
-    CACHE_EXISTS = "yb.cache.exists"
-    CACHE_STATS = "yb.cache.stats"
-
     @staticmethod
     def cache(instance_id: str, op: str) -> str:
         """Per-instance cachestore subjects (op: put, get, exists, stats), for sharded pools."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from yuebing.libs.protocol import Heartbeat
 
@@ -17,8 +17,6 @@ class Instance:
     beat: Heartbeat
     # work placed here since its last heartbeat, not yet visible in what it reported
     placed_since_beat: int = 0
-    placed_tokens_since_beat: int = 0
-    extra: dict = field(default_factory=dict)
 
     def alive(self, now: float) -> bool:
         return now - self.last_seen <= MISSED_BEATS * self.beat.interval
@@ -37,7 +35,6 @@ class Registry:
             inst.last_seen = now
             inst.beat = hb
             inst.placed_since_beat = 0
-            inst.placed_tokens_since_beat = 0
         return inst
 
     def alive(self, kind: str, now: float) -> list[Instance]:
