@@ -17,6 +17,33 @@ from .model import DEFAULT_MODEL, default_data_dir
 DEFAULT_BLOCK_SIZE = 16
 
 
+class SLO(msgspec.Struct, frozen=True):
+    """Latency objectives of a request, in seconds; 0 = none."""
+
+    ttft: float = 0.0  # time to the first token
+    tbt: float = 0.0  # time between tokens: a request's 90th percentile gap (see libs.metrics.request_tbt)
+
+
+def parse_slo_classes(spec: str) -> dict[str, SLO]:
+    """``"interactive=2:0.1,batch=60:1"`` -> {name: SLO(ttft, tbt)}."""
+    classes: dict[str, SLO] = {}
+    for item in (p.strip() for p in spec.split(",")):
+        if not item:
+            continue
+        name, sep, values = item.partition("=")
+        ttft, sep2, tbt = values.partition(":")
+        try:
+            if not (sep and sep2 and name.strip()):
+                raise ValueError
+            slo = SLO(float(ttft), float(tbt))
+        except ValueError:
+            raise ValueError(f"bad SLO class {item!r}: expected NAME=TTFT_SECONDS:TBT_SECONDS") from None
+        if slo.ttft < 0 or slo.tbt < 0:
+            raise ValueError(f"bad SLO class {item!r}: seconds must be >= 0")
+        classes[name.strip()] = slo
+    return classes
+
+
 class Settings(msgspec.Struct, kw_only=True):
     nats_url: str = "nats://127.0.0.1:4222"
     instance_id: str = ""
@@ -35,9 +62,21 @@ class Settings(msgspec.Struct, kw_only=True):
     api_keys: str = ""  # comma-separated Bearer keys the gateway accepts
     no_auth: bool = False  # serve without API keys: only when explicitly configured (local use)
     request_timeout: float = 600.0
+    # engine of the prefill and decode workers: "model" runs the model; "sim" replaces compute with
+    # the calibrated cost profile (same bus, same pool, real KV bytes), for scheduling experiments
+    engine: str = "model"
+    calibration: str = ""  # cost profile JSON (`yuebing calibrate`); default: DATA_DIR/calibration/<model>
     # conductor
     policy: str = "global_cache_aware"  # random | round_robin | least_loaded | local_cache_aware | global_cache_aware
     use_pool: bool = True  # False: each prefill reuses only its own DRAM cache (no cachestore pool)
+    colocated: bool = False  # each request decodes on the instance that prefilled it (a colocated baseline)
+    # SLOs (seconds; 0 = none) and admission: "none" admits everything, "early" rejects on the
+    # best predicted TTFT and the decode pool's current load, "predictive" projects the decode load
+    # to when the request would reach it (Mooncake's prediction-based early rejection)
+    ttft_slo: float = 30.0
+    tbt_slo: float = 1.0
+    admission: str = "predictive"
+    slo_classes: str = ""  # per request class: "name=TTFT:TBT,..." chosen by the request's "slo_class"
     # prefill
     prefill_chunk: int = 512
     prefill_cache_bytes: int = 256 << 20  # the instance's own DRAM cache of recent blocks
@@ -47,6 +86,13 @@ class Settings(msgspec.Struct, kw_only=True):
     # cachestore
     dram_bytes: int = 1 << 30
     disk_bytes: int = 4 << 30
+
+    def slo(self) -> SLO:
+        """The deployment's SLOs (requests without a class)."""
+        return SLO(self.ttft_slo, self.tbt_slo)
+
+    def slo_class_map(self) -> dict[str, SLO]:
+        return parse_slo_classes(self.slo_classes)
 
     def resolved_data_dir(self) -> Path:
         return Path(self.data_dir).expanduser() if self.data_dir else default_data_dir()

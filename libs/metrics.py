@@ -17,3 +17,16 @@ SUCCESS = Counter("yuebing:request_success", "Finished requests", ["finished_rea
 REJECTED = Counter("yuebing:request_rejected", "Requests refused before any work", ["reason"])
 PROMPT_TOKENS = Counter("yuebing:prompt_tokens", "Prompt tokens of finished requests")
 GENERATION_TOKENS = Counter("yuebing:generation_tokens", "Generated tokens of finished requests")
+SLO_REQUESTS = Counter("yuebing:slo_requests", "Finished requests, by whether they met their TTFT and TBT objectives",
+                       ["result"])
+WASTED_PREFILL = Counter("yuebing:prefill_wasted_tokens",
+                         "Prompt tokens computed for requests that then missed an objective or failed")
+
+
+def request_tbt(gaps: list[float]) -> float | None:
+    """A request's time between tokens as Mooncake measures it: the 90th percentile of the gaps
+    between its consecutive output tokens (nearest rank). None with fewer than two tokens."""
+    if not gaps:
+        return None
+    ordered = sorted(gaps)
+    return ordered[max(0, -(-9 * len(ordered) // 10) - 1)]

@@ -274,6 +274,10 @@ class ModelRunner:
         kv = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])
         return logits.float(), kv.contiguous()
 
+    def new_batch(self) -> "DecodeBatch":
+        """An empty running batch for a decode instance."""
+        return DecodeBatch(self)
+
 
 class _BufferLayer(DynamicLayer):
     """A cache layer writing new positions into the batch's preallocated buffer: a step copies

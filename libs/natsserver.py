@@ -47,12 +47,17 @@ _JS = ["$JS.API.>", "$JS.ACK.>", "$JS.FC.>"]
 PERMISSIONS: dict[str, dict[str, list[str]]] = {
     "gateway": {"pub": ["yb.sched", "yb.abort"], "sub": ["yb.out.>", "yb.hb.>"]},
     "conductor": {"pub": ["yb.task.prefill.>", "yb.kvdump.>", "yb.out.>", *_JS],
-                  "sub": ["yb.sched", "yb.hb.>", "yb.report.prefill", "yb.conductor.state"]},
+                  "sub": ["yb.sched", "yb.hb.>", "yb.report.prefill", "yb.report.decode", "yb.conductor.state"]},
     "prefill": {"pub": ["yb.out.>", "yb.kv.>", "yb.task.decode.>", "yb.cache.>", "yb.kvev.>", "yb.report.prefill",
                         *_JS],
                 "sub": ["yb.abort", "yb.kvdump.>", "yb.hb.cachestore.>"]},
-    "decode": {"pub": ["yb.out.>", *_JS], "sub": ["yb.kv.>", "yb.abort"]},
+    "decode": {"pub": ["yb.out.>", "yb.report.decode", *_JS], "sub": ["yb.kv.>", "yb.abort"]},
     "cachestore": {"pub": ["yb.kvev.>", *_JS], "sub": ["yb.cache.>", "yb.kvdump.>"]},
+}
+# a colocated worker runs prefill and decode in one process (the baseline of the goodput experiment)
+PERMISSIONS["worker"] = {
+    "pub": sorted({*PERMISSIONS["prefill"]["pub"], *PERMISSIONS["decode"]["pub"], "yb.hb.prefill.>", "yb.hb.decode.>"}),
+    "sub": sorted({*PERMISSIONS["prefill"]["sub"], *PERMISSIONS["decode"]["sub"]}),
 }
 
 

@@ -62,6 +62,7 @@ class Subjects:
         return f"yb.kvdump.{instance_id}"
 
     PREFILL_REPORT = "yb.report.prefill"
+    DECODE_REPORT = "yb.report.decode"
     CONDUCTOR_STATE = "yb.conductor.state"  # request/reply: IndexSummary
 
 
@@ -118,6 +119,9 @@ class ScheduleRequest(msgspec.Struct, kw_only=True):
     block_hashes: list[bytes] = []
     arrival_time: float = 0.0
     resume: Resume | None = None
+    # the request's SLOs in seconds (its class's, or the deployment's); 0 = none
+    ttft_slo: float = 0.0
+    tbt_slo: float = 0.0
 
 
 class ScheduleReply(msgspec.Struct, kw_only=True):
@@ -199,6 +203,18 @@ class PrefillReport(msgspec.Struct, kw_only=True):
     queue_seconds: float
 
 
+class DecodeReport(msgspec.Struct, kw_only=True):
+    """decode -> conductor when a sequence leaves the batch (finished, aborted or handed back):
+    the admitted load it no longer adds, and how long its decode took."""
+
+    v: int = PROTOCOL_VERSION
+    instance_id: str
+    request_id: str
+    output_tokens: int  # tokens made by this decode instance
+    seconds: float  # from joining the batch to leaving it
+    finish_reason: str = ""
+
+
 class KVEvent(msgspec.Struct, kw_only=True):
     """Blocks stored in / removed from one instance's cache (JetStream ``YB_KV_EVENTS``).
 
@@ -275,6 +291,12 @@ class Heartbeat(msgspec.Struct, kw_only=True):
     max_running: int = 0
     kv_tokens: int = 0  # KV positions held by the running batch (decode)
     draining: bool = False  # stopping: finishes what it has, takes nothing new
+    # decode: the steps run since the previous beat (cost-model input): count, mean seconds,
+    # mean rows and mean KV positions per step
+    steps: int = 0
+    step_seconds: float = 0.0
+    step_batch: float = 0.0
+    step_kv_tokens: float = 0.0
 
 
 # ---------------------------------------------------------------- binary transfers

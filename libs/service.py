@@ -117,21 +117,34 @@ class Service:
         )
 
     async def serve_forever(self) -> None:
-        loop = asyncio.get_running_loop()
-        done = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, done.set)
-        await self.start()
-        await done.wait()
-        await self.stop()
+        await serve_all([self])
 
 
-def run(service_cls: type[Service], settings: Settings) -> None:
-    """Entry point of ``yuebing serve KIND``: logs, metrics endpoint, event loop."""
-    configure(service_cls.kind)
+async def serve_all(services: list[Service]) -> None:
+    """Start the services, run until SIGINT or SIGTERM, stop them all (one process, one loop)."""
+    loop = asyncio.get_running_loop()
+    done = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, done.set)
+    for svc in services:
+        await svc.start()
+    await done.wait()
+    await asyncio.gather(*(svc.stop() for svc in services))
+
+
+def run(service_classes: type[Service] | list[type[Service]], settings: Settings, name: str | None = None) -> None:
+    """Entry point of ``yuebing serve KIND``: logs, metrics endpoint, event loop. Several classes
+    run side by side in one process (a colocated worker: prefill and decode on one engine)."""
+    classes = service_classes if isinstance(service_classes, list) else [service_classes]
+    name = name or classes[0].kind
+    configure(name)
     structlog.contextvars.bind_contextvars(pid=__import__("os").getpid())
-    if settings.metrics_port and service_cls.kind != "gateway":
+    if settings.metrics_port and name != "gateway":
         start_http_server(settings.metrics_port, addr=settings.host)
     started = time.monotonic()
-    asyncio.run(service_cls(settings).serve_forever())
-    get_logger(service_cls.kind).info("service_exited", uptime_s=round(time.monotonic() - started, 1))
+
+    async def main() -> None:
+        await serve_all([cls(settings) for cls in classes])
+
+    asyncio.run(main())
+    get_logger(name).info("service_exited", uptime_s=round(time.monotonic() - started, 1))

@@ -14,6 +14,7 @@ from nats.js.errors import BadRequestError
 
 from .blocks import namespace_digest
 from .bus import work_subscription
+from .config import Settings
 from .model import ModelRunner, model_identity, resolve_model
 from .protocol import Abort, SamplingParams, Subjects, TokenEvent, decode, encode
 from .service import Service
@@ -47,19 +48,69 @@ def finish_reason(token: int, n_out: int, params: SamplingParams, eos_ids: tuple
     return None
 
 
+ENGINES = ("model", "sim")
+
+
+class _Engine:
+    """The model thread and the runner on it; shared by the prefill and decode halves of a
+    colocated worker (one engine does both, so a prompt holds up the decode steps)."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self.runner = None
+        self.path = None
+        self._lock = asyncio.Lock()
+        self.users = 0
+
+    async def load(self):
+        async with self._lock:
+            if self.runner is None:
+                s = self.settings
+                if s.engine not in ENGINES:
+                    raise ValueError(f"unknown engine {s.engine!r}; choose one of {', '.join(ENGINES)}")
+                self.path = await asyncio.to_thread(resolve_model, s.model, s.resolved_models_dir())
+                loop = asyncio.get_running_loop()
+                if s.engine == "sim":
+                    from .costs import DEFAULT as DEFAULT_PROFILE, CostProfile
+                    from .simengine import SimRunner
+
+                    profile = CostProfile.load(s.calibration) if s.calibration else DEFAULT_PROFILE
+                    self.runner = await loop.run_in_executor(self.executor, SimRunner, self.path, profile)
+                else:
+                    self.runner = await loop.run_in_executor(
+                        self.executor, partial(ModelRunner, self.path, s.threads or None))
+            self.users += 1
+            return self.runner
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users <= 0:
+            self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+_shared_engines: dict[str, _Engine] = {}
+
+
 class ModelWorker(Service):
     """A service that runs the model on one dedicated thread and streams tokens to gateways."""
 
     async def setup(self) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.kind}-model")
-        path = await asyncio.to_thread(resolve_model, self.settings.model, self.settings.resolved_models_dir())
-        self.runner: ModelRunner = await self.compute(ModelRunner, path, self.settings.threads or None)
+        if self.settings.colocated:
+            # the prefill and decode services of one colocated worker process share one engine
+            engine = _shared_engines.setdefault(self.instance_id, _Engine(self.settings))
+        else:
+            engine = _Engine(self.settings)
+        self._engine = engine
+        self._executor = engine.executor
+        self.runner: ModelRunner = await engine.load()
+        path = engine.path
         self.shape = self.runner.shape
         self.namespace = namespace_digest(model_identity(path), self.shape.dtype_name, self.settings.block_size)
         self.aborted = RecentIds()
         self.done = RecentIds()
         await self.nc.subscribe(Subjects.ABORT, cb=self._on_abort)
-        self.log.info("model_loaded", path=str(path), layers=self.shape.num_layers)
+        self.log.info("model_loaded", path=str(path), layers=self.shape.num_layers, engine=self.settings.engine)
 
     async def compute(self, fn, *args, **kwargs):
         """Run blocking model work on the model thread."""
@@ -67,7 +118,7 @@ class ModelWorker(Service):
         return await loop.run_in_executor(self._executor, partial(fn, *args, **kwargs))
 
     async def teardown(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._engine.release()
 
     async def _on_abort(self, msg) -> None:
         try:

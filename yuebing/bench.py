@@ -7,8 +7,9 @@ What it does (DESIGN.md section 10: every speed claim is a ratio against a basel
 2. For each concurrency level C, send R requests (``--requests-per-level``, default 2*C) with at most C in
    flight: streaming ``/v1/completions`` with token-id prompts (the chat template applied here, so the
    baseline sees exactly the same ids), greedy, ``ignore_eos`` so each request makes exactly
-   ``--max-tokens`` tokens. Per request: TTFT (send -> first chunk with text) and inter-token latencies
-   (gaps between chunks with text); tokens come from the ``usage`` chunk. Per level: TTFT and ITL
+   ``--max-tokens`` tokens. Per request: TTFT (send -> first token) and inter-token latencies
+   (gaps between tokens; token arrivals counted by ``yuebing.sse``: here one per chunk with text);
+   tokens come from the ``usage`` chunk. Per level: TTFT and ITL
    p50/p90 and output tokens/s = completion tokens / wall time of the level.
 3. Stop the cluster, then run ``model.generate`` on the same model directory and the same prompts: batch 1
    (a few prompts one after another) and batch 16 (left padded), greedy, exactly ``--max-tokens`` tokens.
@@ -154,45 +155,21 @@ class LevelResult:
 
 # ---------------------------------------------------------------- the cluster side
 async def _one_request(session, url: str, body: dict) -> RequestResult:
-    import orjson
+    """One streaming request (``yuebing.sse``): TTFT = send -> first token, ITLs = gaps between tokens,
+    completion tokens from the usage chunk."""
+    from yuebing.sse import stream_completion
 
-    sent = time.perf_counter()
-    last = None
-    res = RequestResult(ok=False)
-    usage = None
-    try:
-        async with session.post(url, json=body) as r:
-            if r.status != 200:
-                res.error = f"HTTP {r.status}: {(await r.text())[:200]}"
-                return res
-            async for line in r.content:
-                line = line.strip()
-                if not line.startswith(b"data: "):
-                    continue
-                payload = line[6:]
-                if payload == b"[DONE]":
-                    break
-                now = time.perf_counter()
-                ev = orjson.loads(payload)
-                if "error" in ev:
-                    res.error = str(ev["error"].get("message", ev["error"]))
-                    return res
-                if ev.get("usage"):
-                    usage = ev["usage"]
-                choices = ev.get("choices") or []
-                if choices and choices[0].get("text"):
-                    if last is None:
-                        res.ttft = now - sent
-                    else:
-                        res.itls.append(now - last)
-                    last = now
-    except Exception as e:  # noqa: BLE001 - a client failure is a failed request, not a crashed benchmark
-        res.error = repr(e)
+    s = await stream_completion(session, url, body)
+    res = RequestResult(ok=False, error=s.error)
+    if s.token_times:
+        res.ttft = s.token_times[0] - s.sent
+        res.itls = [b - a for a, b in zip(s.token_times, s.token_times[1:])]
+    if not s.ok:
         return res
-    if usage is None:
+    if s.completion_tokens is None:
         res.error = "no usage chunk in the stream"
         return res
-    res.completion_tokens = int(usage["completion_tokens"])
+    res.completion_tokens = s.completion_tokens
     res.ok = True
     return res
 
@@ -210,9 +187,9 @@ def _body(model_name: str, prompt: list[int], max_tokens: int) -> dict:
 
 
 async def _model_name(session, base: str) -> str:
-    async with session.get(base + "/v1/models") as r:
-        r.raise_for_status()
-        return (await r.json())["data"][0]["id"]
+    from yuebing.sse import first_model
+
+    return (await first_model(session, base))["id"]
 
 
 async def run_cluster_levels(base: str, levels: list[int], per_level: int, prompts: list[list[int]],

@@ -37,6 +37,9 @@ kvcache-balancing threshold predicted recomputing faster than loading) and plann
 failures of the cache path found in the logs are counted too.
 
 Each prints a table and a final JSON line of named figures (also written to ``--out``).
+
+``bench trace FILE --url URL`` is another tool: an open-loop replay of the trace against a running
+OpenAI-compatible server, under SLOs (``yuebing.replay``); ``trace_main`` dispatches to it.
 """
 
 from __future__ import annotations
@@ -169,9 +172,9 @@ class Reply:
 
 
 async def _model_name(session, base: str) -> str:
-    async with session.get(base + "/v1/models") as r:
-        r.raise_for_status()
-        return (await r.json())["data"][0]["id"]
+    from yuebing.sse import first_model
+
+    return (await first_model(session, base))["id"]
 
 
 def _body(model_name: str, prompt: list[int], stream: bool) -> dict:
@@ -182,42 +185,21 @@ def _body(model_name: str, prompt: list[int], stream: bool) -> dict:
 
 
 async def _stream(session, url: str, body: dict) -> Reply:
-    """One streaming request; TTFT = send -> first SSE event (with max_tokens 1 the first token is
-    sent at once, even when its text is empty and only the finishing chunk carries it)."""
-    import orjson
+    """One streaming request (``yuebing.sse``); TTFT = send -> first SSE event (with max_tokens 1 the
+    first token is sent at once, even when its text is empty and only the finishing chunk carries it)."""
+    from yuebing.sse import stream_completion
 
-    res = Reply(ok=False)
-    usage = None
-    sent = time.perf_counter()
-    try:
-        async with session.post(url, json=body) as r:
-            if r.status != 200:
-                res.error = f"HTTP {r.status}: {(await r.text())[:300]}"
-                return res
-            async for line in r.content:
-                line = line.strip()
-                if not line.startswith(b"data: "):
-                    continue
-                payload = line[6:]
-                if res.ttft is None:
-                    res.ttft = time.perf_counter() - sent
-                if payload == b"[DONE]":
-                    break
-                ev = orjson.loads(payload)
-                if "error" in ev:
-                    res.error = str(ev["error"].get("message", ev["error"]))
-                    return res
-                res.request_id = res.request_id or ev.get("id", "")
-                if ev.get("usage"):
-                    usage = ev["usage"]
-    except Exception as e:  # noqa: BLE001 - a failed request is reported, not a crashed benchmark
-        res.error = repr(e)
+    s = await stream_completion(session, url, body)
+    res = Reply(ok=False, request_id=s.request_id, error=s.error)
+    if s.first_event is not None:
+        res.ttft = s.first_event - s.sent
+    if not s.ok:
         return res
-    if usage is None:
+    if s.usage is None:
         res.error = "no usage chunk in the stream"
         return res
-    res.prompt_tokens = int(usage["prompt_tokens"])
-    res.cached_tokens = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+    res.prompt_tokens = s.prompt_tokens or 0
+    res.cached_tokens = s.cached_tokens or 0
     res.ok = True
     return res
 
@@ -1130,6 +1112,12 @@ def _parse_floats(spec) -> list[float]:
 
 
 def trace_main(args) -> int:
+    """``yuebing bench trace``: with ``--url``, replay the trace against that server (``yuebing.replay``);
+    without, the cache experiment of this module on clusters it starts (the trace: ``FILE`` or ``--trace``)."""
+    if getattr(args, "url", None):
+        from yuebing import replay
+
+        return replay.main(args)
     return _entry(_trace, args)
 
 
@@ -1142,8 +1130,8 @@ def _trace(args) -> int:
     from yuebing.libs.model import DEFAULT_MODEL, model_identity, read_shape, resolve_model
     from yuebing.libs.natsserver import free_port
 
-    trace_path = Path(getattr(args, "trace", None) or DEFAULT_TRACE)
-    n_requests = int(getattr(args, "requests", 1000))
+    trace_path = Path(getattr(args, "trace", None) or getattr(args, "file", None) or DEFAULT_TRACE)
+    n_requests = int(getattr(args, "requests", None) or 1000)
     token_scale = int(getattr(args, "token_scale", 32))
     concurrency = max(1, int(getattr(args, "concurrency", 1)))
     fractions = _parse_floats(getattr(args, "pool_fractions", "0.5,0.25,0.1"))

@@ -15,6 +15,8 @@ SERVICES = {
     "decode": ("yuebing.services.decode.service", "DecodeService"),
     "cachestore": ("yuebing.services.cachestore.service", "CacheStoreService"),
 }
+# a colocated worker: prefill and decode in one process on one engine (the goodput baseline)
+COLOCATED = ("prefill", "decode")
 
 HELP = """\
 yuebing: KVCache-centric, disaggregated LLM serving over NATS JetStream.
@@ -47,6 +49,13 @@ def _settings(args, **extra):
         policy=getattr(args, "policy", None),
         api_keys=",".join(args.api_key) if getattr(args, "api_key", None) else None,
         no_auth=True if getattr(args, "no_auth", False) else None,
+        engine=getattr(args, "engine", None),
+        calibration=getattr(args, "calibration", None),
+        admission=getattr(args, "admission", None),
+        ttft_slo=getattr(args, "ttft_slo", None),
+        tbt_slo=getattr(args, "tbt_slo", None),
+        slo_classes=",".join(args.slo_class) if getattr(args, "slo_class", None) else None,
+        max_running=getattr(args, "max_running", None),
         **extra,
     )
 
@@ -66,6 +75,24 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: torch's choice)")
 
 
+def _serving(p: argparse.ArgumentParser) -> None:
+    """Flags of the engine, the SLOs and admission (shared by `up` and `serve`)."""
+    p.add_argument("--engine", choices=("model", "sim"), default=None,
+                   help="model: run the model (default); sim: replace compute with the calibrated cost profile "
+                   "(same services, bus, pool and KV bytes), for scheduling experiments with many instances")
+    p.add_argument("--calibration", default=None,
+                   help="cost profile JSON from `yuebing calibrate` (default: DATA_DIR/calibration/<model>, if present)")
+    p.add_argument("--admission", choices=("none", "early", "predictive"), default=None,
+                   help="reject at arrival what would miss its SLOs: none; early (predicted TTFT and the decode "
+                   "load now); predictive (default: the decode load projected to when the request reaches it)")
+    p.add_argument("--ttft-slo", type=float, default=None, help="time-to-first-token objective, seconds (default 30)")
+    p.add_argument("--tbt-slo", type=float, default=None,
+                   help="time-between-tokens objective (a request's 90th percentile gap), seconds (default 1)")
+    p.add_argument("--slo-class", action="append", default=None, metavar="NAME=TTFT:TBT",
+                   help="a request class with its own SLOs, chosen by the request body's \"slo_class\" (repeatable)")
+    p.add_argument("--max-running", type=int, default=None, help="sequences in a decode instance's batch (default 32)")
+
+
 def cmd_up(args) -> int:
     from yuebing.cluster import LocalCluster
     from yuebing.libs.log import configure
@@ -73,7 +100,7 @@ def cmd_up(args) -> int:
     configure("up")
     settings = _settings(args)
     cluster = LocalCluster(settings, prefill=args.prefill, decode=args.decode, cachestore=args.cachestore,
-                           nats_port=args.nats_port)
+                           colocated=args.colocated, nats_port=args.nats_port)
     stop = {"now": False}
 
     def on_signal(signum, frame):
@@ -89,7 +116,9 @@ def cmd_up(args) -> int:
         lines = [
             "",
             f"yuebing is ready: {cluster.url}/v1  (model: {_model_id(settings)})",
-            f"  NATS: {cluster.nats.public_url} (a user per service)   prefill x{args.prefill}, decode x{args.decode}",
+            f"  NATS: {cluster.nats.public_url} (a user per service)   " + (
+                f"colocated workers x{args.colocated}" if args.colocated
+                else f"prefill x{args.prefill}, decode x{args.decode}") + f"   engine: {settings.engine}",
             "  metrics: " + ", ".join(f"{n} {u}" for n, u in cluster.metrics_urls.items()),
             (f"  API key: {key}   (send 'Authorization: Bearer <key>'; kept in {cluster.data_dir / 'api_key'})"
              if key else "  API keys: off (--no-auth)"),
@@ -125,6 +154,12 @@ def _model_id(settings) -> str:
 def cmd_serve(args) -> int:
     from yuebing.libs.service import run
 
+    if args.service == "worker":
+        # one instance id for both halves: the conductor decodes a request where it was prefilled
+        settings = _settings(args, metrics_port=args.metrics_port, colocated=True).with_instance("worker")
+        classes = [getattr(importlib.import_module(SERVICES[k][0]), SERVICES[k][1]) for k in COLOCATED]
+        run(classes, settings, name="worker")
+        return 0
     module, cls = SERVICES[args.service]
     settings = _settings(args, metrics_port=args.metrics_port)
     run(getattr(importlib.import_module(module), cls), settings)
@@ -161,11 +196,16 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--cachestore", type=int, default=1, help="cachestore instances (default 1)")
     up.add_argument("--policy", default=None, help="placement: random, round_robin, least_loaded, "
                     "local_cache_aware, global_cache_aware (default)")
+    up.add_argument("--colocated", type=int, default=0, metavar="N",
+                    help="instead of separate prefill and decode instances, N workers that each prefill and "
+                    "decode their own requests on one engine (a baseline for comparison; implies no pool)")
     up.add_argument("--nats-port", type=int, default=None, help="NATS port (default: a free port)")
+    _serving(up)
     up.set_defaults(func=cmd_up)
 
     serve = sub.add_parser("serve", help="run one service against a NATS server (how yuebing scales across machines)")
-    serve.add_argument("service", choices=sorted(SERVICES))
+    serve.add_argument("service", choices=sorted([*SERVICES, "worker"]),
+                       help="one of the five services, or worker: prefill and decode colocated on one engine")
     _common(serve)
     serve.add_argument("--nats", default=None, help="NATS URL (default nats://127.0.0.1:4222)")
     serve.add_argument("--instance-id", default=None, help="stable id of this instance (default: host + random)")
@@ -174,7 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
     _auth_flags(serve)
     serve.add_argument("--policy", default=None, help="conductor placement policy (default global_cache_aware)")
     serve.add_argument("--metrics-port", type=int, default=None, help="Prometheus port of a worker (default: off)")
+    _serving(serve)
     serve.set_defaults(func=cmd_serve)
+
+    from yuebing import calibrate
+
+    calibrate.add_parser(sub)
 
     conv = sub.add_parser("convert", help="convert the model to a cached safetensors directory and print its path")
     _common(conv)
@@ -190,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_b.add_argument("--out", default=None, help="also write the JSON figures here")
     serve_b.set_defaults(func=cmd_bench)
 
-    from yuebing import bench_cache  # light: imports its heavy dependencies only when run
+    from yuebing import bench_cache, bench_sched  # light: import their heavy dependencies only when run
 
     prefix_b = bench_sub.add_parser("prefix", help="TTFT of a prompt whose prefix is in the pool vs cold TTFT")
     _common(prefix_b)
@@ -209,19 +254,32 @@ def build_parser() -> argparse.ArgumentParser:
     transfer_b.add_argument("--out", default=None, help="also write the JSON figures here")
     transfer_b.set_defaults(func=bench_cache.transfer_main)
 
-    trace_b = bench_sub.add_parser("trace", help="replay the Mooncake conversation trace: prefix hit ratio vs the bound")
-    _common(trace_b)
-    trace_b.add_argument("--trace", default=None, help="trace file (default ../shared/traces/conversation_trace.jsonl)")
-    trace_b.add_argument("--requests", type=int, default=1000, help="first N requests of the trace")
-    trace_b.add_argument("--token-scale", type=int, default=32, help="512/token_scale tokens per hash id (default 32)")
-    trace_b.add_argument("--concurrency", type=int, default=1, help="requests in flight (default 1: sequential)")
-    trace_b.add_argument("--pool-fractions", default="0.5,0.25,0.1", help="smaller pools, as fractions of the working set")
-    trace_b.add_argument("--configs", default=None, help="subset of global,local,pool (default: all)")
-    trace_b.add_argument("--max-context", type=int, default=32768, help="context of the tiny model built for the replay")
-    trace_b.add_argument("--no-settle", dest="settle", action="store_false",
+    from yuebing import replay  # light too
+
+    trace_b = bench_sub.add_parser(
+        "trace", help="replay a Mooncake trace: with --url against a server (SLOs, goodput); without, "
+        "the KV-cache hit-ratio experiment", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Replay a Mooncake-format trace (FILE, default ../shared/traces/conversation_trace.jsonl).\n\n"
+        "  yuebing bench trace FILE --url URL [options]\n"
+        "      open-loop replay against any OpenAI-compatible server: TTFT, TBT, SLO attainment, goodput,\n"
+        "      prefix hit ratio, rejections; a table, a JSON line, a JSON file and a PNG (yuebing/replay.py)\n"
+        "  yuebing bench trace [FILE] [options]\n"
+        "      without --url: the KV-cache experiment on clusters it starts itself: prefix hit ratio of\n"
+        "      global, local-only and smaller pools against the unbounded-cache bound (bench_cache.py)")
+    replay.add_arguments(trace_b)  # FILE, --url; --model, --token-scale, --requests, --max-context, --out serve both
+    cache_b = trace_b.add_argument_group("the cache experiment (without --url)")
+    cache_b.add_argument("--data-dir", default=None, help="clusters' data and logs (default: a temporary directory)")
+    cache_b.add_argument("--models-dir", default=None, help="converted models (default DATA_DIR/models)")
+    cache_b.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default 16)")
+    cache_b.add_argument("--threads", type=int, default=None, help="torch threads per worker (default 1)")
+    cache_b.add_argument("--trace", default=None, help="the trace file (same as FILE)")
+    cache_b.add_argument("--concurrency", type=int, default=1, help="requests in flight (default 1: sequential)")
+    cache_b.add_argument("--pool-fractions", default="0.5,0.25,0.1", help="smaller pools, as fractions of the working set")
+    cache_b.add_argument("--configs", default=None, help="subset of global,local,pool (default: all)")
+    cache_b.add_argument("--no-settle", dest="settle", action="store_false",
                          help="send the next request without waiting for the previous one's pool writes")
-    trace_b.add_argument("--out", default=None, help="also write the JSON figures here")
-    trace_b.set_defaults(func=bench_cache.trace_main)
+    trace_b.set_defaults(func=bench_cache.trace_main)  # it dispatches: --url -> replay.main
+    bench_sched.add_parser(bench_sub)
     return parser
 
 

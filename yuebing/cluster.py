@@ -23,7 +23,12 @@ from yuebing.libs.proc import die_with_parent
 
 log = get_logger("cluster")
 
-SERVICE_ORDER = ("cachestore", "conductor", "prefill", "decode", "gateway")
+SERVICE_ORDER = ("cachestore", "conductor", "prefill", "decode", "worker", "gateway")
+# settings every service process receives (as YUEBING_* variables)
+FORWARDED = ("block_size", "threads", "max_running", "dram_bytes", "disk_bytes", "prefill_chunk", "max_body_bytes",
+             "request_timeout", "heartbeat_interval", "policy", "use_pool", "prefill_cache_bytes", "cache_replicas",
+             "drain_seconds", "no_auth", "engine", "calibration", "colocated", "admission", "ttft_slo", "tbt_slo",
+             "slo_classes")
 
 
 @dataclass
@@ -32,6 +37,7 @@ class LocalCluster:
     prefill: int = 1
     decode: int = 1
     cachestore: int = 1
+    colocated: int = 0  # workers that prefill and decode their own requests (instead of prefill/decode)
     nats_port: int | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     nats: NatsServer | None = None
@@ -70,7 +76,10 @@ class LocalCluster:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._ensure_api_key()
         # Convert the model once, here, so the services find it ready.
-        resolve_model(self.settings.model, self.settings.resolved_models_dir())
+        path = resolve_model(self.settings.model, self.settings.resolved_models_dir())
+        self._ensure_calibration(path)
+        if self.colocated:
+            self.settings = msgspec.structs.replace(self.settings, colocated=True, use_pool=False)
         self.nats = NatsServer(self.data_dir / "nats", port=self.nats_port, log_file=self.log_dir / "nats-server.log",
                                auth=True)
         self.nats.start()
@@ -84,8 +93,31 @@ class LocalCluster:
             raise
         return self
 
+    def _ensure_calibration(self, path: Path) -> None:
+        """The cost profile the conductor starts from (and the simulated engine runs on): the one
+        given, else the model's in the data dir; the simulated engine calibrates one if missing."""
+        s = self.settings
+        if s.calibration:
+            return
+        import torch
+
+        from yuebing.libs.costs import profile_path
+        from yuebing.libs.model import model_identity
+
+        profile = profile_path(self.data_dir, model_identity(path), s.threads or torch.get_num_threads())
+        if not profile.exists() and s.engine == "sim":
+            from yuebing.libs.calibrate import calibrate
+
+            print(f"calibrating the cost model of {path.name} for the simulated engine (once)...", flush=True)
+            calibrate(path, s.threads or None).save(profile)
+        if profile.exists():
+            self.settings = msgspec.structs.replace(s, calibration=str(profile))
+
     def count(self, kind: str) -> int:
-        return {"prefill": self.prefill, "decode": self.decode, "cachestore": self.cachestore}.get(kind, 1)
+        if self.colocated and kind in ("prefill", "decode", "cachestore"):
+            return 0
+        return {"prefill": self.prefill, "decode": self.decode, "cachestore": self.cachestore,
+                "worker": self.colocated}.get(kind, 1)
 
     def start_service(self, kind: str, index: int) -> subprocess.Popen:
         name = f"{kind}-{index}"
@@ -106,13 +138,11 @@ class LocalCluster:
             self.metrics_urls[name] = f"http://{s.host}:{port}/metrics"
         env = dict(os.environ, **self.extra_env)
         env["YUEBING_NATS_URL"] = self.nats.url_for(kind)  # in the environment, not argv: it has a password
-        if kind in ("prefill", "decode"):
+        if kind in ("prefill", "decode", "worker") and s.engine != "sim":
             # Model workers share the cores: an idle OpenMP thread sleeps instead of spinning, so a
             # decode step is not slowed by the other process's threads waiting for work.
             env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        for f in ("block_size", "threads", "max_running", "dram_bytes", "disk_bytes", "prefill_chunk",
-                  "max_body_bytes", "request_timeout", "heartbeat_interval", "policy", "use_pool",
-                  "prefill_cache_bytes", "cache_replicas", "drain_seconds", "no_auth"):
+        for f in FORWARDED:
             env[f"YUEBING_{f.upper()}"] = str(getattr(s, f))
         if kind == "gateway":
             env["YUEBING_API_KEYS"] = s.api_keys  # only the gateway needs them
@@ -132,7 +162,8 @@ class LocalCluster:
 
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        want = {"prefill": self.prefill, "decode": self.decode, "conductor": 1, "cachestore": self.cachestore}
+        want = {"prefill": self.count("prefill") + self.colocated, "decode": self.count("decode") + self.colocated,
+                "conductor": 1, "cachestore": self.count("cachestore")}
         while True:
             for name, p in self.procs.items():
                 if p.poll() is not None:

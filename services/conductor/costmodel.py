@@ -1,4 +1,4 @@
-"""Cost models fitted online from the workers' own reports. Plain logic, no I/O."""
+"""The prefill cost model, fitted online from the workers' own reports. Plain logic, no I/O."""
 
 from __future__ import annotations
 
@@ -7,13 +7,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from yuebing.libs.costs import CostProfile, fit, prefill_features
+
 
 @dataclass(frozen=True)
 class PrefillCalibration:
     """T_prefill(new, reused) = fixed + per_token * new + per_pair * new * (reused + new / 2).
 
-    The last term is attention: each new token attends to every earlier one.
-    Defaults are a conservative start for a small model on CPU; reports refine them.
+    The last term is attention: each new token attends to every earlier one. The starting point
+    comes from the calibrated cost profile (`yuebing calibrate`); reports refine it.
     """
 
     fixed: float = 0.02
@@ -32,13 +34,14 @@ class PrefillCostModel:
         self._load_rate = self.cal.load_tokens_per_second
         self.fits = 0
 
-    @staticmethod
-    def _features(new: float, reused: float) -> np.ndarray:
-        return np.array([1.0, new, new * (reused + new / 2.0)])
+    @classmethod
+    def from_profile(cls, profile: CostProfile, window: int = 512) -> "PrefillCostModel":
+        fixed, per_token, per_pair = profile.prefill
+        return cls(PrefillCalibration(fixed, per_token, per_pair, profile.load_tokens_per_second), window)
 
     def prefill_seconds(self, prompt_len: int, reused_len: int) -> float:
         new = max(1, prompt_len - reused_len)
-        return float(self._features(new, reused_len) @ self.coef)
+        return float(np.dot(prefill_features(new, reused_len), self.coef))
 
     def load_seconds(self, tokens: int) -> float:
         return tokens / self._load_rate if tokens > 0 else 0.0
@@ -54,13 +57,14 @@ class PrefillCostModel:
             self._load_rate = 0.8 * self._load_rate + 0.2 * rate
 
     def _fit(self) -> None:
-        x = np.array([self._features(n, r) for n, r, _ in self._samples])
-        y = np.array([t for _, _, t in self._samples])
+        rows = [prefill_features(n, r) for n, r, _ in self._samples]
+        y = [t for _, _, t in self._samples]
+        x = np.array(rows)
         if np.linalg.matrix_rank(x) < x.shape[1]:
             # not enough variety yet (e.g. every prompt the same length): fit the slope only
             per_token = float(np.sum(y) / max(1e-9, float(np.sum(x[:, 1]))))
             self.coef = np.array([0.0, max(per_token, 1e-6), self.coef[2]])
         else:
-            coef, *_ = np.linalg.lstsq(x, y, rcond=None)
+            coef = np.array(fit(rows, y), dtype=float)
             self.coef = np.maximum(coef, [0.0, 1e-6, 0.0])
         self.fits += 1

@@ -21,6 +21,7 @@ class RequestView:
     prompt_len: int
     block_size: int
     pool_blocks: int  # leading blocks present in the pool
+    tbt_slo: float = 0.0  # seconds; 0 = none
 
     @property
     def max_reuse_blocks(self) -> int:
@@ -40,6 +41,11 @@ class DecodeView:
     instance_id: str
     sequences: int  # running + waiting + placed since the last heartbeat
     kv_tokens: int
+    # predicted time between tokens with this request added: to the load now, and to the load
+    # projected to when the request would join; and seconds until the instance sheds load
+    current_tbt: float = 0.0
+    predicted_tbt: float = 0.0
+    sheds_in: float = float("inf")
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,8 @@ class Placement:
     predicted_ttft: float = 0.0
     predicted_prefill: float = 0.0
     cached_blocks: int = 0  # blocks the plan expects to reuse
+    predicted_tbt: float = 0.0  # on the chosen decode instance, with this request added
+    cause: str = ""  # why not admitted by the SLO check: "ttft" | "tbt"
 
 
 @dataclass(frozen=True)
@@ -67,13 +75,18 @@ class _Choice:
 
 
 class Policy:
-    """Base: the estimate for a given instance and reuse plan; subclasses pick."""
+    """Base: the estimate for a given instance and reuse plan; subclasses pick.
+
+    With ``use_pool`` the chosen instance also loads a longer prefix from the pool when that beats
+    recomputing it; local_cache_aware never does (it reuses only the instance's own DRAM)."""
 
     name = "base"
 
-    def __init__(self, model: PrefillCostModel, use_pool: bool = True, seed: int | None = None):
+    def __init__(self, model: PrefillCostModel, use_pool: bool = True, seed: int | None = None,
+                 colocated: bool = False):
         self.model = model
         self.use_pool = use_pool
+        self.colocated = colocated  # decode where the request was prefilled (instances do both)
         self.rng = random.Random(seed)
         self._rr = 0
 
@@ -93,8 +106,14 @@ class Policy:
     def choose_prefill(self, req: RequestView, prefills: list[PrefillView]) -> _Choice:
         raise NotImplementedError
 
-    def choose_decode(self, decodes: list[DecodeView]) -> DecodeView:
-        return min(decodes, key=lambda d: (d.sequences, d.kv_tokens, d.instance_id))
+    def choose_decode(self, req: RequestView, decodes: list[DecodeView]) -> DecodeView:
+        """The instance whose predicted time between tokens, with this request added, is lowest
+        (an instance within the TBT SLO whenever there is one; ties to the fewer sequences)."""
+        def key(d: DecodeView):
+            over = req.tbt_slo > 0 and d.predicted_tbt > req.tbt_slo
+            return (over, d.predicted_tbt, d.sequences, d.kv_tokens, d.instance_id)
+
+        return min(decodes, key=key)
 
     def place(self, req: RequestView, prefills: list[PrefillView], decodes: list[DecodeView]) -> Placement:
         if not prefills or not decodes:
@@ -102,8 +121,18 @@ class Policy:
             return Placement(False, status=503, reason=f"no {missing} instance is alive", retry_after=2.0)
         prefills = sorted(prefills, key=lambda p: p.instance_id)
         decodes = sorted(decodes, key=lambda d: d.instance_id)
-        c = self.choose_prefill(req, prefills)
-        d = self.choose_decode(decodes)
+        if self.colocated:
+            # an instance prefills and decodes its own requests: only those that do both qualify
+            both = {d.instance_id: d for d in decodes}
+            prefills = [p for p in prefills if p.instance_id in both]
+            if not prefills:
+                return Placement(False, status=503, reason="no instance that both prefills and decodes is alive",
+                                 retry_after=2.0)
+            c = self.choose_prefill(req, prefills)
+            d = both[c.view.instance_id]
+        else:
+            c = self.choose_prefill(req, prefills)
+            d = self.choose_decode(req, decodes)
         return Placement(
             True,
             prefill_id=c.view.instance_id,
@@ -112,6 +141,7 @@ class Policy:
             predicted_ttft=c.ttft,
             predicted_prefill=c.prefill,
             cached_blocks=c.reuse_blocks,
+            predicted_tbt=d.predicted_tbt,
         )
 
 
@@ -121,7 +151,7 @@ class RandomPolicy(Policy):
     def choose_prefill(self, req, prefills):
         return self.estimate(req, self.rng.choice(prefills), self.use_pool)
 
-    def choose_decode(self, decodes):
+    def choose_decode(self, req, decodes):
         return self.rng.choice(decodes)
 
 
@@ -133,7 +163,7 @@ class RoundRobinPolicy(Policy):
         self._rr += 1
         return self.estimate(req, p, self.use_pool)
 
-    def choose_decode(self, decodes):
+    def choose_decode(self, req, decodes):
         return decodes[(self._rr - 1) % len(decodes)]
 
 
@@ -162,9 +192,10 @@ class GlobalCacheAwarePolicy(Policy):
         return min((self.estimate(req, p, self.use_pool) for p in prefills), key=lambda c: c.ttft)
 
 
-def make_policy(name: str, model: PrefillCostModel, use_pool: bool = True, seed: int | None = None) -> Policy:
+def make_policy(name: str, model: PrefillCostModel, use_pool: bool = True, seed: int | None = None,
+                colocated: bool = False) -> Policy:
     classes = {c.name: c for c in (RandomPolicy, RoundRobinPolicy, LeastLoadedPolicy, LocalCacheAwarePolicy,
                                    GlobalCacheAwarePolicy)}
     if name not in classes:
         raise ValueError(f"unknown placement policy {name!r}; choose one of {', '.join(POLICIES)}")
-    return classes[name](model, use_pool=use_pool, seed=seed)
+    return classes[name](model, use_pool=use_pool, seed=seed, colocated=colocated)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 
 import msgspec
@@ -12,7 +13,10 @@ import nats.js.errors
 from nats.js.api import DeliverPolicy
 from prometheus_client import Counter, Gauge, Histogram
 
+from yuebing.libs.config import SLO
+from yuebing.libs.costs import DEFAULT as DEFAULT_PROFILE, CostProfile
 from yuebing.libs.protocol import (
+    DecodeReport,
     Heartbeat,
     IndexSummary,
     KVDump,
@@ -30,6 +34,7 @@ from yuebing.libs.protocol import (
 )
 from yuebing.libs.service import Service
 
+from .admission import AdmissionController, DecodeCostModel, DecodeLoadProjector, predicted_tbt
 from .costmodel import PrefillCostModel
 from .index import PrefixIndex
 from .placement import DecodeView, PrefillView, RequestView, make_policy
@@ -38,10 +43,14 @@ from .registry import Registry
 _BAD = (msgspec.DecodeError, msgspec.ValidationError)
 
 PLACED = Counter("yuebing:conductor_placements", "Requests placed", ["policy", "plan"])
-NOT_ADMITTED = Counter("yuebing:conductor_rejections", "Requests not admitted", ["status"])
+NOT_ADMITTED = Counter("yuebing:conductor_rejections", "Requests not admitted", ["status", "cause"])
 PREDICTED_TTFT = Histogram("yuebing:conductor_predicted_ttft_seconds", "Predicted TTFT of placed requests")
 INDEX_BLOCKS = Gauge("yuebing:conductor_index_blocks", "Blocks in the global prefix index", ["source"])
 RESYNCS = Counter("yuebing:conductor_index_resyncs", "Dumps fetched to repair the prefix index")
+PREDICTED_TBT = Histogram("yuebing:conductor_predicted_tbt_seconds", "Predicted time between tokens of placed requests",
+                          buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0))
+PROJECTED_DECODE = Gauge("yuebing:conductor_decode_sequences", "Sequences admitted and not finished",
+                         ["phase"])
 
 
 class ConductorService(Service):
@@ -51,12 +60,17 @@ class ConductorService(Service):
         s = self.settings
         self.registry = Registry()
         self.index = PrefixIndex()
-        self.cost = PrefillCostModel()
-        self.policy = make_policy(s.policy, self.cost, use_pool=s.use_pool)
+        profile = CostProfile.load(s.calibration) if s.calibration else DEFAULT_PROFILE
+        self.cost = PrefillCostModel.from_profile(profile)
+        self.decode_cost = DecodeCostModel(tuple(profile.decode))
+        self.projector = DecodeLoadProjector(default_token_seconds=self.decode_cost.step_seconds(1, 256))
+        self.admission = AdmissionController(s.admission)
+        self.policy = make_policy(s.policy, self.cost, use_pool=s.use_pool, colocated=s.colocated)
         self.outstanding: dict[str, dict[str, float]] = {}  # prefill id -> request id -> predicted seconds
         self._dumping: set[str] = set()
         await self.nc.subscribe(f"{Subjects.HEARTBEAT_PREFIX}.>", cb=self._on_heartbeat)
         await self.nc.subscribe(Subjects.PREFILL_REPORT, cb=self._on_report)
+        await self.nc.subscribe(Subjects.DECODE_REPORT, cb=self._on_decode_report)
         # Replay every KV event kept in the stream, then follow it: this rebuilds the index after a
         # restart; gaps and unknown epochs are repaired with dumps.
         await self.js.subscribe("yb.kvev.>", cb=self._on_kv_event, ordered_consumer=True,
@@ -65,7 +79,9 @@ class ConductorService(Service):
         await self.nc.subscribe(Subjects.CONDUCTOR_STATE, cb=self._on_state)
         self.resyncs = 0
         self.spawn(self._maintenance_loop())
-        self.log.info("conductor_policy", policy=s.policy, use_pool=s.use_pool)
+        self.log.info("conductor_policy", policy=s.policy, use_pool=s.use_pool, admission=s.admission,
+                      ttft_slo=s.ttft_slo, tbt_slo=s.tbt_slo, colocated=s.colocated,
+                      calibration=s.calibration or "default")
 
     def load(self):
         return self.heartbeat()
@@ -79,6 +95,8 @@ class ConductorService(Service):
         if self.registry.get(hb.kind, hb.instance_id) is None:
             self.log.info("instance_joined", kind=hb.kind, id=hb.instance_id)
         self.registry.beat(hb, time.monotonic())
+        if hb.kind == "decode" and hb.steps:
+            self.decode_cost.observe(hb.steps, hb.step_batch, hb.step_kv_tokens, hb.step_seconds)
 
     async def _on_report(self, msg) -> None:
         try:
@@ -86,9 +104,17 @@ class ConductorService(Service):
         except _BAD:
             return
         self.outstanding.get(r.instance_id, {}).pop(r.request_id, None)
+        self.projector.started(r.request_id, time.monotonic())
         reused = r.local_tokens + r.pool_tokens
         self.cost.observe_prefill(r.prompt_tokens - reused, reused, r.compute_seconds)
         self.cost.observe_load(r.pool_tokens, r.load_seconds)
+
+    async def _on_decode_report(self, msg) -> None:
+        try:
+            r = decode(msg.data, DecodeReport)
+        except _BAD:
+            return
+        self.projector.finished(r.request_id, r.output_tokens, r.seconds, r.finish_reason in ("stop", "length"))
 
     async def _on_kv_event(self, msg) -> None:
         try:
@@ -137,6 +163,8 @@ class ConductorService(Service):
                 self.log.warning("instance_lost", kind=gone.kind, id=gone.instance_id)
                 self.index.drop_instance(gone.instance_id)
                 self.outstanding.pop(gone.instance_id, None)
+                if gone.kind == "decode":
+                    self.projector.drop_instance(gone.instance_id)
                 if gone.kind == "prefill":
                     self.spawn(self._reassign_prefill(gone.instance_id))
                 elif gone.kind == "decode":
@@ -147,6 +175,10 @@ class ConductorService(Service):
                     self.spawn(self._fetch_dump(iid, src))
             pool = self.index.pool_keys()
             INDEX_BLOCKS.labels(source="cachestore").set(len(pool))
+            self.projector.prune(time.monotonic())
+            started = sum(1 for e in self.projector.entries.values() if e.started)
+            PROJECTED_DECODE.labels(phase="decode").set(started)
+            PROJECTED_DECODE.labels(phase="prefill").set(len(self.projector.entries) - started)
 
     async def _on_state(self, msg) -> None:
         if not msg.reply:
@@ -165,22 +197,60 @@ class ConductorService(Service):
     def queue_seconds(self, iid: str) -> float:
         return sum(self.outstanding.get(iid, {}).values())
 
-    def _place(self, prompt_len: int, keys: list[bytes]):
+    def _place(self, prompt_len: int, keys: list[bytes], tbt_slo: float = 0.0):
         now = time.monotonic()
         view = RequestView(
             prompt_len=prompt_len,
             block_size=self.settings.block_size,
             pool_blocks=self.index.pool_prefix_len(keys) if self.settings.use_pool else 0,
+            tbt_slo=tbt_slo,
         )
         prefills = [
             PrefillView(i.instance_id, self.queue_seconds(i.instance_id), self.index.prefix_len(keys, i.instance_id))
             for i in self.registry.alive("prefill", now)
         ]
-        decodes = [
-            DecodeView(i.instance_id, i.beat.running + i.beat.queued + i.placed_since_beat, i.beat.kv_tokens)
-            for i in self.registry.alive("decode", now)
-        ]
-        return self.policy.place(view, prefills, decodes), view
+        # when the request would reach decode: its best predicted TTFT
+        eta = min((self.policy.estimate(view, p, self.settings.use_pool).ttft for p in prefills), default=0.0)
+        decodes = [self._decode_view(i, now, now + eta, prompt_len) for i in self.registry.alive("decode", now)]
+        return self.policy.place(view, prefills, decodes), view, decodes
+
+    def _decode_view(self, inst, now: float, arrive: float, prompt_len: int) -> DecodeView:
+        hb = inst.beat
+        reported = hb.running + hb.queued
+        tracked, tracked_kv = self.projector.current(inst.instance_id)
+        # sequences the instance reports that this conductor did not admit (e.g. before a restart)
+        untracked = max(0, reported - tracked)
+        per_seq = hb.kv_tokens / max(1, hb.running)
+        now_seqs, now_kv = tracked + untracked, tracked_kv + int(untracked * per_seq)
+        fut_seqs, fut_kv = self.projector.load_at(inst.instance_id, arrive, now)
+        fut_seqs, fut_kv = fut_seqs + untracked, fut_kv + int(untracked * per_seq)
+        cap = hb.max_running
+        return DecodeView(
+            inst.instance_id,
+            reported + inst.placed_since_beat,
+            hb.kv_tokens,
+            current_tbt=predicted_tbt(self.decode_cost, now_seqs + 1, now_kv + prompt_len, cap),
+            predicted_tbt=predicted_tbt(self.decode_cost, fut_seqs + 1, fut_kv + prompt_len, cap),
+            sheds_in=self.projector.next_departure(inst.instance_id, now),
+        )
+
+    def _project(self, request_id: str, placement, prompt_len: int, sampling) -> None:
+        tokens = self.projector.expected_tokens(sampling.max_tokens, sampling.ignore_eos)
+        self.projector.admit(request_id, placement.decode_id, time.monotonic() + placement.predicted_ttft, tokens,
+                             prompt_len)
+
+    def _admit(self, req: ScheduleRequest, placement, decodes: list[DecodeView]):
+        """Mooncake's admission on top of the placement: TTFT and TBT objectives."""
+        if not placement.admitted or req.resume is not None:
+            return placement  # a resumed request was admitted once: it is finished, not judged again
+        d = next(v for v in decodes if v.instance_id == placement.decode_id)
+        slo = SLO(req.ttft_slo, req.tbt_slo)
+        verdict = self.admission.decide(slo, placement.predicted_ttft, d.current_tbt, d.predicted_tbt,
+                                        tbt_retry=d.sheds_in if d.sheds_in != float("inf") else 1.0)
+        if verdict.admitted:
+            return placement
+        return dataclasses.replace(placement, admitted=False, status=verdict.status, reason=verdict.reason,
+                                       retry_after=verdict.retry_after, cause=verdict.cause)
 
     def _placed(self, request_id: str, placement) -> None:
         self.outstanding.setdefault(placement.prefill_id, {})[request_id] = placement.predicted_prefill
@@ -230,7 +300,7 @@ class ConductorService(Service):
                     except _BAD:
                         await m.term()
                         continue
-                    placement, _ = self._place(len(task.prompt_token_ids), task.block_hashes)
+                    placement, _, _ = self._place(len(task.prompt_token_ids), task.block_hashes)
                     if not placement.admitted:
                         await self.nc.publish(Subjects.output(task.output_id), encode(TokenEvent(
                             request_id=task.output_id, seq=task.seq_base, token_ids=[], finish_reason="error",
@@ -242,6 +312,7 @@ class ConductorService(Service):
                         await self.js.publish(Subjects.prefill_task(placement.prefill_id), encode(task),
                                               headers={"Nats-Msg-Id": f"{task.request_id}@{placement.prefill_id}"})
                         self._placed(task.request_id, placement)
+                        self._project(task.request_id, placement, len(task.prompt_token_ids), task.sampling)
                         moved += 1
                     await m.ack()
         finally:
@@ -261,7 +332,8 @@ class ConductorService(Service):
             return
         log = self.log.bind(request_id=req.request_id)
         keys = req.block_hashes
-        placement, view = self._place(len(req.prompt_token_ids), keys)
+        placement, view, decodes = self._place(len(req.prompt_token_ids), keys, req.tbt_slo)
+        placement = self._admit(req, placement, decodes)
         if placement.admitted:
             task = PrefillTask(
                 request_id=req.request_id,
@@ -285,13 +357,16 @@ class ConductorService(Service):
                 await msg.respond(encode(reply))
                 return
             self._placed(req.request_id, placement)
+            self._project(req.request_id, placement, len(req.prompt_token_ids), req.sampling)
             PLACED.labels(policy=self.policy.name, plan="pool" if placement.use_pool else "local").inc()
             PREDICTED_TTFT.observe(placement.predicted_ttft)
+            PREDICTED_TBT.observe(placement.predicted_tbt)
             log.info("scheduled", prefill=placement.prefill_id, decode=placement.decode_id,
                      prompt_tokens=view.prompt_len, cached_blocks=placement.cached_blocks,
-                     pool_blocks=view.pool_blocks, predicted_ttft=round(placement.predicted_ttft, 4))
+                     pool_blocks=view.pool_blocks, predicted_ttft=round(placement.predicted_ttft, 4),
+                     predicted_tbt=round(placement.predicted_tbt, 4))
         else:
-            NOT_ADMITTED.labels(status=str(placement.status)).inc()
+            NOT_ADMITTED.labels(status=str(placement.status), cause=placement.cause or "unavailable").inc()
             log.warning("not_admitted", status=placement.status, reason=placement.reason)
         reply = ScheduleReply(
             request_id=req.request_id,

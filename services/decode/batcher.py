@@ -20,6 +20,8 @@ class Sequence:
     finish: str | None = None
     output_id: str = ""  # where the client listens (the request id, or the original one of a resumed request)
     seq_base: int = 0  # token events the client had before this attempt
+    joined_at: float = 0.0  # when it was admitted here (monotonic)
+    initial_outputs: int = 0  # output tokens it came with (made by prefill, or before a resume)
 
     @property
     def next_seq(self) -> int:

@@ -9,8 +9,8 @@ import msgspec
 import torch
 
 from yuebing.libs.bus import BULK_PENDING_BYTES, BlobAssembler
-from yuebing.libs.model import DecodeBatch, sample_token
-from yuebing.libs.protocol import DecodeTask, KVMeta, Subjects, TokenEvent, decode
+from yuebing.libs.model import sample_token
+from yuebing.libs.protocol import DecodeReport, DecodeTask, KVMeta, Subjects, TokenEvent, decode, encode
 from yuebing.libs.worker import ModelWorker
 
 from .batcher import Batcher, Sequence
@@ -24,7 +24,8 @@ class DecodeService(ModelWorker):
 
     async def setup(self) -> None:
         await super().setup()
-        self.batch = DecodeBatch(self.runner)
+        self.batch = self.runner.new_batch()
+        self._steps = [0, 0.0, 0, 0]  # since the last heartbeat: steps, seconds, rows, KV positions
         self.batcher = Batcher(self.settings.max_running, self.shape.eos_token_ids)
         self._kv: dict[str, tuple[KVMeta, bytearray, float]] = {}  # request id -> KV waiting for its task
         self._kv_ready: dict[str, asyncio.Event] = {}
@@ -40,8 +41,12 @@ class DecodeService(ModelWorker):
 
     def load(self):
         b = self.batcher
+        n, seconds, rows, kv = self._steps
+        self._steps = [0, 0.0, 0, 0]
         return self.heartbeat(
-            queued=len(b.waiting), running=len(b.running), max_running=b.max_running, kv_tokens=self.batch.kv_tokens()
+            queued=len(b.waiting), running=len(b.running), max_running=b.max_running, kv_tokens=self.batch.kv_tokens(),
+            steps=n, step_seconds=seconds / n if n else 0.0, step_batch=rows / n if n else 0.0,
+            step_kv_tokens=kv / n if n else 0.0,
         )
 
     # ---- KV arrival
@@ -114,6 +119,8 @@ class DecodeService(ModelWorker):
             handle=msg,
             output_id=task.output_id,
             seq_base=task.seq_base,
+            joined_at=time.monotonic(),
+            initial_outputs=len(task.output_token_ids),
         )
         self.batcher.submit(seq)
         self._wake.set()
@@ -138,11 +145,18 @@ class DecodeService(ModelWorker):
             seq.kv = None
         if not plan.rows:
             return []
+        started = time.perf_counter()
+        kv = self.batch.kv_tokens()
         by_id = {s.request_id: s for s in plan.rows}
         rows = [by_id[rid] for rid in self.batch.ids]  # the batch keeps its own row order
         assert len(rows) == len(by_id)
         logits = self.batch.step([s.output[-1] for s in rows])
         tokens = {s.request_id: sample_token(logits[i], s.params, s.next_seq) for i, s in enumerate(rows)}
+        st = self._steps
+        st[0] += 1
+        st[1] += time.perf_counter() - started
+        st[2] += len(rows)
+        st[3] += kv
         return [tokens[s.request_id] for s in plan.rows]
 
     async def drain(self) -> None:
@@ -174,7 +188,7 @@ class DecodeService(ModelWorker):
                     await self.emit_error(seq.output_id, seq.next_seq, f"decode step failed: {e}", retry=True)
                     self.batcher.abort(seq.request_id)
                     await self._ack(seq)
-                self.batch = DecodeBatch(self.runner)
+                self.batch = self.runner.new_batch()
                 self.batcher.plan()
                 continue
             finished = {s.request_id for s in self.batcher.record(plan.rows, tokens)}
@@ -198,6 +212,15 @@ class DecodeService(ModelWorker):
     async def _finish(self, seq: Sequence) -> None:
         self.done.add(seq.request_id)
         await self._ack(seq)
+        if seq.joined_at:
+            report = DecodeReport(instance_id=self.instance_id, request_id=seq.request_id,
+                                  output_tokens=len(seq.output) - seq.initial_outputs,
+                                  seconds=time.monotonic() - seq.joined_at, finish_reason=seq.finish or "")
+            seq.joined_at = 0.0  # reported once
+            try:
+                await self.nc.publish(Subjects.DECODE_REPORT, encode(report))
+            except Exception as e:  # noqa: BLE001 - a lost report only blurs the conductor's projection
+                self.log.warning("decode_report_failed", error=str(e))
 
     @staticmethod
     async def _ack(seq: Sequence) -> None:

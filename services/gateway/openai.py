@@ -9,6 +9,7 @@ from typing import Any
 
 import msgspec
 
+from yuebing.libs.config import SLO
 from yuebing.libs.protocol import SamplingParams
 
 MAX_MESSAGES = 1024
@@ -68,6 +69,7 @@ class _Common(msgspec.Struct, kw_only=True):
     stream_options: StreamOptions | None = None
     user: str | None = None
     ignore_eos: bool | None = None
+    slo_class: str | None = None  # extension: the request class whose latency objectives apply
 
 
 class ChatCompletionRequest(_Common, kw_only=True):
@@ -124,6 +126,7 @@ class Normalized:
     stop: list[str]
     stream: bool
     include_usage: bool
+    slo: SLO = SLO()
 
 
 def _bad(message: str, param: str, code: str = "invalid_value") -> ApiError:
@@ -142,8 +145,15 @@ def _stops(stop: str | list[str] | None) -> list[str]:
 
 
 def normalize(req: _Common, prompt_ids: list[int], max_context: int, max_tokens: int | None,
-              default_max_tokens: int | None) -> Normalized:
-    """Check sampling parameters and the context budget; build SamplingParams."""
+              default_max_tokens: int | None, slo: SLO = SLO(), slo_classes: dict[str, SLO] | None = None) -> Normalized:
+    """Check sampling parameters, the context budget and the SLO class; build SamplingParams.
+    ``slo`` applies to requests without a class; ``slo_classes`` are the classes a request may name."""
+    if req.slo_class is not None:
+        classes = slo_classes or {}
+        if req.slo_class not in classes:
+            known = ", ".join(sorted(classes)) or "none are configured"
+            raise _bad(f"unknown slo_class {req.slo_class[:64]!r} ({known})", "slo_class")
+        slo = classes[req.slo_class]
     if req.n not in (None, 1):
         raise _bad("only n=1 is supported", "n")
     temperature = 1.0 if req.temperature is None else req.temperature
@@ -194,6 +204,7 @@ def normalize(req: _Common, prompt_ids: list[int], max_context: int, max_tokens:
         stop=_stops(req.stop),
         stream=bool(req.stream),
         include_usage=bool(req.stream and req.stream_options and req.stream_options.include_usage),
+        slo=slo,
     )
 
 

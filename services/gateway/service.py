@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from yuebing.libs import metrics
 from yuebing.libs.blocks import block_hashes, namespace_digest
+from yuebing.libs.config import SLO
 from yuebing.libs.model import load_tokenizer, model_identity, model_name_for, read_shape, resolve_model
 from yuebing.libs.protocol import (
     Abort,
@@ -79,6 +80,8 @@ class GatewayService(Service):
         self.model_name = model_name_for(s.model, path)
         self.created = oa.now()
         self.reconnects = 0
+        self.slo = s.slo()
+        self.slo_classes = s.slo_class_map()
         self.live: dict[tuple[str, str], tuple[float, Heartbeat]] = {}  # (kind, id) -> (last seen, beat)
         await self.nc.subscribe(f"{Subjects.HEARTBEAT_PREFIX}.>", cb=self._on_heartbeat)
 
@@ -188,7 +191,7 @@ class GatewayService(Service):
             raise oa.ApiError(400, "this model has no chat template; use /v1/completions", param="messages")
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        norm = oa.normalize(req, list(ids), self.shape.max_context, max_tokens, None)
+        norm = oa.normalize(req, list(ids), self.shape.max_context, max_tokens, None, self.slo, self.slo_classes)
         return await self._serve(request, norm, "chat", f"chatcmpl-{uuid.uuid4().hex}")
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -196,12 +199,15 @@ class GatewayService(Service):
         prompt = oa.completion_prompt(req, self.shape.vocab_size)
         ids = prompt if isinstance(prompt, list) else self.tokenizer.encode(prompt, add_special_tokens=False)
         # OpenAI's default for completions is 16 tokens.
-        norm = oa.normalize(req, list(ids), self.shape.max_context, req.max_tokens, 16)
+        norm = oa.normalize(req, list(ids), self.shape.max_context, req.max_tokens, 16, self.slo, self.slo_classes)
         return await self._serve(request, norm, "text", f"cmpl-{uuid.uuid4().hex}")
 
     # ---------------------------------------------------------------- generation
-    async def _schedule(self, attempt_id: str, prompt: list[int], sampling, resume: Resume | None) -> ScheduleReply:
+    async def _schedule(self, attempt_id: str, prompt: list[int], sampling, resume: Resume | None,
+                        slo: SLO) -> ScheduleReply:
         sreq = ScheduleRequest(
+            ttft_slo=slo.ttft,
+            tbt_slo=slo.tbt,
             request_id=attempt_id,
             prompt_token_ids=prompt,
             sampling=sampling,
@@ -223,18 +229,25 @@ class GatewayService(Service):
                               else "rate_limited", headers={"Retry-After": str(retry)})
         return reply
 
-    async def _reschedule(self, attempt_id: str, prompt: list[int], sampling, resume: Resume,
+    async def _reschedule(self, attempt_id: str, prompt: list[int], sampling, resume: Resume, slo: SLO,
                           patience: float = 15.0) -> ScheduleReply:
         """Schedule a resumed attempt, waiting out a short outage (the bus or the conductor coming
         back, a replacement instance joining) instead of failing at once."""
         deadline = time.monotonic() + patience
         while True:
             try:
-                return await self._schedule(attempt_id, prompt, sampling, resume)
+                return await self._schedule(attempt_id, prompt, sampling, resume, slo)
             except oa.ApiError as e:
                 if e.status != 503 or time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(1.0)
+
+    @staticmethod
+    def _met(slo: SLO, ttft: float | None, tbt: float | None) -> bool:
+        """Whether a finished request met its objectives (TTFT, and TBT as the 90th percentile gap)."""
+        if slo.ttft > 0 and (ttft is None or ttft > slo.ttft):
+            return False
+        return not (slo.tbt > 0 and tbt is not None and tbt > slo.tbt)
 
     def _lost(self, kind: str, instance_id: str) -> bool:
         """An instance this gateway heard from that has now missed three heartbeats."""
@@ -254,7 +267,7 @@ class GatewayService(Service):
         finished = False
         attempt_id = rid
         try:
-            reply = await self._schedule(rid, norm.prompt_token_ids, norm.sampling, None)
+            reply = await self._schedule(rid, norm.prompt_token_ids, norm.sampling, None, norm.slo)
             reconnects = self.reconnects
             attempts = 1
             got: list[int] = []  # tokens yielded so far
@@ -312,7 +325,7 @@ class GatewayService(Service):
                     early.clear()
                     reconnects = self.reconnects
                     reply = await self._reschedule(attempt_id, norm.prompt_token_ids + got, remaining,
-                                                   Resume(output_id=rid, seq_base=expected))
+                                                   Resume(output_id=rid, seq_base=expected), norm.slo)
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
@@ -335,6 +348,7 @@ class GatewayService(Service):
         cached = 0
         finish = None
         first_at = last_at = None
+        gaps: list[float] = []
         resp: web.StreamResponse | None = None
 
         async def send(obj) -> None:
@@ -365,6 +379,7 @@ class GatewayService(Service):
                             metrics.TTFT.observe(now - started)
                         else:
                             metrics.ITL.observe(now - last_at)
+                            gaps.append(now - last_at)
                         last_at = now
                         piece = stops.feed(detok.add(tok))
                         if piece:
@@ -402,6 +417,8 @@ class GatewayService(Service):
         except oa.ApiError as e:
             metrics.REQUESTS_RUNNING.dec()
             log.warning("request_failed", status=e.status, error=e.message)
+            if first_at is not None:  # admitted and prefilled, then failed: its prefill was wasted
+                metrics.WASTED_PREFILL.inc(len(norm.prompt_token_ids) - cached)
             if resp is None:
                 raise
             await send(e.body())
@@ -414,8 +431,16 @@ class GatewayService(Service):
         metrics.GENERATION_TOKENS.inc(n_out)
         metrics.E2E.observe(time.monotonic() - started)
         metrics.SUCCESS.labels(finished_reason=finish).inc()
+        ttft = (first_at - started) if first_at is not None else None
+        tbt = metrics.request_tbt(gaps)
+        met = self._met(norm.slo, ttft, tbt)
+        metrics.SLO_REQUESTS.labels(result="met" if met else "missed").inc()
+        if not met:
+            metrics.WASTED_PREFILL.inc(len(norm.prompt_token_ids) - cached)
         log.info("request_done", prompt_tokens=len(norm.prompt_token_ids), completion_tokens=n_out,
-                 cached_tokens=cached, finish=finish, seconds=round(time.monotonic() - started, 4))
+                 cached_tokens=cached, finish=finish, seconds=round(time.monotonic() - started, 4),
+                 ttft=None if ttft is None else round(ttft, 4), tbt=None if tbt is None else round(tbt, 4),
+                 slo_met=met)
         if not norm.stream:
             body = (oa.chat_body if kind == "chat" else oa.completion_body)(
                 rid, self.model_name, created, "".join(text_parts), finish, use

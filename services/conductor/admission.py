@@ -1,0 +1,215 @@
+"""SLOs, the decode cost model, the decode-load projection and the admission decision.
+
+Plain logic with no I/O; the caller passes the clock. Mooncake's overload handling: a request is
+rejected at arrival, before any work is spent on it, when its best predicted TTFT is over the TTFT
+SLO, or when decode would be over the TBT SLO. ``early`` judges decode by its load now;
+``predictive`` projects the decode load forward to when the request would reach decode (from the
+requests already admitted to prefill and a per-request decode duration), so a decode pool that is
+busy now but will have drained by then does not cause a rejection, and one that is idle now but
+will be flooded by the prefills already under way does.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from yuebing.libs.config import SLO
+from yuebing.libs.costs import decode_features, fit
+
+ADMISSION_MODES = ("none", "early", "predictive")
+
+
+class DecodeCostModel:
+    """Seconds of one decode step: coef . (1, rows, KV positions), from the calibration, refitted
+    online from the steps decode instances report in their heartbeats."""
+
+    MIN_SAMPLES = 6
+
+    def __init__(self, coef: tuple[float, float, float] = (0.02, 0.006, 2e-6), window: int = 256):
+        self.prior = np.array(coef, dtype=float)
+        self.coef = self.prior.copy()
+        self._samples: deque[tuple[float, float, float, float]] = deque(maxlen=window)
+        self.fits = 0
+
+    def step_seconds(self, batch: float, kv_tokens: float) -> float:
+        if batch <= 0:
+            return 0.0
+        return max(0.0, float(np.dot(decode_features(batch, kv_tokens), self.coef)))
+
+    def observe(self, steps: int, batch: float, kv_tokens: float, seconds: float) -> None:
+        """``steps`` steps with these mean rows, KV positions and seconds."""
+        if steps <= 0 or batch <= 0 or seconds <= 0:
+            return
+        self._samples.append((float(steps), float(batch), float(kv_tokens), float(seconds)))
+        if len(self._samples) >= self.MIN_SAMPLES:
+            self._fit()
+
+    def _fit(self) -> None:
+        rows = [decode_features(b, kv) for _, b, kv, _ in self._samples]
+        y = [t for *_, t in self._samples]
+        x = np.array(rows)
+        if np.linalg.matrix_rank(x[:, 1:]) < 2:
+            # one operating point only: keep the prior's shape, scale it to what is observed
+            predicted = float(np.mean(x @ self.prior))
+            self.coef = self.prior * (float(np.mean(y)) / max(predicted, 1e-9))
+        else:
+            self.coef = np.array(fit(rows, y), dtype=float)
+        self.fits += 1
+
+
+def predicted_tbt(cost: DecodeCostModel, sequences: int, kv_tokens: int, max_running: int) -> float:
+    """Time between tokens on a decode instance holding ``sequences`` sequences with ``kv_tokens``
+    KV positions: one step of its running batch, times the rounds a sequence waits for a row when
+    there are more sequences than rows (``max_running``; 0 = unbounded)."""
+    if sequences <= 0:
+        return 0.0
+    rows = min(sequences, max_running) if max_running > 0 else sequences
+    return cost.step_seconds(rows, kv_tokens * rows / sequences) * (sequences / rows)
+
+
+@dataclass
+class _Admitted:
+    decode_id: str
+    start: float  # when it joins decode: predicted until its prefill reports, then actual
+    tokens: int  # output tokens it is expected to decode
+    kv_tokens: int  # KV positions it brings
+    started: bool = False
+
+
+class DecodeLoadProjector:
+    """Every admitted request's decode phase, predicted, to project each decode instance's load.
+
+    A request joins decode when its prefill is predicted to finish (then when its prefill reports)
+    and stays for ``tokens x seconds-per-token``: the per-request decode duration, learnt from
+    the decode instances' reports.
+    """
+
+    LOST_AFTER = 120.0  # a request not seen to start or finish this long after expected is forgotten
+
+    def __init__(self, default_output_tokens: int = 128, default_token_seconds: float = 0.05):
+        self.entries: dict[str, _Admitted] = {}
+        self.mean_output = float(default_output_tokens)
+        self.token_seconds = default_token_seconds
+        self._observed = 0
+
+    def expected_tokens(self, max_tokens: int, ignore_eos: bool) -> int:
+        """Output tokens a request will decode: exactly ``max_tokens`` when EOS is ignored, else the
+        mean observed output, capped by its ``max_tokens``."""
+        if ignore_eos:
+            return max(1, max_tokens)
+        return max(1, min(max_tokens, round(self.mean_output)))
+
+    def duration(self, tokens: int) -> float:
+        return tokens * self.token_seconds
+
+    def admit(self, rid: str, decode_id: str, start: float, tokens: int, kv_tokens: int) -> None:
+        self.entries[rid] = _Admitted(decode_id, start, tokens, kv_tokens)
+
+    def started(self, rid: str, now: float) -> None:
+        e = self.entries.get(rid)
+        if e is not None and not e.started:
+            e.start, e.started = now, True
+
+    def finished(self, rid: str, output_tokens: int, seconds: float, natural: bool) -> None:
+        """A sequence left decode; ``natural``: it ended by stop or length (its figures are learnt)."""
+        self.entries.pop(rid, None)
+        if natural and output_tokens > 0 and seconds > 0:
+            a = 0.1 if self._observed >= 10 else 1.0 / (self._observed + 1)
+            self.mean_output += a * (output_tokens - self.mean_output)
+            self.token_seconds += a * (seconds / output_tokens - self.token_seconds)
+            self._observed += 1
+
+    def forget(self, rid: str) -> None:
+        self.entries.pop(rid, None)
+
+    def drop_instance(self, decode_id: str) -> None:
+        for rid in [r for r, e in self.entries.items() if e.decode_id == decode_id]:
+            del self.entries[rid]
+
+    def _end(self, e: _Admitted, now: float) -> float:
+        end = e.start + self.duration(e.tokens)
+        if e.started and end < now:
+            # running longer than expected: still there, assume it ends within a token or two
+            end = now + 2 * self.token_seconds
+        return end
+
+    def load_at(self, decode_id: str, t: float, now: float) -> tuple[int, int]:
+        """(sequences, KV positions) on ``decode_id`` at time ``t`` >= ``now``, as projected."""
+        seqs = kv = 0
+        for e in self.entries.values():
+            if e.decode_id != decode_id:
+                continue
+            start = e.start if e.started else max(e.start, now)
+            if start <= t < self._end(e, now):
+                seqs += 1
+                # positions grow by one per token decoded by then
+                kv += e.kv_tokens + int(max(0.0, t - start) / max(self.token_seconds, 1e-6))
+        return seqs, kv
+
+    def current(self, decode_id: str) -> tuple[int, int]:
+        """(sequences, KV positions) in decode now: started and not yet finished."""
+        seqs = kv = 0
+        for e in self.entries.values():
+            if e.decode_id == decode_id and e.started:
+                seqs += 1
+                kv += e.kv_tokens
+        return seqs, kv
+
+    def next_departure(self, decode_id: str, now: float) -> float:
+        """Seconds until the first sequence on ``decode_id`` is expected to leave (inf if none)."""
+        ends = [self._end(e, now) for e in self.entries.values() if e.decode_id == decode_id]
+        return max(0.0, min(ends) - now) if ends else float("inf")
+
+    def prune(self, now: float) -> int:
+        """Forget requests long overdue (aborted before prefill, or lost with an instance)."""
+        lost = [r for r, e in self.entries.items()
+                if now > e.start + (self.duration(e.tokens) if e.started else 0.0) + self.LOST_AFTER]
+        for r in lost:
+            del self.entries[r]
+        return len(lost)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    admitted: bool
+    status: int = 200
+    reason: str = ""
+    retry_after: float = 0.0
+    cause: str = ""  # "ttft" | "tbt" when rejected
+
+
+class AdmissionController:
+    """Admit or reject at arrival; counts what it decided."""
+
+    def __init__(self, mode: str = "predictive"):
+        if mode not in ADMISSION_MODES:
+            raise ValueError(f"unknown admission mode {mode!r}; choose one of {', '.join(ADMISSION_MODES)}")
+        self.mode = mode
+        self.admitted = 0
+        self.rejected = {"ttft": 0, "tbt": 0}
+
+    def decide(self, slo: SLO, ttft: float, tbt_now: float, tbt_projected: float,
+               tbt_retry: float = 1.0) -> Verdict:
+        """``ttft``: best predicted TTFT; ``tbt_now``: predicted time between tokens on the chosen
+        decode instance with this request added to its load now; ``tbt_projected``: the same with
+        the load projected to when this request reaches it; ``tbt_retry``: seconds until that
+        instance is expected to shed load."""
+        if self.mode != "none":
+            if slo.ttft > 0 and ttft > slo.ttft:
+                return self._reject("ttft", f"the predicted time to first token ({ttft:.2f}s) exceeds the "
+                                    f"{slo.ttft:g}s objective; the prefill instances are overloaded",
+                                    max(1.0, ttft - slo.ttft))
+            tbt = tbt_projected if self.mode == "predictive" else tbt_now
+            if slo.tbt > 0 and tbt > slo.tbt:
+                return self._reject("tbt", f"the predicted time between tokens ({tbt:.3f}s) exceeds the "
+                                    f"{slo.tbt:g}s objective; the decode instances are overloaded",
+                                    max(1.0, tbt_retry))
+        self.admitted += 1
+        return Verdict(True)
+
+    def _reject(self, cause: str, reason: str, retry_after: float) -> Verdict:
+        self.rejected[cause] += 1
+        return Verdict(False, status=429, reason=reason, retry_after=round(retry_after, 1), cause=cause)

@@ -1,0 +1,166 @@
+"""SLO admission, the decode cost model, the decode-load projection and SLO-aware placement:
+plain classes, no NATS."""
+
+import pytest
+
+from yuebing.libs.config import SLO, parse_slo_classes
+from yuebing.libs.metrics import request_tbt
+from yuebing.services.conductor.admission import (
+    AdmissionController,
+    DecodeCostModel,
+    DecodeLoadProjector,
+    predicted_tbt,
+)
+from yuebing.services.conductor.costmodel import PrefillCalibration, PrefillCostModel
+from yuebing.services.conductor.placement import DecodeView, PrefillView, RequestView, make_policy
+
+
+def test_slo_classes_parse_and_refuse_garbage():
+    assert parse_slo_classes("interactive=2:0.1, batch=60:1") == {
+        "interactive": SLO(2.0, 0.1), "batch": SLO(60.0, 1.0)}
+    assert parse_slo_classes("") == {}
+    for bad in ("x", "x=1", "=1:2", "x=a:b", "x=-1:2"):
+        with pytest.raises(ValueError):
+            parse_slo_classes(bad)
+
+
+def test_request_tbt_is_the_90th_percentile_gap():
+    assert request_tbt([]) is None
+    assert request_tbt([0.5]) == 0.5
+    gaps = [0.01] * 9 + [1.0]  # one stall in ten gaps: the 90th percentile is still a normal gap
+    assert request_tbt(gaps) == 0.01
+    gaps = [0.01] * 8 + [1.0, 1.0]  # two stalls in ten: it is a stall
+    assert request_tbt(gaps) == 1.0
+
+
+def test_decode_cost_model_fits_reported_steps():
+    true = (0.01, 0.004, 1e-5)
+    m = DecodeCostModel(coef=(0.1, 0.1, 0.0))
+    for batch in (1, 2, 4, 8, 16):
+        for kv in (100 * batch, 600 * batch):
+            m.observe(10, batch, kv, true[0] + true[1] * batch + true[2] * kv)
+    assert m.fits > 0
+    assert m.step_seconds(12, 3000) == pytest.approx(0.01 + 0.048 + 0.03, rel=1e-3)
+    assert m.step_seconds(0, 0) == 0.0
+
+
+def test_decode_cost_model_scales_its_prior_from_one_operating_point():
+    m = DecodeCostModel(coef=(0.01, 0.01, 0.0))
+    for _ in range(DecodeCostModel.MIN_SAMPLES):
+        m.observe(5, 4, 400, 0.1)  # the prior says 0.05 here: everything is twice as slow
+    assert m.step_seconds(4, 400) == pytest.approx(0.1)
+    assert m.step_seconds(8, 800) == pytest.approx(0.18)
+
+
+def test_predicted_tbt_counts_rounds_when_the_batch_is_full():
+    m = DecodeCostModel(coef=(0.0, 0.01, 0.0))
+    assert predicted_tbt(m, 0, 0, 8) == 0.0
+    assert predicted_tbt(m, 4, 400, 8) == pytest.approx(0.04)
+    # 16 sequences on 8 rows: a step of 8 rows, and each sequence waits every other step
+    assert predicted_tbt(m, 16, 1600, 8) == pytest.approx(0.16)
+    assert predicted_tbt(m, 16, 1600, 0) == pytest.approx(0.16)
+
+
+def test_projection_follows_admitted_requests_into_and_out_of_decode():
+    p = DecodeLoadProjector(default_token_seconds=0.1)
+    now = 100.0
+    p.admit("a", "d0", start=now + 2.0, tokens=10, kv_tokens=50)  # in decode from t+2 to t+3
+    p.admit("b", "d0", start=now + 0.5, tokens=100, kv_tokens=70)  # from t+0.5 to t+10.5
+    p.admit("c", "d1", start=now + 1.0, tokens=10, kv_tokens=30)
+    assert p.load_at("d0", now, now) == (0, 0)
+    assert p.load_at("d0", now + 1.0, now)[0] == 1
+    seqs, kv = p.load_at("d0", now + 2.5, now)
+    assert seqs == 2 and kv >= 120
+    assert p.load_at("d0", now + 5.0, now)[0] == 1  # "a" has left by then
+    assert p.current("d0") == (0, 0)  # nothing has reached decode yet
+    p.started("b", now + 0.4)
+    assert p.current("d0") == (1, 70)
+    assert p.next_departure("d0", now + 0.4) == pytest.approx(1.0 + 1.6)  # "a" ends at t+3
+    p.finished("b", output_tokens=100, seconds=10.0, natural=True)
+    assert p.current("d0") == (0, 0)
+    p.drop_instance("d1")
+    assert p.load_at("d1", now + 1.5, now) == (0, 0)
+
+
+def test_projection_learns_output_length_and_token_time():
+    p = DecodeLoadProjector(default_output_tokens=128, default_token_seconds=0.5)
+    assert p.expected_tokens(1000, ignore_eos=True) == 1000
+    assert p.expected_tokens(1000, ignore_eos=False) == 128
+    assert p.expected_tokens(16, ignore_eos=False) == 16
+    for i in range(20):
+        p.admit(str(i), "d0", 0.0, 40, 10)
+        p.finished(str(i), output_tokens=40, seconds=2.0, natural=True)
+    assert p.mean_output == pytest.approx(40)
+    assert p.token_seconds == pytest.approx(0.05)
+    p.admit("x", "d0", 0.0, 40, 10)
+    p.finished("x", output_tokens=3, seconds=100.0, natural=False)  # an abort teaches nothing
+    assert p.token_seconds == pytest.approx(0.05)
+
+
+def test_projection_forgets_requests_never_seen_again():
+    p = DecodeLoadProjector(default_token_seconds=0.1)
+    p.admit("lost", "d0", start=10.0, tokens=10, kv_tokens=5)
+    assert p.prune(10.0 + DecodeLoadProjector.LOST_AFTER - 1) == 0
+    assert p.prune(10.0 + DecodeLoadProjector.LOST_AFTER + 1) == 1
+    assert not p.entries
+
+
+def test_no_admission_control_admits_everything():
+    a = AdmissionController("none")
+    assert a.decide(SLO(1.0, 0.1), ttft=100.0, tbt_now=5.0, tbt_projected=5.0).admitted
+
+
+def test_ttft_over_its_objective_is_rejected_with_retry_after():
+    for mode in ("early", "predictive"):
+        a = AdmissionController(mode)
+        v = a.decide(SLO(2.0, 0.1), ttft=7.5, tbt_now=0.01, tbt_projected=0.01)
+        assert not v.admitted and v.status == 429 and v.cause == "ttft"
+        assert v.retry_after == pytest.approx(5.5)
+        assert "time to first token" in v.reason
+        assert a.decide(SLO(2.0, 0.1), ttft=1.5, tbt_now=0.01, tbt_projected=0.01).admitted
+        assert a.rejected["ttft"] == 1 and a.admitted == 1
+
+
+def test_early_judges_decode_now_predictive_judges_it_on_arrival():
+    slo = SLO(10.0, 0.1)
+    busy_now_free_later = dict(ttft=1.0, tbt_now=0.3, tbt_projected=0.05, tbt_retry=2.0)
+    free_now_busy_later = dict(ttft=1.0, tbt_now=0.05, tbt_projected=0.3, tbt_retry=2.0)
+    early, pred = AdmissionController("early"), AdmissionController("predictive")
+    v = early.decide(slo, **busy_now_free_later)
+    assert not v.admitted and v.cause == "tbt" and v.retry_after == 2.0
+    assert pred.decide(slo, **busy_now_free_later).admitted
+    assert early.decide(slo, **free_now_busy_later).admitted
+    assert not pred.decide(slo, **free_now_busy_later).admitted
+    assert AdmissionController("predictive").decide(SLO(0, 0), ttft=1e9, tbt_now=1e9, tbt_projected=1e9).admitted
+    with pytest.raises(ValueError):
+        AdmissionController("sometimes")
+
+
+def _policy(name="global_cache_aware", colocated=False):
+    model = PrefillCostModel(PrefillCalibration(fixed=0.01, per_token=1e-3, per_pair=0.0))
+    return make_policy(name, model, colocated=colocated)
+
+
+def test_decode_placement_prefers_the_lowest_predicted_tbt_within_the_slo():
+    req = RequestView(prompt_len=100, block_size=16, pool_blocks=0, tbt_slo=0.1)
+    prefills = [PrefillView("p0", 0.0, 0)]
+    decodes = [DecodeView("d0", 1, 100, predicted_tbt=0.2), DecodeView("d1", 9, 900, predicted_tbt=0.08),
+               DecodeView("d2", 5, 500, predicted_tbt=0.09)]
+    p = _policy().place(req, prefills, decodes)
+    assert p.decode_id == "d1" and p.predicted_tbt == 0.08
+    # all over the objective: still the lowest
+    over = [DecodeView("d0", 1, 100, predicted_tbt=0.3), DecodeView("d1", 1, 100, predicted_tbt=0.2)]
+    assert _policy().place(req, prefills, over).decode_id == "d1"
+
+
+def test_colocated_placement_decodes_where_it_prefilled():
+    req = RequestView(prompt_len=100, block_size=16, pool_blocks=0)
+    prefills = [PrefillView("w0", 5.0, 0), PrefillView("w1", 0.0, 0), PrefillView("w2", 0.0, 0)]
+    decodes = [DecodeView("w0", 0, 0), DecodeView("w1", 9, 900)]  # w2's decode half is not up
+    policy = _policy("round_robin", colocated=True)
+    chosen = [policy.place(req, prefills, decodes) for _ in range(4)]
+    assert [(c.prefill_id, c.decode_id) for c in chosen] == [("w0", "w0"), ("w1", "w1")] * 2
+    ll = _policy("least_loaded", colocated=True).place(req, prefills, decodes)
+    assert (ll.prefill_id, ll.decode_id) == ("w1", "w1")
+    none = _policy(colocated=True).place(req, [PrefillView("w2", 0.0, 0)], decodes)
+    assert not none.admitted and none.status == 503

@@ -1,0 +1,238 @@
+"""``yuebing bench sched``: the scheduling experiments (Mooncake's Fig. 5, Table 3 and goodput) on
+real clusters, with the simulated engine at 8 prefill + 8 decode and with the real model at 2+1.
+
+Every run starts a fresh cluster (NATS, conductor, cachestore, workers, gateway), replays the same
+slice of the trace through the gateway's OpenAI API with the replay tool (``yuebing.replay``), and
+stops it. Each run leaves its JSON and PNG in the output directory; the experiment prints one table
+per experiment and a final JSON line of the named figures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from yuebing import replay as rp
+
+EXPERIMENTS = ("placement", "overload", "goodput", "real")
+PLACEMENT_POLICIES = ("random", "least_loaded", "local_cache_aware", "global_cache_aware")
+ADMISSIONS = ("none", "early", "predictive")
+
+
+@dataclass
+class Run:
+    experiment: str
+    name: str
+    policy: str = "global_cache_aware"
+    admission: str = "none"
+    use_pool: bool = True  # False: each instance reuses only its own DRAM cache
+    colocated: int = 0  # >0: that many colocated workers instead of prefill/decode instances
+    prefill: int = 8
+    decode: int = 8
+    engine: str = "sim"
+    load: float = 1.0  # arrival rate, as a multiple of the experiment's base rate
+    summary: dict = field(default_factory=dict)
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def plan(experiments: list[str], args) -> list[Run]:
+    p, d = args.prefill, args.decode
+    runs: list[Run] = []
+    if "placement" in experiments:
+        # as in the paper's comparison, only the global policy draws on the pool; the others place
+        # requests without it and reuse what the chosen instance holds
+        runs += [Run("placement", f"placement-{pol}", policy=pol, prefill=p, decode=d,
+                     use_pool=pol == "global_cache_aware") for pol in PLACEMENT_POLICIES]
+    if "overload" in experiments:
+        runs += [Run("overload", f"overload-{adm}", admission=adm, prefill=p, decode=d, load=args.overload)
+                 for adm in ADMISSIONS]
+    if "goodput" in experiments:
+        runs += [Run("goodput", "goodput-disaggregated", prefill=p, decode=d, load=args.goodput_load),
+                 Run("goodput", "goodput-colocated", policy="round_robin", colocated=p + d, prefill=0, decode=0,
+                     load=args.goodput_load, use_pool=False)]
+    if "real" in experiments:
+        rp_, rd = args.real_prefill, args.real_decode
+        runs += [Run("real", "real-disaggregated", prefill=rp_, decode=rd, engine="model"),
+                 Run("real", "real-colocated", policy="round_robin", colocated=rp_ + rd, prefill=0, decode=0,
+                     engine="model", use_pool=False)]
+    return runs
+
+
+def _slos(args, profile, requests: list[rp.PreparedRequest]) -> tuple[float, float]:
+    """The objectives: as given, or Mooncake's rule of thumb from the calibrated costs: TTFT 10x and
+    TBT 5x what a request of mean length sees alone."""
+    mean_prompt = sum(len(r.prompt) for r in requests) / max(1, len(requests))
+    ttft = args.ttft_slo or round(10 * profile.prefill_seconds(int(mean_prompt), 0), 2)
+    tbt = args.tbt_slo or round(5 * profile.step_seconds(1, int(mean_prompt)), 3)
+    return ttft, tbt
+
+
+def run_one(run: Run, args, *, model_dir: Path, models_dir: Path, calibration: Path, rows: list[dict],
+            out_dir: Path, slos: tuple[float, float], rate: float | None, time_scale: float) -> dict:
+    from yuebing.cluster import LocalCluster
+    from yuebing.libs.config import from_env
+    from yuebing.libs.model import read_shape
+    from yuebing.libs.natsserver import free_port
+
+    shape = read_shape(model_dir)
+    ttft_slo, tbt_slo = slos
+    settings = from_env(
+        model=str(model_dir), data_dir=str(out_dir / run.name), models_dir=str(models_dir), port=free_port(),
+        engine=run.engine, calibration=str(calibration), policy=run.policy, admission=run.admission,
+        ttft_slo=ttft_slo, tbt_slo=tbt_slo, max_running=args.max_running, no_auth=True, use_pool=run.use_pool,
+        threads=1 if run.engine == "sim" else None,
+        prefill_cache_bytes=args.prefill_cache_mb << 20,
+    )
+    cluster = LocalCluster(settings, prefill=run.prefill, decode=run.decode, cachestore=1, colocated=run.colocated)
+    requests, dropped = rp.prepare(rows, token_scale=args.token_scale, time_scale=time_scale * run.load,
+                                   rate=None if rate is None else rate * run.load, vocab=shape.vocab_size,
+                                   max_context=shape.max_context, seed=0, start=args.start)
+    t0 = time.perf_counter()
+    try:
+        cluster.start(ready_timeout=600)
+        _say(f"[{run.name}] cluster up in {time.perf_counter() - t0:.0f}s ({run.engine} engine, "
+             + (f"{run.colocated} colocated workers" if run.colocated else f"{run.prefill}P+{run.decode}D")
+             + f", policy {run.policy}, pool {'on' if run.use_pool else 'off'}, admission {run.admission}); "
+             f"replaying {len(requests)} requests")
+        result = asyncio.run(rp.replay(cluster.url, requests, ttft_slo=ttft_slo, tbt_slo=tbt_slo,
+                                       progress=not args.no_progress))
+    finally:
+        cluster.stop()
+    result.dropped = dropped
+    result.config = {"run": run.name, "experiment": run.experiment, "policy": run.policy, "use_pool": run.use_pool,
+                     "admission": run.admission, "engine": run.engine, "prefill": run.prefill, "decode": run.decode,
+                     "colocated": run.colocated, "token_scale": args.token_scale,
+                     "time_scale": time_scale * run.load, "rate": None if rate is None else rate * run.load,
+                     "start": args.start, "requests": len(requests), "max_running": args.max_running}
+    summary = rp.summarize(result, ttft_slo, tbt_slo)
+    rp.write_json(result, summary, out_dir / f"{run.name}.json")
+    rp.plot(result, summary, out_dir / f"{run.name}.png")
+    _say(f"[{run.name}] mean TTFT {summary.get('ttft_mean_ms')} ms, attainment {summary['slo_attainment']}, "
+         f"goodput {summary['goodput_rps']} req/s, rejected {summary['rejected']}, failed {summary['failed']}")
+    return summary
+
+
+COLS = ("run", "requests", "completed", "rejected", "failed", "ttft_mean_ms", "ttft_p90_ms", "tbt_p90_ms",
+        "slo_attainment", "slo_attainment_admitted", "goodput_rps", "wasted_prefill_tokens", "prefix_hit_ratio")
+
+
+def table(runs: list[Run]) -> str:
+    rows = [[r.name] + [str(r.summary.get(c)) for c in COLS[1:]] for r in runs]
+    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(COLS)]
+    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(COLS), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def _r(a, b, nd: int = 3):
+    return None if a is None or not b else round(a / b, nd)
+
+
+def figures(runs: list[Run]) -> dict:
+    by = {r.name: r.summary for r in runs if r.summary}
+    out: dict = {}
+    ttft = {p: by.get(f"placement-{p}", {}).get("ttft_mean_ms") for p in PLACEMENT_POLICIES}
+    if all(v is not None for v in ttft.values()):
+        out.update({f"placement_ttft_mean_ms_{p}": v for p, v in ttft.items()})
+        out["placement_global_vs_least_loaded"] = _r(ttft["global_cache_aware"], ttft["least_loaded"])
+        out["placement_ordering_holds"] = (ttft["global_cache_aware"] < ttft["local_cache_aware"]
+                                           < ttft["least_loaded"] < ttft["random"])
+    for adm in ADMISSIONS:
+        s = by.get(f"overload-{adm}")
+        if s:
+            out[f"overload_{adm}_rejected"] = s["rejected"]
+            out[f"overload_{adm}_wasted_prefill_tokens"] = s["wasted_prefill_tokens"]
+            out[f"overload_{adm}_attainment_admitted"] = s["slo_attainment_admitted"]
+            out[f"overload_{adm}_goodput_rps"] = s["goodput_rps"]
+    for exp in ("goodput", "real"):
+        dis, col = by.get(f"{exp}-disaggregated"), by.get(f"{exp}-colocated")
+        if dis and col:
+            out[f"{exp}_disaggregated_rps"] = dis["goodput_rps"]
+            out[f"{exp}_colocated_rps"] = col["goodput_rps"]
+            out[f"{exp}_ratio"] = _r(dis["goodput_rps"], col["goodput_rps"], 2)
+    return out
+
+
+def main(args) -> int:
+    import orjson
+
+    from yuebing.libs.calibrate import calibrate
+    from yuebing.libs.costs import CostProfile, profile_path
+    from yuebing.libs.log import configure
+    from yuebing.libs.model import DEFAULT_MODEL, default_data_dir, model_identity, resolve_model
+
+    configure("bench", level="WARNING")
+    experiments = [e.strip() for e in args.experiments.split(",") if e.strip()]
+    unknown = set(experiments) - set(EXPERIMENTS)
+    if unknown:
+        raise SystemExit(f"unknown experiments {sorted(unknown)}; choose from {', '.join(EXPERIMENTS)}")
+    out_dir = Path(args.out_dir).expanduser()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    models_dir = Path(args.models_dir).expanduser() if args.models_dir else default_data_dir() / "models"
+    model_dir = resolve_model(args.model or DEFAULT_MODEL, models_dir)
+    import torch
+
+    calibration = Path(args.calibration) if args.calibration else profile_path(
+        default_data_dir(), model_identity(model_dir), torch.get_num_threads())
+    if not calibration.exists():
+        _say(f"calibrating {model_dir.name} on this machine (once; {calibration})")
+        calibrate(model_dir).save(calibration)
+    profile = CostProfile.load(calibration)
+    rows = rp.read_trace(Path(args.trace), start=args.start, limit=args.requests)
+    probe, _ = rp.prepare(rows, token_scale=args.token_scale, time_scale=1.0, max_context=None)
+    slos = _slos(args, profile, probe)
+    _say(f"bench sched: {len(rows)} requests from line {args.start} of {args.trace}, token_scale "
+         f"{args.token_scale}, time_scale {args.time_scale} (overload x{args.overload}), SLOs TTFT "
+         f"{slos[0]}s / TBT {slos[1]}s, profile {calibration}")
+    runs = plan(experiments, args)
+    for run in runs:
+        if run.engine == "model":
+            real_rows = rows[: args.real_requests]
+            run.summary = run_one(run, args, model_dir=model_dir, models_dir=models_dir, calibration=calibration,
+                                  rows=real_rows, out_dir=out_dir, slos=slos, rate=args.real_rate, time_scale=1.0)
+        else:
+            run.summary = run_one(run, args, model_dir=model_dir, models_dir=models_dir, calibration=calibration,
+                                  rows=rows, out_dir=out_dir, slos=slos, rate=args.rate, time_scale=args.time_scale)
+    for exp in experiments:
+        mine = [r for r in runs if r.experiment == exp]
+        if mine:
+            _say(f"\n{exp}\n" + table(mine))
+    figs = figures(runs)
+    figs.update({"ttft_slo_s": slos[0], "tbt_slo_s": slos[1], "requests": len(rows), "token_scale": args.token_scale,
+                 "time_scale": args.time_scale})
+    (out_dir / "figures.json").write_bytes(orjson.dumps(figs, option=orjson.OPT_INDENT_2))
+    print(orjson.dumps(figs).decode(), flush=True)
+    return 0
+
+
+def add_parser(bench_sub) -> None:
+    p = bench_sub.add_parser("sched", help="scheduling experiments: placement (Fig. 5), overload (Table 3), goodput")
+    p.add_argument("--experiments", default=",".join(EXPERIMENTS), help=f"subset of {','.join(EXPERIMENTS)}")
+    p.add_argument("--trace", default=str(rp.DEFAULT_TRACE), help="Mooncake JSONL trace")
+    p.add_argument("--start", type=int, default=0, help="first trace line replayed")
+    p.add_argument("--requests", type=int, default=300, help="requests replayed per run (simulated engine)")
+    p.add_argument("--token-scale", type=int, default=32)
+    p.add_argument("--time-scale", type=float, default=1.0, help="trace time compression of the base load")
+    p.add_argument("--rate", type=float, default=None, help="fixed base arrival rate (req/s) instead of the trace's")
+    p.add_argument("--overload", type=float, default=2.0, help="load of the overload runs, x the base load")
+    p.add_argument("--goodput-load", type=float, default=1.0, help="load of the goodput runs, x the base load")
+    p.add_argument("--ttft-slo", type=float, default=None, help="default: 10x a mean prompt's calibrated TTFT")
+    p.add_argument("--tbt-slo", type=float, default=None, help="default: 5x a calibrated decode step")
+    p.add_argument("--max-running", type=int, default=None, help="rows of a decode batch (default 32)")
+    p.add_argument("--prefill", type=int, default=8)
+    p.add_argument("--decode", type=int, default=8)
+    p.add_argument("--prefill-cache-mb", type=int, default=256, help="each prefill instance's own block cache")
+    p.add_argument("--real-prefill", type=int, default=2)
+    p.add_argument("--real-decode", type=int, default=1)
+    p.add_argument("--real-requests", type=int, default=60)
+    p.add_argument("--real-rate", type=float, default=0.5, help="arrival rate of the real-model runs (req/s)")
+    p.add_argument("--model", default=None)
+    p.add_argument("--models-dir", default=None)
+    p.add_argument("--calibration", default=None, help="cost profile (default: the model's, calibrated if missing)")
+    p.add_argument("--out-dir", default="bench-sched", help="per-run JSON and PNG, and figures.json")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=main)
