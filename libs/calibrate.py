@@ -10,9 +10,10 @@ Made for a machine shared with other work, whose noise only ever adds time: the 
 several passes, each point once per pass (a busy stretch spoils one pass, not every run of a
 point); a point's figure is the fastest of its runs (the median is kept for the record); and the
 fit drops, one at a time, points measured far slower than the fit of the rest predicts
-(``OUTLIER``), marking them ``used=False``. Both grids are fitted by non-negative least squares on relative error
-(``yuebing.libs.costs.fit``). The default grids take about a minute and a half for
-SmolLM2-135M on 2 cores; ``quick`` uses a few small points (seconds on a tiny model).
+(``OUTLIER``), marking them ``used=False``. Both grids are fitted by non-negative least squares
+on relative error (``yuebing.libs.costs.fit``). The default grids take about two minutes for
+SmolLM2-135M on 2 shared cores (129 s with other work running); ``quick`` uses a few small points
+(seconds on a tiny model).
 """
 
 from __future__ import annotations

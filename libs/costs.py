@@ -114,15 +114,17 @@ class CostProfile(msgspec.Struct, kw_only=True):
         return msgspec.json.decode(Path(path).read_bytes(), type=cls)
 
 
-# Conservative figures for SmolLM2-135M (fp32) on a 2-core CPU with 2 torch threads, rounded up
-# from `yuebing calibrate` on the dev machine (~3 ms per prompt token, ~60 ms per decode step
-# at batch 1). Prefill KV of that model is 46,080 bytes per token.
+# Conservative figures for SmolLM2-135M (fp32) on a 2-core CPU with 2 torch threads: `yuebing
+# calibrate` on the dev machine, rounded up (it predicts 6.6 s for a cold 2,048-token prompt and
+# 0.43 s for 64 tokens after 1,984 cached, against 6.65 s and 0.41 s measured by `yuebing bench
+# prefix`; ~60 ms per decode step at batch 1, ~250 ms at batch 32 of 1,024 positions). Pool loads
+# at ~250 MB/s of its 46,080 bytes of KV per token.
 DEFAULT = CostProfile(
     model="default",
     threads=2,
-    prefill=(0.03, 3.0e-3, 1.0e-7),
-    decode=(0.06, 2.5e-3, 4.0e-6),
-    load_tokens_per_second=5_000.0,
+    prefill=(0.125, 1.6e-3, 1.6e-6),
+    decode=(0.06, 5.2e-3, 1.2e-6),
+    load_tokens_per_second=5_400.0,
 )
 
 

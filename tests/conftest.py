@@ -38,7 +38,8 @@ def start_cluster(model: Path | str, data_dir: Path, **kwargs):
     from yuebing.libs.config import from_env
     from yuebing.libs.natsserver import free_port
 
-    settings_overrides = {k: kwargs.pop(k) for k in list(kwargs) if k not in ("prefill", "decode", "cachestore")}
+    cluster_args = ("prefill", "decode", "cachestore", "colocated")
+    settings_overrides = {k: kwargs.pop(k) for k in list(kwargs) if k not in cluster_args}
     settings_overrides.setdefault("models_dir", str(default_data_dir() / "models"))
     settings_overrides.setdefault("no_auth", True)  # tests of the API keys turn them on explicitly
     settings = from_env(model=str(model), data_dir=str(data_dir), port=free_port(), **settings_overrides)

@@ -87,3 +87,28 @@ async def test_a_request_class_with_its_own_objectives(overload_cluster):
     assert all(s == 200 for s, _ in results[20:]), [s for s, _ in results[20:]]
     status, (err, _) = await _one(url, 300, "platinum")
     assert status == 400 and err["error"]["param"] == "slo_class"
+
+
+def test_colocated_workers_prefill_and_decode_their_own_requests(tiny_dir, tmp_path):
+    """The goodput baseline: `serve worker` runs prefill and decode on one engine, and the conductor
+    decodes each request on the worker that prefilled it."""
+    profile = CostProfile(model="test", threads=1, prefill=(0.05, 0.0, 0.0), decode=(0.01, 0.0, 0.0))
+    cluster = start_cluster(tiny_dir, tmp_path, engine="sim", calibration=str(profile.save(tmp_path / "p.json")),
+                            colocated=2, policy="round_robin")
+    try:
+        assert sorted(cluster.procs) == ["conductor-0", "gateway-0", "worker-0", "worker-1"]
+
+        async def burst():
+            return await asyncio.gather(*(_one(cluster.url + "/v1/completions", 400 + i) for i in range(6)))
+
+        results = asyncio.run(burst())
+        assert [s for s, _ in results] == [200] * 6
+        placed = [line for line in (tmp_path / "logs" / "conductor-0.log").read_text().splitlines()
+                  if '"scheduled"' in line]
+        assert len(placed) == 6
+        for line in placed:
+            rec = orjson.loads(line)
+            assert rec["prefill"] == rec["decode"] and rec["prefill"].startswith("worker-")
+        assert {orjson.loads(line)["prefill"] for line in placed} == {"worker-0", "worker-1"}
+    finally:
+        cluster.stop()

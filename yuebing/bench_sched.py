@@ -10,6 +10,8 @@ per experiment and a final JSON line of the named figures.
 from __future__ import annotations
 
 import asyncio
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,8 +83,10 @@ def run_one(run: Run, args, *, model_dir: Path, models_dir: Path, calibration: P
 
     shape = read_shape(model_dir)
     ttft_slo, tbt_slo = slos
+    # the cluster's files (NATS store, pool, logs) go to a scratch dir, kept only with --keep-data
+    data_dir = Path(tempfile.mkdtemp(prefix=f"yuebing-{run.name}-"))
     settings = from_env(
-        model=str(model_dir), data_dir=str(out_dir / run.name), models_dir=str(models_dir), port=free_port(),
+        model=str(model_dir), data_dir=str(data_dir), models_dir=str(models_dir), port=free_port(),
         engine=run.engine, calibration=str(calibration), policy=run.policy, admission=run.admission,
         ttft_slo=ttft_slo, tbt_slo=tbt_slo, max_running=args.max_running, no_auth=True, use_pool=run.use_pool,
         threads=1 if run.engine == "sim" else None,
@@ -91,7 +95,8 @@ def run_one(run: Run, args, *, model_dir: Path, models_dir: Path, calibration: P
     cluster = LocalCluster(settings, prefill=run.prefill, decode=run.decode, cachestore=1, colocated=run.colocated)
     requests, dropped = rp.prepare(rows, token_scale=args.token_scale, time_scale=time_scale * run.load,
                                    rate=None if rate is None else rate * run.load, vocab=shape.vocab_size,
-                                   max_context=shape.max_context, seed=0, start=args.start)
+                                   max_context=shape.max_context, seed=0, start=args.start,
+                                   output_scale=args.output_scale)
     t0 = time.perf_counter()
     try:
         cluster.start(ready_timeout=600)
@@ -103,10 +108,15 @@ def run_one(run: Run, args, *, model_dir: Path, models_dir: Path, calibration: P
                                        progress=not args.no_progress))
     finally:
         cluster.stop()
+        if args.keep_data:
+            _say(f"[{run.name}] cluster files and logs kept in {data_dir}")
+        else:
+            shutil.rmtree(data_dir, ignore_errors=True)
     result.dropped = dropped
     result.config = {"run": run.name, "experiment": run.experiment, "policy": run.policy, "use_pool": run.use_pool,
                      "admission": run.admission, "engine": run.engine, "prefill": run.prefill, "decode": run.decode,
                      "colocated": run.colocated, "token_scale": args.token_scale,
+                     "output_scale": args.output_scale or args.token_scale,
                      "time_scale": time_scale * run.load, "rate": None if rate is None else rate * run.load,
                      "start": args.start, "requests": len(requests), "max_running": args.max_running}
     summary = rp.summarize(result, ttft_slo, tbt_slo)
@@ -203,7 +213,8 @@ def main(args) -> int:
             _say(f"\n{exp}\n" + table(mine))
     figs = figures(runs)
     figs.update({"ttft_slo_s": slos[0], "tbt_slo_s": slos[1], "requests": len(rows), "token_scale": args.token_scale,
-                 "time_scale": args.time_scale})
+                 "output_scale": args.output_scale or args.token_scale, "time_scale": args.time_scale,
+                 "max_running": args.max_running})
     (out_dir / "figures.json").write_bytes(orjson.dumps(figs, option=orjson.OPT_INDENT_2))
     print(orjson.dumps(figs).decode(), flush=True)
     return 0
@@ -216,6 +227,8 @@ def add_parser(bench_sub) -> None:
     p.add_argument("--start", type=int, default=0, help="first trace line replayed")
     p.add_argument("--requests", type=int, default=300, help="requests replayed per run (simulated engine)")
     p.add_argument("--token-scale", type=int, default=32)
+    p.add_argument("--output-scale", type=int, default=None,
+                   help="divides output lengths instead of --token-scale (longer outputs load decode)")
     p.add_argument("--time-scale", type=float, default=1.0, help="trace time compression of the base load")
     p.add_argument("--rate", type=float, default=None, help="fixed base arrival rate (req/s) instead of the trace's")
     p.add_argument("--overload", type=float, default=2.0, help="load of the overload runs, x the base load")
@@ -234,5 +247,6 @@ def add_parser(bench_sub) -> None:
     p.add_argument("--models-dir", default=None)
     p.add_argument("--calibration", default=None, help="cost profile (default: the model's, calibrated if missing)")
     p.add_argument("--out-dir", default="bench-sched", help="per-run JSON and PNG, and figures.json")
+    p.add_argument("--keep-data", action="store_true", help="keep each run's cluster files and logs")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=main)

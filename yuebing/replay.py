@@ -80,13 +80,14 @@ class PreparedRequest:
 
 def prepare(trace_rows: Sequence[dict], *, token_scale: int, time_scale: float, rate: float | None = None,
             vocab: int = DEFAULT_VOCAB, max_context: int | None, seed: int = 0,
-            start: int = 0) -> tuple[list[PreparedRequest], int]:
+            start: int = 0, output_scale: int | None = None) -> tuple[list[PreparedRequest], int]:
     """Scale ``trace_rows`` (see the module doc) into requests in trace order, and count the dropped.
 
     ``rate`` (requests/s) replaces the trace's arrival times by evenly spaced ones in the same order;
     otherwise arrival times are the trace's, divided by ``time_scale`` and counted from the earliest
     kept request. ``max_context`` None keeps every prompt. ``start`` is the trace line of
-    ``trace_rows[0]`` (for the records' ``index``).
+    ``trace_rows[0]`` (for the records' ``index``). ``output_scale`` divides the output lengths
+    instead of ``token_scale`` (default: the same factor, as the trace's README prescribes).
     """
     if token_scale < 1 or TRACE_BLOCK_TOKENS % token_scale:
         raise ValueError(f"token_scale must divide {TRACE_BLOCK_TOKENS}, got {token_scale}")
@@ -99,7 +100,7 @@ def prepare(trace_rows: Sequence[dict], *, token_scale: int, time_scale: float, 
     dropped = 0
     for i, row in enumerate(trace_rows):
         prompt, used = tokens.prompt(row, token_scale)
-        out = scaled_output(row, token_scale)
+        out = scaled_output(row, output_scale or token_scale)
         if max_context is not None and len(prompt) + out > max_context:
             dropped += 1
             continue
@@ -648,6 +649,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    "of GET /v1/models); without: the model the clusters serve")
     g.add_argument("--token-scale", type=int, default=DEFAULT_TOKEN_SCALE,
                    help="divides prompt and output lengths: 512/token_scale tokens per hash id (default 32)")
+    g.add_argument("--output-scale", type=int, default=None,
+                   help="divides the output lengths instead of --token-scale (default: the same factor)")
     g.add_argument("--time-scale", type=float, default=1.0, help="divides the arrival times (default 1: real time)")
     g.add_argument("--rate", type=float, default=None,
                    help="requests/s, evenly spaced in trace order, instead of the trace's arrival times")
@@ -707,7 +710,8 @@ async def _main(args: argparse.Namespace) -> int:
     rows = read_trace(path, start=start, limit=limit)
     try:
         requests, dropped = prepare(rows, token_scale=token_scale, time_scale=time_scale, rate=rate, vocab=vocab,
-                                    max_context=max_context, seed=seed, start=start)
+                                    max_context=max_context, seed=seed, start=start,
+                                    output_scale=getattr(args, "output_scale", None))
     except ValueError as e:
         _say(f"bench trace: {e}")
         return 2
@@ -719,7 +723,7 @@ async def _main(args: argparse.Namespace) -> int:
                           progress=bool(getattr(args, "progress", True)))
     result.dropped = dropped
     result.config = {"trace": str(path), "start": start, "requests": limit, "token_scale": token_scale,
-                     "time_scale": time_scale, "rate": rate, "max_context": max_context, "vocab": vocab,
+                     "output_scale": getattr(args, "output_scale", None) or token_scale, "time_scale": time_scale, "rate": rate, "max_context": max_context, "vocab": vocab,
                      "seed": seed}
     summary = summarize(result, ttft_slo, tbt_slo)
     out = write_json(result, summary, output_path(getattr(args, "out", None)))

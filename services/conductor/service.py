@@ -244,7 +244,11 @@ class ConductorService(Service):
         if not placement.admitted or req.resume is not None:
             return placement  # a resumed request was admitted once: it is finished, not judged again
         d = next(v for v in decodes if v.instance_id == placement.decode_id)
-        slo = SLO(req.ttft_slo, req.tbt_slo)
+        # judge only on grounded predictions: a cost profile of this model, or fits of the workers'
+        # own reports; the built-in default may be far off for a model never calibrated here
+        calibrated = bool(self.settings.calibration)
+        slo = SLO(req.ttft_slo if calibrated or self.cost.fits else 0.0,
+                  req.tbt_slo if calibrated or self.decode_cost.fits else 0.0)
         verdict = self.admission.decide(slo, placement.predicted_ttft, d.current_tbt, d.predicted_tbt,
                                         tbt_retry=d.sheds_in if d.sheds_in != float("inf") else 1.0)
         if verdict.admitted:
