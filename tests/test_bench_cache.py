@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from conftest import TRACE_HEAD
 from yuebing import bench_cache
 from yuebing.cli import build_parser
 
@@ -81,7 +82,7 @@ def test_bench_transfer_figures(tmp_path, capsys):
 def _trace_args(tiny_dir, tmp_path, out, configs: str) -> argparse.Namespace:
     # token_scale 32: one hash id = one 16-token KV block; prompts of the first requests are ~100-450 tokens
     return argparse.Namespace(model=str(tiny_dir), data_dir=str(tmp_path / "data"), models_dir=None, block_size=None,
-                              threads=1, trace=None, requests=30, token_scale=32, concurrency=2,
+                              threads=1, trace=str(TRACE_HEAD), requests=30, token_scale=32, concurrency=2,
                               pool_fractions="0.5", configs=configs, max_context=None, out=str(out), progress=False)
 
 

@@ -9,9 +9,8 @@ import sys
 
 import pytest
 
-from conftest import start_cluster
+from conftest import TRACE_HEAD, start_cluster
 from yuebing.libs.costs import CostProfile
-from yuebing.replay import DEFAULT_TRACE
 
 REQUESTS = 16
 
@@ -29,7 +28,7 @@ def sim_cluster(smol_dir, tmp_path_factory):
 @pytest.mark.slow
 def test_replay_a_slice_of_the_trace_on_the_simulated_engine(sim_cluster, tmp_path):
     out = tmp_path / "replay.json"
-    cmd = [sys.executable, "-m", "yuebing.cli", "bench", "trace", str(DEFAULT_TRACE), "--url", sim_cluster.url,
+    cmd = [sys.executable, "-m", "yuebing.cli", "bench", "trace", str(TRACE_HEAD), "--url", sim_cluster.url,
            "--requests", str(REQUESTS), "--token-scale", "32", "--time-scale", "10", "--ttft-slo", "30",
            "--tbt-slo", "1", "--out", str(out), "--no-progress"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
