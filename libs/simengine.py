@@ -95,6 +95,7 @@ class SimRunner:
         torch.set_num_threads(1)  # the sim only fills tensors: leave the cores to the other instances
         self.path = Path(path)
         self.profile = profile
+        self.modelled_seconds = 0.0  # compute time the last call modelled
         self.shape = read_shape(self.path)
         self.words = word_token_ids(self.path)
         self.eos = set(self.shape.eos_token_ids)
@@ -111,6 +112,12 @@ class SimRunner:
             out[torch.arange(len(tokens)), torch.tensor(tokens, dtype=torch.long)] = LOGIT_HIGH
         return out
 
+    def hold(self, start: float, seconds: float) -> None:
+        """Make the call that began at ``start`` (``time.perf_counter()``) last ``seconds``, the
+        compute time it models (kept in ``modelled_seconds``)."""
+        self.modelled_seconds = seconds
+        _sleep_until(start + seconds)
+
     @torch.inference_mode()
     def prefill(self, token_ids: list[int], past_kv: torch.Tensor | None = None, chunk: int = 512):
         """As ``ModelRunner.prefill``: (logits [vocab] float32, KV [L, 2, H, past + new, D])."""
@@ -126,7 +133,7 @@ class SimRunner:
         kv[:, :, :, past:].zero_()
         kv[0, 0, 0, past:, 0] = torch.tensor(token_ids, dtype=torch.float32).to(s.dtype)
         logits = self.logits_for([self.next_word(token_ids[-1], total - 1)])[0]
-        _sleep_until(start + self.profile.prefill_seconds(total, past))
+        self.hold(start, self.profile.prefill_seconds(total, past))
         return logits, kv
 
     def new_batch(self) -> "SimDecodeBatch":
@@ -176,5 +183,5 @@ class SimDecodeBatch:
         nxt = [self.runner.next_word(t, n) for t, n in zip(last_tokens, self.lengths)]
         logits = self.runner.logits_for(nxt)
         self.lengths = [n + 1 for n in self.lengths]
-        _sleep_until(start + duration)
+        self.runner.hold(start, duration)
         return logits

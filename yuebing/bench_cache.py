@@ -144,6 +144,16 @@ def _models_dir(args) -> Path:
     return default_data_dir() / "models"
 
 
+def _release_data_dir(own: str | None, clean: bool, logs: str) -> None:
+    """Delete the run's own temporary data dir after a clean run; keep it (and say where) otherwise."""
+    if own is None:
+        return
+    if clean:
+        shutil.rmtree(own, ignore_errors=True)
+    else:
+        _say(f"kept {own} ({logs})")
+
+
 def _data_dir(args, prefix: str) -> tuple[Path, str | None]:
     """The run's data dir: ``--data-dir`` or a fresh temporary one (returned second, to delete)."""
     if getattr(args, "data_dir", None):
@@ -487,11 +497,7 @@ def _prefix(args) -> int:
             cluster.stop()
         clean = not problems
     finally:
-        if own is not None:
-            if clean:
-                shutil.rmtree(own, ignore_errors=True)
-            else:
-                _say(f"kept {own} (cluster logs in {cluster.log_dir})")
+        _release_data_dir(own, clean, f"cluster logs in {cluster.log_dir}")
 
     rows = []
     for m in measures:
@@ -760,11 +766,7 @@ def _transfer(args) -> int:
             server.stop()
         clean = all(r.ok for r in rounds)
     finally:
-        if own is not None:
-            if clean:
-                shutil.rmtree(own, ignore_errors=True)
-            else:
-                _say(f"kept {own} (logs in {log_dir})")
+        _release_data_dir(own, clean, f"logs in {log_dir}")
 
     pool = [r for r in rounds if r.kind == "pool"]
     raw = [r for r in rounds if r.kind == "raw"]
@@ -1201,11 +1203,7 @@ def _trace(args) -> int:
                     break
         clean = not any(r.errors or any(r.log_problems.values()) for r in results)
     finally:
-        if own is not None:
-            if clean:
-                shutil.rmtree(own, ignore_errors=True)
-            else:
-                _say(f"kept {own} (cluster logs under it)")
+        _release_data_dir(own, clean, "cluster logs under it")
     for res in results:
         bad = {k: v for k, v in res.log_problems.items() if v}
         if bad:

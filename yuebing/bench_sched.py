@@ -132,10 +132,9 @@ COLS = ("run", "requests", "completed", "rejected", "failed", "ttft_mean_ms", "t
 
 
 def table(runs: list[Run]) -> str:
-    rows = [[r.name] + [str(r.summary.get(c)) for c in COLS[1:]] for r in runs]
-    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(COLS)]
-    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
-    return "\n".join([line(COLS), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+    from yuebing.bench_cache import format_table
+
+    return format_table([{"run": r.name, **r.summary} for r in runs], list(COLS))
 
 
 def _r(a, b, nd: int = 3):
