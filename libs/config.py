@@ -54,7 +54,8 @@ class Settings(msgspec.Struct, kw_only=True):
     heartbeat_interval: float = 1.0
     drain_seconds: float = 30.0  # on SIGTERM, time to finish work in flight before handing it back
     metrics_port: int = 0  # 0 = no separate metrics server (the gateway serves /metrics itself)
-    threads: int = 0  # torch threads; 0 = torch's default
+    threads: int = 0  # torch threads; 0 = torch's default (or the number of `cpus`)
+    cpus: str = ""  # a model worker's cores, e.g. "0-3" (its model thread is pinned there); "" = any
     # gateway
     host: str = "127.0.0.1"
     port: int = 8000

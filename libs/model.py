@@ -234,30 +234,46 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, position: int) ->
 class ModelRunner:
     """Owns a loaded model; every method is blocking and meant to run in a worker thread."""
 
-    def __init__(self, path: Path, threads: int | None = None):
+    def __init__(self, path: Path, threads: int | None = None, cpus: str = ""):
+        """``cpus``: pin the calling (model) thread and the OpenMP threads it starts to these cores
+        (a CPU list such as ``"0-1"``); ``threads`` then defaults to their count."""
+        from .cpus import pin_current_thread
+
+        pinned = pin_current_thread(cpus)
+        threads = threads or len(pinned)
         if threads:
             torch.set_num_threads(threads)
+        self.cpus = pinned
+        self.threads = torch.get_num_threads()  # as seen from the model thread, which runs the model
         self.path = path
         self.shape = read_shape(path)
         self.model = load_model(path, self.shape.dtype)
 
-    @torch.inference_mode()
-    def prefill(self, token_ids: list[int], past_kv: torch.Tensor | None = None, chunk: int = 512):
-        """Run the prompt (after ``past_kv``'s positions) and return (last logits, full KV).
+    def kv_buffer(self, new_tokens: int, past=None) -> "PrefillKV":
+        """A request's KV, preallocated for ``past`` plus ``new_tokens`` positions, with ``past``
+        (a KV tensor or a sequence of blocks, wire layout) copied in."""
+        return PrefillKV.with_past(self.shape, new_tokens, past)
 
-        ``past_kv`` is a KV tensor in the wire layout covering the first positions of the prompt;
-        ``token_ids`` are the remaining tokens. Long suffixes run in chunks of ``chunk`` tokens.
+    @torch.inference_mode()
+    def prefill(self, token_ids: list[int], past_kv=None, chunk: int = 512, *, buffer: "PrefillKV | None" = None):
+        """Run the prompt (after the past's positions) and return (last logits, full KV).
+
+        The past is ``past_kv`` (a KV tensor or a sequence of blocks in the wire layout covering
+        the first positions of the prompt) or ``buffer`` (a ``PrefillKV`` whose past may still be
+        arriving: each layer waits for its own). ``token_ids`` are the remaining tokens. Long
+        suffixes run in chunks of ``chunk`` tokens. The returned KV is the buffer the layers wrote
+        into: nothing is concatenated or copied at the end.
         """
         from transformers import DynamicCache
 
-        if past_kv is not None and past_kv.shape[3] > 0:
-            cache = DynamicCache(
-                ddp_cache_data=[(past_kv[i, 0].unsqueeze(0), past_kv[i, 1].unsqueeze(0)) for i in range(past_kv.shape[0])]
-            )
-            start = past_kv.shape[3]
-        else:
-            cache = DynamicCache()
-            start = 0
+        if not token_ids:
+            raise ValueError("prefill needs at least one new token")
+        buf = buffer if buffer is not None else self.kv_buffer(len(token_ids), past_kv)
+        if buf.total != buf.past_len + len(token_ids):
+            raise ValueError(f"buffer holds {buf.total} positions, not {buf.past_len} + {len(token_ids)}")
+        cache = DynamicCache()
+        cache.layers = [_PrefillLayer(buf, i) for i in range(self.shape.num_layers)]
+        start = buf.past_len
         logits = None
         ids = torch.tensor([token_ids], dtype=torch.long)
         for off in range(0, len(token_ids), chunk):
@@ -271,12 +287,104 @@ class ModelRunner:
                 logits_to_keep=1,
             )
             logits = out.logits[0, -1]
-        kv = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])
-        return logits.float(), kv.contiguous()
+        return logits.float(), buf.kv
 
     def new_batch(self) -> "DecodeBatch":
         """An empty running batch for a decode instance."""
         return DecodeBatch(self)
+
+
+class PastNotLoaded(RuntimeError):
+    """The past of a ``PrefillKV`` did not arrive (the load failed or timed out)."""
+
+
+class PrefillKV:
+    """One request's KV during its prefill: ``kv`` in the wire layout ``[L, 2, H, total, D]``,
+    preallocated for the whole prompt. Positions ``[0, past_len)`` are the reused past, the rest
+    the layers write as they compute.
+
+    The past may be filled while the prompt runs (a pool load streamed layer by layer): the loader
+    calls ``layer_ready(i)`` once layer ``i``'s past is in place, or ``fail`` when it cannot be, and
+    the model thread waits in ``wait_layer(i)`` before layer ``i`` first reads it. A buffer made
+    with its past already copied in is ready throughout.
+    """
+
+    def __init__(self, kv: torch.Tensor, past_len: int, *, ready: bool = True, timeout: float = 30.0):
+        self.kv = kv
+        self.past_len = past_len
+        self.total = kv.shape[3]
+        self.timeout = timeout
+        layers = kv.shape[0]
+        self._cond = threading.Condition()
+        self._ready = layers if ready else 0  # layers 0.._ready-1 are in place (layers arrive in order)
+        self._error: str | None = None
+
+    @classmethod
+    def with_past(cls, shape: "ModelShape", new_tokens: int, past=None) -> "PrefillKV":
+        blocks = [] if past is None else ([past] if isinstance(past, torch.Tensor) else list(past))
+        past_len = sum(b.shape[3] for b in blocks)
+        kv = torch.empty((shape.num_layers, 2, shape.num_kv_heads, past_len + new_tokens, shape.head_dim),
+                         dtype=shape.dtype)
+        off = 0
+        for b in blocks:
+            kv[:, :, :, off : off + b.shape[3]] = b
+            off += b.shape[3]
+        return cls(kv, past_len)
+
+    def layer_ready(self, upto: int) -> None:
+        """Layers ``0..upto-1`` hold their past."""
+        with self._cond:
+            self._ready = max(self._ready, upto)
+            self._cond.notify_all()
+
+    def fail(self, error: str) -> None:
+        with self._cond:
+            self._error = error
+            self._cond.notify_all()
+
+    @property
+    def failed(self) -> str | None:
+        return self._error
+
+    def wait_layer(self, index: int) -> None:
+        if self.past_len == 0 or self._ready > index:
+            return
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._ready > index or self._error is not None, self.timeout):
+                raise PastNotLoaded(f"the past of layer {index} did not arrive within {self.timeout}s")
+            if self._ready <= index:
+                raise PastNotLoaded(self._error or "the past did not arrive")
+
+
+class _PrefillLayer(DynamicLayer):
+    """A cache layer of a prompt writing its new positions into the request's ``PrefillKV``: no
+    concatenation per chunk, no stacking at the end (``DynamicLayer`` does both)."""
+
+    def __init__(self, buf: PrefillKV, index: int):
+        super().__init__()
+        self.buf = buf
+        self.index = index
+        self.is_initialized = True
+        self.n = buf.past_len
+        self._k = buf.kv[index, 0].unsqueeze(0)  # [1, H, total, D] views of the buffer
+        self._v = buf.kv[index, 1].unsqueeze(0)
+        self.keys, self.values = self._k[:, :, : self.n], self._v[:, :, : self.n]
+        self.dtype, self.device = buf.kv.dtype, buf.kv.device
+        self._waited = False
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self._waited:
+            self.buf.wait_layer(self.index)  # the past this layer attends to must be in place
+            self._waited = True
+        n, t = self.n, key_states.shape[-2]
+        self._k[:, :, n : n + t] = key_states
+        self._v[:, :, n : n + t] = value_states
+        self.n = n + t
+        self.keys, self.values = self._k[:, :, : self.n], self._v[:, :, : self.n]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.n
 
 
 class _BufferLayer(DynamicLayer):

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .costs import CostProfile
-from .model import load_tokenizer, read_shape
+from .model import PrefillKV, load_tokenizer, read_shape
 
 # Common English words; those the tokenizer encodes (with a leading space) as one ordinary token
 # make up the sim's vocabulary.
@@ -119,17 +119,18 @@ class SimRunner:
         _sleep_until(start + seconds)
 
     @torch.inference_mode()
-    def prefill(self, token_ids: list[int], past_kv: torch.Tensor | None = None, chunk: int = 512):
+    def kv_buffer(self, new_tokens: int, past=None) -> PrefillKV:
+        return PrefillKV.with_past(self.shape, new_tokens, past)
+
+    def prefill(self, token_ids: list[int], past_kv=None, chunk: int = 512, *, buffer: PrefillKV | None = None):
         """As ``ModelRunner.prefill``: (logits [vocab] float32, KV [L, 2, H, past + new, D])."""
         start = time.perf_counter()
         if not token_ids:
             raise ValueError("prefill needs at least one new token")
-        s = self.shape
-        past = past_kv.shape[3] if past_kv is not None else 0
-        total = past + len(token_ids)
-        kv = torch.empty((s.num_layers, 2, s.num_kv_heads, total, s.head_dim), dtype=s.dtype)
-        if past:
-            kv[:, :, :, :past] = past_kv
+        buf = buffer if buffer is not None else self.kv_buffer(len(token_ids), past_kv)
+        for i in range(self.shape.num_layers):
+            buf.wait_layer(i)
+        kv, past, total = buf.kv, buf.past_len, buf.total
         kv[:, :, :, past:].zero_()
         kv[0, 0, 0, past:, 0] = torch.tensor(token_ids, dtype=torch.float32).to(s.dtype)
         logits = self.logits_for([self.next_word(token_ids[-1], total - 1)])[0]

@@ -79,7 +79,7 @@ class _Engine:
                     self.runner = await loop.run_in_executor(self.executor, SimRunner, self.path, profile)
                 else:
                     self.runner = await loop.run_in_executor(
-                        self.executor, partial(ModelRunner, self.path, s.threads or None))
+                        self.executor, partial(ModelRunner, self.path, s.threads or None, s.cpus))
             self.users += 1
             return self.runner
 
@@ -110,7 +110,8 @@ class ModelWorker(Service):
         self.aborted = RecentIds()
         self.done = RecentIds()
         await self.nc.subscribe(Subjects.ABORT, cb=self._on_abort)
-        self.log.info("model_loaded", path=str(path), layers=self.shape.num_layers, engine=self.settings.engine)
+        self.log.info("model_loaded", path=str(path), layers=self.shape.num_layers, engine=self.settings.engine,
+                      threads=getattr(self.runner, "threads", None), cpus=self.settings.cpus or "any")
 
     async def compute(self, fn, *args, **kwargs):
         """Run blocking model work on the model thread."""

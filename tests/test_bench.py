@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 
 from yuebing import bench
 
@@ -19,6 +20,7 @@ def test_bench_serve_prints_table_and_json(tiny_dir, tmp_path, capsys):
         concurrency="1,2",
         requests_per_level=2,
         max_tokens=8,
+        rounds=2,
         out=str(out),
     )
     assert bench.main(args) == 0
@@ -35,9 +37,13 @@ def test_bench_serve_prints_table_and_json(tiny_dir, tmp_path, capsys):
               "ratio_c2_vs_hf_b16", "ratio_c1_vs_hf_b1"):
         assert isinstance(figures[k], (int, float)), k
     assert figures["max_tokens"] == 8
+    rounds = figures["ratio_c2_vs_hf_b16_rounds"]
+    assert len(rounds) == 2 and all(isinstance(r, float) for r in rounds)
+    assert figures["ratio_c2_vs_hf_b16"] == round(statistics.median(rounds), 3)
 
     table = "\n".join(lines[:-1])
     header = next(line for line in lines if line.startswith("config"))
     assert "tok/s" in header and "TTFT p50" in header and "ITL p50" in header
     for row in ("cluster c=1", "cluster c=2", "hf generate b=1", "hf generate b=16"):
         assert row in table
+    assert "rounds" in table and "cluster c=2 tok/s" in table

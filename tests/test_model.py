@@ -51,6 +51,50 @@ def test_prefill_with_past_kv_equals_cold(tiny_dir):
     torch.testing.assert_close(kv_warm, kv_cold, rtol=1e-4, atol=1e-5)
 
 
+def test_prefill_from_blocks_and_a_past_arriving_layer_by_layer(tiny_dir):
+    """The past as a list of blocks, or streamed into the buffer while the prompt runs (each layer
+    waits for its own), gives the same logits and KV as the past given whole."""
+    import threading
+    import time
+
+    from yuebing.libs.blocks import split_blocks
+    from yuebing.libs.model import PastNotLoaded
+
+    runner = ModelRunner(tiny_dir)
+    prompt = list(range(200, 290))
+    logits_cold, kv_cold = runner.prefill(prompt)
+    past = kv_cold[:, :, :, :64].contiguous()
+    want_logits, want_kv = runner.prefill(prompt[64:], past)
+    got_logits, got_kv = runner.prefill(prompt[64:], split_blocks(past, 16))
+    assert torch.equal(got_logits, want_logits) and torch.equal(got_kv, want_kv)
+
+    buf = runner.kv_buffer(len(prompt) - 64)  # no past yet: announce 64 positions still to come
+    buf = type(buf)(torch.empty_like(want_kv), 64, ready=False, timeout=10)
+    layers = want_kv.shape[0]
+
+    def loader():
+        for i in range(layers):
+            time.sleep(0.05)
+            buf.kv[i, :, :, :64] = past[i]
+            buf.layer_ready(i + 1)
+
+    t = threading.Thread(target=loader)
+    t.start()
+    streamed_logits, streamed_kv = runner.prefill(prompt[64:], buffer=buf)
+    t.join()
+    assert torch.equal(streamed_logits, want_logits) and torch.equal(streamed_kv, want_kv)
+    assert torch.argmax(streamed_logits) == torch.argmax(logits_cold)
+
+    failing = type(buf)(torch.empty_like(want_kv), 64, ready=False, timeout=10)
+    threading.Timer(0.05, failing.fail, args=("pool instance went away",)).start()
+    try:
+        runner.prefill(prompt[64:], buffer=failing)
+    except PastNotLoaded as e:
+        assert "went away" in str(e)
+    else:
+        raise AssertionError("a past that never arrives must fail the prefill")
+
+
 def test_chunked_prefill_matches_single_pass(tiny_dir):
     runner = ModelRunner(tiny_dir)
     prompt = list(range(300, 400))

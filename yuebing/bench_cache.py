@@ -70,12 +70,12 @@ RAW_DATA = "yb.bench.raw.data"
 
 
 # ================================================================ shared pieces
-def format_table(rows: list[dict], cols: list[str]) -> str:
+def format_table(rows: list[dict], cols: list[str], float_format: str = ".6g") -> str:
     def cell(v) -> str:
         if v is None:
             return "-"
         if isinstance(v, float):
-            return f"{v:.6g}"
+            return format(v, float_format)
         return str(v)
 
     body = [[cell(r.get(c)) for c in cols] for r in rows]

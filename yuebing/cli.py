@@ -46,6 +46,7 @@ def _settings(args, **extra):
         port=getattr(args, "port", None),
         block_size=getattr(args, "block_size", None),
         threads=getattr(args, "threads", None),
+        cpus=getattr(args, "cpus", None),
         policy=getattr(args, "policy", None),
         api_keys=",".join(args.api_key) if getattr(args, "api_key", None) else None,
         no_auth=True if getattr(args, "no_auth", False) else None,
@@ -72,7 +73,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="models, cache files, NATS store and logs (default ~/.cache/yuebing)")
     p.add_argument("--models-dir", default=None, help="converted models (default DATA_DIR/models)")
     p.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default 16)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per model worker (default: `up` splits the host's cores between "
+                   "its model workers, pinning each to its own; `serve`: torch's choice)")
 
 
 def _serving(p: argparse.ArgumentParser) -> None:
@@ -100,7 +102,7 @@ def cmd_up(args) -> int:
     configure("up")
     settings = _settings(args)
     cluster = LocalCluster(settings, prefill=args.prefill, decode=args.decode, cachestore=args.cachestore,
-                           colocated=args.colocated, nats_port=args.nats_port)
+                           colocated=args.colocated, nats_port=args.nats_port, pin_cores=args.pin_cores)
     stop = {"now": False}
 
     def on_signal(signum, frame):
@@ -120,6 +122,7 @@ def cmd_up(args) -> int:
                 f"colocated workers x{args.colocated}" if args.colocated
                 else f"prefill x{args.prefill}, decode x{args.decode}") + f"   engine: {settings.engine}",
             "  metrics: " + ", ".join(f"{n} {u}" for n, u in cluster.metrics_urls.items()),
+            f"  cores: {cluster.describe_cores()}",
             (f"  API key: {key}   (send 'Authorization: Bearer <key>'; kept in {cluster.data_dir / 'api_key'})"
              if key else "  API keys: off (--no-auth)"),
             f"  try:  curl {cluster.url}/v1/chat/completions -H 'Content-Type: application/json' {auth_header}"
@@ -196,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--cachestore", type=int, default=1, help="cachestore instances (default 1)")
     up.add_argument("--policy", default=None, help="placement: random, round_robin, least_loaded, "
                     "local_cache_aware, global_cache_aware (default)")
+    up.add_argument("--pin-cores", action="store_true",
+                    help="pin each model worker to its own share of the cores (default: split the threads, "
+                    "let the kernel place them)")
     up.add_argument("--colocated", type=int, default=0, metavar="N",
                     help="instead of separate prefill and decode instances, N workers that each prefill and "
                     "decode their own requests on one engine (a baseline for comparison; implies no pool)")
@@ -214,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     _auth_flags(serve)
     serve.add_argument("--policy", default=None, help="conductor placement policy (default global_cache_aware)")
     serve.add_argument("--metrics-port", type=int, default=None, help="Prometheus port of a worker (default: off)")
+    serve.add_argument("--cpus", default=None,
+                       help="cores of a model worker, e.g. 0-3 (pins its model thread; threads default to their "
+                       "count). Give the workers of one host disjoint sets")
     _serving(serve)
     serve.set_defaults(func=cmd_serve)
 
@@ -232,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve_b.add_argument("--concurrency", default="1,8,16")
     serve_b.add_argument("--requests-per-level", type=int, default=0, help="default: 2x concurrency")
     serve_b.add_argument("--max-tokens", type=int, default=128)
+    serve_b.add_argument("--rounds", type=int, default=1,
+                         help="repeat the top level and the batch-16 baseline this many times (median ratio)")
     serve_b.add_argument("--out", default=None, help="also write the JSON figures here")
     serve_b.set_defaults(func=cmd_bench)
 

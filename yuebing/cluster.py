@@ -16,6 +16,7 @@ from pathlib import Path
 import msgspec
 
 from yuebing.libs.config import Settings
+from yuebing.libs.cpus import CorePlan, available_cores
 from yuebing.libs.log import get_logger
 from yuebing.libs.model import resolve_model
 from yuebing.libs.natsserver import NatsServer, free_port
@@ -43,6 +44,8 @@ class LocalCluster:
     nats: NatsServer | None = None
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     metrics_urls: dict[str, str] = field(default_factory=dict)  # worker name -> Prometheus URL
+    pin_cores: bool = False  # pin each model worker to its own cores (when there are enough)
+    cores: CorePlan | None = None  # how the model workers share this host's cores (None: as configured)
 
     @property
     def data_dir(self) -> Path:
@@ -77,6 +80,7 @@ class LocalCluster:
         self._ensure_api_key()
         # Convert the model once, here, so the services find it ready.
         path = resolve_model(self.settings.model, self.settings.resolved_models_dir())
+        self._plan_cores()
         self._ensure_calibration(path)
         if self.colocated:
             self.settings = msgspec.structs.replace(self.settings, colocated=True, use_pool=False)
@@ -93,23 +97,59 @@ class LocalCluster:
             raise
         return self
 
+    def _plan_cores(self) -> None:
+        """Split the host's cores between the model workers (see ``libs.cpus``; pinned with
+        ``pin_cores``), unless threads or cores were configured; simulated workers do not compute
+        and keep what was configured."""
+        s = self.settings
+        if s.engine == "sim" or s.threads or s.cpus:
+            self.cores = None
+            return
+        workers = self.count("prefill") + self.count("decode") + self.count("worker")
+        self.cores = CorePlan(available_cores(), workers, pin=self.pin_cores)
+
+    def _worker_index(self, kind: str, index: int) -> int:
+        """Position of a model worker in the core plan: prefills, then decodes, then colocated workers."""
+        return index + {"prefill": 0, "decode": self.count("prefill"),
+                        "worker": self.count("prefill") + self.count("decode")}[kind]
+
+    def describe_cores(self) -> str:
+        """One line on how the model workers share the cores, for people."""
+        s = self.settings
+        if self.cores is None:
+            return (f"as configured ({s.threads or 'default'} torch threads per model worker"
+                    + (f", cpus {s.cpus}" if s.cpus else "") + ")")
+        names = [f"{k}-{i}" for k in ("prefill", "decode", "worker") for i in range(self.count(k))]
+        if self.cores.pinned:
+            return ", ".join(f"{n} on {self.cores.cpus(w)}" for w, n in enumerate(names))
+        threads = sorted({self.cores.threads(w) for w in range(len(names))})
+        return (f"{len(names)} model workers share {len(self.cores.cores)} cores: "
+                f"{'/'.join(map(str, threads))} torch thread(s) each, unpinned")
+
+    def _worker_threads(self) -> int:
+        """Torch threads of the (first) model worker, for the calibration profile that matches it."""
+        import torch
+
+        if self.cores is not None and self.cores.workers:
+            return self.cores.threads(0)
+        return self.settings.threads or torch.get_num_threads()
+
     def _ensure_calibration(self, path: Path) -> None:
         """The cost profile the conductor starts from (and the simulated engine runs on): the one
         given, else the model's in the data dir; the simulated engine calibrates one if missing."""
         s = self.settings
         if s.calibration:
             return
-        import torch
-
         from yuebing.libs.costs import profile_path
         from yuebing.libs.model import model_identity
 
-        profile = profile_path(self.data_dir, model_identity(path), s.threads or torch.get_num_threads())
+        threads = self._worker_threads()
+        profile = profile_path(self.data_dir, model_identity(path), threads)
         if not profile.exists() and s.engine == "sim":
             from yuebing.libs.calibrate import calibrate
 
             print(f"calibrating the cost model of {path.name} for the simulated engine (once)...", flush=True)
-            calibrate(path, s.threads or None).save(profile)
+            calibrate(path, threads).save(profile)
         if profile.exists():
             self.settings = msgspec.structs.replace(s, calibration=str(profile))
 
@@ -144,6 +184,12 @@ class LocalCluster:
             env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         for f in FORWARDED:
             env[f"YUEBING_{f.upper()}"] = str(getattr(s, f))
+        if kind in ("prefill", "decode", "worker") and self.cores is not None:
+            w = self._worker_index(kind, index)
+            if w < self.cores.workers:
+                env["YUEBING_THREADS"], env["YUEBING_CPUS"] = str(self.cores.threads(w)), self.cores.cpus(w)
+            else:  # an instance beyond the plan (added later): one thread, anywhere
+                env["YUEBING_THREADS"], env["YUEBING_CPUS"] = "1", ""
         if kind == "gateway":
             env["YUEBING_API_KEYS"] = s.api_keys  # only the gateway needs them
         out = open(self.log_dir / f"{name}.log", "ab")

@@ -10,7 +10,7 @@ import msgspec
 import torch
 from prometheus_client import Counter, Gauge, Histogram
 
-from yuebing.libs.blocks import CacheClient, CacheError, join_blocks
+from yuebing.libs.blocks import CacheClient, CacheError
 from yuebing.libs.bus import TransferError, send_blob
 from yuebing.libs.kvevents import KVEventPublisher
 from yuebing.libs.model import sample_token
@@ -134,9 +134,8 @@ class PrefillService(ModelWorker):
         try:
             blocks, local, pool, nbytes, load_seconds = await self._load_prefix(task)
             reused = (local + pool) * bs
-            past = join_blocks(blocks) if blocks else None
             t0 = time.monotonic()
-            logits, kv = await self.compute(self.runner.prefill, prompt[reused:], past, self.settings.prefill_chunk)
+            logits, kv = await self.compute(self.runner.prefill, prompt[reused:], blocks, self.settings.prefill_chunk)
             compute_seconds = time.monotonic() - t0
         except Exception as e:  # noqa: BLE001 - report, never hang the client
             log.error("prefill_failed", error=repr(e))
