@@ -23,8 +23,10 @@ import hashlib
 import math
 import struct
 import uuid
+import warnings
 import zlib
 from collections.abc import Iterable, Sequence
+from functools import partial
 
 import msgspec
 import nats
@@ -33,6 +35,8 @@ import torch
 from .bus import BULK_PENDING_BYTES, BlobAssembler, TransferError, send_blob
 from .log import get_logger
 from .protocol import (
+    ChunkAck,
+    LayerPiece,
     CacheExistsReply,
     CacheExistsRequest,
     CacheGetReply,
@@ -163,6 +167,15 @@ def verify_block(buf: bytes | bytearray | memoryview, expected_key: bytes | None
     return blk
 
 
+def block_header(buf: bytes | bytearray | memoryview) -> _KVBlockView:
+    """Parse a stored block's header without checking its data (the reader of a layered get checks
+    the CRC32 end to end); raises ``BlockCorrupt`` when it is not a block at all."""
+    try:
+        return _block_decoder.decode(buf)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise BlockCorrupt(f"not a KV block: {e}") from e
+
+
 def decode_block(
     buf: bytes | bytearray | memoryview, expected_key: bytes | None = None, *, copy: bool = True
 ) -> tuple[bytes, torch.Tensor]:
@@ -246,6 +259,183 @@ _BAD_REPLY = (msgspec.DecodeError, msgspec.ValidationError)
 
 def _no_responders(e: BaseException) -> bool:
     return isinstance(e, nats.errors.NoRespondersError) or isinstance(e.__cause__, nats.errors.NoRespondersError)
+
+
+class _LayeredLoad:
+    """The receiving end of ``CacheClient.load_layers``: places each ``LayerPiece`` in the buffer,
+    keeps a running CRC32 per block, and releases layers to the model as they complete."""
+
+    def __init__(self, keys: list[bytes], dest, start: int):
+        self.dest = dest
+        self.kv: torch.Tensor = dest.kv
+        self.start = start
+        self.n = len(keys)
+        self.layers, _, self.heads, _, self.dim = self.kv.shape
+        self.block_size = 0
+        self.expected_shape: list[int] | None = None
+        self.bad: set[int] = set()  # blocks missing, refused, corrupt or out of order
+        self.crc = [0] * self.n
+        self.checksum = [0] * self.n
+        self.next_layer = [0] * self.n  # per block: the layer whose slice comes next
+        self.per_layer = [0] * self.layers  # per layer: blocks whose slice is in
+        self.senders: dict[str, list[int]] = {}  # transfer id -> global index of its found blocks
+        self.pending = 0  # announced block-layer slices not yet in
+        self.ready = 0
+        self.all_announced = False
+        self.failed = ""
+        self.done = asyncio.Event()
+        self.early: dict[str, list[LayerPiece]] = {}  # pieces that came before their sender's reply
+
+    # ---- bookkeeping of what will come
+    def missing(self, idxs: Sequence[int]) -> None:
+        self.bad.update(idxs)
+
+    def expect(self, reply: CacheGetReply, keys: list[bytes], idxs: list[int]) -> None:
+        where = {k: i for k, i in zip(keys, idxs)}
+        got: list[int] = []
+        if len(reply.headers) == len(reply.found) and reply.transfer_id:
+            for k, h in zip(reply.found, reply.headers):
+                i = where.get(k)
+                if i is None:
+                    continue
+                if self._shape_ok(h):
+                    got.append(i)
+                    self.checksum[i] = h.checksum
+        self.bad.update(set(idxs) - set(got))
+        if got:
+            self.senders[reply.transfer_id] = got
+            self.pending += len(got) * self.layers
+        for piece in self.early.pop(reply.transfer_id, []):
+            try:
+                self._place(piece)
+            except (ValueError, RuntimeError) as e:
+                log.warning("cache_layer_piece_dropped", error=f"bad layer piece: {e}")
+                self._abandon(reply.transfer_id)
+                break
+
+    def _shape_ok(self, h) -> bool:
+        want = [self.layers, 2, self.heads, h.shape[3] if len(h.shape) == 5 else -1, self.dim]
+        if h.shape != want or _DTYPES.get(h.dtype) != self.kv.dtype:
+            return False
+        if self.expected_shape is None:
+            self.expected_shape, self.block_size = list(h.shape), h.shape[3]
+        return h.shape == self.expected_shape
+
+    def announced(self) -> None:
+        self.all_announced = True
+        if self.bad:
+            # the past cannot be whole: let the model stop waiting; the good prefix is kept
+            self._fail(f"{len(self.bad)} of {self.n} blocks are not in the pool")
+        self._check_done()
+
+    # ---- pieces
+    async def on_piece(self, nc, msg) -> None:
+        error = ""
+        piece = None
+        try:
+            piece = decode(msg.data, LayerPiece)
+            if piece.transfer_id in self.senders:
+                self._place(piece)
+            elif not self.all_announced:  # its sender's reply is still on the way
+                self.early.setdefault(piece.transfer_id, []).append(piece)
+            else:
+                raise ValueError(f"piece of an unknown transfer {piece.transfer_id}")
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError, RuntimeError) as e:
+            error = f"bad layer piece: {e}"
+            log.warning("cache_layer_piece_dropped", error=error)
+            if piece is not None:
+                self._abandon(piece.transfer_id)  # the negative ack stops its sender
+        if msg.reply:
+            # A load that failed still takes the rest: the blocks before the failure point must
+            # arrive whole to be reused. Only a piece that makes no sense stops its sender.
+            await nc.publish(msg.reply, encode(ChunkAck(transfer_id="", received=0, ok=not error, error=error)))
+
+    def _place(self, p: LayerPiece) -> None:
+        idxs = self.senders[p.transfer_id]
+        if not 0 <= p.layer < self.layers or p.first < 0 or p.first + p.count > len(idxs):
+            raise ValueError(f"unexpected piece {p.transfer_id} layer {p.layer} blocks {p.first}+{p.count}")
+        bs = self.block_size
+        per = 2 * self.heads * bs * self.dim * self.kv.element_size()
+        if len(p.data) != p.count * per:
+            raise ValueError(f"piece of {len(p.data)} bytes for {p.count} block slices of {per}")
+        with warnings.catch_warnings():  # read only, as the message's bytes are: the copy reads it once
+            warnings.simplefilter("ignore", UserWarning)
+            src = torch.frombuffer(p.data, dtype=self.kv.dtype).view(p.count, 2, self.heads, bs, self.dim)
+        run_start = 0
+        for j in range(p.count + 1):  # copy runs of blocks that are adjacent in the buffer too
+            if j < p.count:
+                gi = idxs[p.first + j]
+                if self.next_layer[gi] != p.layer:
+                    self.bad.add(gi)  # out of order: its CRC cannot be trusted
+                    self._fail(f"block {gi}: layer {p.layer} came out of order")
+                self.crc[gi] = zlib.crc32(p.data[j * per : (j + 1) * per], self.crc[gi])
+                self.next_layer[gi] = p.layer + 1
+            if j == p.count or (j > run_start and idxs[p.first + j] != idxs[p.first + j - 1] + 1):
+                first_gi, count = idxs[p.first + run_start], j - run_start
+                pos = self.start + first_gi * bs
+                dst = self.kv[p.layer, :, :, pos : pos + count * bs].view(2, self.heads, count, bs, self.dim)
+                dst.copy_(src[run_start:j].permute(1, 2, 0, 3, 4))
+                run_start = j
+        self.per_layer[p.layer] += p.count
+        self.pending -= p.count
+        self._release()
+        self._check_done()
+
+    def _abandon(self, tid: str) -> None:
+        """A sender that will send no more: what it still owed will not come."""
+        idxs = self.senders.pop(tid, [])
+        self.early.pop(tid, None)
+        owed = [i for i in idxs if self.next_layer[i] < self.layers]
+        self.pending -= sum(self.layers - self.next_layer[i] for i in owed)
+        if owed:
+            self.bad.update(owed)
+            self._fail(f"{len(owed)} blocks stopped arriving")
+        self._check_done()
+
+    def _release(self) -> None:
+        """Tell the model which layers are complete; the last one only once every CRC checked."""
+        if self.failed or not self.all_announced or self.bad:
+            return
+        ready = self.ready
+        while ready < self.layers - 1 and self.per_layer[ready] == self.n:
+            ready += 1
+        if ready == self.layers - 1 and self.per_layer[ready] == self.n:
+            wrong = [i for i in range(self.n) if (self.crc[i] & 0xFFFFFFFF) != self.checksum[i]]
+            if wrong:
+                self.bad.update(wrong)
+                log.warning("cache_block_corrupt", blocks=len(wrong), first=min(wrong))
+                self._fail(f"checksum mismatch in {len(wrong)} block(s)")
+                return
+            ready = self.layers
+        if ready > self.ready:
+            self.ready = ready
+            self.dest.layer_ready(ready)
+
+    def _check_done(self) -> None:
+        if self.all_announced and self.pending <= 0:
+            self._release()
+            self.done.set()
+
+    def _fail(self, reason: str) -> None:
+        if not self.failed:
+            self.failed = reason
+            self.dest.fail(reason)
+
+    def give_up(self, reason: str) -> None:
+        self.bad.update(i for i in range(self.n) if self.next_layer[i] < self.layers)
+        self._fail(reason)
+
+    def finish(self) -> int:
+        """Blocks in front of the first bad or incomplete one (all of them when the load succeeded)."""
+        if self.ready == self.layers and not self.failed:
+            return self.n
+        incomplete = [i for i in range(self.n) if self.next_layer[i] < self.layers]
+        wrong = [i for i in range(self.n) if self.next_layer[i] == self.layers
+                 and (self.crc[i] & 0xFFFFFFFF) != self.checksum[i]]
+        good = min([*self.bad, *incomplete, *wrong], default=self.n)
+        if good < self.n:
+            self._fail(self.failed or "the past did not arrive whole")
+        return good
 
 
 class CacheClient:
@@ -515,6 +705,66 @@ class CacheClient:
                 except nats.errors.Error:
                     pass
         return got
+
+    async def load_layers(self, keys: Sequence[bytes], dest, start: int, *, timeout: float | None = None) -> int:
+        """Stream the blocks of ``keys`` (a prefix chain, in order) from the pool into ``dest``
+        layer by layer, so that the prompt's layer ``i`` can run as soon as its past is in.
+
+        ``dest`` is a ``libs.model.PrefillKV``: block ``j`` goes to positions
+        ``start + j * block_size`` of ``dest.kv``; ``dest.layer_ready(n)`` is called as layers
+        complete; the last layer is released only once every block's CRC32 has checked. Returns the
+        number of leading blocks that arrived whole and verified; when that is fewer than
+        ``len(keys)`` (a block missing, corrupt or late, an instance gone), ``dest.fail`` was called
+        and the caller recomputes past that point. Each key is asked of its first owner only.
+        """
+        keys = list(keys)
+        if not keys:
+            return 0
+        deadline = self._deadline(timeout)
+        live = await self._pool(deadline)
+        if not live:
+            dest.fail("no cache pool instance is live")
+            return 0
+        load = _LayeredLoad(keys, dest, start)
+        groups: dict[str, list[int]] = {}
+        for i, k in enumerate(keys):
+            groups.setdefault(owners(k, live, 1)[0], []).append(i)
+        subs = []
+        try:
+            asks = []
+            for iid, idxs in groups.items():
+                inbox = self.nc.new_inbox()
+                subs.append(await self.nc.subscribe(inbox, cb=partial(load.on_piece, self.nc),
+                                                    pending_bytes_limit=BULK_PENDING_BYTES))
+                asks.append(self._ask_layers(iid, [keys[i] for i in idxs], idxs, inbox, load, deadline))
+            await asyncio.gather(*asks)
+            load.announced()
+            try:
+                await asyncio.wait_for(load.done.wait(), self._left(deadline))
+            except asyncio.TimeoutError:
+                load.give_up("the pool's layers did not all arrive in time")
+        finally:
+            for sub in subs:
+                try:
+                    await sub.unsubscribe()
+                except nats.errors.Error:
+                    pass
+        return load.finish()
+
+    async def _ask_layers(self, iid: str, keys: list[bytes], idxs: list[int], inbox: str, load: "_LayeredLoad",
+                          deadline: float) -> None:
+        try:
+            req = CacheGetRequest(keys=keys, reply_subject=inbox, by_layer=True)
+            resp = await self.nc.request(Subjects.cache(iid, "get"), encode(req), timeout=max(0.01, self._left(deadline)))
+            reply = decode(resp.data, CacheGetReply)
+            self._heard_from(iid)
+        except (*_NATS_ERRORS, *_BAD_REPLY) as e:
+            if _no_responders(e):
+                self._gone(iid)
+            log.warning("cache_layered_get_failed", instance=iid, error=f"{type(e).__name__}: {e}", keys=len(keys))
+            load.missing(idxs)
+            return
+        load.expect(reply, keys, idxs)
 
     async def where(self, keys: Sequence[bytes], *, timeout: float | None = None) -> list[str]:
         """Tier of each key: "dram", "disk", or "" when absent (or when no owner answers)."""

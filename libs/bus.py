@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 import msgspec
 import nats
@@ -123,6 +123,28 @@ def crc32(data) -> int:
     return zlib.crc32(data) & 0xFFFFFFFF
 
 
+async def send_windowed(nc: NATS, subject: str, transfer_id: str, payloads: Iterable[bytes], *, window: int = 16,
+                        timeout: float = 10.0) -> None:
+    """Publish ``payloads`` to ``subject`` as acked windows: every ``window``-th payload and the
+    last one go as requests, and the next window waits for the receiver's ``ChunkAck``."""
+    it = iter(payloads)
+    payload = next(it, None)
+    i = 0
+    while payload is not None:
+        following = next(it, None)
+        if (i + 1) % window == 0 or following is None:
+            try:
+                resp = await nc.request(subject, payload, timeout=timeout)
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as e:
+                raise TransferError(f"no ack from {subject} for {transfer_id}: {type(e).__name__}") from e
+            ack = decode(resp.data, ChunkAck)
+            if not ack.ok:
+                raise TransferError(f"{subject} refused {transfer_id}: {ack.error}")
+        else:
+            await nc.publish(subject, payload)
+        payload, i = following, i + 1
+
+
 async def send_blob(
     nc: NATS,
     subject: str,
@@ -139,30 +161,20 @@ async def send_blob(
     total = len(view)
     count = max(1, -(-total // chunk_bytes))
     checksum = crc32(view)
-    for i in range(count):
-        piece = view[i * chunk_bytes : (i + 1) * chunk_bytes]
-        payload = encode(
-            Chunk(
-                transfer_id=transfer_id,
-                index=i,
-                count=count,
-                offset=i * chunk_bytes,
-                total_bytes=total,
-                checksum=checksum,
-                data=piece,
-                meta=meta if i == 0 else b"",
-            )
-        )
-        if (i + 1) % window == 0 or i == count - 1:
-            try:
-                resp = await nc.request(subject, payload, timeout=timeout)
-            except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as e:
-                raise TransferError(f"no ack from {subject} for {transfer_id}: {type(e).__name__}") from e
-            ack = decode(resp.data, ChunkAck)
-            if not ack.ok:
-                raise TransferError(f"{subject} refused {transfer_id}: {ack.error}")
-        else:
-            await nc.publish(subject, payload)
+    chunks = (
+        encode(Chunk(
+            transfer_id=transfer_id,
+            index=i,
+            count=count,
+            offset=i * chunk_bytes,
+            total_bytes=total,
+            checksum=checksum,
+            data=view[i * chunk_bytes : (i + 1) * chunk_bytes],
+            meta=meta if i == 0 else b"",
+        ))
+        for i in range(count)
+    )
+    await send_windowed(nc, subject, transfer_id, chunks, window=window, timeout=timeout)
 
 
 class _Partial:

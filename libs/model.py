@@ -249,10 +249,10 @@ class ModelRunner:
         self.shape = read_shape(path)
         self.model = load_model(path, self.shape.dtype)
 
-    def kv_buffer(self, new_tokens: int, past=None) -> "PrefillKV":
-        """A request's KV, preallocated for ``past`` plus ``new_tokens`` positions, with ``past``
-        (a KV tensor or a sequence of blocks, wire layout) copied in."""
-        return PrefillKV.with_past(self.shape, new_tokens, past)
+    def kv_buffer(self, new_tokens: int, past=None, pending: int = 0) -> "PrefillKV":
+        """A request's KV, preallocated for ``past`` (a KV tensor or a sequence of blocks, wire
+        layout, copied in), ``pending`` past positions a loader will fill, and ``new_tokens``."""
+        return PrefillKV.with_past(self.shape, new_tokens, past, pending)
 
     @torch.inference_mode()
     def prefill(self, token_ids: list[int], past_kv=None, chunk: int = 512, *, buffer: "PrefillKV | None" = None):
@@ -320,16 +320,18 @@ class PrefillKV:
         self._error: str | None = None
 
     @classmethod
-    def with_past(cls, shape: "ModelShape", new_tokens: int, past=None) -> "PrefillKV":
+    def with_past(cls, shape: "ModelShape", new_tokens: int, past=None, pending: int = 0) -> "PrefillKV":
+        """A buffer for ``past`` (copied in: a KV tensor or blocks), then ``pending`` past positions
+        still to arrive (a loader fills them and releases the layers), then ``new_tokens``."""
         blocks = [] if past is None else ([past] if isinstance(past, torch.Tensor) else list(past))
-        past_len = sum(b.shape[3] for b in blocks)
-        kv = torch.empty((shape.num_layers, 2, shape.num_kv_heads, past_len + new_tokens, shape.head_dim),
+        have = sum(b.shape[3] for b in blocks)
+        kv = torch.empty((shape.num_layers, 2, shape.num_kv_heads, have + pending + new_tokens, shape.head_dim),
                          dtype=shape.dtype)
         off = 0
         for b in blocks:
             kv[:, :, :, off : off + b.shape[3]] = b
             off += b.shape[3]
-        return cls(kv, past_len)
+        return cls(kv, have + pending, ready=pending == 0)
 
     def layer_ready(self, upto: int) -> None:
         """Layers ``0..upto-1`` hold their past."""

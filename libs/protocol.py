@@ -348,11 +348,38 @@ class CacheGetRequest(msgspec.Struct, kw_only=True):
     v: int = PROTOCOL_VERSION
     keys: list[bytes]
     reply_subject: str  # blocks are streamed here as chunked transfers, one per found key
+    # Stream layer by layer instead of block by block (``LayerPiece`` messages): the reader can
+    # start computing layer 0 while the later layers are still on the way.
+    by_layer: bool = False
+
+
+class BlockHeader(msgspec.Struct, kw_only=True, array_like=True):
+    """A stored block's description without its data (a layered get sends the data in pieces)."""
+
+    shape: list[int]
+    dtype: str
+    checksum: int  # CRC32 of the block's whole data, as stored
 
 
 class CacheGetReply(msgspec.Struct, kw_only=True):
     v: int = PROTOCOL_VERSION
     found: list[bytes]  # the keys that will be streamed, in order
+    headers: list[BlockHeader] = []  # by_layer: one per found key
+    transfer_id: str = ""  # by_layer: the id its LayerPieces carry
+
+
+class LayerPiece(msgspec.Struct, kw_only=True, array_like=True):
+    """Part of a layered get: layer ``layer`` of the found blocks ``first .. first + count - 1``,
+    their ``[2, num_kv_heads, block_size, head_dim]`` slices one after another (each a contiguous
+    range of its block's data). A sender's pieces go layer by layer, so a block's slices arrive in
+    layer order and its CRC32 can be checked once its last layer is in. The last piece of each
+    window is sent as a request: the sender waits for the reader's ``ChunkAck`` before going on."""
+
+    transfer_id: str
+    layer: int
+    first: int
+    count: int
+    data: memoryview
 
 
 class CacheExistsRequest(msgspec.Struct, kw_only=True):
@@ -394,6 +421,7 @@ MESSAGE_BOUNDS: dict[str, int] = {
     "PrefillTask": MAX_PAYLOAD,
     "DecodeTask": MAX_PAYLOAD,
     "Chunk": MAX_PAYLOAD,
+    "LayerPiece": MAX_PAYLOAD,
     "KVEvent": MAX_PAYLOAD,
     "KVDump": MAX_PAYLOAD,
     "CacheGetRequest": MAX_PAYLOAD,

@@ -119,8 +119,8 @@ class SimRunner:
         _sleep_until(start + seconds)
 
     @torch.inference_mode()
-    def kv_buffer(self, new_tokens: int, past=None) -> PrefillKV:
-        return PrefillKV.with_past(self.shape, new_tokens, past)
+    def kv_buffer(self, new_tokens: int, past=None, pending: int = 0) -> PrefillKV:
+        return PrefillKV.with_past(self.shape, new_tokens, past, pending)
 
     def prefill(self, token_ids: list[int], past_kv=None, chunk: int = 512, *, buffer: PrefillKV | None = None):
         """As ``ModelRunner.prefill``: (logits [vocab] float32, KV [L, 2, H, past + new, D])."""

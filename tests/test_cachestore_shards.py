@@ -12,7 +12,18 @@ from prometheus_client import REGISTRY
 from yuebing.libs.blocks import GET_BLOB_MAX_BLOCKS, CacheClient, owners, rank
 from yuebing.libs.bus import connect
 from yuebing.libs.config import Settings
-from yuebing.libs.protocol import KVDump, KVDumpRequest, KVEvent, Subjects, decode, encode
+from yuebing.libs.model import PastNotLoaded, PrefillKV
+from yuebing.libs.protocol import (
+    BlockHeader,
+    CacheGetReply,
+    KVDump,
+    KVDumpRequest,
+    KVEvent,
+    LayerPiece,
+    Subjects,
+    decode,
+    encode,
+)
 from yuebing.services.cachestore.service import CacheStoreService
 
 SHAPE = (1, 2, 1, 4, 8)
@@ -159,6 +170,119 @@ async def test_large_batched_get_spans_several_blobs(nats_server, tmp_path):
     finally:
         await svc.stop()
         await nc.close()
+
+
+# ---------------------------------------------------------------- layered loads
+LAYERED = (6, 2, 3, 4, 8)  # layers, K/V, heads, block size, head dim
+
+
+def layered_block(i: int) -> torch.Tensor:
+    return torch.randn(LAYERED, generator=torch.Generator().manual_seed(i))
+
+
+def layered_dest(positions: int, past: int) -> PrefillKV:
+    layers, _, heads, _, dim = LAYERED
+    return PrefillKV(torch.zeros(layers, 2, heads, positions, dim), past, ready=False, timeout=10)
+
+
+async def test_layered_load_across_two_shards(nats_server, tmp_path, monkeypatch):
+    """Blocks stream layer by layer from both owners into the buffer; layers are released in
+    order; a key the pool lacks ends the reusable prefix there."""
+    import yuebing.services.cachestore.service as cs
+
+    monkeypatch.setattr(cs, "GET_BLOB_TARGET_BYTES", 3000)  # several pieces per layer (each 768 B a block)
+    ids = ["cs-l1", "cs-l2"]
+    svcs = await start_pool(nats_server.url, tmp_path, ids)
+    nc = await connect(nats_server.url, "test-layered")
+    try:
+        client = await pool_client(nc, ids, timeout=10)
+        n, start = 24, 8
+        keys = [key(1000 + i) for i in range(n)]
+        blocks = [layered_block(i) for i in range(n)]
+        for k, b in zip(keys, blocks):
+            await client.put_block(k, b)
+        assert {owners(k, ids)[0] for k in keys} == set(ids)  # both shards serve this load
+        bs = LAYERED[3]
+        dest = layered_dest(start + n * bs + 5, start + n * bs)
+        released = []
+        release = dest.layer_ready
+        dest.layer_ready = lambda upto: (released.append(upto), release(upto))
+        assert await client.load_layers(keys, dest, start) == n
+        assert dest.failed is None and released == sorted(released) and released[-1] == LAYERED[0]
+        assert torch.equal(dest.kv[:, :, :, start : start + n * bs], torch.cat(blocks, dim=3))
+        assert torch.count_nonzero(dest.kv[:, :, :, :start]) == 0  # nothing written outside the range
+        dest.wait_layer(LAYERED[0] - 1)  # released: returns at once
+
+        hole = keys[:10] + [key(99999)] + keys[10:20]
+        dest = layered_dest(len(hole) * bs, len(hole) * bs)
+        assert await client.load_layers(hole, dest, 0) == 10
+        assert dest.failed
+        assert torch.equal(dest.kv[:, :, :, : 10 * bs], torch.cat(blocks[:10], dim=3))
+        with pytest.raises(PastNotLoaded):
+            dest.wait_layer(0)
+        await client.close()
+    finally:
+        for svc in svcs:
+            await svc.stop()
+        await nc.close()
+
+
+def _pieces(tid: str, blocks: list[torch.Tensor]):
+    """The pieces a store sends for ``blocks``: every layer, one piece of all blocks per layer."""
+    for layer in range(LAYERED[0]):
+        data = b"".join(b[layer].contiguous().numpy().tobytes() for b in blocks)
+        yield LayerPiece(transfer_id=tid, layer=layer, first=0, count=len(blocks), data=memoryview(data))
+
+
+def _expect(load, keys, blocks, checksums=None):
+    import zlib
+
+    sums = checksums or [zlib.crc32(b.contiguous().numpy().tobytes()) for b in blocks]
+    headers = [BlockHeader(shape=list(LAYERED), dtype="float32", checksum=c) for c in sums]
+    load.expect(CacheGetReply(found=keys, headers=headers, transfer_id="t1"), keys, list(range(len(keys))))
+    load.announced()
+
+
+def test_layered_load_holds_back_the_last_layer_until_every_checksum_checks():
+    from yuebing.libs.blocks import _LayeredLoad
+
+    bs = LAYERED[3]
+    keys = [key(i) for i in range(4)]
+    blocks = [layered_block(i) for i in range(4)]
+    dest = layered_dest(4 * bs + 1, 4 * bs)
+    load = _LayeredLoad(keys, dest, 0)
+    sums = [__import__("zlib").crc32(b.contiguous().numpy().tobytes()) for b in blocks]
+    sums[2] ^= 1  # block 2's data does not match its stored checksum
+    _expect(load, keys, blocks, sums)
+    pieces = list(_pieces("t1", blocks))
+    for p in pieces[:-1]:
+        load._place(p)
+    assert load.ready == LAYERED[0] - 1 and not dest.failed  # all but the last layer released
+    load._place(pieces[-1])
+    assert dest.failed and "checksum" in dest.failed
+    assert load.finish() == 2  # blocks 0 and 1 are whole and verified
+    with pytest.raises(PastNotLoaded):
+        dest.wait_layer(LAYERED[0] - 1)
+
+    good = layered_dest(4 * bs + 1, 4 * bs)
+    load = _LayeredLoad(keys, good, 0)
+    _expect(load, keys, blocks)
+    pieces = list(_pieces("t1", blocks))
+    load._place(pieces[1])  # layer 1 before layer 0: no block's CRC can be trusted
+    for p in [pieces[0], *pieces[2:]]:
+        load._place(p)
+    assert good.failed and load.finish() == 0
+
+    cut = layered_dest(4 * bs + 1, 4 * bs)
+    load = _LayeredLoad(keys, cut, 0)
+    _expect(load, keys, blocks)
+    pieces = list(_pieces("t1", blocks))
+    load._place(pieces[0])
+    short = LayerPiece(transfer_id="t1", layer=1, first=0, count=4, data=pieces[1].data[:-4])
+    with pytest.raises(ValueError):
+        load._place(short)
+    load._abandon("t1")  # its sender was told no: nothing more is owed, the load is over at once
+    assert load.done.is_set() and cut.failed and load.finish() == 0
 
 
 # ---------------------------------------------------------------- KV events

@@ -507,7 +507,8 @@ def _serve(args) -> int:
     if rounds > 1:
         print(f"\nrounds (cluster c={top} then hf generate b={HF_BATCH}, fresh prompts each round):")
         cols = ["round", f"cluster c={top} tok/s", f"hf b={HF_BATCH} tok/s", "ratio"]
-        print(format_table([dict(zip(cols, (rf["round"], rf["cluster_tok_s"], rf["hf_tok_s"], rf["ratio"])))
+        print(format_table([dict(zip(cols, (rf["round"], rf["cluster_tok_s"], rf["hf_tok_s"],
+                                            None if rf["ratio"] is None else f"{rf['ratio']:.3f}")))
                             for rf in round_figures], cols))
     line = json.dumps(figures)
     print(line, flush=True)

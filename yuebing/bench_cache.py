@@ -479,8 +479,7 @@ def _prefix(args) -> int:
         raise SystemExit(f"--shared-tokens must be a multiple of the block size ({settings.block_size})")
     cluster = LocalCluster(settings, prefill=2, decode=1, cachestore=1)
     _say(f"bench prefix: model {model_dir}, prompts of {prompt_tokens} tokens ({shared_tokens} shared), "
-         f"{cold} cold, {repeats} hits, torch threads {settings.threads or torch.get_num_threads()}; "
-         f"cluster logs in {cluster.log_dir}")
+         f"{cold} cold, {repeats} hits; cluster logs in {cluster.log_dir}")
     started = time.perf_counter()
     clean = False
     try:
@@ -488,7 +487,7 @@ def _prefix(args) -> int:
             t0 = time.perf_counter()
             cluster.start(ready_timeout=300)
             _say(f"cluster ready in {time.perf_counter() - t0:.1f}s at {cluster.url} (2 prefill round robin, "
-                 f"1 decode, 1 cachestore)")
+                 f"1 decode, 1 cachestore; cores: {cluster.describe_cores()})")
             measures, problems = asyncio.run(run_prefix(
                 cluster, model_dir, prompt_tokens=prompt_tokens, shared_tokens=shared_tokens, cold=cold,
                 repeats=repeats, progress=progress))

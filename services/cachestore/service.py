@@ -10,6 +10,9 @@ Several instances form the pool; clients shard keys over the live ones by rendez
   one chunk and several blobs are in flight at once, so a batched get does not wait for one round
   trip per block. (One single blob for the whole get was measured slower: joining, and reassembling
   into, buffers of tens of MiB costs more than the acks it saves.)
+  With ``by_layer`` the reply also carries each block's header and the data goes layer by layer
+  instead (``LayerPiece``: one layer's slices of consecutive blocks), so a prefill can compute
+  layer ``i`` while later layers are still arriving (``CacheClient.load_layers``).
 - ``exists``: ``CacheExistsRequest`` -> ``CacheExistsReply`` (presence and tier per key);
 - ``stats``: -> ``CacheStats``.
 
@@ -28,10 +31,12 @@ import msgspec
 from nats.aio.msg import Msg
 from prometheus_client import Counter, Gauge
 
-from yuebing.libs.blocks import GET_BLOB_MAX_BLOCKS, BlockCorrupt, CacheGetMeta
-from yuebing.libs.bus import BULK_PENDING_BYTES, BlobAssembler, TransferError, send_blob
+from yuebing.libs.blocks import GET_BLOB_MAX_BLOCKS, BlockCorrupt, CacheGetMeta, block_header
+from yuebing.libs.bus import BULK_PENDING_BYTES, BlobAssembler, TransferError, send_blob, send_windowed
 from yuebing.libs.kvevents import KVEventPublisher
 from yuebing.libs.protocol import (
+    BlockHeader,
+    LayerPiece,
     CacheExistsReply,
     CacheExistsRequest,
     CacheGetReply,
@@ -52,6 +57,8 @@ _BAD_MESSAGE = (msgspec.DecodeError, msgspec.ValidationError)
 # over several chunks), GET_BLOBS_IN_FLIGHT blobs unacked at a time (see the module docstring).
 GET_BLOB_TARGET_BYTES = CHUNK_DATA_BYTES
 GET_BLOBS_IN_FLIGHT = 4
+# A layered get acks every LAYER_PIECES_IN_FLIGHT pieces (each at most one chunk).
+LAYER_PIECES_IN_FLIGHT = 16
 
 # ---- metrics (label ``instance_id``: tests and local runs may host several instances per process)
 POOL_BYTES = Gauge("yuebing:cache_pool_bytes", "Bytes of KV blocks held, per tier", ["instance_id", "tier"])
@@ -201,8 +208,11 @@ class CacheStoreService(Service):
             GET_HITS.labels(self.instance_id).inc(len(found))
             GET_MISSES.labels(self.instance_id).inc(len(set(req.keys)) - len(found))
             self._update_metrics(st)
-            await msg.respond(encode(CacheGetReply(found=[k for k, _ in found])))
-            await self._stream_blocks(req.reply_subject, found)
+            if req.by_layer:
+                await self._stream_layers(msg, req.reply_subject, found)
+            else:
+                await msg.respond(encode(CacheGetReply(found=[k for k, _ in found])))
+                await self._stream_blocks(req.reply_subject, found)
         except TransferError as e:
             self.log.warning("cache_get_aborted", error=str(e))  # the reader went away
         except Exception:  # noqa: BLE001
@@ -237,6 +247,40 @@ class CacheStoreService(Service):
         finally:
             for t in tasks:
                 t.cancel()
+
+    async def _stream_layers(self, msg: Msg, subject: str, found: list[tuple[bytes, bytes]]) -> None:
+        """A layered get: announce the blocks (their headers), then send layer 0 of every block,
+        layer 1 of every block, ... as ``LayerPiece`` messages of at most one chunk, acked in
+        windows. Only blocks shaped like the first one are sent (one namespace, one shape)."""
+        views, keys = [], []
+        for k, v in found:
+            try:
+                view = block_header(v)
+            except BlockCorrupt:
+                continue
+            if views and (view.shape != views[0].shape or view.dtype != views[0].dtype):
+                continue
+            views.append(view)
+            keys.append(k)
+        tid = uuid.uuid4().hex[:12]
+        await msg.respond(encode(CacheGetReply(
+            found=keys, transfer_id=tid,
+            headers=[BlockHeader(shape=list(v.shape), dtype=v.dtype, checksum=v.checksum) for v in views])))
+        if not views:
+            return
+        layers = views[0].shape[0]
+        per = len(views[0].data) // layers
+        run = max(1, GET_BLOB_TARGET_BYTES // per)
+
+        def pieces():
+            for layer in range(layers):
+                lo, hi = layer * per, (layer + 1) * per
+                for first in range(0, len(views), run):
+                    group = views[first : first + run]
+                    yield encode(LayerPiece(transfer_id=tid, layer=layer, first=first, count=len(group),
+                                            data=b"".join(v.data[lo:hi] for v in group)))
+
+        await send_windowed(self.nc, subject, tid, pieces(), window=LAYER_PIECES_IN_FLIGHT)
 
     async def _on_exists(self, msg: Msg) -> None:
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import NamedTuple
 
 import msgspec
 import torch
@@ -13,7 +14,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from yuebing.libs.blocks import CacheClient, CacheError
 from yuebing.libs.bus import TransferError, send_blob
 from yuebing.libs.kvevents import KVEventPublisher
-from yuebing.libs.model import sample_token
+from yuebing.libs.model import PastNotLoaded, sample_token
 from yuebing.libs.protocol import (
     DecodeTask,
     KVMeta,
@@ -37,6 +38,15 @@ PREFILL_SECONDS = Histogram("yuebing:prefill_compute_seconds", "Model time of on
 LOAD_SECONDS = Histogram("yuebing:prefill_pool_load_seconds", "Time to load prefix blocks from the pool")
 LOCAL_BYTES = Gauge("yuebing:prefill_local_cache_bytes", "Bytes in the instance's own block cache")
 LOCAL_EVICTIONS = Counter("yuebing:prefill_local_cache_evictions", "Blocks evicted from the instance's own cache")
+
+
+class Prefilled(NamedTuple):
+    logits: torch.Tensor
+    kv: torch.Tensor
+    local: int  # blocks reused from the own DRAM cache
+    pool: int  # blocks loaded from the pool
+    load_seconds: float  # the pool load (overlapping the compute)
+    compute_seconds: float  # the prompt's run, from its start to the logits (layer waits included)
 
 
 class PrefillService(ModelWorker):
@@ -86,40 +96,60 @@ class PrefillService(ModelWorker):
                     self.queued, self.queued_tokens = 0, 0
 
     # ---- prefix reuse
-    async def _load_prefix(self, task: PrefillTask) -> tuple[list[torch.Tensor], int, int, int, float]:
-        """Blocks to reuse: own DRAM first, then the pool. Returns (blocks, local, pool, bytes, seconds).
-
-        A pool that is down, slow or corrupt yields fewer blocks: the rest is computed.
-        """
+    def _local_prefix(self, task: PrefillTask) -> tuple[list[bytes], list[torch.Tensor]]:
+        """The keys worth reusing (all full blocks but one token) and those in the own DRAM cache."""
         bs = self.settings.block_size
         n = max(0, (len(task.prompt_token_ids) - 1) // bs)  # always compute at least one token
         if task.reuse_blocks >= 0:
             n = min(n, task.reuse_blocks)
         keys = task.block_hashes[:n]
-        blocks = self.blocks.prefix(keys)
+        return keys, self.blocks.prefix(keys)
+
+    async def _pool_blocks(self, task: PrefillTask, want: list[bytes]) -> int:
+        """How many leading blocks of ``want`` the pool holds (0 when it is down or slow)."""
+        if not (task.use_pool and want):
+            return 0
+        try:
+            return await self.cache.lookup(want)
+        except CacheError as e:
+            self.log.warning("pool_lookup_failed", request_id=task.request_id, error=str(e))
+            return 0
+
+    async def _prefill(self, task: PrefillTask, log) -> "Prefilled":
+        """Reuse what is cached, compute the rest.
+
+        Own DRAM blocks are copied into the request's KV buffer; pool blocks stream into it layer by
+        layer while the prompt runs (layer ``i`` waits only for its own past). A pool block that is
+        missing, corrupt or late stops the run: the prompt is computed again from the verified prefix.
+        """
+        bs = self.settings.block_size
+        prompt, chunk = task.prompt_token_ids, self.settings.prefill_chunk
+        keys, blocks = self._local_prefix(task)
         local = len(blocks)
-        pool, nbytes, seconds = 0, 0, 0.0
-        if task.use_pool and local < len(keys):
+        found = await self._pool_blocks(task, keys[local:])
+        reused = (local + found) * bs
+        buf = self.runner.kv_buffer(len(prompt) - reused, blocks, pending=found * bs)
+        t0 = time.monotonic()
+        run = asyncio.ensure_future(self.compute(self.runner.prefill, prompt[reused:], chunk=chunk, buffer=buf))
+        pool, seconds = 0, 0.0
+        if found:
             started = time.monotonic()
-            want = keys[local:]
             try:
-                found = await self.cache.lookup(want)
-                got = await self.cache.get_blocks(want[:found]) if found else {}
-            except CacheError as e:
-                self.log.warning("pool_load_failed", request_id=task.request_id, error=str(e))
-                got = {}
-            expect = (self.shape.num_layers, 2, self.shape.num_kv_heads, bs, self.shape.head_dim)
-            for k in want:
-                t = got.get(k)
-                if t is None or tuple(t.shape) != expect or t.dtype != self.shape.dtype:
-                    break
-                blocks.append(t)
-                pool += 1
-                nbytes += t.numel() * t.element_size()
+                pool = await self.cache.load_layers(keys[local : local + found], buf, local * bs)
+            except Exception as e:  # noqa: BLE001 - a load that fails is a recompute, never a failed request
+                buf.fail(f"pool load failed: {e}")
+                log.warning("pool_load_failed", error=repr(e))
             seconds = time.monotonic() - started
             if pool:
                 LOAD_SECONDS.observe(seconds)
-        return blocks, local, pool, nbytes, seconds
+        try:
+            logits, kv = await run
+        except PastNotLoaded as e:
+            good = (local + pool) * bs
+            log.warning("pool_load_incomplete", wanted_blocks=found, loaded_blocks=pool, error=str(e))
+            past = buf.kv[:, :, :, :good] if good else None
+            logits, kv = await self.compute(self.runner.prefill, prompt[good:], past, chunk)
+        return Prefilled(logits, kv, local, pool, seconds, time.monotonic() - t0)
 
     async def _run(self, task: PrefillTask, msg) -> None:
         rid = task.request_id
@@ -132,16 +162,16 @@ class PrefillService(ModelWorker):
         prompt = task.prompt_token_ids
         bs = self.settings.block_size
         try:
-            blocks, local, pool, nbytes, load_seconds = await self._load_prefix(task)
-            reused = (local + pool) * bs
-            t0 = time.monotonic()
-            logits, kv = await self.compute(self.runner.prefill, prompt[reused:], blocks, self.settings.prefill_chunk)
-            compute_seconds = time.monotonic() - t0
+            done = await self._prefill(task, log)
         except Exception as e:  # noqa: BLE001 - report, never hang the client
             log.error("prefill_failed", error=repr(e))
             await self.emit_error(task.output_id, task.seq_base, f"prefill failed: {e}")
             await msg.ack()
             return
+        logits, kv, local, pool = done.logits, done.kv, done.local, done.pool
+        load_seconds, compute_seconds = done.load_seconds, done.compute_seconds
+        reused = (local + pool) * bs
+        nbytes = pool * bs * self.shape.kv_bytes_per_token()
         try:
             token = sample_token(logits, task.sampling, task.seq_base)
         except Exception as e:  # noqa: BLE001 - one request's bad draw must not stop the instance
