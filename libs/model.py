@@ -12,6 +12,7 @@ import importlib.util
 import os
 import shutil
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -318,6 +319,7 @@ class PrefillKV:
         self._cond = threading.Condition()
         self._ready = layers if ready else 0  # layers 0.._ready-1 are in place (layers arrive in order)
         self._error: str | None = None
+        self.waited = 0.0  # seconds the model spent waiting for the past
 
     @classmethod
     def with_past(cls, shape: "ModelShape", new_tokens: int, past=None, pending: int = 0) -> "PrefillKV":
@@ -351,11 +353,15 @@ class PrefillKV:
     def wait_layer(self, index: int) -> None:
         if self.past_len == 0 or self._ready > index:
             return
-        with self._cond:
-            if not self._cond.wait_for(lambda: self._ready > index or self._error is not None, self.timeout):
-                raise PastNotLoaded(f"the past of layer {index} did not arrive within {self.timeout}s")
-            if self._ready <= index:
-                raise PastNotLoaded(self._error or "the past did not arrive")
+        started = time.monotonic()
+        try:
+            with self._cond:
+                if not self._cond.wait_for(lambda: self._ready > index or self._error is not None, self.timeout):
+                    raise PastNotLoaded(f"the past of layer {index} did not arrive within {self.timeout}s")
+                if self._ready <= index:
+                    raise PastNotLoaded(self._error or "the past did not arrive")
+        finally:
+            self.waited += time.monotonic() - started
 
 
 class _PrefillLayer(DynamicLayer):

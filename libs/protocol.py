@@ -198,8 +198,8 @@ class PrefillReport(msgspec.Struct, kw_only=True):
     local_tokens: int  # reused from the instance's own DRAM cache
     pool_tokens: int  # reused from the cachestore pool
     load_bytes: int
-    load_seconds: float
-    compute_seconds: float
+    load_seconds: float  # the pool load, which overlaps the compute (layer by layer)
+    compute_seconds: float  # the model's own time on the prompt, waits for loading layers excluded
     queue_seconds: float
 
 

@@ -118,10 +118,10 @@ class SimRunner:
         self.modelled_seconds = seconds
         _sleep_until(start + seconds)
 
-    @torch.inference_mode()
     def kv_buffer(self, new_tokens: int, past=None, pending: int = 0) -> PrefillKV:
         return PrefillKV.with_past(self.shape, new_tokens, past, pending)
 
+    @torch.inference_mode()
     def prefill(self, token_ids: list[int], past_kv=None, chunk: int = 512, *, buffer: PrefillKV | None = None):
         """As ``ModelRunner.prefill``: (logits [vocab] float32, KV [L, 2, H, past + new, D])."""
         start = time.perf_counter()
@@ -132,7 +132,7 @@ class SimRunner:
             buf.wait_layer(i)
         kv, past, total = buf.kv, buf.past_len, buf.total
         kv[:, :, :, past:].zero_()
-        kv[0, 0, 0, past:, 0] = torch.tensor(token_ids, dtype=torch.float32).to(s.dtype)
+        kv[0, 0, 0, past:, 0] = torch.tensor(token_ids, dtype=torch.float32).to(kv.dtype)
         logits = self.logits_for([self.next_word(token_ids[-1], total - 1)])[0]
         self.hold(start, self.profile.prefill_seconds(total, past))
         return logits, kv

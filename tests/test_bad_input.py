@@ -1,6 +1,5 @@
 """Every kind of bad input gets a 4xx with an OpenAI-style error; the cluster keeps serving."""
 
-import orjson
 import pytest
 
 from helpers import get_json, post, wait_until

@@ -454,8 +454,6 @@ def prefix_main(args) -> int:
 
 
 def _prefix(args) -> int:
-    import torch
-
     from yuebing.cluster import LocalCluster
     from yuebing.libs.config import from_env
     from yuebing.libs.model import DEFAULT_MODEL, resolve_model

@@ -2,8 +2,9 @@
 
 Plain logic with no I/O, unit-tested directly. ``global_cache_aware`` is Algorithm 1 of the
 Mooncake paper: for every prefill instance, predicted TTFT = queue + prefill of the part not
-reused + transfer of the blocks to load, where the reused part is the instance's own prefix hit
-or, when loading it beats recomputing, the pool's longer hit.
+reused, or the transfer of the blocks to load when that is slower (the prefill streams them in
+layer by layer while it computes), where the reused part is the instance's own prefix hit or,
+when loading it beats recomputing, the pool's longer hit.
 """
 
 from __future__ import annotations
@@ -98,7 +99,8 @@ class Policy:
         pool = min(req.pool_blocks, req.max_reuse_blocks)
         if use_pool and pool > local:
             prefill = self.model.prefill_seconds(req.prompt_len, pool * req.block_size)
-            ttft = p.queue_seconds + prefill + self.model.load_seconds((pool - local) * req.block_size)
+            # the load streams layer by layer under the compute: the slower of the two sets the pace
+            ttft = p.queue_seconds + max(prefill, self.model.load_seconds((pool - local) * req.block_size))
             if ttft < best.ttft:  # the kvcache-balancing threshold: load only when it beats recompute
                 best = _Choice(p, pool, True, ttft, prefill)
         return best

@@ -46,7 +46,7 @@ class Prefilled(NamedTuple):
     local: int  # blocks reused from the own DRAM cache
     pool: int  # blocks loaded from the pool
     load_seconds: float  # the pool load (overlapping the compute)
-    compute_seconds: float  # the prompt's run, from its start to the logits (layer waits included)
+    compute_seconds: float  # the model's time on the prompt (waits for the past's layers excluded)
 
 
 class PrefillService(ModelWorker):
@@ -149,7 +149,7 @@ class PrefillService(ModelWorker):
             log.warning("pool_load_incomplete", wanted_blocks=found, loaded_blocks=pool, error=str(e))
             past = buf.kv[:, :, :, :good] if good else None
             logits, kv = await self.compute(self.runner.prefill, prompt[good:], past, chunk)
-        return Prefilled(logits, kv, local, pool, seconds, time.monotonic() - t0)
+        return Prefilled(logits, kv, local, pool, seconds, time.monotonic() - t0 - buf.waited)
 
     async def _run(self, task: PrefillTask, msg) -> None:
         rid = task.request_id
