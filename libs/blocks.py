@@ -30,6 +30,7 @@ from functools import partial
 
 import msgspec
 import nats
+import numpy as np
 import torch
 
 from .bus import BULK_PENDING_BYTES, BlobAssembler, TransferError, send_blob
@@ -261,6 +262,9 @@ def _no_responders(e: BaseException) -> bool:
     return isinstance(e, nats.errors.NoRespondersError) or isinstance(e.__cause__, nats.errors.NoRespondersError)
 
 
+_NUMPY_DTYPES = (torch.float32, torch.float16, torch.float64)
+
+
 class _LayeredLoad:
     """The receiving end of ``CacheClient.load_layers``: places each ``LayerPiece`` in the buffer,
     keeps a running CRC32 per block, and releases layers to the model as they complete."""
@@ -285,6 +289,7 @@ class _LayeredLoad:
         self.failed = ""
         self.done = asyncio.Event()
         self.early: dict[str, list[LayerPiece]] = {}  # pieces that came before their sender's reply
+        self.kv_np = self.kv.numpy() if self.kv.dtype in _NUMPY_DTYPES else None  # same memory
 
     # ---- bookkeeping of what will come
     def missing(self, idxs: Sequence[int]) -> None:
@@ -358,9 +363,7 @@ class _LayeredLoad:
         per = 2 * self.heads * bs * self.dim * self.kv.element_size()
         if len(p.data) != p.count * per:
             raise ValueError(f"piece of {len(p.data)} bytes for {p.count} block slices of {per}")
-        with warnings.catch_warnings():  # read only, as the message's bytes are: the copy reads it once
-            warnings.simplefilter("ignore", UserWarning)
-            src = torch.frombuffer(p.data, dtype=self.kv.dtype).view(p.count, 2, self.heads, bs, self.dim)
+        src = self._source(p.data, p.count)
         run_start = 0
         for j in range(p.count + 1):  # copy runs of blocks that are adjacent in the buffer too
             if j < p.count:
@@ -373,13 +376,34 @@ class _LayeredLoad:
             if j == p.count or (j > run_start and idxs[p.first + j] != idxs[p.first + j - 1] + 1):
                 first_gi, count = idxs[p.first + run_start], j - run_start
                 pos = self.start + first_gi * bs
-                dst = self.kv[p.layer, :, :, pos : pos + count * bs].view(2, self.heads, count, bs, self.dim)
-                dst.copy_(src[run_start:j].permute(1, 2, 0, 3, 4))
+                self._copy(p.layer, pos, count, src, run_start, j)
                 run_start = j
         self.per_layer[p.layer] += p.count
         self.pending -= p.count
         self._release()
         self._check_done()
+
+    def _source(self, data: memoryview, count: int):
+        shape = (count, 2, self.heads, self.block_size, self.dim)
+        if self.kv_np is not None:
+            return np.frombuffer(data, dtype=self.kv_np.dtype).reshape(shape)
+        with warnings.catch_warnings():  # read only, as the message's bytes are: the copy only reads it
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.frombuffer(data, dtype=self.kv.dtype).view(shape)
+
+    def _copy(self, layer: int, pos: int, count: int, src, lo: int, hi: int) -> None:
+        """Blocks ``lo..hi-1`` of a piece (``[blocks, 2, H, bs, D]``) into the buffer's layer at ``pos``.
+
+        With numpy on this (event loop) thread: a torch copy would start an OpenMP team, which
+        stalls when the model thread and the other processes hold the cores."""
+        bs = self.block_size
+        if self.kv_np is not None:
+            dst = self.kv_np[layer, :, :, pos : pos + count * bs]
+            dst.shape = (2, self.heads, count, bs, self.dim)  # a view (raises rather than copy)
+            np.copyto(dst, src[lo:hi].transpose(1, 2, 0, 3, 4))
+        else:
+            dst = self.kv[layer, :, :, pos : pos + count * bs].view(2, self.heads, count, bs, self.dim)
+            dst.copy_(src[lo:hi].permute(1, 2, 0, 3, 4))
 
     def _abandon(self, tid: str) -> None:
         """A sender that will send no more: what it still owed will not come."""
@@ -597,8 +621,9 @@ class CacheClient:
         remaining = self._left(deadline)
         try:
             await asyncio.wait_for(
+                # the store checks the block's own CRC32 (and key) before it keeps it
                 send_blob(self.nc, Subjects.cache(iid, "put"), tid, data, meta=encode(CachePutMeta(key=key)),
-                          timeout=max(0.01, remaining)),
+                          timeout=max(0.01, remaining), checksum=False),
                 remaining,
             )
             self._heard_from(iid)

@@ -22,7 +22,7 @@ from nats.js.api import ConsumerConfig, RetentionPolicy, StorageType, StreamConf
 from nats.js.errors import BadRequestError
 
 from .log import get_logger
-from .protocol import CHUNK_DATA_BYTES, Chunk, ChunkAck, Subjects, decode, encode
+from .protocol import CHUNK_DATA_BYTES, NO_BLOB_CHECKSUM, Chunk, ChunkAck, Subjects, decode, encode
 
 log = get_logger("bus")
 
@@ -155,12 +155,15 @@ async def send_blob(
     window: int = 16,
     timeout: float = 10.0,
     chunk_bytes: int = CHUNK_DATA_BYTES,
+    checksum: bool = True,
 ) -> None:
-    """Send ``data`` to ``subject`` as acked windows of chunks; raises TransferError on failure."""
+    """Send ``data`` to ``subject`` as acked windows of chunks; raises TransferError on failure.
+
+    ``checksum=False`` for data that carries its own checksum (an encoded KV block)."""
     view = memoryview(data).cast("B")
     total = len(view)
     count = max(1, -(-total // chunk_bytes))
-    checksum = crc32(view)
+    whole = crc32(view) if checksum else NO_BLOB_CHECKSUM
     chunks = (
         encode(Chunk(
             transfer_id=transfer_id,
@@ -168,7 +171,7 @@ async def send_blob(
             count=count,
             offset=i * chunk_bytes,
             total_bytes=total,
-            checksum=checksum,
+            checksum=whole,
             data=view[i * chunk_bytes : (i + 1) * chunk_bytes],
             meta=meta if i == 0 else b"",
         ))
@@ -181,7 +184,8 @@ class _Partial:
     __slots__ = ("buf", "count", "next_index", "checksum", "meta", "started")
 
     def __init__(self, first: Chunk):
-        self.buf = bytearray(first.total_bytes)
+        # a blob in one chunk (the usual cache block) is taken as it is: no zero-filled buffer first
+        self.buf = bytearray(first.data) if first.count == 1 else bytearray(first.total_bytes)
         self.count = first.count
         self.next_index = 0
         self.checksum = first.checksum
@@ -227,7 +231,7 @@ class BlobAssembler:
         done = part is not None and part.next_index == part.count
         if done:
             del self._partials[tid]
-            if crc32(part.buf) != part.checksum:
+            if part.checksum != NO_BLOB_CHECKSUM and crc32(part.buf) != part.checksum:
                 error = "checksum mismatch"
                 self._failed[tid] = error
             else:
@@ -261,9 +265,10 @@ class BlobAssembler:
             return f"expected chunk {part.next_index}, got {chunk.index}"
         start = chunk.offset
         end = start + len(chunk.data)
-        if end > len(part.buf):
+        if end > len(part.buf) or (chunk.count == 1 and (start, end) != (0, chunk.total_bytes)):
             return "chunk overruns the announced size"
-        part.buf[start:end] = chunk.data
+        if chunk.count > 1:
+            part.buf[start:end] = chunk.data
         part.next_index += 1
         return ""
 

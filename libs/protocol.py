@@ -300,11 +300,16 @@ class Heartbeat(msgspec.Struct, kw_only=True):
 
 
 # ---------------------------------------------------------------- binary transfers
+NO_BLOB_CHECKSUM = -1
+
+
 class Chunk(msgspec.Struct, kw_only=True, array_like=True):
     """One piece of a binary blob (KV of a request, a cache block) at most ``CHUNK_DATA_BYTES``.
 
     ``meta`` travels on chunk 0 only: the msgpack of the Struct that describes the blob.
-    ``checksum`` is the CRC32 of the whole blob, checked by the receiver after reassembly.
+    ``checksum`` is the CRC32 of the whole blob, checked by the receiver after reassembly, or
+    ``NO_BLOB_CHECKSUM`` for a blob whose content carries its own (KV blocks: their CRC32 is
+    checked end to end by whoever decodes them), so the bytes are not checksummed twice.
     """
 
     transfer_id: str
@@ -409,6 +414,20 @@ _encoder = msgspec.msgpack.Encoder()
 
 def encode(msg: msgspec.Struct) -> bytes:
     return _encoder.encode(msg)
+
+
+_EMPTY_BIN = b"\xc4\x00"  # MessagePack bin 8 of length 0
+
+
+def encode_with_data(msg: msgspec.Struct, parts) -> bytes:
+    """``encode(msg)`` with its last field (an empty ``bytes``/``memoryview``) set to the
+    concatenation of ``parts``, joined once straight into the message (no intermediate copy of
+    the data). Only for array-like Structs whose last field is that binary field."""
+    head = _encoder.encode(msg)
+    if not head.endswith(_EMPTY_BIN):
+        raise ValueError(f"{type(msg).__name__} does not end with an empty binary field")
+    size = sum(len(p) for p in parts)
+    return b"".join([head[:-2], b"\xc6", size.to_bytes(4, "big"), *parts])  # bin 32 + the data
 
 
 _decoders: dict[type, msgspec.msgpack.Decoder] = {}

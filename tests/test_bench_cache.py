@@ -71,12 +71,12 @@ def test_bench_transfer_figures(tmp_path, capsys):
                               out=str(out), progress=False)
     assert bench_cache.transfer_main(args) == 0
     figures, table = _figures(capsys, out)
-    for k in ("pool_mb_s", "raw_nats_mb_s", "pool_vs_raw"):
+    for k in ("pool_mb_s", "raw_nats_mb_s", "pool_vs_raw", "layers_mb_s", "layers_vs_raw"):
         assert _number(figures[k]) and figures[k] > 0, k
     assert figures["errors"] == 0 and figures["blocks"] == 6
     assert figures["bytes_per_round"] == 6 * 2 * 2 * 2 * 16 * 16 * 4
     assert len(figures["pool_round_ms"]) == len(figures["raw_round_ms"]) == 2
-    assert "pool get_blocks" in table and "raw nats pub/sub" in table
+    assert "pool get_blocks" in table and "pool load_layers" in table and "raw nats pub/sub" in table
 
 
 def _trace_args(tiny_dir, tmp_path, out, configs: str) -> argparse.Namespace:

@@ -659,6 +659,25 @@ async def run_transfer(nats_url: str, *, blocks: int, shape: tuple[int, ...], re
                     return TransferRound("pool", dt, total, False, f"block {i} differs from what was put")
             return TransferRound("pool", dt, sum(t.numel() * t.element_size() for t in got.values()))
 
+        from yuebing.libs.model import PrefillKV
+
+        bs = shape[3]
+
+        async def layers_round() -> TransferRound:
+            # what a prefill does on a pool hit: stream every block, layer by layer, into the
+            # request's preallocated KV buffer (allocated before the clock starts, as there)
+            dest = PrefillKV(torch.empty((shape[0], 2, shape[2], blocks * bs, shape[4])), blocks * bs,
+                             ready=False, timeout=120)
+            t0 = time.perf_counter()
+            n = await cache.load_layers(keys, dest, 0, timeout=120)
+            dt = time.perf_counter() - t0
+            if n != blocks:
+                return TransferRound("layers", dt, total, False, f"loaded {n} of {blocks} blocks: {dest.failed}")
+            for i in (0, blocks - 1):  # bit-identical (outside the timing)
+                if not torch.equal(dest.kv[:, :, :, i * bs : (i + 1) * bs], tensors[i]):
+                    return TransferRound("layers", dt, total, False, f"block {i} differs from what was put")
+            return TransferRound("layers", dt, total)
+
         async def raw_round() -> TransferRound:
             state["bytes"], state["want"] = 0, total
             done.clear()
@@ -676,12 +695,13 @@ async def run_transfer(nats_url: str, *, blocks: int, shape: tuple[int, ...], re
             return TransferRound("raw", dt, state["bytes"])
 
         await pool_round()  # warm-up, not counted
+        await layers_round()
         await raw_round()
-        bar = tqdm(total=2 * repeats, desc="transfer rounds", unit="round", file=sys.stderr, disable=not progress,
+        bar = tqdm(total=3 * repeats, desc="transfer rounds", unit="round", file=sys.stderr, disable=not progress,
                    dynamic_ncols=True)
         try:
             for _ in range(repeats):
-                for fn in (pool_round, raw_round):
+                for fn in (layers_round, pool_round, raw_round):
                     rounds.append(await fn())
                     bar.update(1)
         finally:
@@ -765,12 +785,15 @@ def _transfer(args) -> int:
     finally:
         _release_data_dir(own, clean, f"logs in {log_dir}")
 
+    layers = [r for r in rounds if r.kind == "layers"]
     pool = [r for r in rounds if r.kind == "pool"]
     raw = [r for r in rounds if r.kind == "raw"]
+    layers_mb = _median([r.mb_s for r in layers])
     pool_mb = _median([r.mb_s for r in pool])
     raw_mb = _median([r.mb_s for r in raw])
     rows = []
     for kind, rs, what in (("pool get_blocks", pool, f"{blocks} blocks, chunked blobs, acked windows"),
+                           ("pool load_layers", layers, f"{blocks} blocks layer by layer into a KV buffer"),
                            ("raw nats pub/sub", raw, f"{info['messages']} msgs of {info['msg_bytes']} B")):
         ok = [r for r in rs if r.ok]
         mbs = [round(r.mb_s, 1) for r in ok]
@@ -784,10 +807,15 @@ def _transfer(args) -> int:
         "bytes_per_round": info["total_bytes"],
         "raw_msg_bytes": info["msg_bytes"],
         "rounds": repeats,
+        # pool_*: the batched get (blocks as tensors); layers_*: the layer-wise load a prefill runs
+        # under its compute, which also places every block into the request's KV buffer
         "pool_mb_s": round(pool_mb, 1) if pool_mb else None,
         "raw_nats_mb_s": round(raw_mb, 1) if raw_mb else None,
         "pool_vs_raw": _ratio(pool_mb, raw_mb),
+        "layers_mb_s": round(layers_mb, 1) if layers_mb else None,
+        "layers_vs_raw": _ratio(layers_mb, raw_mb),
         "pool_round_ms": [_ms(r.seconds) for r in pool],
+        "layers_round_ms": [_ms(r.seconds) for r in layers],
         "raw_round_ms": [_ms(r.seconds) for r in raw],
         "errors": sum(not r.ok for r in rounds),
         "seconds": round(time.perf_counter() - started, 1),

@@ -47,6 +47,7 @@ from yuebing.libs.protocol import (
     Subjects,
     decode,
     encode,
+    encode_with_data,
 )
 from yuebing.libs.service import Service
 
@@ -239,7 +240,8 @@ class CacheStoreService(Service):
             for n, group in todo:  # shared: each sender takes the next blob
                 meta = CacheGetMeta(keys=[k for k, _ in group], sizes=[len(v) for _, v in group])
                 data = group[0][1] if len(group) == 1 else b"".join(v for _, v in group)
-                await send_blob(self.nc, subject, f"{tid}.{n}", data, meta=encode(meta))
+                # each block carries its CRC32, checked by the reader: no second checksum of the blob
+                await send_blob(self.nc, subject, f"{tid}.{n}", data, meta=encode(meta), checksum=False)
 
         tasks = [asyncio.ensure_future(sender()) for _ in range(min(GET_BLOBS_IN_FLIGHT, len(groups)))]
         try:
@@ -277,8 +279,8 @@ class CacheStoreService(Service):
                 lo, hi = layer * per, (layer + 1) * per
                 for first in range(0, len(views), run):
                     group = views[first : first + run]
-                    yield encode(LayerPiece(transfer_id=tid, layer=layer, first=first, count=len(group),
-                                            data=b"".join(v.data[lo:hi] for v in group)))
+                    yield encode_with_data(LayerPiece(transfer_id=tid, layer=layer, first=first, count=len(group),
+                                                      data=b""), [v.data[lo:hi] for v in group])
 
         await send_windowed(self.nc, subject, tid, pieces(), window=LAYER_PIECES_IN_FLIGHT)
 
