@@ -201,6 +201,7 @@ class PrefillReport(msgspec.Struct, kw_only=True):
     load_seconds: float  # the pool load, which overlaps the compute (layer by layer)
     compute_seconds: float  # the model's own time on the prompt, waits for loading layers excluded
     queue_seconds: float
+    kv_bytes_per_token: int = 0  # of the model served (what a load of one position moves)
 
 
 class DecodeReport(msgspec.Struct, kw_only=True):

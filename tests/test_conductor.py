@@ -88,6 +88,24 @@ def test_cost_model_load_rate_moves_toward_observations():
     assert m.load_seconds(100_000) == pytest.approx(1.0, rel=0.05)
 
 
+def test_load_cost_follows_the_served_models_kv_size_not_the_profiles():
+    """A profile of a large model (5,400 tokens/s = 250 MB/s of 46 KiB positions) must not make
+    every load of a small model (512 B positions) look slow: once the workers report the KV size,
+    loads are priced in bytes, and the pool is used where it saves compute."""
+    m = PrefillCostModel(PrefillCalibration(fixed=2e-3, per_token=1e-5, per_pair=0.0, load_tokens_per_second=5400))
+    req = RequestView(prompt_len=400, block_size=16, pool_blocks=20)
+    place = lambda: make_policy("global_cache_aware", m).place(req, [PrefillView("p0", 0.0, 1)], DECODES)  # noqa: E731
+    assert not place().use_pool  # 304 positions at 5,400/s: 56 ms, longer than computing them
+    m.observe_kv_size(512)
+    assert m.load_seconds(304) == pytest.approx(304 * 512 / 250e6)
+    pl = place()
+    assert pl.use_pool and pl.cached_blocks == 20
+    for _ in range(60):  # a slow pool, measured: 304 positions of 512 B in 0.1 s
+        m.observe_load(304, 0.1, 304 * 512)
+    assert m.load_seconds(304) == pytest.approx(0.1, rel=0.05)
+    assert not place().use_pool
+
+
 # ---------------------------------------------------------------- policies
 def _model():
     return PrefillCostModel(PrefillCalibration(fixed=0.01, per_token=1e-3, per_pair=0.0,

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from yuebing.libs.costs import CostProfile, fit, prefill_features
+from yuebing.libs.costs import DEFAULT_LOAD_BYTES_PER_SECOND, CostProfile, fit, prefill_features
 
 
 @dataclass(frozen=True)
@@ -21,7 +21,8 @@ class PrefillCalibration:
     fixed: float = 0.02
     per_token: float = 2e-3
     per_pair: float = 2e-7
-    load_tokens_per_second: float = 50_000.0
+    load_tokens_per_second: float = 50_000.0  # until the model's KV bytes per token are known
+    load_bytes_per_second: float = DEFAULT_LOAD_BYTES_PER_SECOND
 
 
 class PrefillCostModel:
@@ -32,6 +33,8 @@ class PrefillCostModel:
         self.coef = np.array([self.cal.fixed, self.cal.per_token, self.cal.per_pair])
         self._samples: deque[tuple[float, float, float]] = deque(maxlen=window)
         self._load_rate = self.cal.load_tokens_per_second
+        self._load_bytes_rate = self.cal.load_bytes_per_second
+        self.kv_bytes_per_token = 0  # of the served model, from the workers' reports (0: not known yet)
         self.fits = 0
 
     @classmethod
@@ -44,17 +47,32 @@ class PrefillCostModel:
         return float(np.dot(prefill_features(new, reused_len), self.coef))
 
     def load_seconds(self, tokens: int) -> float:
-        return tokens / self._load_rate if tokens > 0 else 0.0
+        """Time to stream ``tokens`` positions of KV from the pool: their bytes over the measured
+        bus rate once the model's KV size is known (a rate in tokens would carry one model's KV
+        size over to another: a profile of a large model made every load of a small one look slow,
+        and a load never chosen is never measured), else the starting token rate."""
+        if tokens <= 0:
+            return 0.0
+        if self.kv_bytes_per_token:
+            return tokens * self.kv_bytes_per_token / self._load_bytes_rate
+        return tokens / self._load_rate
+
+    def observe_kv_size(self, bytes_per_token: int) -> None:
+        if bytes_per_token > 0:
+            self.kv_bytes_per_token = int(bytes_per_token)
 
     def observe_prefill(self, new_tokens: int, reused_tokens: int, seconds: float) -> None:
         self._samples.append((float(max(1, new_tokens)), float(reused_tokens), float(seconds)))
         if len(self._samples) >= self.MIN_SAMPLES:
             self._fit()
 
-    def observe_load(self, tokens: int, seconds: float) -> None:
+    def observe_load(self, tokens: int, seconds: float, nbytes: int = 0) -> None:
         if tokens > 0 and seconds > 0:
             rate = tokens / seconds
             self._load_rate = 0.8 * self._load_rate + 0.2 * rate
+            if nbytes > 0:
+                self._load_bytes_rate = 0.8 * self._load_bytes_rate + 0.2 * (nbytes / seconds)
+                self.observe_kv_size(nbytes // tokens)
 
     def _fit(self) -> None:
         rows = [prefill_features(n, r) for n, r, _ in self._samples]

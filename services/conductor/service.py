@@ -106,8 +106,9 @@ class ConductorService(Service):
         self.outstanding.get(r.instance_id, {}).pop(r.request_id, None)
         self.projector.started(r.request_id, time.monotonic())
         reused = r.local_tokens + r.pool_tokens
+        self.cost.observe_kv_size(r.kv_bytes_per_token)
         self.cost.observe_prefill(r.prompt_tokens - reused, reused, r.compute_seconds)
-        self.cost.observe_load(r.pool_tokens, r.load_seconds)
+        self.cost.observe_load(r.pool_tokens, r.load_seconds, r.load_bytes)
 
     async def _on_decode_report(self, msg) -> None:
         try:

@@ -193,7 +193,7 @@ class PrefillService(ModelWorker):
         await self.nc.publish(Subjects.PREFILL_REPORT, encode(PrefillReport(
             instance_id=self.instance_id, request_id=rid, prompt_tokens=len(prompt), local_tokens=local * bs,
             pool_tokens=pool * bs, load_bytes=nbytes, load_seconds=load_seconds, compute_seconds=compute_seconds,
-            queue_seconds=queue_seconds)))
+            queue_seconds=queue_seconds, kv_bytes_per_token=self.shape.kv_bytes_per_token())))
         if reason is None and rid not in self.aborted:
             try:
                 await self._hand_off(task, token, kv)
