@@ -100,10 +100,30 @@ def test_load_cost_follows_the_served_models_kv_size_not_the_profiles():
     assert m.load_seconds(304) == pytest.approx(304 * 512 / 250e6)
     pl = place()
     assert pl.use_pool and pl.cached_blocks == 20
-    for _ in range(60):  # a slow pool, measured: 304 positions of 512 B in 0.1 s
-        m.observe_load(304, 0.1, 304 * 512)
-    assert m.load_seconds(304) == pytest.approx(0.1, rel=0.05)
+    for n in (300, 600, 1200, 2400) * 3:  # a slow pool, measured: 1 MB/s
+        m.observe_load(n, n * 512 / 1e6, n * 512)
+    assert m.load_seconds(304) == pytest.approx(304 * 512 / 1e6, rel=1e-3)
     assert not place().use_pool
+
+
+def test_a_few_small_loads_price_their_round_trips_not_a_slow_bus():
+    m = PrefillCostModel(PrefillCalibration(load_tokens_per_second=5400))
+    for n in (16, 32, 16):  # three small loads of 2-3 ms: round trips
+        m.observe_load(n, 0.0025, n * 512)
+    fixed, per_byte = m.load_coef
+    assert fixed == pytest.approx(0.0025 - 16 * 512 / 250e6, rel=1e-3) and per_byte == pytest.approx(1 / 250e6)
+    assert m.load_seconds(1600) < 0.01  # a large load is not 100 x a small one
+
+
+def test_load_cost_has_a_fixed_part_and_a_per_byte_part():
+    """Small loads cost their round trips, large ones their bytes: fitted as such, a small load's
+    overhead does not make the bus look slow for a large one."""
+    m = PrefillCostModel(PrefillCalibration(load_tokens_per_second=5400))
+    for n in (16, 32, 64, 160, 320, 640, 1600, 3200) * 3:
+        m.observe_load(n, 0.003 + n * 512 / 200e6, n * 512)  # 3 ms + 200 MB/s
+    fixed, per_byte = m.load_coef
+    assert fixed == pytest.approx(0.003, rel=1e-3) and per_byte == pytest.approx(1 / 200e6, rel=1e-3)
+    assert m.load_seconds(10_000) == pytest.approx(0.003 + 10_000 * 512 / 200e6, rel=1e-3)
 
 
 # ---------------------------------------------------------------- policies

@@ -33,7 +33,9 @@ class PrefillCostModel:
         self.coef = np.array([self.cal.fixed, self.cal.per_token, self.cal.per_pair])
         self._samples: deque[tuple[float, float, float]] = deque(maxlen=window)
         self._load_rate = self.cal.load_tokens_per_second
-        self._load_bytes_rate = self.cal.load_bytes_per_second
+        # a load = fixed + per_byte * bytes (the fixed part: request round trips), fitted on loads seen
+        self.load_coef = (0.0, 1.0 / self.cal.load_bytes_per_second)
+        self._loads: deque[tuple[float, float]] = deque(maxlen=window)  # (bytes, seconds)
         self.kv_bytes_per_token = 0  # of the served model, from the workers' reports (0: not known yet)
         self.fits = 0
 
@@ -47,14 +49,16 @@ class PrefillCostModel:
         return float(np.dot(prefill_features(new, reused_len), self.coef))
 
     def load_seconds(self, tokens: int) -> float:
-        """Time to stream ``tokens`` positions of KV from the pool: their bytes over the measured
-        bus rate once the model's KV size is known (a rate in tokens would carry one model's KV
-        size over to another: a profile of a large model made every load of a small one look slow,
-        and a load never chosen is never measured), else the starting token rate."""
+        """Time to stream ``tokens`` positions of KV from the pool, priced in their bytes once the
+        model's KV size is known: a fixed part plus a per-byte part, fitted on the loads seen (a
+        rate in tokens would carry one model's KV size over to another: a profile of a large model
+        made every load of a small one look slow, and a load never chosen is never measured; a
+        rate without a fixed part makes small loads' round trips look like a slow bus)."""
         if tokens <= 0:
             return 0.0
         if self.kv_bytes_per_token:
-            return tokens * self.kv_bytes_per_token / self._load_bytes_rate
+            fixed, per_byte = self.load_coef
+            return fixed + per_byte * tokens * self.kv_bytes_per_token
         return tokens / self._load_rate
 
     def observe_kv_size(self, bytes_per_token: int) -> None:
@@ -71,8 +75,22 @@ class PrefillCostModel:
             rate = tokens / seconds
             self._load_rate = 0.8 * self._load_rate + 0.2 * rate
             if nbytes > 0:
-                self._load_bytes_rate = 0.8 * self._load_bytes_rate + 0.2 * (nbytes / seconds)
                 self.observe_kv_size(nbytes // tokens)
+                self._loads.append((float(nbytes), float(seconds)))
+                self._fit_load()
+
+    def _fit_load(self) -> None:
+        nominal = 1.0 / self.cal.load_bytes_per_second
+        sizes = [b for b, _ in self._loads]
+        if len(self._loads) >= self.MIN_SAMPLES and max(sizes) >= 4 * min(sizes):
+            fixed, per_byte = fit([(1.0, b) for b, _ in self._loads], [t for _, t in self._loads])
+            if per_byte > 0:
+                self.load_coef = (float(fixed), float(per_byte))
+                return
+        # Too few loads, or sizes too alike to show the slope: the bus's nominal rate per byte, and
+        # what the loads took beyond it as the fixed part (small loads are mostly round trips).
+        over = sorted(t - b * nominal for b, t in self._loads)
+        self.load_coef = (max(0.0, over[len(over) // 2]), nominal)
 
     def _fit(self) -> None:
         rows = [prefill_features(n, r) for n, r, _ in self._samples]
