@@ -776,20 +776,27 @@ class CacheClient:
                     pass
         return load.finish()
 
-    async def _ask_layers(self, iid: str, keys: list[bytes], idxs: list[int], inbox: str, load: "_LayeredLoad",
-                          deadline: float) -> None:
+    async def _ask(self, iid: str, op: str, msg, reply_type, budget: float, what: str, keys: int):
+        """One request to an instance: its decoded reply, or None (logged) when it does not answer."""
         try:
-            req = CacheGetRequest(keys=keys, reply_subject=inbox, by_layer=True)
-            resp = await self.nc.request(Subjects.cache(iid, "get"), encode(req), timeout=max(0.01, self._left(deadline)))
-            reply = decode(resp.data, CacheGetReply)
-            self._heard_from(iid)
+            resp = await self.nc.request(Subjects.cache(iid, op), encode(msg), timeout=max(0.01, budget))
+            reply = decode(resp.data, reply_type)
         except (*_NATS_ERRORS, *_BAD_REPLY) as e:
             if _no_responders(e):
                 self._gone(iid)
-            log.warning("cache_layered_get_failed", instance=iid, error=f"{type(e).__name__}: {e}", keys=len(keys))
+            log.warning(f"cache_{what}_failed", instance=iid, error=f"{type(e).__name__}: {e}", keys=keys)
+            return None
+        self._heard_from(iid)
+        return reply
+
+    async def _ask_layers(self, iid: str, keys: list[bytes], idxs: list[int], inbox: str, load: "_LayeredLoad",
+                          deadline: float) -> None:
+        req = CacheGetRequest(keys=keys, reply_subject=inbox, by_layer=True)
+        reply = await self._ask(iid, "get", req, CacheGetReply, self._left(deadline), "layered_get", len(keys))
+        if reply is None:
             load.missing(idxs)
-            return
-        load.expect(reply, keys, idxs)
+        else:
+            load.expect(reply, keys, idxs)
 
     async def where(self, keys: Sequence[bytes], *, timeout: float | None = None) -> list[str]:
         """Tier of each key: "dram", "disk", or "" when absent (or when no owner answers)."""
@@ -811,18 +818,9 @@ class CacheClient:
         return result
 
     async def _exists_one(self, iid: str, keys: list[bytes], budget: float) -> list[str] | None:
-        try:
-            resp = await self.nc.request(
-                Subjects.cache(iid, "exists"), encode(CacheExistsRequest(keys=keys)), timeout=max(0.01, budget)
-            )
-            reply = decode(resp.data, CacheExistsReply)
-            self._heard_from(iid)
-        except (*_NATS_ERRORS, *_BAD_REPLY) as e:
-            if _no_responders(e):
-                self._gone(iid)
-            log.warning("cache_exists_failed", instance=iid, error=f"{type(e).__name__}: {e}", keys=len(keys))
-            return None
-        if len(reply.present) != len(keys):
+        reply = await self._ask(iid, "exists", CacheExistsRequest(keys=keys), CacheExistsReply, budget, "exists",
+                                len(keys))
+        if reply is None or len(reply.present) != len(keys):
             return None
         tiers = reply.tier if len(reply.tier) == len(keys) else ["?"] * len(keys)
         return [(t or "?") if p else "" for p, t in zip(reply.present, tiers)]
