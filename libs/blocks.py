@@ -141,15 +141,21 @@ def encode_block(key: bytes, tensor: torch.Tensor) -> bytes:
     return _block_encoder.encode(blk)
 
 
+def block_header(buf: bytes | bytearray | memoryview) -> _KVBlockView:
+    """Parse a stored block's header without checking its data (the reader of a layered get checks
+    the CRC32 end to end); raises ``BlockCorrupt`` when it is not a block at all."""
+    try:
+        return _block_decoder.decode(buf)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise BlockCorrupt(f"not a KV block: {e}") from e
+
+
 def verify_block(buf: bytes | bytearray | memoryview, expected_key: bytes | None = None) -> _KVBlockView:
     """Parse and check a block without building a tensor (nor copying its data); raises ``BlockCorrupt``.
 
     The result's ``data`` is a memoryview into ``buf``.
     """
-    try:
-        blk = _block_decoder.decode(buf)
-    except (msgspec.DecodeError, msgspec.ValidationError) as e:
-        raise BlockCorrupt(f"not a KV block: {e}") from e
+    blk = block_header(buf)
     if blk.v != BLOCK_FORMAT_VERSION:
         raise BlockCorrupt(f"unsupported block format version {blk.v}")
     if expected_key is not None and blk.key != expected_key:
@@ -166,15 +172,6 @@ def verify_block(buf: bytes | bytearray | memoryview, expected_key: bytes | None
     if math.prod(blk.shape) * dtype.itemsize != len(blk.data):
         raise BlockCorrupt(f"shape {blk.shape} x {blk.dtype} does not match {len(blk.data)} data bytes")
     return blk
-
-
-def block_header(buf: bytes | bytearray | memoryview) -> _KVBlockView:
-    """Parse a stored block's header without checking its data (the reader of a layered get checks
-    the CRC32 end to end); raises ``BlockCorrupt`` when it is not a block at all."""
-    try:
-        return _block_decoder.decode(buf)
-    except (msgspec.DecodeError, msgspec.ValidationError) as e:
-        raise BlockCorrupt(f"not a KV block: {e}") from e
 
 
 def decode_block(
@@ -203,13 +200,6 @@ def split_blocks(kv: torch.Tensor, block_size: int) -> list[torch.Tensor]:
         raise ValueError(f"KV must be [layers, 2, kv_heads, length, head_dim], got {list(kv.shape)}")
     n = kv.shape[3] // block_size
     return [kv[:, :, :, i * block_size : (i + 1) * block_size, :] for i in range(n)]
-
-
-def join_blocks(blocks: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Concatenate blocks along the length dimension (dim 3)."""
-    if not blocks:
-        raise ValueError("join_blocks needs at least one block")
-    return torch.cat(list(blocks), dim=3)
 
 
 # ---------------------------------------------------------------- sharding
@@ -296,21 +286,24 @@ class _LayeredLoad:
         self.bad.update(idxs)
 
     def expect(self, reply: CacheGetReply, keys: list[bytes], idxs: list[int]) -> None:
+        """A sender's announcement. Its pieces number blocks by their place in ``found``, so an
+        announcement with any block this load cannot take (unknown key, other shape) is refused
+        whole: its blocks count as missing and its pieces are turned away."""
         where = {k: i for k, i in zip(keys, idxs)}
-        got: list[int] = []
-        if len(reply.headers) == len(reply.found) and reply.transfer_id:
-            for k, h in zip(reply.found, reply.headers):
-                i = where.get(k)
-                if i is None:
-                    continue
-                if self._shape_ok(h):
-                    got.append(i)
-                    self.checksum[i] = h.checksum
+        got = [where.get(k) for k in reply.found]
+        usable = (bool(reply.transfer_id) and len(reply.headers) == len(got) and None not in got
+                  and all(self._shape_ok(h) for h in reply.headers))
+        if not usable:
+            got = []
+        for i, h in zip(got, reply.headers):
+            self.checksum[i] = h.checksum
         self.bad.update(set(idxs) - set(got))
-        if got:
-            self.senders[reply.transfer_id] = got
-            self.pending += len(got) * self.layers
-        for piece in self.early.pop(reply.transfer_id, []):
+        early = self.early.pop(reply.transfer_id, [])
+        if not got:
+            return
+        self.senders[reply.transfer_id] = got
+        self.pending += len(got) * self.layers
+        for piece in early:
             try:
                 self._place(piece)
             except (ValueError, RuntimeError) as e:
@@ -319,11 +312,11 @@ class _LayeredLoad:
                 break
 
     def _shape_ok(self, h) -> bool:
-        want = [self.layers, 2, self.heads, h.shape[3] if len(h.shape) == 5 else -1, self.dim]
-        if h.shape != want or _DTYPES.get(h.dtype) != self.kv.dtype:
+        """[layers, 2, heads, block_size, dim] of this buffer, the same block size for every block."""
+        if len(h.shape) != 5 or _DTYPES.get(h.dtype) != self.kv.dtype or h.shape[3] <= 0:
             return False
         if self.expected_shape is None:
-            self.expected_shape, self.block_size = list(h.shape), h.shape[3]
+            self.expected_shape, self.block_size = [self.layers, 2, self.heads, h.shape[3], self.dim], h.shape[3]
         return h.shape == self.expected_shape
 
     def announced(self) -> None:
@@ -424,7 +417,7 @@ class _LayeredLoad:
         while ready < self.layers - 1 and self.per_layer[ready] == self.n:
             ready += 1
         if ready == self.layers - 1 and self.per_layer[ready] == self.n:
-            wrong = [i for i in range(self.n) if (self.crc[i] & 0xFFFFFFFF) != self.checksum[i]]
+            wrong = self._corrupt(range(self.n))
             if wrong:
                 self.bad.update(wrong)
                 log.warning("cache_block_corrupt", blocks=len(wrong), first=min(wrong))
@@ -434,6 +427,10 @@ class _LayeredLoad:
         if ready > self.ready:
             self.ready = ready
             self.dest.layer_ready(ready)
+
+    def _corrupt(self, blocks: Iterable[int]) -> list[int]:
+        """Of ``blocks`` (all their layers in), those whose data does not match their stored CRC32."""
+        return [i for i in blocks if (self.crc[i] & 0xFFFFFFFF) != self.checksum[i]]
 
     def _check_done(self) -> None:
         if self.all_announced and self.pending <= 0:
@@ -454,8 +451,7 @@ class _LayeredLoad:
         if self.ready == self.layers and not self.failed:
             return self.n
         incomplete = [i for i in range(self.n) if self.next_layer[i] < self.layers]
-        wrong = [i for i in range(self.n) if self.next_layer[i] == self.layers
-                 and (self.crc[i] & 0xFFFFFFFF) != self.checksum[i]]
+        wrong = self._corrupt(i for i in range(self.n) if self.next_layer[i] == self.layers)
         good = min([*self.bad, *incomplete, *wrong], default=self.n)
         if good < self.n:
             self._fail(self.failed or "the past did not arrive whole")

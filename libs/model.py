@@ -240,11 +240,9 @@ class ModelRunner:
         (a CPU list such as ``"0-1"``); ``threads`` then defaults to their count."""
         from .cpus import pin_current_thread
 
-        pinned = pin_current_thread(cpus)
-        threads = threads or len(pinned)
+        threads = threads or len(pin_current_thread(cpus))
         if threads:
             torch.set_num_threads(threads)
-        self.cpus = pinned
         self.threads = torch.get_num_threads()  # as seen from the model thread, which runs the model
         self.path = path
         self.shape = read_shape(path)

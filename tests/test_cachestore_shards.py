@@ -273,6 +273,18 @@ def test_layered_load_holds_back_the_last_layer_until_every_checksum_checks():
         load._place(p)
     assert good.failed and load.finish() == 0
 
+    # an announcement with a block of another shape is refused whole (its pieces number blocks by
+    # their place in it): all its blocks are missing, and an early piece of it is dropped
+    odd = layered_dest(4 * bs + 1, 4 * bs)
+    load = _LayeredLoad(keys, odd, 0)
+    load.early["t1"] = [next(_pieces("t1", blocks))]
+    headers = [BlockHeader(shape=list(LAYERED), dtype="float32", checksum=0) for _ in keys]
+    headers[3] = BlockHeader(shape=[LAYERED[0], 2, LAYERED[2], LAYERED[3] * 2, LAYERED[4]], dtype="float32",
+                             checksum=0)
+    load.expect(CacheGetReply(found=keys, headers=headers, transfer_id="t1"), keys, list(range(4)))
+    load.announced()
+    assert "t1" not in load.senders and not load.early and odd.failed and load.finish() == 0
+
     cut = layered_dest(4 * bs + 1, 4 * bs)
     load = _LayeredLoad(keys, cut, 0)
     _expect(load, keys, blocks)

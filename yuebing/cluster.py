@@ -105,13 +105,11 @@ class LocalCluster:
         if s.engine == "sim" or s.threads or s.cpus:
             self.cores = None
             return
-        workers = self.count("prefill") + self.count("decode") + self.count("worker")
-        self.cores = CorePlan(available_cores(), workers, pin=self.pin_cores)
+        self.cores = CorePlan(available_cores(), len(self._model_workers()), pin=self.pin_cores)
 
-    def _worker_index(self, kind: str, index: int) -> int:
-        """Position of a model worker in the core plan: prefills, then decodes, then colocated workers."""
-        return index + {"prefill": 0, "decode": self.count("prefill"),
-                        "worker": self.count("prefill") + self.count("decode")}[kind]
+    def _model_workers(self) -> list[str]:
+        """The model workers in core-plan order: prefills, then decodes, then colocated workers."""
+        return [f"{k}-{i}" for k in ("prefill", "decode", "worker") for i in range(self.count(k))]
 
     def describe_cores(self) -> str:
         """One line on how the model workers share the cores, for people."""
@@ -119,7 +117,7 @@ class LocalCluster:
         if self.cores is None:
             return (f"as configured ({s.threads or 'default'} torch threads per model worker"
                     + (f", cpus {s.cpus}" if s.cpus else "") + ")")
-        names = [f"{k}-{i}" for k in ("prefill", "decode", "worker") for i in range(self.count(k))]
+        names = self._model_workers()
         if self.cores.pinned:
             return ", ".join(f"{n} on {self.cores.cpus(w)}" for w, n in enumerate(names))
         threads = sorted({self.cores.threads(w) for w in range(len(names))})
@@ -185,8 +183,9 @@ class LocalCluster:
         for f in FORWARDED:
             env[f"YUEBING_{f.upper()}"] = str(getattr(s, f))
         if kind in ("prefill", "decode", "worker") and self.cores is not None:
-            w = self._worker_index(kind, index)
-            if w < self.cores.workers:
+            planned = self._model_workers()
+            if name in planned:
+                w = planned.index(name)
                 env["YUEBING_THREADS"], env["YUEBING_CPUS"] = str(self.cores.threads(w)), self.cores.cpus(w)
             else:  # an instance beyond the plan (added later): one thread, anywhere
                 env["YUEBING_THREADS"], env["YUEBING_CPUS"] = "1", ""
