@@ -1,7 +1,8 @@
-"""Prefill writes the full blocks of every prompt to the cachestore pool."""
+"""Prefill writes the full blocks of every prompt to the cachestore pool, when the deployment has one."""
 
 import torch
 
+from conftest import start_cluster
 from helpers import post, wait_until
 from yuebing.libs.blocks import CacheClient, block_hashes, namespace_digest
 from yuebing.libs.bus import connect
@@ -31,3 +32,27 @@ async def test_prefill_stores_full_prompt_blocks(tiny_cluster, tiny_dir):
     for i, key in enumerate(keys):
         assert blocks[key].shape == (2, 2, 2, 16, 16)
         torch.testing.assert_close(blocks[key], kv[:, :, :, 16 * i : 16 * (i + 1)], rtol=1e-5, atol=1e-6)
+
+
+async def test_a_deployment_without_the_pool_writes_nothing_to_it(tiny_dir, tmp_path):
+    """use_pool off (the placement baselines): prompts are kept in the instance's own cache only."""
+    cluster = start_cluster(tiny_dir, tmp_path, use_pool=False)
+    try:
+        prompt = list(range(2000, 2000 + 40))
+        ns = namespace_digest(model_identity(tiny_dir), "float32", 16)
+        keys = block_hashes(prompt, 16, ns)
+        usage = []
+        for _ in range(2):
+            status, body, _ = await post(cluster.url + "/v1/completions",
+                                         {"model": tiny_dir.name, "prompt": prompt, "max_tokens": 3,
+                                          "temperature": 0})
+            assert status == 200, body
+            usage.append(body["usage"]["prompt_tokens_details"]["cached_tokens"])
+        assert usage == [0, 32]  # the second request reused the first one's blocks from the instance's DRAM
+        nc = await connect(cluster.nats.url, "test-pool")
+        try:
+            assert await CacheClient(nc).exists(keys) == [False, False]
+        finally:
+            await nc.close()
+    finally:
+        cluster.stop()

@@ -91,6 +91,8 @@ def run_one(run: Run, args, *, model_dir: Path, models_dir: Path, calibration: P
         ttft_slo=ttft_slo, tbt_slo=tbt_slo, max_running=args.max_running, no_auth=True, use_pool=run.use_pool,
         threads=1 if run.engine == "sim" else None,
         prefill_cache_bytes=args.prefill_cache_mb << 20,
+        dram_bytes=None if args.pool_dram_mb is None else args.pool_dram_mb << 20,
+        disk_bytes=None if args.pool_disk_mb is None else args.pool_disk_mb << 20,
     )
     cluster = LocalCluster(settings, prefill=run.prefill, decode=run.decode, cachestore=1, colocated=run.colocated)
     requests, dropped = rp.prepare(rows, token_scale=args.token_scale, time_scale=time_scale * run.load,
@@ -118,7 +120,9 @@ def run_one(run: Run, args, *, model_dir: Path, models_dir: Path, calibration: P
                      "colocated": run.colocated, "token_scale": args.token_scale,
                      "output_scale": args.output_scale or args.token_scale,
                      "time_scale": time_scale * run.load, "rate": None if rate is None else rate * run.load,
-                     "start": args.start, "requests": len(requests), "max_running": args.max_running}
+                     "start": args.start, "requests": len(requests), "max_running": args.max_running,
+                     "prefill_cache_mb": args.prefill_cache_mb,
+                     "pool_dram_mb": settings.dram_bytes >> 20, "pool_disk_mb": settings.disk_bytes >> 20}
     summary = rp.summarize(result, ttft_slo, tbt_slo)
     rp.write_json(result, summary, out_dir / f"{run.name}.json")
     rp.plot(result, summary, out_dir / f"{run.name}.png")
@@ -238,6 +242,8 @@ def add_parser(bench_sub) -> None:
     p.add_argument("--prefill", type=int, default=8)
     p.add_argument("--decode", type=int, default=8)
     p.add_argument("--prefill-cache-mb", type=int, default=256, help="each prefill instance's own block cache")
+    p.add_argument("--pool-dram-mb", type=int, default=None, help="the cachestore's DRAM tier (default: its own)")
+    p.add_argument("--pool-disk-mb", type=int, default=None, help="the cachestore's disk tier (default: its own)")
     p.add_argument("--real-prefill", type=int, default=2)
     p.add_argument("--real-decode", type=int, default=1)
     p.add_argument("--real-requests", type=int, default=60)

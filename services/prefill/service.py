@@ -204,8 +204,9 @@ class PrefillService(ModelWorker):
         self.done.add(rid)
         await msg.ack()
         if task.block_hashes:
-            from_pool = set(task.block_hashes[local : local + pool])
             await self._keep_blocks(task.block_hashes, kv)
+        if task.block_hashes and self.settings.use_pool:  # a deployment without the pool writes none to it
+            from_pool = set(task.block_hashes[local : local + pool])
             self.spawn(self._store_blocks(rid, [k for k in task.block_hashes if k not in from_pool], kv,
                                           task.block_hashes))
 
