@@ -772,15 +772,17 @@ class CacheClient:
                     pass
         return load.finish()
 
-    async def _ask(self, iid: str, op: str, msg, reply_type, budget: float, what: str, keys: int):
-        """One request to an instance: its decoded reply, or None (logged) when it does not answer."""
+    async def _ask(self, iid: str, op: str, msg, reply_type, budget: float, what: str, **log_fields):
+        """One request to an instance (``msg`` None: an empty body): its decoded reply, or None
+        (logged, with ``log_fields``) when it does not answer."""
         try:
-            resp = await self.nc.request(Subjects.cache(iid, op), encode(msg), timeout=max(0.01, budget))
+            body = b"" if msg is None else encode(msg)
+            resp = await self.nc.request(Subjects.cache(iid, op), body, timeout=max(0.01, budget))
             reply = decode(resp.data, reply_type)
         except (*_NATS_ERRORS, *_BAD_REPLY) as e:
             if _no_responders(e):
                 self._gone(iid)
-            log.warning(f"cache_{what}_failed", instance=iid, error=f"{type(e).__name__}: {e}", keys=keys)
+            log.warning(f"cache_{what}_failed", instance=iid, error=f"{type(e).__name__}: {e}", **log_fields)
             return None
         self._heard_from(iid)
         return reply
@@ -788,7 +790,7 @@ class CacheClient:
     async def _ask_layers(self, iid: str, keys: list[bytes], idxs: list[int], inbox: str, load: "_LayeredLoad",
                           deadline: float) -> None:
         req = CacheGetRequest(keys=keys, reply_subject=inbox, by_layer=True)
-        reply = await self._ask(iid, "get", req, CacheGetReply, self._left(deadline), "layered_get", len(keys))
+        reply = await self._ask(iid, "get", req, CacheGetReply, self._left(deadline), "layered_get", keys=len(keys))
         if reply is None:
             load.missing(idxs)
         else:
@@ -815,7 +817,7 @@ class CacheClient:
 
     async def _exists_one(self, iid: str, keys: list[bytes], budget: float) -> list[str] | None:
         reply = await self._ask(iid, "exists", CacheExistsRequest(keys=keys), CacheExistsReply, budget, "exists",
-                                len(keys))
+                                keys=len(keys))
         if reply is None or len(reply.present) != len(keys):
             return None
         tiers = reply.tier if len(reply.tier) == len(keys) else ["?"] * len(keys)
@@ -838,14 +840,5 @@ class CacheClient:
         deadline = self._deadline(timeout)
         live = await self._pool(deadline)
 
-        async def one(iid):
-            try:
-                resp = await self.nc.request(Subjects.cache(iid, "stats"), b"", timeout=max(0.01, self._left(deadline)))
-                return decode(resp.data, CacheStats)
-            except (*_NATS_ERRORS, *_BAD_REPLY) as e:
-                if _no_responders(e):
-                    self._gone(iid)
-                log.warning("cache_stats_failed", instance=iid, error=f"{type(e).__name__}: {e}")
-                return None
-
-        return [st for st in await asyncio.gather(*(one(iid) for iid in live)) if st is not None]
+        asks = (self._ask(iid, "stats", None, CacheStats, self._left(deadline), "stats") for iid in live)
+        return [st for st in await asyncio.gather(*asks) if st is not None]

@@ -73,8 +73,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="models, cache files, NATS store and logs (default ~/.cache/yuebing)")
     p.add_argument("--models-dir", default=None, help="converted models (default DATA_DIR/models)")
     p.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default 16)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads per model worker (default: `up` splits the host's cores between "
-                   "its model workers, pinning each to its own; `serve`: torch's choice)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per model worker (default: `up` splits the host's cores between its model "
+                   "workers, pinned only with --pin-cores; `serve`: torch's choice, or the count of --cpus)")
 
 
 def _serving(p: argparse.ArgumentParser) -> None:

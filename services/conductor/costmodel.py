@@ -84,8 +84,8 @@ class PrefillCostModel:
         sizes = [b for b, _ in self._loads]
         if len(self._loads) >= self.MIN_SAMPLES and max(sizes) >= 4 * min(sizes):
             fixed, per_byte = fit([(1.0, b) for b, _ in self._loads], [t for _, t in self._loads])
-            if per_byte > 0:
-                self.load_coef = (float(fixed), float(per_byte))
+            if per_byte > 0:  # a fitted intercept below zero would price small loads at nothing
+                self.load_coef = (max(0.0, float(fixed)), float(per_byte))
                 return
         # Too few loads, or sizes too alike to show the slope: the bus's nominal rate per byte, and
         # what the loads took beyond it as the fixed part (small loads are mostly round trips).
