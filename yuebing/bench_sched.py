@@ -48,8 +48,9 @@ def plan(experiments: list[str], args) -> list[Run]:
     if "placement" in experiments:
         # as in the paper's comparison, only the global policy draws on the pool; the others place
         # requests without it and reuse what the chosen instance holds
+        chosen = getattr(args, "policies", None) or PLACEMENT_POLICIES
         runs += [Run("placement", f"placement-{pol}", policy=pol, prefill=p, decode=d,
-                     use_pool=pol == "global_cache_aware") for pol in PLACEMENT_POLICIES]
+                     use_pool=pol == "global_cache_aware") for pol in PLACEMENT_POLICIES if pol in chosen]
     if "overload" in experiments:
         runs += [Run("overload", f"overload-{adm}", admission=adm, prefill=p, decode=d, load=args.overload)
                  for adm in ADMISSIONS]
@@ -183,6 +184,10 @@ def main(args) -> int:
     unknown = set(experiments) - set(EXPERIMENTS)
     if unknown:
         raise SystemExit(f"unknown experiments {sorted(unknown)}; choose from {', '.join(EXPERIMENTS)}")
+    args.policies = [p.strip() for p in (args.policies or "").split(",") if p.strip()] or list(PLACEMENT_POLICIES)
+    unknown = set(args.policies) - set(PLACEMENT_POLICIES)
+    if unknown:
+        raise SystemExit(f"unknown policies {sorted(unknown)}; choose from {', '.join(PLACEMENT_POLICIES)}")
     out_dir = Path(args.out_dir).expanduser()
     out_dir.mkdir(parents=True, exist_ok=True)
     models_dir = Path(args.models_dir).expanduser() if args.models_dir else default_data_dir() / "models"
@@ -226,6 +231,8 @@ def main(args) -> int:
 def add_parser(bench_sub) -> None:
     p = bench_sub.add_parser("sched", help="scheduling experiments: placement (Fig. 5), overload (Table 3), goodput")
     p.add_argument("--experiments", default=",".join(EXPERIMENTS), help=f"subset of {','.join(EXPERIMENTS)}")
+    p.add_argument("--policies", default=None,
+                   help=f"placement runs to make, a subset of {','.join(PLACEMENT_POLICIES)} (default: all)")
     p.add_argument("--trace", default=str(rp.DEFAULT_TRACE), help="Mooncake JSONL trace")
     p.add_argument("--start", type=int, default=0, help="first trace line replayed")
     p.add_argument("--requests", type=int, default=300, help="requests replayed per run (simulated engine)")

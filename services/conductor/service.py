@@ -368,6 +368,7 @@ class ConductorService(Service):
             PREDICTED_TBT.observe(placement.predicted_tbt)
             log.info("scheduled", prefill=placement.prefill_id, decode=placement.decode_id,
                      prompt_tokens=view.prompt_len, cached_blocks=placement.cached_blocks,
+                     plan="pool" if placement.use_pool else "local",
                      pool_blocks=view.pool_blocks, predicted_ttft=round(placement.predicted_ttft, 4),
                      predicted_tbt=round(placement.predicted_tbt, 4))
         else:
