@@ -87,6 +87,7 @@ class Settings(msgspec.Struct, kw_only=True):
     # cachestore
     dram_bytes: int = 1 << 30
     disk_bytes: int = 4 << 30
+    disk_sync_seconds: float = 1.0  # blocks on disk are flushed to the device this often (0 = only at stop)
 
     def slo(self) -> SLO:
         """The deployment's SLOs (requests without a class)."""

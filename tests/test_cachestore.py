@@ -98,6 +98,44 @@ def test_disk_lru_order_and_recency_survive_reopen(tmp_path):
     disk.close()
 
 
+KILLED_WRITER = """
+import os, signal, sys, torch
+from yuebing.libs.blocks import encode_block
+from yuebing.services.cachestore.store import TieredStore
+store = TieredStore(1 << 20, sys.argv[1], 1 << 24)
+for i in range(20):
+    store.put(i.to_bytes(16, "big"), encode_block(i.to_bytes(16, "big"), torch.full((1, 2, 1, 4, 8), float(i))))
+os.kill(os.getpid(), signal.SIGKILL)  # no close, no sync
+"""
+
+
+def test_blocks_put_before_a_kill_9_are_on_disk_after_it(tmp_path):
+    """Commits are not flushed one by one, yet a process crash loses none of them."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(tmp_path / "pool")], timeout=120)
+    assert proc.returncode == -9
+    disk = DiskTier(tmp_path / "pool", 1 << 24)
+    assert len(disk) == 20
+    assert all(disk.get(key(i)) == block(i) for i in range(20))
+    disk.close()
+
+
+def test_a_disk_sync_never_waits_for_the_store_lock(tmp_path):
+    import threading
+
+    store = TieredStore(4 * BLOCK_BYTES, tmp_path / "pool", 64 * BLOCK_BYTES)
+    for i in range(8):
+        store.put(key(i), block(i))
+    with store._lock:  # a put or a load in progress
+        syncer = threading.Thread(target=store.sync_disk)
+        syncer.start()
+        syncer.join(timeout=30)
+        assert not syncer.is_alive()
+    store.close()
+
+
 def test_disk_replace_and_delete_keep_the_byte_count(tmp_path):
     disk = DiskTier(tmp_path / "db", 10 * BLOCK_BYTES)
     disk.put(key(1), b"a" * 100)

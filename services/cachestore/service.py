@@ -111,6 +111,19 @@ class CacheStoreService(Service):
         await self.events.start()
         self._events_live = True
         await self._publish_changes()  # anything stored while the publisher was starting
+        if s.disk_sync_seconds > 0:
+            self.spawn(self._sync_loop(s.disk_sync_seconds))
+
+    async def _sync_loop(self, every: float) -> None:
+        """Flush the disk tier to the device now and then, so a machine crash loses at most that
+        much of the pool (a process crash loses nothing: commits are in the page cache)."""
+        store = self.store
+        while not self.stopping:
+            await asyncio.sleep(every)
+            try:
+                await asyncio.to_thread(store.sync_disk)
+            except Exception as e:  # noqa: BLE001 - the next round tries again
+                self.log.warning("disk_sync_failed", error=repr(e))
 
     async def teardown(self) -> None:
         for sub in self._subs:

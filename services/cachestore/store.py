@@ -108,8 +108,14 @@ class DiskTier:
         self.capacity_bytes = capacity_bytes
         if map_size is None:
             map_size = capacity_bytes + max(int(capacity_bytes * _MAP_HEADROOM_FRACTION), _MAP_HEADROOM_MIN)
-        # metasync=False: a system crash may lose the last transaction but never the database.
-        self._env = lmdb.open(str(self.path), map_size=map_size, max_dbs=3, metasync=False, readahead=False)
+        # Commits reach the page cache, not the device: a crash of the process loses nothing
+        # committed, a crash of the machine may lose what was written since the last ``sync``
+        # (the cachestore syncs every ``disk_sync_seconds``, off the store's lock). A flush per
+        # commit held the store for a device write per block: puts queued behind it and so did
+        # every load.
+        self._env = lmdb.open(str(self.path), map_size=map_size, max_dbs=3, metasync=False, sync=False,
+                              readahead=False)
+        self._sync_lock = threading.Lock()  # a sync and the close never overlap
         self._blocks = self._env.open_db(b"blocks")
         self._index = self._env.open_db(b"index")
         self._lru = self._env.open_db(b"lru")
@@ -253,8 +259,17 @@ class DiskTier:
         with self._env.begin() as txn:
             return [k for _, k in txn.cursor(db=self._lru)]
 
+    def sync(self) -> None:
+        """Write what was committed through to the device (safe beside writers in other threads)."""
+        with self._sync_lock:
+            if self._env is not None:
+                self._env.sync(True)
+
     def close(self) -> None:
-        self._env.close()
+        with self._sync_lock:
+            self._env.sync(True)
+            self._env.close()
+            self._env = None
 
 
 @dataclass
@@ -458,6 +473,11 @@ class TieredStore:
                 if not self.disk.touch(k):
                     dropped += self.disk.put(k, self.dram.get(k))
             self._settle(dropped)
+
+    def sync_disk(self) -> None:
+        """Make the disk tier's committed blocks durable across a machine crash; never takes the
+        store's lock, so puts and loads go on while the device writes."""
+        self.disk.sync()
 
     def close(self, *, flush: bool = True) -> None:
         if flush:
