@@ -56,3 +56,28 @@ async def test_a_deployment_without_the_pool_writes_nothing_to_it(tiny_dir, tmp_
             await nc.close()
     finally:
         cluster.stop()
+
+
+async def test_a_full_write_backlog_skips_pool_writes_and_serves_on(tiny_dir, tmp_path):
+    """A pool slower than the prompts: past the backlog bound, a prompt's blocks are not written
+    (the instance does not hold every waiting prompt's KV); requests are served all the same."""
+    cluster = start_cluster(tiny_dir, tmp_path, pool_write_backlog_bytes=1)
+    try:
+        prompt = list(range(3000, 3000 + 40))
+        ns = namespace_digest(model_identity(tiny_dir), "float32", 16)
+        keys = block_hashes(prompt, 16, ns)
+        usage = []
+        for _ in range(2):
+            status, body, _ = await post(cluster.url + "/v1/completions",
+                                         {"model": tiny_dir.name, "prompt": prompt, "max_tokens": 3,
+                                          "temperature": 0})
+            assert status == 200, body
+            usage.append(body["usage"]["prompt_tokens_details"]["cached_tokens"])
+        assert usage == [0, 32]  # the instance's own cache still kept the blocks
+        nc = await connect(cluster.nats.url, "test-pool")
+        try:
+            assert await CacheClient(nc).exists(keys) == [False, False]
+        finally:
+            await nc.close()
+    finally:
+        cluster.stop()

@@ -38,6 +38,8 @@ PREFILL_SECONDS = Histogram("yuebing:prefill_compute_seconds", "Model time of on
 LOAD_SECONDS = Histogram("yuebing:prefill_pool_load_seconds", "Time to load prefix blocks from the pool")
 LOCAL_BYTES = Gauge("yuebing:prefill_local_cache_bytes", "Bytes in the instance's own block cache")
 LOCAL_EVICTIONS = Counter("yuebing:prefill_local_cache_evictions", "Blocks evicted from the instance's own cache")
+POOL_WRITES_SKIPPED = Counter("yuebing:prefill_pool_writes_skipped",
+                              "Prompts whose new blocks were not written to the pool: its write backlog was full")
 
 
 class Prefilled(NamedTuple):
@@ -63,6 +65,7 @@ class PrefillService(ModelWorker):
         await self.events.start()
         self.queued = 0
         self.queued_tokens = 0
+        self.write_backlog = 0  # bytes of prompts' KV held until their blocks are in the pool
         await self.subscribe_tasks(Subjects.PREFILL_STREAM, Subjects.prefill_task(self.instance_id))
         self._loop_task = self.spawn(self._loop())
 
@@ -206,9 +209,16 @@ class PrefillService(ModelWorker):
         if task.block_hashes:
             await self._keep_blocks(task.block_hashes, kv)
         if task.block_hashes and self.settings.use_pool:  # a deployment without the pool writes none to it
-            from_pool = set(task.block_hashes[local : local + pool])
-            self.spawn(self._store_blocks(rid, [k for k in task.block_hashes if k not in from_pool], kv,
-                                          task.block_hashes))
+            if self.write_backlog + kv.nbytes > self.settings.pool_write_backlog_bytes:
+                # the pool takes blocks slower than prompts make them: drop this prompt's rather than
+                # hold every waiting prompt's KV until the instance runs out of memory
+                POOL_WRITES_SKIPPED.inc()
+                log.warning("pool_write_skipped", backlog_bytes=self.write_backlog, kv_bytes=kv.nbytes)
+            else:
+                from_pool = set(task.block_hashes[local : local + pool])
+                self.write_backlog += kv.nbytes
+                self.spawn(self._store_blocks(rid, [k for k in task.block_hashes if k not in from_pool], kv,
+                                              task.block_hashes))
 
     async def _hand_off(self, task: PrefillTask, token: int, kv) -> None:
         shape = self.shape
@@ -252,6 +262,12 @@ class PrefillService(ModelWorker):
 
     async def _store_blocks(self, rid: str, keys: list[bytes], kv, chain: list[bytes]) -> None:
         """Write the prompt's full blocks that the pool lacks, off the critical path. Best effort."""
+        try:
+            await self._write_blocks(rid, keys, kv, chain)
+        finally:
+            self.write_backlog -= kv.nbytes
+
+    async def _write_blocks(self, rid: str, keys: list[bytes], kv, chain: list[bytes]) -> None:
         bs = self.settings.block_size
         index = {k: i for i, k in enumerate(chain[: kv.shape[3] // bs])}
         keys = [k for k in keys if k in index]

@@ -1,0 +1,88 @@
+"""The prefill instance's own block cache: LRU over a slab of fixed slots."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+from yuebing.services.prefill.blockcache import BlockCache
+
+SHAPE = (2, 2, 1, 4, 8)  # layers, K/V, heads, block tokens, head dim
+BLOCK_BYTES = torch.zeros(SHAPE, dtype=torch.float16).nbytes
+
+
+def blk(i: int) -> torch.Tensor:
+    return torch.full(SHAPE, float(i), dtype=torch.float16)
+
+
+def key(i: int) -> bytes:
+    return i.to_bytes(8, "big")
+
+
+def test_lru_eviction_keeps_the_recent_blocks_and_their_bytes():
+    cache = BlockCache(3 * BLOCK_BYTES)
+    for i in range(3):
+        assert cache.put(key(i), blk(i)) == (True, [])
+    assert [t[0, 0, 0, 0, 0].item() for t in cache.prefix([key(0)])] == [0.0]  # 0 is now the most recent
+    assert cache.put(key(3), blk(3)) == (True, [key(1)])
+    assert cache.put(key(4), blk(4)) == (True, [key(2)])
+    assert cache.keys() == [key(0), key(3), key(4)]
+    assert cache.bytes == 3 * BLOCK_BYTES and len(cache) == 3 and cache.evictions == 2
+    # a reused slot holds the new block; the others kept theirs
+    for i in (0, 3, 4):
+        assert torch.equal(cache.prefix([key(i)])[0], blk(i))
+    assert cache.put(key(3), blk(99)) == (False, [])  # already held: recency only
+    assert torch.equal(cache.prefix([key(3)])[0], blk(3))
+
+
+def test_prefix_stops_at_the_first_missing_block_and_copies_are_private():
+    cache = BlockCache(4 * BLOCK_BYTES)
+    src = torch.cat([blk(i) for i in range(3)], dim=3)  # one prompt's KV, three blocks long
+    for i in range(3):
+        cache.put(key(i), src[:, :, :, i * 4 : (i + 1) * 4])
+    src.zero_()  # the prompt's buffer is reused: the cache kept its own copy
+    got = cache.prefix([key(0), key(1), key(5), key(2)])
+    assert [t[0, 0, 0, 0, 0].item() for t in got] == [0.0, 1.0]
+
+
+def test_a_block_of_another_shape_or_a_cache_smaller_than_a_block_keeps_nothing():
+    cache = BlockCache(2 * BLOCK_BYTES)
+    cache.put(key(0), blk(0))
+    assert cache.put(key(1), torch.zeros((2, 2, 1, 4, 4), dtype=torch.float16)) == (False, [])
+    assert cache.put(key(2), blk(2).float()) == (False, [])
+    assert cache.keys() == [key(0)]
+    tiny = BlockCache(BLOCK_BYTES - 1)
+    assert tiny.put(key(0), blk(0)) == (False, []) and len(tiny) == 0 and tiny.bytes == 0
+
+
+CHURN = textwrap.dedent("""
+    import random, torch
+    from yuebing.libs.proc import fix_mmap_threshold
+    from yuebing.services.prefill.blockcache import BlockCache
+    fix_mmap_threshold()  # as every service does at start
+    def rss_mb():
+        return int(open("/proc/self/statm").read().split()[1]) * 4096 >> 20
+    cache, rng = BlockCache(96 << 20), random.Random(0)
+    base = rss_mb()
+    for i in range(150):  # prompts' KV (1-20 MB, freed after) cut into 0.7 MB blocks, kept LRU
+        kv = torch.ones(30, 2, 3, rng.choice([28, 100, 300, 700, 1200, 2500]), 64, dtype=torch.float16)
+        for b in range(kv.shape[3] // 16):
+            cache.put((i, b), kv[:, :, :, b * 16:(b + 1) * 16])
+        chunks = [bytes(1 << 20) for _ in range(5)]  # a hand-off's bus chunks
+        del kv, chunks
+    print(rss_mb() - base, cache.bytes >> 20)
+""")
+
+
+def test_a_churning_cache_grows_its_process_by_about_its_capacity():
+    """Blocks kept and dropped in LRU order, and prompts' KV buffers freed between them, must not
+    leave the heap full of holes."""
+    if not sys.platform.startswith("linux"):
+        return
+    out = subprocess.run([sys.executable, "-c", CHURN], capture_output=True, text=True, timeout=120, check=True)
+    grown, held = map(int, out.stdout.split())
+    assert held >= 90
+    assert grown <= 1.25 * held, f"the process grew {grown} MB for {held} MB of blocks"
