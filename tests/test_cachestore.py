@@ -136,6 +136,38 @@ def test_a_disk_sync_never_waits_for_the_store_lock(tmp_path):
     store.close()
 
 
+def test_a_load_from_disk_holds_up_no_put_and_the_close_waits_for_it(tmp_path):
+    import threading
+
+    store = TieredStore(2 * BLOCK_BYTES, tmp_path / "pool", 64 * BLOCK_BYTES)
+    for i in range(4):
+        store.put(key(i), block(i))  # 0 and 1 were demoted: on disk only
+    assert store.where_many([key(0), key(3)]) == ["disk", "dram"]
+    reading, release = threading.Event(), threading.Event()
+    disk_get = store.disk.get
+
+    def slow_get(k, touch=True):
+        reading.set()
+        release.wait(30)
+        return disk_get(k, touch=touch)
+
+    store.disk.get = slow_get
+    got = []
+    loader = threading.Thread(target=lambda: got.extend(store.get_many([key(0), key(3)])))
+    loader.start()
+    assert reading.wait(30)
+    store.put(key(4), block(4))  # the device read is in progress: a put goes on
+    closer = threading.Thread(target=store.close)
+    closer.start()
+    closer.join(timeout=0.5)
+    assert closer.is_alive()  # the disk stays open for the read in progress
+    release.set()
+    loader.join(timeout=30)
+    closer.join(timeout=30)
+    assert not loader.is_alive() and not closer.is_alive()
+    assert got == [(key(0), block(0)), (key(3), block(3))]
+
+
 def test_disk_replace_and_delete_keep_the_byte_count(tmp_path):
     disk = DiskTier(tmp_path / "db", 10 * BLOCK_BYTES)
     disk.put(key(1), b"a" * 100)

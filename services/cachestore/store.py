@@ -112,9 +112,9 @@ class DiskTier:
         # committed, a crash of the machine may lose what was written since the last ``sync``
         # (the cachestore syncs every ``disk_sync_seconds``, off the store's lock). A flush per
         # commit held the store for a device write per block: puts queued behind it and so did
-        # every load.
-        self._env = lmdb.open(str(self.path), map_size=map_size, max_dbs=3, metasync=False, sync=False,
-                              readahead=False)
+        # every load. Readahead stays on: a block is one run of pages, read whole (without it a cold
+        # read went page by page, at a third of the device's speed).
+        self._env = lmdb.open(str(self.path), map_size=map_size, max_dbs=3, metasync=False, sync=False)
         self._sync_lock = threading.Lock()  # a sync and the close never overlap
         self._blocks = self._env.open_db(b"blocks")
         self._index = self._env.open_db(b"index")
@@ -310,6 +310,9 @@ class TieredStore:
         self.disk = DiskTier(disk_dir, disk_bytes, map_size=disk_map_size)
         self.corrupt = 0
         self._lock = threading.Lock()
+        self._readers = 0  # loads reading the disk outside the lock
+        self._no_readers = threading.Condition(self._lock)
+        self._closed = False
         # The held set and the change log have their own short lock, so reading them never waits
         # for a store operation (LMDB I/O) to finish.
         self._log_lock = threading.Lock()
@@ -390,12 +393,41 @@ class TieredStore:
             return value
 
     def get_many(self, keys: list[bytes]) -> list[tuple[bytes, bytes]]:
-        """(key, block) for every present key, in the order asked."""
+        """(key, block) for every present key, in the order asked.
+
+        Blocks on disk are read and verified outside the store's lock (an LMDB reader never waits
+        for the writer), so a load from the device holds up no put and no other load; they are
+        promoted into DRAM afterwards if still held."""
+        keys = list(dict.fromkeys(keys))
         with self._lock:
-            found = []
+            if self._closed:
+                return []
+            hot = {k: v for k in keys if (v := self.dram.get(k)) is not None}
+            self._readers += 1  # the disk stays open until this read is done
+        cold: dict[bytes, bytes | None] = {}
+        try:
+            for k in keys:
+                if k not in hot:
+                    v = self.disk.get(k, touch=False)
+                    if v is not None:
+                        cold[k] = v if self._valid(k, v, "disk") else None
+        finally:
+            with self._lock:
+                self._readers -= 1
+                self._no_readers.notify_all()
+        with self._lock:
+            found: list[tuple[bytes, bytes]] = []
             dropped: list[bytes] = []
-            for k in dict.fromkeys(keys):
-                v = self._get(k, dropped)
+            for k in keys:
+                v = hot.get(k)
+                if v is None and k in cold:
+                    v = cold[k]
+                    if v is None:  # corrupt on disk
+                        if self.disk.delete(k) and k not in self.dram:
+                            dropped.append(k)
+                        continue
+                    if self.disk.touch(k) and k not in self.dram:  # still held: promote it
+                        dropped += self._demote(self.dram.put(k, v))
                 if v is not None:
                     found.append((k, v))
             self._settle(dropped)
@@ -483,4 +515,7 @@ class TieredStore:
         if flush:
             self.flush()
         with self._lock:
+            self._closed = True
+            while self._readers:
+                self._no_readers.wait()
             self.disk.close()
