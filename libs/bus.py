@@ -203,17 +203,11 @@ class BlobAssembler:
     ``on_blob(transfer_id, meta, data)`` is called once per complete, checksum-verified blob.
     A missing chunk, a checksum mismatch, or an error returned or raised by ``on_blob`` fails the
     transfer: the sender gets a negative ack.
-
-    With ``concurrent``, a complete blob's handler runs in its own task (the sender's final ack
-    waits for it) while chunks of other transfers keep arriving: a handler that waits on I/O,
-    such as a store write and its KV event, no longer makes every sender wait in line.
     """
 
-    def __init__(self, nc: NATS, on_blob: BlobHandler, *, stale_after: float = 60.0, concurrent: bool = False):
+    def __init__(self, nc: NATS, on_blob: BlobHandler, *, stale_after: float = 60.0):
         self._nc = nc
         self._on_blob = on_blob
-        self._concurrent = concurrent
-        self._running: set[asyncio.Task] = set()
         self._partials: dict[str, _Partial] = {}
         self._failed: dict[str, str] = {}
         self._stale_after = stale_after
@@ -240,45 +234,26 @@ class BlobAssembler:
             if part.checksum != NO_BLOB_CHECKSUM and crc32(part.buf) != part.checksum:
                 error = "checksum mismatch"
                 self._failed[tid] = error
-            elif self._concurrent:
-                task = asyncio.create_task(self._complete(tid, part, msg.reply, chunk.index + 1))
-                self._running.add(task)
-                task.add_done_callback(self._running.discard)
-                self._gc()
-                return
             else:
-                error = await self._run_handler(tid, part)
+                try:
+                    res = self._on_blob(tid, part.meta, part.buf)
+                    if asyncio.iscoroutine(res):
+                        res = await res
+                except Exception as e:  # noqa: BLE001 - the sender must hear about it
+                    log.exception("blob_handler_failed", transfer_id=tid)
+                    res = f"receiver failed: {e}"
+                if res:
+                    error = str(res)
+                else:
+                    self.completed += 1
         if error:
             self.failed += 1
         if msg.reply:
-            await self._ack(msg.reply, tid, chunk.index + 1, error)
+            ack = ChunkAck(transfer_id=tid, received=chunk.index + 1, ok=not error, error=error)
+            await self._nc.publish(msg.reply, encode(ack))
         if chunk.index == chunk.count - 1:
             self._failed.pop(tid, None)
         self._gc()
-
-    async def _run_handler(self, tid: str, part: "_Partial") -> str:
-        try:
-            res = self._on_blob(tid, part.meta, part.buf)
-            if asyncio.iscoroutine(res):
-                res = await res
-        except Exception as e:  # noqa: BLE001 - the sender must hear about it
-            log.exception("blob_handler_failed", transfer_id=tid)
-            res = f"receiver failed: {e}"
-        if res:
-            return str(res)
-        self.completed += 1
-        return ""
-
-    async def _complete(self, tid: str, part: "_Partial", reply: str, received: int) -> None:
-        error = await self._run_handler(tid, part)
-        if error:
-            self.failed += 1
-        if reply:
-            await self._ack(reply, tid, received, error)
-
-    async def _ack(self, reply: str, tid: str, received: int, error: str) -> None:
-        await self._nc.publish(reply, encode(ChunkAck(transfer_id=tid, received=received, ok=not error,
-                                                      error=error)))
 
     def _accept(self, chunk: Chunk) -> str:
         part = self._partials.get(chunk.transfer_id)

@@ -53,33 +53,3 @@ def test_a_message_with_its_data_joined_in_decodes_like_one_encoded_whole():
     assert (piece.transfer_id, piece.layer, piece.first, piece.count) == ("t", 3, 1, 4)
     assert bytes(piece.data) == whole
     assert decode(encode(LayerPiece(transfer_id="t", layer=3, first=1, count=4, data=whole)), LayerPiece) == piece
-
-
-async def test_a_concurrent_assembler_runs_handlers_side_by_side_and_acks_each_when_done(nats_server):
-    import asyncio
-
-    nc = await connect(nats_server.url, "test-bus-concurrent")
-    entered: list[str] = []
-    both_in = asyncio.Event()
-
-    async def on_blob(tid, meta, data):
-        entered.append(tid)
-        if len(entered) == 2:
-            both_in.set()
-        await asyncio.wait_for(both_in.wait(), 10)  # a serial assembler never lets the second in
-        return "refused" if tid == "b" else None
-
-    asm = BlobAssembler(nc, on_blob, concurrent=True)
-    sub = await nc.subscribe("test.blobs.concurrent", cb=asm.handle)
-    try:
-        results = await asyncio.gather(
-            send_blob(nc, "test.blobs.concurrent", "a", os.urandom(5000), b"m", chunk_bytes=1024),
-            send_blob(nc, "test.blobs.concurrent", "b", os.urandom(700), b"m"),
-            return_exceptions=True)
-        assert sorted(entered) == ["a", "b"]
-        assert results[0] is None
-        assert isinstance(results[1], Exception) and "refused" in str(results[1])
-        assert (asm.completed, asm.failed) == (1, 1)
-    finally:
-        await sub.unsubscribe()
-        await nc.close()

@@ -101,8 +101,7 @@ class CacheStoreService(Service):
         nc = self.nc
         sub = lambda op, **kw: nc.subscribe(Subjects.cache(self.instance_id, op), **kw)  # noqa: E731
         self._subs = [
-            await sub("put", cb=BlobAssembler(nc, self._on_put, concurrent=True).handle,
-                      pending_bytes_limit=BULK_PENDING_BYTES),
+            await sub("put", cb=BlobAssembler(nc, self._on_put).handle, pending_bytes_limit=BULK_PENDING_BYTES),
             await sub("get", cb=self._on_get),
             await sub("exists", cb=self._on_exists),
             await sub("stats", cb=self._on_stats),
