@@ -112,9 +112,10 @@ class DiskTier:
         # committed, a crash of the machine may lose what was written since the last ``sync``
         # (the cachestore syncs every ``disk_sync_seconds``, off the store's lock). A flush per
         # commit held the store for a device write per block: puts queued behind it and so did
-        # every load. Readahead stays on: a block is one run of pages, read whole (without it a cold
-        # read went page by page, at a third of the device's speed).
-        self._env = lmdb.open(str(self.path), map_size=map_size, max_dbs=3, metasync=False, sync=False)
+        # every load. No readahead: the pool is usually larger than the page cache, and the index
+        # and LRU pages every put and touch visits are read at random.
+        self._env = lmdb.open(str(self.path), map_size=map_size, max_dbs=3, metasync=False, sync=False,
+                              readahead=False)
         self._sync_lock = threading.Lock()  # a sync and the close never overlap
         self._blocks = self._env.open_db(b"blocks")
         self._index = self._env.open_db(b"index")
