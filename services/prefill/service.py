@@ -30,7 +30,6 @@ from yuebing.libs.worker import ModelWorker, finish_reason
 from .blockcache import BlockCache
 
 CACHE_TIMEOUT = 5.0
-MAX_HANDOFFS_IN_FLIGHT = 2
 
 QUERY_TOKENS = Counter("yuebing:prefix_cache_queries", "Prompt tokens looked up in the prefix cache")
 HIT_TOKENS = Counter("yuebing:prefix_cache_hits", "Prompt tokens whose KV was reused", ["source"])
@@ -67,17 +66,13 @@ class PrefillService(ModelWorker):
         self.queued = 0
         self.queued_tokens = 0
         self.write_backlog = 0  # bytes of prompts' KV held until their blocks are in the pool
-        self._handoffs: set[asyncio.Task] = set()
         await self.subscribe_tasks(Subjects.PREFILL_STREAM, Subjects.prefill_task(self.instance_id))
         self._loop_task = self.spawn(self._loop())
 
     async def drain(self) -> None:
         """Finish the prompt in hand; queued tasks go to other instances (the conductor moves
         them once this one stops beating)."""
-        deadline = time.monotonic() + self.settings.drain_seconds
         await asyncio.wait({self._loop_task}, timeout=self.settings.drain_seconds)
-        if self._handoffs:
-            await asyncio.wait(set(self._handoffs), timeout=max(0.1, deadline - time.monotonic()))
 
     async def teardown(self) -> None:
         await self.events.stop()
@@ -202,20 +197,6 @@ class PrefillService(ModelWorker):
             instance_id=self.instance_id, request_id=rid, prompt_tokens=len(prompt), local_tokens=local * bs,
             pool_tokens=pool * bs, load_bytes=nbytes, load_seconds=load_seconds, compute_seconds=compute_seconds,
             queue_seconds=queue_seconds, kv_bytes_per_token=self.shape.kv_bytes_per_token())))
-        if task.block_hashes:
-            await self._keep_blocks(task.block_hashes, kv)  # the next prompt here may reuse them at once
-        # The KV goes to decode while the next prompt computes (Mooncake overlaps the transfer with
-        # compute); a few hand-offs at most are in flight, each holding its prompt's KV until sent.
-        while len(self._handoffs) >= MAX_HANDOFFS_IN_FLIGHT:
-            await asyncio.wait(self._handoffs, return_when=asyncio.FIRST_COMPLETED)
-        finish = self.spawn(self._finish(task, msg, token, kv, local, pool, reason, log))
-        self._handoffs.add(finish)
-        finish.add_done_callback(self._handoffs.discard)
-
-    async def _finish(self, task: PrefillTask, msg, token: int, kv, local: int, pool: int, reason, log) -> None:
-        """Hand the KV to decode, then acknowledge the task (a crash before this point redelivers
-        it), then write the prompt's new blocks to the pool."""
-        rid = task.request_id
         if reason is None and rid not in self.aborted:
             try:
                 await self._hand_off(task, token, kv)
@@ -225,6 +206,8 @@ class PrefillService(ModelWorker):
                                       retry=True)
         self.done.add(rid)
         await msg.ack()
+        if task.block_hashes:
+            await self._keep_blocks(task.block_hashes, kv)
         if task.block_hashes and self.settings.use_pool:  # a deployment without the pool writes none to it
             if self.write_backlog + kv.nbytes > self.settings.pool_write_backlog_bytes:
                 # the pool takes blocks slower than prompts make them: drop this prompt's rather than
