@@ -6,8 +6,6 @@ import ctypes
 import signal
 
 _PR_SET_PDEATHSIG = 1
-_M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD = 4 << 20
 
 
 def die_with_parent() -> None:
@@ -17,17 +15,3 @@ def die_with_parent() -> None:
     except OSError:
         pass
 
-
-def fix_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
-    """Give every allocation above ``threshold`` bytes its own mapping, for good (glibc).
-
-    glibc raises its mmap threshold each time a mapped chunk is freed, up to 32 MB. After the
-    first prompt's KV buffer (tens of MB) is freed, the next ones come from the heap, and the
-    heap keeps the holes they leave between longer-lived objects: a prefill process grew by about
-    twice its block cache. With the threshold fixed, KV buffers go back to the system when freed,
-    while blocks and bus chunks (below it) keep reusing heap memory without new page faults.
-    Returns False where this is not glibc."""
-    try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, int(threshold)))
-    except (OSError, AttributeError):
-        return False

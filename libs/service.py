@@ -12,7 +12,6 @@ from prometheus_client import start_http_server
 from .bus import connect, ensure_streams
 from .config import Settings
 from .log import configure, get_logger
-from .proc import fix_mmap_threshold
 from .protocol import Heartbeat, Subjects, encode
 
 
@@ -139,7 +138,6 @@ def run(service_classes: type[Service] | list[type[Service]], settings: Settings
     classes = service_classes if isinstance(service_classes, list) else [service_classes]
     name = name or classes[0].kind
     configure(name)
-    fix_mmap_threshold()
     structlog.contextvars.bind_contextvars(pid=__import__("os").getpid())
     if settings.metrics_port and name != "gateway":
         start_http_server(settings.metrics_port, addr=settings.host)

@@ -60,14 +60,12 @@ def test_a_block_of_another_shape_or_a_cache_smaller_than_a_block_keeps_nothing(
 
 CHURN = textwrap.dedent("""
     import random, torch
-    from yuebing.libs.proc import fix_mmap_threshold
     from yuebing.services.prefill.blockcache import BlockCache
-    fix_mmap_threshold()  # as every service does at start
     def rss_mb():
         return int(open("/proc/self/statm").read().split()[1]) * 4096 >> 20
-    cache, rng = BlockCache(96 << 20), random.Random(0)
+    cache, rng = BlockCache(256 << 20), random.Random(0)
     base = rss_mb()
-    for i in range(150):  # prompts' KV (1-20 MB, freed after) cut into 0.7 MB blocks, kept LRU
+    for i in range(400):  # prompts' KV (1-20 MB, freed after) cut into 0.7 MB blocks, kept LRU
         kv = torch.ones(30, 2, 3, rng.choice([28, 100, 300, 700, 1200, 2500]), 64, dtype=torch.float16)
         for b in range(kv.shape[3] // 16):
             cache.put((i, b), kv[:, :, :, b * 16:(b + 1) * 16])
@@ -84,5 +82,7 @@ def test_a_churning_cache_grows_its_process_by_about_its_capacity():
         return
     out = subprocess.run([sys.executable, "-c", CHURN], capture_output=True, text=True, timeout=120, check=True)
     grown, held = map(int, out.stdout.split())
-    assert held >= 90
-    assert grown <= 1.25 * held, f"the process grew {grown} MB for {held} MB of blocks"
+    assert held >= 250
+    # the slab, plus what the freed KV buffers leave in the heap (about 100 MB here); blocks cloned
+    # one by one grew the process by ~500 MB for the same 256 MB
+    assert grown <= held + 160, f"the process grew {grown} MB for {held} MB of blocks"
