@@ -34,13 +34,13 @@ async def test_prefill_stores_full_prompt_blocks(tiny_cluster, tiny_dir):
         torch.testing.assert_close(blocks[key], kv[:, :, :, 16 * i : 16 * (i + 1)], rtol=1e-5, atol=1e-6)
 
 
-async def test_a_deployment_without_the_pool_writes_nothing_to_it(tiny_dir, tmp_path):
-    """use_pool off (the placement baselines): prompts are kept in the instance's own cache only."""
-    cluster = start_cluster(tiny_dir, tmp_path, use_pool=False)
+async def _served_twice_then_pool_holds(tiny_dir, tmp_path, first_token: int, **settings):
+    """Start a cluster with ``settings``, send one 40-token prompt twice; returns the cached token
+    counts of the two responses and which of the prompt's two full blocks the pool holds."""
+    cluster = start_cluster(tiny_dir, tmp_path, **settings)
     try:
-        prompt = list(range(2000, 2000 + 40))
-        ns = namespace_digest(model_identity(tiny_dir), "float32", 16)
-        keys = block_hashes(prompt, 16, ns)
+        prompt = list(range(first_token, first_token + 40))
+        keys = block_hashes(prompt, 16, namespace_digest(model_identity(tiny_dir), "float32", 16))
         usage = []
         for _ in range(2):
             status, body, _ = await post(cluster.url + "/v1/completions",
@@ -48,36 +48,25 @@ async def test_a_deployment_without_the_pool_writes_nothing_to_it(tiny_dir, tmp_
                                           "temperature": 0})
             assert status == 200, body
             usage.append(body["usage"]["prompt_tokens_details"]["cached_tokens"])
-        assert usage == [0, 32]  # the second request reused the first one's blocks from the instance's DRAM
         nc = await connect(cluster.nats.url, "test-pool")
         try:
-            assert await CacheClient(nc).exists(keys) == [False, False]
+            return usage, await CacheClient(nc).exists(keys)
         finally:
             await nc.close()
     finally:
         cluster.stop()
+
+
+async def test_a_deployment_without_the_pool_writes_nothing_to_it(tiny_dir, tmp_path):
+    """use_pool off (the placement baselines): prompts are kept in the instance's own cache only."""
+    usage, in_pool = await _served_twice_then_pool_holds(tiny_dir, tmp_path, 2000, use_pool=False)
+    assert usage == [0, 32]  # the second request reused the first one's blocks from the instance's DRAM
+    assert in_pool == [False, False]
 
 
 async def test_a_full_write_backlog_skips_pool_writes_and_serves_on(tiny_dir, tmp_path):
     """A pool slower than the prompts: past the backlog bound, a prompt's blocks are not written
     (the instance does not hold every waiting prompt's KV); requests are served all the same."""
-    cluster = start_cluster(tiny_dir, tmp_path, pool_write_backlog_bytes=1)
-    try:
-        prompt = list(range(3000, 3000 + 40))
-        ns = namespace_digest(model_identity(tiny_dir), "float32", 16)
-        keys = block_hashes(prompt, 16, ns)
-        usage = []
-        for _ in range(2):
-            status, body, _ = await post(cluster.url + "/v1/completions",
-                                         {"model": tiny_dir.name, "prompt": prompt, "max_tokens": 3,
-                                          "temperature": 0})
-            assert status == 200, body
-            usage.append(body["usage"]["prompt_tokens_details"]["cached_tokens"])
-        assert usage == [0, 32]  # the instance's own cache still kept the blocks
-        nc = await connect(cluster.nats.url, "test-pool")
-        try:
-            assert await CacheClient(nc).exists(keys) == [False, False]
-        finally:
-            await nc.close()
-    finally:
-        cluster.stop()
+    usage, in_pool = await _served_twice_then_pool_holds(tiny_dir, tmp_path, 3000, pool_write_backlog_bytes=1)
+    assert usage == [0, 32]  # the instance's own cache still kept the blocks
+    assert in_pool == [False, False]
