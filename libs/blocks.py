@@ -239,8 +239,10 @@ class CacheGetMeta(msgspec.Struct, kw_only=True):
     sizes: list[int]
 
 
-# Blocks per get blob: bounds the meta (it travels in chunk 0's header room) and the sender's buffer.
-GET_BLOB_MAX_BLOCKS = 64
+# Blocks per get or put blob: bounds the meta (it travels in chunk 0's header room) and the sender's buffer.
+GET_BLOB_MAX_BLOCKS = PUT_BLOB_MAX_BLOCKS = 64
+# Bytes per put blob: a prompt's new blocks for one owner usually go in one blob (one transaction).
+PUT_BLOB_MAX_BYTES = 32 << 20
 MISSED_BEATS = 3  # an instance is gone after missing this many heartbeats
 DISCOVERY_WAIT = 2.0  # a client used without start() waits this long (at most) for the first heartbeat
 
@@ -601,33 +603,73 @@ class CacheClient:
     # ---- operations
     async def put_block(self, key: bytes, tensor: torch.Tensor, *, timeout: float | None = None) -> None:
         """Store a block on its ``replicas`` owners; raises ``CacheError`` unless at least one took it."""
-        deadline = self._deadline(timeout)
-        data = encode_block(key, tensor)
-        targets = owners(key, await self._pool(deadline), self.replicas)
-        if not targets:
-            raise CacheError(f"cache put of {key.hex()} failed: no live cachestore instance")
-        errors = [e for e in await asyncio.gather(*(self._put_one(iid, key, data, deadline) for iid in targets)) if e]
-        if len(errors) == len(targets):
-            raise CacheError(f"cache put of {key.hex()} failed: {'; '.join(errors)}")
-        if errors:
-            log.warning("cache_put_partial", key=key.hex(), stored=len(targets) - len(errors), errors=errors)
+        await self.put_blocks([(key, tensor)], timeout=timeout)
 
-    async def _put_one(self, iid: str, key: bytes, data: bytes, deadline: float) -> str:
-        tid = f"{key.hex()}.{uuid.uuid4().hex[:8]}"
-        remaining = self._left(deadline)
-        try:
-            await asyncio.wait_for(
-                # the store checks the block's own CRC32 (and key) before it keeps it
-                send_blob(self.nc, Subjects.cache(iid, "put"), tid, data, meta=encode(CachePutMeta(key=key)),
-                          timeout=max(0.01, remaining), checksum=False),
-                remaining,
-            )
+    async def put_blocks(self, blocks: Sequence[tuple[bytes, torch.Tensor]], *, timeout: float | None = None) -> None:
+        """Store blocks on their ``replicas`` owners: each owner gets its blocks as a few blobs of
+        many blocks (``PUT_BLOB_MAX_BYTES``), stored by one LMDB transaction each, all owners in
+        parallel. Raises ``CacheError`` unless every block was taken by at least one owner (the
+        ones that were are kept either way)."""
+        blocks = list(dict((k, t) for k, t in blocks).items())
+        if not blocks:
+            return
+        deadline = self._deadline(timeout)
+        live = await self._pool(deadline)
+        if not live:
+            raise CacheError(f"cache put of {len(blocks)} blocks failed: no live cachestore instance")
+        by_owner: dict[str, list[int]] = {}
+        for i, (key, _) in enumerate(blocks):
+            for iid in owners(key, live, self.replicas):
+                by_owner.setdefault(iid, []).append(i)
+        results = await asyncio.gather(*(
+            self._put_to(iid, [blocks[i] for i in idxs], deadline) for iid, idxs in by_owner.items()
+        ))
+        stored: set[bytes] = set()
+        errors = []
+        for taken, error in results:
+            stored |= taken
+            if error:
+                errors.append(error)
+        lost = [k for k, _ in blocks if k not in stored]
+        if lost:
+            raise CacheError(f"cache put of {len(lost)} of {len(blocks)} blocks failed: {'; '.join(errors)}")
+        if errors:
+            log.warning("cache_put_partial", blocks=len(blocks), errors=errors)
+
+    async def _put_to(self, iid: str, blocks: list[tuple[bytes, torch.Tensor]], deadline: float
+                      ) -> tuple[set[bytes], str]:
+        """Send one owner its blocks, blob after blob (each encoded only when its turn comes);
+        returns the keys it took and the error that stopped it, if any."""
+        taken: set[bytes] = set()
+        start = 0
+        while start < len(blocks):
+            end, size = start + 1, blocks[start][1].nbytes
+            while (end < len(blocks) and end - start < PUT_BLOB_MAX_BLOCKS
+                   and size + blocks[end][1].nbytes <= PUT_BLOB_MAX_BYTES):
+                size += blocks[end][1].nbytes
+                end += 1
+            keys = [k for k, _ in blocks[start:end]]
+            data = [encode_block(k, t) for k, t in blocks[start:end]]
+            meta = CachePutMeta(keys=keys, sizes=[len(d) for d in data])
+            blob = data[0] if len(data) == 1 else b"".join(data)
+            del data
+            tid = f"{keys[0].hex()}.{uuid.uuid4().hex[:8]}"
+            remaining = self._left(deadline)
+            try:
+                await asyncio.wait_for(
+                    # the store checks each block's own CRC32 (and key) before it keeps it
+                    send_blob(self.nc, Subjects.cache(iid, "put"), tid, blob, meta=encode(meta),
+                              timeout=max(0.01, remaining), checksum=False),
+                    remaining,
+                )
+            except (*_NATS_ERRORS, *_BAD_REPLY) as e:
+                if _no_responders(e):
+                    self._gone(iid)
+                return taken, f"{iid}: {type(e).__name__}: {e}"
             self._heard_from(iid)
-            return ""
-        except (*_NATS_ERRORS, *_BAD_REPLY) as e:
-            if _no_responders(e):
-                self._gone(iid)
-            return f"{iid}: {type(e).__name__}: {e}"
+            taken.update(meta.keys)
+            start = end
+        return taken, ""
 
     async def get_blocks(self, keys: Sequence[bytes], *, timeout: float | None = None) -> dict[bytes, torch.Tensor]:
         """The blocks of ``keys`` that the pool has; anything missing, late or corrupt is absent.

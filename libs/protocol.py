@@ -346,8 +346,13 @@ class KVMeta(msgspec.Struct, kw_only=True):
 
 
 class CachePutMeta(msgspec.Struct, kw_only=True):
+    """Meta of one put blob: the encoded blocks of ``keys`` concatenated in that order, block ``i``
+    being ``sizes[i]`` bytes long. The store keeps every valid block and refuses the blob (a
+    negative ack naming the bad keys) if any is not a valid block for its key."""
+
     v: int = PROTOCOL_VERSION
-    key: bytes
+    keys: list[bytes]
+    sizes: list[int]
 
 
 class CacheGetRequest(msgspec.Struct, kw_only=True):

@@ -68,15 +68,17 @@ def test_bench_prefix_figures(tiny_dir, tmp_path, capsys):
 def test_bench_transfer_figures(tmp_path, capsys):
     out = tmp_path / "transfer.json"
     args = argparse.Namespace(blocks=6, block_shape="2,2,2,16,16", repeats=2, data_dir=str(tmp_path / "data"),
-                              out=str(out), progress=False)
+                              out=str(out), progress=False, put_batch=4)
     assert bench_cache.transfer_main(args) == 0
     figures, table = _figures(capsys, out)
-    for k in ("pool_mb_s", "raw_nats_mb_s", "pool_vs_raw", "layers_mb_s", "layers_vs_raw"):
+    for k in ("pool_mb_s", "raw_nats_mb_s", "pool_vs_raw", "layers_mb_s", "layers_vs_raw", "put_one_mb_s",
+              "put_many_mb_s", "put_many_vs_one"):
         assert _number(figures[k]) and figures[k] > 0, k
     assert figures["errors"] == 0 and figures["blocks"] == 6
     assert figures["bytes_per_round"] == 6 * 2 * 2 * 2 * 16 * 16 * 4
     assert len(figures["pool_round_ms"]) == len(figures["raw_round_ms"]) == 2
     assert "pool get_blocks" in table and "pool load_layers" in table and "raw nats pub/sub" in table
+    assert figures["put_batch"] == 4 and "pool put, 4 per call" in table
 
 
 def _trace_args(tiny_dir, tmp_path, out, configs: str) -> argparse.Namespace:

@@ -209,6 +209,46 @@ def test_disk_map_full_evicts_and_retries(tmp_path):
 
 
 # ---------------------------------------------------------------- tiered store
+def test_disk_add_many_keeps_held_values_and_orders_recency(tmp_path):
+    disk = DiskTier(tmp_path / "db", 3 * BLOCK_BYTES)
+    for i in range(3):
+        disk.put(key(i), block(i))
+    # 1 is held: its value stays, it only becomes the most recent; 3 then pushes out the oldest (0)
+    assert disk.add_many([(key(1), block(9)), (key(3), block(3))]) == [key(0)]
+    assert disk.keys() == [key(2), key(1), key(3)]
+    assert disk.get(key(1)) == block(1) and disk.get(key(3)) == block(3)
+    # a batch larger than the tier keeps its last blocks and reports the others as evicted
+    assert disk.add_many([(key(i), block(i)) for i in range(10, 15)]) == [key(2), key(1), key(3), key(10), key(11)]
+    assert disk.keys() == [key(12), key(13), key(14)] and len(disk) == 3
+    disk.close()
+
+
+def test_disk_add_many_larger_than_the_map_keeps_the_last_blocks(tmp_path):
+    disk = DiskTier(tmp_path / "db", 1 << 30, map_size=1 << 20)
+    value = lambda i: bytes([i % 256]) * (64 << 10)  # noqa: E731
+    dropped = disk.add_many([(key(i), value(i)) for i in range(40)])  # ~2.5 MiB into a 1 MiB map
+    assert 0 < len(disk) < 40 and len(dropped) == 40 - len(disk)
+    assert disk.get(key(39)) == value(39) and key(39) not in dropped
+    disk.close()
+
+
+def test_tiered_put_many_stores_the_valid_blocks_and_names_the_bad(tmp_path):
+    store = TieredStore(BLOCK_BYTES, tmp_path / "db", 3 * BLOCK_BYTES)
+    bad = bytearray(block(1))
+    bad[-1] ^= 0xFF
+    changes, refused = store.put_many([(key(0), block(0)), (key(1), bytes(bad)), (key(2), block(5)),
+                                       (key(3), memoryview(block(3)))])
+    assert changes == StoreChanges(stored=[key(0), key(3)])
+    assert set(refused) == {key(1), key(2)} and "key" in refused[key(2)]
+    # written through in order: DRAM keeps the last, the disk all, 0 older than 3
+    assert store.where_many([key(0), key(1), key(2), key(3)]) == ["disk", None, None, "dram"]
+    assert store.disk.keys() == [key(0), key(3)]
+    changes, refused = store.put_many([(key(4), block(4)), (key(5), block(5))])
+    assert changes == StoreChanges(stored=[key(4), key(5)], removed=[key(0)]) and not refused
+    assert store.get_many([key(0), key(3), key(5)]) == [(key(3), block(3)), (key(5), block(5))]
+    store.close()
+
+
 def test_tiered_demotion_and_promotion(tmp_path):
     store = TieredStore(2 * BLOCK_BYTES, tmp_path / "db", 100 * BLOCK_BYTES)
     for i in range(3):
@@ -456,9 +496,19 @@ async def test_put_of_corrupt_block_is_not_stored(nats_server, tmp_path):
         # A block announced under another key than its header's is refused by the store, and the
         # sender hears so.
         with pytest.raises(TransferError, match="key mismatch"):
-            await send_blob(nc, put, "t1", encode_block(k1, good), meta=encode(CachePutMeta(key=k2)))
+            await send_blob(nc, put, "t1", encode_block(k1, good),
+                            meta=encode(CachePutMeta(keys=[k2], sizes=[len(encode_block(k1, good))])))
         with pytest.raises(TransferError, match="corrupt block"):
-            await send_blob(nc, put, "t2", b"not a block", meta=encode(CachePutMeta(key=k1)))
+            await send_blob(nc, put, "t2", b"not a block", meta=encode(CachePutMeta(keys=[k1], sizes=[11])))
+        # in a blob of several, the valid blocks are kept and the sender hears which were not
+        k3 = b"\x03" * 16
+        parts = [encode_block(k3, good), b"not a block either"]
+        with pytest.raises(TransferError, match=f"corrupt block: {k2.hex()}"):
+            await send_blob(nc, put, "t3", b"".join(parts),
+                            meta=encode(CachePutMeta(keys=[k3, k2], sizes=[len(p) for p in parts])))
+        with pytest.raises(TransferError, match="does not match"):
+            await send_blob(nc, put, "t4", parts[0], meta=encode(CachePutMeta(keys=[k1, k2], sizes=[1, 2])))
+        assert await client.exists([k3]) == [True]
         await client.put_block(k1, good)
         assert await client.exists([k1, k2]) == [True, False]
         assert torch.equal((await client.get_blocks([k1]))[k1], good)

@@ -9,13 +9,14 @@ import torch
 from nats.js.api import DeliverPolicy
 from prometheus_client import REGISTRY
 
-from yuebing.libs.blocks import GET_BLOB_MAX_BLOCKS, CacheClient, owners, rank
+from yuebing.libs.blocks import GET_BLOB_MAX_BLOCKS, PUT_BLOB_MAX_BLOCKS, CacheClient, owners, rank
 from yuebing.libs.bus import connect
 from yuebing.libs.config import Settings
 from yuebing.libs.model import PastNotLoaded, PrefillKV
 from yuebing.libs.protocol import (
     BlockHeader,
     CacheGetReply,
+    Chunk,
     KVDump,
     KVDumpRequest,
     KVEvent,
@@ -147,6 +148,48 @@ async def test_two_instances_shard_and_replicate(nats_server, tmp_path):
         await client.close()
         await client2.close()
     finally:
+        for svc in svcs:
+            await svc.stop()
+        await nc.close()
+
+
+async def test_put_blocks_sends_each_instance_its_blocks_in_few_blobs(nats_server, tmp_path):
+    ids = ["cs-p1", "cs-p2"]
+    svcs = await start_pool(nats_server.url, tmp_path, ids)
+    nc = await connect(nats_server.url, "test-put-many")
+    blobs: collections.Counter = collections.Counter()
+
+    async def count(msg):
+        if decode(msg.data, Chunk).index == 0:
+            blobs[msg.subject.split(".")[2]] += 1
+
+    spy = await nc.subscribe(Subjects.cache("*", "put"), cb=count)
+    try:
+        client = await pool_client(nc, ids, timeout=10)
+        n = 3 * PUT_BLOB_MAX_BLOCKS
+        keys = [key(i) for i in range(n)]
+        await client.put_blocks([(k, tensor(i)) for i, k in enumerate(keys)])
+        await nc.flush()
+        share = collections.Counter(owners(k, ids, 1)[0] for k in keys)
+        # each instance got its own blocks, in as few blobs as the per-blob bound allows
+        assert blobs == {iid: -(-share[iid] // PUT_BLOB_MAX_BLOCKS) for iid in ids}
+        for svc in svcs:
+            assert svc.store.keys() == {k for k in keys if owners(k, ids, 1)[0] == svc.instance_id}
+        got = await client.get_blocks(keys)
+        assert list(got) == keys and all(torch.equal(got[k], tensor(i)) for i, k in enumerate(keys))
+        # replicas=2: both instances take every block; a key given twice is sent once
+        client2 = await pool_client(nc, ids, timeout=10, replicas=2)
+        blobs.clear()
+        more = [(key(1000 + i), tensor(i)) for i in range(20)]
+        await client2.put_blocks(more + more[:3])
+        await nc.flush()
+        assert blobs == {iid: 1 for iid in ids}
+        for svc in svcs:
+            assert {k for k, _ in more} <= svc.store.keys()
+        await client.close()
+        await client2.close()
+    finally:
+        await spy.unsubscribe()
         for svc in svcs:
             await svc.stop()
         await nc.close()

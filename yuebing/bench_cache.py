@@ -57,6 +57,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 DEFAULT_TRACE = Path(__file__).resolve().parents[1].parent / "shared" / "traces" / "conversation_trace.jsonl"
@@ -582,7 +583,7 @@ def _raw_publisher_main(argv: list[str]) -> int:
 
 @dataclass
 class TransferRound:
-    kind: str  # pool | raw
+    kind: str  # pool | layers | raw | put | put_many
     seconds: float
     nbytes: int
     ok: bool = True
@@ -593,7 +594,7 @@ class TransferRound:
         return self.nbytes / self.seconds / 1e6 if self.ok and self.seconds > 0 else None
 
 
-async def run_transfer(nats_url: str, *, blocks: int, shape: tuple[int, ...], repeats: int,
+async def run_transfer(nats_url: str, *, blocks: int, shape: tuple[int, ...], repeats: int, put_batch: int = 16,
                        progress: bool = True) -> tuple[list[TransferRound], dict]:
     import torch
     from tqdm import tqdm
@@ -694,14 +695,37 @@ async def run_transfer(nats_url: str, *, blocks: int, shape: tuple[int, ...], re
                                      f"subscriber got {state['bytes']} of {total} bytes")
             return TransferRound("raw", dt, state["bytes"])
 
+        fresh = iter(range(1, 1 << 30))
+
+        async def put_round(batch: int) -> TransferRound:
+            # new keys every round, so the store writes every block (DRAM and LMDB) as for a new
+            # prompt; ``batch`` blocks per call: 1 is a put per block, more is what a prefill
+            # sends for one prompt (one blob, one transaction)
+            r = next(fresh)
+            ks = [hashlib.blake2b(f"bench-put-{r}-{i}".encode(), digest_size=16).digest() for i in range(blocks)]
+            kind = "put" if batch == 1 else "put_many"
+            t0 = time.perf_counter()
+            try:
+                for i in range(0, blocks, batch):
+                    await cache.put_blocks(list(zip(ks[i : i + batch], tensors[i : i + batch])), timeout=60)
+            except Exception as e:  # noqa: BLE001 - a failed round is reported, not fatal
+                return TransferRound(kind, time.perf_counter() - t0, total, False, repr(e))
+            dt = time.perf_counter() - t0
+            if await cache.lookup(ks) != blocks:
+                return TransferRound(kind, dt, total, False, "the pool does not hold every block just put")
+            return TransferRound(kind, dt, total)
+
+        put_one = partial(put_round, 1)
+        put_many = partial(put_round, put_batch)
         await pool_round()  # warm-up, not counted
         await layers_round()
         await raw_round()
-        bar = tqdm(total=3 * repeats, desc="transfer rounds", unit="round", file=sys.stderr, disable=not progress,
-                   dynamic_ncols=True)
+        kinds = (layers_round, pool_round, raw_round, put_one, put_many)
+        bar = tqdm(total=len(kinds) * repeats, desc="transfer rounds", unit="round", file=sys.stderr,
+                   disable=not progress, dynamic_ncols=True)
         try:
             for _ in range(repeats):
-                for fn in (layers_round, pool_round, raw_round):
+                for fn in kinds:
                     rounds.append(await fn())
                     bar.update(1)
         finally:
@@ -745,6 +769,7 @@ def _transfer(args) -> int:
 
     blocks = int(getattr(args, "blocks", 124))
     repeats = int(getattr(args, "repeats", 5))
+    put_batch = max(1, int(getattr(args, "put_batch", 16)))
     shape = _parse_shape(getattr(args, "block_shape", None) or DEFAULT_BLOCK_SHAPE)
     progress = bool(getattr(args, "progress", True))
     data_dir, own = _data_dir(args, "yuebing-bench-transfer-")
@@ -764,8 +789,9 @@ def _transfer(args) -> int:
     try:
         try:
             server.start()
+            # the put rounds write 2 * repeats rounds of new blocks: the disk keeps them all
             env = dict(os.environ, YUEBING_DRAM_BYTES=str(max(1 << 30, 2 * total)),
-                       YUEBING_DISK_BYTES=str(max(1 << 30, 2 * total)))
+                       YUEBING_DISK_BYTES=str(max(1 << 30, (2 * repeats + 2) * total)))
             with open(log_dir / "cachestore-0.log", "ab") as out:
                 store = subprocess.Popen(
                     [sys.executable, "-m", "yuebing.cli", "serve", "cachestore", "--nats", server.url,
@@ -776,7 +802,7 @@ def _transfer(args) -> int:
                     [sys.executable, "-m", "yuebing.bench_cache", "raw-publisher", server.url],
                     stdout=out, stderr=out, start_new_session=True, preexec_fn=die_with_parent)
             rounds, info = asyncio.run(run_transfer(server.url, blocks=blocks, shape=shape, repeats=repeats,
-                                                    progress=progress))
+                                                    put_batch=put_batch, progress=progress))
         finally:
             _stop_proc(pub)
             _stop_proc(store)
@@ -791,10 +817,17 @@ def _transfer(args) -> int:
     layers_mb = _median([r.mb_s for r in layers])
     pool_mb = _median([r.mb_s for r in pool])
     raw_mb = _median([r.mb_s for r in raw])
+    put1 = [r for r in rounds if r.kind == "put"]
+    putn = [r for r in rounds if r.kind == "put_many"]
+    put1_mb = _median([r.mb_s for r in put1])
+    putn_mb = _median([r.mb_s for r in putn])
     rows = []
     for kind, rs, what in (("pool get_blocks", pool, f"{blocks} blocks, chunked blobs, acked windows"),
                            ("pool load_layers", layers, f"{blocks} blocks layer by layer into a KV buffer"),
-                           ("raw nats pub/sub", raw, f"{info['messages']} msgs of {info['msg_bytes']} B")):
+                           ("raw nats pub/sub", raw, f"{info['messages']} msgs of {info['msg_bytes']} B"),
+                           ("pool put, 1 per call", put1, f"{blocks} new blocks, a blob and a transaction each"),
+                           (f"pool put, {put_batch} per call", putn, f"{blocks} new blocks, one blob and "
+                                                                     f"transaction per {put_batch}")):
         ok = [r for r in rs if r.ok]
         mbs = [round(r.mb_s, 1) for r in ok]
         rows.append({"path": kind, "what": what, "rounds": len(rs), "errors": len(rs) - len(ok),
@@ -817,6 +850,11 @@ def _transfer(args) -> int:
         "pool_round_ms": [_ms(r.seconds) for r in pool],
         "layers_round_ms": [_ms(r.seconds) for r in layers],
         "raw_round_ms": [_ms(r.seconds) for r in raw],
+        # writes of new blocks into the pool (DRAM and LMDB), a block per call vs put_batch per call
+        "put_batch": put_batch,
+        "put_one_mb_s": round(put1_mb, 1) if put1_mb else None,
+        "put_many_mb_s": round(putn_mb, 1) if putn_mb else None,
+        "put_many_vs_one": _ratio(putn_mb, put1_mb),
         "errors": sum(not r.ok for r in rounds),
         "seconds": round(time.perf_counter() - started, 1),
     }

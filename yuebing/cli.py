@@ -262,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     transfer_b.add_argument("--blocks", type=int, default=124, help="blocks per get (default 124)")
     transfer_b.add_argument("--block-shape", default="30,2,3,16,64", help="layers,2,kv_heads,block_size,head_dim")
     transfer_b.add_argument("--repeats", type=int, default=5, help="rounds of each")
+    transfer_b.add_argument("--put-batch", type=int, default=16,
+                            help="blocks per call in the batched put rounds (default 16, about one prompt's)")
     transfer_b.add_argument("--data-dir", default=None, help="NATS store, cachestore files and logs (default: a temp dir)")
     transfer_b.add_argument("--out", default=None, help="also write the JSON figures here")
     transfer_b.set_defaults(func=bench_cache.transfer_main)

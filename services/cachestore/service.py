@@ -3,7 +3,8 @@
 Several instances form the pool; clients shard keys over the live ones by rendezvous hashing
 (``yuebing.libs.blocks.CacheClient``), so each instance only serves its own subjects:
 
-- ``put``: one chunked blob per block (``CachePutMeta``), acked or refused per blob;
+- ``put``: a chunked blob of one or more blocks (``CachePutMeta``), stored in one LMDB transaction
+  and acked, or refused naming the blocks that failed their check;
 - ``get``: ``CacheGetRequest`` -> ``CacheGetReply`` (the keys found, in order), then the found
   blocks streamed to the request's reply subject as chunked blobs (``CacheGetMeta``: the keys and
   sizes of the encoded blocks concatenated in the blob). Blocks are packed into blobs of at most
@@ -72,7 +73,7 @@ EVICTIONS = Counter(
 GET_HITS = Counter("yuebing:cache_get_hit_blocks", "Blocks asked for by gets and found", ["instance_id"])
 GET_MISSES = Counter("yuebing:cache_get_miss_blocks", "Blocks asked for by gets and not found", ["instance_id"])
 PUTS = Counter("yuebing:cache_puts", "Blocks put (accepted), new or not", ["instance_id"])
-PUTS_REFUSED = Counter("yuebing:cache_puts_refused", "Puts refused (malformed or corrupt blocks)", ["instance_id"])
+PUTS_REFUSED = Counter("yuebing:cache_puts_refused", "Blocks (or malformed put blobs) refused", ["instance_id"])
 
 
 class CacheStoreService(Service):
@@ -174,34 +175,42 @@ class CacheStoreService(Service):
                 EVICTIONS.labels(iid, tier).inc(delta)
             self._evictions_seen[tier] = evictions
 
-    def _put_sync(self, key: bytes, data: bytearray) -> StoreStats:
-        self.store.put(key, data)
-        return self.store.stats()
+    def _put_sync(self, items: list[tuple[bytes, memoryview]]) -> tuple[dict[bytes, str], StoreStats]:
+        _, refused = self.store.put_many(items)
+        return refused, self.store.stats()
 
     def _get_sync(self, keys: list[bytes]) -> tuple[list[tuple[bytes, bytes]], StoreStats]:
         return self.store.get_many(keys), self.store.stats()
 
     # ---- handlers: a malformed message is logged and dropped, never raised
     async def _on_put(self, transfer_id: str, meta: bytes, data: bytearray) -> str | None:
-        """Store one block; an error string becomes the sender's negative ack."""
+        """Store a blob of blocks (one LMDB transaction); an error string becomes the sender's
+        negative ack. Valid blocks are kept even when others in the blob are refused."""
         try:
-            key = decode(meta, CachePutMeta).key
-            st = await asyncio.to_thread(self._put_sync, key, data)
+            m = decode(meta, CachePutMeta)
+            if len(m.keys) != len(m.sizes) or sum(m.sizes) != len(data) or min(m.sizes, default=0) < 0:
+                raise msgspec.ValidationError("put meta does not match the blob")
+            view, items, offset = memoryview(data), [], 0
+            for key, size in zip(m.keys, m.sizes):
+                items.append((key, view[offset : offset + size]))
+                offset += size
+            refused, st = await asyncio.to_thread(self._put_sync, items)
         except _BAD_MESSAGE as e:
             self.log.warning("cache_put_dropped", transfer_id=transfer_id, error=str(e))
             PUTS_REFUSED.labels(self.instance_id).inc()
             return f"bad put: {e}"
-        except BlockCorrupt as e:
-            self.log.warning("cache_put_corrupt", transfer_id=transfer_id, error=str(e))
-            PUTS_REFUSED.labels(self.instance_id).inc()
-            return f"corrupt block: {e}"
         except Exception as e:  # noqa: BLE001 - the service must keep running
             self.log.exception("cache_put_failed", transfer_id=transfer_id)
             return f"store failed: {e}"
-        PUTS.labels(self.instance_id).inc()
+        PUTS.labels(self.instance_id).inc(len(items) - len(refused))
         self._update_metrics(st)
         # Acked only once its event is out, so whoever saw the put succeed can find the event.
         await self._publish_changes()
+        if refused:
+            self.log.warning("cache_put_corrupt", transfer_id=transfer_id, refused=len(refused),
+                             stored=len(items) - len(refused))
+            PUTS_REFUSED.labels(self.instance_id).inc(len(refused))
+            return "corrupt block: " + "; ".join(f"{k.hex()}: {why}" for k, why in list(refused.items())[:4])
         return None
 
     async def _on_get(self, msg: Msg) -> None:

@@ -146,48 +146,75 @@ class DiskTier:
         A value that cannot be stored at all (larger than the tier, or the map stays full) is
         reported as evicted itself.
         """
-        if _footprint(len(value)) > self.capacity_bytes:
-            self.delete(key)
-            self.evictions += 1
-            return [key]
+        return self._write([(key, value)], replace=True)
+
+    def add_many(self, items: list[tuple[bytes, bytes]]) -> list[bytes]:
+        """Store each (key, value) in order, in one transaction: a key already held keeps its value
+        and only becomes the most recently used. Returns the keys evicted (or not storable), as ``put``."""
+        return self._write(items, replace=False)
+
+    def _write(self, items: list[tuple[bytes, bytes]], *, replace: bool) -> list[bytes]:
         evicted: list[bytes] = []
+        todo = []
+        for key, value in items:
+            if _footprint(len(value)) > self.capacity_bytes:
+                self.delete(key)
+                self.evictions += 1
+                evicted.append(key)
+            else:
+                todo.append((key, value))
+        if not todo:
+            return evicted
         for _ in range(16):
             try:
-                return evicted + self._put_txn(key, value)
+                return evicted + self._write_txn(todo, replace)
             except lmdb.MapFullError:
                 # The map is fuller than the logical count says: free real pages and retry.
                 freed = self._evict(max(1, self.count // 8))
                 evicted += freed
                 if not freed:
                     break
-        log.warning("disk_put_dropped", key=key.hex(), size=len(value))
-        self.evictions += 1
-        return evicted + [key]
+        if len(todo) > 1:  # more than the map can take at once: one by one, the last ones stay
+            for item in todo:
+                evicted += self._write([item], replace=replace)
+            return evicted
+        log.warning("disk_put_dropped", keys=len(todo), size=sum(len(v) for _, v in todo))
+        self.evictions += len(todo)
+        return evicted + [k for k, _ in todo]
 
-    def _put_txn(self, key: bytes, value: bytes) -> list[bytes]:
+    def _write_txn(self, items: list[tuple[bytes, bytes]], replace: bool) -> list[bytes]:
         evicted = []
-        size = _footprint(len(value))
+        total, count = self.bytes, self.count
         with self._env.begin(write=True) as txn:
-            total, count = self.bytes, self.count
-            old = txn.get(key, db=self._index)
-            if old is not None:
-                seq, old_size = _ENTRY.unpack(old)
-                txn.delete(_SEQ.pack(seq), db=self._lru)
-                total, count = total - old_size, count - 1
-            cur = txn.cursor(db=self._lru)
-            while total + size > self.capacity_bytes and cur.first():
-                victim = cur.value()
-                cur.delete()
-                total -= self._drop(txn, victim)
-                count -= 1
-                evicted.append(victim)
-            seq = self._next_seq()
-            txn.put(key, value, db=self._blocks)
-            txn.put(key, _ENTRY.pack(_SEQ.unpack(seq)[0], size), db=self._index)
-            txn.put(seq, key, db=self._lru)
-        self.bytes, self.count = total + size, count + 1
+            lru = txn.cursor(db=self._lru)
+            for key, value in items:
+                size = _footprint(len(value))
+                old = txn.get(key, db=self._index)
+                if old is not None:
+                    old_seq, old_size = _ENTRY.unpack(old)
+                    txn.delete(_SEQ.pack(old_seq), db=self._lru)
+                    if not replace:  # recency only
+                        self._place(txn, key, old_size)
+                        continue
+                    total, count = total - old_size, count - 1
+                while total + size > self.capacity_bytes and lru.first():
+                    victim = lru.value()
+                    lru.delete()
+                    total -= self._drop(txn, victim)
+                    count -= 1
+                    evicted.append(victim)
+                txn.put(key, value, db=self._blocks)
+                self._place(txn, key, size)
+                total, count = total + size, count + 1
+        self.bytes, self.count = total, count
         self.evictions += len(evicted)
         return evicted
+
+    def _place(self, txn, key: bytes, size: int) -> None:
+        """Make ``key`` the most recently used (its old ``lru`` entry already gone)."""
+        seq = self._next_seq()
+        txn.put(seq, key, db=self._lru)
+        txn.put(key, _ENTRY.pack(_SEQ.unpack(seq)[0], size), db=self._index)
 
     def _drop(self, txn, key: bytes) -> int:
         """Remove ``key`` from ``blocks`` and ``index`` (not ``lru``); returns its size."""
@@ -230,10 +257,8 @@ class DiskTier:
                 if entry is None:
                     return False
                 old_seq, size = _ENTRY.unpack(entry)
-                seq = self._next_seq()
                 txn.delete(_SEQ.pack(old_seq), db=self._lru)
-                txn.put(seq, key, db=self._lru)
-                txn.put(key, _ENTRY.pack(_SEQ.unpack(seq)[0], size), db=self._index)
+                self._place(txn, key, size)
             return True
         except lmdb.MapFullError:
             log.warning("disk_touch_skipped_map_full", key=key.hex())
@@ -321,19 +346,20 @@ class TieredStore:
         self._log: list[tuple[bytes, bool]] = []  # (key, stored?) in the order it happened
 
     # ---- change tracking (callers hold self._lock)
-    def _settle(self, candidates: list[bytes], new_key: bytes | None = None) -> StoreChanges:
+    def _settle(self, candidates: list[bytes], new_keys: list[bytes] = ()) -> StoreChanges:
         """Record the effect of one operation: ``candidates`` may have left both tiers,
-        ``new_key`` may have entered."""
+        ``new_keys`` may have entered."""
         changes = StoreChanges()
+        new = dict.fromkeys(new_keys)
         for k in dict.fromkeys(candidates):
-            if k != new_key and k in self._held and k not in self.dram and not self.disk.contains(k):
+            if k not in new and k in self._held and k not in self.dram and not self.disk.contains(k):
                 changes.removed.append(k)
-        if new_key is not None:
-            held = new_key in self.dram or self.disk.contains(new_key)
-            if held and new_key not in self._held:
-                changes.stored.append(new_key)
-            elif not held and new_key in self._held:
-                changes.removed.append(new_key)
+        for k in new:
+            held = k in self.dram or self.disk.contains(k)
+            if held and k not in self._held:
+                changes.stored.append(k)
+            elif not held and k in self._held:
+                changes.removed.append(k)
         if changes:
             with self._log_lock:
                 for k in changes.removed:
@@ -367,23 +393,43 @@ class TieredStore:
         Returns what this put changed: ``stored == [key]`` unless the key was already held (or
         could not be kept at all), and the keys evicted from the store entirely to make room.
         """
-        verify_block(value, expected_key=key)
-        data = bytes(value)
+        changes, refused = self.put_many([(key, value)])
+        if refused:
+            raise BlockCorrupt(refused[key])
+        return changes
+
+    def put_many(self, items: list[tuple[bytes, bytes | bytearray | memoryview]]
+                 ) -> tuple[StoreChanges, dict[bytes, str]]:
+        """Store encoded blocks, in order, with one LMDB transaction for all of them.
+
+        Returns what the puts changed (as ``put``) and the blocks refused: key -> why it is not a
+        valid block for that key. The valid ones are stored either way.
+        """
+        good: list[tuple[bytes, bytes]] = []
+        refused: dict[bytes, str] = {}
+        for key, value in items:
+            try:
+                verify_block(value, expected_key=key)
+            except BlockCorrupt as e:
+                refused[key] = str(e)
+                continue
+            good.append((key, bytes(value)))
+        if not good:
+            return StoreChanges(), refused
         with self._lock:
-            dropped = self._demote(self.dram.put(key, data))
+            demoted: list[tuple[bytes, bytes]] = []
+            for key, data in good:
+                demoted += self.dram.put(key, data)
             # Write-through: LMDB holds every block too, so a crash (kill -9) loses nothing that
-            # was acknowledged; DRAM is the fast copy of the recently used ones.
-            if not self.disk.touch(key):
-                dropped += self.disk.put(key, data)
-            return self._settle(dropped, new_key=key)
+            # was acknowledged; DRAM is the fast copy of the recently used ones. Blocks DRAM let
+            # go are on disk already and only refresh their recency there, before the new ones.
+            dropped = self.disk.add_many(demoted + good)
+            return self._settle(dropped, new_keys=[k for k, _ in good]), refused
 
     def _demote(self, evicted: list[tuple[bytes, bytes]]) -> list[bytes]:
-        """Move DRAM evictions to disk; returns the keys the disk dropped on the way."""
-        dropped: list[bytes] = []
-        for k, v in evicted:
-            if not self.disk.touch(k):  # already on disk (tiers are inclusive): recency only
-                dropped += self.disk.put(k, v)
-        return dropped
+        """Move DRAM evictions to disk (already there, tiers being inclusive: recency only);
+        returns the keys the disk dropped on the way."""
+        return self.disk.add_many(evicted) if evicted else []
 
     def get(self, key: bytes) -> bytes | None:
         """The encoded block, or None. Bytes that fail verification are deleted: a miss."""

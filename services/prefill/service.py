@@ -275,12 +275,10 @@ class PrefillService(ModelWorker):
             return
         try:
             present = await self.cache.exists(keys)
-            stored = 0
-            for key, have in zip(keys, present):
-                if not have:
-                    i = index[key]
-                    await self.cache.put_block(key, kv[:, :, :, i * bs : (i + 1) * bs])
-                    stored += 1
-            self.log.debug("blocks_stored", request_id=rid, stored=stored, present=len(keys) - stored)
+            missing = [(k, kv[:, :, :, index[k] * bs : (index[k] + 1) * bs])
+                       for k, have in zip(keys, present) if not have]
+            # one blob per cachestore instance, stored in one transaction there
+            await self.cache.put_blocks(missing)
+            self.log.debug("blocks_stored", request_id=rid, stored=len(missing), present=len(keys) - len(missing))
         except CacheError as e:
             self.log.warning("block_store_failed", request_id=rid, error=str(e))
