@@ -241,8 +241,12 @@ class CacheGetMeta(msgspec.Struct, kw_only=True):
 
 # Blocks per get or put blob: bounds the meta (it travels in chunk 0's header room) and the sender's buffer.
 GET_BLOB_MAX_BLOCKS = PUT_BLOB_MAX_BLOCKS = 64
-# Bytes per put blob: a prompt's new blocks for one owner usually go in one blob (one transaction).
-PUT_BLOB_MAX_BYTES = 32 << 20
+# Bytes per put blob: a prompt's new blocks for one owner go in a few blobs, one transaction each.
+PUT_BLOB_MAX_BYTES = 8 << 20
+# Chunks of a put blob sent ahead of the store's ack. Many prefills put to one instance at once:
+# what they have in flight together must stay well under the NATS server's per-client pending
+# limit (64 MiB), or the server cuts the cachestore off as a slow consumer.
+PUT_WINDOW_CHUNKS = 2
 MISSED_BEATS = 3  # an instance is gone after missing this many heartbeats
 DISCOVERY_WAIT = 2.0  # a client used without start() waits this long (at most) for the first heartbeat
 
@@ -659,7 +663,7 @@ class CacheClient:
                 await asyncio.wait_for(
                     # the store checks each block's own CRC32 (and key) before it keeps it
                     send_blob(self.nc, Subjects.cache(iid, "put"), tid, blob, meta=encode(meta),
-                              timeout=max(0.01, remaining), checksum=False),
+                              window=PUT_WINDOW_CHUNKS, timeout=max(0.01, remaining), checksum=False),
                     remaining,
                 )
             except (*_NATS_ERRORS, *_BAD_REPLY) as e:

@@ -411,3 +411,50 @@ async def test_kv_events_track_what_the_instance_holds(nats_server, tmp_path):
     finally:
         await svc.stop()
         await nc.close()
+
+
+
+async def test_writers_never_get_a_stalled_store_cut_off(nats_server, tmp_path):
+    # A cachestore process starved of CPU for a moment stops reading. Twelve prefills writing to it
+    # meanwhile must not push more than the NATS server holds for one client (64 MiB), or the
+    # server drops the cachestore as a slow consumer and every write and load to it fails.
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from yuebing.libs.proc import die_with_parent
+
+    log = tmp_path / "cachestore.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "yuebing.cli", "serve", "cachestore", "--nats", nats_server.url,
+             "--data-dir", str(tmp_path / "data"), "--instance-id", "cs-stalled"],
+            stdout=out, stderr=out, env=dict(os.environ, YUEBING_DRAM_BYTES=str(64 << 20)),
+            preexec_fn=die_with_parent)
+    ncs = [await connect(nats_server.url, f"test-writer-{w}") for w in range(12)]
+    try:
+        clients = []
+        for nc in ncs:
+            client = CacheClient(nc, timeout=60)
+            assert await client.wait_for_pool(60)
+            clients.append(client)
+        block = torch.zeros(30, 2, 3, 16, 64)  # SmolLM2-135M's block: 737,280 bytes of KV
+        batches = [[key(10_000 * (w + 1) + i) for i in range(24)] for w in range(12)]  # 12 x 18 MB
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            writes = [asyncio.ensure_future(c.put_blocks([(k, block) for k in ks])) for c, ks in zip(clients, batches)]
+            await asyncio.sleep(3)  # every writer has sent what it may before an ack
+        finally:
+            proc.send_signal(signal.SIGCONT)
+        await asyncio.gather(*writes)
+        written = [k for ks in batches for k in ks]
+        assert await clients[0].exists(written) == [True] * len(written)
+        assert "Slow Consumer" not in (tmp_path / "nats.log").read_text()
+        for c in clients:
+            await c.close()
+    finally:
+        for nc in ncs:
+            await nc.close()
+        proc.terminate()
+        proc.wait(30)
