@@ -168,6 +168,48 @@ def test_a_load_from_disk_holds_up_no_put_and_the_close_waits_for_it(tmp_path):
     assert got == [(key(0), block(0)), (key(3), block(3))]
 
 
+def test_a_put_writing_the_disk_holds_up_no_load_and_the_close_waits_for_it(tmp_path):
+    import threading
+
+    store = TieredStore(4 * BLOCK_BYTES, tmp_path / "db", 10 * BLOCK_BYTES)
+    store.put(key(0), block(0))
+    writing, release = threading.Event(), threading.Event()
+    add_many = store.disk.add_many
+
+    def slow_add_many(items):
+        writing.set()
+        release.wait(30)
+        return add_many(items)
+
+    store.disk.add_many = slow_add_many
+    changes = []
+    putter = threading.Thread(target=lambda: changes.append(store.put(key(1), block(1))))
+    putter.start()
+    assert writing.wait(30)
+    # the transaction is in progress: loads from DRAM and presence checks go on
+    seen = []
+    reader = threading.Thread(target=lambda: seen.extend([store.get_many([key(0), key(1)]),
+                                                          store.where_many([key(0), key(2)])]))
+    reader.start()
+    reader.join(timeout=10)
+    assert not reader.is_alive(), "a load waited for a put's disk write"
+    assert seen == [[(key(0), block(0)), (key(1), block(1))], ["dram", None]]
+    closer = threading.Thread(target=lambda: store.close(flush=False))
+    closer.start()
+    closer.join(timeout=0.5)
+    assert closer.is_alive()  # the disk stays open for the write in progress
+    release.set()
+    putter.join(timeout=30)
+    closer.join(timeout=30)
+    assert not putter.is_alive() and not closer.is_alive()
+    assert changes == [StoreChanges(stored=[key(1)])]
+    with pytest.raises(RuntimeError, match="closed"):
+        store.put(key(2), block(2))
+    reopened = DiskTier(tmp_path / "db", 10 * BLOCK_BYTES)
+    assert reopened.keys() == [key(0), key(1)]
+    reopened.close()
+
+
 def test_disk_replace_and_delete_keep_the_byte_count(tmp_path):
     disk = DiskTier(tmp_path / "db", 10 * BLOCK_BYTES)
     disk.put(key(1), b"a" * 100)

@@ -3,8 +3,9 @@
 Values are encoded blocks (``yuebing.libs.blocks.encode_block``); keys are block hashes.
 Tiers are inclusive: a block promoted from disk keeps its disk copy, so demoting it again only
 refreshes its recency. DRAM is volatile; ``TieredStore.close`` writes DRAM-only blocks to disk so
-a clean restart loses nothing. The tiers are not thread-safe on their own; ``TieredStore``
-serialises every operation with one lock so the service can call it from worker threads.
+a clean restart loses nothing. ``TieredStore`` serialises its operations with one lock, except
+the disk reads of loads and the disk writes of puts, which run beside it (``DiskTier`` guards its
+own writers), so the service can call it from worker threads.
 """
 
 from __future__ import annotations
@@ -117,6 +118,9 @@ class DiskTier:
         self._env = lmdb.open(str(self.path), map_size=map_size, max_dbs=3, metasync=False, sync=False,
                               readahead=False)
         self._sync_lock = threading.Lock()  # a sync and the close never overlap
+        # Writers from several threads (a put's transaction runs outside the store's lock): LMDB
+        # serialises them itself, this guards the counters kept beside it.
+        self._write_lock = threading.RLock()
         self._blocks = self._env.open_db(b"blocks")
         self._index = self._env.open_db(b"index")
         self._lru = self._env.open_db(b"lru")
@@ -154,6 +158,10 @@ class DiskTier:
         return self._write(items, replace=False)
 
     def _write(self, items: list[tuple[bytes, bytes]], *, replace: bool) -> list[bytes]:
+        with self._write_lock:
+            return self._write_locked(items, replace)
+
+    def _write_locked(self, items: list[tuple[bytes, bytes]], replace: bool) -> list[bytes]:
         evicted: list[bytes] = []
         todo = []
         for key, value in items:
@@ -176,7 +184,7 @@ class DiskTier:
                     break
         if len(todo) > 1:  # more than the map can take at once: one by one, the last ones stay
             for item in todo:
-                evicted += self._write([item], replace=replace)
+                evicted += self._write_locked([item], replace)
             return evicted
         log.warning("disk_put_dropped", keys=len(todo), size=sum(len(v) for _, v in todo))
         self.evictions += len(todo)
@@ -238,21 +246,22 @@ class DiskTier:
         return evicted
 
     def delete(self, key: bytes) -> bool:
-        with self._env.begin(write=True) as txn:
-            entry = txn.get(key, db=self._index)
-            if entry is None:
-                return False
-            seq, size = _ENTRY.unpack(entry)
-            txn.delete(_SEQ.pack(seq), db=self._lru)
-            self._drop(txn, key)
-        self.bytes -= size
-        self.count -= 1
-        return True
+        with self._write_lock:
+            with self._env.begin(write=True) as txn:
+                entry = txn.get(key, db=self._index)
+                if entry is None:
+                    return False
+                seq, size = _ENTRY.unpack(entry)
+                txn.delete(_SEQ.pack(seq), db=self._lru)
+                self._drop(txn, key)
+            self.bytes -= size
+            self.count -= 1
+            return True
 
     def touch(self, key: bytes) -> bool:
         """Mark ``key`` most recently used; False when absent."""
         try:
-            with self._env.begin(write=True) as txn:
+            with self._write_lock, self._env.begin(write=True) as txn:
                 entry = txn.get(key, db=self._index)
                 if entry is None:
                     return False
@@ -292,7 +301,7 @@ class DiskTier:
                 self._env.sync(True)
 
     def close(self) -> None:
-        with self._sync_lock:
+        with self._write_lock, self._sync_lock:
             self._env.sync(True)
             self._env.close()
             self._env = None
@@ -323,7 +332,8 @@ class StoreChanges:
 class TieredStore:
     """DRAM in front of LMDB, written through: every put lands in both, a DRAM eviction leaves
     the LMDB copy (a demotion), an LMDB hit is promoted back into DRAM. Thread-safe: every public
-    method holds one lock.
+    method holds one lock, but for the disk reads of ``get_many`` and the disk transaction of
+    ``put_many``, which run outside it.
 
     The store keeps the set of keys it holds (either tier) and an ordered log of changes to it:
     a key is *stored* when a put brings a key it did not hold, *removed* when it leaves both tiers
@@ -336,8 +346,11 @@ class TieredStore:
         self.disk = DiskTier(disk_dir, disk_bytes, map_size=disk_map_size)
         self.corrupt = 0
         self._lock = threading.Lock()
-        self._readers = 0  # loads reading the disk outside the lock
-        self._no_readers = threading.Condition(self._lock)
+        # Loads read the disk, and puts write it, outside the lock (LMDB serialises its writers and
+        # never blocks a reader; ``DiskTier`` guards its own counters), so a DRAM hit or a
+        # presence check never waits for a device read or a large write transaction.
+        self._outside = 0  # such disk operations in progress: the disk stays open for them
+        self._none_outside = threading.Condition(self._lock)
         self._closed = False
         # The held set and the change log have their own short lock, so reading them never waits
         # for a store operation (LMDB I/O) to finish.
@@ -417,14 +430,34 @@ class TieredStore:
         if not good:
             return StoreChanges(), refused
         with self._lock:
+            if self._closed:
+                raise RuntimeError("the store is closed")
             demoted: list[tuple[bytes, bytes]] = []
             for key, data in good:
                 demoted += self.dram.put(key, data)
-            # Write-through: LMDB holds every block too, so a crash (kill -9) loses nothing that
-            # was acknowledged; DRAM is the fast copy of the recently used ones. Blocks DRAM let
-            # go are on disk already and only refresh their recency there, before the new ones.
+            self._outside += 1
+        # Write-through: LMDB holds every block too, so a crash (kill -9) loses nothing that was
+        # acknowledged; DRAM is the fast copy of the recently used ones. Blocks DRAM let go are on
+        # disk already and only refresh their recency there, before the new ones.
+        try:
             dropped = self.disk.add_many(demoted + good)
-            return self._settle(dropped, new_keys=[k for k, _ in good]), refused
+        except BaseException:
+            self._done_outside()
+            raise
+        with self._lock:
+            try:
+                return self._settle(dropped, new_keys=[k for k, _ in good]), refused
+            finally:
+                self._outside_ended()
+
+    def _done_outside(self) -> None:
+        with self._lock:
+            self._outside_ended()
+
+    def _outside_ended(self) -> None:
+        """(Under the lock.) A disk operation outside the lock is over."""
+        self._outside -= 1
+        self._none_outside.notify_all()
 
     def _demote(self, evicted: list[tuple[bytes, bytes]]) -> list[bytes]:
         """Move DRAM evictions to disk (already there, tiers being inclusive: recency only);
@@ -450,7 +483,7 @@ class TieredStore:
             if self._closed:
                 return []
             hot = {k: v for k in keys if (v := self.dram.get(k)) is not None}
-            self._readers += 1  # the disk stays open until this read is done
+            self._outside += 1  # the disk stays open until this read is done
         cold: dict[bytes, bytes | None] = {}
         try:
             for k in keys:
@@ -458,27 +491,35 @@ class TieredStore:
                     v = self.disk.get(k, touch=False)
                     if v is not None:
                         cold[k] = v if self._valid(k, v, "disk") else None
-        finally:
-            with self._lock:
-                self._readers -= 1
-                self._no_readers.notify_all()
+        except BaseException:
+            self._done_outside()
+            raise
         with self._lock:
-            found: list[tuple[bytes, bytes]] = []
-            dropped: list[bytes] = []
-            for k in keys:
-                v = hot.get(k)
-                if v is None and k in cold:
-                    v = cold[k]
-                    if v is None:  # corrupt on disk
-                        if self.disk.delete(k) and k not in self.dram:
-                            dropped.append(k)
-                        continue
-                    if self.disk.touch(k) and k not in self.dram:  # still held: promote it
-                        dropped += self._demote(self.dram.put(k, v))
-                if v is not None:
-                    found.append((k, v))
-            self._settle(dropped)
-            return found
+            try:
+                return self._settle_load(keys, hot, cold)
+            finally:
+                self._outside_ended()
+
+    def _settle_load(self, keys: list[bytes], hot: dict[bytes, bytes], cold: dict[bytes, bytes | None]
+                     ) -> list[tuple[bytes, bytes]]:
+        """(Under the lock.) The blocks found, in order; blocks read from disk are promoted if
+        still held, corrupt ones deleted."""
+        found: list[tuple[bytes, bytes]] = []
+        dropped: list[bytes] = []
+        for k in keys:
+            v = hot.get(k)
+            if v is None and k in cold:
+                v = cold[k]
+                if v is None:  # corrupt on disk
+                    if self.disk.delete(k) and k not in self.dram:
+                        dropped.append(k)
+                    continue
+                if self.disk.touch(k) and k not in self.dram:  # still held: promote it
+                    dropped += self._demote(self.dram.put(k, v))
+            if v is not None:
+                found.append((k, v))
+        self._settle(dropped)
+        return found
 
     def _get(self, key: bytes, dropped: list[bytes]) -> bytes | None:
         value = self.dram.get(key)
@@ -563,6 +604,6 @@ class TieredStore:
             self.flush()
         with self._lock:
             self._closed = True
-            while self._readers:
-                self._no_readers.wait()
+            while self._outside:
+                self._none_outside.wait()
             self.disk.close()
