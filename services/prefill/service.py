@@ -277,7 +277,7 @@ class PrefillService(ModelWorker):
             present = await self.cache.exists(keys)
             missing = [(k, kv[:, :, :, index[k] * bs : (index[k] + 1) * bs])
                        for k, have in zip(keys, present) if not have]
-            # one blob per cachestore instance, stored in one transaction there
+            # each cachestore instance gets its share as a few blobs, one transaction each
             await self.cache.put_blocks(missing)
             self.log.debug("blocks_stored", request_id=rid, stored=len(missing), present=len(keys) - len(missing))
         except CacheError as e:
