@@ -40,12 +40,12 @@ from .protocol import (
     LayerPiece,
     CacheExistsReply,
     CacheExistsRequest,
+    CacheGetMeta,
     CacheGetReply,
     CacheGetRequest,
     CachePutMeta,
     CacheStats,
     Heartbeat,
-    PROTOCOL_VERSION,
     Subjects,
     decode,
     encode,
@@ -126,19 +126,48 @@ def _check_shape(shape: Sequence[int]) -> None:
         raise ValueError(f"KV block shape must be [layers, 2, kv_heads, block_size, head_dim], got {list(shape)}")
 
 
-def encode_block(key: bytes, tensor: torch.Tensor) -> bytes:
-    """Encode one block's KV (wire layout) as ``KVBlock`` MessagePack."""
+def _kv_block(key: bytes, tensor: torch.Tensor) -> KVBlock:
     _check_shape(tensor.shape)
     t = tensor.detach().to("cpu").contiguous()
     raw = memoryview(t.reshape(-1).view(torch.uint8).numpy())  # no copy: encoded straight from the tensor
-    blk = KVBlock(
+    return KVBlock(
         key=bytes(key),
         shape=list(t.shape),
         dtype=_dtype_name(t.dtype),
         checksum=zlib.crc32(raw) & 0xFFFFFFFF,
         data=raw,  # type: ignore[arg-type] - msgspec encodes any buffer as bin
     )
-    return _block_encoder.encode(blk)
+
+
+def encode_block(key: bytes, tensor: torch.Tensor) -> bytes:
+    """Encode one block's KV (wire layout) as ``KVBlock`` MessagePack."""
+    return _block_encoder.encode(_kv_block(key, tensor))
+
+
+def encode_blocks(blocks: Sequence[tuple[bytes, torch.Tensor]]) -> tuple[bytearray, list[int]]:
+    """``encode_block`` of each, concatenated straight into one buffer (no copy to join them);
+    returns it and the size of each encoded block."""
+    buf, sizes = bytearray(), []
+    for key, tensor in blocks:
+        start = len(buf)
+        _block_encoder.encode_into(_kv_block(key, tensor), buf, -1)
+        sizes.append(len(buf) - start)
+    return buf, sizes
+
+
+def blob_groups(sizes: Sequence[int], max_blocks: int, max_bytes: int) -> list[tuple[int, int]]:
+    """Consecutive runs ``[start, end)`` of blocks of ``sizes`` to send as one blob each: at most
+    ``max_blocks`` blocks and ``max_bytes`` bytes per run, a larger block alone."""
+    runs: list[tuple[int, int]] = []
+    size = 0
+    for i, n in enumerate(sizes):
+        if runs and runs[-1][1] - runs[-1][0] < max_blocks and size + n <= max_bytes:
+            runs[-1] = (runs[-1][0], i + 1)
+            size += n
+        else:
+            runs.append((i, i + 1))
+            size = n
+    return runs
 
 
 def block_header(buf: bytes | bytearray | memoryview) -> _KVBlockView:
@@ -224,19 +253,6 @@ def owners(key: bytes, instance_ids: Iterable[str], replicas: int = 1) -> list[s
 # ---------------------------------------------------------------- client
 class CacheError(RuntimeError):
     """A cache operation that must not be silently skipped (a put) failed."""
-
-
-class CacheGetMeta(msgspec.Struct, kw_only=True):
-    """Meta of one blob streamed back for a ``CacheGetRequest``: the encoded blocks of ``keys``,
-    concatenated in that order, block ``i`` being ``sizes[i]`` bytes long. A get's found blocks
-    arrive as one or more such blobs, in any order.
-
-    TODO(protocol): belongs in ``libs/protocol.py`` with the other bus messages.
-    """
-
-    v: int = PROTOCOL_VERSION
-    keys: list[bytes]
-    sizes: list[int]
 
 
 # Blocks per get or put blob: bounds the meta (it travels in chunk 0's header room) and the sender's buffer.
@@ -614,7 +630,7 @@ class CacheClient:
         many blocks (``PUT_BLOB_MAX_BYTES``), stored by one LMDB transaction each, all owners in
         parallel. Raises ``CacheError`` unless every block was taken by at least one owner (the
         ones that were are kept either way)."""
-        blocks = list(dict((k, t) for k, t in blocks).items())
+        blocks = list(dict(blocks).items())
         if not blocks:
             return
         deadline = self._deadline(timeout)
@@ -645,19 +661,10 @@ class CacheClient:
         """Send one owner its blocks, blob after blob (each encoded only when its turn comes);
         returns the keys it took and the error that stopped it, if any."""
         taken: set[bytes] = set()
-        start = 0
-        while start < len(blocks):
-            end, size = start + 1, blocks[start][1].nbytes
-            while (end < len(blocks) and end - start < PUT_BLOB_MAX_BLOCKS
-                   and size + blocks[end][1].nbytes <= PUT_BLOB_MAX_BYTES):
-                size += blocks[end][1].nbytes
-                end += 1
-            keys = [k for k, _ in blocks[start:end]]
-            data = [encode_block(k, t) for k, t in blocks[start:end]]
-            meta = CachePutMeta(keys=keys, sizes=[len(d) for d in data])
-            blob = data[0] if len(data) == 1 else b"".join(data)
-            del data
-            tid = f"{keys[0].hex()}.{uuid.uuid4().hex[:8]}"
+        for start, end in blob_groups([t.nbytes for _, t in blocks], PUT_BLOB_MAX_BLOCKS, PUT_BLOB_MAX_BYTES):
+            blob, sizes = encode_blocks(blocks[start:end])
+            meta = CachePutMeta(keys=[k for k, _ in blocks[start:end]], sizes=sizes)
+            tid = f"{meta.keys[0].hex()}.{uuid.uuid4().hex[:8]}"
             remaining = self._left(deadline)
             try:
                 await asyncio.wait_for(
@@ -672,7 +679,6 @@ class CacheClient:
                 return taken, f"{iid}: {type(e).__name__}: {e}"
             self._heard_from(iid)
             taken.update(meta.keys)
-            start = end
         return taken, ""
 
     async def get_blocks(self, keys: Sequence[bytes], *, timeout: float | None = None) -> dict[bytes, torch.Tensor]:
@@ -714,20 +720,16 @@ class CacheClient:
 
         def on_blob(transfer_id: str, meta: bytes, data: bytearray) -> str | None:
             try:
-                m = decode(meta, CacheGetMeta)
+                pieces = decode(meta, CacheGetMeta).pieces(data)
             except _BAD_REPLY as e:
                 return f"bad get meta: {e}"
-            if len(m.keys) != len(m.sizes) or sum(m.sizes) != len(data) or min(m.sizes, default=0) < 0:
-                return "get meta does not match the blob"
-            view = memoryview(data)
+            except ValueError as e:
+                return str(e)
             # A blob holding one block (the usual case for real models' blocks) is the tensor's
             # memory: no copy. Small blocks packed together are copied, so that keeping one of
             # them does not keep the whole blob alive.
-            share = len(m.keys) == 1
-            offset = 0
-            for k, size in zip(m.keys, m.sizes):
-                piece = view[offset : offset + size]
-                offset += size
+            share = len(pieces) == 1
+            for k, piece in pieces:
                 if k not in wanted:
                     continue
                 arrived.add(k)

@@ -345,14 +345,28 @@ class KVMeta(msgspec.Struct, kw_only=True):
     dtype: str
 
 
-class CachePutMeta(msgspec.Struct, kw_only=True):
-    """Meta of one put blob: the encoded blocks of ``keys`` concatenated in that order, block ``i``
-    being ``sizes[i]`` bytes long. The store keeps every valid block and refuses the blob (a
-    negative ack naming the bad keys) if any is not a valid block for its key."""
+class BlocksMeta(msgspec.Struct, kw_only=True):
+    """Meta of a blob of encoded KV blocks: those of ``keys`` concatenated in that order, block
+    ``i`` being ``sizes[i]`` bytes long. Puts to a cachestore travel as such blobs (the store keeps
+    every valid block and refuses the blob, naming the bad keys, if any is not a valid block for
+    its key), and so do the blocks a get finds (one or more blobs, in any order)."""
 
     v: int = PROTOCOL_VERSION
     keys: list[bytes]
     sizes: list[int]
+
+    def pieces(self, data: bytes | bytearray | memoryview) -> list[tuple[bytes, memoryview]]:
+        """(key, that block's bytes as a view into ``data``); ``ValueError`` if they do not match."""
+        if len(self.keys) != len(self.sizes) or min(self.sizes, default=0) < 0 or sum(self.sizes) != len(data):
+            raise ValueError("blocks meta does not match the blob")
+        view, out, offset = memoryview(data), [], 0
+        for key, size in zip(self.keys, self.sizes):
+            out.append((key, view[offset : offset + size]))
+            offset += size
+        return out
+
+
+CachePutMeta = CacheGetMeta = BlocksMeta
 
 
 class CacheGetRequest(msgspec.Struct, kw_only=True):

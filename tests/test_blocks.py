@@ -6,9 +6,11 @@ from yuebing.libs.blocks import (
     KEY_BYTES,
     BlockCorrupt,
     KVBlock,
+    blob_groups,
     block_hashes,
     decode_block,
     encode_block,
+    encode_blocks,
     namespace_digest,
     split_blocks,
 )
@@ -115,6 +117,27 @@ def test_decode_without_copy_shares_a_writable_buffer():
     _, owned = decode_block(enc, copy=False)
     owned += 1
     assert torch.equal(owned, t + 1)
+
+
+def test_blocks_encoded_into_one_blob_split_back_by_their_meta():
+    from yuebing.libs.protocol import BlocksMeta
+
+    blocks = [(bytes([i]) * 16, torch.full((1, 2, 1, 4, 8), float(i))) for i in range(3)]
+    blob, sizes = encode_blocks(blocks)
+    assert bytes(blob) == b"".join(encode_block(k, t) for k, t in blocks)
+    pieces = BlocksMeta(keys=[k for k, _ in blocks], sizes=sizes).pieces(blob)
+    for (k, t), (pk, piece) in zip(blocks, pieces):
+        assert pk == k and torch.equal(decode_block(piece, expected_key=k)[1], t)
+    for keys, sizes_ in (([b"a"], sizes), ([b"a", b"b", b"c"], [1, 2, 3]), ([b"a", b"b"], [len(blob) + 1, -1])):
+        with pytest.raises(ValueError, match="does not match"):
+            BlocksMeta(keys=keys, sizes=sizes_).pieces(blob)
+
+
+def test_blob_groups_bound_blocks_and_bytes_and_send_a_large_block_alone():
+    assert blob_groups([], 4, 10) == []
+    assert blob_groups([3, 3, 3, 3, 3], 4, 10) == [(0, 3), (3, 5)]  # bytes bound
+    assert blob_groups([1] * 9, 4, 100) == [(0, 4), (4, 8), (8, 9)]  # blocks bound
+    assert blob_groups([2, 25, 2, 2], 4, 10) == [(0, 1), (1, 2), (2, 4)]  # 25 alone
 
 
 def test_corrupted_byte_is_detected():

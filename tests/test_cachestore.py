@@ -136,72 +136,69 @@ def test_a_disk_sync_never_waits_for_the_store_lock(tmp_path):
     store.close()
 
 
-def test_a_load_from_disk_holds_up_no_put_and_the_close_waits_for_it(tmp_path):
+def _stall(obj, name: str):
+    """Make ``obj.name`` wait until released; returns (entered, release) events."""
     import threading
 
+    entered, release = threading.Event(), threading.Event()
+    original = getattr(obj, name)
+
+    def stalled(*args, **kwargs):
+        entered.set()
+        release.wait(30)
+        return original(*args, **kwargs)
+
+    setattr(obj, name, stalled)
+    return entered, release
+
+
+def _start(fn):
+    import threading
+
+    t = threading.Thread(target=fn)
+    t.start()
+    return t
+
+
+def _close_waits_for(store: TieredStore, release, worker, **close_kw) -> None:
+    """``store.close`` waits while ``worker``'s disk operation is stalled, and both end once released."""
+    closer = _start(lambda: store.close(**close_kw))
+    closer.join(timeout=0.5)
+    assert closer.is_alive()  # the disk stays open for the operation in progress
+    release.set()
+    worker.join(timeout=30)
+    closer.join(timeout=30)
+    assert not worker.is_alive() and not closer.is_alive()
+
+
+def test_a_load_from_disk_holds_up_no_put_and_the_close_waits_for_it(tmp_path):
     store = TieredStore(2 * BLOCK_BYTES, tmp_path / "pool", 64 * BLOCK_BYTES)
     for i in range(4):
         store.put(key(i), block(i))  # 0 and 1 were demoted: on disk only
     assert store.where_many([key(0), key(3)]) == ["disk", "dram"]
-    reading, release = threading.Event(), threading.Event()
-    disk_get = store.disk.get
-
-    def slow_get(k, touch=True):
-        reading.set()
-        release.wait(30)
-        return disk_get(k, touch=touch)
-
-    store.disk.get = slow_get
+    reading, release = _stall(store.disk, "get")
     got = []
-    loader = threading.Thread(target=lambda: got.extend(store.get_many([key(0), key(3)])))
-    loader.start()
+    loader = _start(lambda: got.extend(store.get_many([key(0), key(3)])))
     assert reading.wait(30)
     store.put(key(4), block(4))  # the device read is in progress: a put goes on
-    closer = threading.Thread(target=store.close)
-    closer.start()
-    closer.join(timeout=0.5)
-    assert closer.is_alive()  # the disk stays open for the read in progress
-    release.set()
-    loader.join(timeout=30)
-    closer.join(timeout=30)
-    assert not loader.is_alive() and not closer.is_alive()
+    _close_waits_for(store, release, loader)
     assert got == [(key(0), block(0)), (key(3), block(3))]
 
 
 def test_a_put_writing_the_disk_holds_up_no_load_and_the_close_waits_for_it(tmp_path):
-    import threading
-
     store = TieredStore(4 * BLOCK_BYTES, tmp_path / "db", 10 * BLOCK_BYTES)
     store.put(key(0), block(0))
-    writing, release = threading.Event(), threading.Event()
-    add_many = store.disk.add_many
-
-    def slow_add_many(items):
-        writing.set()
-        release.wait(30)
-        return add_many(items)
-
-    store.disk.add_many = slow_add_many
+    writing, release = _stall(store.disk, "add_many")
     changes = []
-    putter = threading.Thread(target=lambda: changes.append(store.put(key(1), block(1))))
-    putter.start()
+    putter = _start(lambda: changes.append(store.put(key(1), block(1))))
     assert writing.wait(30)
     # the transaction is in progress: loads from DRAM and presence checks go on
     seen = []
-    reader = threading.Thread(target=lambda: seen.extend([store.get_many([key(0), key(1)]),
-                                                          store.where_many([key(0), key(2)])]))
-    reader.start()
+    reader = _start(lambda: seen.extend([store.get_many([key(0), key(1)]), store.where_many([key(0), key(2)])]))
     reader.join(timeout=10)
     assert not reader.is_alive(), "a load waited for a put's disk write"
     assert seen == [[(key(0), block(0)), (key(1), block(1))], ["dram", None]]
-    closer = threading.Thread(target=lambda: store.close(flush=False))
-    closer.start()
-    closer.join(timeout=0.5)
-    assert closer.is_alive()  # the disk stays open for the write in progress
-    release.set()
-    putter.join(timeout=30)
-    closer.join(timeout=30)
-    assert not putter.is_alive() and not closer.is_alive()
+    _close_waits_for(store, release, putter, flush=False)
     assert changes == [StoreChanges(stored=[key(1)])]
     with pytest.raises(RuntimeError, match="closed"):
         store.put(key(2), block(2))

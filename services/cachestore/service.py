@@ -32,7 +32,7 @@ import msgspec
 from nats.aio.msg import Msg
 from prometheus_client import Counter, Gauge
 
-from yuebing.libs.blocks import GET_BLOB_MAX_BLOCKS, BlockCorrupt, CacheGetMeta, block_header
+from yuebing.libs.blocks import GET_BLOB_MAX_BLOCKS, BlockCorrupt, blob_groups, block_header
 from yuebing.libs.bus import BULK_PENDING_BYTES, BlobAssembler, TransferError, send_blob, send_windowed
 from yuebing.libs.kvevents import KVEventPublisher
 from yuebing.libs.protocol import (
@@ -40,6 +40,7 @@ from yuebing.libs.protocol import (
     LayerPiece,
     CacheExistsReply,
     CacheExistsRequest,
+    CacheGetMeta,
     CacheGetReply,
     CacheGetRequest,
     CachePutMeta,
@@ -187,15 +188,9 @@ class CacheStoreService(Service):
         """Store a blob of blocks (one LMDB transaction); an error string becomes the sender's
         negative ack. Valid blocks are kept even when others in the blob are refused."""
         try:
-            m = decode(meta, CachePutMeta)
-            if len(m.keys) != len(m.sizes) or sum(m.sizes) != len(data) or min(m.sizes, default=0) < 0:
-                raise msgspec.ValidationError("put meta does not match the blob")
-            view, items, offset = memoryview(data), [], 0
-            for key, size in zip(m.keys, m.sizes):
-                items.append((key, view[offset : offset + size]))
-                offset += size
+            items = decode(meta, CachePutMeta).pieces(data)
             refused, st = await asyncio.to_thread(self._put_sync, items)
-        except _BAD_MESSAGE as e:
+        except (*_BAD_MESSAGE, ValueError) as e:
             self.log.warning("cache_put_dropped", transfer_id=transfer_id, error=str(e))
             PUTS_REFUSED.labels(self.instance_id).inc()
             return f"bad put: {e}"
@@ -246,15 +241,8 @@ class CacheStoreService(Service):
 
     async def _stream_blocks(self, subject: str, found: list[tuple[bytes, bytes]]) -> None:
         """Send ``found`` as blobs of whole blocks, ``GET_BLOBS_IN_FLIGHT`` of them unacked at a time."""
-        groups: list[list[tuple[bytes, bytes]]] = []
-        size = 0
-        for kv in found:
-            if groups and len(groups[-1]) < GET_BLOB_MAX_BLOCKS and size + len(kv[1]) <= GET_BLOB_TARGET_BYTES:
-                groups[-1].append(kv)
-                size += len(kv[1])
-            else:
-                groups.append([kv])
-                size = len(kv[1])
+        runs = blob_groups([len(v) for _, v in found], GET_BLOB_MAX_BLOCKS, GET_BLOB_TARGET_BYTES)
+        groups = [found[start:end] for start, end in runs]
         tid = uuid.uuid4().hex[:12]
         todo = iter(enumerate(groups))
 
