@@ -1,11 +1,19 @@
-"""``yuebing bench sched``'s plan of runs and its named figures (plain logic; the runs themselves
-are the replay tool against real clusters, covered by test_replay_sim)."""
+"""``yuebing bench sched``'s plan of runs, its named figures and its CPU accounting (plain logic
+and real processes; the runs themselves are the replay tool against real clusters, covered by
+test_replay_sim)."""
 
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
+import time
 
-from yuebing.bench_sched import PLACEMENT_POLICIES, figures, plan
+import psutil
+
+from yuebing.bench_sched import PLACEMENT_POLICIES, cpu_use, figures, plan
+from yuebing.cluster import LocalCluster
+from yuebing.libs.config import from_env
 
 
 def _args(**kw) -> argparse.Namespace:
@@ -32,3 +40,34 @@ def test_figures_report_the_ratio_and_whether_the_ordering_holds():
     assert figs["placement_ordering_holds"] is True
     runs[2].summary = {"ttft_mean_ms": 2100.0}  # local behind least_loaded
     assert figures(runs)["placement_ordering_holds"] is False
+
+
+def test_cpu_use_is_the_difference_per_kind_most_first_and_the_share_of_the_cores():
+    before = {"prefill": 10.0, "cachestore": 2.0}
+    after = {"prefill": 40.0, "cachestore": 62.0, "nats-server": 8.0}  # nats-server: started after the first look
+    use = cpu_use(before, after, wall=50.0, cores=2)
+    assert list(use["cpu_seconds"].items()) == [("cachestore", 60.0), ("prefill", 30.0), ("nats-server", 8.0)]
+    assert use["cpu_busy"] == 0.98
+    assert cpu_use({}, {}, wall=0.0, cores=2) == {"cpu_seconds": {}, "cpu_busy": 0.0}
+
+
+def test_a_cluster_counts_the_cpu_of_its_live_processes_by_kind(tmp_path):
+    spin = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\ninput()"
+    cluster = LocalCluster(from_env(data_dir=str(tmp_path)))
+    procs = {"prefill-0": [sys.executable, "-c", spin], "prefill-1": [sys.executable, "-c", spin],
+             "decode-0": [sys.executable, "-c", "input()"], "decode-1": [sys.executable, "-c", "pass"]}
+    for name, cmd in procs.items():
+        cluster.procs[name] = subprocess.Popen(cmd, stdin=subprocess.PIPE)
+    try:
+        cluster.procs["decode-1"].wait()  # gone: counts nothing
+        for name in ("prefill-0", "prefill-1"):  # each has burnt its 0.3 s and waits on its input
+            while sum(psutil.Process(cluster.procs[name].pid).cpu_times()[:2]) < 0.3:
+                time.sleep(0.05)
+        used = cluster.cpu_seconds()
+        assert set(used) == {"prefill", "decode"}
+        assert used["prefill"] >= 0.5  # both spinning processes, added up
+        assert used["decode"] < used["prefill"]
+    finally:
+        for p in cluster.procs.values():
+            p.kill()
+            p.wait()

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from yuebing import replay as rp
+from yuebing.libs.cpus import available_cores
 
 EXPERIMENTS = ("placement", "overload", "goodput", "real")
 PLACEMENT_POLICIES = ("random", "least_loaded", "local_cache_aware", "global_cache_aware")
@@ -107,8 +108,10 @@ def run_one(run: Run, args, *, model_dir: Path, models_dir: Path, calibration: P
              + (f"{run.colocated} colocated workers" if run.colocated else f"{run.prefill}P+{run.decode}D")
              + f", policy {run.policy}, pool {'on' if run.use_pool else 'off'}, admission {run.admission}); "
              f"replaying {len(requests)} requests")
+        cpu_before, started = cluster.cpu_seconds(), time.perf_counter()
         result = asyncio.run(rp.replay(cluster.url, requests, ttft_slo=ttft_slo, tbt_slo=tbt_slo,
                                        progress=not args.no_progress))
+        cpu = cpu_use(cpu_before, cluster.cpu_seconds(), time.perf_counter() - started, len(available_cores()))
     finally:
         cluster.stop()
         if args.keep_data:
@@ -125,11 +128,23 @@ def run_one(run: Run, args, *, model_dir: Path, models_dir: Path, calibration: P
                      "prefill_cache_mb": args.prefill_cache_mb,
                      "pool_dram_mb": settings.dram_bytes >> 20, "pool_disk_mb": settings.disk_bytes >> 20}
     summary = rp.summarize(result, ttft_slo, tbt_slo)
+    summary.update(cpu)
     rp.write_json(result, summary, out_dir / f"{run.name}.json")
     rp.plot(result, summary, out_dir / f"{run.name}.png")
     _say(f"[{run.name}] mean TTFT {summary.get('ttft_mean_ms')} ms, attainment {summary['slo_attainment']}, "
-         f"goodput {summary['goodput_rps']} req/s, rejected {summary['rejected']}, failed {summary['failed']}")
+         f"goodput {summary['goodput_rps']} req/s, rejected {summary['rejected']}, failed {summary['failed']}; "
+         f"cores busy {summary['cpu_busy']:.0%}, CPU s by process: "
+         + ", ".join(f"{k} {v:.0f}" for k, v in summary["cpu_seconds"].items()))
     return summary
+
+
+def cpu_use(before: dict[str, float], after: dict[str, float], wall: float, cores: int) -> dict:
+    """CPU seconds each kind of process used between two ``LocalCluster.cpu_seconds`` snapshots
+    (most first), and the share of the host's cores they kept busy over ``wall`` seconds."""
+    used = {k: max(0.0, after[k] - before.get(k, 0.0)) for k in after}
+    used = dict(sorted(((k, round(v, 1)) for k, v in used.items()), key=lambda kv: -kv[1]))
+    busy = sum(used.values()) / (wall * cores) if wall > 0 and cores > 0 else 0.0
+    return {"cpu_seconds": used, "cpu_busy": round(busy, 3)}
 
 
 COLS = ("run", "requests", "completed", "rejected", "failed", "ttft_mean_ms", "ttft_p90_ms", "tbt_p90_ms",

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
+import psutil
 
 from yuebing.libs.config import Settings
 from yuebing.libs.cpus import CorePlan, available_cores
@@ -234,6 +235,21 @@ class LocalCluster:
                 p.wait()
         if self.nats is not None:
             self.nats.stop()
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time (user + system) each kind of process has used so far: the services by kind
+        ("prefill", "decode", ...) and "nats-server". A process that has exited counts nothing."""
+        pids = [(name.rsplit("-", 1)[0], p.pid) for name, p in self.procs.items()]
+        if self.nats is not None and self.nats.proc is not None:
+            pids.append(("nats-server", self.nats.proc.pid))
+        used: dict[str, float] = {}
+        for kind, pid in pids:
+            try:
+                t = psutil.Process(pid).cpu_times()
+            except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+                continue
+            used[kind] = used.get(kind, 0.0) + t.user + t.system
+        return used
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         self.procs[name].send_signal(sig)
