@@ -142,7 +142,8 @@ class PrefillTask(_Resumable, kw_only=True):
 
     ``reuse_blocks`` caps how many leading blocks the instance reuses instead of computing
     (-1: as many as it finds); ``use_pool`` allows loading them from the cachestore pool when its
-    own DRAM cache does not have them.
+    own DRAM cache does not have them; ``pool_blocks`` is how many leading blocks the conductor's
+    index has in the pool (-1: unknown, the instance asks the pool).
     """
 
     v: int = PROTOCOL_VERSION
@@ -154,6 +155,7 @@ class PrefillTask(_Resumable, kw_only=True):
     arrival_time: float = 0.0
     reuse_blocks: int = -1
     use_pool: bool = True
+    pool_blocks: int = -1
     predicted_seconds: float = 0.0
 
 

@@ -140,6 +140,7 @@ def test_global_cache_aware_prefers_pool_hit_over_recompute():
     prefills = [PrefillView("p0", 0.0, 0), PrefillView("p1", 0.5, 0)]
     pl = make_policy("global_cache_aware", _model()).place(req, prefills, DECODES)
     assert pl.prefill_id == "p0" and pl.use_pool and pl.cached_blocks == 124 and pl.decode_id == "d1"
+    assert pl.pool_blocks == 124  # the instance loads what the index has, without asking the pool first
     # compute of 64 tokens + load of 1984 beats computing 2048
     assert pl.predicted_ttft < _model().prefill_seconds(2048, 0) / 5
 

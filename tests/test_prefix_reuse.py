@@ -133,11 +133,33 @@ async def test_prefix_from_instance_a_is_reused_by_instance_b(rr_cluster, tiny_d
     assert cold_usage["prompt_tokens_details"]["cached_tokens"] == 0
     assert await wait_until(lambda: _pool_holds(rr_cluster, 5), timeout=30)
     before = await _prefill_hits(rr_cluster, "prefill-1")
-    text, usage = await _complete(rr_cluster, tiny_dir.name, prompt)  # round robin: on prefill-1
-    assert usage["prompt_tokens_details"]["cached_tokens"] == 80
-    assert text == cold_text == _text(tok, reference_greedy(model, prompt, 24))
-    after = await _prefill_hits(rr_cluster, "prefill-1")
-    assert after["pool"] - before["pool"] == 80  # loaded from the pool, not its own DRAM
+    # every presence check the pool is asked (lookups and the checks before pool writes)
+    nc = await connect(rr_cluster.nats.url, "test-presence-spy")
+    asked = []
+
+    async def spy(msg):
+        asked.append(msg.subject)
+
+    await nc.subscribe(Subjects.cache("cachestore-0", "exists"), cb=spy)
+    await nc.flush()
+    try:
+        text, usage = await _complete(rr_cluster, tiny_dir.name, prompt)  # round robin: on prefill-1
+        assert usage["prompt_tokens_details"]["cached_tokens"] == 80
+        assert text == cold_text == _text(tok, reference_greedy(model, prompt, 24))
+        after = await _prefill_hits(rr_cluster, "prefill-1")
+        assert after["pool"] - before["pool"] == 80  # loaded from the pool, not its own DRAM
+        await nc.flush()
+        # the conductor planned the load from its index: the prefill asked the pool nothing first
+        # (and had nothing new to write)
+        assert asked == []
+        # a new prompt's pool write does check presence: the spy hears it
+        await _complete(rr_cluster, tiny_dir.name, [(7 * i + 3) % 30000 + 500 for i in range(40)])
+        async def heard():
+            return len(asked) > 0
+
+        assert await wait_until(heard, timeout=30)
+    finally:
+        await nc.close()
 
 
 async def test_reuse_from_lmdb_after_cachestore_restart_and_index_rebuild(rr_cluster, tiny_dir, tiny_model):

@@ -59,6 +59,7 @@ class Placement:
     retry_after: float = 0.0
     reuse_blocks: int = -1
     use_pool: bool = True
+    pool_blocks: int = -1  # leading blocks the index has in the pool (-1: unknown)
     predicted_ttft: float = 0.0
     predicted_prefill: float = 0.0
     cached_blocks: int = 0  # blocks the plan expects to reuse
@@ -140,6 +141,7 @@ class Policy:
             prefill_id=c.view.instance_id,
             decode_id=d.instance_id,
             use_pool=c.use_pool,
+            pool_blocks=req.pool_blocks,
             predicted_ttft=c.ttft,
             predicted_prefill=c.prefill,
             cached_blocks=c.reuse_blocks,

@@ -314,6 +314,7 @@ class ConductorService(Service):
                     else:
                         task.decode_id = placement.decode_id
                         task.reuse_blocks, task.use_pool = placement.reuse_blocks, placement.use_pool
+                        task.pool_blocks = placement.pool_blocks
                         await self.js.publish(Subjects.prefill_task(placement.prefill_id), encode(task),
                                               headers={"Nats-Msg-Id": f"{task.request_id}@{placement.prefill_id}"})
                         self._placed(task.request_id, placement)
@@ -349,6 +350,7 @@ class ConductorService(Service):
                 arrival_time=req.arrival_time,
                 reuse_blocks=placement.reuse_blocks,
                 use_pool=placement.use_pool and self.settings.use_pool,
+                pool_blocks=placement.pool_blocks,
                 predicted_seconds=placement.predicted_prefill,
                 resume=req.resume,
             )

@@ -108,10 +108,17 @@ class PrefillService(ModelWorker):
         keys = task.block_hashes[:n]
         return keys, self.blocks.prefix(keys)
 
-    async def _pool_blocks(self, task: PrefillTask, want: list[bytes]) -> int:
-        """How many leading blocks of ``want`` the pool holds (0 when it is down or slow)."""
+    async def _pool_blocks(self, task: PrefillTask, want: list[bytes], local: int) -> int:
+        """How many leading blocks of ``want`` (the keys after the ``local`` ones) to load from the pool.
+
+        When the conductor says how many leading blocks its index has in the pool, that is the
+        answer, with no lookup round trip to the cachestore before the compute starts (a block
+        the pool has lost since fails the load, and the prompt is computed from the verified
+        prefix). Otherwise the pool is asked (0 when it is down or slow)."""
         if not (task.use_pool and want):
             return 0
+        if task.pool_blocks >= 0:
+            return min(len(want), max(0, task.pool_blocks - local))
         try:
             return await self.cache.lookup(want)
         except CacheError as e:
@@ -129,7 +136,7 @@ class PrefillService(ModelWorker):
         prompt, chunk = task.prompt_token_ids, self.settings.prefill_chunk
         keys, blocks = self._local_prefix(task)
         local = len(blocks)
-        found = await self._pool_blocks(task, keys[local:])
+        found = await self._pool_blocks(task, keys[local:], local)
         reused = (local + found) * bs
         buf = self.runner.kv_buffer(len(prompt) - reused, blocks, pending=found * bs)
         t0 = time.monotonic()
