@@ -48,6 +48,7 @@ def test_trace_scaling_and_bound():
     # whole KV blocks only: id 0 was stored by request 1, not by request 0 (3 tokens)
     assert b["bound_full_blocks_tokens"] == 0 + 32 + 32
     assert b["prompt_tokens"] == 3 + 32 + 48 + 48 and b["distinct_blocks"] == 3
+    assert b["read_again_blocks"] == 2  # ids 0 and 1, by requests 2 and 3; id 5's block never
 
 
 def test_bench_prefix_figures(tiny_dir, tmp_path, capsys):

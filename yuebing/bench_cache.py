@@ -935,12 +935,20 @@ def trace_bound(requests: list[TraceRequest], block_tokens: int, block_size: int
     counting of each hash block only the tokens that earlier requests stored as whole KV blocks (a
     request stores only its full blocks: the partial tail of a prompt never enters a cache). Both are
     capped like the system's reuse: whole KV blocks, and at least one prompt token computed.
+    ``read_again_blocks``: how many of the ``distinct_blocks`` (every block a pool that keeps all
+    would be written) a later request reuses at least once under that bound.
     """
     seen: set[int] = set()
     stored: dict[int, int] = {}  # hash id -> tokens of it held as whole KV blocks by earlier requests
     total = hit = hit_full = 0
     per_request: list[int] = []
     distinct_blocks: set[tuple[int, int]] = set()
+    read: set[tuple[int, int]] = set()
+
+    def name(r, b: int) -> tuple[int, int]:  # a KV block, named by where it ends: (hash id, offset)
+        t = (b + 1) * block_size - 1
+        return r.hash_ids[t // block_tokens], t % block_tokens
+
     for r in requests:
         n_tok = len(r.prompt)
         cap = ((n_tok - 1) // block_size) * block_size
@@ -958,7 +966,9 @@ def trace_bound(requests: list[TraceRequest], block_tokens: int, block_size: int
             covered += min(have, mine)
             if have < mine:
                 break
-        hit_full += min((covered // block_size) * block_size, cap)
+        reused = min((covered // block_size) * block_size, cap)
+        hit_full += reused
+        read.update(name(r, b) for b in range(reused // block_size))
         total += n_tok
         full = (n_tok // block_size) * block_size  # what this request stores
         for i, h in enumerate(r.hash_ids):
@@ -966,12 +976,11 @@ def trace_bound(requests: list[TraceRequest], block_tokens: int, block_size: int
             held = max(0, min(block_tokens, full - i * block_tokens))
             if held > stored.get(h, 0):
                 stored[h] = held
-        for b in range(full // block_size):  # distinct KV blocks, named by where they end: (hash id, offset)
-            t = (b + 1) * block_size - 1
-            distinct_blocks.add((r.hash_ids[t // block_tokens], t % block_tokens))
+        distinct_blocks.update(name(r, b) for b in range(full // block_size))
     return {"prompt_tokens": total, "bound_tokens": hit, "bound_full_blocks_tokens": hit_full,
             "bound": hit / total if total else 0.0, "bound_full_blocks": hit_full / total if total else 0.0,
-            "distinct_blocks": len(distinct_blocks), "per_request": per_request}
+            "distinct_blocks": len(distinct_blocks), "read_again_blocks": len(read & distinct_blocks),
+            "per_request": per_request}
 
 
 @dataclass

@@ -189,7 +189,9 @@ def figures(runs: list[Run]) -> dict:
 def main(args) -> int:
     import orjson
 
+    from yuebing.bench_cache import TRACE_BLOCK_TOKENS, trace_bound
     from yuebing.libs.calibrate import calibrate
+    from yuebing.libs.config import from_env
     from yuebing.libs.costs import CostProfile, profile_path
     from yuebing.libs.log import configure
     from yuebing.libs.model import DEFAULT_MODEL, default_data_dir, model_identity, resolve_model
@@ -218,9 +220,12 @@ def main(args) -> int:
     rows = rp.read_trace(Path(args.trace), start=args.start, limit=args.requests)
     probe, _ = rp.prepare(rows, token_scale=args.token_scale, time_scale=1.0, max_context=None)
     slos = _slos(args, profile, probe)
+    reuse = trace_bound(probe, TRACE_BLOCK_TOKENS // args.token_scale, from_env().block_size)
     _say(f"bench sched: {len(rows)} requests from line {args.start} of {args.trace}, token_scale "
          f"{args.token_scale}, time_scale {args.time_scale} (overload x{args.overload}), SLOs TTFT "
-         f"{slos[0]}s / TBT {slos[1]}s, profile {calibration}")
+         f"{slos[0]}s / TBT {slos[1]}s, profile {calibration}; an unbounded cache could reuse "
+         f"{reuse['bound_full_blocks']:.3f} of prompt tokens, {reuse['read_again_blocks']} of the "
+         f"{reuse['distinct_blocks']} distinct blocks written are ever read again")
     runs = plan(experiments, args)
     for run in runs:
         if run.engine == "model":
@@ -237,7 +242,8 @@ def main(args) -> int:
     figs = figures(runs)
     figs.update({"ttft_slo_s": slos[0], "tbt_slo_s": slos[1], "requests": len(rows), "token_scale": args.token_scale,
                  "output_scale": args.output_scale or args.token_scale, "time_scale": args.time_scale,
-                 "max_running": args.max_running})
+                 "max_running": args.max_running, "reuse_bound": round(reuse["bound_full_blocks"], 4),
+                 "distinct_blocks": reuse["distinct_blocks"], "blocks_read_again": reuse["read_again_blocks"]})
     (out_dir / "figures.json").write_bytes(orjson.dumps(figs, option=orjson.OPT_INDENT_2))
     print(orjson.dumps(figs).decode(), flush=True)
     return 0
