@@ -154,6 +154,7 @@ async def test_prefix_from_instance_a_is_reused_by_instance_b(rr_cluster, tiny_d
         assert asked == []
         # a new prompt's pool write does check presence: the spy hears it
         await _complete(rr_cluster, tiny_dir.name, [(7 * i + 3) % 30000 + 500 for i in range(40)])
+
         async def heard():
             return len(asked) > 0
 

@@ -943,7 +943,7 @@ def trace_bound(requests: list[TraceRequest], block_tokens: int, block_size: int
     total = hit = hit_full = 0
     per_request: list[int] = []
     distinct_blocks: set[tuple[int, int]] = set()
-    read: set[tuple[int, int]] = set()
+    read: set[tuple[int, int]] = set()  # blocks reused: each one an earlier request stored, so among the distinct
 
     def name(r, b: int) -> tuple[int, int]:  # a KV block, named by where it ends: (hash id, offset)
         t = (b + 1) * block_size - 1
@@ -979,7 +979,7 @@ def trace_bound(requests: list[TraceRequest], block_tokens: int, block_size: int
         distinct_blocks.update(name(r, b) for b in range(full // block_size))
     return {"prompt_tokens": total, "bound_tokens": hit, "bound_full_blocks_tokens": hit_full,
             "bound": hit / total if total else 0.0, "bound_full_blocks": hit_full / total if total else 0.0,
-            "distinct_blocks": len(distinct_blocks), "read_again_blocks": len(read & distinct_blocks),
+            "distinct_blocks": len(distinct_blocks), "read_again_blocks": len(read),
             "per_request": per_request}
 
 
