@@ -10,6 +10,7 @@ import sys
 import time
 
 import psutil
+import pytest
 
 from yuebing.bench_sched import PLACEMENT_POLICIES, cpu_use, figures, plan
 from yuebing.cluster import LocalCluster
@@ -17,7 +18,8 @@ from yuebing.libs.config import from_env
 
 
 def _args(**kw) -> argparse.Namespace:
-    base = dict(prefill=8, decode=8, overload=2.0, goodput_load=1.0, real_prefill=2, real_decode=1)
+    base = dict(prefill=8, decode=8, overload=2.0, goodput_load="1", real_prefill=2, real_decode=1,
+                goodput_admission="predictive", colocated_admission="none")
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -29,6 +31,24 @@ def test_plan_gives_only_the_global_policy_the_pool_and_the_baseline_the_same_in
     dis, col = [r for r in runs if r.experiment == "goodput"]
     assert (dis.prefill, dis.decode, dis.use_pool, dis.policy) == (12, 4, True, "global_cache_aware")
     assert (col.colocated, col.prefill, col.decode, col.use_pool, col.policy) == (16, 0, 0, False, "round_robin")
+    assert (dis.admission, col.admission) == ("predictive", "none")  # the system as deployed vs a plain engine
+    assert (dis.name, col.name) == ("goodput-disaggregated", "goodput-colocated")
+
+
+def test_a_goodput_sweep_pairs_each_load_and_reports_a_ratio_per_load():
+    runs = plan(["goodput"], _args(goodput_load="2,3", goodput_admission="none", colocated_admission="early"))
+    assert [(r.name, r.load, r.admission) for r in runs] == [
+        ("goodput-disaggregated-x2", 2.0, "none"), ("goodput-colocated-x2", 2.0, "early"),
+        ("goodput-disaggregated-x3", 3.0, "none"), ("goodput-colocated-x3", 3.0, "early")]
+    for r, rps in zip(runs, (3.0, 2.0, 4.0, 1.0)):
+        r.summary = {"goodput_rps": rps}
+    figs = figures(runs)
+    assert (figs["goodput_x2_ratio"], figs["goodput_x3_ratio"]) == (1.5, 4.0)
+    assert figs["goodput_x3_colocated_rps"] == 1.0
+    runs[3].summary = {}  # a load whose baseline did not run has no ratio
+    assert "goodput_x3_ratio" not in figures(runs)
+    with pytest.raises(SystemExit):
+        plan(["goodput"], _args(goodput_load="2,0"))
 
 
 def test_figures_report_the_ratio_and_whether_the_ordering_holds():

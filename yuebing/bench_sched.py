@@ -56,15 +56,30 @@ def plan(experiments: list[str], args) -> list[Run]:
         runs += [Run("overload", f"overload-{adm}", admission=adm, prefill=p, decode=d, load=args.overload)
                  for adm in ADMISSIONS]
     if "goodput" in experiments:
-        runs += [Run("goodput", "goodput-disaggregated", prefill=p, decode=d, load=args.goodput_load),
-                 Run("goodput", "goodput-colocated", policy="round_robin", colocated=p + d, prefill=0, decode=0,
-                     load=args.goodput_load, use_pool=False)]
+        # this system as deployed (its admission control, default: the deployment's) against the
+        # colocated baseline (by default a plain engine that admits everything), at each load
+        loads = goodput_loads(args.goodput_load)
+        for load in loads:
+            at = "" if len(loads) == 1 else f"-x{load:g}"
+            runs += [Run("goodput", f"goodput-disaggregated{at}", prefill=p, decode=d, load=load,
+                         admission=args.goodput_admission),
+                     Run("goodput", f"goodput-colocated{at}", policy="round_robin", colocated=p + d, prefill=0,
+                         decode=0, load=load, use_pool=False,
+                         admission=args.colocated_admission)]
     if "real" in experiments:
         rp_, rd = args.real_prefill, args.real_decode
         runs += [Run("real", "real-disaggregated", prefill=rp_, decode=rd, engine="model"),
                  Run("real", "real-colocated", policy="round_robin", colocated=rp_ + rd, prefill=0, decode=0,
                      engine="model", use_pool=False)]
     return runs
+
+
+def goodput_loads(value) -> list[float]:
+    """``--goodput-load``: one load or a comma-separated sweep, as multiples of the base load."""
+    loads = [float(v) for v in str(value).split(",") if v.strip()]
+    if not loads or any(x <= 0 for x in loads):
+        raise SystemExit(f"--goodput-load wants positive multiples of the base load, got {value!r}")
+    return loads
 
 
 def _slos(args, profile, requests: list[rp.PreparedRequest]) -> tuple[float, float]:
@@ -177,12 +192,15 @@ def figures(runs: list[Run]) -> dict:
             out[f"overload_{adm}_wasted_prefill_tokens"] = s["wasted_prefill_tokens"]
             out[f"overload_{adm}_attainment_admitted"] = s["slo_attainment_admitted"]
             out[f"overload_{adm}_goodput_rps"] = s["goodput_rps"]
-    for exp in ("goodput", "real"):
-        dis, col = by.get(f"{exp}-disaggregated"), by.get(f"{exp}-colocated")
+    pairs = [("real", "")] + [("goodput", r.name.removeprefix("goodput-disaggregated")) for r in runs
+                              if r.name.startswith("goodput-disaggregated")]
+    for exp, at in pairs:
+        dis, col = by.get(f"{exp}-disaggregated{at}"), by.get(f"{exp}-colocated{at}")
         if dis and col:
-            out[f"{exp}_disaggregated_rps"] = dis["goodput_rps"]
-            out[f"{exp}_colocated_rps"] = col["goodput_rps"]
-            out[f"{exp}_ratio"] = _r(dis["goodput_rps"], col["goodput_rps"], 2)
+            key = exp + at.replace("-", "_").replace(".", "_")
+            out[f"{key}_disaggregated_rps"] = dis["goodput_rps"]
+            out[f"{key}_colocated_rps"] = col["goodput_rps"]
+            out[f"{key}_ratio"] = _r(dis["goodput_rps"], col["goodput_rps"], 2)
     return out
 
 
@@ -205,6 +223,7 @@ def main(args) -> int:
     unknown = set(args.policies) - set(PLACEMENT_POLICIES)
     if unknown:
         raise SystemExit(f"unknown policies {sorted(unknown)}; choose from {', '.join(PLACEMENT_POLICIES)}")
+    args.goodput_admission = args.goodput_admission or from_env().admission
     out_dir = Path(args.out_dir).expanduser()
     out_dir.mkdir(parents=True, exist_ok=True)
     models_dir = Path(args.models_dir).expanduser() if args.models_dir else default_data_dir() / "models"
@@ -242,7 +261,9 @@ def main(args) -> int:
     figs = figures(runs)
     figs.update({"ttft_slo_s": slos[0], "tbt_slo_s": slos[1], "requests": len(rows), "token_scale": args.token_scale,
                  "output_scale": args.output_scale or args.token_scale, "time_scale": args.time_scale,
-                 "max_running": args.max_running, "reuse_bound": round(reuse["bound_full_blocks"], 4),
+                 "max_running": args.max_running, "goodput_loads": goodput_loads(args.goodput_load),
+                 "goodput_admission": args.goodput_admission, "colocated_admission": args.colocated_admission,
+                 "reuse_bound": round(reuse["bound_full_blocks"], 4),
                  "distinct_blocks": reuse["distinct_blocks"], "blocks_read_again": reuse["read_again_blocks"]})
     (out_dir / "figures.json").write_bytes(orjson.dumps(figs, option=orjson.OPT_INDENT_2))
     print(orjson.dumps(figs).decode(), flush=True)
@@ -263,7 +284,13 @@ def add_parser(bench_sub) -> None:
     p.add_argument("--time-scale", type=float, default=1.0, help="trace time compression of the base load")
     p.add_argument("--rate", type=float, default=None, help="fixed base arrival rate (req/s) instead of the trace's")
     p.add_argument("--overload", type=float, default=2.0, help="load of the overload runs, x the base load")
-    p.add_argument("--goodput-load", type=float, default=1.0, help="load of the goodput runs, x the base load")
+    p.add_argument("--goodput-load", default="1", help="load of the goodput runs, x the base load; a comma-separated "
+                   "list makes a sweep (e.g. 1,2,3)")
+    p.add_argument("--goodput-admission", choices=ADMISSIONS, default=None,
+                   help="admission control of the disaggregated goodput runs (default: the deployment's own, "
+                   "the admission setting; none compares the architectures alone)")
+    p.add_argument("--colocated-admission", choices=ADMISSIONS, default="none",
+                   help="admission control of the colocated baseline (default none: a plain engine)")
     p.add_argument("--ttft-slo", type=float, default=None, help="default: 10x a mean prompt's calibrated TTFT")
     p.add_argument("--tbt-slo", type=float, default=None, help="default: 5x a calibrated decode step")
     p.add_argument("--max-running", type=int, default=None, help="rows of a decode batch (default 32)")
