@@ -75,9 +75,10 @@ _JS = ["$JS.API.>", "$JS.ACK.>", "$JS.FC.>"]
 PERMISSIONS: dict[str, dict[str, list[str]]] = {
     "gateway": {"pub": ["yb.sched", "yb.abort"], "sub": ["yb.out.>", "yb.hb.>"]},
     "conductor": {"pub": ["yb.task.prefill.>", "yb.kvdump.>", "yb.out.>", *_JS],
-                  "sub": ["yb.sched", "yb.hb.>", "yb.report.prefill", "yb.report.decode", "yb.conductor.state"]},
+                  "sub": ["yb.sched", "yb.hb.>", "yb.report.prefill", "yb.report.prefill_done", "yb.report.decode",
+                          "yb.conductor.state"]},
     "prefill": {"pub": ["yb.out.>", "yb.kv.>", "yb.task.decode.>", "yb.cache.>", "yb.kvev.>", "yb.report.prefill",
-                        *_JS],
+                        "yb.report.prefill_done", *_JS],
                 "sub": ["yb.abort", "yb.kvdump.>", "yb.hb.cachestore.>"]},
     "decode": {"pub": ["yb.out.>", "yb.report.decode", *_JS], "sub": ["yb.kv.>", "yb.abort"]},
     "cachestore": {"pub": ["yb.kvev.>", *_JS], "sub": ["yb.cache.>", "yb.kvdump.>"]},

@@ -62,6 +62,7 @@ class Subjects:
         return f"yb.kvdump.{instance_id}"
 
     PREFILL_REPORT = "yb.report.prefill"
+    PREFILL_DONE = "yb.report.prefill_done"
     DECODE_REPORT = "yb.report.decode"
     CONDUCTOR_STATE = "yb.conductor.state"  # request/reply: IndexSummary
 
@@ -204,6 +205,18 @@ class PrefillReport(msgspec.Struct, kw_only=True):
     compute_seconds: float  # the model's own time on the prompt, waits for loading layers excluded
     queue_seconds: float
     kv_bytes_per_token: int = 0  # of the model served (what a load of one position moves)
+
+
+class PrefillDone(msgspec.Struct, kw_only=True):
+    """prefill -> conductor when a task no longer holds the instance: its KV handed to decode and
+    its blocks kept, or it ended at the first token or failed. Frees its place in the conductor's
+    view of the instance's queue, and times the hand-off that follows the first token."""
+
+    v: int = PROTOCOL_VERSION
+    instance_id: str
+    request_id: str
+    kv_tokens: int = 0  # positions of KV handed to decode (0: no hand-off)
+    tail_seconds: float = 0.0  # from the first token's report to the instance being free
 
 
 class DecodeReport(msgspec.Struct, kw_only=True):

@@ -22,6 +22,7 @@ from yuebing.libs.protocol import (
     KVDump,
     KVDumpRequest,
     KVEvent,
+    PrefillDone,
     PrefillReport,
     PrefillTask,
     ScheduleReply,
@@ -37,6 +38,7 @@ from yuebing.libs.service import Service
 from .admission import AdmissionController, DecodeCostModel, DecodeLoadProjector, predicted_tbt
 from .costmodel import PrefillCostModel
 from .index import PrefixIndex
+from .prefillqueue import PrefillQueues
 from .placement import DecodeView, PrefillView, RequestView, make_policy
 from .registry import Registry
 
@@ -49,6 +51,9 @@ INDEX_BLOCKS = Gauge("yuebing:conductor_index_blocks", "Blocks in the global pre
 RESYNCS = Counter("yuebing:conductor_index_resyncs", "Dumps fetched to repair the prefix index")
 PREDICTED_TBT = Histogram("yuebing:conductor_predicted_tbt_seconds", "Predicted time between tokens of placed requests",
                           buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0))
+HANDOFF_SECONDS = Gauge("yuebing:conductor_prefill_handoff_seconds",
+                        "Fitted time a prefill instance stays busy after a prompt's first token (KV hand-off): "
+                        "fixed + per_token * prompt tokens", ["part"])
 PROJECTED_DECODE = Gauge("yuebing:conductor_decode_sequences", "Sequences admitted and not finished",
                          ["phase"])
 
@@ -66,10 +71,11 @@ class ConductorService(Service):
         self.projector = DecodeLoadProjector(default_token_seconds=self.decode_cost.step_seconds(1, 256))
         self.admission = AdmissionController(s.admission)
         self.policy = make_policy(s.policy, self.cost, use_pool=s.use_pool, colocated=s.colocated)
-        self.outstanding: dict[str, dict[str, float]] = {}  # prefill id -> request id -> predicted seconds
+        self.queues = PrefillQueues()  # what each prefill instance has to do before a new prompt
         self._dumping: set[str] = set()
         await self.nc.subscribe(f"{Subjects.HEARTBEAT_PREFIX}.>", cb=self._on_heartbeat)
         await self.nc.subscribe(Subjects.PREFILL_REPORT, cb=self._on_report)
+        await self.nc.subscribe(Subjects.PREFILL_DONE, cb=self._on_prefill_done)
         await self.nc.subscribe(Subjects.DECODE_REPORT, cb=self._on_decode_report)
         # Replay every KV event kept in the stream, then follow it: this rebuilds the index after a
         # restart; gaps and unknown epochs are repaired with dumps.
@@ -103,12 +109,22 @@ class ConductorService(Service):
             r = decode(msg.data, PrefillReport)
         except _BAD:
             return
-        self.outstanding.get(r.instance_id, {}).pop(r.request_id, None)
+        self.queues.first_token(r.instance_id, r.request_id, time.monotonic())
         self.projector.started(r.request_id, time.monotonic())
         reused = r.local_tokens + r.pool_tokens
         self.cost.observe_kv_size(r.kv_bytes_per_token)
         self.cost.observe_prefill(r.prompt_tokens - reused, reused, r.compute_seconds)
         self.cost.observe_load(r.pool_tokens, r.load_seconds, r.load_bytes)
+
+    async def _on_prefill_done(self, msg) -> None:
+        try:
+            r = decode(msg.data, PrefillDone)
+        except _BAD:
+            return
+        self.queues.done(r.instance_id, r.request_id, r.kv_tokens, r.tail_seconds)
+        fixed, per_token = self.queues.handoff.coef
+        HANDOFF_SECONDS.labels(part="fixed").set(fixed)
+        HANDOFF_SECONDS.labels(part="per_token").set(per_token)
 
     async def _on_decode_report(self, msg) -> None:
         try:
@@ -163,7 +179,7 @@ class ConductorService(Service):
             for gone in self.registry.prune(time.monotonic()):
                 self.log.warning("instance_lost", kind=gone.kind, id=gone.instance_id)
                 self.index.drop_instance(gone.instance_id)
-                self.outstanding.pop(gone.instance_id, None)
+                self.queues.drop_instance(gone.instance_id)
                 if gone.kind == "decode":
                     self.projector.drop_instance(gone.instance_id)
                 if gone.kind == "prefill":
@@ -177,6 +193,9 @@ class ConductorService(Service):
             pool = self.index.pool_keys()
             INDEX_BLOCKS.labels(source="cachestore").set(len(pool))
             self.projector.prune(time.monotonic())
+            lost = self.queues.prune(time.monotonic())
+            if lost:
+                self.log.warning("prefill_done_reports_missing", tasks=lost)
             started = sum(1 for e in self.projector.entries.values() if e.started)
             PROJECTED_DECODE.labels(phase="decode").set(started)
             PROJECTED_DECODE.labels(phase="prefill").set(len(self.projector.entries) - started)
@@ -196,7 +215,7 @@ class ConductorService(Service):
 
     # ---- placement
     def queue_seconds(self, iid: str) -> float:
-        return sum(self.outstanding.get(iid, {}).values())
+        return self.queues.seconds(iid, time.monotonic())
 
     def _place(self, prompt_len: int, keys: list[bytes], tbt_slo: float = 0.0):
         now = time.monotonic()
@@ -257,8 +276,8 @@ class ConductorService(Service):
         return dataclasses.replace(placement, admitted=False, status=verdict.status, reason=verdict.reason,
                                        retry_after=verdict.retry_after, cause=verdict.cause)
 
-    def _placed(self, request_id: str, placement) -> None:
-        self.outstanding.setdefault(placement.prefill_id, {})[request_id] = placement.predicted_prefill
+    def _placed(self, request_id: str, placement, prompt_len: int) -> None:
+        self.queues.placed(placement.prefill_id, request_id, placement.predicted_prefill, prompt_len)
         inst = self.registry.get("decode", placement.decode_id)
         if inst is not None:
             inst.placed_since_beat += 1
@@ -317,7 +336,7 @@ class ConductorService(Service):
                         task.pool_blocks = placement.pool_blocks
                         await self.js.publish(Subjects.prefill_task(placement.prefill_id), encode(task),
                                               headers={"Nats-Msg-Id": f"{task.request_id}@{placement.prefill_id}"})
-                        self._placed(task.request_id, placement)
+                        self._placed(task.request_id, placement, len(task.prompt_token_ids))
                         self._project(task.request_id, placement, len(task.prompt_token_ids), task.sampling)
                         moved += 1
                     await m.ack()
@@ -363,7 +382,7 @@ class ConductorService(Service):
                                       reason="task queue unavailable", retry_after=1.0)
                 await msg.respond(encode(reply))
                 return
-            self._placed(req.request_id, placement)
+            self._placed(req.request_id, placement, len(req.prompt_token_ids))
             self._project(req.request_id, placement, len(req.prompt_token_ids), req.sampling)
             PLACED.labels(policy=self.policy.name, plan="pool" if placement.use_pool else "local").inc()
             PREDICTED_TTFT.observe(placement.predicted_ttft)

@@ -18,6 +18,7 @@ from yuebing.libs.model import PastNotLoaded, sample_token
 from yuebing.libs.protocol import (
     DecodeTask,
     KVMeta,
+    PrefillDone,
     PrefillReport,
     PrefillTask,
     Subjects,
@@ -93,10 +94,22 @@ class PrefillService(ModelWorker):
                     await msg.term()
                     continue
                 self.queued, self.queued_tokens = 1, len(task.prompt_token_ids)
+                handed: tuple[int, float | None] = (0, None)
                 try:
-                    await self._run(task, msg)
+                    handed = await self._run(task, msg)
                 finally:
                     self.queued, self.queued_tokens = 0, 0
+                    await self._report_done(task.request_id, *handed)
+
+    async def _report_done(self, rid: str, kv_tokens: int, first_token_at: float | None) -> None:
+        """Tell the conductor this instance is free of the task, and how long the hand-off after
+        its first token held it (the conductor counts that in the queue ahead of new prompts)."""
+        tail = time.monotonic() - first_token_at if first_token_at is not None else 0.0
+        try:
+            await self.nc.publish(Subjects.PREFILL_DONE, encode(PrefillDone(
+                instance_id=self.instance_id, request_id=rid, kv_tokens=kv_tokens, tail_seconds=tail)))
+        except Exception as e:  # noqa: BLE001 - the conductor forgets the task later on its own
+            self.log.warning("done_report_failed", request_id=rid, error=str(e))
 
     # ---- prefix reuse
     def _local_prefix(self, task: PrefillTask) -> tuple[list[bytes], list[torch.Tensor]]:
@@ -161,12 +174,14 @@ class PrefillService(ModelWorker):
             logits, kv = await self.compute(self.runner.prefill, prompt[good:], past, chunk)
         return Prefilled(logits, kv, local, pool, seconds, time.monotonic() - t0 - buf.waited)
 
-    async def _run(self, task: PrefillTask, msg) -> None:
+    async def _run(self, task: PrefillTask, msg) -> tuple[int, float | None]:
+        """Serve one task; returns the positions of KV handed to decode (0: none) and when the
+        first token was reported (None: the task ended before it)."""
         rid = task.request_id
         log = self.log.bind(request_id=rid)
         if rid in self.done or rid in self.aborted:
             await msg.ack()  # a redelivery of finished work, or the client has gone
-            return
+            return 0, None
         started = time.monotonic()
         queue_seconds = max(0.0, time.time() - task.arrival_time) if task.arrival_time else 0.0
         prompt = task.prompt_token_ids
@@ -177,7 +192,7 @@ class PrefillService(ModelWorker):
             log.error("prefill_failed", error=repr(e))
             await self.emit_error(task.output_id, task.seq_base, f"prefill failed: {e}")
             await msg.ack()
-            return
+            return 0, None
         logits, kv, local, pool = done.logits, done.kv, done.local, done.pool
         load_seconds, compute_seconds = done.load_seconds, done.compute_seconds
         reused = (local + pool) * bs
@@ -188,7 +203,7 @@ class PrefillService(ModelWorker):
             log.error("sampling_failed", error=repr(e))
             await self.emit_error(task.output_id, task.seq_base, f"sampling failed: {e}")
             await msg.ack()
-            return
+            return 0, None
         reason = finish_reason(token, 1, task.sampling, self.shape.eos_token_ids)
         await self.emit(TokenEvent(request_id=task.output_id, seq=task.seq_base, token_ids=[token],
                                    finish_reason=reason, prompt_tokens=len(prompt), cached_tokens=reused))
@@ -204,9 +219,11 @@ class PrefillService(ModelWorker):
             instance_id=self.instance_id, request_id=rid, prompt_tokens=len(prompt), local_tokens=local * bs,
             pool_tokens=pool * bs, load_bytes=nbytes, load_seconds=load_seconds, compute_seconds=compute_seconds,
             queue_seconds=queue_seconds, kv_bytes_per_token=self.shape.kv_bytes_per_token())))
+        first_token_at, handed = time.monotonic(), 0
         if reason is None and rid not in self.aborted:
             try:
                 await self._hand_off(task, token, kv)
+                handed = kv.shape[3]
             except (TransferError, Exception) as e:  # noqa: BLE001
                 log.error("handoff_failed", decode=task.decode_id, error=repr(e))
                 await self.emit_error(task.output_id, task.seq_base + 1, f"KV hand-off to decode failed: {e}",
@@ -226,6 +243,7 @@ class PrefillService(ModelWorker):
                 self.write_backlog += kv.nbytes
                 self.spawn(self._store_blocks(rid, [k for k in task.block_hashes if k not in from_pool], kv,
                                               task.block_hashes))
+        return handed, first_token_at
 
     async def _hand_off(self, task: PrefillTask, token: int, kv) -> None:
         shape = self.shape

@@ -1,0 +1,82 @@
+"""The conductor's view of each prefill instance's queue, hand-off tail included (plain logic)."""
+
+import pytest
+
+from yuebing.services.conductor.prefillqueue import HandOffModel, PrefillQueues
+
+
+def test_the_handoff_model_recovers_a_fixed_part_and_a_cost_per_token():
+    m = HandOffModel()
+    assert m.seconds(500) == 0.0  # nothing known: no tail
+    for tokens in (50, 100, 200, 400, 800, 1600, 300, 700, 1200, 60):
+        m.observe(tokens, 0.05 + 0.001 * tokens)
+    assert m.coef == pytest.approx((0.05, 0.001), rel=1e-6)
+    assert m.seconds(1000) == pytest.approx(1.05)
+
+
+def test_the_handoff_model_uses_the_mean_until_it_can_fit_and_a_median_without_spread():
+    m = HandOffModel()
+    m.observe(100, 0.2)
+    m.observe(110, 0.4)
+    assert m.seconds(10_000) == pytest.approx(0.3)  # a first estimate, all of it fixed
+    for _ in range(10):
+        m.observe(100, 0.25)
+    assert m.coef == (0.25, 0.0)  # lengths alike: no slope to fit
+    m.observe(0, 5.0)  # no hand-off: not a sample
+    m.observe(100, -1.0)
+    assert m.coef == (0.25, 0.0)
+
+
+def _trained(fixed=0.1, per_token=0.001) -> PrefillQueues:
+    q = PrefillQueues()
+    for tokens in (100, 200, 400, 800, 100, 200, 400, 800):
+        q.handoff.observe(tokens, fixed + per_token * tokens)
+    return q
+
+
+def test_a_queued_task_counts_its_compute_and_its_handoff():
+    q = _trained()
+    q.placed("p0", "a", 0.5, 400)
+    q.placed("p0", "b", 1.0, 100)
+    q.placed("p1", "c", 2.0, 100)
+    assert q.seconds("p0", now=0.0) == pytest.approx(0.5 + 0.5 + 1.0 + 0.2)
+    assert q.seconds("p1", now=0.0) == pytest.approx(2.2)
+    assert q.seconds("p2", now=0.0) == 0.0
+
+
+def test_after_its_first_token_a_task_counts_what_is_left_of_its_handoff_until_done():
+    q = _trained()
+    q.placed("p0", "a", 0.5, 400)  # hand-off 0.5 s
+    q.placed("p0", "b", 1.0, 100)  # 1.0 + 0.2
+    q.first_token("p0", "a", now=10.0)
+    assert q.seconds("p0", now=10.0) == pytest.approx(0.5 + 1.2)
+    assert q.seconds("p0", now=10.3) == pytest.approx(0.2 + 1.2)
+    assert q.seconds("p0", now=20.0) == pytest.approx(1.2)  # overdue: nothing more is predicted
+    assert q.pending("p0") == 2  # ...but it holds the instance until done
+    q.done("p0", "a", 400, 0.9)
+    assert q.pending("p0") == 1
+    assert q.seconds("p0", now=20.0) == pytest.approx(1.2, abs=0.05)  # the slow sample refits a little
+
+
+def test_a_task_that_ends_without_a_handoff_is_released_and_not_learned_from():
+    q = _trained()
+    before = q.handoff.coef
+    q.placed("p0", "a", 0.5, 400)
+    q.done("p0", "a", 0, 0.0)  # failed, or finished at its first token
+    assert q.pending("p0") == 0 and q.seconds("p0", now=0.0) == 0.0
+    assert q.handoff.coef == before
+    q.done("p9", "zz", 0, 0.0)  # unknown instance or task: nothing to do
+    q.first_token("p9", "zz", now=1.0)
+
+
+def test_lost_instances_and_done_reports_that_never_come_are_forgotten():
+    q = PrefillQueues(lost_after=30.0)
+    q.placed("p0", "a", 0.5, 100)
+    q.placed("p0", "b", 0.5, 100)
+    q.placed("p1", "c", 0.5, 100)
+    q.first_token("p0", "a", now=0.0)
+    assert q.prune(now=29.0) == 0
+    assert q.prune(now=31.0) == 1  # a's done report is lost; b still waits for compute: kept
+    assert q.pending("p0") == 1
+    q.drop_instance("p1")
+    assert q.pending("p1") == 0 and q.seconds("p1", now=31.0) == 0.0
