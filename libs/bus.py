@@ -123,6 +123,20 @@ def crc32(data) -> int:
     return zlib.crc32(data) & 0xFFFFFFFF
 
 
+async def _send_chunk(nc: NATS, subject: str, transfer_id: str, payload: bytes, ask: bool, timeout: float) -> None:
+    """Publish one chunk; ``ask``: as a request, and wait for the receiver's positive ``ChunkAck``."""
+    if not ask:
+        await nc.publish(subject, payload)
+        return
+    try:
+        resp = await nc.request(subject, payload, timeout=timeout)
+    except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as e:
+        raise TransferError(f"no ack from {subject} for {transfer_id}: {type(e).__name__}") from e
+    ack = decode(resp.data, ChunkAck)
+    if not ack.ok:
+        raise TransferError(f"{subject} refused {transfer_id}: {ack.error}")
+
+
 async def send_windowed(nc: NATS, subject: str, transfer_id: str, payloads: Iterable[bytes], *, window: int = 16,
                         timeout: float = 10.0) -> None:
     """Publish ``payloads`` to ``subject`` as acked windows: every ``window``-th payload and the
@@ -132,16 +146,7 @@ async def send_windowed(nc: NATS, subject: str, transfer_id: str, payloads: Iter
     i = 0
     while payload is not None:
         following = next(it, None)
-        if (i + 1) % window == 0 or following is None:
-            try:
-                resp = await nc.request(subject, payload, timeout=timeout)
-            except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as e:
-                raise TransferError(f"no ack from {subject} for {transfer_id}: {type(e).__name__}") from e
-            ack = decode(resp.data, ChunkAck)
-            if not ack.ok:
-                raise TransferError(f"{subject} refused {transfer_id}: {ack.error}")
-        else:
-            await nc.publish(subject, payload)
+        await _send_chunk(nc, subject, transfer_id, payload, (i + 1) % window == 0 or following is None, timeout)
         payload, i = following, i + 1
 
 
@@ -156,32 +161,37 @@ async def send_blob(
     timeout: float = 10.0,
     chunk_bytes: int = CHUNK_DATA_BYTES,
     checksum: bool = True,
+    available: Callable[[int], Awaitable[None]] | None = None,
 ) -> None:
     """Send ``data`` to ``subject`` as acked windows of chunks; raises TransferError on failure.
 
-    ``checksum=False`` for data that carries its own checksum (an encoded KV block)."""
+    ``checksum=False`` for data that carries its own checksum (an encoded KV block).
+    ``available(end)``, for data still being produced while it is sent (a prompt's KV, layer by
+    layer): awaited before each chunk, it returns once bytes ``[0, end)`` are final (or raises to
+    abandon the transfer). The CRC32 of such a blob is then taken chunk by chunk as they go and
+    carried by its last chunk, whose value is the one the receiver checks."""
     view = memoryview(data).cast("B")
     total = len(view)
     count = max(1, -(-total // chunk_bytes))
-    whole = crc32(view) if checksum else NO_BLOB_CHECKSUM
-    chunks = (
-        encode(Chunk(
-            transfer_id=transfer_id,
-            index=i,
-            count=count,
-            offset=i * chunk_bytes,
-            total_bytes=total,
-            checksum=whole,
-            data=view[i * chunk_bytes : (i + 1) * chunk_bytes],
-            meta=meta if i == 0 else b"",
-        ))
-        for i in range(count)
-    )
-    await send_windowed(nc, subject, transfer_id, chunks, window=window, timeout=timeout)
+    streamed = available is not None
+    whole = crc32(view) if checksum and not streamed else NO_BLOB_CHECKSUM
+    running = 0
+    for i in range(count):
+        lo, hi = i * chunk_bytes, min(total, (i + 1) * chunk_bytes)
+        last = i == count - 1
+        if streamed:
+            await available(hi)
+            if checksum:
+                running = zlib.crc32(view[lo:hi], running)
+                if last:
+                    whole = running & 0xFFFFFFFF
+        payload = encode(Chunk(transfer_id=transfer_id, index=i, count=count, offset=lo, total_bytes=total,
+                               checksum=whole, data=view[lo:hi], meta=meta if i == 0 else b""))
+        await _send_chunk(nc, subject, transfer_id, payload, (i + 1) % window == 0 or last, timeout)
 
 
 class _Partial:
-    __slots__ = ("buf", "count", "next_index", "checksum", "meta", "started")
+    __slots__ = ("buf", "count", "next_index", "checksum", "meta", "seen")
 
     def __init__(self, first: Chunk):
         # a blob in one chunk (the usual cache block) is taken as it is: no zero-filled buffer first
@@ -190,7 +200,7 @@ class _Partial:
         self.next_index = 0
         self.checksum = first.checksum
         self.meta = bytes(first.meta)
-        self.started = time.monotonic()
+        self.seen = time.monotonic()  # when its latest chunk came
 
 
 # Returns None to accept the blob, or an error string that the sender receives as a negative ack.
@@ -211,6 +221,7 @@ class BlobAssembler:
         self._partials: dict[str, _Partial] = {}
         self._failed: dict[str, str] = {}
         self._stale_after = stale_after
+        self._gc_at = 0.0
         self.completed = 0
         self.failed = 0
 
@@ -269,13 +280,18 @@ class BlobAssembler:
             return "chunk overruns the announced size"
         if chunk.count > 1:
             part.buf[start:end] = chunk.data
+        part.checksum = chunk.checksum  # the last chunk's value is checked (a streamed blob knows it only then)
         part.next_index += 1
+        part.seen = time.monotonic()
         return ""
 
     def _gc(self) -> None:
-        if len(self._partials) < 8:
-            return
+        """Forget blobs whose sender stopped sending (abandoned, or it died) ``stale_after`` ago;
+        looked for at most once a second."""
         now = time.monotonic()
-        for tid in [t for t, p in self._partials.items() if now - p.started > self._stale_after]:
+        if not self._partials or now - self._gc_at < 1.0:
+            return
+        self._gc_at = now
+        for tid in [t for t, p in self._partials.items() if now - p.seen > self._stale_after]:
             del self._partials[tid]
             log.warning("transfer_abandoned", transfer_id=tid)

@@ -306,6 +306,13 @@ class PrefillKV:
     calls ``layer_ready(i)`` once layer ``i``'s past is in place, or ``fail`` when it cannot be, and
     the model thread waits in ``wait_layer(i)`` before layer ``i`` first reads it. A buffer made
     with its past already copied in is ready throughout.
+
+    The other way round, the model marks each layer ``computed`` once its last new position is
+    written, so the request's KV can leave for decode layer by layer while the later layers still
+    run (layer ``i``'s bytes are one contiguous range of ``kv``). A layer is ``sendable`` when it is
+    computed and the whole past is verified: a pool past counts only once every block's CRC32 has
+    checked, so bytes computed over a past that later proves corrupt never leave. ``watch`` sets a
+    callback for every change of state (called on the thread that made it).
     """
 
     def __init__(self, kv: torch.Tensor, past_len: int, *, ready: bool = True, timeout: float = 30.0):
@@ -315,8 +322,11 @@ class PrefillKV:
         self.timeout = timeout
         layers = kv.shape[0]
         self._cond = threading.Condition()
+        self.layers = layers
         self._ready = layers if ready else 0  # layers 0.._ready-1 are in place (layers arrive in order)
+        self._computed = 0  # layers 0.._computed-1 hold every new position
         self._error: str | None = None
+        self._watch = None
         self.waited = 0.0  # seconds the model spent waiting for the past
 
     @classmethod
@@ -333,16 +343,41 @@ class PrefillKV:
             off += b.shape[3]
         return cls(kv, have + pending, ready=pending == 0)
 
+    def watch(self, callback) -> None:
+        """Call ``callback()`` (no arguments, on the changing thread) whenever layers become ready,
+        computed, or the buffer fails."""
+        self._watch = callback
+        callback()
+
+    def _changed(self) -> None:
+        if self._watch is not None:
+            self._watch()
+
     def layer_ready(self, upto: int) -> None:
         """Layers ``0..upto-1`` hold their past."""
         with self._cond:
             self._ready = max(self._ready, upto)
             self._cond.notify_all()
+        self._changed()
+
+    def layer_computed(self, index: int) -> None:
+        """Layer ``index`` (and every layer before it) holds all its new positions."""
+        with self._cond:
+            self._computed = max(self._computed, index + 1)
+        self._changed()
+
+    def sendable_layers(self) -> int:
+        """Leading layers whose bytes are final: computed, over a past that is all verified."""
+        with self._cond:
+            if self._error is not None or self._ready < self.layers:
+                return 0
+            return self._computed
 
     def fail(self, error: str) -> None:
         with self._cond:
             self._error = error
             self._cond.notify_all()
+        self._changed()
 
     @property
     def failed(self) -> str | None:
@@ -386,6 +421,8 @@ class _PrefillLayer(DynamicLayer):
         self._k[:, :, n : n + t] = key_states
         self._v[:, :, n : n + t] = value_states
         self.n = n + t
+        if self.n == self.buf.total:
+            self.buf.layer_computed(self.index)
         self.keys, self.values = self._k[:, :, : self.n], self._v[:, :, : self.n]
         return self.keys, self.values
 

@@ -325,7 +325,9 @@ class Chunk(msgspec.Struct, kw_only=True, array_like=True):
     ``meta`` travels on chunk 0 only: the msgpack of the Struct that describes the blob.
     ``checksum`` is the CRC32 of the whole blob, checked by the receiver after reassembly, or
     ``NO_BLOB_CHECKSUM`` for a blob whose content carries its own (KV blocks: their CRC32 is
-    checked end to end by whoever decodes them), so the bytes are not checksummed twice.
+    checked end to end by whoever decodes them), so the bytes are not checksummed twice. The
+    receiver checks the value of the last chunk: a blob sent while it is still being produced (a
+    prompt's KV, layer by layer) knows its CRC32 only then and carries ``NO_BLOB_CHECKSUM`` before.
     """
 
     transfer_id: str

@@ -134,7 +134,12 @@ class SimRunner:
         kv[:, :, :, past:].zero_()
         kv[0, 0, 0, past:, 0] = torch.tensor(token_ids, dtype=torch.float32).to(kv.dtype)
         logits = self.logits_for([self.next_word(token_ids[-1], total - 1)])[0]
-        self.hold(start, self.profile.prefill_seconds(total, past))
+        # the layers finish one after another over the modelled time, as a real forward's do
+        seconds = self.modelled_seconds = self.profile.prefill_seconds(total, past)
+        layers = self.shape.num_layers
+        for i in range(layers):
+            _sleep_until(start + seconds * (i + 1) / layers)
+            buf.layer_computed(i)
         return logits, kv
 
     def new_batch(self) -> "SimDecodeBatch":

@@ -53,3 +53,86 @@ def test_a_message_with_its_data_joined_in_decodes_like_one_encoded_whole():
     assert (piece.transfer_id, piece.layer, piece.first, piece.count) == ("t", 3, 1, 4)
     assert bytes(piece.data) == whole
     assert decode(encode(LayerPiece(transfer_id="t", layer=3, first=1, count=4, data=whole)), LayerPiece) == piece
+
+
+async def test_a_blob_sent_as_it_is_produced_waits_for_its_bytes_and_is_checked_by_its_last_chunk(nats_server):
+    import asyncio
+
+    nc = await connect(nats_server.url, "test-bus-stream")
+    got: dict[str, bytes] = {}
+    seen: list[int] = []  # chunk indexes as they reach the receiver
+
+    def on_blob(tid, meta, data):
+        got[tid] = bytes(data)
+
+    asm = BlobAssembler(nc, on_blob)
+
+    async def handle(msg):
+        seen.append(decode(msg.data, Chunk).index)
+        await asm.handle(msg)
+
+    sub = await nc.subscribe("test.stream", cb=handle)
+    try:
+        data = bytearray(10_000)
+        final = os.urandom(len(data))
+        ready = 0
+        changed = asyncio.Event()
+
+        async def available(end):
+            while ready < end:
+                changed.clear()
+                await changed.wait()
+
+        async def produce(upto):  # the producer writes its bytes, then says so
+            nonlocal ready
+            data[ready:upto] = final[ready:upto]
+            ready = upto
+            changed.set()
+            await nc.flush()
+            await asyncio.sleep(0.2)
+
+        send = asyncio.ensure_future(send_blob(nc, "test.stream", "s", data, b"m", chunk_bytes=1024, window=4,
+                                               available=available))
+        await produce(0)
+        assert seen == []
+        await produce(2500)  # chunks 0 and 1 are whole, chunk 2 is not
+        assert seen == [0, 1]
+        await produce(len(data))
+        await asyncio.wait_for(send, 5)
+        assert seen == list(range(10)) and got["s"] == final
+
+        # the last chunk's checksum is the one checked
+        small = os.urandom(300)
+        first = Chunk(transfer_id="p", index=0, count=2, offset=0, total_bytes=300, checksum=NO_BLOB_CHECKSUM,
+                      data=memoryview(small[:200]))
+        await nc.publish("test.stream", encode(first))
+        last = Chunk(transfer_id="p", index=1, count=2, offset=200, total_bytes=300, checksum=crc32(small) ^ 1,
+                     data=memoryview(small[200:]))
+        ack = decode((await nc.request("test.stream", encode(last), timeout=5)).data, ChunkAck)
+        assert not ack.ok and "checksum" in ack.error and "p" not in got
+    finally:
+        await sub.unsubscribe()
+        await nc.close()
+
+
+async def test_a_half_sent_blob_is_forgotten_once_its_sender_goes_quiet(nats_server):
+    import asyncio
+
+    nc = await connect(nats_server.url, "test-bus-stale")
+    asm = BlobAssembler(nc, lambda *a: None, stale_after=0.05)
+    sub = await nc.subscribe("test.stale", cb=asm.handle)
+
+    def half(tid: str) -> bytes:
+        return encode(Chunk(transfer_id=tid, index=0, count=2, offset=0, total_bytes=20,
+                            checksum=NO_BLOB_CHECKSUM, data=memoryview(b"x" * 10)))
+
+    try:
+        await nc.request("test.stale", half("quiet"), timeout=5)
+        assert set(asm._partials) == {"quiet"}
+        await asyncio.sleep(1.1)  # the assembler looks for stale blobs at most once a second
+        await nc.request("test.stale", half("fresh"), timeout=5)
+        # forgotten even though only two are held (a cancelled hand-off must not pin its buffer)
+        assert set(asm._partials) == {"fresh"}
+    finally:
+        await sub.unsubscribe()
+        await nc.close()

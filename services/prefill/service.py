@@ -1,9 +1,16 @@
 """Prefill wiring: reuse cached prefix blocks, run the rest of the prompt, stream the first token,
-hand the KV to decode, and keep the new blocks (own DRAM cache, then the pool)."""
+hand the KV to decode, and keep the new blocks (own DRAM cache, then the pool).
+
+The KV leaves for decode while the prompt runs: each layer's bytes go as soon as the model has
+written the layer's last position (and any pool past under it has verified), so by the first
+token only the last layers are still on the way and the instance is free for its next prompt
+soon after, instead of a whole prompt's KV transfer later.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import NamedTuple
 
@@ -14,7 +21,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from yuebing.libs.blocks import CacheClient, CacheError
 from yuebing.libs.bus import TransferError, send_blob
 from yuebing.libs.kvevents import KVEventPublisher
-from yuebing.libs.model import PastNotLoaded, sample_token
+from yuebing.libs.model import PastNotLoaded, PrefillKV, sample_token
 from yuebing.libs.protocol import (
     DecodeTask,
     KVMeta,
@@ -29,6 +36,7 @@ from yuebing.libs.protocol import (
 from yuebing.libs.worker import ModelWorker, finish_reason
 
 from .blockcache import BlockCache
+from .handoff import stream_kv
 
 CACHE_TIMEOUT = 5.0
 
@@ -39,6 +47,9 @@ PREFILL_SECONDS = Histogram("yuebing:prefill_compute_seconds", "Model time of on
 LOAD_SECONDS = Histogram("yuebing:prefill_pool_load_seconds", "Time to load prefix blocks from the pool")
 LOCAL_BYTES = Gauge("yuebing:prefill_local_cache_bytes", "Bytes in the instance's own block cache")
 LOCAL_EVICTIONS = Counter("yuebing:prefill_local_cache_evictions", "Blocks evicted from the instance's own cache")
+HANDOFF_TAIL_SECONDS = Histogram("yuebing:prefill_kv_handoff_tail_seconds",
+                                 "From a prompt's first token until its KV is all with decode (sent while it ran)",
+                                 buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0))
 POOL_WRITES_SKIPPED = Counter("yuebing:prefill_pool_writes_skipped",
                               "Prompts whose new blocks were not written to the pool: its write backlog was full")
 
@@ -50,6 +61,7 @@ class Prefilled(NamedTuple):
     pool: int  # blocks loaded from the pool
     load_seconds: float  # the pool load (overlapping the compute)
     compute_seconds: float  # the model's time on the prompt (waits for the past's layers excluded)
+    handoff: "asyncio.Future | None"  # the KV on its way to decode as the layers ran (None: not sent yet)
 
 
 class PrefillService(ModelWorker):
@@ -138,12 +150,14 @@ class PrefillService(ModelWorker):
             self.log.warning("pool_lookup_failed", request_id=task.request_id, error=str(e))
             return 0
 
-    async def _prefill(self, task: PrefillTask, log) -> "Prefilled":
+    async def _prefill(self, task: PrefillTask, log, stream: bool) -> "Prefilled":
         """Reuse what is cached, compute the rest.
 
         Own DRAM blocks are copied into the request's KV buffer; pool blocks stream into it layer by
         layer while the prompt runs (layer ``i`` waits only for its own past). A pool block that is
         missing, corrupt or late stops the run: the prompt is computed again from the verified prefix.
+        With ``stream`` the KV is sent to decode layer by layer as the model computes it (the
+        returned ``handoff``); after a recompute it is sent afterwards instead.
         """
         bs = self.settings.block_size
         prompt, chunk = task.prompt_token_ids, self.settings.prefill_chunk
@@ -152,6 +166,18 @@ class PrefillService(ModelWorker):
         found = await self._pool_blocks(task, keys[local:], local)
         reused = (local + found) * bs
         buf = self.runner.kv_buffer(len(prompt) - reused, blocks, pending=found * bs)
+        handoff = asyncio.ensure_future(self._stream_kv(task, buf)) if stream else None
+        try:
+            return await self._compute(task, log, buf, keys, local, found, handoff)
+        except BaseException:
+            await _cancel(handoff)
+            raise
+
+    async def _compute(self, task: PrefillTask, log, buf: PrefillKV, keys: list[bytes], local: int, found: int,
+                       handoff: "asyncio.Future | None") -> "Prefilled":
+        bs = self.settings.block_size
+        prompt, chunk = task.prompt_token_ids, self.settings.prefill_chunk
+        reused = (local + found) * bs
         t0 = time.monotonic()
         run = asyncio.ensure_future(self.compute(self.runner.prefill, prompt[reused:], chunk=chunk, buffer=buf))
         pool, seconds = 0, 0.0
@@ -170,9 +196,13 @@ class PrefillService(ModelWorker):
         except PastNotLoaded as e:
             good = (local + pool) * bs
             log.warning("pool_load_incomplete", wanted_blocks=found, loaded_blocks=pool, error=str(e))
+            # what the stream sent (never a layer over an unverified past) is forgotten by decode; the
+            # recomputed KV goes afterwards, under a transfer id of its own
+            await _cancel(handoff)
+            handoff = None
             past = buf.kv[:, :, :, :good] if good else None
             logits, kv = await self.compute(self.runner.prefill, prompt[good:], past, chunk)
-        return Prefilled(logits, kv, local, pool, seconds, time.monotonic() - t0 - buf.waited)
+        return Prefilled(logits, kv, local, pool, seconds, time.monotonic() - t0 - buf.waited, handoff)
 
     async def _run(self, task: PrefillTask, msg) -> tuple[int, float | None]:
         """Serve one task; returns the positions of KV handed to decode (0: none) and when the
@@ -186,8 +216,10 @@ class PrefillService(ModelWorker):
         queue_seconds = max(0.0, time.time() - task.arrival_time) if task.arrival_time else 0.0
         prompt = task.prompt_token_ids
         bs = self.settings.block_size
+        # a prompt that may go on past its first token sends its KV while it runs
+        stream = task.sampling.max_tokens > 1 and rid not in self.aborted
         try:
-            done = await self._prefill(task, log)
+            done = await self._prefill(task, log, stream)
         except Exception as e:  # noqa: BLE001 - report, never hang the client
             log.error("prefill_failed", error=repr(e))
             await self.emit_error(task.output_id, task.seq_base, f"prefill failed: {e}")
@@ -200,6 +232,7 @@ class PrefillService(ModelWorker):
         try:
             token = sample_token(logits, task.sampling, task.seq_base)
         except Exception as e:  # noqa: BLE001 - one request's bad draw must not stop the instance
+            await _cancel(done.handoff)
             log.error("sampling_failed", error=repr(e))
             await self.emit_error(task.output_id, task.seq_base, f"sampling failed: {e}")
             await msg.ack()
@@ -222,12 +255,19 @@ class PrefillService(ModelWorker):
         first_token_at, handed = time.monotonic(), 0
         if reason is None and rid not in self.aborted:
             try:
-                await self._hand_off(task, token, kv)
+                if done.handoff is not None:
+                    await done.handoff  # the last layers' bytes
+                else:
+                    await self._send_kv(task, kv, f"{rid}@{self.instance_id}/full")
+                await self._publish_decode_task(task, token, kv.shape[3])
                 handed = kv.shape[3]
+                HANDOFF_TAIL_SECONDS.observe(time.monotonic() - first_token_at)
             except (TransferError, Exception) as e:  # noqa: BLE001
                 log.error("handoff_failed", decode=task.decode_id, error=repr(e))
                 await self.emit_error(task.output_id, task.seq_base + 1, f"KV hand-off to decode failed: {e}",
                                       retry=True)
+        else:
+            await _cancel(done.handoff)  # finished at its first token, or the client has gone
         self.done.add(rid)
         await msg.ack()
         if task.block_hashes:
@@ -245,24 +285,30 @@ class PrefillService(ModelWorker):
                                               task.block_hashes))
         return handed, first_token_at
 
-    async def _hand_off(self, task: PrefillTask, token: int, kv) -> None:
+    # ---- hand-off to decode
+    def _kv_meta(self, task: PrefillTask, length: int) -> bytes:
         shape = self.shape
-        meta = KVMeta(
-            request_id=task.request_id,
-            length=kv.shape[3],
-            num_layers=shape.num_layers,
-            num_kv_heads=shape.num_kv_heads,
-            head_dim=shape.head_dim,
-            dtype=shape.dtype_name,
-        )
+        return encode(KVMeta(request_id=task.request_id, length=length, num_layers=shape.num_layers,
+                             num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim, dtype=shape.dtype_name))
+
+    async def _send_kv(self, task: PrefillTask, kv, transfer_id: str) -> None:
+        """Send a computed prompt's KV (wire layout) to its decode instance. Transfer ids name the
+        sender, so a prompt redone elsewhere (or sent again after a recompute) never mixes with a
+        copy left half sent."""
         data = memoryview(kv.numpy()).cast("B")
-        await send_blob(self.nc, Subjects.kv(task.decode_id), task.request_id, data, encode(meta))
+        await send_blob(self.nc, Subjects.kv(task.decode_id), transfer_id, data, self._kv_meta(task, kv.shape[3]))
+
+    async def _stream_kv(self, task: PrefillTask, buf: PrefillKV) -> None:
+        await stream_kv(self.nc, Subjects.kv(task.decode_id), f"{task.request_id}@{self.instance_id}", buf,
+                        self._kv_meta(task, buf.total))
+
+    async def _publish_decode_task(self, task: PrefillTask, token: int, kv_len: int) -> None:
         dtask = DecodeTask(
             request_id=task.request_id,
             prompt_token_ids=task.prompt_token_ids,
             output_token_ids=[token],
             sampling=task.sampling,
-            kv_len=kv.shape[3],
+            kv_len=kv_len,
             prefill_id=self.instance_id,
             resume=task.resume,
         )
@@ -307,3 +353,12 @@ class PrefillService(ModelWorker):
             self.log.debug("blocks_stored", request_id=rid, stored=len(missing), present=len(keys) - len(missing))
         except CacheError as e:
             self.log.warning("block_store_failed", request_id=rid, error=str(e))
+
+
+async def _cancel(fut: "asyncio.Future | None") -> None:
+    """Stop a hand-off in progress (its half-sent blob is forgotten by the receiver) and wait for it."""
+    if fut is None:
+        return
+    fut.cancel()
+    with contextlib.suppress(BaseException):
+        await fut
