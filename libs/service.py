@@ -28,6 +28,7 @@ class Service:
         self.nc = None
         self.js = None
         self._stopping = asyncio.Event()
+        self.failed = asyncio.Event()  # an essential task died: the process must go (see spawn)
         self._tasks: set[asyncio.Task] = set()
 
     # ---- hooks
@@ -49,16 +50,27 @@ class Service:
         return None
 
     # ---- lifecycle
-    def spawn(self, coro) -> asyncio.Task:
+    def spawn(self, coro, essential: bool = False) -> asyncio.Task:
+        """Run ``coro`` for the service's lifetime. An ``essential`` task (a worker's engine or task
+        loop) that dies of an exception takes the process down: an instance that heartbeats on with
+        its loop gone would hold its requests until their clients time out, while one that exits is
+        declared lost and its requests are resumed elsewhere."""
         task = asyncio.create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._task_done)
+        task.add_done_callback(self._essential_done if essential else self._task_done)
         return task
 
-    def _task_done(self, task: asyncio.Task) -> None:
+    def _task_done(self, task: asyncio.Task) -> bool:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             self.log.error("task_failed", error=repr(task.exception()), exc_info=task.exception())
+            return True
+        return False
+
+    def _essential_done(self, task: asyncio.Task) -> None:
+        if self._task_done(task) and not self.stopping:
+            self.log.error("essential_task_failed", task=task.get_coro().__qualname__)
+            self.failed.set()
 
     @property
     def stopping(self) -> bool:
@@ -120,16 +132,23 @@ class Service:
         await serve_all([self])
 
 
-async def serve_all(services: list[Service]) -> None:
-    """Start the services, run until SIGINT or SIGTERM, stop them all (one process, one loop)."""
+async def serve_all(services: list[Service]) -> bool:
+    """Start the services, run until SIGINT or SIGTERM or until one of them has failed (an
+    essential task died), stop them all (one process, one loop). Returns whether one failed."""
     loop = asyncio.get_running_loop()
     done = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, done.set)
     for svc in services:
         await svc.start()
-    await done.wait()
+    waits = [asyncio.ensure_future(e.wait()) for e in [done] + [svc.failed for svc in services]]
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for w in waits:
+        w.cancel()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.remove_signal_handler(sig)
     await asyncio.gather(*(svc.stop() for svc in services))
+    return any(svc.failed.is_set() for svc in services)
 
 
 def run(service_classes: type[Service] | list[type[Service]], settings: Settings, name: str | None = None) -> None:
@@ -143,8 +162,10 @@ def run(service_classes: type[Service] | list[type[Service]], settings: Settings
         start_http_server(settings.metrics_port, addr=settings.host)
     started = time.monotonic()
 
-    async def main() -> None:
-        await serve_all([cls(settings) for cls in classes])
+    async def main() -> bool:
+        return await serve_all([cls(settings) for cls in classes])
 
-    asyncio.run(main())
-    get_logger(name).info("service_exited", uptime_s=round(time.monotonic() - started, 1))
+    failed = asyncio.run(main())
+    get_logger(name).info("service_exited", uptime_s=round(time.monotonic() - started, 1), failed=failed)
+    if failed:
+        raise SystemExit(1)

@@ -35,8 +35,8 @@ class DecodeService(ModelWorker):
             Subjects.kv(self.instance_id), cb=self._assembler.handle, pending_bytes_limit=BULK_PENDING_BYTES
         )
         await self.subscribe_tasks(Subjects.DECODE_STREAM, Subjects.decode_task(self.instance_id))
-        self.spawn(self._pull_loop())
-        self.spawn(self._engine_loop())
+        self.spawn(self._pull_loop(), essential=True)
+        self.spawn(self._engine_loop(), essential=True)
         self.spawn(self._progress_loop())
 
     def load(self):
@@ -162,7 +162,8 @@ class DecodeService(ModelWorker):
     async def drain(self) -> None:
         """Finish running sequences for up to ``drain_seconds``; hand the rest back: each gets a
         retryable error event, on which its gateway resumes it on another instance."""
-        deadline = time.monotonic() + self.settings.drain_seconds
+        # an instance whose engine loop died finishes nothing more: hand everything back at once
+        deadline = time.monotonic() + (0.0 if self.failed.is_set() else self.settings.drain_seconds)
         while (self.batcher.running or self.batcher.waiting) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         left = list(self.batcher.running.values()) + list(self.batcher.waiting)

@@ -15,6 +15,12 @@ from yuebing.libs.bus import TransferError, send_blob
 from yuebing.libs.model import PrefillKV
 from yuebing.libs.protocol import CHUNK_DATA_BYTES
 
+# Chunks a hand-off may have in flight before the receiver acks: a decode instance fed by eight
+# prefill instances at once then has at most 32 MiB waiting for it at the NATS server, half the
+# server's per-client limit past which it would cut the decode instance off as a slow consumer.
+# A stream's chunks leave as fast as the layers finish, so a wider window would gain nothing.
+HANDOFF_WINDOW_CHUNKS = 4
+
 
 async def stream_kv(nc, subject: str, transfer_id: str, buf: PrefillKV, meta: bytes, *,
                     chunk_bytes: int = CHUNK_DATA_BYTES) -> None:
@@ -42,4 +48,5 @@ async def stream_kv(nc, subject: str, transfer_id: str, buf: PrefillKV, meta: by
             await changed.wait()
 
     data = memoryview(buf.kv.numpy()).cast("B")
-    await send_blob(nc, subject, transfer_id, data, meta, chunk_bytes=chunk_bytes, available=available)
+    await send_blob(nc, subject, transfer_id, data, meta, chunk_bytes=chunk_bytes, available=available,
+                    window=HANDOFF_WINDOW_CHUNKS)

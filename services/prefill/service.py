@@ -36,7 +36,7 @@ from yuebing.libs.protocol import (
 from yuebing.libs.worker import ModelWorker, finish_reason
 
 from .blockcache import BlockCache
-from .handoff import stream_kv
+from .handoff import HANDOFF_WINDOW_CHUNKS, stream_kv
 
 CACHE_TIMEOUT = 5.0
 
@@ -80,7 +80,7 @@ class PrefillService(ModelWorker):
         self.queued_tokens = 0
         self.write_backlog = 0  # bytes of prompts' KV held until their blocks are in the pool
         await self.subscribe_tasks(Subjects.PREFILL_STREAM, Subjects.prefill_task(self.instance_id))
-        self._loop_task = self.spawn(self._loop())
+        self._loop_task = self.spawn(self._loop(), essential=True)
 
     async def drain(self) -> None:
         """Finish the prompt in hand; queued tasks go to other instances (the conductor moves
@@ -296,7 +296,8 @@ class PrefillService(ModelWorker):
         sender, so a prompt redone elsewhere (or sent again after a recompute) never mixes with a
         copy left half sent."""
         data = memoryview(kv.numpy()).cast("B")
-        await send_blob(self.nc, Subjects.kv(task.decode_id), transfer_id, data, self._kv_meta(task, kv.shape[3]))
+        await send_blob(self.nc, Subjects.kv(task.decode_id), transfer_id, data, self._kv_meta(task, kv.shape[3]),
+                        window=HANDOFF_WINDOW_CHUNKS)
 
     async def _stream_kv(self, task: PrefillTask, buf: PrefillKV) -> None:
         await stream_kv(self.nc, Subjects.kv(task.decode_id), f"{task.request_id}@{self.instance_id}", buf,
