@@ -10,6 +10,7 @@ from yuebing.services.conductor.admission import (
     DecodeCostModel,
     DecodeLoadProjector,
     predicted_tbt,
+    request_tbt_joining,
 )
 from yuebing.services.conductor.costmodel import PrefillCalibration, PrefillCostModel
 from yuebing.services.conductor.placement import DecodeView, PrefillView, RequestView, make_policy
@@ -59,6 +60,36 @@ def test_predicted_tbt_counts_rounds_when_the_batch_is_full():
     # 16 sequences on 8 rows: a step of 8 rows, and each sequence waits every other step
     assert predicted_tbt(m, 16, 1600, 8) == pytest.approx(0.16)
     assert predicted_tbt(m, 16, 1600, 0) == pytest.approx(0.16)
+
+
+def test_a_short_requests_tbt_is_its_first_gap_as_the_metric_counts_it():
+    m = DecodeCostModel(coef=(0.0, 0.01, 0.0))
+    step = 0.04  # 4 rows
+    for tokens in range(2, 40):
+        gaps = [2.0 + step] + [step] * (tokens - 2)  # waits 2 s for its KV and a row, then steady
+        assert request_tbt_joining(m, 4, 400, 8, tokens, wait=2.0) == pytest.approx(request_tbt(gaps)), tokens
+    assert request_tbt_joining(m, 4, 400, 8, 10, wait=2.0) == pytest.approx(2.04)  # nine gaps: the stall is the p90
+    assert request_tbt_joining(m, 4, 400, 8, 11, wait=2.0) == pytest.approx(step)  # ten: it is not
+    assert request_tbt_joining(m, 4, 400, 8, 1, wait=9.0) == 0.0  # one token never reaches decode
+    # more sequences than rows: never below the shared-steps estimate
+    assert request_tbt_joining(m, 16, 1600, 8, 100, wait=0.0) == pytest.approx(predicted_tbt(m, 16, 1600, 8))
+
+
+def test_a_full_batch_makes_a_newcomer_wait_for_departures_in_order():
+    p = DecodeLoadProjector(default_token_seconds=0.1)
+    now = 0.0
+    for rid, tokens in (("a", 10), ("b", 30), ("c", 50)):  # in decode now, leave at 1, 3 and 5 s
+        p.admit(rid, "d0", start=now, tokens=tokens, kv_tokens=10)
+        p.started(rid, now)
+    assert p.row_wait("d0", now, now, rows=4) == 0.0  # a row is free
+    assert p.row_wait("d0", now, now, rows=3) == pytest.approx(1.0)  # the first to leave frees one
+    assert p.row_wait("d0", now, now, rows=2) == pytest.approx(3.0)  # two must leave
+    assert p.row_wait("d0", 2.0, now, rows=3) == 0.0  # by t=2 "a" has left: a row is free then
+    assert p.row_wait("d0", 2.0, now, rows=2) == pytest.approx(1.0)  # with two rows, "b" must leave first
+    assert p.row_wait("d0", now, now, rows=0) == 0.0  # an unbounded batch never waits
+    assert p.row_wait("d1", now, now, rows=1) == 0.0
+    # sequences the projection did not admit hold rows too
+    assert p.row_wait("d0", now, now, rows=4, others=1, others_end=7.0) == pytest.approx(1.0)
 
 
 def test_projection_follows_admitted_requests_into_and_out_of_decode():

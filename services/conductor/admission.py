@@ -70,6 +70,29 @@ def predicted_tbt(cost: DecodeCostModel, sequences: int, kv_tokens: int, max_run
     return cost.step_seconds(rows, kv_tokens * rows / sequences) * (sequences / rows)
 
 
+def request_tbt_joining(cost: DecodeCostModel, sequences: int, kv_tokens: int, max_running: int, tokens: int,
+                        wait: float) -> float:
+    """The TBT a request of ``tokens`` output tokens is predicted to see (the metric: the
+    nearest-rank 90th percentile of its gaps, ``libs.metrics.request_tbt``) joining a decode
+    instance that then holds ``sequences`` sequences (itself included) with ``kv_tokens`` KV
+    positions, ``wait`` seconds after its first token (the rest of its KV on the way, a row to
+    free up).
+
+    Its first token comes from prefill, so its first gap is ``wait`` plus one step of the batch;
+    the others are ``predicted_tbt`` each. With nine gaps or fewer the largest is the 90th
+    percentile, so a short request's TBT is its first gap; with more, the first gap falls outside
+    it. A request of one token never reaches decode: 0.
+    """
+    gaps = tokens - 1
+    if gaps <= 0 or sequences <= 0:
+        return 0.0
+    steady = predicted_tbt(cost, sequences, kv_tokens, max_running)
+    if -(-9 * gaps // 10) < gaps:  # the 90th percentile's rank is not the last: a normal gap
+        return steady
+    rows = min(sequences, max_running) if max_running > 0 else sequences
+    return max(steady, wait + cost.step_seconds(rows, kv_tokens * rows / sequences))
+
+
 @dataclass
 class _Admitted:
     decode_id: str
@@ -157,6 +180,22 @@ class DecodeLoadProjector:
                 seqs += 1
                 kv += e.kv_tokens
         return seqs, kv
+
+    def row_wait(self, decode_id: str, t: float, now: float, rows: int, others: int = 0,
+                 others_end: float = 0.0) -> float:
+        """Seconds after ``t`` until one more sequence gets a row on ``decode_id``, whose batch has
+        ``rows`` rows (0: unbounded) and takes waiting sequences in arrival order without preempting
+        any: 0 while fewer than ``rows`` are projected there at ``t``, else until enough of them have
+        left. ``others`` sequences it holds that this projection did not admit leave at ``others_end``."""
+        if rows <= 0:
+            return 0.0
+        ends = [self._end(e, now) for e in self.entries.values() if e.decode_id == decode_id
+                and (e.start if e.started else max(e.start, now)) <= t < self._end(e, now)]
+        ends += [others_end] * others
+        if len(ends) < rows:
+            return 0.0
+        ends.sort()
+        return max(0.0, ends[len(ends) - rows] - t)
 
     def next_departure(self, decode_id: str, now: float) -> float:
         """Seconds until the first sequence on ``decode_id`` is expected to leave (inf if none)."""

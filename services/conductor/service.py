@@ -35,7 +35,7 @@ from yuebing.libs.protocol import (
 )
 from yuebing.libs.service import Service
 
-from .admission import AdmissionController, DecodeCostModel, DecodeLoadProjector, predicted_tbt
+from .admission import AdmissionController, DecodeCostModel, DecodeLoadProjector, request_tbt_joining
 from .costmodel import PrefillCostModel
 from .index import PrefixIndex
 from .prefillqueue import PrefillQueues
@@ -217,7 +217,8 @@ class ConductorService(Service):
     def queue_seconds(self, iid: str) -> float:
         return self.queues.seconds(iid, time.monotonic())
 
-    def _place(self, prompt_len: int, keys: list[bytes], tbt_slo: float = 0.0):
+    def _place(self, prompt_len: int, keys: list[bytes], tbt_slo: float = 0.0, tokens: int = 0):
+        """Placement of a prompt of ``prompt_len`` tokens expected to decode ``tokens`` tokens."""
         now = time.monotonic()
         view = RequestView(
             prompt_len=prompt_len,
@@ -231,10 +232,14 @@ class ConductorService(Service):
         ]
         # when the request would reach decode: its best predicted TTFT
         eta = min((self.policy.estimate(view, p, self.settings.use_pool).ttft for p in prefills), default=0.0)
-        decodes = [self._decode_view(i, now, now + eta, prompt_len) for i in self.registry.alive("decode", now)]
+        decodes = [self._decode_view(i, now, now + eta, prompt_len, tokens) for i in self.registry.alive("decode", now)]
         return self.policy.place(view, prefills, decodes), view, decodes
 
-    def _decode_view(self, inst, now: float, arrive: float, prompt_len: int) -> DecodeView:
+    def _decode_view(self, inst, now: float, arrive: float, prompt_len: int, tokens: int) -> DecodeView:
+        """The decode instance's predicted TBT for this request, with its load now and as projected
+        to when the request reaches it: the gaps of its running batch, and for a request short
+        enough that its first gap counts, that gap (the KV hand-off left after the first token, the
+        wait for a row, a step)."""
         hb = inst.beat
         reported = hb.running + hb.queued
         tracked, tracked_kv = self.projector.current(inst.instance_id)
@@ -245,13 +250,19 @@ class ConductorService(Service):
         fut_seqs, fut_kv = self.projector.load_at(inst.instance_id, arrive, now)
         fut_seqs, fut_kv = fut_seqs + untracked, fut_kv + int(untracked * per_seq)
         cap = hb.max_running
+        p, iid = self.projector, inst.instance_id
+        others_end = now + p.duration(round(p.mean_output))  # when sequences it did not admit may leave
+        handoff = self.queues.handoff.seconds(prompt_len)
+        wait_now = handoff + p.row_wait(iid, now, now, cap, untracked, others_end)
+        wait_then = handoff + p.row_wait(iid, arrive, now, cap, untracked, others_end)
         return DecodeView(
-            inst.instance_id,
+            iid,
             reported + inst.placed_since_beat,
             hb.kv_tokens,
-            current_tbt=predicted_tbt(self.decode_cost, now_seqs + 1, now_kv + prompt_len, cap),
-            predicted_tbt=predicted_tbt(self.decode_cost, fut_seqs + 1, fut_kv + prompt_len, cap),
-            sheds_in=self.projector.next_departure(inst.instance_id, now),
+            current_tbt=request_tbt_joining(self.decode_cost, now_seqs + 1, now_kv + prompt_len, cap, tokens, wait_now),
+            predicted_tbt=request_tbt_joining(self.decode_cost, fut_seqs + 1, fut_kv + prompt_len, cap, tokens,
+                                              wait_then),
+            sheds_in=p.next_departure(iid, now),
         )
 
     def _project(self, request_id: str, placement, prompt_len: int, sampling) -> None:
@@ -324,7 +335,8 @@ class ConductorService(Service):
                     except _BAD:
                         await m.term()
                         continue
-                    placement, _, _ = self._place(len(task.prompt_token_ids), task.block_hashes)
+                    tokens = self.projector.expected_tokens(task.sampling.max_tokens, task.sampling.ignore_eos)
+                    placement, _, _ = self._place(len(task.prompt_token_ids), task.block_hashes, tokens=tokens)
                     if not placement.admitted:
                         await self.nc.publish(Subjects.output(task.output_id), encode(TokenEvent(
                             request_id=task.output_id, seq=task.seq_base, token_ids=[], finish_reason="error",
@@ -357,7 +369,8 @@ class ConductorService(Service):
             return
         log = self.log.bind(request_id=req.request_id)
         keys = req.block_hashes
-        placement, view, decodes = self._place(len(req.prompt_token_ids), keys, req.tbt_slo)
+        tokens = self.projector.expected_tokens(req.sampling.max_tokens, req.sampling.ignore_eos)
+        placement, view, decodes = self._place(len(req.prompt_token_ids), keys, req.tbt_slo, tokens)
         placement = self._admit(req, placement, decodes)
         if placement.admitted:
             task = PrefillTask(
