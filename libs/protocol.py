@@ -205,6 +205,7 @@ class PrefillReport(msgspec.Struct, kw_only=True):
     compute_seconds: float  # the model's own time on the prompt, waits for loading layers excluded
     queue_seconds: float
     kv_bytes_per_token: int = 0  # of the model served (what a load of one position moves)
+    ttft_seconds: float = 0.0  # from the request's arrival at the gateway to its first token (0: unknown)
 
 
 class PrefillDone(msgspec.Struct, kw_only=True):

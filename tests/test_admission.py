@@ -9,6 +9,7 @@ from yuebing.services.conductor.admission import (
     AdmissionController,
     DecodeCostModel,
     DecodeLoadProjector,
+    TTFTErrorModel,
     predicted_tbt,
     request_tbt_joining,
 )
@@ -134,6 +135,25 @@ def test_projection_forgets_requests_never_seen_again():
     assert p.prune(10.0 + DecodeLoadProjector.LOST_AFTER - 1) == 0
     assert p.prune(10.0 + DecodeLoadProjector.LOST_AFTER + 1) == 1
     assert not p.entries
+
+
+def test_ttft_predictions_are_scaled_by_how_they_have_turned_out():
+    m = TTFTErrorModel()
+    for _ in range(TTFTErrorModel.MIN_SAMPLES - 1):
+        m.observe(predicted=2.0, actual=3.0)
+    assert m.factor() == 1.0  # too few reports yet: the predictions as they are
+    m = TTFTErrorModel()
+    for i in range(100):  # 85 came true, 15 took 1.5x as long
+        m.observe(predicted=2.0, actual=3.0 if i % 20 < 3 else 2.0)
+    assert m.factor() == pytest.approx(1.5)  # 9 in 10 were within 1.5x
+    m = TTFTErrorModel()
+    for _ in range(100):
+        m.observe(predicted=2.0, actual=1.0)  # predictions run long: admit more
+        m.observe(predicted=0.01, actual=5.0)  # tiny predictions say nothing and are left out
+    assert m.factor() == pytest.approx(0.5)
+    for _ in range(300):
+        m.observe(predicted=1.0, actual=100.0)
+    assert m.factor() == TTFTErrorModel.BOUNDS[1]
 
 
 def test_no_admission_control_admits_everything():

@@ -211,6 +211,38 @@ class DecodeLoadProjector:
         return len(lost)
 
 
+class TTFTErrorModel:
+    """How far actual times to first token run past the conductor's predictions, so admission can
+    judge a prediction as it will turn out rather than as it was made.
+
+    Each placed request's predicted TTFT is compared with the TTFT its prefill instance reports;
+    ``factor`` is the 90th percentile (nearest rank) of actual / predicted over a window, so that,
+    while the errors stay as they were, nine admitted requests in ten whose scaled prediction is
+    within the objective meet it. Until ``MIN_SAMPLES`` reports have come, the predictions are
+    taken as they are (1.0); the factor stays within ``BOUNDS``.
+    """
+
+    MIN_SAMPLES = 20
+    QUANTILE = 0.9
+    BOUNDS = (0.5, 4.0)
+    MIN_PREDICTED = 0.05  # seconds: below this a ratio says more about noise than about the model
+
+    def __init__(self, window: int = 256):
+        self._ratios: deque[float] = deque(maxlen=window)
+
+    def observe(self, predicted: float, actual: float) -> None:
+        if predicted >= self.MIN_PREDICTED and actual > 0:
+            self._ratios.append(actual / predicted)
+
+    def factor(self) -> float:
+        if len(self._ratios) < self.MIN_SAMPLES:
+            return 1.0
+        ordered = sorted(self._ratios)
+        q = ordered[max(0, -(-int(self.QUANTILE * 100) * len(ordered) // 100) - 1)]
+        lo, hi = self.BOUNDS
+        return min(hi, max(lo, q))
+
+
 @dataclass(frozen=True)
 class Verdict:
     admitted: bool

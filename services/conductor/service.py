@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import time
+from collections import OrderedDict
 
 import msgspec
 import nats
@@ -35,7 +36,7 @@ from yuebing.libs.protocol import (
 )
 from yuebing.libs.service import Service
 
-from .admission import AdmissionController, DecodeCostModel, DecodeLoadProjector, request_tbt_joining
+from .admission import AdmissionController, DecodeCostModel, DecodeLoadProjector, TTFTErrorModel, request_tbt_joining
 from .costmodel import PrefillCostModel
 from .index import PrefixIndex
 from .prefillqueue import PrefillQueues
@@ -54,6 +55,9 @@ PREDICTED_TBT = Histogram("yuebing:conductor_predicted_tbt_seconds", "Predicted 
 HANDOFF_SECONDS = Gauge("yuebing:conductor_prefill_handoff_seconds",
                         "Fitted time a prefill instance stays busy after a prompt's first token (KV hand-off): "
                         "fixed + per_token * prompt tokens", ["part"])
+TTFT_FACTOR = Gauge("yuebing:conductor_ttft_prediction_factor",
+                    "90th percentile of actual / predicted TTFT lately; admission scales its predictions by it")
+MAX_PENDING_PREDICTIONS = 100_000  # placed requests whose first token is awaited, kept to compare with it
 PROJECTED_DECODE = Gauge("yuebing:conductor_decode_sequences", "Sequences admitted and not finished",
                          ["phase"])
 
@@ -70,6 +74,8 @@ class ConductorService(Service):
         self.decode_cost = DecodeCostModel(tuple(profile.decode))
         self.projector = DecodeLoadProjector(default_token_seconds=self.decode_cost.step_seconds(1, 256))
         self.admission = AdmissionController(s.admission)
+        self.ttft_error = TTFTErrorModel()  # how actual TTFTs compare with the predictions admitted on
+        self._predicted_ttft: OrderedDict[str, float] = OrderedDict()  # placed, first token not yet reported
         self.policy = make_policy(s.policy, self.cost, use_pool=s.use_pool, colocated=s.colocated)
         self.queues = PrefillQueues()  # what each prefill instance has to do before a new prompt
         self._dumping: set[str] = set()
@@ -111,6 +117,10 @@ class ConductorService(Service):
             return
         self.queues.first_token(r.instance_id, r.request_id, time.monotonic())
         self.projector.started(r.request_id, time.monotonic())
+        predicted = self._predicted_ttft.pop(r.request_id, None)
+        if predicted is not None and r.ttft_seconds > 0:
+            self.ttft_error.observe(predicted, r.ttft_seconds)
+            TTFT_FACTOR.set(self.ttft_error.factor())
         reused = r.local_tokens + r.pool_tokens
         self.cost.observe_kv_size(r.kv_bytes_per_token)
         self.cost.observe_prefill(r.prompt_tokens - reused, reused, r.compute_seconds)
@@ -280,7 +290,9 @@ class ConductorService(Service):
         calibrated = bool(self.settings.calibration)
         slo = SLO(req.ttft_slo if calibrated or self.cost.fits else 0.0,
                   req.tbt_slo if calibrated or self.decode_cost.fits else 0.0)
-        verdict = self.admission.decide(slo, placement.predicted_ttft, d.current_tbt, d.predicted_tbt,
+        # the TTFT as predictions have turned out lately (a factor of 1 until there are enough reports)
+        verdict = self.admission.decide(slo, placement.predicted_ttft * self.ttft_error.factor(), d.current_tbt,
+                                        d.predicted_tbt,
                                         tbt_retry=d.sheds_in if d.sheds_in != float("inf") else 1.0)
         if verdict.admitted:
             return placement
@@ -288,6 +300,9 @@ class ConductorService(Service):
                                        retry_after=verdict.retry_after, cause=verdict.cause)
 
     def _placed(self, request_id: str, placement, prompt_len: int) -> None:
+        self._predicted_ttft[request_id] = placement.predicted_ttft
+        while len(self._predicted_ttft) > MAX_PENDING_PREDICTIONS:  # reports that never came
+            self._predicted_ttft.popitem(last=False)
         self.queues.placed(placement.prefill_id, request_id, placement.predicted_prefill, prompt_len)
         inst = self.registry.get("decode", placement.decode_id)
         if inst is not None:

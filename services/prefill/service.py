@@ -240,6 +240,7 @@ class PrefillService(ModelWorker):
         reason = finish_reason(token, 1, task.sampling, self.shape.eos_token_ids)
         await self.emit(TokenEvent(request_id=task.output_id, seq=task.seq_base, token_ids=[token],
                                    finish_reason=reason, prompt_tokens=len(prompt), cached_tokens=reused))
+        ttft = max(0.0, time.time() - task.arrival_time) if task.arrival_time else 0.0
         QUERY_TOKENS.inc(len(prompt))
         HIT_TOKENS.labels(source="local").inc(local * bs)
         HIT_TOKENS.labels(source="pool").inc(pool * bs)
@@ -251,7 +252,7 @@ class PrefillService(ModelWorker):
         await self.nc.publish(Subjects.PREFILL_REPORT, encode(PrefillReport(
             instance_id=self.instance_id, request_id=rid, prompt_tokens=len(prompt), local_tokens=local * bs,
             pool_tokens=pool * bs, load_bytes=nbytes, load_seconds=load_seconds, compute_seconds=compute_seconds,
-            queue_seconds=queue_seconds, kv_bytes_per_token=self.shape.kv_bytes_per_token())))
+            queue_seconds=queue_seconds, kv_bytes_per_token=self.shape.kv_bytes_per_token(), ttft_seconds=ttft)))
         first_token_at, handed = time.monotonic(), 0
         if reason is None and rid not in self.aborted:
             try:
