@@ -66,8 +66,13 @@ def predicted_tbt(cost: DecodeCostModel, sequences: int, kv_tokens: int, max_run
     there are more sequences than rows (``max_running``; 0 = unbounded)."""
     if sequences <= 0:
         return 0.0
-    rows = min(sequences, max_running) if max_running > 0 else sequences
+    rows = _rows(sequences, max_running)
     return cost.step_seconds(rows, kv_tokens * rows / sequences) * (sequences / rows)
+
+
+def _rows(sequences: int, max_running: int) -> int:
+    """Rows of a batch holding ``sequences`` sequences (``max_running`` rows at most; 0: unbounded)."""
+    return min(sequences, max_running) if max_running > 0 else sequences
 
 
 def request_tbt_joining(cost: DecodeCostModel, sequences: int, kv_tokens: int, max_running: int, tokens: int,
@@ -89,7 +94,7 @@ def request_tbt_joining(cost: DecodeCostModel, sequences: int, kv_tokens: int, m
     steady = predicted_tbt(cost, sequences, kv_tokens, max_running)
     if -(-9 * gaps // 10) < gaps:  # the 90th percentile's rank is not the last: a normal gap
         return steady
-    rows = min(sequences, max_running) if max_running > 0 else sequences
+    rows = _rows(sequences, max_running)
     return max(steady, wait + cost.step_seconds(rows, kv_tokens * rows / sequences))
 
 
@@ -229,18 +234,20 @@ class TTFTErrorModel:
 
     def __init__(self, window: int = 256):
         self._ratios: deque[float] = deque(maxlen=window)
+        self._factor = 1.0  # recomputed per report, read per admission decision
 
     def observe(self, predicted: float, actual: float) -> None:
-        if predicted >= self.MIN_PREDICTED and actual > 0:
-            self._ratios.append(actual / predicted)
+        if predicted < self.MIN_PREDICTED or actual <= 0:
+            return
+        self._ratios.append(actual / predicted)
+        if len(self._ratios) >= self.MIN_SAMPLES:
+            ordered = sorted(self._ratios)
+            q = ordered[max(0, -(-int(self.QUANTILE * 100) * len(ordered) // 100) - 1)]
+            lo, hi = self.BOUNDS
+            self._factor = min(hi, max(lo, q))
 
     def factor(self) -> float:
-        if len(self._ratios) < self.MIN_SAMPLES:
-            return 1.0
-        ordered = sorted(self._ratios)
-        q = ordered[max(0, -(-int(self.QUANTILE * 100) * len(ordered) // 100) - 1)]
-        lo, hi = self.BOUNDS
-        return min(hi, max(lo, q))
+        return self._factor
 
 
 @dataclass(frozen=True)

@@ -168,41 +168,34 @@ class PrefillService(ModelWorker):
         buf = self.runner.kv_buffer(len(prompt) - reused, blocks, pending=found * bs)
         handoff = asyncio.ensure_future(self._stream_kv(task, buf)) if stream else None
         try:
-            return await self._compute(task, log, buf, keys, local, found, handoff)
-        except BaseException:
-            await _cancel(handoff)
-            raise
-
-    async def _compute(self, task: PrefillTask, log, buf: PrefillKV, keys: list[bytes], local: int, found: int,
-                       handoff: "asyncio.Future | None") -> "Prefilled":
-        bs = self.settings.block_size
-        prompt, chunk = task.prompt_token_ids, self.settings.prefill_chunk
-        reused = (local + found) * bs
-        t0 = time.monotonic()
-        run = asyncio.ensure_future(self.compute(self.runner.prefill, prompt[reused:], chunk=chunk, buffer=buf))
-        pool, seconds = 0, 0.0
-        if found:
-            started = time.monotonic()
+            t0 = time.monotonic()
+            run = asyncio.ensure_future(self.compute(self.runner.prefill, prompt[reused:], chunk=chunk, buffer=buf))
+            pool, seconds = 0, 0.0
+            if found:
+                started = time.monotonic()
+                try:
+                    pool = await self.cache.load_layers(keys[local : local + found], buf, local * bs)
+                except Exception as e:  # noqa: BLE001 - a load that fails is a recompute, never a failed request
+                    buf.fail(f"pool load failed: {e}")
+                    log.warning("pool_load_failed", error=repr(e))
+                seconds = time.monotonic() - started
+                if pool:
+                    LOAD_SECONDS.observe(seconds)
             try:
-                pool = await self.cache.load_layers(keys[local : local + found], buf, local * bs)
-            except Exception as e:  # noqa: BLE001 - a load that fails is a recompute, never a failed request
-                buf.fail(f"pool load failed: {e}")
-                log.warning("pool_load_failed", error=repr(e))
-            seconds = time.monotonic() - started
-            if pool:
-                LOAD_SECONDS.observe(seconds)
-        try:
-            logits, kv = await run
-        except PastNotLoaded as e:
-            good = (local + pool) * bs
-            log.warning("pool_load_incomplete", wanted_blocks=found, loaded_blocks=pool, error=str(e))
-            # what the stream sent (never a layer over an unverified past) is forgotten by decode; the
-            # recomputed KV goes afterwards, under a transfer id of its own
-            await _cancel(handoff)
-            handoff = None
-            past = buf.kv[:, :, :, :good] if good else None
-            logits, kv = await self.compute(self.runner.prefill, prompt[good:], past, chunk)
-        return Prefilled(logits, kv, local, pool, seconds, time.monotonic() - t0 - buf.waited, handoff)
+                logits, kv = await run
+            except PastNotLoaded as e:
+                good = (local + pool) * bs
+                log.warning("pool_load_incomplete", wanted_blocks=found, loaded_blocks=pool, error=str(e))
+                # what the stream sent (never a layer over an unverified past) is forgotten by decode;
+                # the recomputed KV goes afterwards, under a transfer id of its own
+                await _cancel(handoff)
+                handoff = None
+                past = buf.kv[:, :, :, :good] if good else None
+                logits, kv = await self.compute(self.runner.prefill, prompt[good:], past, chunk)
+            return Prefilled(logits, kv, local, pool, seconds, time.monotonic() - t0 - buf.waited, handoff)
+        except BaseException:
+            await _cancel(handoff)  # the prompt failed: nothing of it goes to decode
+            raise
 
     async def _run(self, task: PrefillTask, msg) -> tuple[int, float | None]:
         """Serve one task; returns the positions of KV handed to decode (0: none) and when the
