@@ -129,6 +129,19 @@ def test_projection_learns_output_length_and_token_time():
     assert p.token_seconds == pytest.approx(0.05)
 
 
+def test_a_prior_token_time_holds_only_until_a_sequence_has_finished():
+    p = DecodeLoadProjector(default_token_seconds=0.05)
+    p.prior(0.1)  # a full batch's step, once decode's rows are known
+    p.admit("a", "d0", 0.0, 40, 10)
+    assert p.duration(40) == pytest.approx(4.0)
+    assert p.next_departure("d0", 0.0) == pytest.approx(4.0)
+    p.prior(-1.0)  # no guess: nothing changes
+    assert p.token_seconds == pytest.approx(0.1)
+    p.finished("a", output_tokens=40, seconds=6.0, natural=True)
+    p.prior(0.1)  # what was seen wins from then on
+    assert p.token_seconds == pytest.approx(0.15)
+
+
 def test_projection_forgets_requests_never_seen_again():
     p = DecodeLoadProjector(default_token_seconds=0.1)
     p.admit("lost", "d0", start=10.0, tokens=10, kv_tokens=5)

@@ -51,6 +51,35 @@ def test_a_goodput_sweep_pairs_each_load_and_reports_a_ratio_per_load():
         plan(["goodput"], _args(goodput_load="2,0"))
 
 
+def test_overload_repeats_interleave_the_modes_and_count_where_prediction_was_ahead():
+    runs = plan(["overload"], _args(admissions=["early", "predictive"], repeats=3))
+    assert [(r.name, r.admission, r.repeat) for r in runs] == [
+        ("overload-early-r1", "early", 1), ("overload-predictive-r1", "predictive", 1),
+        ("overload-early-r2", "early", 2), ("overload-predictive-r2", "predictive", 2),
+        ("overload-early-r3", "early", 3), ("overload-predictive-r3", "predictive", 3)]
+    results = [(60, 1000, 0.99, 4.0), (50, 800, 0.99, 4.2),  # ahead on all three counts
+               (70, 500, 0.98, 4.1), (65, 900, 0.97, 4.0),  # fewer rejected only
+               (55, 300, 0.97, 4.0), (58, 200, 0.99, 4.1)]  # less waste, higher attainment
+    for r, (rej, waste, att, rps) in zip(runs, results):
+        r.summary = {"rejected": rej, "wasted_prefill_tokens": waste, "slo_attainment_admitted": att,
+                     "goodput_rps": rps}
+    figs = figures(runs)
+    assert figs["overload_repeats"] == 3
+    assert figs["overload_predictive_fewer_rejected_runs"] == 2
+    assert figs["overload_predictive_less_waste_runs"] == 2
+    assert figs["overload_predictive_attainment_not_lower_runs"] == 2
+    assert figs["overload_early_rejected"] == pytest.approx(185 / 3, abs=1e-4)
+    assert figs["overload_predictive_wasted_prefill_tokens"] == pytest.approx(633.3333, abs=1e-4)
+    assert "overload_none_rejected" not in figs  # not run
+    one = plan(["overload"], _args())
+    assert [r.name for r in one] == ["overload-none", "overload-early", "overload-predictive"]
+    for r in one:
+        r.summary = {"rejected": 7, "wasted_prefill_tokens": 9, "slo_attainment_admitted": 1.0, "goodput_rps": 2.0}
+    figs = figures(one)
+    assert (figs["overload_none_rejected"], figs["overload_repeats"]) == (7, 1)
+    assert figs["overload_predictive_fewer_rejected_runs"] == 0  # a tie is not ahead
+
+
 def test_figures_report_the_ratio_and_whether_the_ordering_holds():
     runs = plan(["placement"], _args())
     for r, ttft in zip(runs, (4000.0, 2000.0, 1900.0, 1100.0)):

@@ -36,6 +36,7 @@ class Run:
     decode: int = 8
     engine: str = "sim"
     load: float = 1.0  # arrival rate, as a multiple of the experiment's base rate
+    repeat: int = 1  # which repetition of the same run (overload --repeats)
     summary: dict = field(default_factory=dict)
 
 
@@ -53,8 +54,13 @@ def plan(experiments: list[str], args) -> list[Run]:
         runs += [Run("placement", f"placement-{pol}", policy=pol, prefill=p, decode=d,
                      use_pool=pol == "global_cache_aware") for pol in PLACEMENT_POLICIES if pol in chosen]
     if "overload" in experiments:
-        runs += [Run("overload", f"overload-{adm}", admission=adm, prefill=p, decode=d, load=args.overload)
-                 for adm in ADMISSIONS]
+        # repeats interleave the modes (none, early, predictive, none, ...) so that a drift of the
+        # machine over the runs falls on every mode alike
+        modes = getattr(args, "admissions", None) or list(ADMISSIONS)
+        repeats = max(1, getattr(args, "repeats", 1) or 1)
+        runs += [Run("overload", f"overload-{adm}" + (f"-r{k}" if repeats > 1 else ""), admission=adm, prefill=p,
+                     decode=d, load=args.overload, repeat=k)
+                 for k in range(1, repeats + 1) for adm in ADMISSIONS if adm in modes]
     if "goodput" in experiments:
         # this system as deployed (its admission control, default: the deployment's) against the
         # colocated baseline (by default a plain engine that admits everything), at each load
@@ -176,6 +182,37 @@ def _r(a, b, nd: int = 3):
     return None if a is None or not b else round(a / b, nd)
 
 
+OVERLOAD_FIGURES = (("rejected", "rejected"), ("wasted_prefill_tokens", "wasted_prefill_tokens"),
+                    ("attainment_admitted", "slo_attainment_admitted"), ("goodput_rps", "goodput_rps"))
+
+
+def overload_figures(runs: list[Run]) -> dict:
+    """Per admission mode, its figures (the mean over repeats when there are several), and how many
+    repeats had prediction-based rejection ahead of plain early rejection on each count: fewer
+    rejected, less prefill wasted, no lower attainment of the admitted requests."""
+    by: dict[int, dict[str, dict]] = {}
+    for r in runs:
+        if r.summary:
+            by.setdefault(r.repeat, {})[r.admission] = r.summary
+    out: dict = {}
+    for adm in ADMISSIONS:
+        done = [modes[adm] for modes in by.values() if adm in modes]
+        for name, key in OVERLOAD_FIGURES:
+            if done:
+                values = [s[key] for s in done]
+                mean = sum(values) / len(values)
+                out[f"overload_{adm}_{name}"] = values[0] if len(values) == 1 else round(mean, 4)
+    pairs = [(m["early"], m["predictive"]) for m in by.values() if "early" in m and "predictive" in m]
+    if pairs:
+        out["overload_repeats"] = len(pairs)
+        out["overload_predictive_fewer_rejected_runs"] = sum(p["rejected"] < e["rejected"] for e, p in pairs)
+        out["overload_predictive_less_waste_runs"] = sum(
+            p["wasted_prefill_tokens"] < e["wasted_prefill_tokens"] for e, p in pairs)
+        out["overload_predictive_attainment_not_lower_runs"] = sum(
+            p["slo_attainment_admitted"] >= e["slo_attainment_admitted"] for e, p in pairs)
+    return out
+
+
 def figures(runs: list[Run]) -> dict:
     by = {r.name: r.summary for r in runs if r.summary}
     out: dict = {}
@@ -185,13 +222,7 @@ def figures(runs: list[Run]) -> dict:
         out["placement_global_vs_least_loaded"] = _r(ttft["global_cache_aware"], ttft["least_loaded"])
         out["placement_ordering_holds"] = (ttft["global_cache_aware"] < ttft["local_cache_aware"]
                                            < ttft["least_loaded"] < ttft["random"])
-    for adm in ADMISSIONS:
-        s = by.get(f"overload-{adm}")
-        if s:
-            out[f"overload_{adm}_rejected"] = s["rejected"]
-            out[f"overload_{adm}_wasted_prefill_tokens"] = s["wasted_prefill_tokens"]
-            out[f"overload_{adm}_attainment_admitted"] = s["slo_attainment_admitted"]
-            out[f"overload_{adm}_goodput_rps"] = s["goodput_rps"]
+    out.update(overload_figures([r for r in runs if r.experiment == "overload"]))
     pairs = [("real", "")] + [("goodput", r.name.removeprefix("goodput-disaggregated")) for r in runs
                               if r.name.startswith("goodput-disaggregated")]
     for exp, at in pairs:
@@ -223,6 +254,12 @@ def main(args) -> int:
     unknown = set(args.policies) - set(PLACEMENT_POLICIES)
     if unknown:
         raise SystemExit(f"unknown policies {sorted(unknown)}; choose from {', '.join(PLACEMENT_POLICIES)}")
+    args.admissions = [a.strip() for a in (args.admissions or "").split(",") if a.strip()] or list(ADMISSIONS)
+    unknown = set(args.admissions) - set(ADMISSIONS)
+    if unknown:
+        raise SystemExit(f"unknown admission modes {sorted(unknown)}; choose from {', '.join(ADMISSIONS)}")
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats wants at least 1, got {args.repeats}")
     args.goodput_admission = args.goodput_admission or from_env().admission
     out_dir = Path(args.out_dir).expanduser()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -284,6 +321,11 @@ def add_parser(bench_sub) -> None:
     p.add_argument("--time-scale", type=float, default=1.0, help="trace time compression of the base load")
     p.add_argument("--rate", type=float, default=None, help="fixed base arrival rate (req/s) instead of the trace's")
     p.add_argument("--overload", type=float, default=2.0, help="load of the overload runs, x the base load")
+    p.add_argument("--admissions", default=",".join(ADMISSIONS),
+                   help=f"admission modes of the overload runs, a subset of {','.join(ADMISSIONS)}")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="runs of each overload mode, interleaved; figures are means, with counts of the repeats "
+                   "in which predictive rejection was ahead of early rejection")
     p.add_argument("--goodput-load", default="1", help="load of the goodput runs, x the base load; a comma-separated "
                    "list makes a sweep (e.g. 1,2,3)")
     p.add_argument("--goodput-admission", choices=ADMISSIONS, default=None,

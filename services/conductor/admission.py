@@ -130,6 +130,12 @@ class DecodeLoadProjector:
             return max(1, max_tokens)
         return max(1, min(max_tokens, round(self.mean_output)))
 
+    def prior(self, token_seconds: float) -> None:
+        """A better guess of the per-token time while no sequence has been seen to finish (e.g. the
+        calibrated step of a full batch, once the decode instances' rows are known); ignored after."""
+        if self._observed == 0 and token_seconds > 0:
+            self.token_seconds = token_seconds
+
     def duration(self, tokens: int) -> float:
         return tokens * self.token_seconds
 

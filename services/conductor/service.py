@@ -57,6 +57,7 @@ HANDOFF_SECONDS = Gauge("yuebing:conductor_prefill_handoff_seconds",
                         "fixed + per_token * prompt tokens", ["part"])
 TTFT_FACTOR = Gauge("yuebing:conductor_ttft_prediction_factor",
                     "90th percentile of actual / predicted TTFT lately; admission scales its predictions by it")
+PRIOR_KV_TOKENS = 256  # KV positions per sequence assumed before any has been seen
 MAX_PENDING_PREDICTIONS = 100_000  # placed requests whose first token is awaited, kept to compare with it
 PROJECTED_DECODE = Gauge("yuebing:conductor_decode_sequences", "Sequences admitted and not finished",
                          ["phase"])
@@ -72,7 +73,7 @@ class ConductorService(Service):
         profile = CostProfile.load(s.calibration) if s.calibration else DEFAULT_PROFILE
         self.cost = PrefillCostModel.from_profile(profile)
         self.decode_cost = DecodeCostModel(tuple(profile.decode))
-        self.projector = DecodeLoadProjector(default_token_seconds=self.decode_cost.step_seconds(1, 256))
+        self.projector = DecodeLoadProjector(default_token_seconds=self.decode_cost.step_seconds(1, PRIOR_KV_TOKENS))
         self.admission = AdmissionController(s.admission)
         self.ttft_error = TTFTErrorModel()  # how actual TTFTs compare with the predictions admitted on
         self._predicted_ttft: OrderedDict[str, float] = OrderedDict()  # placed, first token not yet reported
@@ -107,8 +108,13 @@ class ConductorService(Service):
         if self.registry.get(hb.kind, hb.instance_id) is None:
             self.log.info("instance_joined", kind=hb.kind, id=hb.instance_id)
         self.registry.beat(hb, time.monotonic())
-        if hb.kind == "decode" and hb.steps:
-            self.decode_cost.observe(hb.steps, hb.step_batch, hb.step_kv_tokens, hb.step_seconds)
+        if hb.kind == "decode":
+            if hb.steps:
+                self.decode_cost.observe(hb.steps, hb.step_batch, hb.step_kv_tokens, hb.step_seconds)
+            if hb.max_running > 0:
+                # until sequences are seen to finish, each is taken to decode at a full batch's pace
+                # (a batch-1 step would have the first admitted requests leave decode twice as soon)
+                self.projector.prior(self.decode_cost.step_seconds(hb.max_running, hb.max_running * PRIOR_KV_TOKENS))
 
     async def _on_report(self, msg) -> None:
         try:
