@@ -70,6 +70,9 @@ class Settings(msgspec.Struct, kw_only=True):
     # conductor
     policy: str = "global_cache_aware"  # random | round_robin | least_loaded | local_cache_aware | global_cache_aware
     use_pool: bool = True  # False: each prefill reuses only its own DRAM cache (no cachestore pool)
+    # which new blocks prefills write to the pool: "all", or "seen" (a block on its second sight:
+    # only the leading blocks an earlier request also had)
+    pool_writes: str = "all"
     colocated: bool = False  # each request decodes on the instance that prefilled it (a colocated baseline)
     # SLOs (seconds; 0 = none) and admission: "none" admits everything, "early" rejects on the
     # best predicted TTFT and the decode pool's current load, "predictive" projects the decode load

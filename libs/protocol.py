@@ -144,7 +144,8 @@ class PrefillTask(_Resumable, kw_only=True):
     ``reuse_blocks`` caps how many leading blocks the instance reuses instead of computing
     (-1: as many as it finds); ``use_pool`` allows loading them from the cachestore pool when its
     own DRAM cache does not have them; ``pool_blocks`` is how many leading blocks the conductor's
-    index has in the pool (-1: unknown, the instance asks the pool).
+    index has in the pool (-1: unknown, the instance asks the pool); ``pool_write_blocks`` how many
+    leading blocks the instance may write to the pool afterwards (-1: every one the pool lacks).
     """
 
     v: int = PROTOCOL_VERSION
@@ -158,6 +159,7 @@ class PrefillTask(_Resumable, kw_only=True):
     use_pool: bool = True
     pool_blocks: int = -1
     predicted_seconds: float = 0.0
+    pool_write_blocks: int = -1
 
 
 class DecodeTask(_Resumable, kw_only=True):

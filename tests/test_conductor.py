@@ -193,3 +193,20 @@ def test_no_workers_is_503():
     req = RequestView(prompt_len=10, block_size=16, pool_blocks=0)
     pl = make_policy("global_cache_aware", _model()).place(req, [], DECODES)
     assert not pl.admitted and pl.status == 503
+
+
+def test_pool_writes_all_or_from_the_second_sight_of_a_prefix():
+    from yuebing.services.conductor.poolwrites import PoolWriteAdmission
+
+    assert PoolWriteAdmission("all").blocks_to_write([b"a", b"b"]) == -1
+    seen = PoolWriteAdmission("seen", capacity=4)
+    assert seen.blocks_to_write([b"a", b"b"]) == 0  # first sight: nothing worth writing yet
+    assert seen.blocks_to_write([b"a", b"b", b"c"]) == 2  # the next turn: its prefix, not its own tail
+    assert seen.blocks_to_write([b"a", b"x", b"c"]) == 1  # only leading blocks: a hit is a prefix
+    assert len(seen) == 4
+    assert seen.blocks_to_write([b"d"]) == 0  # the capacity forgets the least recently seen ("b")
+    assert seen.blocks_to_write([b"a", b"b"]) == 1
+    with pytest.raises(ValueError):
+        PoolWriteAdmission("some")
+    with pytest.raises(ValueError):
+        PoolWriteAdmission("seen", capacity=0)

@@ -70,3 +70,31 @@ async def test_a_full_write_backlog_skips_pool_writes_and_serves_on(tiny_dir, tm
     usage, in_pool = await _served_twice_then_pool_holds(tiny_dir, tmp_path, 3000, pool_write_backlog_bytes=1)
     assert usage == [0, 32]  # the instance's own cache still kept the blocks
     assert in_pool == [False, False]
+
+
+async def test_seen_pool_writes_keep_a_block_from_its_second_sight_on(tiny_dir, tmp_path):
+    """pool_writes "seen": a prompt served once leaves nothing in the pool (its own cache keeps it);
+    the same blocks seen again are written, and a new turn's own tail is not until it is seen again."""
+    cluster = start_cluster(tiny_dir, tmp_path, pool_writes="seen")
+    ns = namespace_digest(model_identity(tiny_dir), "float32", 16)
+    once, twice = list(range(4000, 4040)), list(range(5000, 5040))
+    turn2 = twice + list(range(6000, 6020))  # the twice-served prompt and one block more
+    nc = await connect(cluster.nats.url, "test-pool")
+    try:
+        client = CacheClient(nc)
+        for prompt in (once, twice, twice, turn2):
+            status, body, _ = await post(cluster.url + "/v1/completions",
+                                         {"model": tiny_dir.name, "prompt": prompt, "max_tokens": 2,
+                                          "temperature": 0})
+            assert status == 200, body
+        twice_keys = block_hashes(twice, 16, ns)
+
+        async def written():
+            return all(await client.exists(twice_keys))
+
+        assert await wait_until(written, timeout=30)  # on its second sight
+        assert await client.exists(block_hashes(once, 16, ns)) == [False, False]
+        assert await client.exists(block_hashes(turn2, 16, ns)) == [True, True, False]
+    finally:
+        await nc.close()
+        cluster.stop()

@@ -114,6 +114,7 @@ def run_one(run: Run, args, *, model_dir: Path, models_dir: Path, calibration: P
         ttft_slo=ttft_slo, tbt_slo=tbt_slo, max_running=args.max_running, no_auth=True, use_pool=run.use_pool,
         threads=1 if run.engine == "sim" else None,
         prefill_cache_bytes=args.prefill_cache_mb << 20,
+        pool_writes=getattr(args, "pool_writes", None) if run.use_pool else None,
         dram_bytes=None if args.pool_dram_mb is None else args.pool_dram_mb << 20,
         disk_bytes=None if args.pool_disk_mb is None else args.pool_disk_mb << 20,
     )
@@ -127,7 +128,8 @@ def run_one(run: Run, args, *, model_dir: Path, models_dir: Path, calibration: P
         cluster.start(ready_timeout=600)
         _say(f"[{run.name}] cluster up in {time.perf_counter() - t0:.0f}s ({run.engine} engine, "
              + (f"{run.colocated} colocated workers" if run.colocated else f"{run.prefill}P+{run.decode}D")
-             + f", policy {run.policy}, pool {'on' if run.use_pool else 'off'}, admission {run.admission}); "
+             + f", policy {run.policy}, pool {'on, writes ' + settings.pool_writes if run.use_pool else 'off'}, "
+             f"admission {run.admission}); "
              f"replaying {len(requests)} requests")
         cpu_before, started = cluster.cpu_seconds(), time.perf_counter()
         result = asyncio.run(rp.replay(cluster.url, requests, ttft_slo=ttft_slo, tbt_slo=tbt_slo,
@@ -146,7 +148,7 @@ def run_one(run: Run, args, *, model_dir: Path, models_dir: Path, calibration: P
                      "output_scale": args.output_scale or args.token_scale,
                      "time_scale": time_scale * run.load, "rate": None if rate is None else rate * run.load,
                      "start": args.start, "requests": len(requests), "max_running": args.max_running,
-                     "prefill_cache_mb": args.prefill_cache_mb,
+                     "prefill_cache_mb": args.prefill_cache_mb, "pool_writes": settings.pool_writes,
                      "pool_dram_mb": settings.dram_bytes >> 20, "pool_disk_mb": settings.disk_bytes >> 20}
     summary = rp.summarize(result, ttft_slo, tbt_slo)
     summary.update(cpu)
@@ -339,6 +341,8 @@ def add_parser(bench_sub) -> None:
     p.add_argument("--prefill", type=int, default=8)
     p.add_argument("--decode", type=int, default=8)
     p.add_argument("--prefill-cache-mb", type=int, default=256, help="each prefill instance's own block cache")
+    p.add_argument("--pool-writes", choices=("all", "seen"), default=None,
+                   help="which new blocks the runs with the pool write to it (default: the deployment's, all)")
     p.add_argument("--pool-dram-mb", type=int, default=None, help="the cachestore's DRAM tier (default: its own)")
     p.add_argument("--pool-disk-mb", type=int, default=None, help="the cachestore's disk tier (default: its own)")
     p.add_argument("--real-prefill", type=int, default=2)

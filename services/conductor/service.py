@@ -41,6 +41,7 @@ from .costmodel import PrefillCostModel
 from .index import PrefixIndex
 from .prefillqueue import PrefillQueues
 from .placement import DecodeView, PrefillView, RequestView, make_policy
+from .poolwrites import PoolWriteAdmission
 from .registry import Registry
 
 _BAD = (msgspec.DecodeError, msgspec.ValidationError)
@@ -79,6 +80,7 @@ class ConductorService(Service):
         self._predicted_ttft: OrderedDict[str, float] = OrderedDict()  # placed, first token not yet reported
         self.policy = make_policy(s.policy, self.cost, use_pool=s.use_pool, colocated=s.colocated)
         self.queues = PrefillQueues()  # what each prefill instance has to do before a new prompt
+        self.pool_writes = PoolWriteAdmission(s.pool_writes)  # which new blocks prefills write to the pool
         self._dumping: set[str] = set()
         await self.nc.subscribe(f"{Subjects.HEARTBEAT_PREFIX}.>", cb=self._on_heartbeat)
         await self.nc.subscribe(Subjects.PREFILL_REPORT, cb=self._on_report)
@@ -92,7 +94,8 @@ class ConductorService(Service):
         await self.nc.subscribe(Subjects.CONDUCTOR_STATE, cb=self._on_state)
         self.resyncs = 0
         self.spawn(self._maintenance_loop())
-        self.log.info("conductor_policy", policy=s.policy, use_pool=s.use_pool, admission=s.admission,
+        self.log.info("conductor_policy", policy=s.policy, use_pool=s.use_pool, pool_writes=s.pool_writes,
+                      admission=s.admission,
                       ttft_slo=s.ttft_slo, tbt_slo=s.tbt_slo, colocated=s.colocated,
                       calibration=s.calibration or "default")
 
@@ -405,6 +408,7 @@ class ConductorService(Service):
                 use_pool=placement.use_pool and self.settings.use_pool,
                 pool_blocks=placement.pool_blocks,
                 predicted_seconds=placement.predicted_prefill,
+                pool_write_blocks=self.pool_writes.blocks_to_write(keys),
                 resume=req.resume,
             )
             try:

@@ -266,17 +266,20 @@ class PrefillService(ModelWorker):
         await msg.ack()
         if task.block_hashes:
             await self._keep_blocks(task.block_hashes, kv)
-        if task.block_hashes and self.settings.use_pool:  # a deployment without the pool writes none to it
+        # a deployment without the pool writes none to it; the conductor may say how many leading
+        # blocks are worth writing (the others are taken not to be read again)
+        writable = task.block_hashes if task.pool_write_blocks < 0 else task.block_hashes[: task.pool_write_blocks]
+        from_pool = set(task.block_hashes[local : local + pool])
+        to_write = [k for k in writable if k not in from_pool]
+        if to_write and self.settings.use_pool:
             if self.write_backlog + kv.nbytes > self.settings.pool_write_backlog_bytes:
                 # the pool takes blocks slower than prompts make them: drop this prompt's rather than
                 # hold every waiting prompt's KV until the instance runs out of memory
                 POOL_WRITES_SKIPPED.inc()
                 log.warning("pool_write_skipped", backlog_bytes=self.write_backlog, kv_bytes=kv.nbytes)
             else:
-                from_pool = set(task.block_hashes[local : local + pool])
                 self.write_backlog += kv.nbytes
-                self.spawn(self._store_blocks(rid, [k for k in task.block_hashes if k not in from_pool], kv,
-                                              task.block_hashes))
+                self.spawn(self._store_blocks(rid, to_write, kv, task.block_hashes))
         return handed, first_token_at
 
     # ---- hand-off to decode
