@@ -232,6 +232,7 @@ class DecodeReport(msgspec.Struct, kw_only=True):
     output_tokens: int  # tokens made by this decode instance
     seconds: float  # from joining the batch to leaving it
     finish_reason: str = ""
+    waited_seconds: float = 0.0  # of those, waiting for a row of the running batch
 
 
 class KVEvent(msgspec.Struct, kw_only=True):

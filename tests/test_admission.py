@@ -93,6 +93,27 @@ def test_a_full_batch_makes_a_newcomer_wait_for_departures_in_order():
     assert p.row_wait("d0", now, now, rows=4, others=1, others_end=7.0) == pytest.approx(1.0)
 
 
+def test_sequences_waiting_for_a_row_hold_it_later_first_come_first_served():
+    p = DecodeLoadProjector(default_token_seconds=0.1)
+    now = 0.0
+    for rid in ("a", "b"):  # ten tokens each on one row: "a" decodes from 0 to 1, "b" waits, then 1 to 2
+        p.admit(rid, "d0", start=now, tokens=10, kv_tokens=20)
+        p.started(rid, now)
+    p.admit("late", "d0", start=5.0, tokens=10, kv_tokens=20)  # reaches decode after the newcomer below
+    slots = p.slots("d0", now, rows=1)
+    assert [(s.row, s.end) for s in slots] == [(0.0, 1.0), (1.0, 2.0), (5.0, 6.0)]
+    assert p.row_wait("d0", now, now, rows=1) == pytest.approx(2.0)  # behind both, not only "a"
+    assert p.row_wait("d0", 3.0, now, rows=1) == 0.0  # both gone by 3 s; "late" comes after it
+    assert p.row_wait("d0", 5.5, now, rows=1) == pytest.approx(0.5)  # now "late" is ahead
+    assert p.next_departure("d0", now, slots=slots) == pytest.approx(1.0)
+    # at 1.5 s "b" is decoding (5 tokens in) and "a" has left
+    assert p.load_at("d0", 1.5, now, slots=slots) == (1, 25)
+    assert p.load_at("d0", 0.5, now, slots=slots) == (2, 20 + 5 + 20)  # "b" waits: its KV does not grow yet
+    # the whole decode time of one that waited: only its time in a row teaches the pace
+    p.finished("a", output_tokens=10, seconds=3.0, natural=True, waited=2.0)
+    assert p.token_seconds == pytest.approx(0.1)
+
+
 def test_projection_follows_admitted_requests_into_and_out_of_decode():
     p = DecodeLoadProjector(default_token_seconds=0.1)
     now = 100.0

@@ -112,3 +112,37 @@ def test_colocated_workers_prefill_and_decode_their_own_requests(tiny_dir, tmp_p
         assert {orjson.loads(line)["prefill"] for line in placed} == {"worker-0", "worker-1"}
     finally:
         cluster.stop()
+
+
+async def test_decode_reports_how_long_a_sequence_waited_for_a_row(tiny_dir, tmp_path):
+    """One row: a second sequence waits for the first to leave, and decode says so (the conductor
+    learns the decode pace from the time in a row, and projects the wait first come, first served)."""
+    from yuebing.libs.bus import connect
+    from yuebing.libs.protocol import DecodeReport, Subjects, decode
+
+    profile = CostProfile(model="test", threads=1, prefill=(0.05, 0.0, 0.0), decode=(0.1, 0.0, 0.0))
+    cluster = start_cluster(tiny_dir, tmp_path, engine="sim", calibration=str(profile.save(tmp_path / "p.json")),
+                            max_running=1, admission="none")
+    nc = await connect(cluster.nats.url, "test-reports")
+    try:
+        reports: list[DecodeReport] = []
+
+        async def on_report(msg):
+            reports.append(decode(msg.data, DecodeReport))
+
+        await nc.subscribe(Subjects.DECODE_REPORT, cb=on_report)
+        await nc.flush()
+        results = await asyncio.gather(*(_one(cluster.url + "/v1/completions", 500 + i) for i in range(2)))
+        assert [s for s, _ in results] == [200, 200]
+        async def both():
+            return len(reports) == 2
+
+        assert await wait_until(both, timeout=30)
+        first, second = sorted(reports, key=lambda r: r.waited_seconds)
+        assert first.waited_seconds < first.seconds / 2  # it had the row at once: it spent its time decoding
+        assert 0 < second.waited_seconds <= second.seconds
+        assert second.waited_seconds > first.waited_seconds
+        assert {r.output_tokens for r in reports} == {MAX_TOKENS - 1}  # the first token came from prefill
+    finally:
+        await nc.close()
+        cluster.stop()

@@ -11,6 +11,8 @@ will be flooded by the prefills already under way does.
 
 from __future__ import annotations
 
+import heapq
+import math
 from collections import deque
 from dataclasses import dataclass
 
@@ -107,12 +109,25 @@ class _Admitted:
     started: bool = False
 
 
+@dataclass(frozen=True)
+class _Slot:
+    """An admitted sequence on its decode instance, as projected: there from ``arrive`` (waiting
+    for a row until ``row``), decoding until ``end``."""
+    arrive: float
+    row: float
+    end: float
+    tokens: int
+    kv_tokens: int
+
+
 class DecodeLoadProjector:
     """Every admitted request's decode phase, predicted, to project each decode instance's load.
 
-    A request joins decode when its prefill is predicted to finish (then when its prefill reports)
-    and stays for ``tokens x seconds-per-token``: the per-request decode duration, learnt from
-    the decode instances' reports.
+    A request reaches decode when its prefill is predicted to finish (then when its prefill
+    reports), takes a row of the batch in arrival order when one is free (the decode batcher admits
+    waiting sequences first come, first served, and preempts none), and keeps it for ``tokens x
+    seconds-per-token``: the per-request decode duration, learnt from the decode instances' reports
+    of their time in a row.
     """
 
     LOST_AFTER = 120.0  # a request not seen to start or finish this long after expected is forgotten
@@ -147,13 +162,15 @@ class DecodeLoadProjector:
         if e is not None and not e.started:
             e.start, e.started = now, True
 
-    def finished(self, rid: str, output_tokens: int, seconds: float, natural: bool) -> None:
-        """A sequence left decode; ``natural``: it ended by stop or length (its figures are learnt)."""
+    def finished(self, rid: str, output_tokens: int, seconds: float, natural: bool, waited: float = 0.0) -> None:
+        """A sequence left decode after ``seconds`` there, ``waited`` of them for a row; ``natural``:
+        it ended by stop or length (its figures are learnt)."""
         self.entries.pop(rid, None)
-        if natural and output_tokens > 0 and seconds > 0:
+        decoding = seconds - max(0.0, waited)
+        if natural and output_tokens > 0 and decoding > 0:
             a = 0.1 if self._observed >= 10 else 1.0 / (self._observed + 1)
             self.mean_output += a * (output_tokens - self.mean_output)
-            self.token_seconds += a * (seconds / output_tokens - self.token_seconds)
+            self.token_seconds += a * (decoding / output_tokens - self.token_seconds)
             self._observed += 1
 
     def forget(self, rid: str) -> None:
@@ -163,24 +180,47 @@ class DecodeLoadProjector:
         for rid in [r for r, e in self.entries.items() if e.decode_id == decode_id]:
             del self.entries[rid]
 
-    def _end(self, e: _Admitted, now: float) -> float:
-        end = e.start + self.duration(e.tokens)
-        if e.started and end < now:
-            # running longer than expected: still there, assume it ends within a token or two
-            end = now + 2 * self.token_seconds
-        return end
+    def _rows_free(self, rows: int, others: int, others_end: float) -> list[float]:
+        """When each row of a batch of ``rows`` is free, before any admitted sequence: ``others``
+        sequences this projection did not admit hold rows until ``others_end``."""
+        free = [-math.inf] * rows
+        for i in range(min(others, rows)):
+            free[i] = others_end
+        heapq.heapify(free)
+        return free
 
-    def load_at(self, decode_id: str, t: float, now: float) -> tuple[int, int]:
-        """(sequences, KV positions) on ``decode_id`` at time ``t`` >= ``now``, as projected."""
+    def slots(self, decode_id: str, now: float, rows: int = 0, others: int = 0,
+              others_end: float = 0.0) -> list[_Slot]:
+        """The admitted sequences of ``decode_id`` placed on its ``rows`` rows (0: unbounded) first
+        come, first served, in order of arrival."""
+        mine = [e for e in self.entries.values() if e.decode_id == decode_id]
+        mine.sort(key=lambda e: e.start if e.started else max(e.start, now))  # stable: admission order on ties
+        free = self._rows_free(rows, others, others_end) if rows > 0 else []
+        out = []
+        for e in mine:
+            arrive = e.start if e.started else max(e.start, now)
+            row = max(arrive, heapq.heappop(free)) if rows > 0 else arrive
+            end = row + self.duration(e.tokens)
+            if e.started and end < now:
+                # running longer than expected: still there, assume it ends within a token or two
+                end = now + 2 * self.token_seconds
+            if rows > 0:
+                heapq.heappush(free, end)
+            out.append(_Slot(arrive, row, end, e.tokens, e.kv_tokens))
+        return out
+
+    def load_at(self, decode_id: str, t: float, now: float, rows: int = 0, others: int = 0,
+                others_end: float = 0.0, slots: list[_Slot] | None = None) -> tuple[int, int]:
+        """(sequences, KV positions) on ``decode_id`` at time ``t`` >= ``now``, as projected: those
+        there, decoding or waiting for a row; KV grows by a position per token decoded by then."""
+        if slots is None:
+            slots = self.slots(decode_id, now, rows, others, others_end)
         seqs = kv = 0
-        for e in self.entries.values():
-            if e.decode_id != decode_id:
-                continue
-            start = e.start if e.started else max(e.start, now)
-            if start <= t < self._end(e, now):
+        for s in slots:
+            if s.arrive <= t < s.end:
                 seqs += 1
-                # positions grow by one per token decoded by then
-                kv += e.kv_tokens + int(max(0.0, t - start) / max(self.token_seconds, 1e-6))
+                done = max(0.0, t - s.row) / max(self.token_seconds, 1e-6)
+                kv += s.kv_tokens + int(min(done, s.tokens))
         return seqs, kv
 
     def current(self, decode_id: str) -> tuple[int, int]:
@@ -193,25 +233,26 @@ class DecodeLoadProjector:
         return seqs, kv
 
     def row_wait(self, decode_id: str, t: float, now: float, rows: int, others: int = 0,
-                 others_end: float = 0.0) -> float:
-        """Seconds after ``t`` until one more sequence gets a row on ``decode_id``, whose batch has
-        ``rows`` rows (0: unbounded) and takes waiting sequences in arrival order without preempting
-        any: 0 while fewer than ``rows`` are projected there at ``t``, else until enough of them have
-        left. ``others`` sequences it holds that this projection did not admit leave at ``others_end``."""
+                 others_end: float = 0.0, slots: list[_Slot] | None = None) -> float:
+        """Seconds after ``t`` until a sequence arriving at ``t`` gets a row on ``decode_id``, whose
+        batch of ``rows`` rows (0: unbounded) serves the sequences there before it first. ``others``
+        sequences it holds that this projection did not admit leave at ``others_end``."""
         if rows <= 0:
             return 0.0
-        ends = [self._end(e, now) for e in self.entries.values() if e.decode_id == decode_id
-                and (e.start if e.started else max(e.start, now)) <= t < self._end(e, now)]
-        ends += [others_end] * others
-        if len(ends) < rows:
-            return 0.0
-        ends.sort()
-        return max(0.0, ends[len(ends) - rows] - t)
+        if slots is None:
+            slots = self.slots(decode_id, now, rows, others, others_end)
+        free = self._rows_free(rows, others, others_end)
+        for s in slots:
+            if s.arrive > t:
+                break  # arrival order: the rest come after it
+            heapq.heapreplace(free, s.end)
+        return max(0.0, free[0] - t)
 
-    def next_departure(self, decode_id: str, now: float) -> float:
+    def next_departure(self, decode_id: str, now: float, slots: list[_Slot] | None = None) -> float:
         """Seconds until the first sequence on ``decode_id`` is expected to leave (inf if none)."""
-        ends = [self._end(e, now) for e in self.entries.values() if e.decode_id == decode_id]
-        return max(0.0, min(ends) - now) if ends else float("inf")
+        if slots is None:
+            slots = self.slots(decode_id, now)
+        return max(0.0, min(s.end for s in slots) - now) if slots else float("inf")
 
     def prune(self, now: float) -> int:
         """Forget requests long overdue (aborted before prefill, or lost with an instance)."""

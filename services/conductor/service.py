@@ -150,7 +150,8 @@ class ConductorService(Service):
             r = decode(msg.data, DecodeReport)
         except _BAD:
             return
-        self.projector.finished(r.request_id, r.output_tokens, r.seconds, r.finish_reason in ("stop", "length"))
+        self.projector.finished(r.request_id, r.output_tokens, r.seconds, r.finish_reason in ("stop", "length"),
+                                waited=r.waited_seconds)
 
     async def _on_kv_event(self, msg) -> None:
         try:
@@ -266,14 +267,16 @@ class ConductorService(Service):
         untracked = max(0, reported - tracked)
         per_seq = hb.kv_tokens / max(1, hb.running)
         now_seqs, now_kv = tracked + untracked, tracked_kv + int(untracked * per_seq)
-        fut_seqs, fut_kv = self.projector.load_at(inst.instance_id, arrive, now)
-        fut_seqs, fut_kv = fut_seqs + untracked, fut_kv + int(untracked * per_seq)
         cap = hb.max_running
         p, iid = self.projector, inst.instance_id
         others_end = now + p.duration(round(p.mean_output))  # when sequences it did not admit may leave
+        # the admitted sequences on its rows, first come first served: one projection for every figure
+        slots = p.slots(iid, now, cap, untracked, others_end)
+        fut_seqs, fut_kv = p.load_at(iid, arrive, now, slots=slots)
+        fut_seqs, fut_kv = fut_seqs + untracked, fut_kv + int(untracked * per_seq)
         handoff = self.queues.handoff.seconds(prompt_len)
-        wait_now = handoff + p.row_wait(iid, now, now, cap, untracked, others_end)
-        wait_then = handoff + p.row_wait(iid, arrive, now, cap, untracked, others_end)
+        wait_now = handoff + p.row_wait(iid, now, now, cap, untracked, others_end, slots=slots)
+        wait_then = handoff + p.row_wait(iid, arrive, now, cap, untracked, others_end, slots=slots)
         return DecodeView(
             iid,
             reported + inst.placed_since_beat,
@@ -281,7 +284,7 @@ class ConductorService(Service):
             current_tbt=request_tbt_joining(self.decode_cost, now_seqs + 1, now_kv + prompt_len, cap, tokens, wait_now),
             predicted_tbt=request_tbt_joining(self.decode_cost, fut_seqs + 1, fut_kv + prompt_len, cap, tokens,
                                               wait_then),
-            sheds_in=p.next_departure(iid, now),
+            sheds_in=p.next_departure(iid, now, slots=slots),
         )
 
     def _project(self, request_id: str, placement, prompt_len: int, sampling) -> None:

@@ -181,6 +181,8 @@ class DecodeService(ModelWorker):
                 await self._wake.wait()
                 continue
             plan = self.batcher.plan()
+            for seq in plan.joins:
+                seq.row_at = time.monotonic()
             try:
                 tokens = await self.compute(self._step, plan)
             except Exception as e:  # noqa: BLE001 - fail the batch's requests, keep serving
@@ -214,9 +216,11 @@ class DecodeService(ModelWorker):
         self.done.add(seq.request_id)
         await self._ack(seq)
         if seq.joined_at:
+            now = time.monotonic()
             report = DecodeReport(instance_id=self.instance_id, request_id=seq.request_id,
                                   output_tokens=len(seq.output) - seq.initial_outputs,
-                                  seconds=time.monotonic() - seq.joined_at, finish_reason=seq.finish or "")
+                                  seconds=now - seq.joined_at, finish_reason=seq.finish or "",
+                                  waited_seconds=(seq.row_at or now) - seq.joined_at)
             seq.joined_at = 0.0  # reported once
             try:
                 await self.nc.publish(Subjects.DECODE_REPORT, encode(report))
