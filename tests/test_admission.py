@@ -10,6 +10,7 @@ from yuebing.services.conductor.admission import (
     DecodeCostModel,
     DecodeLoadProjector,
     TTFTErrorModel,
+    WaitErrorModel,
     predicted_tbt,
     request_tbt_joining,
 )
@@ -249,3 +250,20 @@ def test_colocated_placement_decodes_where_it_prefilled():
     assert (ll.prefill_id, ll.decode_id) == ("w1", "w1")
     none = _policy(colocated=True).place(req, [PrefillView("w2", 0.0, 0)], decodes)
     assert not none.admitted and none.status == 503
+
+
+def test_the_wait_margin_is_how_much_longer_waits_have_lately_turned_out():
+    m = WaitErrorModel(window=40)
+    for _ in range(WaitErrorModel.MIN_SAMPLES - 1):
+        m.observe(0.2, 1.2)
+    assert m.margin() == 0.0  # too few to judge by
+    m.observe(0.2, 1.2)
+    assert m.margin() == pytest.approx(1.0)
+    for i in range(36):  # now mostly right, a few a little late: the 90th percentile of the errors
+        m.observe(0.5, 0.5 + (0.3 if i % 9 == 0 else 0.0))
+    assert m.margin() == pytest.approx(0.3)
+    for _ in range(40):
+        m.observe(1.0, 0.2)  # waits shorter than predicted never make the margin negative
+    assert m.margin() == 0.0
+    m.observe(-1.0, 5.0)  # nonsense is ignored
+    assert m.margin() == 0.0

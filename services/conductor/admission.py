@@ -297,6 +297,37 @@ class TTFTErrorModel:
         return self._factor
 
 
+class WaitErrorModel:
+    """How much longer than predicted requests have waited between their first token (from prefill)
+    and a row of their decode batch: the margin admission adds to a predicted wait.
+
+    The wait depends on when the sequences ahead leave, which a projection gets wrong by a few of
+    their tokens either way; for a short request the wait is its TBT as the metric counts it, so an
+    objective a few steps long is missed by any underestimate. ``margin`` is the 90th percentile
+    (nearest rank) of actual - predicted over a window, at least 0; 0 until ``MIN_SAMPLES``.
+    """
+
+    MIN_SAMPLES = 20
+    QUANTILE = 0.9
+    MAX_MARGIN = 10.0  # seconds
+
+    def __init__(self, window: int = 256):
+        self._errors: deque[float] = deque(maxlen=window)
+        self._margin = 0.0  # recomputed per report, read per admission decision
+
+    def observe(self, predicted: float, actual: float) -> None:
+        if predicted < 0 or actual < 0:
+            return
+        self._errors.append(actual - predicted)
+        if len(self._errors) >= self.MIN_SAMPLES:
+            ordered = sorted(self._errors)
+            q = ordered[max(0, -(-int(self.QUANTILE * 100) * len(ordered) // 100) - 1)]
+            self._margin = min(self.MAX_MARGIN, max(0.0, q))
+
+    def margin(self) -> float:
+        return self._margin
+
+
 @dataclass(frozen=True)
 class Verdict:
     admitted: bool

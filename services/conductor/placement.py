@@ -47,6 +47,10 @@ class DecodeView:
     current_tbt: float = 0.0
     predicted_tbt: float = 0.0
     sheds_in: float = float("inf")
+    # predicted wait from the request's first token to a row here (KV hand-off tail and queue for a
+    # row, before any learnt margin): with the load now, and projected
+    wait_now: float = 0.0
+    wait_then: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,14 @@ from yuebing.libs.protocol import (
 )
 from yuebing.libs.service import Service
 
-from .admission import AdmissionController, DecodeCostModel, DecodeLoadProjector, TTFTErrorModel, request_tbt_joining
+from .admission import (
+    AdmissionController,
+    DecodeCostModel,
+    DecodeLoadProjector,
+    TTFTErrorModel,
+    WaitErrorModel,
+    request_tbt_joining,
+)
 from .costmodel import PrefillCostModel
 from .index import PrefixIndex
 from .prefillqueue import PrefillQueues
@@ -59,6 +66,8 @@ HANDOFF_SECONDS = Gauge("yuebing:conductor_prefill_handoff_seconds",
 TTFT_FACTOR = Gauge("yuebing:conductor_ttft_prediction_factor",
                     "90th percentile of actual / predicted TTFT lately; admission scales its predictions by it")
 PRIOR_KV_TOKENS = 256  # KV positions per sequence assumed before any has been seen
+WAIT_MARGIN = Gauge("yuebing:conductor_decode_wait_margin_seconds",
+                    "Added to predicted waits for a decode row: how much longer they have lately turned out")
 MAX_PENDING_PREDICTIONS = 100_000  # placed requests whose first token is awaited, kept to compare with it
 PROJECTED_DECODE = Gauge("yuebing:conductor_decode_sequences", "Sequences admitted and not finished",
                          ["phase"])
@@ -78,6 +87,8 @@ class ConductorService(Service):
         self.admission = AdmissionController(s.admission)
         self.ttft_error = TTFTErrorModel()  # how actual TTFTs compare with the predictions admitted on
         self._predicted_ttft: OrderedDict[str, float] = OrderedDict()  # placed, first token not yet reported
+        self.wait_error = WaitErrorModel()  # how much longer than predicted requests wait for a decode row
+        self._predicted_wait: OrderedDict[str, float] = OrderedDict()  # placed, decode not yet reported
         self.policy = make_policy(s.policy, self.cost, use_pool=s.use_pool, colocated=s.colocated)
         self.queues = PrefillQueues()  # what each prefill instance has to do before a new prompt
         self.pool_writes = PoolWriteAdmission(s.pool_writes)  # which new blocks prefills write to the pool
@@ -150,6 +161,13 @@ class ConductorService(Service):
             r = decode(msg.data, DecodeReport)
         except _BAD:
             return
+        predicted = self._predicted_wait.pop(r.request_id, None)
+        e = self.projector.entries.get(r.request_id)
+        if predicted is not None and e is not None and e.started and r.output_tokens > 0:
+            # from its first token (the prefill's report) to its first step in a row
+            row_at = time.monotonic() - (r.seconds - r.waited_seconds)
+            self.wait_error.observe(predicted, max(0.0, row_at - e.start))
+            WAIT_MARGIN.set(self.wait_error.margin())
         self.projector.finished(r.request_id, r.output_tokens, r.seconds, r.finish_reason in ("stop", "length"),
                                 waited=r.waited_seconds)
 
@@ -277,14 +295,18 @@ class ConductorService(Service):
         handoff = self.queues.handoff.seconds(prompt_len)
         wait_now = handoff + p.row_wait(iid, now, now, cap, untracked, others_end, slots=slots)
         wait_then = handoff + p.row_wait(iid, arrive, now, cap, untracked, others_end, slots=slots)
+        margin = self.wait_error.margin()  # judged as such waits have lately turned out
         return DecodeView(
             iid,
             reported + inst.placed_since_beat,
             hb.kv_tokens,
-            current_tbt=request_tbt_joining(self.decode_cost, now_seqs + 1, now_kv + prompt_len, cap, tokens, wait_now),
+            current_tbt=request_tbt_joining(self.decode_cost, now_seqs + 1, now_kv + prompt_len, cap, tokens,
+                                            wait_now + margin),
             predicted_tbt=request_tbt_joining(self.decode_cost, fut_seqs + 1, fut_kv + prompt_len, cap, tokens,
-                                              wait_then),
+                                              wait_then + margin),
             sheds_in=p.next_departure(iid, now, slots=slots),
+            wait_now=wait_now,
+            wait_then=wait_then,
         )
 
     def _project(self, request_id: str, placement, prompt_len: int, sampling) -> None:
@@ -425,6 +447,11 @@ class ConductorService(Service):
                 return
             self._placed(req.request_id, placement, len(req.prompt_token_ids))
             self._project(req.request_id, placement, len(req.prompt_token_ids), req.sampling)
+            if tokens > 1:  # it reaches decode: remember the wait the admission judged it by
+                d = next(v for v in decodes if v.instance_id == placement.decode_id)
+                self._predicted_wait[req.request_id] = d.wait_now if self.admission.mode == "early" else d.wait_then
+                while len(self._predicted_wait) > MAX_PENDING_PREDICTIONS:  # reports that never came
+                    self._predicted_wait.popitem(last=False)
             PLACED.labels(policy=self.policy.name, plan="pool" if placement.use_pool else "local").inc()
             PREDICTED_TTFT.observe(placement.predicted_ttft)
             PREDICTED_TBT.observe(placement.predicted_tbt)
