@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from .stats import nearest_rank
+
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 _ITL_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 
@@ -26,7 +28,4 @@ WASTED_PREFILL = Counter("yuebing:prefill_wasted_tokens",
 def request_tbt(gaps: list[float]) -> float | None:
     """A request's time between tokens as Mooncake measures it: the 90th percentile of the gaps
     between its consecutive output tokens (nearest rank). None with fewer than two tokens."""
-    if not gaps:
-        return None
-    ordered = sorted(gaps)
-    return ordered[max(0, -(-9 * len(ordered) // 10) - 1)]
+    return nearest_rank(gaps, 90) if gaps else None

@@ -20,6 +20,7 @@ import numpy as np
 
 from yuebing.libs.config import SLO
 from yuebing.libs.costs import decode_features, fit
+from yuebing.libs.stats import nearest_rank, nearest_rank_index
 
 ADMISSION_MODES = ("none", "early", "predictive")
 
@@ -94,7 +95,7 @@ def request_tbt_joining(cost: DecodeCostModel, sequences: int, kv_tokens: int, m
     if gaps <= 0 or sequences <= 0:
         return 0.0
     steady = predicted_tbt(cost, sequences, kv_tokens, max_running)
-    if -(-9 * gaps // 10) < gaps:  # the 90th percentile's rank is not the last: a normal gap
+    if nearest_rank_index(gaps, 90) < gaps - 1:  # the 90th percentile is not the largest gap: a normal one
         return steady
     rows = _rows(sequences, max_running)
     return max(steady, wait + cost.step_seconds(rows, kv_tokens * rows / sequences))
@@ -263,7 +264,24 @@ class DecodeLoadProjector:
         return len(lost)
 
 
-class TTFTErrorModel:
+class _RecentQuantile:
+    """The 90th percentile (nearest rank) of the last ``window`` samples, kept within bounds;
+    ``initial`` until ``MIN_SAMPLES`` have come. Recomputed per sample, read per decision."""
+
+    MIN_SAMPLES = 20
+    PERCENT = 90
+
+    def __init__(self, window: int, initial: float, lo: float, hi: float):
+        self._samples: deque[float] = deque(maxlen=window)
+        self._value, self._lo, self._hi = initial, lo, hi
+
+    def _add(self, sample: float) -> None:
+        self._samples.append(sample)
+        if len(self._samples) >= self.MIN_SAMPLES:
+            self._value = min(self._hi, max(self._lo, nearest_rank(self._samples, self.PERCENT)))
+
+
+class TTFTErrorModel(_RecentQuantile):
     """How far actual times to first token run past the conductor's predictions, so admission can
     judge a prediction as it will turn out rather than as it was made.
 
@@ -274,30 +292,21 @@ class TTFTErrorModel:
     taken as they are (1.0); the factor stays within ``BOUNDS``.
     """
 
-    MIN_SAMPLES = 20
-    QUANTILE = 0.9
     BOUNDS = (0.5, 4.0)
     MIN_PREDICTED = 0.05  # seconds: below this a ratio says more about noise than about the model
 
     def __init__(self, window: int = 256):
-        self._ratios: deque[float] = deque(maxlen=window)
-        self._factor = 1.0  # recomputed per report, read per admission decision
+        super().__init__(window, 1.0, *self.BOUNDS)
 
     def observe(self, predicted: float, actual: float) -> None:
-        if predicted < self.MIN_PREDICTED or actual <= 0:
-            return
-        self._ratios.append(actual / predicted)
-        if len(self._ratios) >= self.MIN_SAMPLES:
-            ordered = sorted(self._ratios)
-            q = ordered[max(0, -(-int(self.QUANTILE * 100) * len(ordered) // 100) - 1)]
-            lo, hi = self.BOUNDS
-            self._factor = min(hi, max(lo, q))
+        if predicted >= self.MIN_PREDICTED and actual > 0:
+            self._add(actual / predicted)
 
     def factor(self) -> float:
-        return self._factor
+        return self._value
 
 
-class WaitErrorModel:
+class WaitErrorModel(_RecentQuantile):
     """How much longer than predicted requests have waited between their first token (from prefill)
     and a row of their decode batch: the margin admission adds to a predicted wait.
 
@@ -307,25 +316,17 @@ class WaitErrorModel:
     (nearest rank) of actual - predicted over a window, at least 0; 0 until ``MIN_SAMPLES``.
     """
 
-    MIN_SAMPLES = 20
-    QUANTILE = 0.9
     MAX_MARGIN = 10.0  # seconds
 
     def __init__(self, window: int = 256):
-        self._errors: deque[float] = deque(maxlen=window)
-        self._margin = 0.0  # recomputed per report, read per admission decision
+        super().__init__(window, 0.0, 0.0, self.MAX_MARGIN)
 
     def observe(self, predicted: float, actual: float) -> None:
-        if predicted < 0 or actual < 0:
-            return
-        self._errors.append(actual - predicted)
-        if len(self._errors) >= self.MIN_SAMPLES:
-            ordered = sorted(self._errors)
-            q = ordered[max(0, -(-int(self.QUANTILE * 100) * len(ordered) // 100) - 1)]
-            self._margin = min(self.MAX_MARGIN, max(0.0, q))
+        if predicted >= 0 and actual >= 0:
+            self._add(actual - predicted)
 
     def margin(self) -> float:
-        return self._margin
+        return self._value
 
 
 @dataclass(frozen=True)

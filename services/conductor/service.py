@@ -73,6 +73,14 @@ PROJECTED_DECODE = Gauge("yuebing:conductor_decode_sequences", "Sequences admitt
                          ["phase"])
 
 
+def _remember(pending: OrderedDict, request_id: str, predicted: float) -> None:
+    """Keep a placed request's prediction until its report comes; the oldest go first when reports
+    never come (``MAX_PENDING_PREDICTIONS``)."""
+    pending[request_id] = predicted
+    while len(pending) > MAX_PENDING_PREDICTIONS:
+        pending.popitem(last=False)
+
+
 class ConductorService(Service):
     kind = "conductor"
 
@@ -334,9 +342,7 @@ class ConductorService(Service):
                                        retry_after=verdict.retry_after, cause=verdict.cause)
 
     def _placed(self, request_id: str, placement, prompt_len: int) -> None:
-        self._predicted_ttft[request_id] = placement.predicted_ttft
-        while len(self._predicted_ttft) > MAX_PENDING_PREDICTIONS:  # reports that never came
-            self._predicted_ttft.popitem(last=False)
+        _remember(self._predicted_ttft, request_id, placement.predicted_ttft)
         self.queues.placed(placement.prefill_id, request_id, placement.predicted_prefill, prompt_len)
         inst = self.registry.get("decode", placement.decode_id)
         if inst is not None:
@@ -449,9 +455,8 @@ class ConductorService(Service):
             self._project(req.request_id, placement, len(req.prompt_token_ids), req.sampling)
             if tokens > 1:  # it reaches decode: remember the wait the admission judged it by
                 d = next(v for v in decodes if v.instance_id == placement.decode_id)
-                self._predicted_wait[req.request_id] = d.wait_now if self.admission.mode == "early" else d.wait_then
-                while len(self._predicted_wait) > MAX_PENDING_PREDICTIONS:  # reports that never came
-                    self._predicted_wait.popitem(last=False)
+                _remember(self._predicted_wait, req.request_id,
+                          d.wait_now if self.admission.mode == "early" else d.wait_then)
             PLACED.labels(policy=self.policy.name, plan="pool" if placement.use_pool else "local").inc()
             PREDICTED_TTFT.observe(placement.predicted_ttft)
             PREDICTED_TBT.observe(placement.predicted_tbt)
