@@ -110,6 +110,14 @@ async def test_a_blob_sent_as_it_is_produced_waits_for_its_bytes_and_is_checked_
                      data=memoryview(small[200:]))
         ack = decode((await nc.request("test.stream", encode(last), timeout=5)).data, ChunkAck)
         assert not ack.ok and "checksum" in ack.error and "p" not in got
+        # it covers every chunk's bytes: a flipped byte in an earlier chunk is caught at the end
+        bent = bytes([small[0] ^ 1]) + small[1:200]
+        await nc.publish("test.stream", encode(Chunk(transfer_id="q", index=0, count=2, offset=0, total_bytes=300,
+                                                     checksum=NO_BLOB_CHECKSUM, data=memoryview(bent))))
+        last = Chunk(transfer_id="q", index=1, count=2, offset=200, total_bytes=300, checksum=crc32(small),
+                     data=memoryview(small[200:]))
+        ack = decode((await nc.request("test.stream", encode(last), timeout=5)).data, ChunkAck)
+        assert not ack.ok and "checksum" in ack.error and "q" not in got
     finally:
         await sub.unsubscribe()
         await nc.close()
