@@ -218,6 +218,10 @@ def test_early_judges_decode_now_predictive_judges_it_on_arrival():
     assert early.decide(slo, **free_now_busy_later).admitted
     assert not pred.decide(slo, **free_now_busy_later).admitted
     assert AdmissionController("predictive").decide(SLO(0, 0), ttft=1e9, tbt_now=1e9, tbt_projected=1e9).admitted
+    # a forecast not yet checked against outcomes does not overrule the load now
+    assert not pred.decide(slo, **busy_now_free_later, projection_checked=False).admitted
+    assert not pred.decide(slo, **free_now_busy_later, projection_checked=False).admitted
+    assert pred.decide(slo, ttft=1.0, tbt_now=0.05, tbt_projected=0.05, projection_checked=False).admitted
     with pytest.raises(ValueError):
         AdmissionController("sometimes")
 
@@ -256,9 +260,9 @@ def test_the_wait_margin_is_how_much_longer_waits_have_lately_turned_out():
     m = WaitErrorModel(window=40)
     for _ in range(WaitErrorModel.MIN_SAMPLES - 1):
         m.observe(0.2, 1.2)
-    assert m.margin() == 0.0  # too few to judge by
+    assert m.margin() == 0.0 and not m.learnt  # too few to judge by
     m.observe(0.2, 1.2)
-    assert m.margin() == pytest.approx(1.0)
+    assert m.margin() == pytest.approx(1.0) and m.learnt
     for i in range(36):  # now mostly right, a few a little late: the 90th percentile of the errors
         m.observe(0.5, 0.5 + (0.3 if i % 9 == 0 else 0.0))
     assert m.margin() == pytest.approx(0.3)

@@ -275,6 +275,11 @@ class _RecentQuantile:
         self._samples: deque[float] = deque(maxlen=window)
         self._value, self._lo, self._hi = initial, lo, hi
 
+    @property
+    def learnt(self) -> bool:
+        """Whether enough samples have come for the value to be their quantile."""
+        return len(self._samples) >= self.MIN_SAMPLES
+
     def _add(self, sample: float) -> None:
         self._samples.append(sample)
         if len(self._samples) >= self.MIN_SAMPLES:
@@ -349,17 +354,22 @@ class AdmissionController:
         self.rejected = {"ttft": 0, "tbt": 0}
 
     def decide(self, slo: SLO, ttft: float, tbt_now: float, tbt_projected: float,
-               tbt_retry: float = 1.0) -> Verdict:
+               tbt_retry: float = 1.0, projection_checked: bool = True) -> Verdict:
         """``ttft``: best predicted TTFT; ``tbt_now``: predicted time between tokens on the chosen
         decode instance with this request added to its load now; ``tbt_projected``: the same with
         the load projected to when this request reaches it; ``tbt_retry``: seconds until that
-        instance is expected to shed load."""
+        instance is expected to shed load. ``projection_checked``: whether the projection has yet
+        been compared with enough outcomes (``WaitErrorModel.learnt``); until it has, ``predictive``
+        does not let a forecast of decode draining admit what the load now would reject."""
         if self.mode != "none":
             if slo.ttft > 0 and ttft > slo.ttft:
                 return self._reject("ttft", f"the predicted time to first token ({ttft:.2f}s) exceeds the "
                                     f"{slo.ttft:g}s objective; the prefill instances are overloaded",
                                     max(1.0, ttft - slo.ttft))
-            tbt = tbt_projected if self.mode == "predictive" else tbt_now
+            if self.mode == "predictive":
+                tbt = tbt_projected if projection_checked else max(tbt_now, tbt_projected)
+            else:
+                tbt = tbt_now
             if slo.tbt > 0 and tbt > slo.tbt:
                 return self._reject("tbt", f"the predicted time between tokens ({tbt:.3f}s) exceeds the "
                                     f"{slo.tbt:g}s objective; the decode instances are overloaded",

@@ -335,7 +335,8 @@ class ConductorService(Service):
         # the TTFT as predictions have turned out lately (a factor of 1 until there are enough reports)
         verdict = self.admission.decide(slo, placement.predicted_ttft * self.ttft_error.factor(), d.current_tbt,
                                         d.predicted_tbt,
-                                        tbt_retry=d.sheds_in if d.sheds_in != float("inf") else 1.0)
+                                        tbt_retry=d.sheds_in if d.sheds_in != float("inf") else 1.0,
+                                        projection_checked=self.wait_error.learnt)
         if verdict.admitted:
             return placement
         return dataclasses.replace(placement, admitted=False, status=verdict.status, reason=verdict.reason,
