@@ -33,7 +33,7 @@ import nats
 import numpy as np
 import torch
 
-from .bus import BULK_PENDING_BYTES, BlobAssembler, TransferError, send_blob
+from .bus import BULK_PENDING_BYTES, BlobAssembler, BlobData, TransferError, send_blob
 from .log import get_logger
 from .protocol import (
     ChunkAck,
@@ -208,7 +208,7 @@ def decode_block(
 ) -> tuple[bytes, torch.Tensor]:
     """Decode ``encode_block`` output to ``(key, tensor)``, bit-identical; raises ``BlockCorrupt``.
 
-    With ``copy=False`` and a writable ``buf`` (a bytearray, or a writable memoryview of one) the
+    With ``copy=False`` and a writable ``buf`` (a bytearray, or a writable memoryview) the
     tensor shares ``buf``'s memory instead of owning a copy (unless its data is not aligned for the
     dtype, then it is copied anyway). A read-only ``buf`` is always copied.
     """
@@ -718,7 +718,7 @@ class CacheClient:
         got: dict[bytes, torch.Tensor] = {}
         changed = asyncio.Event()
 
-        def on_blob(transfer_id: str, meta: bytes, data: bytearray) -> str | None:
+        def on_blob(transfer_id: str, meta: bytes, data: BlobData) -> str | None:
             try:
                 pieces = decode(meta, CacheGetMeta).pieces(data)
             except _BAD_REPLY as e:

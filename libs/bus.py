@@ -220,8 +220,11 @@ class _Partial:
         self.seen = time.monotonic()  # when its latest chunk came
 
 
+# A reassembled blob as handlers get it: writable, its own memory (a one-chunk blob's copy, or the
+# unzeroed buffer the chunks were written into).
+BlobData = bytearray | memoryview
 # Returns None to accept the blob, or an error string that the sender receives as a negative ack.
-BlobHandler = Callable[[str, bytes, bytearray | memoryview], Awaitable[str | None] | str | None]
+BlobHandler = Callable[[str, bytes, BlobData], Awaitable[str | None] | str | None]
 
 
 class BlobAssembler:

@@ -33,7 +33,7 @@ from nats.aio.msg import Msg
 from prometheus_client import Counter, Gauge
 
 from yuebing.libs.blocks import GET_BLOB_MAX_BLOCKS, BlockCorrupt, blob_groups, block_header
-from yuebing.libs.bus import BULK_PENDING_BYTES, BlobAssembler, TransferError, send_blob, send_windowed
+from yuebing.libs.bus import BULK_PENDING_BYTES, BlobAssembler, BlobData, TransferError, send_blob, send_windowed
 from yuebing.libs.kvevents import KVEventPublisher
 from yuebing.libs.protocol import (
     BlockHeader,
@@ -184,7 +184,7 @@ class CacheStoreService(Service):
         return self.store.get_many(keys), self.store.stats()
 
     # ---- handlers: a malformed message is logged and dropped, never raised
-    async def _on_put(self, transfer_id: str, meta: bytes, data: bytearray) -> str | None:
+    async def _on_put(self, transfer_id: str, meta: bytes, data: BlobData) -> str | None:
         """Store a blob of blocks (one LMDB transaction); an error string becomes the sender's
         negative ack. Valid blocks are kept even when others in the blob are refused."""
         try:

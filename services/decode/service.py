@@ -8,7 +8,7 @@ import time
 import msgspec
 import torch
 
-from yuebing.libs.bus import BULK_PENDING_BYTES, BlobAssembler
+from yuebing.libs.bus import BULK_PENDING_BYTES, BlobAssembler, BlobData
 from yuebing.libs.model import sample_token
 from yuebing.libs.protocol import DecodeReport, DecodeTask, KVMeta, Subjects, TokenEvent, decode, encode
 from yuebing.libs.worker import ModelWorker
@@ -27,7 +27,7 @@ class DecodeService(ModelWorker):
         self.batch = self.runner.new_batch()
         self._steps = [0, 0.0, 0, 0]  # since the last heartbeat: steps, seconds, rows, KV positions
         self.batcher = Batcher(self.settings.max_running, self.shape.eos_token_ids)
-        self._kv: dict[str, tuple[KVMeta, bytearray | memoryview, float]] = {}  # request id -> KV waiting for its task
+        self._kv: dict[str, tuple[KVMeta, BlobData, float]] = {}  # request id -> KV waiting for its task
         self._kv_ready: dict[str, asyncio.Event] = {}
         self._wake = asyncio.Event()
         self._assembler = BlobAssembler(self.nc, self._on_kv)
@@ -50,7 +50,7 @@ class DecodeService(ModelWorker):
         )
 
     # ---- KV arrival
-    def _on_kv(self, transfer_id: str, meta: bytes, data: bytearray | memoryview) -> None:
+    def _on_kv(self, transfer_id: str, meta: bytes, data: BlobData) -> None:
         try:
             m = decode(meta, KVMeta)
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
@@ -62,7 +62,7 @@ class DecodeService(ModelWorker):
         self._kv[rid] = (m, data, time.monotonic())
         self._kv_ready.setdefault(rid, asyncio.Event()).set()
 
-    def _take_kv(self, meta: KVMeta, data: bytearray | memoryview) -> torch.Tensor:
+    def _take_kv(self, meta: KVMeta, data: BlobData) -> torch.Tensor:
         s = self.shape
         if (meta.num_layers, meta.num_kv_heads, meta.head_dim, meta.dtype) != (
             s.num_layers, s.num_kv_heads, s.head_dim, s.dtype_name
