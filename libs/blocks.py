@@ -33,9 +33,11 @@ import nats
 import numpy as np
 import torch
 
-from .bus import BULK_PENDING_BYTES, BlobAssembler, BlobData, TransferError, send_blob
+from .bus import BULK_PENDING_BYTES, BlobAssembler, BlobData, TransferError, send_blob, send_windowed
 from .log import get_logger
 from .protocol import (
+    CHUNK_DATA_BYTES,
+    BlockHeader,
     ChunkAck,
     LayerPiece,
     CacheExistsReply,
@@ -49,6 +51,7 @@ from .protocol import (
     Subjects,
     decode,
     encode,
+    encode_with_data,
 )
 
 log = get_logger("blocks")
@@ -153,6 +156,12 @@ def encode_blocks(blocks: Sequence[tuple[bytes, torch.Tensor]]) -> tuple[bytearr
         _block_encoder.encode_into(_kv_block(key, tensor), buf, -1)
         sizes.append(len(buf) - start)
     return buf, sizes
+
+
+def block_view(key: bytes, tensor: torch.Tensor) -> KVBlock:
+    """A block held as a tensor, described as a stored one (shape, dtype, CRC32) for a layered get;
+    its ``data`` is a view of the tensor's memory (contiguous: no copy), valid while the tensor is."""
+    return _kv_block(key, tensor)
 
 
 def blob_groups(sizes: Sequence[int], max_blocks: int, max_bytes: int) -> list[tuple[int, int]]:
@@ -275,6 +284,46 @@ def _no_responders(e: BaseException) -> bool:
 
 
 _NUMPY_DTYPES = (torch.float32, torch.float16, torch.float64)
+
+
+# A layered get sends pieces of at most one chunk, and waits for the reader's ack every
+# LAYER_PIECES_IN_FLIGHT of them.
+LAYER_PIECE_TARGET_BYTES = CHUNK_DATA_BYTES
+LAYER_PIECES_IN_FLIGHT = 16
+
+
+async def serve_layers(msg, nc, subject: str, found: Sequence[tuple[bytes, "KVBlock | _KVBlockView"]]) -> list[bytes]:
+    """The sending end of a layered get (``CacheClient.load_layers``), for whoever holds the blocks:
+    answer ``msg`` with the blocks' headers, then send layer 0 of every block, layer 1 of every
+    block, ... to ``subject`` as ``LayerPiece`` messages of at most one chunk, acked in windows.
+    Only blocks shaped like the first one are sent (one namespace, one shape); returns their keys.
+    The blocks' memory must stay as it is until this returns."""
+    views, keys = [], []
+    for k, view in found:
+        if views and (view.shape != views[0].shape or view.dtype != views[0].dtype):
+            continue
+        views.append(view)
+        keys.append(k)
+    tid = uuid.uuid4().hex[:12]
+    await msg.respond(encode(CacheGetReply(
+        found=keys, transfer_id=tid,
+        headers=[BlockHeader(shape=list(v.shape), dtype=v.dtype, checksum=v.checksum) for v in views])))
+    if not views:
+        return keys
+    layers = views[0].shape[0]
+    per = len(views[0].data) // layers
+    run = max(1, LAYER_PIECE_TARGET_BYTES // per)
+
+    def pieces():
+        for layer in range(layers):
+            lo, hi = layer * per, (layer + 1) * per
+            for first in range(0, len(views), run):
+                group = views[first : first + run]
+                yield encode_with_data(LayerPiece(transfer_id=tid, layer=layer, first=first, count=len(group),
+                                                  data=b""), [v.data[lo:hi] for v in group])
+
+    await send_windowed(nc, subject, tid, pieces(), window=LAYER_PIECES_IN_FLIGHT)
+    return keys
 
 
 class _LayeredLoad:
@@ -775,7 +824,8 @@ class CacheClient:
                     pass
         return got
 
-    async def load_layers(self, keys: Sequence[bytes], dest, start: int, *, timeout: float | None = None) -> int:
+    async def load_layers(self, keys: Sequence[bytes], dest, start: int, *, timeout: float | None = None,
+                          peer: str = "") -> int:
         """Stream the blocks of ``keys`` (a prefix chain, in order) from the pool into ``dest``
         layer by layer, so that the prompt's layer ``i`` can run as soon as its past is in.
 
@@ -785,19 +835,25 @@ class CacheClient:
         number of leading blocks that arrived whole and verified; when that is fewer than
         ``len(keys)`` (a block missing, corrupt or late, an instance gone), ``dest.fail`` was called
         and the caller recomputes past that point. Each key is asked of its first owner only.
+
+        With ``peer`` (a prefill instance's id) every key is asked of that instance instead, which
+        holds them in its own DRAM cache (``Subjects.prefill_blocks``), not of the pool.
         """
         keys = list(keys)
         if not keys:
             return 0
         deadline = self._deadline(timeout)
-        live = await self._pool(deadline)
-        if not live:
-            dest.fail("no cache pool instance is live")
-            return 0
         load = _LayeredLoad(keys, dest, start)
         groups: dict[str, list[int]] = {}
-        for i, k in enumerate(keys):
-            groups.setdefault(owners(k, live, 1)[0], []).append(i)
+        if peer:
+            groups[peer] = list(range(len(keys)))
+        else:
+            live = await self._pool(deadline)
+            if not live:
+                dest.fail("no cache pool instance is live")
+                return 0
+            for i, k in enumerate(keys):
+                groups.setdefault(owners(k, live, 1)[0], []).append(i)
         subs = []
         try:
             asks = []
@@ -805,7 +861,8 @@ class CacheClient:
                 inbox = self.nc.new_inbox()
                 subs.append(await self.nc.subscribe(inbox, cb=partial(load.on_piece, self.nc),
                                                     pending_bytes_limit=BULK_PENDING_BYTES))
-                asks.append(self._ask_layers(iid, [keys[i] for i in idxs], idxs, inbox, load, deadline))
+                subject = Subjects.prefill_blocks(iid) if peer else Subjects.cache(iid, "get")
+                asks.append(self._ask_layers(iid, subject, [keys[i] for i in idxs], idxs, inbox, load, deadline))
             await asyncio.gather(*asks)
             load.announced()
             try:
@@ -820,12 +877,14 @@ class CacheClient:
                     pass
         return load.finish()
 
-    async def _ask(self, iid: str, op: str, msg, reply_type, budget: float, what: str, **log_fields):
-        """One request to an instance (``msg`` None: an empty body): its decoded reply, or None
-        (logged, with ``log_fields``) when it does not answer."""
+    async def _ask(self, iid: str, op: str, msg, reply_type, budget: float, what: str, *, subject: str = "",
+                   **log_fields):
+        """One request to an instance (``msg`` None: an empty body; ``subject``: other than its
+        cachestore subject for ``op``): its decoded reply, or None (logged, with ``log_fields``)
+        when it does not answer."""
         try:
             body = b"" if msg is None else encode(msg)
-            resp = await self.nc.request(Subjects.cache(iid, op), body, timeout=max(0.01, budget))
+            resp = await self.nc.request(subject or Subjects.cache(iid, op), body, timeout=max(0.01, budget))
             reply = decode(resp.data, reply_type)
         except (*_NATS_ERRORS, *_BAD_REPLY) as e:
             if _no_responders(e):
@@ -835,10 +894,11 @@ class CacheClient:
         self._heard_from(iid)
         return reply
 
-    async def _ask_layers(self, iid: str, keys: list[bytes], idxs: list[int], inbox: str, load: "_LayeredLoad",
-                          deadline: float) -> None:
+    async def _ask_layers(self, iid: str, subject: str, keys: list[bytes], idxs: list[int], inbox: str,
+                          load: "_LayeredLoad", deadline: float) -> None:
         req = CacheGetRequest(keys=keys, reply_subject=inbox, by_layer=True)
-        reply = await self._ask(iid, "get", req, CacheGetReply, self._left(deadline), "layered_get", keys=len(keys))
+        reply = await self._ask(iid, "get", req, CacheGetReply, self._left(deadline), "layered_get", subject=subject,
+                                keys=len(keys))
         if reply is None:
             load.missing(idxs)
         else:

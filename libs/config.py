@@ -74,6 +74,9 @@ class Settings(msgspec.Struct, kw_only=True):
     # only the leading blocks an earlier request also had)
     pool_writes: str = "all"
     colocated: bool = False  # each request decodes on the instance that prefilled it (a colocated baseline)
+    # global_cache_aware may have a prompt's prefix loaded from the prefill instance whose own DRAM
+    # cache holds it (a peer), when that beats the pool's hit and recomputing
+    peer_fetch: bool = True
     # SLOs (seconds; 0 = none) and admission: "none" admits everything, "early" rejects on the
     # best predicted TTFT and the decode pool's current load, "predictive" projects the decode load
     # to when the request would reach it (Mooncake's prediction-based early rejection)

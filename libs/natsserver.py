@@ -78,8 +78,8 @@ PERMISSIONS: dict[str, dict[str, list[str]]] = {
                   "sub": ["yb.sched", "yb.hb.>", "yb.report.prefill", "yb.report.prefill_done", "yb.report.decode",
                           "yb.conductor.state"]},
     "prefill": {"pub": ["yb.out.>", "yb.kv.>", "yb.task.decode.>", "yb.cache.>", "yb.kvev.>", "yb.report.prefill",
-                        "yb.report.prefill_done", *_JS],
-                "sub": ["yb.abort", "yb.kvdump.>", "yb.hb.cachestore.>"]},
+                        "yb.report.prefill_done", "yb.prefill.>", *_JS],
+                "sub": ["yb.abort", "yb.kvdump.>", "yb.hb.cachestore.>", "yb.prefill.>"]},
     "decode": {"pub": ["yb.out.>", "yb.report.decode", *_JS], "sub": ["yb.kv.>", "yb.abort"]},
     "cachestore": {"pub": ["yb.kvev.>", *_JS], "sub": ["yb.cache.>", "yb.kvdump.>"]},
 }

@@ -47,6 +47,11 @@ class Subjects:
         return f"yb.out.{request_id}"
 
     @staticmethod
+    def prefill_blocks(instance_id: str) -> str:
+        """A prefill instance's layered get of blocks in its own DRAM cache (a peer's load)."""
+        return f"yb.prefill.{instance_id}.blocks"
+
+    @staticmethod
     def cache(instance_id: str, op: str) -> str:
         """Per-instance cachestore subjects (op: put, get, exists, stats), for sharded pools."""
         return f"yb.cache.{instance_id}.{op}"
@@ -146,6 +151,8 @@ class PrefillTask(_Resumable, kw_only=True):
     own DRAM cache does not have them; ``pool_blocks`` is how many leading blocks the conductor's
     index has in the pool (-1: unknown, the instance asks the pool); ``pool_write_blocks`` how many
     leading blocks the instance may write to the pool afterwards (-1: every one the pool lacks).
+    ``peer_id`` names another prefill instance whose own DRAM cache holds the first ``peer_blocks``
+    blocks: the instance loads those past its own from that peer instead of the pool.
     """
 
     v: int = PROTOCOL_VERSION
@@ -160,6 +167,8 @@ class PrefillTask(_Resumable, kw_only=True):
     pool_blocks: int = -1
     predicted_seconds: float = 0.0
     pool_write_blocks: int = -1
+    peer_id: str = ""
+    peer_blocks: int = 0
 
 
 class DecodeTask(_Resumable, kw_only=True):
@@ -201,9 +210,9 @@ class PrefillReport(msgspec.Struct, kw_only=True):
     request_id: str
     prompt_tokens: int
     local_tokens: int  # reused from the instance's own DRAM cache
-    pool_tokens: int  # reused from the cachestore pool
+    pool_tokens: int  # reused from the cachestore pool, or from a peer prefill instance's cache
     load_bytes: int
-    load_seconds: float  # the pool load, which overlaps the compute (layer by layer)
+    load_seconds: float  # the load (pool or peer), which overlaps the compute (layer by layer)
     compute_seconds: float  # the model's own time on the prompt, waits for loading layers excluded
     queue_seconds: float
     kv_bytes_per_token: int = 0  # of the model served (what a load of one position moves)

@@ -128,17 +128,23 @@ class SimRunner:
         if not token_ids:
             raise ValueError("prefill needs at least one new token")
         buf = buffer if buffer is not None else self.kv_buffer(len(token_ids), past_kv)
-        for i in range(self.shape.num_layers):
-            buf.wait_layer(i)
         kv, past, total = buf.kv, buf.past_len, buf.total
-        kv[:, :, :, past:].zero_()
+        kv[:, :, :, past:].zero_()  # the new positions only: a loader may still be filling the past
         kv[0, 0, 0, past:, 0] = torch.tensor(token_ids, dtype=torch.float32).to(kv.dtype)
         logits = self.logits_for([self.next_word(token_ids[-1], total - 1)])[0]
-        # the layers finish one after another over the modelled time, as a real forward's do
+        # The layers run one after another over the modelled time, as a real forward's do, and
+        # layer i starts only once its past is in: time spent waiting for a load is added, not
+        # hidden, so the compute time reported (the call's time less those waits) is the model's.
         seconds = self.modelled_seconds = self.profile.prefill_seconds(total, past)
         layers = self.shape.num_layers
+        end = start
         for i in range(layers):
-            _sleep_until(start + seconds * (i + 1) / layers)
+            waited = buf.waited
+            buf.wait_layer(i)
+            if buf.waited > waited:
+                end = max(end, time.perf_counter())
+            end += seconds / layers
+            _sleep_until(end)
             buf.layer_computed(i)
         return logits, kv
 

@@ -48,6 +48,31 @@ def test_prefix_stops_at_the_first_missing_block_and_copies_are_private():
     assert [t[0, 0, 0, 0, 0].item() for t in got] == [0.0, 1.0]
 
 
+def test_pinned_blocks_are_passed_over_by_eviction_until_unpinned():
+    cache = BlockCache(2 * BLOCK_BYTES)
+    cache.put(key(0), blk(0))
+    cache.put(key(1), blk(1))
+    cache.pin([key(0), key(7)])  # a key not held is ignored
+    cache.pin([key(0)])  # pins count
+    assert cache.put(key(2), blk(2)) == (True, [key(1)])  # the LRU block is pinned: the next one goes
+    cache.pin([key(2)])
+    assert cache.put(key(3), blk(3)) == (False, [])  # every slot pinned: the new block is not kept
+    assert torch.equal(cache.peek([key(0)])[0], blk(0)) and torch.equal(cache.peek([key(2)])[0], blk(2))
+    cache.unpin([key(0)])
+    assert cache.put(key(3), blk(3)) == (False, [])  # key 0 is still pinned once
+    cache.unpin([key(0), key(7)])
+    assert cache.put(key(3), blk(3)) == (True, [key(0)])
+    assert cache.keys() == [key(2), key(3)]
+
+
+def test_peek_does_not_count_as_a_use():
+    cache = BlockCache(2 * BLOCK_BYTES)
+    cache.put(key(0), blk(0))
+    cache.put(key(1), blk(1))
+    assert len(cache.peek([key(0), key(1), key(5)])) == 2
+    assert cache.put(key(2), blk(2)) == (True, [key(0)])  # 0 stayed the least recently used
+
+
 def test_a_block_of_another_shape_or_a_cache_smaller_than_a_block_keeps_nothing():
     cache = BlockCache(2 * BLOCK_BYTES)
     cache.put(key(0), blk(0))

@@ -231,9 +231,9 @@ def layered_dest(positions: int, past: int) -> PrefillKV:
 async def test_layered_load_across_two_shards(nats_server, tmp_path, monkeypatch):
     """Blocks stream layer by layer from both owners into the buffer; layers are released in
     order; a key the pool lacks ends the reusable prefix there."""
-    import yuebing.services.cachestore.service as cs
+    import yuebing.libs.blocks as blocks_mod
 
-    monkeypatch.setattr(cs, "GET_BLOB_TARGET_BYTES", 3000)  # several pieces per layer (each 768 B a block)
+    monkeypatch.setattr(blocks_mod, "LAYER_PIECE_TARGET_BYTES", 3000)  # several pieces per layer (each 768 B a block)
     ids = ["cs-l1", "cs-l2"]
     svcs = await start_pool(nats_server.url, tmp_path, ids)
     nc = await connect(nats_server.url, "test-layered")

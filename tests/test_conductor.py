@@ -155,6 +155,39 @@ def test_global_cache_aware_weighs_queue_against_local_hit():
     assert make_policy("global_cache_aware", _model()).place(req, [very_busy, idle_cold], DECODES).prefill_id == "p1"
 
 
+def test_global_cache_aware_loads_from_the_peer_holding_the_prefix_when_it_is_busy():
+    """The prefix is only in p0's own cache (the pool lacks it): with p0 busy, p1 pulls it from p0
+    rather than recompute; without peer fetch it recomputes on p1 or queues on p0."""
+    req = RequestView(prompt_len=1000, block_size=16, pool_blocks=0)
+    holder, idle, other = PrefillView("p0", 2.0, 60), PrefillView("p1", 0.0, 0), PrefillView("p2", 0.5, 10)
+    pl = make_policy("global_cache_aware", _model(), peer_fetch=True).place(req, [holder, idle, other], DECODES)
+    assert (pl.prefill_id, pl.peer_id, pl.cached_blocks, pl.plan) == ("p1", "p0", 60, "peer")
+    assert not pl.use_pool
+    # 40 tokens to compute, the load of 960 streaming under it
+    assert pl.predicted_ttft == pytest.approx(max(_model().prefill_seconds(1000, 960), _model().load_seconds(960)))
+    off = make_policy("global_cache_aware", _model()).place(req, [holder, idle, other], DECODES)
+    assert off.peer_id == "" and off.prefill_id == "p1" and off.cached_blocks == 0 and off.plan == "local"
+    # the holder idle too: it reuses its own cache (the same predicted TTFT), nothing moves
+    pl = make_policy("global_cache_aware", _model(), peer_fetch=True).place(
+        req, [idle, PrefillView("p3", 0.0, 60)], DECODES)
+    assert (pl.prefill_id, pl.peer_id, pl.cached_blocks, pl.plan) == ("p3", "", 60, "local")
+
+
+def test_a_peer_is_the_other_longest_holder_and_loses_to_a_longer_pool_hit():
+    # p1 holds the longest prefix but is busy; on p1 itself the next best holder is p2
+    req = RequestView(prompt_len=1000, block_size=16, pool_blocks=0)
+    ps = [PrefillView("p0", 0.3, 0), PrefillView("p1", 9.0, 50), PrefillView("p2", 9.0, 30)]
+    pl = make_policy("global_cache_aware", _model(), peer_fetch=True).place(req, ps, DECODES)
+    assert (pl.prefill_id, pl.peer_id, pl.cached_blocks) == ("p0", "p1", 50)
+    # the pool holds more than any peer: it is loaded from the pool
+    longer = RequestView(prompt_len=1000, block_size=16, pool_blocks=55)
+    pl = make_policy("global_cache_aware", _model(), peer_fetch=True).place(longer, ps, DECODES)
+    assert (pl.prefill_id, pl.peer_id, pl.cached_blocks, pl.use_pool, pl.plan) == ("p0", "", 55, True, "pool")
+    # local_cache_aware never pulls from a peer
+    pl = make_policy("local_cache_aware", _model(), peer_fetch=True).place(req, ps, DECODES)
+    assert pl.peer_id == "" and pl.cached_blocks == 0
+
+
 def test_kvcache_balancing_threshold_recomputes_when_loading_is_slower():
     slow_load = PrefillCostModel(PrefillCalibration(fixed=0.0, per_token=1e-4, per_pair=0.0,
                                                     load_tokens_per_second=1000))

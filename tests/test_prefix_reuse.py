@@ -228,3 +228,82 @@ async def test_corrupt_block_in_lmdb_is_a_miss_not_wrong_text(tiny_dir, tiny_mod
         assert text == cold_text == _text(tok, reference_greedy(model, prompt, 24))
     finally:
         cluster.stop()
+
+
+
+def _keys(model_dir, prompt: list[int]) -> list[bytes]:
+    from yuebing.libs.blocks import block_hashes, namespace_digest
+    from yuebing.libs.model import model_identity, read_shape
+
+    ns = namespace_digest(model_identity(model_dir), read_shape(model_dir).dtype_name, BS)
+    return block_hashes(prompt, BS, ns)
+
+
+async def _run_prefill_task(cluster, model_dir, instance: str, prompt: list[int], max_tokens: int, **plan):
+    """Put a PrefillTask straight on ``instance``'s work queue (the plan in ``plan``, as the
+    conductor would have made it) and collect the request's token events until it finishes."""
+    import asyncio
+    import uuid
+
+    from yuebing.libs.protocol import PrefillTask, SamplingParams, TokenEvent
+
+    rid = f"cmpl-peer-{uuid.uuid4().hex[:8]}"
+    nc = await connect(cluster.nats.url, "test-peer-task")
+    events: list[TokenEvent] = []
+    finished = asyncio.Event()
+
+    async def on_event(msg):
+        ev = decode(msg.data, TokenEvent)
+        events.append(ev)
+        if ev.finish_reason:
+            finished.set()
+
+    try:
+        await nc.subscribe(Subjects.output(rid), cb=on_event)
+        await nc.flush()
+        task = PrefillTask(request_id=rid, prompt_token_ids=prompt, decode_id="decode-0",
+                           block_hashes=_keys(model_dir, prompt),
+                           sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0), **plan)
+        await nc.jetstream().publish(Subjects.prefill_task(instance), encode(task))
+        await asyncio.wait_for(finished.wait(), 60)
+    finally:
+        await nc.close()
+    events.sort(key=lambda e: e.seq)
+    assert not any(e.error for e in events), events
+    return [t for e in events for t in e.token_ids], events[0].cached_tokens
+
+
+async def _holds(cluster, name: str, key: bytes) -> bool:
+    """Whether prefill instance ``name``'s own cache holds ``key``."""
+    nc = await connect(cluster.nats.url, "test-holder")
+    try:
+        raw = await nc.request(Subjects.kv_dump(name), encode(KVDumpRequest(limit=20000)), timeout=5)
+        return key in decode(raw.data, KVDump).keys
+    finally:
+        await nc.close()
+
+
+async def test_a_prefix_loaded_from_a_peer_instance_is_token_exact(rr_cluster, tiny_dir, tiny_model):
+    """An instance named as peer sends the blocks of its own cache; the instance that loads them
+    gives the cold output and keeps them; a peer that does not hold them is a recompute, not
+    wrong text."""
+    model, tok = tiny_model
+    prompt = [(13 * i + 7) % 30000 + 300 for i in range(90)]  # 5 full blocks
+    cold_text, _ = await _complete(rr_cluster, tiny_dir.name, prompt)
+    last = _keys(tiny_dir, prompt)[4]
+    held = [name for name in ("prefill-0", "prefill-1") if await _holds(rr_cluster, name, last)]
+    assert len(held) == 1
+    holder = held[0]
+    other = "prefill-1" if holder == "prefill-0" else "prefill-0"
+    before = await _prefill_hits(rr_cluster, other)
+    expected = reference_greedy(model, prompt, 24)
+    tokens, cached = await _run_prefill_task(rr_cluster, tiny_dir, other, prompt, 24, use_pool=False,
+                                             peer_id=holder, peer_blocks=5)
+    assert cached == 80 and tokens == expected and _text(tok, tokens) == cold_text
+    after = await _prefill_hits(rr_cluster, other)
+    assert after.get("peer", 0) - before.get("peer", 0) == 80 and after["pool"] == before["pool"]
+    assert await wait_until(lambda: _holds(rr_cluster, other, last), timeout=10)  # kept where it was pulled to
+    unseen = [(17 * i + 1) % 30000 + 400 for i in range(90)]
+    tokens, cached = await _run_prefill_task(rr_cluster, tiny_dir, other, unseen, 24, use_pool=False,
+                                             peer_id=holder, peer_blocks=5)
+    assert cached == 0 and tokens == reference_greedy(model, unseen, 24)

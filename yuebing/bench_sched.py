@@ -115,6 +115,7 @@ def run_one(run: Run, args, *, model_dir: Path, models_dir: Path, calibration: P
         threads=1 if run.engine == "sim" else None,
         prefill_cache_bytes=args.prefill_cache_mb << 20,
         pool_writes=getattr(args, "pool_writes", None) if run.use_pool else None,
+        peer_fetch=False if getattr(args, "no_peer_fetch", False) else None,
         dram_bytes=None if args.pool_dram_mb is None else args.pool_dram_mb << 20,
         disk_bytes=None if args.pool_disk_mb is None else args.pool_disk_mb << 20,
     )
@@ -129,7 +130,8 @@ def run_one(run: Run, args, *, model_dir: Path, models_dir: Path, calibration: P
         _say(f"[{run.name}] cluster up in {time.perf_counter() - t0:.0f}s ({run.engine} engine, "
              + (f"{run.colocated} colocated workers" if run.colocated else f"{run.prefill}P+{run.decode}D")
              + f", policy {run.policy}, pool {'on, writes ' + settings.pool_writes if run.use_pool else 'off'}, "
-             f"admission {run.admission}); "
+             + ("peer fetch, " if run.policy == "global_cache_aware" and settings.peer_fetch else "")
+             + f"admission {run.admission}); "
              f"replaying {len(requests)} requests")
         cpu_before, started = cluster.cpu_seconds(), time.perf_counter()
         result = asyncio.run(rp.replay(cluster.url, requests, ttft_slo=ttft_slo, tbt_slo=tbt_slo,
@@ -149,6 +151,7 @@ def run_one(run: Run, args, *, model_dir: Path, models_dir: Path, calibration: P
                      "time_scale": time_scale * run.load, "rate": None if rate is None else rate * run.load,
                      "start": args.start, "requests": len(requests), "max_running": args.max_running,
                      "prefill_cache_mb": args.prefill_cache_mb, "pool_writes": settings.pool_writes,
+                     "peer_fetch": settings.peer_fetch,
                      "pool_dram_mb": settings.dram_bytes >> 20, "pool_disk_mb": settings.disk_bytes >> 20}
     summary = rp.summarize(result, ttft_slo, tbt_slo)
     summary.update(cpu)
@@ -343,6 +346,8 @@ def add_parser(bench_sub) -> None:
     p.add_argument("--prefill-cache-mb", type=int, default=256, help="each prefill instance's own block cache")
     p.add_argument("--pool-writes", choices=("all", "seen"), default=None,
                    help="which new blocks the runs with the pool write to it (default: the deployment's, all)")
+    p.add_argument("--no-peer-fetch", action="store_true",
+                   help="global_cache_aware loads prefixes from the pool only, never from another prefill's cache")
     p.add_argument("--pool-dram-mb", type=int, default=None, help="the cachestore's DRAM tier (default: its own)")
     p.add_argument("--pool-disk-mb", type=int, default=None, help="the cachestore's disk tier (default: its own)")
     p.add_argument("--real-prefill", type=int, default=2)

@@ -54,6 +54,7 @@ def _settings(args, **extra):
         calibration=getattr(args, "calibration", None),
         admission=getattr(args, "admission", None),
         pool_writes=getattr(args, "pool_writes", None),
+        peer_fetch=False if getattr(args, "no_peer_fetch", False) else None,
         ttft_slo=getattr(args, "ttft_slo", None),
         tbt_slo=getattr(args, "tbt_slo", None),
         slo_classes=",".join(args.slo_class) if getattr(args, "slo_class", None) else None,
@@ -92,6 +93,8 @@ def _serving(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pool-writes", choices=("all", "seen"), default=None,
                    help="new blocks prefills write to the cachestore pool: all (default), or seen (a block on its "
                    "second sight: only the leading blocks an earlier request also had)")
+    p.add_argument("--no-peer-fetch", action="store_true",
+                   help="global_cache_aware never loads a prefix from another prefill instance's own cache")
     p.add_argument("--ttft-slo", type=float, default=None, help="time-to-first-token objective, seconds (default 30)")
     p.add_argument("--tbt-slo", type=float, default=None,
                    help="time-between-tokens objective (a request's 90th percentile gap), seconds (default 1)")

@@ -32,12 +32,10 @@ import msgspec
 from nats.aio.msg import Msg
 from prometheus_client import Counter, Gauge
 
-from yuebing.libs.blocks import GET_BLOB_MAX_BLOCKS, BlockCorrupt, blob_groups, block_header
-from yuebing.libs.bus import BULK_PENDING_BYTES, BlobAssembler, BlobData, TransferError, send_blob, send_windowed
+from yuebing.libs.blocks import GET_BLOB_MAX_BLOCKS, BlockCorrupt, blob_groups, block_header, serve_layers
+from yuebing.libs.bus import BULK_PENDING_BYTES, BlobAssembler, BlobData, TransferError, send_blob
 from yuebing.libs.kvevents import KVEventPublisher
 from yuebing.libs.protocol import (
-    BlockHeader,
-    LayerPiece,
     CacheExistsReply,
     CacheExistsRequest,
     CacheGetMeta,
@@ -49,7 +47,6 @@ from yuebing.libs.protocol import (
     Subjects,
     decode,
     encode,
-    encode_with_data,
 )
 from yuebing.libs.service import Service
 
@@ -60,8 +57,6 @@ _BAD_MESSAGE = (msgspec.DecodeError, msgspec.ValidationError)
 # over several chunks), GET_BLOBS_IN_FLIGHT blobs unacked at a time (see the module docstring).
 GET_BLOB_TARGET_BYTES = CHUNK_DATA_BYTES
 GET_BLOBS_IN_FLIGHT = 4
-# A layered get acks every LAYER_PIECES_IN_FLIGHT pieces (each at most one chunk).
-LAYER_PIECES_IN_FLIGHT = 16
 
 # ---- metrics (label ``instance_id``: tests and local runs may host several instances per process)
 POOL_BYTES = Gauge("yuebing:cache_pool_bytes", "Bytes of KV blocks held, per tier", ["instance_id", "tier"])
@@ -261,38 +256,15 @@ class CacheStoreService(Service):
                 t.cancel()
 
     async def _stream_layers(self, msg: Msg, subject: str, found: list[tuple[bytes, bytes]]) -> None:
-        """A layered get: announce the blocks (their headers), then send layer 0 of every block,
-        layer 1 of every block, ... as ``LayerPiece`` messages of at most one chunk, acked in
-        windows. Only blocks shaped like the first one are sent (one namespace, one shape)."""
-        views, keys = [], []
+        """A layered get: the found blocks' headers, then their data layer by layer (``serve_layers``).
+        A block whose header does not decode is left out."""
+        views = []
         for k, v in found:
             try:
-                view = block_header(v)
+                views.append((k, block_header(v)))
             except BlockCorrupt:
                 continue
-            if views and (view.shape != views[0].shape or view.dtype != views[0].dtype):
-                continue
-            views.append(view)
-            keys.append(k)
-        tid = uuid.uuid4().hex[:12]
-        await msg.respond(encode(CacheGetReply(
-            found=keys, transfer_id=tid,
-            headers=[BlockHeader(shape=list(v.shape), dtype=v.dtype, checksum=v.checksum) for v in views])))
-        if not views:
-            return
-        layers = views[0].shape[0]
-        per = len(views[0].data) // layers
-        run = max(1, GET_BLOB_TARGET_BYTES // per)
-
-        def pieces():
-            for layer in range(layers):
-                lo, hi = layer * per, (layer + 1) * per
-                for first in range(0, len(views), run):
-                    group = views[first : first + run]
-                    yield encode_with_data(LayerPiece(transfer_id=tid, layer=layer, first=first, count=len(group),
-                                                      data=b""), [v.data[lo:hi] for v in group])
-
-        await send_windowed(self.nc, subject, tid, pieces(), window=LAYER_PIECES_IN_FLIGHT)
+        await serve_layers(msg, self.nc, subject, views)
 
     async def _on_exists(self, msg: Msg) -> None:
         try:

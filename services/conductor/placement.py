@@ -4,7 +4,9 @@ Plain logic with no I/O, unit-tested directly. ``global_cache_aware`` is Algorit
 Mooncake paper: for every prefill instance, predicted TTFT = queue + prefill of the part not
 reused, or the transfer of the blocks to load when that is slower (the prefill streams them in
 layer by layer while it computes), where the reused part is the instance's own prefix hit or,
-when loading it beats recomputing, the pool's longer hit.
+when loading it beats recomputing, a longer hit elsewhere: the pool's, or (``peer_fetch``) the
+own cache of the other prefill instance holding the longest prefix, from which the chosen instance
+pulls the blocks (and keeps them: hot prefixes spread to where they are served).
 """
 
 from __future__ import annotations
@@ -64,11 +66,17 @@ class Placement:
     reuse_blocks: int = -1
     use_pool: bool = True
     pool_blocks: int = -1  # leading blocks the index has in the pool (-1: unknown)
+    peer_id: str = ""  # the prefill instance to load the reused blocks from ("": own cache or pool)
     predicted_ttft: float = 0.0
     predicted_prefill: float = 0.0
     cached_blocks: int = 0  # blocks the plan expects to reuse
     predicted_tbt: float = 0.0  # on the chosen decode instance, with this request added
     cause: str = ""  # why not admitted by the SLO check: "ttft" | "tbt"
+
+    @property
+    def plan(self) -> str:
+        """Where the reused prefix comes from: "local" (the instance's own cache), "pool" or "peer"."""
+        return "peer" if self.peer_id else "pool" if self.use_pool else "local"
 
 
 @dataclass(frozen=True)
@@ -78,6 +86,7 @@ class _Choice:
     use_pool: bool
     ttft: float
     prefill: float
+    peer_id: str = ""
 
 
 class Policy:
@@ -89,25 +98,33 @@ class Policy:
     name = "base"
 
     def __init__(self, model: PrefillCostModel, use_pool: bool = True, seed: int | None = None,
-                 colocated: bool = False):
+                 colocated: bool = False, peer_fetch: bool = False):
         self.model = model
         self.use_pool = use_pool
+        self.peer_fetch = peer_fetch
         self.colocated = colocated  # decode where the request was prefilled (instances do both)
         self.rng = random.Random(seed)
         self._rr = 0
 
-    def estimate(self, req: RequestView, p: PrefillView, use_pool: bool) -> _Choice:
-        """Predicted TTFT on ``p`` reusing its own prefix, or the pool's when that is faster."""
+    def estimate(self, req: RequestView, p: PrefillView, use_pool: bool, peer: PrefillView | None = None) -> _Choice:
+        """Predicted TTFT on ``p`` reusing its own prefix, or the pool's or ``peer``'s (another
+        instance's own cache) when loading that longer prefix is faster."""
         local = min(p.local_blocks, req.max_reuse_blocks)
         prefill = self.model.prefill_seconds(req.prompt_len, local * req.block_size)
         best = _Choice(p, local, False, p.queue_seconds + prefill, prefill)
-        pool = min(req.pool_blocks, req.max_reuse_blocks)
-        if use_pool and pool > local:
-            prefill = self.model.prefill_seconds(req.prompt_len, pool * req.block_size)
+        sources = []
+        if use_pool:
+            sources.append((min(req.pool_blocks, req.max_reuse_blocks), ""))
+        if peer is not None and peer.instance_id != p.instance_id:
+            sources.append((min(peer.local_blocks, req.max_reuse_blocks), peer.instance_id))
+        for held, peer_id in sources:
+            if held <= local:
+                continue
+            prefill = self.model.prefill_seconds(req.prompt_len, held * req.block_size)
             # the load streams layer by layer under the compute: the slower of the two sets the pace
-            ttft = p.queue_seconds + max(prefill, self.model.load_seconds((pool - local) * req.block_size))
+            ttft = p.queue_seconds + max(prefill, self.model.load_seconds((held - local) * req.block_size))
             if ttft < best.ttft:  # the kvcache-balancing threshold: load only when it beats recompute
-                best = _Choice(p, pool, True, ttft, prefill)
+                best = _Choice(p, held, not peer_id, ttft, prefill, peer_id)
         return best
 
     def choose_prefill(self, req: RequestView, prefills: list[PrefillView]) -> _Choice:
@@ -146,6 +163,7 @@ class Policy:
             decode_id=d.instance_id,
             use_pool=c.use_pool,
             pool_blocks=req.pool_blocks,
+            peer_id=c.peer_id,
             predicted_ttft=c.ttft,
             predicted_prefill=c.prefill,
             cached_blocks=c.reuse_blocks,
@@ -192,18 +210,28 @@ class LocalCacheAwarePolicy(Policy):
 
 
 class GlobalCacheAwarePolicy(Policy):
-    """Algorithm 1: minimum predicted TTFT over instances, local or pool prefix."""
+    """Algorithm 1: minimum predicted TTFT over instances, reusing the own prefix, the pool's, or
+    (``peer_fetch``) that of the other instance holding the longest one."""
 
     name = "global_cache_aware"
 
     def choose_prefill(self, req, prefills):
-        return min((self.estimate(req, p, self.use_pool) for p in prefills), key=lambda c: c.ttft)
+        holders = sorted((p for p in prefills if p.local_blocks > 0), key=lambda p: -p.local_blocks)[:2]
+
+        def peer(p: PrefillView) -> PrefillView | None:
+            if not self.peer_fetch:
+                return None
+            return next((q for q in holders if q.instance_id != p.instance_id), None)
+
+        # on a tie, the plan that moves no blocks
+        return min((self.estimate(req, p, self.use_pool, peer(p)) for p in prefills),
+                   key=lambda c: (c.ttft, c.use_pool or bool(c.peer_id)))
 
 
 def make_policy(name: str, model: PrefillCostModel, use_pool: bool = True, seed: int | None = None,
-                colocated: bool = False) -> Policy:
+                colocated: bool = False, peer_fetch: bool = False) -> Policy:
     classes = {c.name: c for c in (RandomPolicy, RoundRobinPolicy, LeastLoadedPolicy, LocalCacheAwarePolicy,
                                    GlobalCacheAwarePolicy)}
     if name not in classes:
         raise ValueError(f"unknown placement policy {name!r}; choose one of {', '.join(POLICIES)}")
-    return classes[name](model, use_pool=use_pool, seed=seed, colocated=colocated)
+    return classes[name](model, use_pool=use_pool, seed=seed, colocated=colocated, peer_fetch=peer_fetch)

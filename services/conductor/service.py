@@ -97,7 +97,8 @@ class ConductorService(Service):
         self._predicted_ttft: OrderedDict[str, float] = OrderedDict()  # placed, first token not yet reported
         self.wait_error = WaitErrorModel()  # how much longer than predicted requests wait for a decode row
         self._predicted_wait: OrderedDict[str, float] = OrderedDict()  # placed, decode not yet reported
-        self.policy = make_policy(s.policy, self.cost, use_pool=s.use_pool, colocated=s.colocated)
+        self.policy = make_policy(s.policy, self.cost, use_pool=s.use_pool, colocated=s.colocated,
+                                  peer_fetch=s.peer_fetch)
         self.queues = PrefillQueues()  # what each prefill instance has to do before a new prompt
         self.pool_writes = PoolWriteAdmission(s.pool_writes)  # which new blocks prefills write to the pool
         self._dumping: set[str] = set()
@@ -402,6 +403,8 @@ class ConductorService(Service):
                         task.decode_id = placement.decode_id
                         task.reuse_blocks, task.use_pool = placement.reuse_blocks, placement.use_pool
                         task.pool_blocks = placement.pool_blocks
+                        task.peer_id = placement.peer_id
+                        task.peer_blocks = placement.cached_blocks if placement.peer_id else 0
                         await self.js.publish(Subjects.prefill_task(placement.prefill_id), encode(task),
                                               headers={"Nats-Msg-Id": f"{task.request_id}@{placement.prefill_id}"})
                         self._placed(task.request_id, placement, len(task.prompt_token_ids))
@@ -439,6 +442,8 @@ class ConductorService(Service):
                 reuse_blocks=placement.reuse_blocks,
                 use_pool=placement.use_pool and self.settings.use_pool,
                 pool_blocks=placement.pool_blocks,
+                peer_id=placement.peer_id,
+                peer_blocks=placement.cached_blocks if placement.peer_id else 0,
                 predicted_seconds=placement.predicted_prefill,
                 pool_write_blocks=self.pool_writes.blocks_to_write(keys),
                 resume=req.resume,
@@ -458,12 +463,12 @@ class ConductorService(Service):
                 d = next(v for v in decodes if v.instance_id == placement.decode_id)
                 _remember(self._predicted_wait, req.request_id,
                           d.wait_now if self.admission.mode == "early" else d.wait_then)
-            PLACED.labels(policy=self.policy.name, plan="pool" if placement.use_pool else "local").inc()
+            PLACED.labels(policy=self.policy.name, plan=placement.plan).inc()
             PREDICTED_TTFT.observe(placement.predicted_ttft)
             PREDICTED_TBT.observe(placement.predicted_tbt)
             log.info("scheduled", prefill=placement.prefill_id, decode=placement.decode_id,
                      prompt_tokens=view.prompt_len, cached_blocks=placement.cached_blocks,
-                     plan="pool" if placement.use_pool else "local",
+                     plan=placement.plan, peer=placement.peer_id or None,
                      pool_blocks=view.pool_blocks, predicted_ttft=round(placement.predicted_ttft, 4),
                      predicted_tbt=round(placement.predicted_tbt, 4))
         else:

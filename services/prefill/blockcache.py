@@ -6,6 +6,10 @@ Blocks of one model all have one shape, so the cache holds them in a single tens
 first written). A block cloned into its own allocation each time would leave the allocator's heap
 full of holes as the LRU keeps some blocks and drops others: a cache of 768 MB grew its process by
 twice that. The slab's footprint is its capacity, whatever the churn.
+
+Blocks being sent to a peer instance are pinned (``pin``/``unpin``): eviction passes over them,
+so their slots are not rewritten while their bytes are on the way. When every slot is pinned, a
+new block is not kept.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ class BlockCache:
         self._slab: torch.Tensor | None = None
         self._free: list[int] = []
         self._block_bytes = 0
+        self._pins: dict[bytes, int] = {}  # key -> senders reading its slot
 
     def __len__(self) -> int:
         return len(self._slots)
@@ -47,6 +52,37 @@ class BlockCache:
             self._slots.move_to_end(k)
             out.append(self._slab[slot])
         return out
+
+    def peek(self, keys: Sequence[bytes]) -> list[torch.Tensor]:
+        """As ``prefix``, without marking the blocks used: a peer reading them is not a use here."""
+        out = []
+        for k in keys:
+            slot = self._slots.get(k)
+            if slot is None:
+                break
+            out.append(self._slab[slot])
+        return out
+
+    def pin(self, keys: Sequence[bytes]) -> None:
+        """Keep the slots of ``keys`` (held here) from eviction until ``unpin``."""
+        for k in keys:
+            if k in self._slots:
+                self._pins[k] = self._pins.get(k, 0) + 1
+
+    def unpin(self, keys: Sequence[bytes]) -> None:
+        for k in keys:
+            n = self._pins.get(k, 0) - 1
+            if n > 0:
+                self._pins[k] = n
+            else:
+                self._pins.pop(k, None)
+
+    def _victim(self) -> bytes | None:
+        """The least recently used key that is not pinned (None: all are)."""
+        for k in self._slots:
+            if k not in self._pins:
+                return k
+        return None
 
     def _make_slab(self, block: torch.Tensor) -> bool:
         size = block.numel() * block.element_size()
@@ -71,7 +107,10 @@ class BlockCache:
             return False, []
         evicted = []
         if not self._free:
-            k, slot = self._slots.popitem(last=False)
+            k = self._victim()
+            if k is None:
+                return False, []
+            slot = self._slots.pop(k)
             self._free.append(slot)
             self.bytes -= self._block_bytes
             evicted.append(k)

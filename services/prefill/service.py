@@ -1,6 +1,12 @@
 """Prefill wiring: reuse cached prefix blocks, run the rest of the prompt, stream the first token,
 hand the KV to decode, and keep the new blocks (own DRAM cache, then the pool).
 
+A prompt's reused prefix comes from the instance's own DRAM cache, then from the pool or, when the
+conductor names one, from a peer prefill instance that holds it in its own cache: each instance
+answers layered gets of its cached blocks on ``Subjects.prefill_blocks`` (the pool's protocol,
+``serve_layers``), pinning them until they are sent. A block so loaded is kept here too, so hot
+prefixes spread to the instances that serve them.
+
 The KV leaves for decode while the prompt runs: each layer's bytes go as soon as the model has
 written the layer's last position (and any pool past under it has verified), so by the first
 token only the last layers are still on the way and the instance is free for its next prompt
@@ -18,11 +24,12 @@ import msgspec
 import torch
 from prometheus_client import Counter, Gauge, Histogram
 
-from yuebing.libs.blocks import CacheClient, CacheError
+from yuebing.libs.blocks import CacheClient, CacheError, block_view, serve_layers
 from yuebing.libs.bus import TransferError, send_blob
 from yuebing.libs.kvevents import KVEventPublisher
 from yuebing.libs.model import PastNotLoaded, PrefillKV, sample_token
 from yuebing.libs.protocol import (
+    CacheGetRequest,
     DecodeTask,
     KVMeta,
     PrefillDone,
@@ -44,7 +51,9 @@ QUERY_TOKENS = Counter("yuebing:prefix_cache_queries", "Prompt tokens looked up 
 HIT_TOKENS = Counter("yuebing:prefix_cache_hits", "Prompt tokens whose KV was reused", ["source"])
 COMPUTED_TOKENS = Counter("yuebing:prefill_computed_tokens", "Prompt tokens computed")
 PREFILL_SECONDS = Histogram("yuebing:prefill_compute_seconds", "Model time of one prompt")
-LOAD_SECONDS = Histogram("yuebing:prefill_pool_load_seconds", "Time to load prefix blocks from the pool")
+LOAD_SECONDS = Histogram("yuebing:prefill_pool_load_seconds", "Time to load prefix blocks from the pool or a peer",
+                         ["source"])
+PEER_SERVED = Counter("yuebing:prefill_peer_blocks_served", "Blocks of the own cache sent to a peer instance")
 LOCAL_BYTES = Gauge("yuebing:prefill_local_cache_bytes", "Bytes in the instance's own block cache")
 LOCAL_EVICTIONS = Counter("yuebing:prefill_local_cache_evictions", "Blocks evicted from the instance's own cache")
 HANDOFF_TAIL_SECONDS = Histogram("yuebing:prefill_kv_handoff_tail_seconds",
@@ -58,8 +67,9 @@ class Prefilled(NamedTuple):
     logits: torch.Tensor
     kv: torch.Tensor
     local: int  # blocks reused from the own DRAM cache
-    pool: int  # blocks loaded from the pool
-    load_seconds: float  # the pool load (overlapping the compute)
+    pool: int  # blocks loaded from the pool, or from a peer instance
+    peer: str  # the peer instance they came from ("": the pool)
+    load_seconds: float  # the load (overlapping the compute)
     compute_seconds: float  # the model's time on the prompt (waits for the past's layers excluded)
     handoff: "asyncio.Future | None"  # the KV on its way to decode as the layers ran (None: not sent yet)
 
@@ -79,6 +89,7 @@ class PrefillService(ModelWorker):
         self.queued = 0
         self.queued_tokens = 0
         self.write_backlog = 0  # bytes of prompts' KV held until their blocks are in the pool
+        await self.nc.subscribe(Subjects.prefill_blocks(self.instance_id), cb=self._on_peer_get)
         await self.subscribe_tasks(Subjects.PREFILL_STREAM, Subjects.prefill_task(self.instance_id))
         self._loop_task = self.spawn(self._loop(), essential=True)
 
@@ -133,6 +144,13 @@ class PrefillService(ModelWorker):
         keys = task.block_hashes[:n]
         return keys, self.blocks.prefix(keys)
 
+    def _peer(self, task: PrefillTask, want: list[bytes], local: int) -> tuple[str, int]:
+        """The peer instance to load from and how many leading blocks of ``want`` (the keys after the
+        ``local`` ones) it holds, when the conductor named one with more than this instance has."""
+        if not task.peer_id or task.peer_id == self.instance_id or task.peer_blocks <= local:
+            return "", 0
+        return task.peer_id, min(len(want), task.peer_blocks - local)
+
     async def _pool_blocks(self, task: PrefillTask, want: list[bytes], local: int) -> int:
         """How many leading blocks of ``want`` (the keys after the ``local`` ones) to load from the pool.
 
@@ -163,7 +181,9 @@ class PrefillService(ModelWorker):
         prompt, chunk = task.prompt_token_ids, self.settings.prefill_chunk
         keys, blocks = self._local_prefix(task)
         local = len(blocks)
-        found = await self._pool_blocks(task, keys[local:], local)
+        peer, found = self._peer(task, keys[local:], local)
+        if not peer:
+            found = await self._pool_blocks(task, keys[local:], local)
         reused = (local + found) * bs
         buf = self.runner.kv_buffer(len(prompt) - reused, blocks, pending=found * bs)
         handoff = asyncio.ensure_future(self._stream_kv(task, buf)) if stream else None
@@ -174,25 +194,25 @@ class PrefillService(ModelWorker):
             if found:
                 started = time.monotonic()
                 try:
-                    pool = await self.cache.load_layers(keys[local : local + found], buf, local * bs)
+                    pool = await self.cache.load_layers(keys[local : local + found], buf, local * bs, peer=peer)
                 except Exception as e:  # noqa: BLE001 - a load that fails is a recompute, never a failed request
-                    buf.fail(f"pool load failed: {e}")
-                    log.warning("pool_load_failed", error=repr(e))
+                    buf.fail(f"{'peer' if peer else 'pool'} load failed: {e}")
+                    log.warning("pool_load_failed", peer=peer, error=repr(e))
                 seconds = time.monotonic() - started
                 if pool:
-                    LOAD_SECONDS.observe(seconds)
+                    LOAD_SECONDS.labels(source="peer" if peer else "pool").observe(seconds)
             try:
                 logits, kv = await run
             except PastNotLoaded as e:
                 good = (local + pool) * bs
-                log.warning("pool_load_incomplete", wanted_blocks=found, loaded_blocks=pool, error=str(e))
+                log.warning("pool_load_incomplete", peer=peer, wanted_blocks=found, loaded_blocks=pool, error=str(e))
                 # what the stream sent (never a layer over an unverified past) is forgotten by decode;
                 # the recomputed KV goes afterwards, under a transfer id of its own
                 await _cancel(handoff)
                 handoff = None
                 past = buf.kv[:, :, :, :good] if good else None
                 logits, kv = await self.compute(self.runner.prefill, prompt[good:], past, chunk)
-            return Prefilled(logits, kv, local, pool, seconds, time.monotonic() - t0 - buf.waited, handoff)
+            return Prefilled(logits, kv, local, pool, peer, seconds, time.monotonic() - t0 - buf.waited, handoff)
         except BaseException:
             await _cancel(handoff)  # the prompt failed: nothing of it goes to decode
             raise
@@ -236,10 +256,10 @@ class PrefillService(ModelWorker):
         ttft = max(0.0, time.time() - task.arrival_time) if task.arrival_time else 0.0
         QUERY_TOKENS.inc(len(prompt))
         HIT_TOKENS.labels(source="local").inc(local * bs)
-        HIT_TOKENS.labels(source="pool").inc(pool * bs)
+        HIT_TOKENS.labels(source="peer" if done.peer else "pool").inc(pool * bs)
         COMPUTED_TOKENS.inc(len(prompt) - reused)
         PREFILL_SECONDS.observe(compute_seconds)
-        log.info("prefilled", prompt_tokens=len(prompt), local_tokens=local * bs, pool_tokens=pool * bs,
+        log.info("prefilled", prompt_tokens=len(prompt), local_tokens=local * bs, pool_tokens=pool * bs, peer=done.peer,
                  load_s=round(load_seconds, 4), compute_s=round(compute_seconds, 4),
                  total_s=round(time.monotonic() - started, 4))
         await self.nc.publish(Subjects.PREFILL_REPORT, encode(PrefillReport(
@@ -269,7 +289,7 @@ class PrefillService(ModelWorker):
         # a deployment without the pool writes none to it; the conductor may say how many leading
         # blocks are worth writing (the others are taken not to be read again)
         writable = task.block_hashes if task.pool_write_blocks < 0 else task.block_hashes[: task.pool_write_blocks]
-        from_pool = set(task.block_hashes[local : local + pool])
+        from_pool = set() if done.peer else set(task.block_hashes[local : local + pool])
         to_write = [k for k in writable if k not in from_pool]
         if to_write and self.settings.use_pool:
             if self.write_backlog + kv.nbytes > self.settings.pool_write_backlog_bytes:
@@ -281,6 +301,33 @@ class PrefillService(ModelWorker):
                 self.write_backlog += kv.nbytes
                 self.spawn(self._store_blocks(rid, to_write, kv, task.block_hashes))
         return handed, first_token_at
+
+    # ---- blocks for a peer
+    async def _on_peer_get(self, msg) -> None:
+        """A peer's layered get of blocks in this instance's own cache: the leading run of the keys
+        held here, sent as the pool sends them. Malformed requests are logged and dropped."""
+        try:
+            req = decode(msg.data, CacheGetRequest)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            self.log.warning("peer_get_dropped", error=str(e))
+            return
+        if not msg.reply or not req.reply_subject or not req.by_layer:
+            self.log.warning("peer_get_dropped", error="a peer get is layered, with a reply subject")
+            return
+        self.spawn(self._serve_peer(msg, req))
+
+    async def _serve_peer(self, msg, req: CacheGetRequest) -> None:
+        keys = list(req.keys[: len(self.blocks.peek(req.keys))])
+        self.blocks.pin(keys)  # their slots are not reused until the bytes are out
+        try:
+            held = self.blocks.peek(keys)
+            sent = await serve_layers(msg, self.nc, req.reply_subject,
+                                      [(k, block_view(k, t)) for k, t in zip(keys, held)])
+            PEER_SERVED.inc(len(sent))
+        except (TransferError, Exception) as e:  # noqa: BLE001 - the reader went away, or the bus did
+            self.log.warning("peer_get_aborted", keys=len(keys), error=repr(e))
+        finally:
+            self.blocks.unpin(keys)
 
     # ---- hand-off to decode
     def _kv_meta(self, task: PrefillTask, length: int) -> bytes:
