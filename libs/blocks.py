@@ -394,7 +394,7 @@ class _LayeredLoad:
         self.all_announced = True
         if self.bad:
             # the past cannot be whole: let the model stop waiting; the good prefix is kept
-            self._fail(f"{len(self.bad)} of {self.n} blocks are not in the pool")
+            self._fail(f"{len(self.bad)} of {self.n} blocks are not held where they were asked for")
         self._check_done()
 
     # ---- pieces
