@@ -163,8 +163,9 @@ def test_global_cache_aware_loads_from_the_peer_holding_the_prefix_when_it_is_bu
     pl = make_policy("global_cache_aware", _model(), peer_fetch=True).place(req, [holder, idle, other], DECODES)
     assert (pl.prefill_id, pl.peer_id, pl.cached_blocks, pl.plan) == ("p1", "p0", 60, "peer")
     assert not pl.use_pool
-    # 40 tokens to compute, the load of 960 streaming under it
-    assert pl.predicted_ttft == pytest.approx(max(_model().prefill_seconds(1000, 960), _model().load_seconds(960)))
+    # 40 tokens to compute, the load of 960 streaming under it: the slower holds the instance
+    busy = max(_model().prefill_seconds(1000, 960), _model().load_seconds(960))
+    assert pl.predicted_ttft == pytest.approx(busy) and pl.predicted_prefill == pytest.approx(busy)
     off = make_policy("global_cache_aware", _model()).place(req, [holder, idle, other], DECODES)
     assert off.peer_id == "" and off.prefill_id == "p1" and off.cached_blocks == 0 and off.plan == "local"
     # the holder idle too: it reuses its own cache (the same predicted TTFT), nothing moves
@@ -194,6 +195,19 @@ def test_kvcache_balancing_threshold_recomputes_when_loading_is_slower():
     req = RequestView(prompt_len=1600, block_size=16, pool_blocks=99)
     pl = make_policy("global_cache_aware", slow_load).place(req, [PrefillView("p0", 0.0, 0)], DECODES)
     assert not pl.use_pool and pl.cached_blocks == 0
+
+
+def test_a_load_bound_plan_counts_its_load_in_the_instance_queue():
+    """A pool hit whose load is slower than its compute holds the instance for the load: that,
+    not the compute alone, is what the tasks placed after it wait for."""
+    slowish = PrefillCostModel(PrefillCalibration(fixed=0.0, per_token=1e-3, per_pair=0.0,
+                                                  load_tokens_per_second=4000))
+    req = RequestView(prompt_len=1000, block_size=16, pool_blocks=62)
+    pl = make_policy("global_cache_aware", slowish).place(req, [PrefillView("p0", 0.5, 0)], DECODES)
+    assert pl.use_pool and pl.cached_blocks == 62
+    assert slowish.load_seconds(992) > slowish.prefill_seconds(1000, 992)
+    assert pl.predicted_prefill == pytest.approx(slowish.load_seconds(992))
+    assert pl.predicted_ttft == pytest.approx(0.5 + pl.predicted_prefill)
 
 
 def test_local_cache_aware_never_uses_the_pool():

@@ -68,7 +68,7 @@ class Placement:
     pool_blocks: int = -1  # leading blocks the index has in the pool (-1: unknown)
     peer_id: str = ""  # the prefill instance to load the reused blocks from ("": own cache or pool)
     predicted_ttft: float = 0.0
-    predicted_prefill: float = 0.0
+    predicted_prefill: float = 0.0  # seconds the prompt holds its instance to its first token (compute or load)
     cached_blocks: int = 0  # blocks the plan expects to reuse
     predicted_tbt: float = 0.0  # on the chosen decode instance, with this request added
     cause: str = ""  # why not admitted by the SLO check: "ttft" | "tbt"
@@ -165,7 +165,7 @@ class Policy:
             pool_blocks=req.pool_blocks,
             peer_id=c.peer_id,
             predicted_ttft=c.ttft,
-            predicted_prefill=c.prefill,
+            predicted_prefill=c.ttft - c.view.queue_seconds,
             cached_blocks=c.reuse_blocks,
             predicted_tbt=d.predicted_tbt,
         )
