@@ -162,12 +162,13 @@ def test_global_cache_aware_loads_from_the_peer_holding_the_prefix_when_it_is_bu
     holder, idle, other = PrefillView("p0", 2.0, 60), PrefillView("p1", 0.0, 0), PrefillView("p2", 0.5, 10)
     pl = make_policy("global_cache_aware", _model(), peer_fetch=True).place(req, [holder, idle, other], DECODES)
     assert (pl.prefill_id, pl.peer_id, pl.cached_blocks, pl.plan) == ("p1", "p0", 60, "peer")
-    assert not pl.use_pool
+    assert not pl.use_pool and pl.peer_blocks == 60
     # 40 tokens to compute, the load of 960 streaming under it: the slower holds the instance
     busy = max(_model().prefill_seconds(1000, 960), _model().load_seconds(960))
     assert pl.predicted_ttft == pytest.approx(busy) and pl.predicted_prefill == pytest.approx(busy)
     off = make_policy("global_cache_aware", _model()).place(req, [holder, idle, other], DECODES)
     assert off.peer_id == "" and off.prefill_id == "p1" and off.cached_blocks == 0 and off.plan == "local"
+    assert off.peer_blocks == 0
     # the holder idle too: it reuses its own cache (the same predicted TTFT), nothing moves
     pl = make_policy("global_cache_aware", _model(), peer_fetch=True).place(
         req, [idle, PrefillView("p3", 0.0, 60)], DECODES)

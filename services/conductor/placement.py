@@ -74,6 +74,11 @@ class Placement:
     cause: str = ""  # why not admitted by the SLO check: "ttft" | "tbt"
 
     @property
+    def peer_blocks(self) -> int:
+        """Leading blocks the peer holds and the chosen instance loads from it (0: no peer)."""
+        return self.cached_blocks if self.peer_id else 0
+
+    @property
     def plan(self) -> str:
         """Where the reused prefix comes from: "local" (the instance's own cache), "pool" or "peer"."""
         return "peer" if self.peer_id else "pool" if self.use_pool else "local"

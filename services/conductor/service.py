@@ -403,8 +403,7 @@ class ConductorService(Service):
                         task.decode_id = placement.decode_id
                         task.reuse_blocks, task.use_pool = placement.reuse_blocks, placement.use_pool
                         task.pool_blocks = placement.pool_blocks
-                        task.peer_id = placement.peer_id
-                        task.peer_blocks = placement.cached_blocks if placement.peer_id else 0
+                        task.peer_id, task.peer_blocks = placement.peer_id, placement.peer_blocks
                         await self.js.publish(Subjects.prefill_task(placement.prefill_id), encode(task),
                                               headers={"Nats-Msg-Id": f"{task.request_id}@{placement.prefill_id}"})
                         self._placed(task.request_id, placement, len(task.prompt_token_ids))
@@ -443,7 +442,7 @@ class ConductorService(Service):
                 use_pool=placement.use_pool and self.settings.use_pool,
                 pool_blocks=placement.pool_blocks,
                 peer_id=placement.peer_id,
-                peer_blocks=placement.cached_blocks if placement.peer_id else 0,
+                peer_blocks=placement.peer_blocks,
                 predicted_seconds=placement.predicted_prefill,
                 pool_write_blocks=self.pool_writes.blocks_to_write(keys),
                 resume=req.resume,

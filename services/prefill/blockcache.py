@@ -44,13 +44,9 @@ class BlockCache:
         """The blocks of the longest leading run of ``keys`` held here (marked recently used).
 
         They are views of the slab: valid until the next ``put``, which may reuse their slots."""
-        out = []
-        for k in keys:
-            slot = self._slots.get(k)
-            if slot is None:
-                break
+        out = self.peek(keys)
+        for k in keys[: len(out)]:
             self._slots.move_to_end(k)
-            out.append(self._slab[slot])
         return out
 
     def peek(self, keys: Sequence[bytes]) -> list[torch.Tensor]:

@@ -317,10 +317,10 @@ class PrefillService(ModelWorker):
         self.spawn(self._serve_peer(msg, req))
 
     async def _serve_peer(self, msg, req: CacheGetRequest) -> None:
-        keys = list(req.keys[: len(self.blocks.peek(req.keys))])
+        held = self.blocks.peek(req.keys)
+        keys = list(req.keys[: len(held)])
         self.blocks.pin(keys)  # their slots are not reused until the bytes are out
         try:
-            held = self.blocks.peek(keys)
             sent = await serve_layers(msg, self.nc, req.reply_subject,
                                       [(k, block_view(k, t)) for k, t in zip(keys, held)])
             PEER_SERVED.inc(len(sent))
