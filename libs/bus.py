@@ -73,6 +73,19 @@ async def connect(url: str, name: str, *, connect_timeout: float = 30.0,
             await asyncio.sleep(0.5)
 
 
+async def synced(nc: NATS, timeout: float = 10.0) -> None:
+    """Return once the server has processed every command sent on ``nc`` so far (a subscription
+    made, a message published), so that another connection may act on it.
+
+    ``nc.flush()`` alone is not that barrier: nats-py writes its PING straight to the socket, ahead
+    of commands still waiting for its flusher task, so the PONG can come back before a fresh SUB
+    reaches the server. By the time a first round trip is back the flusher has written them; a
+    second PING then goes out behind them.
+    """
+    await nc.flush(timeout=timeout)
+    await nc.flush(timeout=timeout)
+
+
 async def ensure_streams(js) -> None:
     """Create (or keep) the JetStream work-queue streams for prefill and decode tasks."""
     for name, subjects in (

@@ -1,8 +1,9 @@
-"""Chunked blobs over a real nats-server: reassembly, checksums, refusals."""
+"""Chunked blobs over a real nats-server: reassembly, checksums, refusals; the sync barrier."""
 
+import asyncio
 import os
 
-from yuebing.libs.bus import BlobAssembler, connect, crc32, send_blob
+from yuebing.libs.bus import BlobAssembler, connect, crc32, send_blob, synced
 from yuebing.libs.protocol import NO_BLOB_CHECKSUM, Chunk, ChunkAck, decode, encode
 
 
@@ -144,3 +145,26 @@ async def test_a_half_sent_blob_is_forgotten_once_its_sender_goes_quiet(nats_ser
     finally:
         await sub.unsubscribe()
         await nc.close()
+
+
+async def test_synced_subscription_sees_the_next_publish_of_another_connection(nats_server):
+    """Once ``synced`` returns, a subscription just made is on the server: a message another
+    connection publishes right after reaches it (a bare flush lets its PING overtake the SUB)."""
+    sub_nc = await connect(nats_server.url, "test-sync-sub")
+    pub_nc = await connect(nats_server.url, "test-sync-pub")
+    try:
+        for i in range(60):
+            got = asyncio.Event()
+
+            async def on_msg(msg, got=got):
+                got.set()
+
+            sub = await sub_nc.subscribe(f"test.sync.{i}", cb=on_msg)
+            await synced(sub_nc)
+            await pub_nc.publish(f"test.sync.{i}", b"x")
+            await pub_nc.flush()
+            await asyncio.wait_for(got.wait(), 5)
+            await sub.unsubscribe()
+    finally:
+        await pub_nc.close()
+        await sub_nc.close()

@@ -11,7 +11,7 @@ from yuebing.libs.blocks import (
     namespace_digest,
     split_blocks,
 )
-from yuebing.libs.bus import TransferError, connect
+from yuebing.libs.bus import TransferError, connect, synced
 from yuebing.libs.config import Settings
 from yuebing.libs.natsserver import NatsServer
 from yuebing.libs.protocol import Heartbeat, Subjects, decode
@@ -577,10 +577,10 @@ async def test_client_with_a_stuck_pool_returns_misses(nats_server):
         await fake.subscribe(Subjects.cache("fake", "exists"), cb=never_answer),
         await fake.subscribe(Subjects.cache("fake", "put"), cb=never_answer),
     ]
-    await fake.flush()
+    await synced(fake)
     client = CacheClient(nc, timeout=0.3)
     await client.start()
-    await nc.flush()
+    await synced(nc)
     await fake.publish(Subjects.heartbeat("cachestore", "fake"), beat)
     try:
         assert await client.wait_for_pool(5)

@@ -117,7 +117,7 @@ def test_colocated_workers_prefill_and_decode_their_own_requests(tiny_dir, tmp_p
 async def test_decode_reports_how_long_a_sequence_waited_for_a_row(tiny_dir, tmp_path):
     """One row: a second sequence waits for the first to leave, and decode says so (the conductor
     learns the decode pace from the time in a row, and projects the wait first come, first served)."""
-    from yuebing.libs.bus import connect
+    from yuebing.libs.bus import connect, synced
     from yuebing.libs.protocol import DecodeReport, Subjects, decode
 
     profile = CostProfile(model="test", threads=1, prefill=(0.05, 0.0, 0.0), decode=(0.1, 0.0, 0.0))
@@ -131,7 +131,7 @@ async def test_decode_reports_how_long_a_sequence_waited_for_a_row(tiny_dir, tmp
             reports.append(decode(msg.data, DecodeReport))
 
         await nc.subscribe(Subjects.DECODE_REPORT, cb=on_report)
-        await nc.flush()
+        await synced(nc)
         results = await asyncio.gather(*(_one(cluster.url + "/v1/completions", 500 + i) for i in range(2)))
         assert [s for s, _ in results] == [200, 200]
         async def both():

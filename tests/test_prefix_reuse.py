@@ -9,7 +9,7 @@ import pytest
 
 from conftest import reference_greedy, start_cluster
 from helpers import get_json, post, wait_until
-from yuebing.libs.bus import connect
+from yuebing.libs.bus import connect, synced
 from yuebing.libs.protocol import IndexSummary, KVDump, KVDumpRequest, Subjects, decode, encode, keys_digest
 
 BS = 16
@@ -141,7 +141,7 @@ async def test_prefix_from_instance_a_is_reused_by_instance_b(rr_cluster, tiny_d
         asked.append(msg.subject)
 
     await nc.subscribe(Subjects.cache("cachestore-0", "exists"), cb=spy)
-    await nc.flush()
+    await synced(nc)
     try:
         text, usage = await _complete(rr_cluster, tiny_dir.name, prompt)  # round robin: on prefill-1
         assert usage["prompt_tokens_details"]["cached_tokens"] == 80
@@ -260,7 +260,7 @@ async def _run_prefill_task(cluster, model_dir, instance: str, prompt: list[int]
 
     try:
         await nc.subscribe(Subjects.output(rid), cb=on_event)
-        await nc.flush()
+        await synced(nc)
         task = PrefillTask(request_id=rid, prompt_token_ids=prompt, decode_id="decode-0",
                            block_hashes=_keys(model_dir, prompt),
                            sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0), **plan)

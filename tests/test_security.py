@@ -124,6 +124,8 @@ async def test_fuzzed_bodies_never_get_a_5xx(tiny_cluster, tiny_dir):
 async def test_nats_users_cannot_publish_outside_their_service(tiny_cluster):
     import nats
 
+    from yuebing.libs.bus import synced
+
     server = tiny_cluster.nats
     errors: list[str] = []
 
@@ -140,7 +142,7 @@ async def test_nats_users_cannot_publish_outside_their_service(tiny_cluster):
 
         for subject in ("yb.sched", "yb.task.prefill.nowhere", "yb.out.probe"):
             await admin.subscribe(subject, cb=record)
-        await admin.flush()
+        await synced(admin)
         # decode's business: token events. Not its business: scheduling, prefill tasks.
         await decode_user.publish("yb.sched", b"forged")
         await decode_user.publish("yb.task.prefill.nowhere", b"forged")

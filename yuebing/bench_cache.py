@@ -547,6 +547,8 @@ def _raw_publisher_main(argv: list[str]) -> int:
     """``python -m yuebing.bench_cache raw-publisher NATS_URL``: publishes bursts on request."""
     import nats
 
+    from yuebing.libs.bus import synced
+
     url = argv[0]
 
     async def run() -> None:
@@ -573,7 +575,7 @@ def _raw_publisher_main(argv: list[str]) -> int:
             await msg.respond(b"done")
 
         await nc.subscribe(RAW_GO, cb=on_go)
-        await nc.flush()
+        await synced(nc)
         await stop.wait()
         await nc.close()
 
@@ -600,7 +602,7 @@ async def run_transfer(nats_url: str, *, blocks: int, shape: tuple[int, ...], re
     from tqdm import tqdm
 
     from yuebing.libs.blocks import CacheClient, encode_block
-    from yuebing.libs.bus import BULK_PENDING_BYTES, connect
+    from yuebing.libs.bus import BULK_PENDING_BYTES, connect, synced
     from yuebing.libs.protocol import CHUNK_DATA_BYTES
 
     nc = await connect(nats_url, "bench-transfer")
@@ -638,7 +640,7 @@ async def run_transfer(nats_url: str, *, blocks: int, shape: tuple[int, ...], re
                 done.set()
 
         await nc.subscribe(RAW_DATA, cb=on_data, pending_bytes_limit=BULK_PENDING_BYTES, pending_msgs_limit=1 << 20)
-        await nc.flush()
+        await synced(nc)
         deadline = time.monotonic() + 60
         while True:  # the publisher is up when it answers an empty burst
             try:
