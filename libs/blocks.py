@@ -351,6 +351,7 @@ class _LayeredLoad:
         self.done = asyncio.Event()
         self.early: dict[str, list[LayerPiece]] = {}  # pieces that came before their sender's reply
         self.kv_np = self.kv.numpy() if self.kv.dtype in _NUMPY_DTYPES else None  # same memory
+        self.finished = False  # past ``finish`` the buffer is its owner's again: nothing more lands in it
 
     # ---- bookkeeping of what will come
     def missing(self, idxs: Sequence[int]) -> None:
@@ -403,6 +404,8 @@ class _LayeredLoad:
         piece = None
         try:
             piece = decode(msg.data, LayerPiece)
+            if self.finished:
+                raise ValueError("piece after the load ended")
             if piece.transfer_id in self.senders:
                 self._place(piece)
             elif not self.all_announced:  # its sender's reply is still on the way
@@ -519,6 +522,7 @@ class _LayeredLoad:
 
     def finish(self) -> int:
         """Blocks in front of the first bad or incomplete one (all of them when the load succeeded)."""
+        self.finished = True
         if self.ready == self.layers and not self.failed:
             return self.n
         incomplete = [i for i in range(self.n) if self.next_layer[i] < self.layers]

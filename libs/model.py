@@ -247,11 +247,13 @@ class ModelRunner:
         self.path = path
         self.shape = read_shape(path)
         self.model = load_model(path, self.shape.dtype)
+        self.arena: KVArena | None = None
 
     def kv_buffer(self, new_tokens: int, past=None, pending: int = 0) -> "PrefillKV":
         """A request's KV, preallocated for ``past`` (a KV tensor or a sequence of blocks, wire
-        layout, copied in), ``pending`` past positions a loader will fill, and ``new_tokens``."""
-        return PrefillKV.with_past(self.shape, new_tokens, past, pending)
+        layout, copied in), ``pending`` past positions a loader will fill, and ``new_tokens``; from
+        ``arena`` when one is set (the service then ``release``s it)."""
+        return PrefillKV.with_past(self.shape, new_tokens, past, pending, arena=self.arena)
 
     @torch.inference_mode()
     def prefill(self, token_ids: list[int], past_kv=None, chunk: int = 512, *, buffer: "PrefillKV | None" = None):
@@ -297,6 +299,55 @@ class PastNotLoaded(RuntimeError):
     """The past of a ``PrefillKV`` did not arrive (the load failed or timed out)."""
 
 
+class KVArena:
+    """Keeps the flat storage of finished prompts' KV buffers for the next prompts, as a serving
+    engine keeps its KV memory allocated, instead of giving it back to the OS after every prompt:
+    a fresh buffer of tens of MB is page-faulted in again on first touch, which on a host short of
+    free memory means reclaim on the critical path.
+
+    ``take`` returns the smallest kept buffer that is large enough (or a new one, its size rounded
+    up to ``granule`` bytes so that slightly longer prompts fit it later); ``give`` keeps it, the
+    least recently given ones dropped beyond ``max_bytes``. A buffer must be given back only once
+    nothing reads or writes it any more; one never given back is simply freed as usual.
+    """
+
+    def __init__(self, max_bytes: int, granule: int = 4 << 20):
+        if max_bytes < 0 or granule <= 0:
+            raise ValueError("max_bytes must be >= 0 and granule > 0")
+        self.max_bytes = max_bytes
+        self.granule = granule
+        self._free: list[torch.Tensor] = []  # flat uint8 storage, least recently given first
+        self.bytes = 0  # kept, not in use
+        self.reused = 0
+        self.allocated = 0
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(storage, a tensor of ``shape`` and ``dtype`` over its first bytes); contents undefined."""
+        need = dtype.itemsize
+        for d in shape:
+            need *= d
+        best = None
+        for i, flat in enumerate(self._free):
+            if flat.numel() >= need and (best is None or flat.numel() < self._free[best].numel()):
+                best = i
+        if best is not None:
+            flat = self._free.pop(best)
+            self.bytes -= flat.numel()
+            self.reused += 1
+        else:
+            flat = torch.empty(max(-(-need // self.granule) * self.granule, self.granule), dtype=torch.uint8)
+            self.allocated += 1
+        return flat, flat[:need].view(dtype).view(shape)
+
+    def give(self, flat: torch.Tensor) -> None:
+        if flat.numel() > self.max_bytes:
+            return
+        self._free.append(flat)
+        self.bytes += flat.numel()
+        while self.bytes > self.max_bytes:
+            self.bytes -= self._free.pop(0).numel()
+
+
 class PrefillKV:
     """One request's KV during its prefill: ``kv`` in the wire layout ``[L, 2, H, total, D]``,
     preallocated for the whole prompt. Positions ``[0, past_len)`` are the reused past, the rest
@@ -315,8 +366,10 @@ class PrefillKV:
     callback for every change of state (called on the thread that made it).
     """
 
-    def __init__(self, kv: torch.Tensor, past_len: int, *, ready: bool = True, timeout: float = 30.0):
+    def __init__(self, kv: torch.Tensor, past_len: int, *, ready: bool = True, timeout: float = 30.0,
+                 arena: KVArena | None = None, storage: torch.Tensor | None = None):
         self.kv = kv
+        self._arena, self._storage = arena, storage  # where ``release`` returns kv's memory
         self.past_len = past_len
         self.total = kv.shape[3]
         self.timeout = timeout
@@ -330,18 +383,32 @@ class PrefillKV:
         self.waited = 0.0  # seconds the model spent waiting for the past
 
     @classmethod
-    def with_past(cls, shape: "ModelShape", new_tokens: int, past=None, pending: int = 0) -> "PrefillKV":
+    def with_past(cls, shape: "ModelShape", new_tokens: int, past=None, pending: int = 0, *,
+                  arena: KVArena | None = None) -> "PrefillKV":
         """A buffer for ``past`` (copied in: a KV tensor or blocks), then ``pending`` past positions
-        still to arrive (a loader fills them and releases the layers), then ``new_tokens``."""
+        still to arrive (a loader fills them and releases the layers), then ``new_tokens``; taken
+        from ``arena`` when given (``release`` gives it back)."""
         blocks = [] if past is None else ([past] if isinstance(past, torch.Tensor) else list(past))
         have = sum(b.shape[3] for b in blocks)
-        kv = torch.empty((shape.num_layers, 2, shape.num_kv_heads, have + pending + new_tokens, shape.head_dim),
-                         dtype=shape.dtype)
+        dims = (shape.num_layers, 2, shape.num_kv_heads, have + pending + new_tokens, shape.head_dim)
+        storage = None
+        if arena is not None:
+            storage, kv = arena.take(dims, shape.dtype)
+        else:
+            kv = torch.empty(dims, dtype=shape.dtype)
         off = 0
         for b in blocks:
             kv[:, :, :, off : off + b.shape[3]] = b
             off += b.shape[3]
-        return cls(kv, have + pending, ready=pending == 0)
+        return cls(kv, have + pending, ready=pending == 0, arena=arena, storage=storage)
+
+    def release(self) -> None:
+        """Nothing reads or writes ``kv`` any more (the model, a loader, a hand-off, a pool
+        write): its memory may serve the next prompt. Idempotent; ``kv`` must not be used after."""
+        arena, storage = self._arena, self._storage
+        self._arena = self._storage = None
+        if arena is not None and storage is not None:
+            arena.give(storage)
 
     def watch(self, callback) -> None:
         """Call ``callback()`` (no arguments, on the changing thread) whenever layers become ready,

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .costs import CostProfile
-from .model import PrefillKV, load_tokenizer, read_shape
+from .model import KVArena, PrefillKV, load_tokenizer, read_shape
 
 # Common English words; those the tokenizer encodes (with a leading space) as one ordinary token
 # make up the sim's vocabulary.
@@ -97,6 +97,7 @@ class SimRunner:
         self.profile = profile
         self.modelled_seconds = 0.0  # compute time the last call modelled
         self.shape = read_shape(self.path)
+        self.arena: KVArena | None = None  # as ``ModelRunner.arena``
         self.words = word_token_ids(self.path)
         self.eos = set(self.shape.eos_token_ids)
         self.words = [w for w in self.words if w not in self.eos and w < self.shape.vocab_size]
@@ -119,7 +120,7 @@ class SimRunner:
         _sleep_until(start + seconds)
 
     def kv_buffer(self, new_tokens: int, past=None, pending: int = 0) -> PrefillKV:
-        return PrefillKV.with_past(self.shape, new_tokens, past, pending)
+        return PrefillKV.with_past(self.shape, new_tokens, past, pending, arena=self.arena)
 
     @torch.inference_mode()
     def prefill(self, token_ids: list[int], past_kv=None, chunk: int = 512, *, buffer: PrefillKV | None = None):

@@ -149,3 +149,55 @@ def test_tiny_temperatures_sample_like_greedy():
     logits = torch.randn(5000) * 30
     p = SamplingParams(max_tokens=1, temperature=1e-30, top_p=0.5, seed=3)
     assert sample_token(logits, p, 0) == int(torch.argmax(logits))
+
+
+def test_kv_arena_reuses_the_smallest_fitting_buffer_within_its_budget():
+    from yuebing.libs.model import KVArena
+
+    arena = KVArena(max_bytes=10 << 20, granule=1 << 20)
+    big, big_kv = arena.take((2, 3, 1000), torch.float32)  # 24,000 bytes: one granule
+    assert big.numel() == 1 << 20 and big_kv.shape == (2, 3, 1000) and big_kv.dtype == torch.float32
+    assert big_kv.data_ptr() == big.data_ptr() and big_kv.is_contiguous()
+    huge, _ = arena.take((3 << 20,), torch.uint8)  # 3 MiB
+    arena.give(huge)
+    arena.give(big)
+    assert arena.bytes == 4 << 20 and arena.allocated == 2
+    again, kv = arena.take((10,), torch.bfloat16)  # the 1 MiB one fits: the 3 MiB one stays kept
+    assert again is big and kv.dtype == torch.bfloat16 and arena.reused == 1 and arena.bytes == 3 << 20
+    fresh, _ = arena.take((2 << 20,), torch.float32)  # 8 MiB: nothing kept is large enough
+    assert fresh is not huge and fresh.numel() == 8 << 20 and arena.allocated == 3
+    arena.give(again)
+    arena.give(fresh)  # 1 + 3 + 8 MiB > 10: the least recently given (3 MiB) goes
+    assert arena.bytes == 9 << 20 and arena.take((3 << 20,), torch.uint8)[0] is fresh
+    arena.give(torch.empty(11 << 20, dtype=torch.uint8))  # larger than the whole budget: not kept
+    assert arena.bytes == 1 << 20
+
+
+def test_prefill_in_a_reused_buffer_equals_a_fresh_one(tiny_dir):
+    """A buffer given back holds the last prompt's bytes: a prompt computed in it, cold or over a
+    copied past, gets the same logits and KV as in fresh memory, and release is idempotent."""
+    from yuebing.libs.model import KVArena
+
+    runner = ModelRunner(tiny_dir)
+    prompt = list(range(300, 380))
+    want_logits, want_kv = runner.prefill(prompt)
+    past = want_kv[:, :, :, :32].clone()
+    warm_logits, warm_kv = runner.prefill(prompt[32:], past)
+    runner.arena = KVArena(64 << 20)
+    for _ in range(2):
+        other = runner.kv_buffer(90)
+        runner.prefill(list(range(700, 790)), buffer=other)
+        other.kv.fill_(float("nan"))  # whatever the last prompt left, it must not leak into the next
+        other.release()
+        other.release()
+        assert runner.arena.bytes > 0
+        buf = runner.kv_buffer(len(prompt))
+        assert buf.kv.data_ptr() == other.kv.data_ptr()  # the same memory, given out again
+        logits, kv = runner.prefill(prompt, buffer=buf)
+        assert torch.equal(logits, want_logits) and torch.equal(kv, want_kv)
+        buf.release()
+        buf = runner.kv_buffer(len(prompt) - 32, past)
+        logits, kv = runner.prefill(prompt[32:], buffer=buf)
+        assert torch.equal(logits, warm_logits) and torch.equal(kv, warm_kv)
+        buf.release()
+    assert runner.arena.allocated == 1

@@ -30,7 +30,8 @@ SERVICE_ORDER = ("cachestore", "conductor", "prefill", "decode", "worker", "gate
 FORWARDED = ("block_size", "threads", "max_running", "dram_bytes", "disk_bytes", "prefill_chunk", "max_body_bytes",
              "request_timeout", "heartbeat_interval", "policy", "use_pool", "prefill_cache_bytes", "cache_replicas",
              "drain_seconds", "no_auth", "engine", "calibration", "colocated", "admission", "ttft_slo", "tbt_slo",
-             "slo_classes", "pool_write_backlog_bytes", "disk_sync_seconds", "pool_writes", "peer_fetch")
+             "slo_classes", "pool_write_backlog_bytes", "disk_sync_seconds", "pool_writes", "peer_fetch",
+             "prefill_kv_arena_bytes")
 
 
 @dataclass

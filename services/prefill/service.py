@@ -27,7 +27,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from yuebing.libs.blocks import CacheClient, CacheError, block_view, serve_layers
 from yuebing.libs.bus import TransferError, send_blob
 from yuebing.libs.kvevents import KVEventPublisher
-from yuebing.libs.model import PastNotLoaded, PrefillKV, sample_token
+from yuebing.libs.model import KVArena, PastNotLoaded, PrefillKV, sample_token
 from yuebing.libs.protocol import (
     CacheGetRequest,
     DecodeTask,
@@ -72,6 +72,7 @@ class Prefilled(NamedTuple):
     load_seconds: float  # the load (overlapping the compute)
     compute_seconds: float  # the model's time on the prompt (waits for the past's layers excluded)
     handoff: "asyncio.Future | None"  # the KV on its way to decode as the layers ran (None: not sent yet)
+    buf: PrefillKV  # whose ``kv`` it is: released once nothing reads it
 
 
 class PrefillService(ModelWorker):
@@ -81,6 +82,8 @@ class PrefillService(ModelWorker):
         await super().setup()
         s = self.settings
         self.blocks = BlockCache(s.prefill_cache_bytes)
+        if s.prefill_kv_arena_bytes and self.runner.arena is None:
+            self.runner.arena = KVArena(s.prefill_kv_arena_bytes)
         self.cache = CacheClient(self.nc, timeout=CACHE_TIMEOUT, replicas=s.cache_replicas)
         await self.cache.start()
         await self.cache.wait_for_pool(2 * s.heartbeat_interval + 1)  # a pool may not exist: go on
@@ -210,9 +213,10 @@ class PrefillService(ModelWorker):
                 # the recomputed KV goes afterwards, under a transfer id of its own
                 await _cancel(handoff)
                 handoff = None
-                past = buf.kv[:, :, :, :good] if good else None
-                logits, kv = await self.compute(self.runner.prefill, prompt[good:], past, chunk)
-            return Prefilled(logits, kv, local, pool, peer, seconds, time.monotonic() - t0 - buf.waited, handoff)
+                failed, buf = buf, self.runner.kv_buffer(len(prompt) - good, failed.kv[:, :, :, :good] if good else None)
+                failed.release()  # its verified past is copied over, and nothing else reads it
+                logits, kv = await self.compute(self.runner.prefill, prompt[good:], chunk=chunk, buffer=buf)
+            return Prefilled(logits, kv, local, pool, peer, seconds, time.monotonic() - t0 - buf.waited, handoff, buf)
         except BaseException:
             await _cancel(handoff)  # the prompt failed: nothing of it goes to decode
             raise
@@ -246,6 +250,7 @@ class PrefillService(ModelWorker):
             token = sample_token(logits, task.sampling, task.seq_base)
         except Exception as e:  # noqa: BLE001 - one request's bad draw must not stop the instance
             await _cancel(done.handoff)
+            done.buf.release()
             log.error("sampling_failed", error=repr(e))
             await self.emit_error(task.output_id, task.seq_base, f"sampling failed: {e}")
             await msg.ack()
@@ -299,7 +304,9 @@ class PrefillService(ModelWorker):
                 log.warning("pool_write_skipped", backlog_bytes=self.write_backlog, kv_bytes=kv.nbytes)
             else:
                 self.write_backlog += kv.nbytes
-                self.spawn(self._store_blocks(rid, to_write, kv, task.block_hashes))
+                self.spawn(self._store_blocks(rid, to_write, done.buf, task.block_hashes))
+                return handed, first_token_at
+        done.buf.release()
         return handed, first_token_at
 
     # ---- blocks for a peer
@@ -376,12 +383,13 @@ class PrefillService(ModelWorker):
         if stored or removed:
             await self.events.publish(stored, removed)
 
-    async def _store_blocks(self, rid: str, keys: list[bytes], kv, chain: list[bytes]) -> None:
+    async def _store_blocks(self, rid: str, keys: list[bytes], buf: PrefillKV, chain: list[bytes]) -> None:
         """Write the prompt's full blocks that the pool lacks, off the critical path. Best effort."""
         try:
-            await self._write_blocks(rid, keys, kv, chain)
+            await self._write_blocks(rid, keys, buf.kv, chain)
         finally:
-            self.write_backlog -= kv.nbytes
+            self.write_backlog -= buf.kv.nbytes
+            buf.release()
 
     async def _write_blocks(self, rid: str, keys: list[bytes], kv, chain: list[bytes]) -> None:
         bs = self.settings.block_size
