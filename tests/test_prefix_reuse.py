@@ -307,3 +307,8 @@ async def test_a_prefix_loaded_from_a_peer_instance_is_token_exact(rr_cluster, t
     tokens, cached = await _run_prefill_task(rr_cluster, tiny_dir, other, unseen, 24, use_pool=False,
                                              peer_id=holder, peer_blocks=5)
     assert cached == 0 and tokens == reference_greedy(model, unseen, 24)
+    # planned past the part held: the own 5 blocks are kept, the 4 the peer lacks are recomputed
+    longer = prompt[:80] + [(7 * i + 3) % 30000 + 500 for i in range(80)]
+    tokens, cached = await _run_prefill_task(rr_cluster, tiny_dir, other, longer, 24, use_pool=False,
+                                             peer_id=holder, peer_blocks=9)
+    assert cached == 80 and tokens == reference_greedy(model, longer, 24)

@@ -213,7 +213,8 @@ class PrefillService(ModelWorker):
                 # the recomputed KV goes afterwards, under a transfer id of its own
                 await _cancel(handoff)
                 handoff = None
-                failed, buf = buf, self.runner.kv_buffer(len(prompt) - good, failed.kv[:, :, :, :good] if good else None)
+                failed = buf
+                buf = self.runner.kv_buffer(len(prompt) - good, failed.kv[:, :, :, :good] if good else None)
                 failed.release()  # its verified past is copied over, and nothing else reads it
                 logits, kv = await self.compute(self.runner.prefill, prompt[good:], chunk=chunk, buffer=buf)
             return Prefilled(logits, kv, local, pool, peer, seconds, time.monotonic() - t0 - buf.waited, handoff, buf)
