@@ -269,7 +269,8 @@ class ModelRunner:
 
         if not token_ids:
             raise ValueError("prefill needs at least one new token")
-        buf = buffer if buffer is not None else self.kv_buffer(len(token_ids), past_kv)
+        # a caller that passes no buffer keeps the KV: it is not taken from the arena
+        buf = buffer if buffer is not None else PrefillKV.with_past(self.shape, len(token_ids), past_kv)
         if buf.total != buf.past_len + len(token_ids):
             raise ValueError(f"buffer holds {buf.total} positions, not {buf.past_len} + {len(token_ids)}")
         cache = DynamicCache()

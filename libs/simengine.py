@@ -128,7 +128,8 @@ class SimRunner:
         start = time.perf_counter()
         if not token_ids:
             raise ValueError("prefill needs at least one new token")
-        buf = buffer if buffer is not None else self.kv_buffer(len(token_ids), past_kv)
+        # a caller that passes no buffer keeps the KV: it is not taken from the arena
+        buf = buffer if buffer is not None else PrefillKV.with_past(self.shape, len(token_ids), past_kv)
         kv, past, total = buf.kv, buf.past_len, buf.total
         kv[:, :, :, past:].zero_()  # the new positions only: a loader may still be filling the past
         kv[0, 0, 0, past:, 0] = torch.tensor(token_ids, dtype=torch.float32).to(kv.dtype)
