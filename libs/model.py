@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import math
 import os
 import shutil
 import threading
@@ -324,9 +325,7 @@ class KVArena:
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(storage, a tensor of ``shape`` and ``dtype`` over its first bytes); contents undefined."""
-        need = dtype.itemsize
-        for d in shape:
-            need *= d
+        need = math.prod(shape) * dtype.itemsize
         best = None
         for i, flat in enumerate(self._free):
             if flat.numel() >= need and (best is None or flat.numel() < self._free[best].numel()):

@@ -65,14 +65,17 @@ POOL_WRITES_SKIPPED = Counter("yuebing:prefill_pool_writes_skipped",
 
 class Prefilled(NamedTuple):
     logits: torch.Tensor
-    kv: torch.Tensor
+    buf: PrefillKV  # the prompt's KV (``kv``): released once nothing reads it
     local: int  # blocks reused from the own DRAM cache
     pool: int  # blocks loaded from the pool, or from a peer instance
     peer: str  # the peer instance they came from ("": the pool)
     load_seconds: float  # the load (overlapping the compute)
     compute_seconds: float  # the model's time on the prompt (waits for the past's layers excluded)
     handoff: "asyncio.Future | None"  # the KV on its way to decode as the layers ran (None: not sent yet)
-    buf: PrefillKV  # whose ``kv`` it is: released once nothing reads it
+
+    @property
+    def kv(self) -> torch.Tensor:
+        return self.buf.kv
 
 
 class PrefillService(ModelWorker):
@@ -205,7 +208,7 @@ class PrefillService(ModelWorker):
                 if pool:
                     LOAD_SECONDS.labels(source="peer" if peer else "pool").observe(seconds)
             try:
-                logits, kv = await run
+                logits, _ = await run
             except PastNotLoaded as e:
                 good = (local + pool) * bs
                 log.warning("pool_load_incomplete", peer=peer, wanted_blocks=found, loaded_blocks=pool, error=str(e))
@@ -216,8 +219,8 @@ class PrefillService(ModelWorker):
                 failed = buf
                 buf = self.runner.kv_buffer(len(prompt) - good, failed.kv[:, :, :, :good] if good else None)
                 failed.release()  # its verified past is copied over, and nothing else reads it
-                logits, kv = await self.compute(self.runner.prefill, prompt[good:], chunk=chunk, buffer=buf)
-            return Prefilled(logits, kv, local, pool, peer, seconds, time.monotonic() - t0 - buf.waited, handoff, buf)
+                logits, _ = await self.compute(self.runner.prefill, prompt[good:], chunk=chunk, buffer=buf)
+            return Prefilled(logits, buf, local, pool, peer, seconds, time.monotonic() - t0 - buf.waited, handoff)
         except BaseException:
             await _cancel(handoff)  # the prompt failed: nothing of it goes to decode
             raise
