@@ -12,7 +12,7 @@ equal keys, and a key names its whole prefix, not just its own tokens.
 Block codec. One block is the KV of ``block_size`` positions in the wire layout
 ``[num_layers, 2 (K, V), num_kv_heads, block_size, head_dim]``, contiguous, little-endian.
 It is stored and sent as the MessagePack of ``KVBlock`` (a map with the fields below); ``data``
-holds the raw tensor bytes and ``checksum`` their CRC32. The same bytes are used on the bus, in
+holds the raw tensor bytes and ``checksum`` their XXH3-64 (``libs/checksum.py``). The same bytes are used on the bus, in
 DRAM and in LMDB; a block that fails any check decodes to ``BlockCorrupt``, never to a tensor.
 """
 
@@ -24,7 +24,6 @@ import math
 import struct
 import uuid
 import warnings
-import zlib
 from collections.abc import Iterable, Sequence
 from functools import partial
 
@@ -33,6 +32,7 @@ import nats
 import numpy as np
 import torch
 
+from . import checksum as sums
 from .bus import BULK_PENDING_BYTES, BlobAssembler, BlobData, TransferError, send_blob, send_windowed
 from .log import get_logger
 from .protocol import (
@@ -57,7 +57,7 @@ from .protocol import (
 log = get_logger("blocks")
 
 KEY_BYTES = 16
-BLOCK_FORMAT_VERSION = 1
+BLOCK_FORMAT_VERSION = 2  # 2: the checksum is XXH3-64 (1: CRC32)
 LAYOUT_VERSION = 1
 
 
@@ -95,7 +95,7 @@ class KVBlock(msgspec.Struct, kw_only=True):
     key: bytes
     shape: list[int]  # [num_layers, 2, num_kv_heads, block_size, head_dim]
     dtype: str  # torch dtype name without the "torch." prefix, e.g. "float32"
-    checksum: int  # zlib.crc32 of data
+    checksum: int  # XXH3-64 of data
     data: bytes  # the tensor's raw bytes, C-contiguous, little-endian
 
 
@@ -137,7 +137,7 @@ def _kv_block(key: bytes, tensor: torch.Tensor) -> KVBlock:
         key=bytes(key),
         shape=list(t.shape),
         dtype=_dtype_name(t.dtype),
-        checksum=zlib.crc32(raw) & 0xFFFFFFFF,
+        checksum=sums.checksum(raw),
         data=raw,  # type: ignore[arg-type] - msgspec encodes any buffer as bin
     )
 
@@ -159,7 +159,7 @@ def encode_blocks(blocks: Sequence[tuple[bytes, torch.Tensor]]) -> tuple[bytearr
 
 
 def block_view(key: bytes, tensor: torch.Tensor) -> KVBlock:
-    """A block held as a tensor, described as a stored one (shape, dtype, CRC32) for a layered get;
+    """A block held as a tensor, described as a stored one (shape, dtype, checksum) for a layered get;
     its ``data`` is a view of the tensor's memory (contiguous: no copy), valid while the tensor is."""
     return _kv_block(key, tensor)
 
@@ -181,7 +181,7 @@ def blob_groups(sizes: Sequence[int], max_blocks: int, max_bytes: int) -> list[t
 
 def block_header(buf: bytes | bytearray | memoryview) -> _KVBlockView:
     """Parse a stored block's header without checking its data (the reader of a layered get checks
-    the CRC32 end to end); raises ``BlockCorrupt`` when it is not a block at all."""
+    the checksum end to end); raises ``BlockCorrupt`` when it is not a block at all."""
     try:
         return _block_decoder.decode(buf)
     except (msgspec.DecodeError, msgspec.ValidationError) as e:
@@ -198,7 +198,7 @@ def verify_block(buf: bytes | bytearray | memoryview, expected_key: bytes | None
         raise BlockCorrupt(f"unsupported block format version {blk.v}")
     if expected_key is not None and blk.key != expected_key:
         raise BlockCorrupt(f"key mismatch: expected {expected_key.hex()}, got {blk.key.hex()}")
-    if (zlib.crc32(blk.data) & 0xFFFFFFFF) != blk.checksum:
+    if sums.checksum(blk.data) != blk.checksum:
         raise BlockCorrupt(f"checksum mismatch for block {blk.key.hex()}")
     dtype = _DTYPES.get(blk.dtype)
     if dtype is None:
@@ -328,7 +328,7 @@ async def serve_layers(msg, nc, subject: str, found: Sequence[tuple[bytes, "KVBl
 
 class _LayeredLoad:
     """The receiving end of ``CacheClient.load_layers``: places each ``LayerPiece`` in the buffer,
-    keeps a running CRC32 per block, and releases layers to the model as they complete."""
+    keeps a running checksum per block, and releases layers to the model as they complete."""
 
     def __init__(self, keys: list[bytes], dest, start: int):
         self.dest = dest
@@ -339,7 +339,7 @@ class _LayeredLoad:
         self.block_size = 0
         self.expected_shape: list[int] | None = None
         self.bad: set[int] = set()  # blocks missing, refused, corrupt or out of order
-        self.crc = [0] * self.n
+        self.sums = [sums.Running() for _ in range(self.n)]
         self.checksum = [0] * self.n
         self.next_layer = [0] * self.n  # per block: the layer whose slice comes next
         self.per_layer = [0] * self.layers  # per layer: blocks whose slice is in
@@ -436,9 +436,9 @@ class _LayeredLoad:
             if j < p.count:
                 gi = idxs[p.first + j]
                 if self.next_layer[gi] != p.layer:
-                    self.bad.add(gi)  # out of order: its CRC cannot be trusted
+                    self.bad.add(gi)  # out of order: its checksum cannot be trusted
                     self._fail(f"block {gi}: layer {p.layer} came out of order")
-                self.crc[gi] = zlib.crc32(p.data[j * per : (j + 1) * per], self.crc[gi])
+                self.sums[gi].update(p.data[j * per : (j + 1) * per])
                 self.next_layer[gi] = p.layer + 1
             if j == p.count or (j > run_start and idxs[p.first + j] != idxs[p.first + j - 1] + 1):
                 first_gi, count = idxs[p.first + run_start], j - run_start
@@ -484,7 +484,7 @@ class _LayeredLoad:
         self._check_done()
 
     def _release(self) -> None:
-        """Tell the model which layers are complete; the last one only once every CRC checked."""
+        """Tell the model which layers are complete; the last one only once every checksum matched."""
         if self.failed or not self.all_announced or self.bad:
             return
         ready = self.ready
@@ -503,8 +503,8 @@ class _LayeredLoad:
             self.dest.layer_ready(ready)
 
     def _corrupt(self, blocks: Iterable[int]) -> list[int]:
-        """Of ``blocks`` (all their layers in), those whose data does not match their stored CRC32."""
-        return [i for i in blocks if (self.crc[i] & 0xFFFFFFFF) != self.checksum[i]]
+        """Of ``blocks`` (all their layers in), those whose data does not match their stored checksum."""
+        return [i for i in blocks if self.sums[i].intdigest() != self.checksum[i]]
 
     def _check_done(self) -> None:
         if self.all_announced and self.pending <= 0:
@@ -721,7 +721,7 @@ class CacheClient:
             remaining = self._left(deadline)
             try:
                 await asyncio.wait_for(
-                    # the store checks each block's own CRC32 (and key) before it keeps it
+                    # the store checks each block's own checksum (and key) before it keeps it
                     send_blob(self.nc, Subjects.cache(iid, "put"), tid, blob, meta=encode(meta),
                               window=PUT_WINDOW_CHUNKS, timeout=max(0.01, remaining), checksum=False),
                     remaining,
@@ -835,7 +835,7 @@ class CacheClient:
 
         ``dest`` is a ``libs.model.PrefillKV``: block ``j`` goes to positions
         ``start + j * block_size`` of ``dest.kv``; ``dest.layer_ready(n)`` is called as layers
-        complete; the last layer is released only once every block's CRC32 has checked. Returns the
+        complete; the last layer is released only once every block's checksum has matched. Returns the
         number of leading blocks that arrived whole and verified; when that is fewer than
         ``len(keys)`` (a block missing, corrupt or late, an instance gone), ``dest.fail`` was called
         and the caller recomputes past that point. Each key is asked of its first owner only.

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import zlib
 from collections.abc import Awaitable, Callable, Iterable
 
 import msgspec
@@ -23,6 +22,7 @@ from nats.js.api import ConsumerConfig, RetentionPolicy, StorageType, StreamConf
 from nats.js.errors import BadRequestError
 
 from .log import get_logger
+from . import checksum as sums
 from .protocol import CHUNK_DATA_BYTES, NO_BLOB_CHECKSUM, Chunk, ChunkAck, Subjects, decode, encode
 
 log = get_logger("bus")
@@ -133,15 +133,11 @@ async def work_subscription(js, stream: str, subject: str, durable: str, ack_wai
     return await js.pull_subscribe(subject, durable=durable, stream=stream, config=cfg)
 
 
-def crc32(data) -> int:
-    return zlib.crc32(data) & 0xFFFFFFFF
+ASIDE_SUM_BYTES = 8 << 20  # smaller sums take about as long as a thread hand-off
 
 
-ASIDE_CRC_BYTES = 1 << 20  # smaller sums take less than a thread hand-off
-
-
-async def _crc32_aside(data) -> int:
-    return crc32(data) if len(data) < ASIDE_CRC_BYTES else await asyncio.to_thread(crc32, data)
+async def _checksum_aside(data) -> int:
+    return sums.checksum(data) if len(data) < ASIDE_SUM_BYTES else await asyncio.to_thread(sums.checksum, data)
 
 
 async def _send_chunk(nc: NATS, subject: str, transfer_id: str, payload: bytes, ask: bool, timeout: float) -> None:
@@ -189,23 +185,23 @@ async def send_blob(
     ``checksum=False`` for data that carries its own checksum (an encoded KV block).
     ``available(end)``, for data still being produced while it is sent (a prompt's KV, layer by
     layer): awaited before each chunk, it returns once bytes ``[0, end)`` are final (or raises to
-    abandon the transfer). The CRC32 of such a blob is then taken chunk by chunk as they go and
+    abandon the transfer). The checksum of such a blob is then taken chunk by chunk as they go and
     carried by its last chunk, whose value is the one the receiver checks."""
     view = memoryview(data).cast("B")
     total = len(view)
     count = max(1, -(-total // chunk_bytes))
     streamed = available is not None
-    whole = crc32(view) if checksum and not streamed else NO_BLOB_CHECKSUM
-    running = 0
+    whole = sums.checksum(view) if checksum and not streamed else NO_BLOB_CHECKSUM
+    running = sums.Running()
     for i in range(count):
         lo, hi = i * chunk_bytes, min(total, (i + 1) * chunk_bytes)
         last = i == count - 1
         if streamed:
             await available(hi)
             if checksum:
-                running = zlib.crc32(view[lo:hi], running)
+                running.update(view[lo:hi])
                 if last:
-                    whole = running & 0xFFFFFFFF
+                    whole = running.intdigest()
         payload = encode(Chunk(transfer_id=transfer_id, index=i, count=count, offset=lo, total_bytes=total,
                                checksum=whole, data=view[lo:hi], meta=meta if i == 0 else b""))
         await _send_chunk(nc, subject, transfer_id, payload, (i + 1) % window == 0 or last, timeout)
@@ -275,9 +271,9 @@ class BlobAssembler:
         done = part is not None and part.next_index == part.count
         if done:
             del self._partials[tid]
-            # in a worker thread (zlib lets go of the GIL): tens of megabytes would hold the event
+            # in a worker thread (the sum lets go of the GIL): tens of megabytes would hold the event
             # loop, and with it a decode instance's next step, for as long as the sum takes
-            if part.checksum != NO_BLOB_CHECKSUM and await _crc32_aside(part.buf) != part.checksum:
+            if part.checksum != NO_BLOB_CHECKSUM and await _checksum_aside(part.buf) != part.checksum:
                 error = "checksum mismatch"
                 self._failed[tid] = error
             else:

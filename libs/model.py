@@ -361,7 +361,7 @@ class PrefillKV:
     The other way round, the model marks each layer ``computed`` once its last new position is
     written, so the request's KV can leave for decode layer by layer while the later layers still
     run (layer ``i``'s bytes are one contiguous range of ``kv``). A layer is ``sendable`` when it is
-    computed and the whole past is verified: a pool past counts only once every block's CRC32 has
+    computed and the whole past is verified: a pool past counts only once every block's checksum has
     checked, so bytes computed over a past that later proves corrupt never leave. ``watch`` sets a
     callback for every change of state (called on the thread that made it).
     """

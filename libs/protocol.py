@@ -336,11 +336,11 @@ class Chunk(msgspec.Struct, kw_only=True, array_like=True):
     """One piece of a binary blob (KV of a request, a cache block) at most ``CHUNK_DATA_BYTES``.
 
     ``meta`` travels on chunk 0 only: the msgpack of the Struct that describes the blob.
-    ``checksum`` is the CRC32 of the whole blob, checked by the receiver after reassembly, or
-    ``NO_BLOB_CHECKSUM`` for a blob whose content carries its own (KV blocks: their CRC32 is
+    ``checksum`` is the XXH3-64 of the whole blob, checked by the receiver after reassembly, or
+    ``NO_BLOB_CHECKSUM`` for a blob whose content carries its own (KV blocks: their checksum is
     checked end to end by whoever decodes them), so the bytes are not checksummed twice. The
     receiver checks the value of the last chunk: a blob sent while it is still being produced (a
-    prompt's KV, layer by layer) knows its CRC32 only then and carries ``NO_BLOB_CHECKSUM`` before.
+    prompt's KV, layer by layer) knows its checksum only then and carries ``NO_BLOB_CHECKSUM`` before.
     """
 
     transfer_id: str
@@ -413,7 +413,7 @@ class BlockHeader(msgspec.Struct, kw_only=True, array_like=True):
 
     shape: list[int]
     dtype: str
-    checksum: int  # CRC32 of the block's whole data, as stored
+    checksum: int  # XXH3-64 of the block's whole data, as stored
 
 
 class CacheGetReply(msgspec.Struct, kw_only=True):
@@ -427,7 +427,7 @@ class LayerPiece(msgspec.Struct, kw_only=True, array_like=True):
     """Part of a layered get: layer ``layer`` of the found blocks ``first .. first + count - 1``,
     their ``[2, num_kv_heads, block_size, head_dim]`` slices one after another (each a contiguous
     range of its block's data). A sender's pieces go layer by layer, so a block's slices arrive in
-    layer order and its CRC32 can be checked once its last layer is in. The last piece of each
+    layer order and its checksum can be checked once its last layer is in. The last piece of each
     window is sent as a request: the sender waits for the reader's ``ChunkAck`` before going on."""
 
     transfer_id: str

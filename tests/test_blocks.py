@@ -168,6 +168,38 @@ def test_shape_mismatch_is_detected():
         decode_block(msgspec.msgpack.encode(blk))
 
 
+def test_block_of_the_crc32_format_is_refused_not_misread():
+    """A block written by format 1 (its checksum a CRC32), as an older pool's LMDB file holds it,
+    is a miss: refused as another format, not taken for a corrupt or a valid block."""
+    import zlib
+
+    t = torch.randn(2, 2, 2, 4, 8)
+    blk = msgspec.msgpack.decode(encode_block(b"k" * 16, t), type=KVBlock)
+    old = KVBlock(v=1, key=blk.key, shape=blk.shape, dtype=blk.dtype, checksum=zlib.crc32(blk.data), data=blk.data)
+    with pytest.raises(BlockCorrupt, match="format version 1"):
+        decode_block(msgspec.msgpack.encode(old))
+
+
+def test_running_checksum_of_pieces_in_order_is_the_checksum_of_the_whole():
+    """What a streamed hand-off and a layered load rely on: the sum taken piece by piece equals
+    the one of the whole buffer, and any piece changed or out of order changes it."""
+    from yuebing.libs.checksum import Running, checksum
+
+    data = torch.randn(3, 1000).numpy().tobytes()
+    pieces = [data[i : i + 777] for i in range(0, len(data), 777)]
+    run = Running()
+    for piece in pieces:
+        run.update(piece)
+    assert run.intdigest() == checksum(data) == checksum(memoryview(bytearray(data)))
+    swapped = Running()
+    for piece in [pieces[1], pieces[0], *pieces[2:]]:
+        swapped.update(piece)
+    assert swapped.intdigest() != checksum(data)
+    flipped = bytearray(data)
+    flipped[1234] ^= 0x80
+    assert checksum(flipped) != checksum(data)
+
+
 def test_encode_rejects_wrong_layout():
     with pytest.raises(ValueError):
         encode_block(b"k" * 16, torch.zeros(2, 3, 4))

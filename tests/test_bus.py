@@ -3,7 +3,8 @@
 import asyncio
 import os
 
-from yuebing.libs.bus import BlobAssembler, connect, crc32, send_blob, synced
+from yuebing.libs.bus import BlobAssembler, connect, send_blob, synced
+from yuebing.libs.checksum import checksum
 from yuebing.libs.protocol import NO_BLOB_CHECKSUM, Chunk, ChunkAck, decode, encode
 
 
@@ -27,7 +28,7 @@ async def test_blobs_reassemble_and_bad_checksums_are_refused(nats_server):
             return decode((await nc.request("test.blobs", encode(chunk), timeout=5)).data, ChunkAck)
 
         wrong = Chunk(transfer_id="bad", index=0, count=1, offset=0, total_bytes=len(small),
-                      checksum=crc32(small) ^ 1, data=memoryview(small))
+                      checksum=checksum(small) ^ 1, data=memoryview(small))
         ack = await send(wrong)
         assert not ack.ok and "checksum" in ack.error and "bad" not in got
         # without a blob checksum the bytes are passed on as they are (their reader checks them)
@@ -107,7 +108,7 @@ async def test_a_blob_sent_as_it_is_produced_waits_for_its_bytes_and_is_checked_
         first = Chunk(transfer_id="p", index=0, count=2, offset=0, total_bytes=300, checksum=NO_BLOB_CHECKSUM,
                       data=memoryview(small[:200]))
         await nc.publish("test.stream", encode(first))
-        last = Chunk(transfer_id="p", index=1, count=2, offset=200, total_bytes=300, checksum=crc32(small) ^ 1,
+        last = Chunk(transfer_id="p", index=1, count=2, offset=200, total_bytes=300, checksum=checksum(small) ^ 1,
                      data=memoryview(small[200:]))
         ack = decode((await nc.request("test.stream", encode(last), timeout=5)).data, ChunkAck)
         assert not ack.ok and "checksum" in ack.error and "p" not in got
@@ -115,7 +116,7 @@ async def test_a_blob_sent_as_it_is_produced_waits_for_its_bytes_and_is_checked_
         bent = bytes([small[0] ^ 1]) + small[1:200]
         await nc.publish("test.stream", encode(Chunk(transfer_id="q", index=0, count=2, offset=0, total_bytes=300,
                                                      checksum=NO_BLOB_CHECKSUM, data=memoryview(bent))))
-        last = Chunk(transfer_id="q", index=1, count=2, offset=200, total_bytes=300, checksum=crc32(small),
+        last = Chunk(transfer_id="q", index=1, count=2, offset=200, total_bytes=300, checksum=checksum(small),
                      data=memoryview(small[200:]))
         ack = decode((await nc.request("test.stream", encode(last), timeout=5)).data, ChunkAck)
         assert not ack.ok and "checksum" in ack.error and "q" not in got

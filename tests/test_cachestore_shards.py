@@ -278,9 +278,9 @@ def _pieces(tid: str, blocks: list[torch.Tensor]):
 
 
 def _expect(load, keys, blocks, checksums=None):
-    import zlib
+    from yuebing.libs.checksum import checksum
 
-    sums = checksums or [zlib.crc32(b.contiguous().numpy().tobytes()) for b in blocks]
+    sums = checksums or [checksum(b.contiguous().numpy().tobytes()) for b in blocks]
     headers = [BlockHeader(shape=list(LAYERED), dtype="float32", checksum=c) for c in sums]
     load.expect(CacheGetReply(found=keys, headers=headers, transfer_id="t1"), keys, list(range(len(keys))))
     load.announced()
@@ -294,7 +294,9 @@ def test_layered_load_holds_back_the_last_layer_until_every_checksum_checks():
     blocks = [layered_block(i) for i in range(4)]
     dest = layered_dest(4 * bs + 1, 4 * bs)
     load = _LayeredLoad(keys, dest, 0)
-    sums = [__import__("zlib").crc32(b.contiguous().numpy().tobytes()) for b in blocks]
+    from yuebing.libs.checksum import checksum
+
+    sums = [checksum(b.contiguous().numpy().tobytes()) for b in blocks]
     sums[2] ^= 1  # block 2's data does not match its stored checksum
     _expect(load, keys, blocks, sums)
     pieces = list(_pieces("t1", blocks))
@@ -311,7 +313,7 @@ def test_layered_load_holds_back_the_last_layer_until_every_checksum_checks():
     load = _LayeredLoad(keys, good, 0)
     _expect(load, keys, blocks)
     pieces = list(_pieces("t1", blocks))
-    load._place(pieces[1])  # layer 1 before layer 0: no block's CRC can be trusted
+    load._place(pieces[1])  # layer 1 before layer 0: no block's checksum can be trusted
     for p in [pieces[0], *pieces[2:]]:
         load._place(p)
     assert good.failed and load.finish() == 0

@@ -85,7 +85,7 @@ async def test_the_stream_sends_the_chunks_of_computed_layers_and_the_rest_as_th
             assert len(seen) == want and not send.done()
         compute(LAYERS - 1)
         await asyncio.wait_for(send, 5)
-        assert got["cold"] == final.numpy().tobytes()  # whole and checked by its last chunk's CRC32
+        assert got["cold"] == final.numpy().tobytes()  # whole and checked by its last chunk's checksum
 
         # over a pool past: nothing leaves before the past has verified, then everything computed
         warm_kv = final.clone()

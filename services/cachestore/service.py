@@ -245,7 +245,7 @@ class CacheStoreService(Service):
             for n, group in todo:  # shared: each sender takes the next blob
                 meta = CacheGetMeta(keys=[k for k, _ in group], sizes=[len(v) for _, v in group])
                 data = group[0][1] if len(group) == 1 else b"".join(v for _, v in group)
-                # each block carries its CRC32, checked by the reader: no second checksum of the blob
+                # each block carries its checksum, checked by the reader: no second checksum of the blob
                 await send_blob(self.nc, subject, f"{tid}.{n}", data, meta=encode(meta), checksum=False)
 
         tasks = [asyncio.ensure_future(sender()) for _ in range(min(GET_BLOBS_IN_FLIGHT, len(groups)))]
