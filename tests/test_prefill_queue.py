@@ -80,3 +80,29 @@ def test_lost_instances_and_done_reports_that_never_come_are_forgotten():
     assert q.pending("p0") == 1
     q.drop_instance("p1")
     assert q.pending("p1") == 0 and q.seconds("p1", now=31.0) == 0.0
+
+
+def test_the_task_at_the_head_counts_only_what_is_left_of_its_compute():
+    q = _trained()
+    q.placed("p0", "a", 5.0, 400, now=0.0)  # an idle instance takes it up at once; hand-off 0.5 s
+    q.placed("p0", "b", 1.0, 100, now=1.0)  # waits behind a: 1.0 + 0.2
+    assert q.seconds("p0", now=0.0) == pytest.approx(5.5 + 1.2)
+    assert q.seconds("p0", now=4.0) == pytest.approx(1.5 + 1.2)  # a is 4 s into its 5
+    assert q.seconds("p0", now=9.0) == pytest.approx(0.5 + 1.2)  # a overdue: only its hand-off
+    q.first_token("p0", "a", now=5.0)
+    q.done("p0", "a", 400, 0.5, now=5.5)  # b starts now
+    assert q.seconds("p0", now=5.5) == pytest.approx(1.2)
+    assert q.seconds("p0", now=6.0) == pytest.approx(0.5 + 0.2)
+
+
+def test_a_start_is_only_known_from_an_idle_instance_or_the_done_report_ahead():
+    q = _trained()
+    q.placed("p0", "a", 2.0, 100)  # untracked start: counted whole until its first token
+    assert q.seconds("p0", now=100.0) == pytest.approx(2.2)
+    q.placed("p1", "x", 2.0, 100, now=0.0)
+    q.placed("p1", "y", 2.0, 100, now=0.0)
+    assert q.seconds("p1", now=1.0) == pytest.approx(1.2 + 2.2)  # y has not started: whole
+    q.done("p1", "zz", 0, 0.0, now=1.0)  # a report of no task here starts nothing
+    assert q.seconds("p1", now=1.5) == pytest.approx(0.7 + 2.2)
+    q.done("p1", "x", 0, 0.0, now=1.5)  # x failed early: y starts
+    assert q.seconds("p1", now=2.5) == pytest.approx(1.2)

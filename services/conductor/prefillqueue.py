@@ -11,6 +11,12 @@ relies on them.
 So a task counts its predicted compute while it waits, and its predicted hand-off tail until the
 instance says it is done with it. The tail is fitted on those done reports as a fixed part plus a
 part per position of KV handed off.
+
+An instance serves its tasks one at a time in the order they were placed, so the task at the head
+started when the one before it was done (or when it was placed on an idle instance); from then on
+it counts only what is left of its predicted compute. Counted whole until its first token, a long
+prompt near its end kept its instance looking busy for seconds after it was all but free, and new
+prompts, its prefix's next turns among them, went to instances with less to reuse.
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ class HandOffModel:
 class _Task:
     compute: float  # predicted seconds of the prompt's own compute (its pool load included)
     tokens: int  # positions of KV it will hand off
+    started_at: float | None = None  # when the instance took it up (None: still waiting, or unknown)
     first_token_at: float | None = None
 
 
@@ -77,20 +84,28 @@ class PrefillQueues:
         self.lost_after = lost_after
         self._tasks: dict[str, dict[str, _Task]] = {}
 
-    def placed(self, instance_id: str, request_id: str, compute_seconds: float, tokens: int) -> None:
-        self._tasks.setdefault(instance_id, {})[request_id] = _Task(max(0.0, compute_seconds), tokens)
+    def placed(self, instance_id: str, request_id: str, compute_seconds: float, tokens: int,
+               now: float | None = None) -> None:
+        """A task sent to the instance at ``now`` (None: its start is not tracked, its whole
+        compute counts until its first token)."""
+        tasks = self._tasks.setdefault(instance_id, {})
+        idle = not tasks
+        tasks[request_id] = _Task(max(0.0, compute_seconds), tokens, started_at=now if idle else None)
 
     def first_token(self, instance_id: str, request_id: str, now: float) -> None:
         task = self._tasks.get(instance_id, {}).get(request_id)
         if task is not None:
             task.first_token_at = now
 
-    def done(self, instance_id: str, request_id: str, tokens: int, tail_seconds: float) -> None:
-        """The instance is free of the task; ``tokens`` > 0 when it handed off that many positions
-        in ``tail_seconds`` after the first token (a sample of the hand-off model)."""
+    def done(self, instance_id: str, request_id: str, tokens: int, tail_seconds: float,
+             now: float | None = None) -> None:
+        """The instance is free of the task at ``now``; ``tokens`` > 0 when it handed off that many
+        positions in ``tail_seconds`` after the first token (a sample of the hand-off model)."""
         tasks = self._tasks.get(instance_id)
-        if tasks is not None:
-            tasks.pop(request_id, None)
+        if tasks is not None and tasks.pop(request_id, None) is not None and now is not None:
+            head = next(iter(tasks.values()), None)  # the instance takes up the next one now
+            if head is not None and head.started_at is None and head.first_token_at is None:
+                head.started_at = now
         if tokens > 0:
             self.handoff.observe(tokens, tail_seconds)
 
@@ -100,7 +115,8 @@ class PrefillQueues:
         for task in self._tasks.get(instance_id, {}).values():
             tail = self.handoff.seconds(task.tokens)
             if task.first_token_at is None:
-                total += task.compute + tail
+                left = task.compute if task.started_at is None else max(0.0, task.compute - (now - task.started_at))
+                total += left + tail
             else:  # computed: what is left of its hand-off
                 total += max(0.0, tail - (now - task.first_token_at))
         return total

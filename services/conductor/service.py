@@ -160,7 +160,7 @@ class ConductorService(Service):
             r = decode(msg.data, PrefillDone)
         except _BAD:
             return
-        self.queues.done(r.instance_id, r.request_id, r.kv_tokens, r.tail_seconds)
+        self.queues.done(r.instance_id, r.request_id, r.kv_tokens, r.tail_seconds, time.monotonic())
         fixed, per_token = self.queues.handoff.coef
         HANDOFF_SECONDS.labels(part="fixed").set(fixed)
         HANDOFF_SECONDS.labels(part="per_token").set(per_token)
@@ -345,7 +345,8 @@ class ConductorService(Service):
 
     def _placed(self, request_id: str, placement, prompt_len: int) -> None:
         _remember(self._predicted_ttft, request_id, placement.predicted_ttft)
-        self.queues.placed(placement.prefill_id, request_id, placement.predicted_prefill, prompt_len)
+        self.queues.placed(placement.prefill_id, request_id, placement.predicted_prefill, prompt_len,
+                           time.monotonic())
         inst = self.registry.get("decode", placement.decode_id)
         if inst is not None:
             inst.placed_since_beat += 1
