@@ -219,9 +219,9 @@ def uninitialized(n: int) -> memoryview:
 class _Partial:
     __slots__ = ("buf", "count", "next_index", "checksum", "meta", "seen")
 
-    def __init__(self, first: Chunk):
+    def __init__(self, first: Chunk, alloc: Callable[[int], memoryview]):
         # a blob in one chunk (the usual cache block) is taken as it is: no zero-filled buffer first
-        self.buf = bytearray(first.data) if first.count == 1 else uninitialized(first.total_bytes)
+        self.buf = bytearray(first.data) if first.count == 1 else alloc(first.total_bytes)
         self.count = first.count
         self.next_index = 0
         self.checksum = first.checksum
@@ -242,11 +242,16 @@ class BlobAssembler:
     ``on_blob(transfer_id, meta, data)`` is called once per complete, checksum-verified blob.
     A missing chunk, a checksum mismatch, or an error returned or raised by ``on_blob`` fails the
     transfer: the sender gets a negative ack.
+
+    ``alloc(n)`` gives the writable buffer a blob of more than one chunk is written into (default:
+    fresh memory each time); a receiver that recycles its buffers passes its own.
     """
 
-    def __init__(self, nc: NATS, on_blob: BlobHandler, *, stale_after: float = 60.0):
+    def __init__(self, nc: NATS, on_blob: BlobHandler, *, stale_after: float = 60.0,
+                 alloc: Callable[[int], memoryview] = uninitialized):
         self._nc = nc
         self._on_blob = on_blob
+        self._alloc = alloc
         self._partials: dict[str, _Partial] = {}
         self._failed: dict[str, str] = {}
         self._stale_after = stale_after
@@ -302,7 +307,7 @@ class BlobAssembler:
         if part is None:
             if chunk.index != 0:
                 return f"chunk {chunk.index} arrived before chunk 0"
-            part = self._partials[chunk.transfer_id] = _Partial(chunk)
+            part = self._partials[chunk.transfer_id] = _Partial(chunk, self._alloc)
         if chunk.index != part.next_index:
             return f"expected chunk {part.next_index}, got {chunk.index}"
         start = chunk.offset

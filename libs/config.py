@@ -92,6 +92,7 @@ class Settings(msgspec.Struct, kw_only=True):
     prefill_kv_arena_bytes: int = 256 << 20  # finished prompts' KV memory kept for the next ones (0: none)
     # decode
     max_running: int = 32
+    decode_kv_arena_bytes: int = 256 << 20  # received KV buffers kept for the next hand-offs (0: none)
     # cachestore
     dram_bytes: int = 1 << 30
     disk_bytes: int = 4 << 30

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers.cache_utils import DynamicLayer
 
@@ -310,7 +311,8 @@ class KVArena:
     ``take`` returns the smallest kept buffer that is large enough (or a new one, its size rounded
     up to ``granule`` bytes so that slightly longer prompts fit it later); ``give`` keeps it, the
     least recently given ones dropped beyond ``max_bytes``. A buffer must be given back only once
-    nothing reads or writes it any more; one never given back is simply freed as usual.
+    nothing reads or writes it any more; one never given back is simply freed as usual. ``take``
+    and ``give`` may be called from different threads.
     """
 
     def __init__(self, max_bytes: int, granule: int = 4 << 20):
@@ -322,10 +324,28 @@ class KVArena:
         self.bytes = 0  # kept, not in use
         self.reused = 0
         self.allocated = 0
+        self._lock = threading.Lock()
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(storage, a tensor of ``shape`` and ``dtype`` over its first bytes); contents undefined."""
         need = math.prod(shape) * dtype.itemsize
+        with self._lock:
+            flat = self._take(need)
+        return flat, flat[:need].view(dtype).view(shape)
+
+    def take_bytes(self, n: int) -> memoryview:
+        """A writable buffer of ``n`` bytes, contents undefined, for ``give_bytes``."""
+        with self._lock:
+            flat = self._take(n)
+        return memoryview(flat.numpy()).cast("B")[:n]
+
+    def give_bytes(self, buf: memoryview) -> None:
+        """Keep a buffer from ``take_bytes`` (a slice of one keeps the whole of it)."""
+        whole = buf.obj if isinstance(buf, memoryview) else None
+        if isinstance(whole, np.ndarray) and whole.dtype == np.uint8 and whole.ndim == 1:
+            self.give(torch.from_numpy(whole))
+
+    def _take(self, need: int) -> torch.Tensor:
         best = None
         for i, flat in enumerate(self._free):
             if flat.numel() >= need and (best is None or flat.numel() < self._free[best].numel()):
@@ -337,15 +357,19 @@ class KVArena:
         else:
             flat = torch.empty(max(-(-need // self.granule) * self.granule, self.granule), dtype=torch.uint8)
             self.allocated += 1
-        return flat, flat[:need].view(dtype).view(shape)
+        return flat
 
     def give(self, flat: torch.Tensor) -> None:
-        if flat.numel() > self.max_bytes:
+        n = flat.numel() * flat.element_size()
+        if n > self.max_bytes:
             return
-        self._free.append(flat)
-        self.bytes += flat.numel()
-        while self.bytes > self.max_bytes:
-            self.bytes -= self._free.pop(0).numel()
+        if flat.dtype != torch.uint8 or flat.dim() != 1:
+            flat = flat.view(torch.uint8).view(-1)
+        with self._lock:
+            self._free.append(flat)
+            self.bytes += n
+            while self.bytes > self.max_bytes:
+                self.bytes -= self._free.pop(0).numel()
 
 
 class PrefillKV:

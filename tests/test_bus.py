@@ -8,6 +8,28 @@ from yuebing.libs.checksum import checksum
 from yuebing.libs.protocol import NO_BLOB_CHECKSUM, Chunk, ChunkAck, decode, encode
 
 
+async def test_a_chunked_blob_is_written_into_the_receivers_own_buffer(nats_server):
+    nc = await connect(nats_server.url, "test-bus-alloc")
+    given, got = [], {}
+
+    def alloc(n):
+        buf = memoryview(bytearray(n))
+        given.append(buf)
+        return buf
+
+    asm = BlobAssembler(nc, lambda tid, meta, data: got.setdefault(tid, data) and None, alloc=alloc)
+    sub = await nc.subscribe("test.alloc", cb=asm.handle)
+    try:
+        data = os.urandom(5000)
+        await send_blob(nc, "test.alloc", "t1", data, chunk_bytes=1024, window=2)
+        assert len(given) == 1 and got["t1"] is given[0] and bytes(got["t1"]) == data
+        await send_blob(nc, "test.alloc", "t2", data[:100])  # one chunk: no buffer asked for
+        assert len(given) == 1 and bytes(got["t2"]) == data[:100]
+    finally:
+        await sub.unsubscribe()
+        await nc.close()
+
+
 async def test_blobs_reassemble_and_bad_checksums_are_refused(nats_server):
     nc = await connect(nats_server.url, "test-bus")
     got: dict[str, tuple[bytes, bytes]] = {}

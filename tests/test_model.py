@@ -201,3 +201,18 @@ def test_prefill_in_a_reused_buffer_equals_a_fresh_one(tiny_dir):
         assert torch.equal(logits, warm_logits) and torch.equal(kv, warm_kv)
         buf.release()
     assert runner.arena.allocated == 1
+
+
+def test_kv_arena_byte_buffers_come_back_whole_and_are_reused():
+    from yuebing.libs.model import KVArena
+
+    arena = KVArena(max_bytes=8 << 20, granule=1 << 20)
+    buf = arena.take_bytes(1000)
+    assert len(buf) == 1000 and not buf.readonly and arena.allocated == 1
+    buf[:4] = b"abcd"
+    arena.give_bytes(buf)  # the 1000-byte view hands back its whole 1 MiB storage
+    assert arena.bytes == 1 << 20
+    again = arena.take_bytes(700_000)  # fits the kept storage: the same memory, not a new one
+    assert arena.reused == 1 and arena.allocated == 1 and bytes(again[:4]) == b"abcd"
+    arena.give_bytes(memoryview(bytearray(100)))  # not the arena's: ignored
+    assert arena.bytes == 0

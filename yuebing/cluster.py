@@ -31,7 +31,7 @@ FORWARDED = ("block_size", "threads", "max_running", "dram_bytes", "disk_bytes",
              "request_timeout", "heartbeat_interval", "policy", "use_pool", "prefill_cache_bytes", "cache_replicas",
              "drain_seconds", "no_auth", "engine", "calibration", "colocated", "admission", "ttft_slo", "tbt_slo",
              "slo_classes", "pool_write_backlog_bytes", "disk_sync_seconds", "pool_writes", "peer_fetch",
-             "prefill_kv_arena_bytes")
+             "prefill_kv_arena_bytes", "decode_kv_arena_bytes")
 
 
 @dataclass

@@ -8,8 +8,8 @@ import time
 import msgspec
 import torch
 
-from yuebing.libs.bus import BULK_PENDING_BYTES, BlobAssembler, BlobData
-from yuebing.libs.model import sample_token
+from yuebing.libs.bus import BULK_PENDING_BYTES, BlobAssembler, BlobData, uninitialized
+from yuebing.libs.model import KVArena, sample_token
 from yuebing.libs.protocol import DecodeReport, DecodeTask, KVMeta, Subjects, TokenEvent, decode, encode
 from yuebing.libs.worker import ModelWorker
 
@@ -30,7 +30,12 @@ class DecodeService(ModelWorker):
         self._kv: dict[str, tuple[KVMeta, BlobData, float]] = {}  # request id -> KV waiting for its task
         self._kv_ready: dict[str, asyncio.Event] = {}
         self._wake = asyncio.Event()
-        self._assembler = BlobAssembler(self.nc, self._on_kv)
+        # received KV buffers, kept for the next hand-offs once their sequence joined the batch (a
+        # fresh buffer of tens of MB per hand-off is page-faulted in again on the event loop)
+        self.recv_arena = KVArena(self.settings.decode_kv_arena_bytes) if self.settings.decode_kv_arena_bytes else None
+        self._recv_bufs: dict[str, BlobData] = {}  # request id -> its KV's buffer, until it joins
+        alloc = self.recv_arena.take_bytes if self.recv_arena is not None else uninitialized
+        self._assembler = BlobAssembler(self.nc, self._on_kv, alloc=alloc)
         await self.nc.subscribe(
             Subjects.kv(self.instance_id), cb=self._assembler.handle, pending_bytes_limit=BULK_PENDING_BYTES
         )
@@ -98,6 +103,7 @@ class DecodeService(ModelWorker):
             await asyncio.wait_for(event.wait(), KV_WAIT_SECONDS)
             meta, data, _ = self._kv.pop(rid)
             kv = self._take_kv(meta, data)
+            self._recv_bufs[rid] = data
         except (asyncio.TimeoutError, KeyError, ValueError) as e:
             log.error("kv_missing", error=repr(e))
             await self.emit_error(task.output_id, task.seq_base + len(task.output_token_ids),
@@ -128,6 +134,7 @@ class DecodeService(ModelWorker):
 
     def _drop_kv(self, rid: str) -> None:
         self._kv.pop(rid, None)
+        self._recv_bufs.pop(rid, None)
         self._kv_ready.pop(rid, None)
 
     def on_abort(self, request_id: str) -> None:
@@ -141,8 +148,11 @@ class DecodeService(ModelWorker):
         if plan.leaves:
             self.batch.remove(plan.leaves)
         for seq in plan.joins:
-            self.batch.add(seq.request_id, seq.kv)
+            self.batch.add(seq.request_id, seq.kv)  # copies it: its buffer is free again
             seq.kv = None
+            data = self._recv_bufs.pop(seq.request_id, None)
+            if data is not None and self.recv_arena is not None:
+                self.recv_arena.give_bytes(data)
         if not plan.rows:
             return []
         started = time.perf_counter()
