@@ -111,3 +111,14 @@ def test_a_churning_cache_grows_its_process_by_about_its_capacity():
     # the slab, plus what the freed KV buffers leave in the heap (about 100 MB here); blocks cloned
     # one by one grew the process by ~500 MB for the same 256 MB
     assert grown <= held + 160, f"the process grew {grown} MB for {held} MB of blocks"
+
+
+def test_a_reserved_and_committed_slab_takes_blocks_of_its_shape_only():
+    cache = BlockCache(4 * BLOCK_BYTES)
+    assert cache.reserve(SHAPE, torch.float16) and not cache.reserve(SHAPE, torch.float16)
+    cache.commit()  # every page written once, before any put
+    assert cache.bytes == 0 and len(cache) == 0
+    assert cache.put(key(1), blk(1)) == (True, [])
+    assert cache.put(key(2), torch.zeros(SHAPE, dtype=torch.float32)) == (False, [])  # another dtype
+    assert torch.equal(cache.prefix([key(1)])[0], blk(1))
+    assert not BlockCache(BLOCK_BYTES - 1).reserve(SHAPE, torch.float16)  # no slot fits
