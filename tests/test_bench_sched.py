@@ -12,7 +12,7 @@ import time
 import psutil
 import pytest
 
-from yuebing.bench_sched import PLACEMENT_POLICIES, cpu_use, figures, plan
+from yuebing.bench_sched import PLACEMENT_POLICIES, cpu_use, figures, page_touch_us, plan
 from yuebing.cluster import LocalCluster
 from yuebing.libs.config import from_env
 
@@ -116,7 +116,14 @@ def test_a_cluster_counts_the_cpu_of_its_live_processes_by_kind(tmp_path):
         assert set(used) == {"prefill", "decode"}
         assert used["prefill"] >= 0.5  # both spinning processes, added up
         assert used["decode"] < used["prefill"]
+        system = cluster.cpu_seconds(system_only=True)  # the kernel's part: less than the whole
+        assert set(system) == set(used) and all(0 <= system[k] < used[k] for k in used)
     finally:
         for p in cluster.procs.values():
             p.kill()
             p.wait()
+
+
+def test_the_host_probe_faults_in_fresh_pages_and_reports_a_cost_per_page():
+    took = page_touch_us(mb=8, repeats=3)
+    assert isinstance(took, float) and took > 0

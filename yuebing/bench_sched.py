@@ -10,7 +10,9 @@ per experiment and a final JSON line of the named figures.
 from __future__ import annotations
 
 import asyncio
+import mmap
 import shutil
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -124,6 +126,7 @@ def run_one(run: Run, args, *, model_dir: Path, models_dir: Path, calibration: P
                                    rate=None if rate is None else rate * run.load, vocab=shape.vocab_size,
                                    max_context=shape.max_context, seed=0, start=args.start,
                                    output_scale=args.output_scale)
+    touch_us = page_touch_us()
     t0 = time.perf_counter()
     try:
         cluster.start(ready_timeout=600)
@@ -133,10 +136,12 @@ def run_one(run: Run, args, *, model_dir: Path, models_dir: Path, calibration: P
              + ("peer fetch, " if run.policy == "global_cache_aware" and settings.peer_fetch else "")
              + f"admission {run.admission}); "
              f"replaying {len(requests)} requests")
-        cpu_before, started = cluster.cpu_seconds(), time.perf_counter()
+        cpu_before, sys_before, started = cluster.cpu_seconds(), cluster.cpu_seconds(True), time.perf_counter()
         result = asyncio.run(rp.replay(cluster.url, requests, ttft_slo=ttft_slo, tbt_slo=tbt_slo,
                                        progress=not args.no_progress))
-        cpu = cpu_use(cpu_before, cluster.cpu_seconds(), time.perf_counter() - started, len(available_cores()))
+        wall, cores = time.perf_counter() - started, len(available_cores())
+        cpu = cpu_use(cpu_before, cluster.cpu_seconds(), wall, cores)
+        cpu["cpu_system_seconds"] = cpu_use(sys_before, cluster.cpu_seconds(True), wall, cores)["cpu_seconds"]
     finally:
         cluster.stop()
         if args.keep_data:
@@ -155,13 +160,36 @@ def run_one(run: Run, args, *, model_dir: Path, models_dir: Path, calibration: P
                      "pool_dram_mb": settings.dram_bytes >> 20, "pool_disk_mb": settings.disk_bytes >> 20}
     summary = rp.summarize(result, ttft_slo, tbt_slo)
     summary.update(cpu)
+    summary["host_page_touch_us"] = touch_us
     rp.write_json(result, summary, out_dir / f"{run.name}.json")
     rp.plot(result, summary, out_dir / f"{run.name}.png")
     _say(f"[{run.name}] mean TTFT {summary.get('ttft_mean_ms')} ms, attainment {summary['slo_attainment']}, "
          f"goodput {summary['goodput_rps']} req/s, rejected {summary['rejected']}, failed {summary['failed']}; "
-         f"cores busy {summary['cpu_busy']:.0%}, CPU s by process: "
-         + ", ".join(f"{k} {v:.0f}" for k, v in summary["cpu_seconds"].items()))
+         f"cores busy {summary['cpu_busy']:.0%}, CPU s by process (of which system): "
+         + ", ".join(f"{k} {v:.0f} ({summary['cpu_system_seconds'].get(k, 0):.0f})"
+                     for k, v in summary["cpu_seconds"].items())
+         + f"; a fresh page cost {touch_us:.1f} us before the run")
     return summary
+
+
+def page_touch_us(mb: int = 64, repeats: int = 5) -> float:
+    """Median microseconds to fault in one fresh 4 KiB page of anonymous memory (``mb`` MB, written
+    one byte a page). A health figure of the host for the runs: every service pays it for each
+    buffer it takes from the kernel anew, and on a virtual machine that hands freed memory back to
+    its hypervisor it has been seen to move from ~5 to over 40 us between runs of one session,
+    slowing a run far more than any scheduling choice does."""
+    import numpy as np
+
+    page, n = 4096, mb << 20
+    took = []
+    for _ in range(repeats):
+        with mmap.mmap(-1, n) as mem:
+            pages = np.frombuffer(mem, dtype=np.uint8)[::page]
+            started = time.perf_counter()
+            pages[:] = 1
+            took.append((time.perf_counter() - started) / len(pages) * 1e6)
+            del pages  # the map cannot close while a view of it is alive
+    return round(statistics.median(took), 2)
 
 
 def cpu_use(before: dict[str, float], after: dict[str, float], wall: float, cores: int) -> dict:

@@ -237,9 +237,10 @@ class LocalCluster:
         if self.nats is not None:
             self.nats.stop()
 
-    def cpu_seconds(self) -> dict[str, float]:
-        """CPU time (user + system) each kind of process has used so far: the services by kind
-        ("prefill", "decode", ...) and "nats-server". A process that has exited counts nothing."""
+    def cpu_seconds(self, system_only: bool = False) -> dict[str, float]:
+        """CPU time (user + system, or the system part alone) each kind of process has used so
+        far: the services by kind ("prefill", "decode", ...) and "nats-server". A process that has
+        exited counts nothing."""
         pids = [(name.rsplit("-", 1)[0], p.pid) for name, p in self.procs.items()]
         if self.nats is not None and self.nats.proc is not None:
             pids.append(("nats-server", self.nats.proc.pid))
@@ -249,7 +250,7 @@ class LocalCluster:
                 t = psutil.Process(pid).cpu_times()
             except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
                 continue
-            used[kind] = used.get(kind, 0.0) + t.user + t.system
+            used[kind] = used.get(kind, 0.0) + t.system + (0.0 if system_only else t.user)
         return used
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
