@@ -12,7 +12,7 @@ import time
 import psutil
 import pytest
 
-from yuebing.bench_sched import PLACEMENT_POLICIES, cpu_use, figures, page_touch_us, plan
+from yuebing.bench_sched import PLACEMENT_POLICIES, cpu_use, figures, plan
 from yuebing.cluster import LocalCluster
 from yuebing.libs.config import from_env
 
@@ -94,10 +94,15 @@ def test_figures_report_the_ratio_and_whether_the_ordering_holds():
 def test_cpu_use_is_the_difference_per_kind_most_first_and_the_share_of_the_cores():
     before = {"prefill": 10.0, "cachestore": 2.0}
     after = {"prefill": 40.0, "cachestore": 62.0, "nats-server": 8.0}  # nats-server: started after the first look
-    use = cpu_use(before, after, wall=50.0, cores=2)
+    sys_before, sys_after = {"prefill": 1.0, "cachestore": 1.0}, {"prefill": 4.0, "cachestore": 51.0, "nats-server": 2.0}
+    faults_before, faults_after = {"prefill": 100, "cachestore": 10}, {"prefill": 150, "cachestore": 9010, "nats-server": 7}
+    use = cpu_use(before, sys_before, faults_before, after, sys_after, faults_after, wall=50.0, cores=2)
     assert list(use["cpu_seconds"].items()) == [("cachestore", 60.0), ("prefill", 30.0), ("nats-server", 8.0)]
     assert use["cpu_busy"] == 0.98
-    assert cpu_use({}, {}, wall=0.0, cores=2) == {"cpu_seconds": {}, "cpu_busy": 0.0}
+    assert list(use["cpu_system_seconds"].items()) == [("cachestore", 50.0), ("prefill", 3.0), ("nats-server", 2.0)]
+    assert list(use["page_faults"].items()) == [("cachestore", 9000), ("prefill", 50), ("nats-server", 7)]
+    assert cpu_use({}, {}, {}, {}, {}, {}, wall=0.0, cores=2) == {
+        "cpu_seconds": {}, "cpu_busy": 0.0, "cpu_system_seconds": {}, "page_faults": {}}
 
 
 def test_a_cluster_counts_the_cpu_of_its_live_processes_by_kind(tmp_path):
@@ -118,12 +123,10 @@ def test_a_cluster_counts_the_cpu_of_its_live_processes_by_kind(tmp_path):
         assert used["decode"] < used["prefill"]
         system = cluster.cpu_seconds(system_only=True)  # the kernel's part: less than the whole
         assert set(system) == set(used) and all(0 <= system[k] < used[k] for k in used)
+        faults = cluster.page_faults()  # every process has faulted its interpreter in
+        assert set(faults) == {"prefill", "decode"} and all(n > 0 for n in faults.values())
     finally:
         for p in cluster.procs.values():
             p.kill()
             p.wait()
 
-
-def test_the_host_probe_faults_in_fresh_pages_and_reports_a_cost_per_page():
-    took = page_touch_us(mb=8, repeats=3)
-    assert isinstance(took, float) and took > 0

@@ -10,9 +10,7 @@ per experiment and a final JSON line of the named figures.
 from __future__ import annotations
 
 import asyncio
-import mmap
 import shutil
-import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -126,7 +124,6 @@ def run_one(run: Run, args, *, model_dir: Path, models_dir: Path, calibration: P
                                    rate=None if rate is None else rate * run.load, vocab=shape.vocab_size,
                                    max_context=shape.max_context, seed=0, start=args.start,
                                    output_scale=args.output_scale)
-    touch_us = page_touch_us()
     t0 = time.perf_counter()
     try:
         cluster.start(ready_timeout=600)
@@ -136,12 +133,12 @@ def run_one(run: Run, args, *, model_dir: Path, models_dir: Path, calibration: P
              + ("peer fetch, " if run.policy == "global_cache_aware" and settings.peer_fetch else "")
              + f"admission {run.admission}); "
              f"replaying {len(requests)} requests")
-        cpu_before, sys_before, started = cluster.cpu_seconds(), cluster.cpu_seconds(True), time.perf_counter()
+        before = cluster.cpu_seconds(), cluster.cpu_seconds(system_only=True), cluster.page_faults()
+        started = time.perf_counter()
         result = asyncio.run(rp.replay(cluster.url, requests, ttft_slo=ttft_slo, tbt_slo=tbt_slo,
                                        progress=not args.no_progress))
-        wall, cores = time.perf_counter() - started, len(available_cores())
-        cpu = cpu_use(cpu_before, cluster.cpu_seconds(), wall, cores)
-        cpu["cpu_system_seconds"] = cpu_use(sys_before, cluster.cpu_seconds(True), wall, cores)["cpu_seconds"]
+        cpu = cpu_use(*before, cluster.cpu_seconds(), cluster.cpu_seconds(system_only=True), cluster.page_faults(),
+                      wall=time.perf_counter() - started, cores=len(available_cores()))
     finally:
         cluster.stop()
         if args.keep_data:
@@ -160,7 +157,6 @@ def run_one(run: Run, args, *, model_dir: Path, models_dir: Path, calibration: P
                      "pool_dram_mb": settings.dram_bytes >> 20, "pool_disk_mb": settings.disk_bytes >> 20}
     summary = rp.summarize(result, ttft_slo, tbt_slo)
     summary.update(cpu)
-    summary["host_page_touch_us"] = touch_us
     rp.write_json(result, summary, out_dir / f"{run.name}.json")
     rp.plot(result, summary, out_dir / f"{run.name}.png")
     _say(f"[{run.name}] mean TTFT {summary.get('ttft_mean_ms')} ms, attainment {summary['slo_attainment']}, "
@@ -168,37 +164,26 @@ def run_one(run: Run, args, *, model_dir: Path, models_dir: Path, calibration: P
          f"cores busy {summary['cpu_busy']:.0%}, CPU s by process (of which system): "
          + ", ".join(f"{k} {v:.0f} ({summary['cpu_system_seconds'].get(k, 0):.0f})"
                      for k, v in summary["cpu_seconds"].items())
-         + f"; a fresh page cost {touch_us:.1f} us before the run")
+         + f"; page faults {sum(summary['page_faults'].values()) / 1e6:.2f} M")
     return summary
 
 
-def page_touch_us(mb: int = 64, repeats: int = 5) -> float:
-    """Median microseconds to fault in one fresh 4 KiB page of anonymous memory (``mb`` MB, written
-    one byte a page). A health figure of the host for the runs: every service pays it for each
-    buffer it takes from the kernel anew, and on a virtual machine that hands freed memory back to
-    its hypervisor it has been seen to move from ~5 to over 40 us between runs of one session,
-    slowing a run far more than any scheduling choice does."""
-    import numpy as np
+def cpu_use(cpu_before: dict[str, float], system_before: dict[str, float], faults_before: dict[str, float],
+            cpu_after: dict[str, float], system_after: dict[str, float], faults_after: dict[str, float], *,
+            wall: float, cores: int) -> dict:
+    """What each kind of process used between two snapshots of ``LocalCluster.cpu_seconds`` (all,
+    and the system part) and ``page_faults``, most first, and the share of the host's cores kept
+    busy over ``wall`` seconds. A run whose processes spend much of their time in the kernel, on
+    each fault of a fresh page, measures its host more than its scheduling: on a virtual machine
+    that hands freed memory back to its hypervisor, a fault has cost from a few to over 100 us."""
+    def diff(before, after, nd):
+        used = {k: max(0, after[k] - before.get(k, 0)) for k in after}
+        return dict(sorted(((k, round(v, nd)) for k, v in used.items()), key=lambda kv: -kv[1]))
 
-    page, n = 4096, mb << 20
-    took = []
-    for _ in range(repeats):
-        with mmap.mmap(-1, n) as mem:
-            pages = np.frombuffer(mem, dtype=np.uint8)[::page]
-            started = time.perf_counter()
-            pages[:] = 1
-            took.append((time.perf_counter() - started) / len(pages) * 1e6)
-            del pages  # the map cannot close while a view of it is alive
-    return round(statistics.median(took), 2)
-
-
-def cpu_use(before: dict[str, float], after: dict[str, float], wall: float, cores: int) -> dict:
-    """CPU seconds each kind of process used between two ``LocalCluster.cpu_seconds`` snapshots
-    (most first), and the share of the host's cores they kept busy over ``wall`` seconds."""
-    used = {k: max(0.0, after[k] - before.get(k, 0.0)) for k in after}
-    used = dict(sorted(((k, round(v, 1)) for k, v in used.items()), key=lambda kv: -kv[1]))
+    used = diff(cpu_before, cpu_after, 1)
     busy = sum(used.values()) / (wall * cores) if wall > 0 and cores > 0 else 0.0
-    return {"cpu_seconds": used, "cpu_busy": round(busy, 3)}
+    return {"cpu_seconds": used, "cpu_busy": round(busy, 3), "cpu_system_seconds": diff(system_before, system_after, 1),
+            "page_faults": diff(faults_before, faults_after, 0)}
 
 
 COLS = ("run", "requests", "completed", "rejected", "failed", "ttft_mean_ms", "ttft_p90_ms", "tbt_p90_ms",

@@ -237,21 +237,36 @@ class LocalCluster:
         if self.nats is not None:
             self.nats.stop()
 
-    def cpu_seconds(self, system_only: bool = False) -> dict[str, float]:
-        """CPU time (user + system, or the system part alone) each kind of process has used so
-        far: the services by kind ("prefill", "decode", ...) and "nats-server". A process that has
-        exited counts nothing."""
+    def _pids(self) -> list[tuple[str, int]]:
+        """(kind, pid) of every process: the services by kind ("prefill", "decode", ...) and "nats-server"."""
         pids = [(name.rsplit("-", 1)[0], p.pid) for name, p in self.procs.items()]
         if self.nats is not None and self.nats.proc is not None:
             pids.append(("nats-server", self.nats.proc.pid))
+        return pids
+
+    def cpu_seconds(self, system_only: bool = False) -> dict[str, float]:
+        """CPU time (user + system, or the system part alone) each kind of process has used so
+        far. A process that has exited counts nothing."""
         used: dict[str, float] = {}
-        for kind, pid in pids:
+        for kind, pid in self._pids():
             try:
                 t = psutil.Process(pid).cpu_times()
             except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
                 continue
             used[kind] = used.get(kind, 0.0) + t.system + (0.0 if system_only else t.user)
         return used
+
+    def page_faults(self) -> dict[str, float]:
+        """Page faults (minor and major) each kind of process has taken so far: every page a
+        service takes anew from the kernel. Read from /proc; empty where there is none."""
+        faults: dict[str, float] = {}
+        for kind, pid in self._pids():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            faults[kind] = faults.get(kind, 0) + int(fields[7]) + int(fields[9])  # minflt, majflt
+        return faults
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         self.procs[name].send_signal(sig)
