@@ -94,6 +94,20 @@ def _quote(items: list[str]) -> str:
     return "[" + ", ".join(f'"{i}"' for i in items) + "]"
 
 
+def server_env(env) -> dict[str, str]:
+    """The server's environment: ``env`` with the Go runtime told to give freed heap back to the
+    kernel lazily (MADV_FREE) rather than at once (MADV_DONTNEED), unless ``GODEBUG`` already says.
+    Every message the server relays passes through its heap; given back at once, each page is
+    faulted in again for the next messages. Measured on a global_cache_aware replay (600 requests,
+    8P+8D): 555k page faults of the server down to 18k, its system CPU halved. Memory so freed
+    still counts in the server's RSS until the kernel needs it."""
+    env = dict(env)
+    godebug = env.get("GODEBUG", "")
+    if "madvdontneed=" not in godebug:
+        env["GODEBUG"] = ",".join(filter(None, [godebug, "madvdontneed=0"]))
+    return env
+
+
 class NatsServer:
     """A nats-server with JetStream, listening on loopback, its store under ``store_dir``.
 
@@ -163,6 +177,7 @@ class NatsServer:
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         self.proc = subprocess.Popen(
             [nats_server_binary(), "-c", str(conf)],
+            env=server_env(os.environ),
             stdout=out,
             stderr=out,
             start_new_session=True,

@@ -191,3 +191,14 @@ async def test_synced_subscription_sees_the_next_publish_of_another_connection(n
     finally:
         await pub_nc.close()
         await sub_nc.close()
+
+
+def test_the_nats_server_gives_freed_heap_back_lazily_unless_told_otherwise(nats_server):
+    from yuebing.libs.natsserver import server_env
+
+    environ = dict(e.split("=", 1) for e in
+                   open(f"/proc/{nats_server.proc.pid}/environ").read().split("\0") if "=" in e)
+    assert environ["GODEBUG"].endswith("madvdontneed=0")  # the server started so
+    assert server_env({"GODEBUG": "gctrace=1"})["GODEBUG"] == "gctrace=1,madvdontneed=0"  # kept, added to
+    assert server_env({"GODEBUG": "madvdontneed=1"})["GODEBUG"] == "madvdontneed=1"  # an operator's choice stands
+    assert server_env({})["GODEBUG"] == "madvdontneed=0"
