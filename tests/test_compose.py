@@ -16,6 +16,7 @@ def _compose():
 def test_compose_has_nats_with_jetstream_and_every_service():
     services = _compose()["services"]
     assert "-js" in services["nats"]["command"]
+    assert services["nats"]["environment"]["GODEBUG"] == "madvdontneed=0"  # as the local cluster's server
     for kind in SERVICES:
         assert kind in services, kind
         cmd = services[kind]["command"]

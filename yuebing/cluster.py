@@ -256,10 +256,10 @@ class LocalCluster:
             used[kind] = used.get(kind, 0.0) + t.system + (0.0 if system_only else t.user)
         return used
 
-    def page_faults(self) -> dict[str, float]:
+    def page_faults(self) -> dict[str, int]:
         """Page faults (minor and major) each kind of process has taken so far: every page a
         service takes anew from the kernel. Read from /proc; empty where there is none."""
-        faults: dict[str, float] = {}
+        faults: dict[str, int] = {}
         for kind, pid in self._pids():
             try:
                 fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
