@@ -137,6 +137,10 @@ class ModelShape:
     def kv_bytes_per_token(self) -> int:
         return self.num_layers * 2 * self.num_kv_heads * self.head_dim * self.dtype.itemsize
 
+    def kv_dims(self, length: int) -> tuple[int, ...]:
+        """The wire layout of ``length`` positions of one sequence's KV: [layers, K/V, heads, positions, head_dim]."""
+        return (self.num_layers, 2, self.num_kv_heads, length, self.head_dim)
+
 
 def read_shape(path: Path) -> ModelShape:
     from transformers import AutoConfig, GenerationConfig
@@ -414,7 +418,7 @@ class PrefillKV:
         from ``arena`` when given (``release`` gives it back)."""
         blocks = [] if past is None else ([past] if isinstance(past, torch.Tensor) else list(past))
         have = sum(b.shape[3] for b in blocks)
-        dims = (shape.num_layers, 2, shape.num_kv_heads, have + pending + new_tokens, shape.head_dim)
+        dims = shape.kv_dims(have + pending + new_tokens)
         storage = None
         if arena is not None:
             storage, kv = arena.take(dims, shape.dtype)

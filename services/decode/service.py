@@ -74,7 +74,7 @@ class DecodeService(ModelWorker):
         ):
             raise ValueError(f"KV shape {meta} does not match this model")
         t = torch.frombuffer(data, dtype=s.dtype)
-        return t.view(s.num_layers, 2, s.num_kv_heads, meta.length, s.head_dim)
+        return t.view(s.kv_dims(meta.length))
 
     # ---- tasks
     async def _pull_loop(self) -> None:

@@ -85,8 +85,7 @@ class PrefillService(ModelWorker):
         await super().setup()
         s = self.settings
         self.blocks = BlockCache(s.prefill_cache_bytes)
-        sh = self.shape
-        if self.blocks.reserve((sh.num_layers, 2, sh.num_kv_heads, s.block_size, sh.head_dim), sh.dtype):
+        if self.blocks.reserve(self.shape.kv_dims(s.block_size), self.shape.dtype):
             await asyncio.to_thread(self.blocks.commit)  # pages in now, not on the first prompts' path
         if s.prefill_kv_arena_bytes and self.runner.arena is None:
             self.runner.arena = KVArena(s.prefill_kv_arena_bytes)
