@@ -96,12 +96,15 @@ def test_cpu_use_is_the_difference_per_kind_most_first_and_the_share_of_the_core
     after = {"prefill": 40.0, "cachestore": 62.0, "nats-server": 8.0}  # nats-server: started after the first look
     sys_before, sys_after = {"prefill": 1.0, "cachestore": 1.0}, {"prefill": 4.0, "cachestore": 51.0, "nats-server": 2.0}
     faults_before, faults_after = {"prefill": 100, "cachestore": 10}, {"prefill": 150, "cachestore": 9010, "nats-server": 7}
-    use = cpu_use(before, sys_before, faults_before, after, sys_after, faults_after, wall=50.0, cores=2)
+    use = cpu_use({"cpu_seconds": before, "cpu_system_seconds": sys_before, "page_faults": faults_before},
+                  {"cpu_seconds": after, "cpu_system_seconds": sys_after, "page_faults": faults_after},
+                  wall=50.0, cores=2)
     assert list(use["cpu_seconds"].items()) == [("cachestore", 60.0), ("prefill", 30.0), ("nats-server", 8.0)]
     assert use["cpu_busy"] == 0.98
     assert list(use["cpu_system_seconds"].items()) == [("cachestore", 50.0), ("prefill", 3.0), ("nats-server", 2.0)]
     assert list(use["page_faults"].items()) == [("cachestore", 9000), ("prefill", 50), ("nats-server", 7)]
-    assert cpu_use({}, {}, {}, {}, {}, {}, wall=0.0, cores=2) == {
+    empty = {"cpu_seconds": {}, "cpu_system_seconds": {}, "page_faults": {}}
+    assert cpu_use(empty, empty, wall=0.0, cores=2) == {
         "cpu_seconds": {}, "cpu_busy": 0.0, "cpu_system_seconds": {}, "page_faults": {}}
 
 
@@ -121,13 +124,13 @@ def test_a_cluster_counts_the_cpu_of_its_live_processes_by_kind(tmp_path):
         assert set(used) == {"prefill", "decode"}
         assert used["prefill"] >= 0.5  # both spinning processes, added up
         assert used["decode"] < used["prefill"]
-        system = cluster.cpu_seconds(system_only=True)  # the kernel's part of the whole
+        use = cluster.usage()
+        system = use["cpu_system_seconds"]  # the kernel's part of the whole
         assert set(system) == set(used) and all(0 <= system[k] <= used[k] for k in used)
         assert system["prefill"] < used["prefill"]  # spinning in Python is user time
-        faults = cluster.page_faults()  # every process has faulted its interpreter in
+        faults = use["page_faults"]  # every process has faulted its interpreter in
         assert set(faults) == {"prefill", "decode"} and all(n > 0 for n in faults.values())
     finally:
         for p in cluster.procs.values():
             p.kill()
             p.wait()
-

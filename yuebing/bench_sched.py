@@ -133,12 +133,10 @@ def run_one(run: Run, args, *, model_dir: Path, models_dir: Path, calibration: P
              + ("peer fetch, " if run.policy == "global_cache_aware" and settings.peer_fetch else "")
              + f"admission {run.admission}); "
              f"replaying {len(requests)} requests")
-        before = cluster.cpu_seconds(), cluster.cpu_seconds(system_only=True), cluster.page_faults()
-        started = time.perf_counter()
+        before, started = cluster.usage(), time.perf_counter()
         result = asyncio.run(rp.replay(cluster.url, requests, ttft_slo=ttft_slo, tbt_slo=tbt_slo,
                                        progress=not args.no_progress))
-        cpu = cpu_use(*before, cluster.cpu_seconds(), cluster.cpu_seconds(system_only=True), cluster.page_faults(),
-                      wall=time.perf_counter() - started, cores=len(available_cores()))
+        cpu = cpu_use(before, cluster.usage(), wall=time.perf_counter() - started, cores=len(available_cores()))
     finally:
         cluster.stop()
         if args.keep_data:
@@ -168,22 +166,21 @@ def run_one(run: Run, args, *, model_dir: Path, models_dir: Path, calibration: P
     return summary
 
 
-def cpu_use(cpu_before: dict[str, float], system_before: dict[str, float], faults_before: dict[str, float],
-            cpu_after: dict[str, float], system_after: dict[str, float], faults_after: dict[str, float], *,
-            wall: float, cores: int) -> dict:
-    """What each kind of process used between two snapshots of ``LocalCluster.cpu_seconds`` (all,
-    and the system part) and ``page_faults``, most first, and the share of the host's cores kept
-    busy over ``wall`` seconds. A run whose processes spend much of their time in the kernel, on
-    each fault of a fresh page, measures its host more than its scheduling: on a virtual machine
-    that hands freed memory back to its hypervisor, a fault has cost from a few to over 100 us."""
-    def diff(before, after, nd):
-        used = {k: max(0, after[k] - before.get(k, 0)) for k in after}
-        return dict(sorted(((k, round(v, nd)) for k, v in used.items()), key=lambda kv: -kv[1]))
-
-    used = diff(cpu_before, cpu_after, 1)
-    busy = sum(used.values()) / (wall * cores) if wall > 0 and cores > 0 else 0.0
-    return {"cpu_seconds": used, "cpu_busy": round(busy, 3), "cpu_system_seconds": diff(system_before, system_after, 1),
-            "page_faults": diff(faults_before, faults_after, 0)}
+def cpu_use(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]], *, wall: float,
+            cores: int) -> dict:
+    """What each kind of process used between two ``LocalCluster.usage`` snapshots (each figure
+    most first), and the share of the host's cores kept busy over ``wall`` seconds. A run whose
+    processes spend much of their time in the kernel, on each fault of a fresh page, measures its
+    host more than its scheduling: on a virtual machine that hands freed memory back to its
+    hypervisor, a fault has cost from a few to over 100 us."""
+    out: dict = {}
+    for name, now in after.items():
+        was, nd = before.get(name, {}), 0 if name == "page_faults" else 1
+        used = {k: round(max(0, v - was.get(k, 0)), nd) for k, v in now.items()}
+        out[name] = dict(sorted(used.items(), key=lambda kv: -kv[1]))
+    busy = sum(out.get("cpu_seconds", {}).values()) / (wall * cores) if wall > 0 and cores > 0 else 0.0
+    out["cpu_busy"] = round(busy, 3)
+    return out
 
 
 COLS = ("run", "requests", "completed", "rejected", "failed", "ttft_mean_ms", "ttft_p90_ms", "tbt_p90_ms",

@@ -244,29 +244,30 @@ class LocalCluster:
             pids.append(("nats-server", self.nats.proc.pid))
         return pids
 
-    def cpu_seconds(self, system_only: bool = False) -> dict[str, float]:
-        """CPU time (user + system, or the system part alone) each kind of process has used so
-        far. A process that has exited counts nothing."""
-        used: dict[str, float] = {}
+    def usage(self) -> dict[str, dict[str, float]]:
+        """What each kind of process has used so far: ``cpu_seconds`` (user + system),
+        ``cpu_system_seconds`` (the kernel's part) and ``page_faults`` (minor and major: every page
+        a service takes anew from the kernel; from /proc, none where there is no /proc). A process
+        that has exited counts nothing."""
+        use: dict[str, dict[str, float]] = {"cpu_seconds": {}, "cpu_system_seconds": {}, "page_faults": {}}
         for kind, pid in self._pids():
             try:
                 t = psutil.Process(pid).cpu_times()
             except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
                 continue
-            used[kind] = used.get(kind, 0.0) + t.system + (0.0 if system_only else t.user)
-        return used
-
-    def page_faults(self) -> dict[str, int]:
-        """Page faults (minor and major) each kind of process has taken so far: every page a
-        service takes anew from the kernel. Read from /proc; empty where there is none."""
-        faults: dict[str, int] = {}
-        for kind, pid in self._pids():
+            figures = {"cpu_seconds": t.user + t.system, "cpu_system_seconds": t.system}
             try:
                 fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                figures["page_faults"] = int(fields[7]) + int(fields[9])  # minflt, majflt
             except OSError:
-                continue
-            faults[kind] = faults.get(kind, 0) + int(fields[7]) + int(fields[9])  # minflt, majflt
-        return faults
+                pass
+            for name, value in figures.items():
+                use[name][kind] = use[name].get(kind, 0) + value
+        return use
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time (user + system) each kind of process has used so far."""
+        return self.usage()["cpu_seconds"]
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         self.procs[name].send_signal(sig)
