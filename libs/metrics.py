@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import weakref
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .stats import nearest_rank
 
@@ -29,3 +32,41 @@ def request_tbt(gaps: list[float]) -> float | None:
     """A request's time between tokens as Mooncake measures it: the 90th percentile of the gaps
     between its consecutive output tokens (nearest rank). None with fewer than two tokens."""
     return nearest_rank(gaps, 90) if gaps else None
+
+
+class KVArenaCollector:
+    """Exports the KV arenas of this process (``KVArena.stats``, summed by arena name): how many
+    buffers were served from kept memory and how many needed fresh memory, which a host pays for
+    in page faults, and what was freed for want of room. Arenas are held weakly."""
+
+    def __init__(self):
+        self._arenas: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # arena -> name
+
+    def add(self, name: str, arena) -> None:
+        self._arenas[arena] = name
+
+    def collect(self):
+        totals: dict[str, dict[str, int]] = {}
+        for arena, name in list(self._arenas.items()):
+            t = totals.setdefault(name, {})
+            for k, v in arena.stats().items():
+                t[k] = t.get(k, 0) + v
+        takes = CounterMetricFamily("yuebing:kv_arena_takes", "KV buffers handed out, by whether kept memory "
+                                    "served them or fresh memory had to be paged in", labels=["arena", "source"])
+        fresh = CounterMetricFamily("yuebing:kv_arena_allocated_bytes", "Fresh memory the arena allocated",
+                                    labels=["arena"])
+        dropped = CounterMetricFamily("yuebing:kv_arena_dropped_bytes", "Memory given back to the arena "
+                                      "beyond its budget, freed", labels=["arena"])
+        kept = GaugeMetricFamily("yuebing:kv_arena_kept_bytes", "Memory the arena keeps for the next buffers",
+                                 labels=["arena"])
+        for name, t in sorted(totals.items()):
+            takes.add_metric([name, "kept"], t["reused"])
+            takes.add_metric([name, "fresh"], t["allocated"])
+            fresh.add_metric([name], t["allocated_bytes"])
+            dropped.add_metric([name], t["dropped_bytes"])
+            kept.add_metric([name], t["kept_bytes"])
+        return [takes, fresh, dropped, kept]
+
+
+KV_ARENAS = KVArenaCollector()
+REGISTRY.register(KV_ARENAS)

@@ -326,8 +326,11 @@ class KVArena:
         self.granule = granule
         self._free: list[torch.Tensor] = []  # flat uint8 storage, least recently given first
         self.bytes = 0  # kept, not in use
-        self.reused = 0
-        self.allocated = 0
+        self.reused = 0  # takes served from kept memory
+        self.allocated = 0  # takes that needed fresh memory (paged in on first touch)
+        self.allocated_bytes = 0
+        self.dropped = 0  # buffers given back but not kept (over ``max_bytes``): freed to the OS
+        self.dropped_bytes = 0
         self._lock = threading.Lock()
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -361,19 +364,31 @@ class KVArena:
         else:
             flat = torch.empty(max(-(-need // self.granule) * self.granule, self.granule), dtype=torch.uint8)
             self.allocated += 1
+            self.allocated_bytes += flat.numel()
         return flat
 
     def give(self, flat: torch.Tensor) -> None:
         n = flat.numel() * flat.element_size()
-        if n > self.max_bytes:
-            return
         if flat.dtype != torch.uint8 or flat.dim() != 1:
             flat = flat.view(torch.uint8).view(-1)
         with self._lock:
+            if n > self.max_bytes:
+                self.dropped += 1
+                self.dropped_bytes += n
+                return
             self._free.append(flat)
             self.bytes += n
             while self.bytes > self.max_bytes:
-                self.bytes -= self._free.pop(0).numel()
+                gone = self._free.pop(0).numel()
+                self.bytes -= gone
+                self.dropped += 1
+                self.dropped_bytes += gone
+
+    def stats(self) -> dict[str, int]:
+        """Counts since start: takes served from kept memory or fresh, buffers freed, bytes kept."""
+        with self._lock:
+            return {"reused": self.reused, "allocated": self.allocated, "allocated_bytes": self.allocated_bytes,
+                    "dropped": self.dropped, "dropped_bytes": self.dropped_bytes, "kept_bytes": self.bytes}
 
 
 class PrefillKV:

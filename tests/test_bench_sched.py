@@ -12,7 +12,7 @@ import time
 import psutil
 import pytest
 
-from yuebing.bench_sched import PLACEMENT_POLICIES, cpu_use, figures, plan
+from yuebing.bench_sched import PLACEMENT_POLICIES, arena_use, cpu_use, figures, plan
 from yuebing.cluster import LocalCluster
 from yuebing.libs.config import from_env
 
@@ -106,6 +106,20 @@ def test_cpu_use_is_the_difference_per_kind_most_first_and_the_share_of_the_core
     empty = {"cpu_seconds": {}, "cpu_system_seconds": {}, "page_faults": {}}
     assert cpu_use(empty, empty, wall=0.0, cores=2) == {
         "cpu_seconds": {}, "cpu_busy": 0.0, "cpu_system_seconds": {}, "page_faults": {}}
+
+
+def test_arena_use_sums_each_arena_over_the_instances_logs(tmp_path):
+    line = ('{{"event": "kv_arena", "arena": "{}", "reused": {}, "allocated": {}, "allocated_bytes": {}, '
+            '"dropped": 1, "dropped_bytes": 1048576, "kept_bytes": 0, "level": "info"}}\n')
+    (tmp_path / "prefill-0.log").write_text('{"event": "service_started"}\nnot json "kv_arena"\n'
+                                            + line.format("prefill", 5, 2, 3 << 20))
+    (tmp_path / "prefill-1.log").write_text(line.format("prefill", 1, 1, 1 << 20))
+    (tmp_path / "decode-0.log").write_text(line.format("decode", 7, 0, 0))
+    (tmp_path / "gateway-0.log").write_text('{"event": "service_started"}\n')
+    assert arena_use(tmp_path) == {
+        "decode": {"kept": 7, "fresh": 0, "fresh_mb": 0.0, "dropped_mb": 1.0},
+        "prefill": {"kept": 6, "fresh": 3, "fresh_mb": 4.0, "dropped_mb": 2.0},
+    }
 
 
 def test_a_cluster_counts_the_cpu_of_its_live_processes_by_kind(tmp_path):

@@ -171,6 +171,36 @@ def test_kv_arena_reuses_the_smallest_fitting_buffer_within_its_budget():
     assert arena.bytes == 9 << 20 and arena.take((3 << 20,), torch.uint8)[0] is fresh
     arena.give(torch.empty(11 << 20, dtype=torch.uint8))  # larger than the whole budget: not kept
     assert arena.bytes == 1 << 20
+    assert arena.stats() == {"reused": 2, "allocated": 3, "allocated_bytes": 12 << 20,
+                             "dropped": 2, "dropped_bytes": 14 << 20, "kept_bytes": 1 << 20}
+
+
+def test_kv_arenas_are_exported_by_name_summed_over_instances():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from yuebing.libs.metrics import KVArenaCollector
+    from yuebing.libs.model import KVArena
+
+    collector, registry = KVArenaCollector(), CollectorRegistry()
+    registry.register(collector)
+    one, two = KVArena(4 << 20, granule=1 << 20), KVArena(4 << 20, granule=1 << 20)
+    collector.add("prefill", one)
+    collector.add("prefill", two)
+    for arena in (one, two):
+        arena.give_bytes(arena.take_bytes(10))
+    one.take_bytes(10)  # from kept memory
+    one.give(torch.empty(5 << 20, dtype=torch.uint8))  # over the budget: freed
+    lines = set(generate_latest(registry).decode().splitlines())
+    assert 'yuebing:kv_arena_takes_total{arena="prefill",source="fresh"} 2.0' in lines
+    assert 'yuebing:kv_arena_takes_total{arena="prefill",source="kept"} 1.0' in lines
+    assert 'yuebing:kv_arena_allocated_bytes_total{arena="prefill"} 2.097152e+06' in lines
+    assert 'yuebing:kv_arena_dropped_bytes_total{arena="prefill"} 5.24288e+06' in lines
+    assert 'yuebing:kv_arena_kept_bytes{arena="prefill"} 1.048576e+06' in lines
+    del one, two, arena  # held weakly: a stopped instance's arena is no longer counted
+    import gc
+
+    gc.collect()
+    assert "arena=" not in generate_latest(registry).decode()
 
 
 def test_prefill_in_a_reused_buffer_equals_a_fresh_one(tiny_dir):

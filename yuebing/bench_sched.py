@@ -10,6 +10,7 @@ per experiment and a final JSON line of the named figures.
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import tempfile
 import time
@@ -139,6 +140,7 @@ def run_one(run: Run, args, *, model_dir: Path, models_dir: Path, calibration: P
         cpu = cpu_use(before, cluster.usage(), wall=time.perf_counter() - started, cores=len(available_cores()))
     finally:
         cluster.stop()
+        arenas = arena_use(cluster.log_dir)
         if args.keep_data:
             _say(f"[{run.name}] cluster files and logs kept in {data_dir}")
         else:
@@ -155,6 +157,7 @@ def run_one(run: Run, args, *, model_dir: Path, models_dir: Path, calibration: P
                      "pool_dram_mb": settings.dram_bytes >> 20, "pool_disk_mb": settings.disk_bytes >> 20}
     summary = rp.summarize(result, ttft_slo, tbt_slo)
     summary.update(cpu)
+    summary["kv_arena"] = arenas
     rp.write_json(result, summary, out_dir / f"{run.name}.json")
     rp.plot(result, summary, out_dir / f"{run.name}.png")
     _say(f"[{run.name}] mean TTFT {summary.get('ttft_mean_ms')} ms, attainment {summary['slo_attainment']}, "
@@ -162,8 +165,34 @@ def run_one(run: Run, args, *, model_dir: Path, models_dir: Path, calibration: P
          f"cores busy {summary['cpu_busy']:.0%}, CPU s by process (of which system): "
          + ", ".join(f"{k} {v:.0f} ({summary['cpu_system_seconds'].get(k, 0):.0f})"
                      for k, v in summary["cpu_seconds"].items())
-         + f"; page faults {sum(summary['page_faults'].values()) / 1e6:.2f} M")
+         + f"; page faults {sum(summary['page_faults'].values()) / 1e6:.2f} M"
+         + "".join(f"; {k} KV buffers {v['kept']} kept / {v['fresh']} fresh ({v['fresh_mb']:.0f} MB), "
+                   f"{v['dropped_mb']:.0f} MB freed" for k, v in arenas.items()))
     return summary
+
+
+def arena_use(log_dir: Path) -> dict[str, dict[str, float]]:
+    """The KV arenas' use over a run, summed over the instances by arena name, from the
+    ``kv_arena`` line each prefill and decode logs at stop: buffers served from kept memory and
+    fresh ones (paged in on first touch), fresh MB, MB given back beyond the budget and freed."""
+    out: dict[str, dict[str, float]] = {}
+    for path in sorted(Path(log_dir).glob("*.log")):
+        with open(path, "rb") as f:
+            for line in f:
+                if b'"kv_arena"' not in line:
+                    continue
+                try:
+                    ev = json.loads(line)
+                except ValueError:
+                    continue
+                if ev.get("event") != "kv_arena":
+                    continue
+                t = out.setdefault(ev.get("arena", "?"), {"kept": 0, "fresh": 0, "fresh_mb": 0.0, "dropped_mb": 0.0})
+                t["kept"] += ev.get("reused", 0)
+                t["fresh"] += ev.get("allocated", 0)
+                t["fresh_mb"] = round(t["fresh_mb"] + ev.get("allocated_bytes", 0) / 2**20, 1)
+                t["dropped_mb"] = round(t["dropped_mb"] + ev.get("dropped_bytes", 0) / 2**20, 1)
+    return out
 
 
 def cpu_use(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]], *, wall: float,

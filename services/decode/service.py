@@ -33,6 +33,8 @@ class DecodeService(ModelWorker):
         # received KV buffers, kept for the next hand-offs once their sequence joined the batch (a
         # fresh buffer of tens of MB per hand-off is page-faulted in again on the event loop)
         self.recv_arena = KVArena(self.settings.decode_kv_arena_bytes) if self.settings.decode_kv_arena_bytes else None
+        if self.recv_arena is not None:
+            self.track_arena("decode", self.recv_arena)
         self._recv_bufs: dict[str, BlobData] = {}  # request id -> its KV's buffer, until it joins
         alloc = self.recv_arena.take_bytes if self.recv_arena is not None else uninitialized
         self._assembler = BlobAssembler(self.nc, self._on_kv, alloc=alloc)

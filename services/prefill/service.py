@@ -89,6 +89,8 @@ class PrefillService(ModelWorker):
             await asyncio.to_thread(self.blocks.commit)  # pages in now, not on the first prompts' path
         if s.prefill_kv_arena_bytes and self.runner.arena is None:
             self.runner.arena = KVArena(s.prefill_kv_arena_bytes)
+        if self.runner.arena is not None:
+            self.track_arena("prefill", self.runner.arena)
         self.cache = CacheClient(self.nc, timeout=CACHE_TIMEOUT, replicas=s.cache_replicas)
         await self.cache.start()
         await self.cache.wait_for_pool(2 * s.heartbeat_interval + 1)  # a pool may not exist: go on
