@@ -14,6 +14,7 @@ import os
 import shutil
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -307,16 +308,18 @@ class PastNotLoaded(RuntimeError):
 
 
 class KVArena:
-    """Keeps the flat storage of finished prompts' KV buffers for the next prompts, as a serving
-    engine keeps its KV memory allocated, instead of giving it back to the OS after every prompt:
-    a fresh buffer of tens of MB is page-faulted in again on first touch, which on a host short of
-    free memory means reclaim on the critical path.
+    """The KV memory of an instance's prompts in flight, allocated once and kept, as a serving
+    engine keeps its KV cache: one slab of ``max_bytes`` that ``commit`` pages in at start, carved
+    into buffers of whole ``granule``s. A buffer taken fresh from the kernel for every prompt is
+    page-faulted in on first touch, which on a host that hands freed memory back to its hypervisor
+    costs up to tens of microseconds a page.
 
-    ``take`` returns the smallest kept buffer that is large enough (or a new one, its size rounded
-    up to ``granule`` bytes so that slightly longer prompts fit it later); ``give`` keeps it, the
-    least recently given ones dropped beyond ``max_bytes``. A buffer must be given back only once
-    nothing reads or writes it any more; one never given back is simply freed as usual. ``take``
-    and ``give`` may be called from different threads.
+    ``take`` carves the smallest free range that fits (best fit; the slab is made on first use if
+    ``reserve`` was not called); when none does, the buffer is fresh memory, freed as usual. A
+    range is free again when its buffer is given back (``give``: once nothing reads or writes it
+    any more, though references may remain) or, if it never is, once the last reference to it is
+    gone (views included): a buffer a failure path drops is not lost to the slab. Free neighbours
+    merge. ``take`` and ``give`` may be called from different threads.
     """
 
     def __init__(self, max_bytes: int, granule: int = 4 << 20):
@@ -324,68 +327,110 @@ class KVArena:
             raise ValueError("max_bytes must be >= 0 and granule > 0")
         self.max_bytes = max_bytes
         self.granule = granule
-        self._free: list[torch.Tensor] = []  # flat uint8 storage, least recently given first
-        self.bytes = 0  # kept, not in use
-        self.reused = 0  # takes served from kept memory
+        self._units = max_bytes // granule  # the slab's size in granules
+        self._slab: np.ndarray | None = None
+        self._free: list[list[int]] = [[0, self._units]] if self._units else []  # [start, length], by start
+        self._out: dict[int, tuple[int, int, weakref.finalize]] = {}  # address given out -> range, finalizer
+        self._fresh: set[int] = set()  # addresses of fresh buffers given out
+        self._committed = False
+        self.bytes = self._units * granule  # free in the slab
+        self.reused = 0  # takes served by the slab
         self.allocated = 0  # takes that needed fresh memory (paged in on first touch)
         self.allocated_bytes = 0
-        self.dropped = 0  # buffers given back but not kept (over ``max_bytes``): freed to the OS
+        self.dropped = 0  # fresh buffers given back, freed to the OS
         self.dropped_bytes = 0
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a finalizer may run on a thread that holds it
+
+    def reserve(self) -> bool:
+        """Make the slab now (False: it exists already, or the budget is under one granule)."""
+        with self._lock:
+            if self._slab is not None or not self._units:
+                return False
+            self._slab = np.empty(self._units * self.granule, dtype=np.uint8)
+            return True
+
+    def commit(self) -> None:
+        """Write every page of the slab (zeros): slow, it faults the whole of it in, and free of
+        the GIL; for a worker thread at start, so that prompts find the memory in place."""
+        self.reserve()
+        if self._slab is not None and not self._committed:
+            self._committed = True
+            torch.from_numpy(self._slab).zero_()
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(storage, a tensor of ``shape`` and ``dtype`` over its first bytes); contents undefined."""
         need = math.prod(shape) * dtype.itemsize
-        with self._lock:
-            flat = self._take(need)
+        arr = self._take(need)
+        flat = torch.from_numpy(arr) if isinstance(arr, np.ndarray) else arr
         return flat, flat[:need].view(dtype).view(shape)
 
     def take_bytes(self, n: int) -> memoryview:
         """A writable buffer of ``n`` bytes, contents undefined, for ``give_bytes``."""
-        with self._lock:
-            flat = self._take(n)
-        return memoryview(flat.numpy()).cast("B")[:n]
+        arr = self._take(n)
+        return memoryview(arr if isinstance(arr, np.ndarray) else arr.numpy()).cast("B")[:n]
 
     def give_bytes(self, buf: memoryview) -> None:
-        """Keep a buffer from ``take_bytes`` (a slice of one keeps the whole of it)."""
+        """Give back a buffer from ``take_bytes`` (a slice of one gives back the whole of it)."""
         whole = buf.obj if isinstance(buf, memoryview) else None
         if isinstance(whole, np.ndarray) and whole.dtype == np.uint8 and whole.ndim == 1:
-            self.give(torch.from_numpy(whole))
-
-    def _take(self, need: int) -> torch.Tensor:
-        best = None
-        for i, flat in enumerate(self._free):
-            if flat.numel() >= need and (best is None or flat.numel() < self._free[best].numel()):
-                best = i
-        if best is not None:
-            flat = self._free.pop(best)
-            self.bytes -= flat.numel()
-            self.reused += 1
-        else:
-            flat = torch.empty(max(-(-need // self.granule) * self.granule, self.granule), dtype=torch.uint8)
-            self.allocated += 1
-            self.allocated_bytes += flat.numel()
-        return flat
+            self._give(whole.ctypes.data, whole.nbytes)
 
     def give(self, flat: torch.Tensor) -> None:
-        n = flat.numel() * flat.element_size()
-        if flat.dtype != torch.uint8 or flat.dim() != 1:
-            flat = flat.view(torch.uint8).view(-1)
+        """Give back a buffer from ``take``: its range is free again (fresh memory is freed)."""
+        self._give(flat.data_ptr(), flat.numel() * flat.element_size())
+
+    def _take(self, need: int) -> np.ndarray | torch.Tensor:
+        units = max(-(-need // self.granule), 1)
         with self._lock:
-            if n > self.max_bytes:
-                self.dropped += 1
-                self.dropped_bytes += n
+            self.reserve()
+            best = None
+            for i, (_, length) in enumerate(self._free):
+                if length >= units and (best is None or length < self._free[best][1]):
+                    best = i
+            if best is not None:
+                start, length = self._free[best]
+                if length == units:
+                    del self._free[best]
+                else:
+                    self._free[best] = [start + units, length - units]
+                # a numpy view: every buffer, tensor or memoryview made from it keeps it alive, so
+                # its finalizer runs only once none is left
+                arr = self._slab[start * self.granule:(start + units) * self.granule]
+                addr = arr.ctypes.data
+                self._out[addr] = (start, units, weakref.finalize(arr, self._give, addr, 0))
+                self.bytes -= units * self.granule
+                self.reused += 1
+                return arr
+            self.allocated += 1
+            self.allocated_bytes += units * self.granule
+        flat = torch.empty(units * self.granule, dtype=torch.uint8)
+        with self._lock:
+            self._fresh.add(flat.data_ptr())
+        return flat
+
+    def _give(self, addr: int, nbytes: int) -> None:
+        with self._lock:
+            taken = self._out.pop(addr, None)
+            if taken is None:
+                if addr in self._fresh:  # fresh memory: freed with its last reference
+                    self._fresh.discard(addr)
+                    self.dropped += 1
+                    self.dropped_bytes += nbytes
                 return
-            self._free.append(flat)
-            self.bytes += n
-            while self.bytes > self.max_bytes:
-                gone = self._free.pop(0).numel()
-                self.bytes -= gone
-                self.dropped += 1
-                self.dropped_bytes += gone
+            start, units, fin = taken
+            fin.detach()
+            self.bytes += units * self.granule
+            i = 0
+            while i < len(self._free) and self._free[i][0] < start:
+                i += 1
+            self._free.insert(i, [start, units])
+            if i + 1 < len(self._free) and start + units == self._free[i + 1][0]:  # the next one
+                self._free[i][1] += self._free.pop(i + 1)[1]
+            if i > 0 and self._free[i - 1][0] + self._free[i - 1][1] == start:  # the previous one
+                self._free[i - 1][1] += self._free.pop(i)[1]
 
     def stats(self) -> dict[str, int]:
-        """Counts since start: takes served from kept memory or fresh, buffers freed, bytes kept."""
+        """Counts since start: takes served by the slab or fresh, fresh buffers freed, bytes free."""
         with self._lock:
             return {"reused": self.reused, "allocated": self.allocated, "allocated_bytes": self.allocated_bytes,
                     "dropped": self.dropped, "dropped_bytes": self.dropped_bytes, "kept_bytes": self.bytes}

@@ -151,28 +151,58 @@ def test_tiny_temperatures_sample_like_greedy():
     assert sample_token(logits, p, 0) == int(torch.argmax(logits))
 
 
-def test_kv_arena_reuses_the_smallest_fitting_buffer_within_its_budget():
+def test_kv_arena_carves_best_fit_ranges_of_its_slab_and_takes_them_back():
     from yuebing.libs.model import KVArena
 
-    arena = KVArena(max_bytes=10 << 20, granule=1 << 20)
-    big, big_kv = arena.take((2, 3, 1000), torch.float32)  # 24,000 bytes: one granule
-    assert big.numel() == 1 << 20 and big_kv.shape == (2, 3, 1000) and big_kv.dtype == torch.float32
-    assert big_kv.data_ptr() == big.data_ptr() and big_kv.is_contiguous()
-    huge, _ = arena.take((3 << 20,), torch.uint8)  # 3 MiB
-    arena.give(huge)
-    arena.give(big)
-    assert arena.bytes == 4 << 20 and arena.allocated == 2
-    again, kv = arena.take((10,), torch.bfloat16)  # the 1 MiB one fits: the 3 MiB one stays kept
-    assert again is big and kv.dtype == torch.bfloat16 and arena.reused == 1 and arena.bytes == 3 << 20
-    fresh, _ = arena.take((2 << 20,), torch.float32)  # 8 MiB: nothing kept is large enough
-    assert fresh is not huge and fresh.numel() == 8 << 20 and arena.allocated == 3
-    arena.give(again)
-    arena.give(fresh)  # 1 + 3 + 8 MiB > 10: the least recently given (3 MiB) goes
-    assert arena.bytes == 9 << 20 and arena.take((3 << 20,), torch.uint8)[0] is fresh
-    arena.give(torch.empty(11 << 20, dtype=torch.uint8))  # larger than the whole budget: not kept
-    assert arena.bytes == 1 << 20
-    assert arena.stats() == {"reused": 2, "allocated": 3, "allocated_bytes": 12 << 20,
-                             "dropped": 2, "dropped_bytes": 14 << 20, "kept_bytes": 1 << 20}
+    arena = KVArena(max_bytes=16 << 20, granule=1 << 20)
+    assert arena.reserve() and not arena.reserve()
+    arena.commit()
+    x, x_kv = arena.take((2, 3, 1000), torch.float32)  # 24,000 bytes: one granule
+    assert x.numel() == 1 << 20 and x_kv.shape == (2, 3, 1000) and x_kv.dtype == torch.float32
+    assert x_kv.data_ptr() == x.data_ptr() and x_kv.is_contiguous()
+    y, _ = arena.take((3 << 20,), torch.uint8)
+    z, _ = arena.take((5 << 20,), torch.uint8)
+    assert arena.bytes == 7 << 20 and arena.reused == 3 and arena.allocated == 0
+    fresh, _ = arena.take((8 << 20,), torch.uint8)  # 7 MiB free: fresh memory, outside the slab
+    assert arena.allocated == 1 and arena.allocated_bytes == 8 << 20 and arena.bytes == 7 << 20
+    arena.give(x)  # a 1 MiB hole before y
+    again, kv = arena.take((10,), torch.bfloat16)
+    assert again.data_ptr() == x.data_ptr() and kv.dtype == torch.bfloat16  # the smallest range that fits
+    for t in (again, y, z):
+        arena.give(t)
+    arena.give(fresh)  # freed, not kept
+    arena.give(torch.empty(1 << 20, dtype=torch.uint8))  # not the arena's: ignored
+    assert arena.bytes == 16 << 20 and arena.take((16 << 20,), torch.uint8)[0].data_ptr() == x.data_ptr()
+    assert arena.stats() == {"reused": 5, "allocated": 1, "allocated_bytes": 8 << 20,
+                             "dropped": 1, "dropped_bytes": 8 << 20, "kept_bytes": 16 << 20}
+
+
+def test_a_kv_arena_buffer_dropped_without_give_comes_back_with_its_last_view():
+    import gc
+
+    from yuebing.libs.model import KVArena
+
+    arena = KVArena(max_bytes=8 << 20, granule=1 << 20)
+    flat, kv = arena.take((2, 1 << 18), torch.float32)  # 2 MiB
+    row = kv[1]
+    del flat, kv
+    assert arena.bytes == 6 << 20  # a view still reads it
+    del row
+    gc.collect()
+    assert arena.bytes == 8 << 20
+    buf = arena.take_bytes(3 << 20)
+    t = torch.frombuffer(buf, dtype=torch.uint8)
+    del buf
+    assert arena.bytes == 5 << 20
+    del t
+    assert arena.bytes == 8 << 20
+    given = arena.take_bytes(1 << 20)
+    arena.give_bytes(given)
+    other = arena.take_bytes(1 << 20)  # the same range, given out again
+    del given  # the first holder's last reference: the range stays with the second
+    gc.collect()
+    assert arena.bytes == 7 << 20
+    del other
 
 
 def test_kv_arenas_are_exported_by_name_summed_over_instances():
@@ -188,14 +218,16 @@ def test_kv_arenas_are_exported_by_name_summed_over_instances():
     collector.add("prefill", two)
     for arena in (one, two):
         arena.give_bytes(arena.take_bytes(10))
-    one.take_bytes(10)  # from kept memory
-    one.give(torch.empty(5 << 20, dtype=torch.uint8))  # over the budget: freed
+    held = one.take_bytes(10)
+    fresh, _ = one.take((5 << 20,), torch.uint8)  # larger than the slab: fresh memory
+    one.give(fresh)  # freed
     lines = set(generate_latest(registry).decode().splitlines())
-    assert 'yuebing:kv_arena_takes_total{arena="prefill",source="fresh"} 2.0' in lines
-    assert 'yuebing:kv_arena_takes_total{arena="prefill",source="kept"} 1.0' in lines
-    assert 'yuebing:kv_arena_allocated_bytes_total{arena="prefill"} 2.097152e+06' in lines
+    assert 'yuebing:kv_arena_takes_total{arena="prefill",source="fresh"} 1.0' in lines
+    assert 'yuebing:kv_arena_takes_total{arena="prefill",source="kept"} 3.0' in lines
+    assert 'yuebing:kv_arena_allocated_bytes_total{arena="prefill"} 5.24288e+06' in lines
     assert 'yuebing:kv_arena_dropped_bytes_total{arena="prefill"} 5.24288e+06' in lines
-    assert 'yuebing:kv_arena_kept_bytes{arena="prefill"} 1.048576e+06' in lines
+    assert 'yuebing:kv_arena_kept_bytes{arena="prefill"} 7.340032e+06' in lines  # 8 MiB less the one held
+    del held
     del one, two, arena  # held weakly: a stopped instance's arena is no longer counted
     import gc
 
@@ -230,7 +262,7 @@ def test_prefill_in_a_reused_buffer_equals_a_fresh_one(tiny_dir):
         logits, kv = runner.prefill(prompt[32:], buffer=buf)
         assert torch.equal(logits, warm_logits) and torch.equal(kv, warm_kv)
         buf.release()
-    assert runner.arena.allocated == 1
+    assert runner.arena.allocated == 0 and runner.arena.reused == 6  # every buffer from the slab
 
 
 def test_kv_arena_byte_buffers_come_back_whole_and_are_reused():
@@ -238,11 +270,11 @@ def test_kv_arena_byte_buffers_come_back_whole_and_are_reused():
 
     arena = KVArena(max_bytes=8 << 20, granule=1 << 20)
     buf = arena.take_bytes(1000)
-    assert len(buf) == 1000 and not buf.readonly and arena.allocated == 1
+    assert len(buf) == 1000 and not buf.readonly and arena.reused == 1 and arena.bytes == 7 << 20
     buf[:4] = b"abcd"
-    arena.give_bytes(buf)  # the 1000-byte view hands back its whole 1 MiB storage
-    assert arena.bytes == 1 << 20
-    again = arena.take_bytes(700_000)  # fits the kept storage: the same memory, not a new one
-    assert arena.reused == 1 and arena.allocated == 1 and bytes(again[:4]) == b"abcd"
+    arena.give_bytes(buf)  # the 1000-byte view gives back its whole 1 MiB range
+    assert arena.bytes == 8 << 20
+    again = arena.take_bytes(700_000)  # the same memory, not a new one
+    assert arena.reused == 2 and arena.allocated == 0 and bytes(again[:4]) == b"abcd"
     arena.give_bytes(memoryview(bytearray(100)))  # not the arena's: ignored
-    assert arena.bytes == 0
+    assert arena.bytes == 7 << 20

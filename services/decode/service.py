@@ -34,6 +34,7 @@ class DecodeService(ModelWorker):
         # fresh buffer of tens of MB per hand-off is page-faulted in again on the event loop)
         self.recv_arena = KVArena(self.settings.decode_kv_arena_bytes) if self.settings.decode_kv_arena_bytes else None
         if self.recv_arena is not None:
+            await asyncio.to_thread(self.recv_arena.commit)  # its slab paged in now, not under load
             self.track_arena("decode", self.recv_arena)
         self._recv_bufs: dict[str, BlobData] = {}  # request id -> its KV's buffer, until it joins
         alloc = self.recv_arena.take_bytes if self.recv_arena is not None else uninitialized

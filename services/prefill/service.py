@@ -90,6 +90,7 @@ class PrefillService(ModelWorker):
         if s.prefill_kv_arena_bytes and self.runner.arena is None:
             self.runner.arena = KVArena(s.prefill_kv_arena_bytes)
         if self.runner.arena is not None:
+            await asyncio.to_thread(self.runner.arena.commit)  # its slab paged in now, not under load
             self.track_arena("prefill", self.runner.arena)
         self.cache = CacheClient(self.nc, timeout=CACHE_TIMEOUT, replicas=s.cache_replicas)
         await self.cache.start()
