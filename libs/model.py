@@ -436,6 +436,18 @@ class KVArena:
                     "dropped": self.dropped, "dropped_bytes": self.dropped_bytes, "kept_bytes": self.bytes}
 
 
+ARENA_PROMPTS = 16  # full-context prompts in flight that an arena's slab is sized for at most
+
+
+def kv_arena_for(shape: "ModelShape", max_bytes: int) -> KVArena:
+    """An instance's KV arena: ``max_bytes`` of slab, but no more than ``ARENA_PROMPTS`` prompts
+    of the model's whole context could use (a small model's arena pages in what it can fill, not
+    the deployment's budget), in granules of 4 MB or one such prompt's KV if that is less."""
+    per_prompt = max(shape.kv_bytes_per_token() * shape.max_context, 1)
+    granule = min(4 << 20, -(-per_prompt // (64 << 10)) * (64 << 10))
+    return KVArena(min(max_bytes, ARENA_PROMPTS * per_prompt), granule)
+
+
 class PrefillKV:
     """One request's KV during its prefill: ``kv`` in the wire layout ``[L, 2, H, total, D]``,
     preallocated for the whole prompt. Positions ``[0, past_len)`` are the reused past, the rest

@@ -278,3 +278,18 @@ def test_kv_arena_byte_buffers_come_back_whole_and_are_reused():
     assert arena.reused == 2 and arena.allocated == 0 and bytes(again[:4]) == b"abcd"
     arena.give_bytes(memoryview(bytearray(100)))  # not the arena's: ignored
     assert arena.bytes == 7 << 20
+
+
+def test_an_instances_kv_arena_is_no_larger_than_its_model_can_fill():
+    from yuebing.libs.model import ARENA_PROMPTS, ModelShape, kv_arena_for
+
+    # SmolLM2-135M: 30 layers, 3 KV heads of 64, bf16, 8192 positions: 46,080 bytes a token
+    smol = ModelShape(30, 3, 64, 49152, 8192, torch.bfloat16, (2,))
+    arena = kv_arena_for(smol, 256 << 20)
+    assert arena.max_bytes == 256 << 20 and arena.granule == 4 << 20  # the deployment's budget
+    tiny = ModelShape(2, 2, 32, 1000, 2048, torch.float32, (2,))  # 1 KiB a token, 2 MiB a full prompt
+    arena = kv_arena_for(tiny, 256 << 20)
+    assert arena.granule == 2 << 20 and arena.max_bytes == ARENA_PROMPTS * (2 << 20)
+    flat, _ = arena.take(tiny.kv_dims(2048), tiny.dtype)  # a whole-context prompt: one granule
+    assert flat.numel() == 2 << 20 and arena.reused == 1
+    assert kv_arena_for(tiny, 1 << 20).take_bytes(10) is not None  # a budget under a granule: fresh memory

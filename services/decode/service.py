@@ -9,7 +9,7 @@ import msgspec
 import torch
 
 from yuebing.libs.bus import BULK_PENDING_BYTES, BlobAssembler, BlobData, uninitialized
-from yuebing.libs.model import KVArena, sample_token
+from yuebing.libs.model import kv_arena_for, sample_token
 from yuebing.libs.protocol import DecodeReport, DecodeTask, KVMeta, Subjects, TokenEvent, decode, encode
 from yuebing.libs.worker import ModelWorker
 
@@ -32,7 +32,8 @@ class DecodeService(ModelWorker):
         self._wake = asyncio.Event()
         # received KV buffers, kept for the next hand-offs once their sequence joined the batch (a
         # fresh buffer of tens of MB per hand-off is page-faulted in again on the event loop)
-        self.recv_arena = KVArena(self.settings.decode_kv_arena_bytes) if self.settings.decode_kv_arena_bytes else None
+        s = self.settings
+        self.recv_arena = kv_arena_for(self.shape, s.decode_kv_arena_bytes) if s.decode_kv_arena_bytes else None
         if self.recv_arena is not None:
             await asyncio.to_thread(self.recv_arena.commit)  # its slab paged in now, not under load
             self.track_arena("decode", self.recv_arena)

@@ -27,7 +27,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from yuebing.libs.blocks import CacheClient, CacheError, block_view, serve_layers
 from yuebing.libs.bus import TransferError, send_blob
 from yuebing.libs.kvevents import KVEventPublisher
-from yuebing.libs.model import KVArena, PastNotLoaded, PrefillKV, sample_token
+from yuebing.libs.model import PastNotLoaded, PrefillKV, kv_arena_for, sample_token
 from yuebing.libs.protocol import (
     CacheGetRequest,
     DecodeTask,
@@ -88,7 +88,7 @@ class PrefillService(ModelWorker):
         if self.blocks.reserve(self.shape.kv_dims(s.block_size), self.shape.dtype):
             await asyncio.to_thread(self.blocks.commit)  # pages in now, not on the first prompts' path
         if s.prefill_kv_arena_bytes and self.runner.arena is None:
-            self.runner.arena = KVArena(s.prefill_kv_arena_bytes)
+            self.runner.arena = kv_arena_for(self.shape, s.prefill_kv_arena_bytes)
         if self.runner.arena is not None:
             await asyncio.to_thread(self.runner.arena.commit)  # its slab paged in now, not under load
             self.track_arena("prefill", self.runner.arena)
