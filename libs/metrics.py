@@ -36,8 +36,8 @@ def request_tbt(gaps: list[float]) -> float | None:
 
 class KVArenaCollector:
     """Exports the KV arenas of this process (``KVArena.stats``, summed by arena name): how many
-    buffers were served from kept memory and how many needed fresh memory, which a host pays for
-    in page faults, and what was freed for want of room. Arenas are held weakly."""
+    buffers the slab served and how many needed fresh memory (the slab was full), which a host
+    pays for in page faults, and how much of the slab is free. Arenas are held weakly."""
 
     def __init__(self):
         self._arenas: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # arena -> name
@@ -51,13 +51,13 @@ class KVArenaCollector:
             t = totals.setdefault(name, {})
             for k, v in arena.stats().items():
                 t[k] = t.get(k, 0) + v
-        takes = CounterMetricFamily("yuebing:kv_arena_takes", "KV buffers handed out, by whether kept memory "
-                                    "served them or fresh memory had to be paged in", labels=["arena", "source"])
+        takes = CounterMetricFamily("yuebing:kv_arena_takes", "KV buffers handed out, by whether the arena's "
+                                    "slab served them or fresh memory had to be paged in", labels=["arena", "source"])
         fresh = CounterMetricFamily("yuebing:kv_arena_allocated_bytes", "Fresh memory the arena allocated",
                                     labels=["arena"])
-        dropped = CounterMetricFamily("yuebing:kv_arena_dropped_bytes", "Memory given back to the arena "
-                                      "beyond its budget, freed", labels=["arena"])
-        kept = GaugeMetricFamily("yuebing:kv_arena_kept_bytes", "Memory the arena keeps for the next buffers",
+        dropped = CounterMetricFamily("yuebing:kv_arena_dropped_bytes", "Fresh buffers given back, "
+                                      "freed (the slab had no room for them)", labels=["arena"])
+        kept = GaugeMetricFamily("yuebing:kv_arena_kept_bytes", "Free memory in the arena's slab",
                                  labels=["arena"])
         for name, t in sorted(totals.items()):
             takes.add_metric([name, "kept"], t["reused"])

@@ -173,8 +173,8 @@ def run_one(run: Run, args, *, model_dir: Path, models_dir: Path, calibration: P
 
 def arena_use(log_dir: Path) -> dict[str, dict[str, float]]:
     """The KV arenas' use over a run, summed over the instances by arena name, from the
-    ``kv_arena`` line each prefill and decode logs at stop: buffers served from kept memory and
-    fresh ones (paged in on first touch), fresh MB, MB given back beyond the budget and freed."""
+    ``kv_arena`` line each prefill and decode logs at stop: buffers the slab served and fresh
+    ones (paged in on first touch, the slab being full), fresh MB, and MB of those freed."""
     out: dict[str, dict[str, float]] = {}
     for path in sorted(Path(log_dir).glob("*.log")):
         with open(path, "rb") as f:

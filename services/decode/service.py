@@ -30,8 +30,9 @@ class DecodeService(ModelWorker):
         self._kv: dict[str, tuple[KVMeta, BlobData, float]] = {}  # request id -> KV waiting for its task
         self._kv_ready: dict[str, asyncio.Event] = {}
         self._wake = asyncio.Event()
-        # received KV buffers, kept for the next hand-offs once their sequence joined the batch (a
-        # fresh buffer of tens of MB per hand-off is page-faulted in again on the event loop)
+        # received KV is written into ranges of a slab paged in at start, given back once the
+        # sequence joined the batch (a fresh buffer of tens of MB per hand-off is page-faulted in
+        # on the event loop)
         s = self.settings
         self.recv_arena = kv_arena_for(self.shape, s.decode_kv_arena_bytes) if s.decode_kv_arena_bytes else None
         if self.recv_arena is not None:
