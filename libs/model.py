@@ -360,14 +360,12 @@ class KVArena:
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(storage, a tensor of ``shape`` and ``dtype`` over its first bytes); contents undefined."""
         need = math.prod(shape) * dtype.itemsize
-        arr = self._take(need)
-        flat = torch.from_numpy(arr) if isinstance(arr, np.ndarray) else arr
+        flat = torch.from_numpy(self._take(need))
         return flat, flat[:need].view(dtype).view(shape)
 
     def take_bytes(self, n: int) -> memoryview:
         """A writable buffer of ``n`` bytes, contents undefined, for ``give_bytes``."""
-        arr = self._take(n)
-        return memoryview(arr if isinstance(arr, np.ndarray) else arr.numpy()).cast("B")[:n]
+        return memoryview(self._take(n)).cast("B")[:n]
 
     def give_bytes(self, buf: memoryview) -> None:
         """Give back a buffer from ``take_bytes`` (a slice of one gives back the whole of it)."""
@@ -379,7 +377,7 @@ class KVArena:
         """Give back a buffer from ``take``: its range is free again (fresh memory is freed)."""
         self._give(flat.data_ptr(), flat.numel() * flat.element_size())
 
-    def _take(self, need: int) -> np.ndarray | torch.Tensor:
+    def _take(self, need: int) -> np.ndarray:
         units = max(-(-need // self.granule), 1)
         with self._lock:
             self.reserve()
@@ -403,10 +401,14 @@ class KVArena:
                 return arr
             self.allocated += 1
             self.allocated_bytes += units * self.granule
-        flat = torch.empty(units * self.granule, dtype=torch.uint8)
+        # a numpy array, as a slab range is: every view made from it keeps it alive, so one never
+        # given back (a failure path) is forgotten with its last reference
+        arr = np.empty(units * self.granule, dtype=np.uint8)
+        addr = arr.ctypes.data
         with self._lock:
-            self._fresh.add(flat.data_ptr())
-        return flat
+            self._fresh.add(addr)
+        weakref.finalize(arr, _forget, self._lock, self._fresh, addr)  # not the arena: it may go first
+        return arr
 
     def _give(self, addr: int, nbytes: int) -> None:
         with self._lock:
@@ -434,6 +436,11 @@ class KVArena:
         with self._lock:
             return {"reused": self.reused, "allocated": self.allocated, "allocated_bytes": self.allocated_bytes,
                     "dropped": self.dropped, "dropped_bytes": self.dropped_bytes, "kept_bytes": self.bytes}
+
+
+def _forget(lock: threading.RLock, addresses: set[int], addr: int) -> None:
+    with lock:
+        addresses.discard(addr)
 
 
 ARENA_PROMPTS = 16  # full-context prompts in flight that an arena's slab is sized for at most

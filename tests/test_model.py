@@ -203,6 +203,11 @@ def test_a_kv_arena_buffer_dropped_without_give_comes_back_with_its_last_view():
     gc.collect()
     assert arena.bytes == 7 << 20
     del other
+    fresh = arena.take_bytes(16 << 20)  # more than the slab: fresh memory, dropped without give
+    assert arena.allocated == 1 and len(arena._fresh) == 1
+    del fresh
+    gc.collect()
+    assert not arena._fresh and arena.dropped == 0  # forgotten, not counted as given back
 
 
 def test_kv_arenas_are_exported_by_name_summed_over_instances():
