@@ -104,7 +104,8 @@ class Service:
             if self.nc is not None and not self.nc.is_closed:
                 try:
                     await asyncio.wait_for(self.nc.drain(), 5)
-                except Exception:  # noqa: BLE001 - closing anyway
+                except Exception as e:  # noqa: BLE001 - closing anyway
+                    self.log.warning("connection_drain_incomplete", error=repr(e))
                     await self.nc.close()
 
     async def _heartbeat_loop(self) -> None:

@@ -126,6 +126,15 @@ class ModelWorker(Service):
         KV_ARENAS.add(name, arena)
 
     async def teardown(self) -> None:
+        # Drop the task subscription before the connection drains: a drain waits for every message
+        # a subscription holds to be handled, and nothing fetches from a stopped instance's pull
+        # subscription any more (a task that came after the last fetch is redelivered elsewhere once
+        # its ack wait ends), so the drain would wait out its whole timeout.
+        if getattr(self, "sub", None) is not None:
+            try:
+                await self.sub.unsubscribe()
+            except Exception as e:  # noqa: BLE001 - the connection is closing anyway
+                self.log.warning("task_unsubscribe_failed", error=str(e) or type(e).__name__)
         for name, arena in self.arenas.items():
             self.log.info("kv_arena", arena=name, max_bytes=arena.max_bytes, **arena.stats())
         self._engine.release()

@@ -94,6 +94,13 @@ async def test_sigterm_drains_a_decode_instance(tiny_dir, tiny_model, tmp_path):
                                lambda: asyncio.to_thread(cluster.kill, "decode-1", signal.SIGTERM),
                                max_tokens=1200, n=6)
         assert cluster.procs["decode-1"].returncode == 0
+        # the rest stop on SIGTERM by themselves, each draining its connection (no subscription
+        # left holding messages nothing will handle)
+        assert cluster.stop() == []
+        for name in cluster.procs:
+            log = (cluster.log_dir / f"{name}.log").read_text()
+            assert "connection_drain_incomplete" not in log, name
+            assert "service_exited" in log, name
     finally:
         cluster.stop()
 

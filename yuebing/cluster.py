@@ -222,20 +222,25 @@ class LocalCluster:
                 raise TimeoutError(f"cluster not ready after {timeout}s: {h}")
             time.sleep(0.25)
 
-    def stop(self, timeout: float = 15.0) -> None:
+    def stop(self, timeout: float = 15.0) -> list[str]:
+        """SIGTERM every service, SIGKILL those still running after ``timeout`` seconds, then stop
+        NATS. Returns the names of the services that had to be killed."""
         for p in self.procs.values():
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
+        killed = []
         for name, p in self.procs.items():
             try:
                 p.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 log.warning("service_killed", name=name)
+                killed.append(name)
                 p.kill()
                 p.wait()
         if self.nats is not None:
             self.nats.stop()
+        return killed
 
     def _pids(self) -> list[tuple[str, int]]:
         """(kind, pid) of every process: the services by kind ("prefill", "decode", ...) and "nats-server"."""
