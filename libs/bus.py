@@ -217,11 +217,11 @@ def uninitialized(n: int) -> memoryview:
 
 
 class _Partial:
-    __slots__ = ("buf", "count", "next_index", "checksum", "meta", "seen")
+    __slots__ = ("buf", "whole", "count", "next_index", "checksum", "meta", "seen")
 
-    def __init__(self, first: Chunk, alloc: Callable[[int], memoryview]):
-        # a blob in one chunk (the usual cache block) is taken as it is: no zero-filled buffer first
-        self.buf = bytearray(first.data) if first.count == 1 else alloc(first.total_bytes)
+    def __init__(self, first: Chunk, alloc: Callable[[int], memoryview], alloc_single: bool):
+        self.whole = first.count == 1 and not alloc_single  # a blob in one chunk, copied as it is
+        self.buf = bytearray(first.data) if self.whole else alloc(first.total_bytes)
         self.count = first.count
         self.next_index = 0
         self.checksum = first.checksum
@@ -244,14 +244,16 @@ class BlobAssembler:
     transfer: the sender gets a negative ack.
 
     ``alloc(n)`` gives the writable buffer a blob of more than one chunk is written into (default:
-    fresh memory each time); a receiver that recycles its buffers passes its own.
+    fresh memory each time); a receiver that recycles its buffers passes its own, and with
+    ``alloc_single`` has a blob of one chunk written into one too (else it is a ``bytearray``).
     """
 
     def __init__(self, nc: NATS, on_blob: BlobHandler, *, stale_after: float = 60.0,
-                 alloc: Callable[[int], memoryview] = uninitialized):
+                 alloc: Callable[[int], memoryview] = uninitialized, alloc_single: bool = False):
         self._nc = nc
         self._on_blob = on_blob
         self._alloc = alloc
+        self._alloc_single = alloc_single
         self._partials: dict[str, _Partial] = {}
         self._failed: dict[str, str] = {}
         self._stale_after = stale_after
@@ -307,14 +309,14 @@ class BlobAssembler:
         if part is None:
             if chunk.index != 0:
                 return f"chunk {chunk.index} arrived before chunk 0"
-            part = self._partials[chunk.transfer_id] = _Partial(chunk, self._alloc)
+            part = self._partials[chunk.transfer_id] = _Partial(chunk, self._alloc, self._alloc_single)
         if chunk.index != part.next_index:
             return f"expected chunk {part.next_index}, got {chunk.index}"
         start = chunk.offset
         end = start + len(chunk.data)
         if end > len(part.buf) or (chunk.count == 1 and (start, end) != (0, chunk.total_bytes)):
             return "chunk overruns the announced size"
-        if chunk.count > 1:
+        if not part.whole:
             part.buf[start:end] = chunk.data
         part.checksum = chunk.checksum  # the last chunk's value is checked (a streamed blob knows it only then)
         part.next_index += 1

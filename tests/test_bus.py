@@ -25,6 +25,12 @@ async def test_a_chunked_blob_is_written_into_the_receivers_own_buffer(nats_serv
         assert len(given) == 1 and got["t1"] is given[0] and bytes(got["t1"]) == data
         await send_blob(nc, "test.alloc", "t2", data[:100])  # one chunk: no buffer asked for
         assert len(given) == 1 and bytes(got["t2"]) == data[:100]
+        single = BlobAssembler(nc, lambda tid, meta, data: got.setdefault(tid, data) and None, alloc=alloc,
+                               alloc_single=True)  # ... unless the receiver wants every blob in its own
+        sub2 = await nc.subscribe("test.alloc1", cb=single.handle)
+        await send_blob(nc, "test.alloc1", "t3", data[:100])
+        assert len(given) == 2 and got["t3"] is given[1] and bytes(got["t3"]) == data[:100]
+        await sub2.unsubscribe()
     finally:
         await sub.unsubscribe()
         await nc.close()

@@ -48,6 +48,35 @@ def test_dram_bound_and_lru_order():
     assert dram.keys() == [key(0), key(3), key(2)]
 
 
+def test_dram_keeps_views_of_a_blob_and_a_hot_block_does_not_hold_the_rest_of_it(tmp_path):
+    import gc
+    import weakref
+
+    import numpy as np
+
+    from yuebing.libs.protocol import BlocksMeta
+
+    blob = np.frombuffer(b"".join(block(i) for i in range(3)), dtype=np.uint8).copy()  # as received
+    alive = weakref.ref(blob)
+    pieces = BlocksMeta(keys=[key(i) for i in range(3)], sizes=[BLOCK_BYTES] * 3).pieces(memoryview(blob))
+    store = TieredStore(3 * BLOCK_BYTES, tmp_path / "lmdb", 1 << 20)
+    store.put_many(pieces)
+    del pieces
+    assert store.dram.bytes == 3 * BLOCK_BYTES
+    blob[:BLOCK_BYTES] = 0  # kept, not copied: the store holds the received buffer itself
+    assert bytes(store.dram._items[key(0)][:8]) == bytes(8)
+    blob[:BLOCK_BYTES] = np.frombuffer(block(0), dtype=np.uint8)
+    del blob
+    assert alive() is not None
+    assert store.get_many([key(1)]) == [(key(1), block(1))]  # read: copied out of the blob
+    for i in range(3, 5):  # blocks 0 and 2 leave DRAM (for the disk); 1 stays
+        store.put(key(i), block(i))
+    gc.collect()
+    assert alive() is None and key(1) in store.dram  # the blob is freed though one of its blocks is hot
+    assert store.get_many([key(i) for i in range(5)]) == [(key(i), block(i)) for i in range(5)]
+    store.close()
+
+
 def test_dram_many_puts_stay_bounded():
     dram = DramTier(10 * BLOCK_BYTES + BLOCK_BYTES // 2)
     evicted = []

@@ -35,6 +35,8 @@ from prometheus_client import Counter, Gauge
 from yuebing.libs.blocks import GET_BLOB_MAX_BLOCKS, BlockCorrupt, blob_groups, block_header, serve_layers
 from yuebing.libs.bus import BULK_PENDING_BYTES, BlobAssembler, BlobData, TransferError, send_blob
 from yuebing.libs.kvevents import KVEventPublisher
+from yuebing.libs.metrics import KV_ARENAS
+from yuebing.libs.model import KVArena
 from yuebing.libs.protocol import (
     CacheExistsReply,
     CacheExistsRequest,
@@ -57,6 +59,10 @@ _BAD_MESSAGE = (msgspec.DecodeError, msgspec.ValidationError)
 # over several chunks), GET_BLOBS_IN_FLIGHT blobs unacked at a time (see the module docstring).
 GET_BLOB_TARGET_BYTES = CHUNK_DATA_BYTES
 GET_BLOBS_IN_FLIGHT = 4
+# Received put blobs are written into one slab, kept for the life of the process, beyond the DRAM
+# tier's budget by this much for blobs still arriving (see ``CacheStoreService.setup``).
+PUT_SLAB_HEADROOM = 64 << 20
+PUT_SLAB_GRANULE = 256 << 10
 
 # ---- metrics (label ``instance_id``: tests and local runs may host several instances per process)
 POOL_BYTES = Gauge("yuebing:cache_pool_bytes", "Bytes of KV blocks held, per tier", ["instance_id", "tier"])
@@ -83,6 +89,7 @@ class CacheStoreService(Service):
         self._events_lock = asyncio.Lock()
         self._subs = []
         self._evictions_seen = {"dram": 0, "disk": 0}
+        self.arena: KVArena | None = None
 
     @property
     def data_dir(self):
@@ -95,10 +102,18 @@ class CacheStoreService(Service):
         self._evictions_seen = {"dram": st.evictions_dram, "disk": st.evictions_disk}
         self._update_metrics(st)
         self.log.info("cachestore_opened", path=str(self.data_dir), disk_blocks=st.disk_blocks, disk_bytes=st.disk_bytes)
+        # The DRAM tier keeps a received block as a view into the blob it came in, and blobs are
+        # written into ranges of one slab, free again once none of their blocks is held: a block
+        # is copied once on its way in (besides LMDB's own copy), into memory this process keeps
+        # rather than pages taken anew from the kernel for every blob. The slab is paged in as
+        # it is first used; past it, a blob's buffer is fresh memory.
+        self.arena = KVArena(s.dram_bytes + PUT_SLAB_HEADROOM, granule=PUT_SLAB_GRANULE)
+        KV_ARENAS.add("cachestore", self.arena)
         nc = self.nc
         sub = lambda op, **kw: nc.subscribe(Subjects.cache(self.instance_id, op), **kw)  # noqa: E731
+        puts = BlobAssembler(nc, self._on_put, alloc=self.arena.take_bytes, alloc_single=True)
         self._subs = [
-            await sub("put", cb=BlobAssembler(nc, self._on_put).handle, pending_bytes_limit=BULK_PENDING_BYTES),
+            await sub("put", cb=puts.handle, pending_bytes_limit=BULK_PENDING_BYTES),
             await sub("get", cb=self._on_get),
             await sub("exists", cb=self._on_exists),
             await sub("stats", cb=self._on_stats),
@@ -140,6 +155,8 @@ class CacheStoreService(Service):
             # Waits for any store call still running in a thread, then writes DRAM to disk.
             await asyncio.to_thread(self.store.close)
             self.store = None
+        if self.arena is not None:
+            self.log.info("kv_arena", arena="cachestore", max_bytes=self.arena.max_bytes, **self.arena.stats())
 
     def load(self):
         return self.heartbeat()

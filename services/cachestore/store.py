@@ -23,13 +23,21 @@ from yuebing.libs.log import get_logger
 
 log = get_logger("cachestore.store")
 
+Block = bytes | memoryview  # an encoded block as a tier holds it: its own bytes, or a view (DramTier)
+
 
 class DramTier:
-    """Bytes-bounded LRU of key -> encoded block (most recently used last)."""
+    """Bytes-bounded LRU of key -> encoded block (most recently used last).
+
+    A block may be kept as a view into the buffer it arrived in (a received blob of several
+    blocks) rather than copied out of it. Such a buffer lives while any of its blocks does, so on
+    its first read a block is copied out of a buffer much larger than itself: a block that stays
+    hot does not keep the rest of its blob in memory, and the tier's count stays near what it holds.
+    """
 
     def __init__(self, capacity_bytes: int):
         self.capacity_bytes = capacity_bytes
-        self._items: OrderedDict[bytes, bytes] = OrderedDict()
+        self._items: OrderedDict[bytes, Block] = OrderedDict()
         self.bytes = 0
         self.evictions = 0
 
@@ -39,7 +47,7 @@ class DramTier:
     def __contains__(self, key: bytes) -> bool:
         return key in self._items
 
-    def put(self, key: bytes, value: bytes) -> list[tuple[bytes, bytes]]:
+    def put(self, key: bytes, value: Block) -> list[tuple[bytes, Block]]:
         """Store ``value``; returns the (key, value) pairs evicted to make room, oldest first.
 
         A value larger than the whole tier is not kept and comes straight back as evicted.
@@ -60,10 +68,12 @@ class DramTier:
         self.evictions += len(evicted)
         return evicted
 
-    def get(self, key: bytes) -> bytes | None:
+    def get(self, key: bytes) -> Block | None:
         value = self._items.get(key)
         if value is not None:
             self._items.move_to_end(key)
+            if isinstance(value, memoryview) and memoryview(value.obj).nbytes > 2 * value.nbytes:
+                value = self._items[key] = bytes(value)
         return value
 
     def pop(self, key: bytes) -> bytes | None:
@@ -417,8 +427,11 @@ class TieredStore:
 
         Returns what the puts changed (as ``put``) and the blocks refused: key -> why it is not a
         valid block for that key. The valid ones are stored either way.
+
+        The store keeps the buffers it is given, not copies (DRAM holds views into a received
+        blob): the caller hands them over and must not change them afterwards.
         """
-        good: list[tuple[bytes, bytes]] = []
+        good: list[tuple[bytes, Block]] = []
         refused: dict[bytes, str] = {}
         for key, value in items:
             try:
@@ -426,13 +439,13 @@ class TieredStore:
             except BlockCorrupt as e:
                 refused[key] = str(e)
                 continue
-            good.append((key, bytes(value)))
+            good.append((key, value if isinstance(value, (bytes, memoryview)) else memoryview(value)))
         if not good:
             return StoreChanges(), refused
         with self._lock:
             if self._closed:
                 raise RuntimeError("the store is closed")
-            demoted: list[tuple[bytes, bytes]] = []
+            demoted: list[tuple[bytes, Block]] = []
             for key, data in good:
                 demoted += self.dram.put(key, data)
             self._outside += 1
@@ -459,7 +472,7 @@ class TieredStore:
         self._outside -= 1
         self._none_outside.notify_all()
 
-    def _demote(self, evicted: list[tuple[bytes, bytes]]) -> list[bytes]:
+    def _demote(self, evicted: list[tuple[bytes, Block]]) -> list[bytes]:
         """Move DRAM evictions to disk (already there, tiers being inclusive: recency only);
         returns the keys the disk dropped on the way."""
         return self.disk.add_many(evicted) if evicted else []
@@ -472,7 +485,7 @@ class TieredStore:
             self._settle(dropped)
             return value
 
-    def get_many(self, keys: list[bytes]) -> list[tuple[bytes, bytes]]:
+    def get_many(self, keys: list[bytes]) -> list[tuple[bytes, Block]]:
         """(key, block) for every present key, in the order asked.
 
         Blocks on disk are read and verified outside the store's lock (an LMDB reader never waits
@@ -501,7 +514,7 @@ class TieredStore:
                 self._outside_ended()
 
     def _settle_load(self, keys: list[bytes], hot: dict[bytes, bytes], cold: dict[bytes, bytes | None]
-                     ) -> list[tuple[bytes, bytes]]:
+                     ) -> list[tuple[bytes, Block]]:
         """(Under the lock.) The blocks found, in order; blocks read from disk are promoted if
         still held, corrupt ones deleted."""
         found: list[tuple[bytes, bytes]] = []
