@@ -56,6 +56,9 @@ class Settings(msgspec.Struct, kw_only=True):
     metrics_port: int = 0  # 0 = no separate metrics server (the gateway serves /metrics itself)
     threads: int = 0  # torch threads; 0 = torch's default (or the number of `cpus`)
     cpus: str = ""  # a model worker's cores, e.g. "0-3" (its model thread is pinned there); "" = any
+    # free C heap a service keeps for reuse instead of handing it back to the kernel at once
+    # (glibc; libs/heap.py); 0 = the C library's defaults
+    heap_keep_bytes: int = 256 << 20
     # gateway
     host: str = "127.0.0.1"
     port: int = 8000

@@ -11,6 +11,7 @@ from prometheus_client import start_http_server
 
 from .bus import connect, ensure_streams
 from .config import Settings
+from .heap import keep_freed_heap
 from .log import configure, get_logger
 from .protocol import Heartbeat, Subjects, encode
 
@@ -159,6 +160,8 @@ def run(service_classes: type[Service] | list[type[Service]], settings: Settings
     name = name or classes[0].kind
     configure(name)
     structlog.contextvars.bind_contextvars(pid=__import__("os").getpid())
+    kept = keep_freed_heap(settings.heap_keep_bytes)
+    get_logger(name).info("heap", keep_bytes=settings.heap_keep_bytes if kept else 0)
     if settings.metrics_port and name != "gateway":
         start_http_server(settings.metrics_port, addr=settings.host)
     started = time.monotonic()
