@@ -55,8 +55,8 @@ class KVArenaCollector:
                                     "slab served them or fresh memory had to be paged in", labels=["arena", "source"])
         fresh = CounterMetricFamily("yuebing:kv_arena_allocated_bytes", "Fresh memory the arena allocated",
                                     labels=["arena"])
-        dropped = CounterMetricFamily("yuebing:kv_arena_dropped_bytes", "Fresh buffers given back, "
-                                      "freed (the slab had no room for them)", labels=["arena"])
+        dropped = CounterMetricFamily("yuebing:kv_arena_dropped_bytes", "Fresh buffers freed (taken "
+                                      "when the slab had no room)", labels=["arena"])
         kept = GaugeMetricFamily("yuebing:kv_arena_kept_bytes", "Free memory in the arena's slab",
                                  labels=["arena"])
         for name, t in sorted(totals.items()):

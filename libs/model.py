@@ -331,14 +331,12 @@ class KVArena:
         self._slab: np.ndarray | None = None
         self._free: list[list[int]] = [[0, self._units]] if self._units else []  # [start, length], by start
         self._out: dict[int, tuple[int, int, weakref.finalize]] = {}  # address given out -> range, finalizer
-        self._fresh: set[int] = set()  # addresses of fresh buffers given out
+        self._freed = _Freed()  # fresh buffers whose memory is gone
         self._committed = False
         self.bytes = self._units * granule  # free in the slab
         self.reused = 0  # takes served by the slab
         self.allocated = 0  # takes that needed fresh memory (paged in on first touch)
         self.allocated_bytes = 0
-        self.dropped = 0  # fresh buffers given back, freed to the OS
-        self.dropped_bytes = 0
         self._lock = threading.RLock()  # a finalizer may run on a thread that holds it
 
     def reserve(self) -> bool:
@@ -374,7 +372,8 @@ class KVArena:
             self._give(whole.ctypes.data, whole.nbytes)
 
     def give(self, flat: torch.Tensor) -> None:
-        """Give back a buffer from ``take``: its range is free again (fresh memory is freed)."""
+        """Give back a buffer from ``take``: its range is free again (fresh memory goes with its
+        last reference, as any)."""
         self._give(flat.data_ptr(), flat.numel() * flat.element_size())
 
     def _take(self, need: int) -> np.ndarray:
@@ -401,23 +400,17 @@ class KVArena:
                 return arr
             self.allocated += 1
             self.allocated_bytes += units * self.granule
-        # a numpy array, as a slab range is: every view made from it keeps it alive, so one never
-        # given back (a failure path) is forgotten with its last reference
+        # a numpy array, as a slab range is: every view made from it keeps it alive, and it is
+        # counted freed once the last one is gone, given back or not (the finalizer holds the
+        # counter, not the arena, which may go first)
         arr = np.empty(units * self.granule, dtype=np.uint8)
-        addr = arr.ctypes.data
-        with self._lock:
-            self._fresh.add(addr)
-        weakref.finalize(arr, _forget, self._lock, self._fresh, addr)  # not the arena: it may go first
+        weakref.finalize(arr, self._freed.add, arr.nbytes)
         return arr
 
     def _give(self, addr: int, nbytes: int) -> None:
         with self._lock:
             taken = self._out.pop(addr, None)
-            if taken is None:
-                if addr in self._fresh:  # fresh memory: freed with its last reference
-                    self._fresh.discard(addr)
-                    self.dropped += 1
-                    self.dropped_bytes += nbytes
+            if taken is None:  # fresh memory (freed with its last reference), or not the arena's
                 return
             start, units, fin = taken
             fin.detach()
@@ -431,6 +424,15 @@ class KVArena:
             if i > 0 and self._free[i - 1][0] + self._free[i - 1][1] == start:  # the previous one
                 self._free[i - 1][1] += self._free.pop(i)[1]
 
+    @property
+    def dropped(self) -> int:
+        """Fresh buffers freed (their last reference gone)."""
+        return self._freed.count
+
+    @property
+    def dropped_bytes(self) -> int:
+        return self._freed.bytes
+
     def stats(self) -> dict[str, int]:
         """Counts since start: takes served by the slab or fresh, fresh buffers freed, bytes free."""
         with self._lock:
@@ -438,9 +440,18 @@ class KVArena:
                     "dropped": self.dropped, "dropped_bytes": self.dropped_bytes, "kept_bytes": self.bytes}
 
 
-def _forget(lock: threading.RLock, addresses: set[int], addr: int) -> None:
-    with lock:
-        addresses.discard(addr)
+class _Freed:
+    """Count of an arena's fresh buffers whose memory is gone (their finalizers add to it)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.count = 0
+        self.bytes = 0
+
+    def add(self, nbytes: int) -> None:
+        with self._lock:
+            self.count += 1
+            self.bytes += nbytes
 
 
 ARENA_PROMPTS = 16  # full-context prompts in flight that an arena's slab is sized for at most

@@ -163,14 +163,16 @@ def test_kv_arena_carves_best_fit_ranges_of_its_slab_and_takes_them_back():
     y, _ = arena.take((3 << 20,), torch.uint8)
     z, _ = arena.take((5 << 20,), torch.uint8)
     assert arena.bytes == 7 << 20 and arena.reused == 3 and arena.allocated == 0
-    fresh, _ = arena.take((8 << 20,), torch.uint8)  # 7 MiB free: fresh memory, outside the slab
+    fresh, fresh_kv = arena.take((8 << 20,), torch.uint8)  # 7 MiB free: fresh memory, outside the slab
     assert arena.allocated == 1 and arena.allocated_bytes == 8 << 20 and arena.bytes == 7 << 20
     arena.give(x)  # a 1 MiB hole before y
     again, kv = arena.take((10,), torch.bfloat16)
     assert again.data_ptr() == x.data_ptr() and kv.dtype == torch.bfloat16  # the smallest range that fits
     for t in (again, y, z):
         arena.give(t)
-    arena.give(fresh)  # freed, not kept
+    arena.give(fresh)  # not kept: freed with its last reference
+    assert arena.dropped == 0
+    del fresh, fresh_kv
     arena.give(torch.empty(1 << 20, dtype=torch.uint8))  # not the arena's: ignored
     assert arena.bytes == 16 << 20 and arena.take((16 << 20,), torch.uint8)[0].data_ptr() == x.data_ptr()
     assert arena.stats() == {"reused": 5, "allocated": 1, "allocated_bytes": 8 << 20,
@@ -204,10 +206,10 @@ def test_a_kv_arena_buffer_dropped_without_give_comes_back_with_its_last_view():
     assert arena.bytes == 7 << 20
     del other
     fresh = arena.take_bytes(16 << 20)  # more than the slab: fresh memory, dropped without give
-    assert arena.allocated == 1 and len(arena._fresh) == 1
+    assert arena.allocated == 1 and arena.dropped == 0
     del fresh
     gc.collect()
-    assert not arena._fresh and arena.dropped == 0  # forgotten, not counted as given back
+    assert arena.dropped == 1 and arena.dropped_bytes == 16 << 20  # freed all the same
 
 
 def test_kv_arenas_are_exported_by_name_summed_over_instances():
@@ -225,7 +227,8 @@ def test_kv_arenas_are_exported_by_name_summed_over_instances():
         arena.give_bytes(arena.take_bytes(10))
     held = one.take_bytes(10)
     fresh, _ = one.take((5 << 20,), torch.uint8)  # larger than the slab: fresh memory
-    one.give(fresh)  # freed
+    one.give(fresh)
+    del fresh, _  # freed
     lines = set(generate_latest(registry).decode().splitlines())
     assert 'yuebing:kv_arena_takes_total{arena="prefill",source="fresh"} 1.0' in lines
     assert 'yuebing:kv_arena_takes_total{arena="prefill",source="kept"} 3.0' in lines
