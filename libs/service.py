@@ -13,6 +13,7 @@ from .bus import connect, ensure_streams
 from .config import Settings
 from .heap import keep_freed_heap
 from .log import configure, get_logger
+from .metrics import KV_ARENAS
 from .protocol import Heartbeat, Subjects, encode
 
 
@@ -31,6 +32,12 @@ class Service:
         self._stopping = asyncio.Event()
         self.failed = asyncio.Event()  # an essential task died: the process must go (see spawn)
         self._tasks: set[asyncio.Task] = set()
+        self.arenas: dict = {}  # name -> KVArena, see track_arena
+
+    def track_arena(self, name: str, arena) -> None:
+        """Export a ``KVArena``'s use on /metrics (``yuebing:kv_arena_*``) and log it at stop."""
+        self.arenas[name] = arena
+        KV_ARENAS.add(name, arena)
 
     # ---- hooks
     async def setup(self) -> None:  # subscribe, load models, ...
@@ -98,6 +105,8 @@ class Service:
             except Exception as e:  # noqa: BLE001 - stop anyway
                 self.log.warning("drain_incomplete", error=repr(e))
             await self.teardown()
+            for name, arena in self.arenas.items():
+                self.log.info("kv_arena", arena=name, max_bytes=arena.max_bytes, **arena.stats())
         finally:
             for t in list(self._tasks):
                 t.cancel()

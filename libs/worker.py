@@ -15,8 +15,7 @@ from nats.js.errors import BadRequestError
 from .blocks import namespace_digest
 from .bus import work_subscription
 from .config import Settings
-from .metrics import KV_ARENAS
-from .model import KVArena, ModelRunner, model_identity, resolve_model
+from .model import ModelRunner, model_identity, resolve_model
 from .protocol import Abort, SamplingParams, Subjects, TokenEvent, decode, encode
 from .service import Service
 
@@ -110,7 +109,6 @@ class ModelWorker(Service):
         self.namespace = namespace_digest(model_identity(path), self.shape.dtype_name, self.settings.block_size)
         self.aborted = RecentIds()
         self.done = RecentIds()
-        self.arenas: dict[str, KVArena] = {}
         await self.nc.subscribe(Subjects.ABORT, cb=self._on_abort)
         self.log.info("model_loaded", path=str(path), layers=self.shape.num_layers, engine=self.settings.engine,
                       threads=getattr(self.runner, "threads", None), cpus=self.settings.cpus or "any")
@@ -119,11 +117,6 @@ class ModelWorker(Service):
         """Run blocking model work on the model thread."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, partial(fn, *args, **kwargs))
-
-    def track_arena(self, name: str, arena: KVArena) -> None:
-        """Export ``arena``'s use on /metrics (``yuebing:kv_arena_*``) and log it at stop."""
-        self.arenas[name] = arena
-        KV_ARENAS.add(name, arena)
 
     async def teardown(self) -> None:
         # Drop the task subscription before the connection drains: a drain waits for every message
@@ -135,8 +128,6 @@ class ModelWorker(Service):
                 await self.sub.unsubscribe()
             except Exception as e:  # noqa: BLE001 - the connection is closing anyway
                 self.log.warning("task_unsubscribe_failed", error=str(e) or type(e).__name__)
-        for name, arena in self.arenas.items():
-            self.log.info("kv_arena", arena=name, max_bytes=arena.max_bytes, **arena.stats())
         self._engine.release()
 
     async def _on_abort(self, msg) -> None:

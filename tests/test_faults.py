@@ -101,6 +101,8 @@ async def test_sigterm_drains_a_decode_instance(tiny_dir, tiny_model, tmp_path):
             log = (cluster.log_dir / f"{name}.log").read_text()
             assert "connection_drain_incomplete" not in log, name
             assert "service_exited" in log, name
+            if name.rsplit("-", 1)[0] in ("prefill", "decode", "cachestore"):
+                assert '"kv_arena"' in log, name  # its arena's use, logged at stop
     finally:
         cluster.stop()
 

@@ -35,7 +35,6 @@ from prometheus_client import Counter, Gauge
 from yuebing.libs.blocks import GET_BLOB_MAX_BLOCKS, BlockCorrupt, blob_groups, block_header, serve_layers
 from yuebing.libs.bus import BULK_PENDING_BYTES, BlobAssembler, BlobData, TransferError, send_blob
 from yuebing.libs.kvevents import KVEventPublisher
-from yuebing.libs.metrics import KV_ARENAS
 from yuebing.libs.model import KVArena
 from yuebing.libs.protocol import (
     CacheExistsReply,
@@ -89,7 +88,6 @@ class CacheStoreService(Service):
         self._events_lock = asyncio.Lock()
         self._subs = []
         self._evictions_seen = {"dram": 0, "disk": 0}
-        self.arena: KVArena | None = None
 
     @property
     def data_dir(self):
@@ -107,11 +105,11 @@ class CacheStoreService(Service):
         # is copied once on its way in (besides LMDB's own copy), into memory this process keeps
         # rather than pages taken anew from the kernel for every blob. The slab is paged in as
         # it is first used; past it, a blob's buffer is fresh memory.
-        self.arena = KVArena(s.dram_bytes + PUT_SLAB_HEADROOM, granule=PUT_SLAB_GRANULE)
-        KV_ARENAS.add("cachestore", self.arena)
+        arena = KVArena(s.dram_bytes + PUT_SLAB_HEADROOM, granule=PUT_SLAB_GRANULE)
+        self.track_arena("cachestore", arena)
         nc = self.nc
         sub = lambda op, **kw: nc.subscribe(Subjects.cache(self.instance_id, op), **kw)  # noqa: E731
-        puts = BlobAssembler(nc, self._on_put, alloc=self.arena.take_bytes, alloc_single=True)
+        puts = BlobAssembler(nc, self._on_put, alloc=arena.take_bytes, alloc_single=True)
         self._subs = [
             await sub("put", cb=puts.handle, pending_bytes_limit=BULK_PENDING_BYTES),
             await sub("get", cb=self._on_get),
@@ -155,8 +153,6 @@ class CacheStoreService(Service):
             # Waits for any store call still running in a thread, then writes DRAM to disk.
             await asyncio.to_thread(self.store.close)
             self.store = None
-        if self.arena is not None:
-            self.log.info("kv_arena", arena="cachestore", max_bytes=self.arena.max_bytes, **self.arena.stats())
 
     def load(self):
         return self.heartbeat()

@@ -513,11 +513,11 @@ class TieredStore:
             finally:
                 self._outside_ended()
 
-    def _settle_load(self, keys: list[bytes], hot: dict[bytes, bytes], cold: dict[bytes, bytes | None]
+    def _settle_load(self, keys: list[bytes], hot: dict[bytes, Block], cold: dict[bytes, bytes | None]
                      ) -> list[tuple[bytes, Block]]:
         """(Under the lock.) The blocks found, in order; blocks read from disk are promoted if
         still held, corrupt ones deleted."""
-        found: list[tuple[bytes, bytes]] = []
+        found: list[tuple[bytes, Block]] = []
         dropped: list[bytes] = []
         for k in keys:
             v = hot.get(k)

@@ -8,7 +8,8 @@ that hands freed memory back to its hypervisor (a balloon's free page reporting)
 costs a round trip to the host, and measured at tens of MB/s under load it made the copies of a
 768 MB cache's first fill the largest cost of a prefill instance's event loop. A block cloned
 into its own allocation each time would leave the allocator's heap full of holes as the LRU
-keeps some blocks and drops others: a cache of 768 MB grew its process by twice that. The slab's footprint is its capacity, whatever the churn.
+keeps some blocks and drops others: a cache of 768 MB grew its process by twice that. The slab's
+footprint is its capacity, whatever the churn.
 
 Blocks being sent to a peer instance are pinned (``pin``/``unpin``): eviction passes over them,
 so their slots are not rewritten while their bytes are on the way. When every slot is pinned, a
