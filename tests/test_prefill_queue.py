@@ -106,3 +106,46 @@ def test_a_start_is_only_known_from_an_idle_instance_or_the_done_report_ahead():
     assert q.seconds("p1", now=1.5) == pytest.approx(0.7 + 2.2)
     q.done("p1", "x", 0, 0.0, now=1.5)  # x failed early: y starts
     assert q.seconds("p1", now=2.5) == pytest.approx(1.2)
+
+
+def test_the_start_lag_is_learnt_from_first_tokens_and_counted_by_every_task():
+    q = PrefillQueues()
+    # an idle instance: the task starts when placed; each first token comes 0.1 s past its compute
+    for k in range(8):
+        t = 10.0 * k
+        q.placed("p0", f"t{k}", 0.5, 100, now=t)
+        q.first_token("p0", f"t{k}", now=t + 0.6)
+        q.done("p0", f"t{k}", 0, 0.0, now=t + 0.6)
+    assert q.lag.seconds == pytest.approx(0.1)
+    # three queued tasks each count their compute and the lag, and the new prompt its own lag
+    for rid in ("a", "b", "c"):
+        q.placed("p1", rid, 0.5, 100, now=100.0)
+    assert q.seconds("p1", now=100.0) == pytest.approx(3 * 0.6 + 0.1)
+    assert q.seconds("p1", now=100.2) == pytest.approx(0.4 + 2 * 0.6 + 0.1)  # the head, 0.2 s in
+    assert q.seconds("p9", now=100.0) == pytest.approx(0.1)  # idle: only the new prompt's lag
+
+
+def test_the_start_lag_learns_from_a_queued_task_from_when_the_one_ahead_was_done():
+    q = PrefillQueues()
+    q.placed("p0", "a", 0.5, 100, now=0.0)
+    q.placed("p0", "b", 0.5, 100, now=0.0)  # queued: its start is not known yet
+    q.first_token("p0", "a", now=0.5)
+    q.done("p0", "a", 0, 0.0, now=0.5)  # b starts now
+    q.first_token("p0", "b", now=1.3)
+    q.first_token("p0", "b", now=9.0)  # a repeated report is not a second sample
+    assert list(q.lag._samples) == pytest.approx([0.0, 0.3])
+
+
+def test_a_compute_model_that_runs_high_gives_a_negative_lag_but_no_task_counts_below_nothing():
+    q = PrefillQueues()
+    for k in range(8):
+        q.placed("p0", f"t{k}", 1.0, 100, now=10.0 * k)
+        q.first_token("p0", f"t{k}", now=10.0 * k + 0.4)
+        q.done("p0", f"t{k}", 0, 0.0, now=10.0 * k + 0.4)
+    assert q.lag.seconds == pytest.approx(-0.6)
+    q.placed("p1", "a", 0.5, 100, now=100.0)
+    q.placed("p1", "b", 1.0, 100, now=100.0)
+    assert q.seconds("p1", now=100.0) == pytest.approx(0.0 + 0.4)
+    q.first_token("p0", "zz", now=1.0)  # unknown: nothing learnt
+    q.lag.observe(-1.0, 0.5)  # a clock gone backwards: not a sample
+    assert len(q.lag._samples) == 8

@@ -17,6 +17,14 @@ started when the one before it was done (or when it was placed on an idle instan
 it counts only what is left of its predicted compute. Counted whole until its first token, a long
 prompt near its end kept its instance looking busy for seconds after it was all but free, and new
 prompts, its prefix's next turns among them, went to instances with less to reuse.
+
+Between an instance being free and a prompt's first token there is more than the compute: taking
+the task off its queue, looking up and loading its prefix, the report's trip back. Each costs tens
+of milliseconds, so little for one prompt, but a prompt behind a dozen others waits for a dozen of
+them: on the simulated 8P+8D cluster at 4x load such queues ran a second (15 %) longer than their
+predicted compute, and the TTFT predictions admission relies on fell behind as the queues grew. So
+every task also counts the lag between its start and its first token beyond its predicted compute,
+learnt as the mean of that difference over recent tasks (``StartLagModel``).
 """
 
 from __future__ import annotations
@@ -62,6 +70,30 @@ class HandOffModel:
         self.fits += 1
 
 
+class StartLagModel:
+    """Seconds a prompt's first token comes after its start beyond its predicted compute: the mean
+    over the last tasks whose start is known (0 until ``MIN_SAMPLES``). It may be below 0 when the
+    compute model runs high; a task never counts less than nothing.
+
+    The window is short (64 tasks: a few seconds of a loaded cluster) because the lag moves with
+    the load: when the cores get busy, every prompt computes slower than the compute model, fitted
+    on hundreds of earlier prompts, says, and a queue of a dozen adds up a dozen such errors."""
+
+    MIN_SAMPLES = 8
+
+    def __init__(self, window: int = 64):
+        self._samples: deque[float] = deque(maxlen=window)
+        self.seconds = 0.0
+
+    def observe(self, elapsed: float, predicted: float) -> None:
+        """A task started ``elapsed`` seconds before its first token, predicted to compute for ``predicted``."""
+        if elapsed < 0:
+            return
+        self._samples.append(elapsed - predicted)
+        if len(self._samples) >= self.MIN_SAMPLES:
+            self.seconds = sum(self._samples) / len(self._samples)
+
+
 @dataclass
 class _Task:
     compute: float  # predicted seconds of the prompt's own compute (its pool load included)
@@ -79,8 +111,10 @@ class PrefillQueues:
     (lost, or an instance that sends none) is forgotten ``lost_after`` seconds past its first token.
     """
 
-    def __init__(self, handoff: HandOffModel | None = None, lost_after: float = 60.0):
+    def __init__(self, handoff: HandOffModel | None = None, lost_after: float = 60.0,
+                 lag: StartLagModel | None = None):
         self.handoff = handoff or HandOffModel()
+        self.lag = lag or StartLagModel()
         self.lost_after = lost_after
         self._tasks: dict[str, dict[str, _Task]] = {}
 
@@ -94,8 +128,10 @@ class PrefillQueues:
 
     def first_token(self, instance_id: str, request_id: str, now: float) -> None:
         task = self._tasks.get(instance_id, {}).get(request_id)
-        if task is not None:
+        if task is not None and task.first_token_at is None:
             task.first_token_at = now
+            if task.started_at is not None:
+                self.lag.observe(now - task.started_at, task.compute)
 
     def done(self, instance_id: str, request_id: str, tokens: int, tail_seconds: float,
              now: float | None = None) -> None:
@@ -110,12 +146,15 @@ class PrefillQueues:
             self.handoff.observe(tokens, tail_seconds)
 
     def seconds(self, instance_id: str, now: float) -> float:
-        """Predicted seconds until the instance starts a prompt placed now."""
-        total = 0.0
+        """Predicted seconds until the instance computes a prompt placed now: what the tasks before
+        it have left, and the lag of its own start."""
+        lag = self.lag.seconds
+        total = max(0.0, lag)
         for task in self._tasks.get(instance_id, {}).values():
             tail = self.handoff.seconds(task.tokens)
             if task.first_token_at is None:
-                left = task.compute if task.started_at is None else max(0.0, task.compute - (now - task.started_at))
+                busy = max(0.0, task.compute + lag)
+                left = busy if task.started_at is None else max(0.0, busy - (now - task.started_at))
                 total += left + tail
             else:  # computed: what is left of its hand-off
                 total += max(0.0, tail - (now - task.first_token_at))

@@ -63,8 +63,11 @@ PREDICTED_TBT = Histogram("yuebing:conductor_predicted_tbt_seconds", "Predicted 
 HANDOFF_SECONDS = Gauge("yuebing:conductor_prefill_handoff_seconds",
                         "Fitted time a prefill instance stays busy after a prompt's first token (KV hand-off): "
                         "fixed + per_token * prompt tokens", ["part"])
+START_LAG = Gauge("yuebing:conductor_prefill_start_lag_seconds",
+                  "Mean time from a prompt's start on its prefill instance to its first token reported, beyond "
+                  "its predicted compute; every queued prompt counts it")
 TTFT_FACTOR = Gauge("yuebing:conductor_ttft_prediction_factor",
-                    "90th percentile of actual / predicted TTFT lately; admission scales its predictions by it")
+                    "99th percentile of actual / predicted TTFT lately; admission scales its predictions by it")
 PRIOR_KV_TOKENS = 256  # KV positions per sequence assumed before any has been seen
 WAIT_MARGIN = Gauge("yuebing:conductor_decode_wait_margin_seconds",
                     "Added to predicted waits for a decode row: how much longer they have lately turned out")
@@ -145,6 +148,7 @@ class ConductorService(Service):
         except _BAD:
             return
         self.queues.first_token(r.instance_id, r.request_id, time.monotonic())
+        START_LAG.set(self.queues.lag.seconds)
         self.projector.started(r.request_id, time.monotonic())
         predicted = self._predicted_ttft.pop(r.request_id, None)
         if predicted is not None and r.ttft_seconds > 0:
@@ -470,6 +474,7 @@ class ConductorService(Service):
                      prompt_tokens=view.prompt_len, cached_blocks=placement.cached_blocks,
                      plan=placement.plan, peer=placement.peer_id or None,
                      pool_blocks=view.pool_blocks, predicted_ttft=round(placement.predicted_ttft, 4),
+                     predicted_prefill=round(placement.predicted_prefill, 4),
                      predicted_tbt=round(placement.predicted_tbt, 4))
         else:
             NOT_ADMITTED.labels(status=str(placement.status), cause=placement.cause or "unavailable").inc()

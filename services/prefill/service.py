@@ -275,6 +275,7 @@ class PrefillService(ModelWorker):
         PREFILL_SECONDS.observe(compute_seconds)
         log.info("prefilled", prompt_tokens=len(prompt), local_tokens=local * bs, pool_tokens=pool * bs, peer=done.peer,
                  load_s=round(load_seconds, 4), compute_s=round(compute_seconds, 4),
+                 predicted_s=round(task.predicted_seconds, 4), waited_s=round(queue_seconds, 4),
                  total_s=round(time.monotonic() - started, 4))
         await self.nc.publish(Subjects.PREFILL_REPORT, encode(PrefillReport(
             instance_id=self.instance_id, request_id=rid, prompt_tokens=len(prompt), local_tokens=local * bs,
