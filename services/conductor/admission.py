@@ -265,8 +265,8 @@ class DecodeLoadProjector:
 
 
 class _RecentQuantile:
-    """The ``PERCENT``-th percentile (nearest rank) of the last ``window`` samples, kept within
-    bounds; ``initial`` until ``MIN_SAMPLES`` have come. Recomputed per sample, read per decision."""
+    """The 90th percentile (nearest rank) of the last ``window`` samples, kept within bounds;
+    ``initial`` until ``MIN_SAMPLES`` have come. Recomputed per sample, read per decision."""
 
     MIN_SAMPLES = 20
     PERCENT = 90
@@ -291,20 +291,12 @@ class TTFTErrorModel(_RecentQuantile):
     judge a prediction as it will turn out rather than as it was made.
 
     Each placed request's predicted TTFT is compared with the TTFT its prefill instance reports;
-    ``factor`` is the 99th percentile (nearest rank) of actual / predicted over a window, so that,
-    while the errors stay as they were, 99 admitted requests in 100 whose scaled prediction is
+    ``factor`` is the 90th percentile (nearest rank) of actual / predicted over a window, so that,
+    while the errors stay as they were, nine admitted requests in ten whose scaled prediction is
     within the objective meet it. Until ``MIN_SAMPLES`` reports have come, the predictions are
     taken as they are (1.0); the factor stays within ``BOUNDS``.
-
-    Why so high a percentile: under overload the queues settle where the scaled prediction of a new
-    request just meets the objective, so nearly every admitted request sits at that edge, and one
-    in ``100 / (100 - PERCENT)`` of them misses (one in ten at the 90th, 13-15 % of the admitted
-    at 4x load on the simulated cluster, where the errors also grew as the cores filled up). A
-    higher factor only keeps those queues a few percent shorter; while they are not empty, the
-    prefill instances serve as many requests as before.
     """
 
-    PERCENT = 99
     BOUNDS = (0.5, 4.0)
     MIN_PREDICTED = 0.05  # seconds: below this a ratio says more about noise than about the model
 

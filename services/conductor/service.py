@@ -67,7 +67,7 @@ START_LAG = Gauge("yuebing:conductor_prefill_start_lag_seconds",
                   "Mean time from a prompt's start on its prefill instance to its first token reported, beyond "
                   "its predicted compute; every queued prompt counts it")
 TTFT_FACTOR = Gauge("yuebing:conductor_ttft_prediction_factor",
-                    "99th percentile of actual / predicted TTFT lately; admission scales its predictions by it")
+                    "90th percentile of actual / predicted TTFT lately; admission scales its predictions by it")
 PRIOR_KV_TOKENS = 256  # KV positions per sequence assumed before any has been seen
 WAIT_MARGIN = Gauge("yuebing:conductor_decode_wait_margin_seconds",
                     "Added to predicted waits for a decode row: how much longer they have lately turned out")
