@@ -306,6 +306,15 @@ class Abort(msgspec.Struct, kw_only=True):
     reason: str = ""
 
 
+class SequenceProgress(msgspec.Struct, array_like=True):
+    """A sequence a decode instance holds, as of its heartbeat."""
+
+    request_id: str
+    decoded: int  # steps run for it here
+    left: int  # steps to its length limit (max_tokens)
+    running: bool  # in the running batch (else waiting for a row)
+
+
 class Heartbeat(msgspec.Struct, kw_only=True):
     """Every instance announces itself and its load once per ``interval`` seconds."""
 
@@ -326,6 +335,9 @@ class Heartbeat(msgspec.Struct, kw_only=True):
     step_seconds: float = 0.0
     step_batch: float = 0.0
     step_kv_tokens: float = 0.0
+    # decode: every sequence it holds, running ones first then those waiting, in the order they
+    # take rows; lets the conductor project when rows free up from where each sequence is
+    sequences: list[SequenceProgress] = []
 
 
 # ---------------------------------------------------------------- binary transfers
@@ -498,6 +510,7 @@ MESSAGE_BOUNDS: dict[str, int] = {
     "CacheExistsReply": MAX_PAYLOAD,
     "CacheGetReply": MAX_PAYLOAD,
     "TokenEvent": SMALL_MESSAGE_BYTES,
+    "Heartbeat": MAX_PAYLOAD,  # a decode instance's lists every sequence it holds
 }
 
 try:

@@ -115,6 +115,94 @@ def test_sequences_waiting_for_a_row_hold_it_later_first_come_first_served():
     assert p.token_seconds == pytest.approx(0.1)
 
 
+def test_a_stay_is_priced_at_the_pace_of_the_batch_it_is_in():
+    # a step of r rows takes 0.1 s per row: a sequence decodes slower while others share its batch
+    p = DecodeLoadProjector(default_token_seconds=1.0, step=lambda rows, kv: 0.1 * rows)
+    p.admit("a", "d0", start=0.0, tokens=10, kv_tokens=5)
+    p.admit("b", "d0", start=0.5, tokens=10, kv_tokens=5)
+    a, b = p.slots("d0", 0.0, rows=8)
+    # "a" alone for 5 tokens (0.5 s); both at 0.2 s a token until "a" is done at 1.5 s ("b" 5 in);
+    # "b" alone again for its last 5 at 0.1 s
+    assert (a.row, a.end) == (0.0, pytest.approx(1.5))
+    assert (b.row, b.end) == (0.5, pytest.approx(2.0))
+    # at 1 s: "a" 2/3 through its stay, "b" 1/3 (the tokens spread evenly over a stay)
+    assert p.load_at("d0", 1.0, 0.0, rows=8) == (2, (5 + 6) + (5 + 3))
+    # one row: "b" waits for it and then decodes alone
+    a, b = p.slots("d0", 0.0, rows=1)
+    assert (a.end, b.row, b.end) == (pytest.approx(1.0), pytest.approx(1.0), pytest.approx(2.0))
+    # a sequence the projection did not admit shares the batch until it leaves at 1 s: "a" at 0.2 s
+    # a token until "b" comes, both at 0.3 s until 1 s, then 0.2 s; "b" ends alone at 0.1 s
+    a, b = p.slots("d0", 0.0, rows=8, others=1, others_end=1.0, others_kv=100)
+    a_end = 1.0 + (10 - 0.5 / 0.2 - 0.5 / 0.3) * 0.2
+    assert a.end == pytest.approx(a_end)
+    assert b.end == pytest.approx(a_end + (10 - 0.5 / 0.3 - (a_end - 1.0) / 0.2) * 0.1)
+    # with one row, the other holds it until it leaves
+    a, b = p.slots("d0", 0.0, rows=1, others=1, others_end=1.0)
+    assert (a.row, a.end, b.row) == (1.0, pytest.approx(2.0), pytest.approx(2.0))
+
+
+def test_a_stay_is_priced_at_the_kv_the_batch_holds_and_an_overdue_one_is_still_there():
+    q = DecodeLoadProjector(default_token_seconds=1.0, step=lambda rows, kv: 0.01 * kv)
+    q.admit("c", "d0", start=0.0, tokens=10, kv_tokens=10)
+    q.started("c", 0.0)
+    (c,) = q.slots("d0", 0.0, rows=8)
+    # the KV grows a position per token: 0.10 s for the first token, 0.19 s for the last
+    assert c.end == pytest.approx(sum(0.01 * (10 + i) for i in range(10)), rel=0.05)
+    # 30 s on it has not left: it is still there, for two steps at its full KV (0.2 s and a bit)
+    (c,) = q.slots("d0", 30.0, rows=8)
+    assert 30.0 + 2 * 0.2 <= c.end <= 30.0 + 2 * 0.21 + 1e-9
+
+
+def test_the_projection_ends_on_a_clock_of_days_with_steps_of_microseconds():
+    # a tiny model's fitted step is ~0; on a monotonic clock of 10^6 s, adding it barely moves time
+    p = DecodeLoadProjector(default_token_seconds=1e-6, step=lambda rows, kv: 1e-9)
+    now = 1_000_000.123
+    for i in range(12):
+        p.admit(str(i), "d0", start=now + i * 1e-7, tokens=7 + i, kv_tokens=3)
+        p.started(str(i), now - 1.0 + i * 0.01)
+    slots = p.slots("d0", now, rows=4)
+    assert len(slots) == 12 and all(s.end >= s.row >= s.arrive for s in slots)
+
+
+def test_a_decode_instances_report_of_its_sequences_is_where_the_projection_starts():
+    p = DecodeLoadProjector(default_token_seconds=0.1, step=lambda rows, kv: 0.1)
+    for rid, first in (("a", 0.0), ("b", 0.0), ("c", 0.0), ("d", 5.0)):  # 100 tokens each
+        p.admit(rid, "d0", start=first, tokens=100, kv_tokens=10)
+        p.started(rid, first)
+    p.admit("e", "d0", start=12.0, tokens=100, kv_tokens=10)  # still in prefill
+    # its two rows at 10 s: "b" 97 steps in (3 left), "a" 60; "c" and "d" not taken up yet
+    p.progress("d0", 10.0, [("b", 97, 3, True), ("a", 60, 40, True), ("x", 5, 50, False)])
+    by_end = sorted(p.slots("d0", 10.0, rows=2), key=lambda s: s.end)
+    b, a = by_end[0], by_end[1]
+    assert (b.row, b.end, b.tokens, b.kv_tokens) == (10.0, pytest.approx(10.3), 3, 10 + 97)
+    assert a.end == pytest.approx(14.0)
+    # "c" then "d" (first tokens in that order) take the rows "b" and "a" free; "e" the next one
+    assert [s.end for s in by_end[2:]] == [pytest.approx(20.3), pytest.approx(24.0), pytest.approx(30.3)]
+    assert p.row_wait("d0", 10.0, 10.0, rows=2) == pytest.approx(10.3)  # a newcomer: behind "c" and "d"
+    p.progress("d0", 11.0, [("a", 70, 30, True), ("c", 5, 95, True)])
+    assert "b" not in p.entries and "c" in p.entries  # "b" was there and is not now: it has left
+    ends = sorted(s.end for s in p.slots("d0", 11.0, rows=2))
+    assert ends == [pytest.approx(14.0), pytest.approx(20.5), pytest.approx(24.0), pytest.approx(30.5)]
+    # a sequence it says it runs past what was expected of it has two steps left, or its limit
+    p.progress("d0", 12.0, [("a", 100, 1, True), ("c", 15, 85, True)])
+    assert p.entries["a"].left == 1 and min(s.end for s in p.slots("d0", 12.0, rows=2)) == pytest.approx(12.1)
+    p.drop_instance("d0")
+    assert not p.entries
+
+
+def test_a_newcomer_reaching_decode_first_delays_those_admitted_before_it():
+    p = DecodeLoadProjector(default_token_seconds=0.1, step=lambda rows, kv: 0.1)
+    p.admit("run", "d0", start=0.0, tokens=30, kv_tokens=10)  # holds the one row until 3 s
+    p.started("run", 0.0)
+    p.admit("short", "d0", start=4.0, tokens=3, kv_tokens=10)  # a long prefill: reaches decode at 4 s
+    assert p.delayed_by("d0", 0.0, arrive=5.0, tokens=50, kv_tokens=10, rows=1) == []  # after it: no harm
+    # one reaching decode at 3.5 s takes the row first: "short" waits until 8.5 s instead of none
+    assert p.delayed_by("d0", 0.0, arrive=3.5, tokens=50, kv_tokens=10, rows=1) == [
+        ("short", 0.0, pytest.approx(4.5))]
+    assert p.delayed_by("d0", 0.0, arrive=3.5, tokens=50, kv_tokens=10, rows=0) == []  # unbounded batch
+    assert set(p.entries) == {"run", "short"}  # the newcomer was only tried
+
+
 def test_projection_follows_admitted_requests_into_and_out_of_decode():
     p = DecodeLoadProjector(default_token_seconds=0.1)
     now = 100.0
@@ -222,6 +310,10 @@ def test_early_judges_decode_now_predictive_judges_it_on_arrival():
     assert not pred.decide(slo, **busy_now_free_later, projection_checked=False).admitted
     assert not pred.decide(slo, **free_now_busy_later, projection_checked=False).admitted
     assert pred.decide(slo, ttft=1.0, tbt_now=0.05, tbt_projected=0.05, projection_checked=False).admitted
+    # one that would delay admitted requests past their objective: predictive rejects it
+    v = pred.decide(slo, ttft=1.0, tbt_now=0.05, tbt_projected=0.05, tbt_retry=3.0, delays=2)
+    assert not v.admitted and v.cause == "tbt" and "delay 2 admitted" in v.reason and v.retry_after == 3.0
+    assert early.decide(slo, ttft=1.0, tbt_now=0.05, tbt_projected=0.05, delays=2).admitted
     with pytest.raises(ValueError):
         AdmissionController("sometimes")
 
@@ -241,6 +333,9 @@ def test_decode_placement_prefers_the_lowest_predicted_tbt_within_the_slo():
     # all over the objective: still the lowest
     over = [DecodeView("d0", 1, 100, predicted_tbt=0.3), DecodeView("d1", 1, 100, predicted_tbt=0.2)]
     assert _policy().place(req, prefills, over).decode_id == "d1"
+    # where it would delay an admitted request past its objective counts as over it
+    harm = [DecodeView("d0", 1, 100, predicted_tbt=0.05, delays=1), DecodeView("d1", 1, 100, predicted_tbt=0.09)]
+    assert _policy().place(req, prefills, harm).decode_id == "d1"
 
 
 def test_colocated_placement_decodes_where_it_prefilled():

@@ -15,6 +15,7 @@ import heapq
 import math
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -107,18 +108,27 @@ class _Admitted:
     start: float  # when it joins decode: predicted until its prefill reports, then actual
     tokens: int  # output tokens it is expected to decode
     kv_tokens: int  # KV positions it brings
+    tbt_slo: float = 0.0  # the TBT objective it was admitted under (0: none)
     started: bool = False
+    # as its decode instance last reported it (``seen``: when; None: not yet there)
+    seen: float | None = None
+    running: bool = False
+    decoded: int = 0  # steps run
+    left: int = 0  # steps still to run
+    pos: int = 0  # its place in the instance's list: rows first, then the queue in order
 
 
 @dataclass(frozen=True)
 class _Slot:
     """An admitted sequence on its decode instance, as projected: there from ``arrive`` (waiting
-    for a row until ``row``), decoding until ``end``."""
+    for a row until ``row``), decoding ``tokens`` more tokens from ``row`` (with ``kv_tokens`` KV
+    positions then) until ``end``."""
     arrive: float
     row: float
     end: float
     tokens: int
     kv_tokens: int
+    rid: str = ""
 
 
 class DecodeLoadProjector:
@@ -126,18 +136,28 @@ class DecodeLoadProjector:
 
     A request reaches decode when its prefill is predicted to finish (then when its prefill
     reports), takes a row of the batch in arrival order when one is free (the decode batcher admits
-    waiting sequences first come, first served, and preempts none), and keeps it for ``tokens x
-    seconds-per-token``: the per-request decode duration, learnt from the decode instances' reports
-    of their time in a row.
+    waiting sequences first come, first served, and preempts none), and keeps it until it has
+    decoded its ``tokens``. Every sequence holding a row advances a token per step of the batch, and
+    a step takes ``step(rows, KV positions)`` seconds for the batch as it is at that moment (the
+    decode cost model): a sequence decodes slower once the rows fill up, and faster again as they
+    empty. Without a step model a token takes ``token_seconds``, learnt from the decode instances'
+    reports of their sequences' time in a row.
+
+    Once a decode instance reports the sequences it holds (``progress``, from its heartbeat), the
+    projection starts from there: who holds a row, how many steps each has left, who waits in
+    which order. Only what comes after the report is predicted, not a stay from its start.
     """
 
     LOST_AFTER = 120.0  # a request not seen to start or finish this long after expected is forgotten
 
-    def __init__(self, default_output_tokens: int = 128, default_token_seconds: float = 0.05):
+    def __init__(self, default_output_tokens: int = 128, default_token_seconds: float = 0.05,
+                 step: Callable[[int, float], float] | None = None):
         self.entries: dict[str, _Admitted] = {}
         self.mean_output = float(default_output_tokens)
         self.token_seconds = default_token_seconds
+        self.step = step
         self._observed = 0
+        self._seen: dict[str, float] = {}  # decode instance -> when it last reported its sequences
 
     def expected_tokens(self, max_tokens: int, ignore_eos: bool) -> int:
         """Output tokens a request will decode: exactly ``max_tokens`` when EOS is ignored, else the
@@ -153,10 +173,19 @@ class DecodeLoadProjector:
             self.token_seconds = token_seconds
 
     def duration(self, tokens: int) -> float:
+        """A stay of ``tokens`` tokens at the learnt per-token time (for sequences the projection
+        does not follow step by step)."""
         return tokens * self.token_seconds
 
-    def admit(self, rid: str, decode_id: str, start: float, tokens: int, kv_tokens: int) -> None:
-        self.entries[rid] = _Admitted(decode_id, start, tokens, kv_tokens)
+    def _pace(self, rows: int, kv_tokens: float) -> float:
+        """Seconds per token of a batch of ``rows`` rows holding ``kv_tokens`` KV positions."""
+        if self.step is None:
+            return self.token_seconds
+        return max(self.step(rows, kv_tokens), 1e-6)
+
+    def admit(self, rid: str, decode_id: str, start: float, tokens: int, kv_tokens: int,
+              tbt_slo: float = 0.0) -> None:
+        self.entries[rid] = _Admitted(decode_id, start, tokens, kv_tokens, tbt_slo)
 
     def started(self, rid: str, now: float) -> None:
         e = self.entries.get(rid)
@@ -180,6 +209,27 @@ class DecodeLoadProjector:
     def drop_instance(self, decode_id: str) -> None:
         for rid in [r for r, e in self.entries.items() if e.decode_id == decode_id]:
             del self.entries[rid]
+        self._seen.pop(decode_id, None)
+
+    def progress(self, decode_id: str, at: float, sequences) -> None:
+        """``decode_id`` holds ``sequences`` at ``at``: (request id, steps run there, steps to its
+        length limit, holds a row) each, rows first, then those waiting in order. A sequence it
+        reported before and not now has left it."""
+        listed = set()
+        for pos, (rid, decoded, limit, running) in enumerate(sequences):
+            e = self.entries.get(rid)
+            if e is None or e.decode_id != decode_id:
+                continue
+            listed.add(rid)
+            if not e.started:  # there before its prefill's report came
+                e.start, e.started = at, True
+            expected = e.tokens - decoded  # (its expected tokens count the one prefill made)
+            e.left = min(limit, expected) if expected > 0 else min(limit, 2)
+            e.decoded, e.seen, e.running, e.pos = decoded, at, running, pos
+        for rid in [r for r, e in self.entries.items()
+                    if e.decode_id == decode_id and e.seen is not None and r not in listed]:
+            del self.entries[rid]
+        self._seen[decode_id] = at
 
     def _rows_free(self, rows: int, others: int, others_end: float) -> list[float]:
         """When each row of a batch of ``rows`` is free, before any admitted sequence: ``others``
@@ -191,24 +241,106 @@ class DecodeLoadProjector:
         return free
 
     def slots(self, decode_id: str, now: float, rows: int = 0, others: int = 0,
-              others_end: float = 0.0) -> list[_Slot]:
-        """The admitted sequences of ``decode_id`` placed on its ``rows`` rows (0: unbounded) first
-        come, first served, in order of arrival."""
-        mine = [e for e in self.entries.values() if e.decode_id == decode_id]
-        mine.sort(key=lambda e: e.start if e.started else max(e.start, now))  # stable: admission order on ties
-        free = self._rows_free(rows, others, others_end) if rows > 0 else []
-        out = []
-        for e in mine:
-            arrive = e.start if e.started else max(e.start, now)
-            row = max(arrive, heapq.heappop(free)) if rows > 0 else arrive
-            end = row + self.duration(e.tokens)
-            if e.started and end < now:
-                # running longer than expected: still there, assume it ends within a token or two
-                end = now + 2 * self.token_seconds
+              others_end: float = 0.0, others_kv: int = 0) -> list[_Slot]:
+        """The admitted sequences of ``decode_id`` on its ``rows`` rows (0: unbounded), in order of
+        arrival: each takes a row first come, first served and decodes its tokens at the pace of the
+        batch it is in. ``others`` sequences this projection did not admit (``others_kv`` KV
+        positions) hold rows until ``others_end`` and count in the batch."""
+        seen = self._seen.get(decode_id)
+        ids = [r for r, e in self.entries.items() if e.decode_id == decode_id]
+        mine = [self.entries[r] for r in ids]
+        reported = [e.seen is not None for e in mine]
+        # a reported sequence is there since the report; one that is not arrives when its first
+        # token came (not before the report) or is predicted to come (not before now)
+        arrive = [seen if r else max(e.start, seen if seen is not None else -math.inf) if e.started
+                  else max(e.start, now) for e, r in zip(mine, reported)]
+        order = sorted(range(len(mine)), key=lambda i: (arrive[i], not reported[i], mine[i].pos))  # stable
+        mine, arrive, reported = [mine[i] for i in order], [arrive[i] for i in order], [reported[i] for i in order]
+        ids = [ids[i] for i in order]
+        n = len(mine)
+        row_at, end = [0.0] * n, [0.0] * n
+        left = [float(e.left if r else e.tokens) for e, r in zip(mine, reported)]  # tokens still to decode
+        decoded = [float(e.decoded) if r else 0.0 for e, r in zip(mine, reported)]
+        kv0 = [e.kv_tokens + int(d) for e, d in zip(mine, decoded)]
+        tokens0 = [int(x) for x in left]
+        # the rows as reported: held since the report
+        running = [i for i in range(n) if reported[i] and mine[i].running]
+        for i in running:
+            row_at[i] = arrive[i]
+        waiting: deque[int] = deque()
+        overdue: list[int] = []  # in decode longer than projected: still there at ``now``
+        nxt = len(running)  # sorted first: the report's rows, in its order
+        t = arrive[0] if n else now
+        while nxt < n or waiting or running:
+            while nxt < n and arrive[nxt] <= t:
+                waiting.append(nxt)
+                nxt += 1
+            if overdue and t >= now:
+                for i in overdue:
+                    left[i] = 2.0  # assume it ends within two steps
+                overdue.clear()
+            held = others if t < others_end else 0
             if rows > 0:
-                heapq.heappush(free, end)
-            out.append(_Slot(arrive, row, end, e.tokens, e.kv_tokens))
-        return out
+                held = min(held, rows)
+            while waiting and (rows <= 0 or len(running) + held < rows):
+                i = waiting.popleft()
+                row_at[i] = t
+                running.append(i)
+            later = [arrive[nxt]] if nxt < n else []
+            if held:
+                later.append(others_end)
+            if overdue:
+                later.append(now)
+            if not running:
+                t = min(later)  # idle until the next arrival, or blocked until the others leave
+                continue
+            batch = len(running) + held
+            kv = sum(mine[i].kv_tokens + decoded[i] for i in running) + (others_kv if held else 0)
+            first = min(left[i] for i in running)
+            # priced at the KV the batch holds halfway to the next event (it grows a position a token)
+            pace = self._pace(batch, kv)
+            halfway = (min([t + first * pace] + later) - t) / pace / 2
+            pace = self._pace(batch, kv + len(running) * halfway)
+            event = min(later, default=math.inf)
+            if t + first * pace <= event:
+                t, done = t + first * pace, first  # the first of them is done (exactly: no float creep)
+            else:
+                t, done = event, (event - t) / pace
+            for i in list(running):
+                if left[i] < math.inf:  # (an overdue one's KV is taken to stay as it was)
+                    decoded[i] += done
+                left[i] -= done
+                if left[i] > 1e-9:
+                    continue
+                if mine[i].started and t < now:
+                    left[i] = math.inf
+                    overdue.append(i)
+                    continue
+                end[i] = t
+                running.remove(i)
+        return [_Slot(arrive[i], row_at[i], end[i], tokens0[i], kv0[i], ids[i]) for i in range(n)]
+
+    def delayed_by(self, decode_id: str, now: float, arrive: float, tokens: int, kv_tokens: int, rows: int,
+                   others: int = 0, others_end: float = 0.0, others_kv: int = 0,
+                   slots: list[_Slot] | None = None) -> list[tuple[str, float, float]]:
+        """The admitted sequences of ``decode_id`` that a newcomer reaching it at ``arrive`` (with
+        ``tokens`` to decode and ``kv_tokens`` KV positions) would make wait longer for a row: it
+        would take a row before them (it reaches decode first, though admitted later) or slow the
+        batch they wait on. Each with its wait from reaching decode to a row, without the newcomer
+        and with it."""
+        if rows <= 0:
+            return []
+        if slots is None:
+            slots = self.slots(decode_id, now, rows, others, others_end, others_kv)
+        before = {s.rid: s for s in slots}
+        key = "\0newcomer"
+        self.entries[key] = _Admitted(decode_id, arrive, tokens, kv_tokens)
+        try:
+            after = self.slots(decode_id, now, rows, others, others_end, others_kv)
+        finally:
+            del self.entries[key]
+        return [(s.rid, before[s.rid].row - before[s.rid].arrive, s.row - s.arrive) for s in after
+                if s.rid in before and s.row > before[s.rid].row + 1e-9]
 
     def load_at(self, decode_id: str, t: float, now: float, rows: int = 0, others: int = 0,
                 others_end: float = 0.0, slots: list[_Slot] | None = None) -> tuple[int, int]:
@@ -220,7 +352,7 @@ class DecodeLoadProjector:
         for s in slots:
             if s.arrive <= t < s.end:
                 seqs += 1
-                done = max(0.0, t - s.row) / max(self.token_seconds, 1e-6)
+                done = s.tokens * max(0.0, t - s.row) / (s.end - s.row) if s.end > s.row else 0.0
                 kv += s.kv_tokens + int(min(done, s.tokens))
         return seqs, kv
 
@@ -354,13 +486,15 @@ class AdmissionController:
         self.rejected = {"ttft": 0, "tbt": 0}
 
     def decide(self, slo: SLO, ttft: float, tbt_now: float, tbt_projected: float,
-               tbt_retry: float = 1.0, projection_checked: bool = True) -> Verdict:
+               tbt_retry: float = 1.0, projection_checked: bool = True, delays: int = 0) -> Verdict:
         """``ttft``: best predicted TTFT; ``tbt_now``: predicted time between tokens on the chosen
         decode instance with this request added to its load now; ``tbt_projected``: the same with
         the load projected to when this request reaches it; ``tbt_retry``: seconds until that
         instance is expected to shed load. ``projection_checked``: whether the projection has yet
         been compared with enough outcomes (``WaitErrorModel.learnt``); until it has, ``predictive``
-        does not let a forecast of decode draining admit what the load now would reject."""
+        does not let a forecast of decode draining admit what the load now would reject.
+        ``delays``: admitted requests this one would push past their TBT objective, as projected
+        (``predictive`` rejects it then)."""
         if self.mode != "none":
             if slo.ttft > 0 and ttft > slo.ttft:
                 return self._reject("ttft", f"the predicted time to first token ({ttft:.2f}s) exceeds the "
@@ -373,6 +507,10 @@ class AdmissionController:
             if slo.tbt > 0 and tbt > slo.tbt:
                 return self._reject("tbt", f"the predicted time between tokens ({tbt:.3f}s) exceeds the "
                                     f"{slo.tbt:g}s objective; the decode instances are overloaded",
+                                    max(1.0, tbt_retry))
+            if self.mode == "predictive" and slo.tbt > 0 and delays > 0:
+                return self._reject("tbt", f"it would delay {delays} admitted request(s) past their time "
+                                    "between tokens objective; the decode instances are overloaded",
                                     max(1.0, tbt_retry))
         self.admitted += 1
         return Verdict(True)

@@ -53,6 +53,9 @@ class DecodeView:
     # row, before any learnt margin): with the load now, and projected
     wait_now: float = 0.0
     wait_then: float = 0.0
+    # admitted requests this one would push past their TBT objective, as projected: it would take
+    # a row before them (it reaches decode first, though admitted later)
+    delays: int = 0
 
 
 @dataclass(frozen=True)
@@ -137,9 +140,10 @@ class Policy:
 
     def choose_decode(self, req: RequestView, decodes: list[DecodeView]) -> DecodeView:
         """The instance whose predicted time between tokens, with this request added, is lowest
-        (an instance within the TBT SLO whenever there is one; ties to the fewer sequences)."""
+        (an instance within the TBT SLO, and where it would delay no admitted request past its own,
+        whenever there is one; ties to the fewer sequences)."""
         def key(d: DecodeView):
-            over = req.tbt_slo > 0 and d.predicted_tbt > req.tbt_slo
+            over = (req.tbt_slo > 0 and d.predicted_tbt > req.tbt_slo) or d.delays > 0
             return (over, d.predicted_tbt, d.sequences, d.kv_tokens, d.instance_id)
 
         return min(decodes, key=key)

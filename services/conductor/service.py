@@ -94,7 +94,9 @@ class ConductorService(Service):
         profile = CostProfile.load(s.calibration) if s.calibration else DEFAULT_PROFILE
         self.cost = PrefillCostModel.from_profile(profile)
         self.decode_cost = DecodeCostModel(tuple(profile.decode))
-        self.projector = DecodeLoadProjector(default_token_seconds=self.decode_cost.step_seconds(1, PRIOR_KV_TOKENS))
+        # each admitted sequence's stay is priced step by step with the decode cost model
+        self.projector = DecodeLoadProjector(default_token_seconds=self.decode_cost.step_seconds(1, PRIOR_KV_TOKENS),
+                                             step=self.decode_cost.step_seconds)
         self.admission = AdmissionController(s.admission)
         self.ttft_error = TTFTErrorModel()  # how actual TTFTs compare with the predictions admitted on
         self._predicted_ttft: OrderedDict[str, float] = OrderedDict()  # placed, first token not yet reported
@@ -135,6 +137,8 @@ class ConductorService(Service):
             self.log.info("instance_joined", kind=hb.kind, id=hb.instance_id)
         self.registry.beat(hb, time.monotonic())
         if hb.kind == "decode":
+            self.projector.progress(hb.instance_id, time.monotonic(),
+                                    [(q.request_id, q.decoded, q.left, q.running) for q in hb.sequences])
             if hb.steps:
                 self.decode_cost.observe(hb.steps, hb.step_batch, hb.step_kv_tokens, hb.step_seconds)
             if hb.max_running > 0:
@@ -295,20 +299,32 @@ class ConductorService(Service):
         reported = hb.running + hb.queued
         tracked, tracked_kv = self.projector.current(inst.instance_id)
         # sequences the instance reports that this conductor did not admit (e.g. before a restart)
-        untracked = max(0, reported - tracked)
+        untracked = sum(1 for q in hb.sequences if q.request_id not in self.projector.entries)
         per_seq = hb.kv_tokens / max(1, hb.running)
         now_seqs, now_kv = tracked + untracked, tracked_kv + int(untracked * per_seq)
         cap = hb.max_running
         p, iid = self.projector, inst.instance_id
         others_end = now + p.duration(round(p.mean_output))  # when sequences it did not admit may leave
         # the admitted sequences on its rows, first come first served: one projection for every figure
-        slots = p.slots(iid, now, cap, untracked, others_end)
+        slots = p.slots(iid, now, cap, untracked, others_end, int(untracked * per_seq))
         fut_seqs, fut_kv = p.load_at(iid, arrive, now, slots=slots)
         fut_seqs, fut_kv = fut_seqs + untracked, fut_kv + int(untracked * per_seq)
         handoff = self.queues.handoff.seconds(prompt_len)
         wait_now = handoff + p.row_wait(iid, now, now, cap, untracked, others_end, slots=slots)
         wait_then = handoff + p.row_wait(iid, arrive, now, cap, untracked, others_end, slots=slots)
         margin = self.wait_error.margin()  # judged as such waits have lately turned out
+        # the admitted requests it would delay for a row (admitted earlier, their prefills longer):
+        # a short one's TBT is that wait, judged as its own was when it was admitted
+        delays = 0
+        for rid, before, after in p.delayed_by(iid, now, arrive, tokens, prompt_len, cap, untracked, others_end,
+                                               int(untracked * per_seq), slots=slots):
+            e = p.entries[rid]
+            if e.tbt_slo <= 0:
+                continue
+            tail = self.queues.handoff.seconds(e.kv_tokens) + margin
+            tbt = [request_tbt_joining(self.decode_cost, fut_seqs + 1, fut_kv + prompt_len, cap, e.tokens, tail + w)
+                   for w in (before, after)]
+            delays += tbt[0] <= e.tbt_slo < tbt[1]  # (one already predicted to miss is not its doing)
         return DecodeView(
             iid,
             reported + inst.placed_since_beat,
@@ -320,12 +336,13 @@ class ConductorService(Service):
             sheds_in=p.next_departure(iid, now, slots=slots),
             wait_now=wait_now,
             wait_then=wait_then,
+            delays=delays,
         )
 
-    def _project(self, request_id: str, placement, prompt_len: int, sampling) -> None:
+    def _project(self, request_id: str, placement, prompt_len: int, sampling, tbt_slo: float = 0.0) -> None:
         tokens = self.projector.expected_tokens(sampling.max_tokens, sampling.ignore_eos)
         self.projector.admit(request_id, placement.decode_id, time.monotonic() + placement.predicted_ttft, tokens,
-                             prompt_len)
+                             prompt_len, tbt_slo)
 
     def _admit(self, req: ScheduleRequest, placement, decodes: list[DecodeView]):
         """Mooncake's admission on top of the placement: TTFT and TBT objectives."""
@@ -341,7 +358,7 @@ class ConductorService(Service):
         verdict = self.admission.decide(slo, placement.predicted_ttft * self.ttft_error.factor(), d.current_tbt,
                                         d.predicted_tbt,
                                         tbt_retry=d.sheds_in if d.sheds_in != float("inf") else 1.0,
-                                        projection_checked=self.wait_error.learnt)
+                                        projection_checked=self.wait_error.learnt, delays=d.delays)
         if verdict.admitted:
             return placement
         return dataclasses.replace(placement, admitted=False, status=verdict.status, reason=verdict.reason,
@@ -462,11 +479,12 @@ class ConductorService(Service):
                 await msg.respond(encode(reply))
                 return
             self._placed(req.request_id, placement, len(req.prompt_token_ids))
-            self._project(req.request_id, placement, len(req.prompt_token_ids), req.sampling)
+            self._project(req.request_id, placement, len(req.prompt_token_ids), req.sampling, req.tbt_slo)
+            wait = None
             if tokens > 1:  # it reaches decode: remember the wait the admission judged it by
                 d = next(v for v in decodes if v.instance_id == placement.decode_id)
-                _remember(self._predicted_wait, req.request_id,
-                          d.wait_now if self.admission.mode == "early" else d.wait_then)
+                wait = d.wait_now if self.admission.mode == "early" else d.wait_then
+                _remember(self._predicted_wait, req.request_id, wait)
             PLACED.labels(policy=self.policy.name, plan=placement.plan).inc()
             PREDICTED_TTFT.observe(placement.predicted_ttft)
             PREDICTED_TBT.observe(placement.predicted_tbt)
@@ -475,7 +493,8 @@ class ConductorService(Service):
                      plan=placement.plan, peer=placement.peer_id or None,
                      pool_blocks=view.pool_blocks, predicted_ttft=round(placement.predicted_ttft, 4),
                      predicted_prefill=round(placement.predicted_prefill, 4),
-                     predicted_tbt=round(placement.predicted_tbt, 4))
+                     predicted_tbt=round(placement.predicted_tbt, 4),
+                     predicted_wait=None if wait is None else round(wait, 4))
         else:
             NOT_ADMITTED.labels(status=str(placement.status), cause=placement.cause or "unavailable").inc()
             log.warning("not_admitted", status=placement.status, reason=placement.reason)

@@ -21,6 +21,7 @@ class Sequence:
     output_id: str = ""  # where the client listens (the request id, or the original one of a resumed request)
     seq_base: int = 0  # token events the client had before this attempt
     joined_at: float = 0.0  # when it was admitted here (monotonic)
+    kv_wait: float = 0.0  # seconds from its task being taken up here to its KV in hand
     row_at: float = 0.0  # when it got a row of the running batch (0: still waiting)
     initial_outputs: int = 0  # output tokens it came with (made by prefill, or before a resume)
 

@@ -10,7 +10,8 @@ import torch
 
 from yuebing.libs.bus import BULK_PENDING_BYTES, BlobAssembler, BlobData, uninitialized
 from yuebing.libs.model import kv_arena_for, sample_token
-from yuebing.libs.protocol import DecodeReport, DecodeTask, KVMeta, Subjects, TokenEvent, decode, encode
+from yuebing.libs.protocol import (DecodeReport, DecodeTask, KVMeta, SequenceProgress, Subjects, TokenEvent, decode,
+                                   encode)
 from yuebing.libs.worker import ModelWorker
 
 from .batcher import Batcher, Sequence
@@ -25,7 +26,11 @@ class DecodeService(ModelWorker):
     async def setup(self) -> None:
         await super().setup()
         self.batch = self.runner.new_batch()
-        self._steps = [0, 0.0, 0, 0]  # since the last heartbeat: steps, seconds, rows, KV positions
+        # since the last heartbeat: steps, seconds, rows, KV positions. A step's seconds are its whole
+        # round of the engine loop (plan, compute, emitting the tokens), i.e. the gap between two
+        # tokens of a sequence it holds: what the conductor's decode cost model predicts
+        self._steps = [0, 0.0, 0, 0]
+        self._step_kv = 0  # KV positions of the last step's batch
         self.batcher = Batcher(self.settings.max_running, self.shape.eos_token_ids)
         self._kv: dict[str, tuple[KVMeta, BlobData, float]] = {}  # request id -> KV waiting for its task
         self._kv_ready: dict[str, asyncio.Event] = {}
@@ -57,6 +62,10 @@ class DecodeService(ModelWorker):
             queued=len(b.waiting), running=len(b.running), max_running=b.max_running, kv_tokens=self.batch.kv_tokens(),
             steps=n, step_seconds=seconds / n if n else 0.0, step_batch=rows / n if n else 0.0,
             step_kv_tokens=kv / n if n else 0.0,
+            sequences=[SequenceProgress(s.request_id, len(s.output) - s.initial_outputs,
+                                        max(0, s.params.max_tokens - len(s.output)), running)
+                       for running, seqs in ((True, b.running.values()), (False, b.waiting))
+                       for s in seqs if s.finish is None],
         )
 
     # ---- KV arrival
@@ -104,6 +113,7 @@ class DecodeService(ModelWorker):
             await msg.ack()
             return
         event = self._kv_ready.setdefault(rid, asyncio.Event())
+        taken_at = time.monotonic()
         try:
             await asyncio.wait_for(event.wait(), KV_WAIT_SECONDS)
             meta, data, _ = self._kv.pop(rid)
@@ -131,6 +141,7 @@ class DecodeService(ModelWorker):
             output_id=task.output_id,
             seq_base=task.seq_base,
             joined_at=time.monotonic(),
+            kv_wait=time.monotonic() - taken_at,
             initial_outputs=len(task.output_token_ids),
         )
         self.batcher.submit(seq)
@@ -160,18 +171,13 @@ class DecodeService(ModelWorker):
                 self.recv_arena.give_bytes(data)
         if not plan.rows:
             return []
-        started = time.perf_counter()
         kv = self.batch.kv_tokens()
         by_id = {s.request_id: s for s in plan.rows}
         rows = [by_id[rid] for rid in self.batch.ids]  # the batch keeps its own row order
         assert len(rows) == len(by_id)
         logits = self.batch.step([s.output[-1] for s in rows])
         tokens = {s.request_id: sample_token(logits[i], s.params, s.next_seq) for i, s in enumerate(rows)}
-        st = self._steps
-        st[0] += 1
-        st[1] += time.perf_counter() - started
-        st[2] += len(rows)
-        st[3] += kv
+        self._step_kv = kv
         return [tokens[s.request_id] for s in plan.rows]
 
     async def drain(self) -> None:
@@ -195,6 +201,7 @@ class DecodeService(ModelWorker):
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            started = time.perf_counter()
             plan = self.batcher.plan()
             for seq in plan.joins:
                 seq.row_at = time.monotonic()
@@ -226,6 +233,12 @@ class DecodeService(ModelWorker):
             for seq in plan.rows:
                 if seq.finish == "abort":
                     await self._finish(seq)
+            if plan.rows:
+                st = self._steps
+                st[0] += 1
+                st[1] += time.perf_counter() - started
+                st[2] += len(plan.rows)
+                st[3] += self._step_kv
 
     async def _finish(self, seq: Sequence) -> None:
         self.done.add(seq.request_id)
@@ -237,6 +250,9 @@ class DecodeService(ModelWorker):
                                   seconds=now - seq.joined_at, finish_reason=seq.finish or "",
                                   waited_seconds=(seq.row_at or now) - seq.joined_at)
             seq.joined_at = 0.0  # reported once
+            self.log.info("decoded", request_id=seq.request_id, output_tokens=report.output_tokens,
+                          finish=report.finish_reason, kv_wait_s=round(seq.kv_wait, 4),
+                          row_wait_s=round(report.waited_seconds, 4), seconds=round(report.seconds, 4))
             try:
                 await self.nc.publish(Subjects.DECODE_REPORT, encode(report))
             except Exception as e:  # noqa: BLE001 - a lost report only blurs the conductor's projection
