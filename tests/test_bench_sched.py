@@ -33,6 +33,10 @@ def test_plan_gives_only_the_global_policy_the_pool_and_the_baseline_the_same_in
     assert (col.colocated, col.prefill, col.decode, col.use_pool, col.policy) == (16, 0, 0, False, "round_robin")
     assert (dis.admission, col.admission) == ("predictive", "none")  # the system as deployed vs a plain engine
     assert (dis.name, col.name) == ("goodput-disaggregated", "goodput-colocated")
+    # the real-model run of the same experiment: 2P+1D against 3 colocated, admission alike
+    dis, col = plan(["real"], _args())
+    assert (dis.prefill, dis.decode, dis.engine, dis.admission) == (2, 1, "model", "predictive")
+    assert (col.colocated, col.engine, col.admission, col.use_pool) == (3, "model", "none", False)
 
 
 def test_a_goodput_sweep_pairs_each_load_and_reports_a_ratio_per_load():

@@ -74,10 +74,12 @@ def plan(experiments: list[str], args) -> list[Run]:
                          decode=0, load=load, use_pool=False,
                          admission=args.colocated_admission)]
     if "real" in experiments:
+        # experiment 3 with the real model: the same two sides, admission as in the goodput runs
         rp_, rd = args.real_prefill, args.real_decode
-        runs += [Run("real", "real-disaggregated", prefill=rp_, decode=rd, engine="model"),
+        runs += [Run("real", "real-disaggregated", prefill=rp_, decode=rd, engine="model",
+                     admission=args.goodput_admission),
                  Run("real", "real-colocated", policy="round_robin", colocated=rp_ + rd, prefill=0, decode=0,
-                     engine="model", use_pool=False)]
+                     engine="model", use_pool=False, admission=args.colocated_admission)]
     return runs
 
 
