@@ -510,7 +510,7 @@ MESSAGE_BOUNDS: dict[str, int] = {
     "CacheExistsReply": MAX_PAYLOAD,
     "CacheGetReply": MAX_PAYLOAD,
     "TokenEvent": SMALL_MESSAGE_BYTES,
-    "Heartbeat": MAX_PAYLOAD,  # a decode instance's lists every sequence it holds
+    "Heartbeat": MAX_PAYLOAD,  # a decode instance's heartbeat lists every sequence it holds
 }
 
 try:
