@@ -15,7 +15,7 @@ import heapq
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -128,7 +128,7 @@ class _Slot:
     end: float
     tokens: int
     kv_tokens: int
-    rid: str = ""
+    rid: str
 
 
 class DecodeLoadProjector:
@@ -149,6 +149,7 @@ class DecodeLoadProjector:
     """
 
     LOST_AFTER = 120.0  # a request not seen to start or finish this long after expected is forgotten
+    OVERDUE_STEPS = 2  # a sequence still there past its projected end is taken to end within these
 
     def __init__(self, default_output_tokens: int = 128, default_token_seconds: float = 0.05,
                  step: Callable[[int, float], float] | None = None):
@@ -211,7 +212,7 @@ class DecodeLoadProjector:
             del self.entries[rid]
         self._seen.pop(decode_id, None)
 
-    def progress(self, decode_id: str, at: float, sequences) -> None:
+    def progress(self, decode_id: str, at: float, sequences: Iterable[tuple[str, int, int, bool]]) -> None:
         """``decode_id`` holds ``sequences`` at ``at``: (request id, steps run there, steps to its
         length limit, holds a row) each, rows first, then those waiting in order. A sequence it
         reported before and not now has left it."""
@@ -224,7 +225,7 @@ class DecodeLoadProjector:
             if not e.started:  # there before its prefill's report came
                 e.start, e.started = at, True
             expected = e.tokens - decoded  # (its expected tokens count the one prefill made)
-            e.left = min(limit, expected) if expected > 0 else min(limit, 2)
+            e.left = min(limit, expected if expected > 0 else self.OVERDUE_STEPS)
             e.decoded, e.seen, e.running, e.pos = decoded, at, running, pos
         for rid in [r for r, e in self.entries.items()
                     if e.decode_id == decode_id and e.seen is not None and r not in listed]:
@@ -241,19 +242,25 @@ class DecodeLoadProjector:
         return free
 
     def slots(self, decode_id: str, now: float, rows: int = 0, others: int = 0,
-              others_end: float = 0.0, others_kv: int = 0) -> list[_Slot]:
+              others_end: float = 0.0, others_kv: int = 0,
+              extra: tuple[str, _Admitted] | None = None) -> list[_Slot]:
         """The admitted sequences of ``decode_id`` on its ``rows`` rows (0: unbounded), in order of
         arrival: each takes a row first come, first served and decodes its tokens at the pace of the
         batch it is in. ``others`` sequences this projection did not admit (``others_kv`` KV
-        positions) hold rows until ``others_end`` and count in the batch."""
+        positions) hold rows until ``others_end`` and count in the batch. ``extra``: one more
+        sequence, admitted last, to see what it would change."""
         seen = self._seen.get(decode_id)
         ids = [r for r, e in self.entries.items() if e.decode_id == decode_id]
         mine = [self.entries[r] for r in ids]
+        if extra is not None:
+            ids.append(extra[0])
+            mine.append(extra[1])
         reported = [e.seen is not None for e in mine]
         # a reported sequence is there since the report; one that is not arrives when its first
         # token came (not before the report) or is predicted to come (not before now)
-        arrive = [seen if r else max(e.start, seen if seen is not None else -math.inf) if e.started
-                  else max(e.start, now) for e, r in zip(mine, reported)]
+        since = seen if seen is not None else -math.inf
+        arrive = [seen if r else max(e.start, since) if e.started else max(e.start, now)
+                  for e, r in zip(mine, reported)]
         order = sorted(range(len(mine)), key=lambda i: (arrive[i], not reported[i], mine[i].pos))  # stable
         mine, arrive, reported = [mine[i] for i in order], [arrive[i] for i in order], [reported[i] for i in order]
         ids = [ids[i] for i in order]
@@ -277,7 +284,7 @@ class DecodeLoadProjector:
                 nxt += 1
             if overdue and t >= now:
                 for i in overdue:
-                    left[i] = 2.0  # assume it ends within two steps
+                    left[i] = float(self.OVERDUE_STEPS)
                 overdue.clear()
             held = others if t < others_end else 0
             if rows > 0:
@@ -333,12 +340,8 @@ class DecodeLoadProjector:
         if slots is None:
             slots = self.slots(decode_id, now, rows, others, others_end, others_kv)
         before = {s.rid: s for s in slots}
-        key = "\0newcomer"
-        self.entries[key] = _Admitted(decode_id, arrive, tokens, kv_tokens)
-        try:
-            after = self.slots(decode_id, now, rows, others, others_end, others_kv)
-        finally:
-            del self.entries[key]
+        after = self.slots(decode_id, now, rows, others, others_end, others_kv,
+                           extra=("", _Admitted(decode_id, arrive, tokens, kv_tokens)))
         return [(s.rid, before[s.rid].row - before[s.rid].arrive, s.row - s.arrive) for s in after
                 if s.rid in before and s.row > before[s.rid].row + 1e-9]
 
