@@ -366,3 +366,15 @@ def test_the_wait_margin_is_how_much_longer_waits_have_lately_turned_out():
     assert m.margin() == 0.0
     m.observe(-1.0, 5.0)  # nonsense is ignored
     assert m.margin() == 0.0
+
+
+def test_the_wait_margin_learns_only_from_waits_an_admission_can_turn_on():
+    """Deep queues' forecasts, off by seconds, do not widen the margin on a row free within a step."""
+    m = WaitErrorModel(window=64)
+    for i in range(40):
+        m.observe(0.05, 0.05 + (0.1 if i % 5 == 0 else 0.02), within=0.35)
+        m.observe(6.0, 9.0, within=0.35)  # a long request behind a queue many sequences deep
+    assert m.learnt and m.margin() == pytest.approx(0.1)
+    for _ in range(6):
+        m.observe(6.0, 9.0)  # with no objective to bound it, every forecast counts
+    assert m.margin() == pytest.approx(3.0)

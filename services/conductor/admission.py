@@ -454,6 +454,12 @@ class WaitErrorModel(_RecentQuantile):
     their tokens either way; for a short request the wait is its TBT as the metric counts it, so an
     objective a few steps long is missed by any underestimate. ``margin`` is the 90th percentile
     (nearest rank) of actual - predicted over a window, at least 0; 0 until ``MIN_SAMPLES``.
+
+    Only forecasts of waits an admission can turn on are learnt from: those no longer than the
+    request's own TBT objective (``within``). A wait forecast longer than that belongs to a long
+    request, whose first gap does not count, behind a deep queue, and such a forecast is off by a
+    share of its length (seconds, when the queue is many sequences deep), which says nothing about
+    a forecast of a row free within a step or two.
     """
 
     MAX_MARGIN = 10.0  # seconds
@@ -461,8 +467,8 @@ class WaitErrorModel(_RecentQuantile):
     def __init__(self, window: int = 256):
         super().__init__(window, 0.0, 0.0, self.MAX_MARGIN)
 
-    def observe(self, predicted: float, actual: float) -> None:
-        if predicted >= 0 and actual >= 0:
+    def observe(self, predicted: float, actual: float, within: float = math.inf) -> None:
+        if 0 <= predicted <= within and actual >= 0:
             self._add(actual - predicted)
 
     def margin(self) -> float:

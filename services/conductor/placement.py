@@ -56,6 +56,8 @@ class DecodeView:
     # admitted requests this one would push past their TBT objective, as projected: it would take
     # a row before them (it reaches decode first, though admitted later)
     delays: int = 0
+    # every admitted request it would make wait longer for a row here, with the seconds it adds
+    delayed: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)

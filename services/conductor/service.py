@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import math
 import time
 from collections import OrderedDict
 
@@ -183,8 +184,11 @@ class ConductorService(Service):
         if predicted is not None and e is not None and e.started and r.output_tokens > 0:
             # from its first token (the prefill's report) to its first step in a row
             row_at = time.monotonic() - (r.seconds - r.waited_seconds)
-            self.wait_error.observe(predicted, max(0.0, row_at - e.start))
+            waited = max(0.0, row_at - e.start)
+            self.wait_error.observe(predicted, waited, within=e.tbt_slo if e.tbt_slo > 0 else math.inf)
             WAIT_MARGIN.set(self.wait_error.margin())
+            self.log.info("decode_wait", request_id=r.request_id, decode=r.instance_id, predicted=round(predicted, 4),
+                          waited=round(waited, 4), margin=round(self.wait_error.margin(), 4))
         self.projector.finished(r.request_id, r.output_tokens, r.seconds, r.finish_reason in ("stop", "length"),
                                 waited=r.waited_seconds)
 
@@ -315,9 +319,10 @@ class ConductorService(Service):
         margin = self.wait_error.margin()  # judged as such waits have lately turned out
         # the admitted requests it would delay for a row (admitted earlier, their prefills longer):
         # a short one's TBT is that wait, judged as its own was when it was admitted
-        delays = 0
+        delays, delayed = 0, []
         for rid, before, after in p.delayed_by(iid, now, arrive, tokens, prompt_len, cap, untracked, others_end,
                                                int(untracked * per_seq), slots=slots):
+            delayed.append((rid, after - before))
             e = p.entries[rid]
             if e.tbt_slo <= 0:
                 continue
@@ -337,6 +342,7 @@ class ConductorService(Service):
             wait_now=wait_now,
             wait_then=wait_then,
             delays=delays,
+            delayed=tuple(delayed),
         )
 
     def _project(self, request_id: str, placement, prompt_len: int, sampling, tbt_slo: float = 0.0) -> None:
@@ -481,10 +487,17 @@ class ConductorService(Service):
             self._placed(req.request_id, placement, len(req.prompt_token_ids))
             self._project(req.request_id, placement, len(req.prompt_token_ids), req.sampling, req.tbt_slo)
             wait = None
+            d = next(v for v in decodes if v.instance_id == placement.decode_id)
             if tokens > 1:  # it reaches decode: remember the wait the admission judged it by
-                d = next(v for v in decodes if v.instance_id == placement.decode_id)
                 wait = d.wait_now if self.admission.mode == "early" else d.wait_then
                 _remember(self._predicted_wait, req.request_id, wait)
+            # those it will reach a row before (admitted earlier, with longer prompts) now expect to
+            # wait that much longer: their waits are judged against that, not against a forecast
+            # made before this request existed (a long request may be overtaken so; a short one,
+            # whose first gap counts, is not, by ``delays``)
+            for rid, seconds in d.delayed:
+                if rid in self._predicted_wait:
+                    self._predicted_wait[rid] += seconds
             PLACED.labels(policy=self.policy.name, plan=placement.plan).inc()
             PREDICTED_TTFT.observe(placement.predicted_ttft)
             PREDICTED_TBT.observe(placement.predicted_tbt)
