@@ -289,16 +289,28 @@ class ConductorService(Service):
             PrefillView(i.instance_id, self.queue_seconds(i.instance_id), self.index.prefix_len(keys, i.instance_id))
             for i in self.registry.alive("prefill", now)
         ]
-        # when the request would reach decode: its best predicted TTFT
+        # when the request would reach decode: its best predicted TTFT, and that TTFT as far over as
+        # the admitted requests' have lately run (the 90th percentile of actual / predicted)
         eta = min((self.policy.estimate(view, p, self.settings.use_pool).ttft for p in prefills), default=0.0)
-        decodes = [self._decode_view(i, now, now + eta, prompt_len, tokens) for i in self.registry.alive("decode", now)]
+        late = now + eta * max(1.0, self.ttft_error.factor())
+        decodes = [self._decode_view(i, now, now + eta, prompt_len, tokens, late)
+                   for i in self.registry.alive("decode", now)]
         return self.policy.place(view, prefills, decodes), view, decodes
 
-    def _decode_view(self, inst, now: float, arrive: float, prompt_len: int, tokens: int) -> DecodeView:
+    def _decode_view(self, inst, now: float, arrive: float, prompt_len: int, tokens: int,
+                     late: float | None = None) -> DecodeView:
         """The decode instance's predicted TBT for this request, with its load now and as projected
         to when the request reaches it: the gaps of its running batch, and for a request short
         enough that its first gap counts, that gap (the KV hand-off left after the first token, the
-        wait for a row, a step)."""
+        wait for a row, a step).
+
+        Rows go first come, first served, and requests admitted just before this one are predicted
+        to reach decode within a few tenths of a second of it: which of them comes first is decided
+        by their TTFT errors, and the last of them may wait a whole stay for a row. So its own wait
+        is taken from its ``late`` arrival (behind every sequence predicted to arrive before then),
+        and the requests it would delay from its predicted one (``arrive``: ahead of every sequence
+        predicted to arrive after it)."""
+        late = arrive if late is None else max(arrive, late)
         hb = inst.beat
         reported = hb.running + hb.queued
         tracked, tracked_kv = self.projector.current(inst.instance_id)
@@ -315,7 +327,7 @@ class ConductorService(Service):
         fut_seqs, fut_kv = fut_seqs + untracked, fut_kv + int(untracked * per_seq)
         handoff = self.queues.handoff.seconds(prompt_len)
         wait_now = handoff + p.row_wait(iid, now, now, cap, untracked, others_end, slots=slots)
-        wait_then = handoff + p.row_wait(iid, arrive, now, cap, untracked, others_end, slots=slots)
+        wait_then = handoff + p.row_wait(iid, late, now, cap, untracked, others_end, slots=slots)
         margin = self.wait_error.margin()  # judged as such waits have lately turned out
         # the admitted requests it would delay for a row (admitted earlier, their prefills longer):
         # a short one's TBT is that wait, judged as its own was when it was admitted
