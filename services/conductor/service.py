@@ -330,10 +330,7 @@ class ConductorService(Service):
         wait_then = handoff + p.row_wait(iid, late, now, cap, untracked, others_end, slots=slots)
         margin = self.wait_error.margin()  # judged as such waits have lately turned out
         # the admitted requests it would delay for a row (admitted earlier, their prefills longer):
-        # a short one's TBT is that wait. It counts when it would meet its objective without this
-        # request (as projected, before any margin) and not with it (judged as its own admission
-        # was, with the margin): one admitted near its objective is protected even once the margin
-        # has grown past what it had left; one projected to miss anyway is not this request's doing
+        # a short one's TBT is that wait, judged as its own was when it was admitted
         delays, delayed = 0, []
         for rid, before, after in p.delayed_by(iid, now, arrive, tokens, prompt_len, cap, untracked, others_end,
                                                int(untracked * per_seq), slots=slots):
@@ -341,10 +338,10 @@ class ConductorService(Service):
             e = p.entries[rid]
             if e.tbt_slo <= 0:
                 continue
-            tail = self.queues.handoff.seconds(e.kv_tokens)
+            tail = self.queues.handoff.seconds(e.kv_tokens) + margin
             tbt = [request_tbt_joining(self.decode_cost, fut_seqs + 1, fut_kv + prompt_len, cap, e.tokens, tail + w)
-                   for w in (before, after + margin)]
-            delays += tbt[0] <= e.tbt_slo < tbt[1]
+                   for w in (before, after)]
+            delays += tbt[0] <= e.tbt_slo < tbt[1]  # (one already predicted to miss is not its doing)
         return DecodeView(
             iid,
             reported + inst.placed_since_beat,
