@@ -4,6 +4,7 @@ down (so it is declared lost and its work resumed elsewhere), a side task that d
 from __future__ import annotations
 
 import asyncio
+import gc
 
 from yuebing.libs.config import from_env
 from yuebing.libs.service import Service, serve_all
@@ -43,3 +44,25 @@ async def test_a_side_task_failure_leaves_the_service_running(nats_server):
         assert not svc.failed.is_set() and not svc.stopping and svc.nc.is_connected
     finally:
         await svc.stop()
+
+
+class _Loader(Service):
+    kind = "loader"
+    uses_jetstream = False
+
+    async def setup(self) -> None:
+        self.loaded = [{"weights": i} for i in range(1000)]  # what a service loads to serve: a model, a tokenizer
+
+
+async def test_what_a_service_loads_at_start_is_out_of_the_collectors_sight(nats_server):
+    svc = _Loader(from_env(nats_url=nats_server.url))
+    await svc.start()
+    try:
+        assert gc.get_freeze_count() >= len(svc.loaded)
+        tracked = {id(o) for o in gc.get_objects()}  # what a collection scans
+        assert not any(id(o) in tracked for o in svc.loaded) and id(svc.loaded) not in tracked
+        later = [{"request": 1}]
+        assert id(later) in {id(o) for o in gc.get_objects()}  # what requests leave behind still is
+    finally:
+        await svc.stop()
+        gc.unfreeze()

@@ -505,8 +505,8 @@ class ConductorService(Service):
                 _remember(self._predicted_wait, req.request_id, wait)
             # those it will reach a row before (admitted earlier, with longer prompts) now expect to
             # wait that much longer: their waits are judged against that, not against a forecast
-            # made before this request existed (a long request may be overtaken so; a short one,
-            # whose first gap counts, is not, by ``delays``)
+            # made before this request existed (placement lets a long request be overtaken so; it
+            # avoids pushing a short one, whose first gap counts, past its objective: ``delays``)
             for rid, seconds in d.delayed:
                 if rid in self._predicted_wait:
                     self._predicted_wait[rid] += seconds
