@@ -487,15 +487,6 @@ class ConductorService(Service):
                 pool_write_blocks=self.pool_writes.blocks_to_write(keys),
                 resume=req.resume,
             )
-            try:
-                await self.js.publish(Subjects.prefill_task(placement.prefill_id), encode(task),
-                                      headers={"Nats-Msg-Id": req.request_id})
-            except Exception as e:  # noqa: BLE001 - JetStream unavailable: tell the client, do not hang
-                log.error("dispatch_failed", error=str(e))
-                reply = ScheduleReply(request_id=req.request_id, admitted=False, status=503,
-                                      reason="task queue unavailable", retry_after=1.0)
-                await msg.respond(encode(reply))
-                return
             self._placed(req.request_id, placement, len(req.prompt_token_ids))
             self._project(req.request_id, placement, len(req.prompt_token_ids), req.sampling, req.tbt_slo)
             wait = None
@@ -520,11 +511,40 @@ class ConductorService(Service):
                      predicted_prefill=round(placement.predicted_prefill, 4),
                      predicted_tbt=round(placement.predicted_tbt, 4),
                      predicted_wait=None if wait is None else round(wait, 4))
-        else:
-            NOT_ADMITTED.labels(status=str(placement.status), cause=placement.cause or "unavailable").inc()
-            log.warning("not_admitted", status=placement.status, reason=placement.reason)
-        reply = ScheduleReply(
-            request_id=req.request_id,
+            # the next request is placed on a state that counts this one already; the JetStream
+            # round trip (tenths of a second on a loaded host) does not hold the next decision
+            self.spawn(self._dispatch(msg, task, placement, log))
+            return
+        NOT_ADMITTED.labels(status=str(placement.status), cause=placement.cause or "unavailable").inc()
+        log.warning("not_admitted", status=placement.status, reason=placement.reason)
+        await msg.respond(encode(self._reply(req.request_id, placement)))
+
+    async def _dispatch(self, msg, task: PrefillTask, placement, log) -> None:
+        """Queue an admitted request's prefill task, then answer its gateway; if JetStream cannot
+        take it, forget what its placement counted and answer 503 (never a hang)."""
+        rid = task.request_id
+        try:
+            await self.js.publish(Subjects.prefill_task(placement.prefill_id), encode(task),
+                                  headers={"Nats-Msg-Id": rid})
+        except Exception as e:  # noqa: BLE001 - JetStream unavailable: tell the client, do not hang
+            log.error("dispatch_failed", error=str(e))
+            self._unplace(rid, placement)
+            await msg.respond(encode(ScheduleReply(request_id=rid, admitted=False, status=503,
+                                                   reason="task queue unavailable", retry_after=1.0)))
+            return
+        await msg.respond(encode(self._reply(rid, placement)))
+
+    def _unplace(self, request_id: str, placement) -> None:
+        """Undo what ``_placed`` and ``_project`` counted for a task that was never queued."""
+        self.queues.done(placement.prefill_id, request_id, 0, 0.0)
+        self.projector.forget(request_id)
+        self._predicted_ttft.pop(request_id, None)
+        self._predicted_wait.pop(request_id, None)
+
+    @staticmethod
+    def _reply(request_id: str, placement) -> ScheduleReply:
+        return ScheduleReply(
+            request_id=request_id,
             admitted=placement.admitted,
             prefill_id=placement.prefill_id,
             decode_id=placement.decode_id,
@@ -532,4 +552,3 @@ class ConductorService(Service):
             reason=placement.reason,
             retry_after=placement.retry_after,
         )
-        await msg.respond(encode(reply))
