@@ -514,6 +514,10 @@ class ConductorService(Service):
             # the next request is placed on a state that counts this one already; the JetStream
             # round trip (tenths of a second on a loaded host) does not hold the next decision
             self.spawn(self._dispatch(msg, task, placement, log))
+            # a backlog of schedule requests is taken from the subscription's queue without a
+            # pause: yield, so that heartbeats (an instance unheard for three beats is declared
+            # lost), reports and the dispatches just spawned run between decisions
+            await asyncio.sleep(0)
             return
         NOT_ADMITTED.labels(status=str(placement.status), cause=placement.cause or "unavailable").inc()
         log.warning("not_admitted", status=placement.status, reason=placement.reason)
