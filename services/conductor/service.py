@@ -298,7 +298,7 @@ class ConductorService(Service):
         return self.policy.place(view, prefills, decodes), view, decodes
 
     def _decode_view(self, inst, now: float, arrive: float, prompt_len: int, tokens: int,
-                     late: float | None = None) -> DecodeView:
+                     late: float) -> DecodeView:
         """The decode instance's predicted TBT for this request, with its load now and as projected
         to when the request reaches it: the gaps of its running batch, and for a request short
         enough that its first gap counts, that gap (the KV hand-off left after the first token, the
@@ -310,7 +310,7 @@ class ConductorService(Service):
         is taken from its ``late`` arrival (behind every sequence predicted to arrive before then),
         and the requests it would delay from its predicted one (``arrive``: ahead of every sequence
         predicted to arrive after it)."""
-        late = arrive if late is None else max(arrive, late)
+        late = max(arrive, late)
         hb = inst.beat
         reported = hb.running + hb.queued
         tracked, tracked_kv = self.projector.current(inst.instance_id)
