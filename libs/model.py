@@ -333,7 +333,8 @@ class KVArena:
         self._out: dict[int, tuple[int, int, weakref.finalize]] = {}  # address given out -> range, finalizer
         self._freed = _Freed()  # fresh buffers whose memory is gone
         self._committed = False
-        self.bytes = self._units * granule  # free in the slab
+        self.size = self._units * granule  # the slab's bytes
+        self.bytes = self.size  # free in the slab
         self.reused = 0  # takes served by the slab
         self.allocated = 0  # takes that needed fresh memory (paged in on first touch)
         self.allocated_bytes = 0

@@ -98,3 +98,23 @@ async def test_seen_pool_writes_keep_a_block_from_its_second_sight_on(tiny_dir, 
     finally:
         await nc.close()
         cluster.stop()
+
+
+def test_kv_held_for_pool_writes_leaves_half_the_arena_to_the_next_prompts():
+    """A slow pool holds prompts' KV until written; held past half the KV arena's slab, the next
+    long prompt would find no range left and be page-faulted in before its compute could start."""
+    from yuebing.libs.model import KVArena
+    from yuebing.services.prefill.service import pool_write_budget
+
+    arena = KVArena(max_bytes=64 << 20, granule=4 << 20)
+    budget = pool_write_budget(512 << 20, arena)
+    assert budget == 32 << 20
+    assert pool_write_budget(8 << 20, arena) == 8 << 20  # a smaller configured backlog stands
+    assert pool_write_budget(512 << 20, None) == 512 << 20  # no arena: the configured backlog
+    assert pool_write_budget(512 << 20, KVArena(1 << 20, granule=4 << 20)) == 512 << 20  # nor a slab
+    # held up to the budget, a prompt as large as it still comes from the slab
+    held, _ = arena.take((budget // 4,), torch.float32)
+    nxt, _ = arena.take((budget // 4,), torch.float32)
+    assert arena.allocated == 0 and arena.reused == 2
+    arena.give(held)
+    arena.give(nxt)

@@ -27,7 +27,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from yuebing.libs.blocks import CacheClient, CacheError, block_view, serve_layers
 from yuebing.libs.bus import TransferError, send_blob
 from yuebing.libs.kvevents import KVEventPublisher
-from yuebing.libs.model import PastNotLoaded, PrefillKV, kv_arena_for, sample_token
+from yuebing.libs.model import KVArena, PastNotLoaded, PrefillKV, kv_arena_for, sample_token
 from yuebing.libs.protocol import (
     CacheGetRequest,
     DecodeTask,
@@ -100,6 +100,7 @@ class PrefillService(ModelWorker):
         self.queued = 0
         self.queued_tokens = 0
         self.write_backlog = 0  # bytes of prompts' KV held until their blocks are in the pool
+        self.write_budget = pool_write_budget(s.pool_write_backlog_bytes, self.runner.arena)
         await self.nc.subscribe(Subjects.prefill_blocks(self.instance_id), cb=self._on_peer_get)
         await self.subscribe_tasks(Subjects.PREFILL_STREAM, Subjects.prefill_task(self.instance_id))
         self._loop_task = self.spawn(self._loop(), essential=True)
@@ -251,6 +252,7 @@ class PrefillService(ModelWorker):
             await self.emit_error(task.output_id, task.seq_base, f"prefill failed: {e}")
             await msg.ack()
             return 0, None
+        computed = time.monotonic()
         logits, kv, local, pool = done.logits, done.kv, done.local, done.pool
         load_seconds, compute_seconds = done.load_seconds, done.compute_seconds
         reused = (local + pool) * bs
@@ -268,6 +270,7 @@ class PrefillService(ModelWorker):
         await self.emit(TokenEvent(request_id=task.output_id, seq=task.seq_base, token_ids=[token],
                                    finish_reason=reason, prompt_tokens=len(prompt), cached_tokens=reused))
         ttft = max(0.0, time.time() - task.arrival_time) if task.arrival_time else 0.0
+        emit_seconds = time.monotonic() - computed  # the draw and handing the token to the bus
         QUERY_TOKENS.inc(len(prompt))
         HIT_TOKENS.labels(source="local").inc(local * bs)
         HIT_TOKENS.labels(source="peer" if done.peer else "pool").inc(pool * bs)
@@ -276,7 +279,7 @@ class PrefillService(ModelWorker):
         log.info("prefilled", prompt_tokens=len(prompt), local_tokens=local * bs, pool_tokens=pool * bs, peer=done.peer,
                  load_s=round(load_seconds, 4), compute_s=round(compute_seconds, 4),
                  predicted_s=round(task.predicted_seconds, 4), waited_s=round(queue_seconds, 4),
-                 total_s=round(time.monotonic() - started, 4))
+                 emit_s=round(emit_seconds, 4), total_s=round(time.monotonic() - started, 4))
         await self.nc.publish(Subjects.PREFILL_REPORT, encode(PrefillReport(
             instance_id=self.instance_id, request_id=rid, prompt_tokens=len(prompt), local_tokens=local * bs,
             pool_tokens=pool * bs, load_bytes=nbytes, load_seconds=load_seconds, compute_seconds=compute_seconds,
@@ -307,9 +310,9 @@ class PrefillService(ModelWorker):
         from_pool = set() if done.peer else set(task.block_hashes[local : local + pool])
         to_write = [k for k in writable if k not in from_pool]
         if to_write and self.settings.use_pool:
-            if self.write_backlog + kv.nbytes > self.settings.pool_write_backlog_bytes:
+            if self.write_backlog + kv.nbytes > self.write_budget:
                 # the pool takes blocks slower than prompts make them: drop this prompt's rather than
-                # hold every waiting prompt's KV until the instance runs out of memory
+                # hold every waiting prompt's KV until the next prompts find no memory ready for them
                 POOL_WRITES_SKIPPED.inc()
                 log.warning("pool_write_skipped", backlog_bytes=self.write_backlog, kv_bytes=kv.nbytes)
             else:
@@ -416,6 +419,17 @@ class PrefillService(ModelWorker):
             self.log.debug("blocks_stored", request_id=rid, stored=len(missing), present=len(keys) - len(missing))
         except CacheError as e:
             self.log.warning("block_store_failed", request_id=rid, error=str(e))
+
+
+def pool_write_budget(backlog_bytes: int, arena: KVArena | None) -> int:
+    """Bytes of prompts' KV an instance may hold for pool writes: ``backlog_bytes``, and no more
+    than half its KV arena's slab. A prompt's KV is taken from the slab; held past that, the slab
+    has no range left for the next long prompt, whose buffer is then fresh memory, page-faulted in
+    on the event loop before its compute starts (about a second for 100 MB on a host that hands
+    freed memory back to its hypervisor), which its time to first token pays."""
+    if arena is None or not arena.size:
+        return backlog_bytes
+    return min(backlog_bytes, arena.size // 2)
 
 
 async def _cancel(fut: "asyncio.Future | None") -> None:
