@@ -92,7 +92,7 @@ class Settings(msgspec.Struct, kw_only=True):
     prefill_cache_bytes: int = 256 << 20  # the instance's own DRAM cache of recent blocks
     cache_replicas: int = 1
     pool_write_backlog_bytes: int = 512 << 20  # prompts' KV awaiting pool writes; past it, writes are skipped
-    prefill_kv_arena_bytes: int = 256 << 20  # slab for prompts' KV, paged in at start (capped by the model; 0: none)
+    prefill_kv_arena_bytes: int = 512 << 20  # slab for prompts' KV, paged in at start (capped by the model; 0: none)
     # decode
     max_running: int = 32
     decode_kv_arena_bytes: int = 256 << 20  # slab for received KV, paged in at start (capped by the model; 0: none)
