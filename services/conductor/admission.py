@@ -34,25 +34,15 @@ class DecodeCostModel:
 
     def __init__(self, coef: tuple[float, float, float] = (0.02, 0.006, 2e-6), window: int = 256):
         self.prior = np.array(coef, dtype=float)
-        self.coef = self.prior.copy()
+        # plain floats: a placement prices thousands of steps, 40 % faster than numpy on three terms
+        self.coef = tuple(float(c) for c in coef)
         self._samples: deque[tuple[float, float, float, float]] = deque(maxlen=window)
         self.fits = 0
-
-    @property
-    def coef(self) -> np.ndarray:
-        return self._coef
-
-    @coef.setter
-    def coef(self, value) -> None:
-        self._coef = np.asarray(value, dtype=float)
-        self._terms = tuple(float(c) for c in self._coef)
 
     def step_seconds(self, batch: float, kv_tokens: float) -> float:
         if batch <= 0:
             return 0.0
-        # in plain floats, 40 % less per call than numpy on three terms: a placement prices
-        # thousands of steps
-        return max(0.0, sum(c * f for c, f in zip(self._terms, decode_features(batch, kv_tokens))))
+        return max(0.0, sum(c * f for c, f in zip(self.coef, decode_features(batch, kv_tokens))))
 
     def observe(self, steps: int, batch: float, kv_tokens: float, seconds: float) -> None:
         """``steps`` steps with these mean rows, KV positions and seconds."""
@@ -69,9 +59,10 @@ class DecodeCostModel:
         if np.linalg.matrix_rank(x[:, 1:]) < 2:
             # one operating point only: keep the prior's shape, scale it to what is observed
             predicted = float(np.mean(x @ self.prior))
-            self.coef = self.prior * (float(np.mean(y)) / max(predicted, 1e-9))
+            coef = self.prior * (float(np.mean(y)) / max(predicted, 1e-9))
         else:
-            self.coef = np.array(fit(rows, y), dtype=float)
+            coef = fit(rows, y)
+        self.coef = tuple(float(c) for c in coef)
         self.fits += 1
 
 

@@ -501,9 +501,6 @@ class ConductorService(Service):
             for rid, seconds in d.delayed:
                 if rid in self._predicted_wait:
                     self._predicted_wait[rid] += seconds
-            PLACED.labels(policy=self.policy.name, plan=placement.plan).inc()
-            PREDICTED_TTFT.observe(placement.predicted_ttft)
-            PREDICTED_TBT.observe(placement.predicted_tbt)
             log.info("scheduled", prefill=placement.prefill_id, decode=placement.decode_id,
                      prompt_tokens=view.prompt_len, cached_blocks=placement.cached_blocks,
                      plan=placement.plan, peer=placement.peer_id or None,
@@ -533,9 +530,14 @@ class ConductorService(Service):
         except Exception as e:  # noqa: BLE001 - JetStream unavailable: tell the client, do not hang
             log.error("dispatch_failed", error=str(e))
             self._unplace(rid, placement)
+            NOT_ADMITTED.labels(status="503", cause="unavailable").inc()
             await msg.respond(encode(ScheduleReply(request_id=rid, admitted=False, status=503,
                                                    reason="task queue unavailable", retry_after=1.0)))
             return
+        # counted once queued: a placement undone above is a request not admitted
+        PLACED.labels(policy=self.policy.name, plan=placement.plan).inc()
+        PREDICTED_TTFT.observe(placement.predicted_ttft)
+        PREDICTED_TBT.observe(placement.predicted_tbt)
         await msg.respond(encode(self._reply(rid, placement)))
 
     def _unplace(self, request_id: str, placement) -> None:
