@@ -352,16 +352,19 @@ def test_colocated_placement_decodes_where_it_prefilled():
 
 
 def test_the_wait_margin_is_how_much_longer_waits_have_lately_turned_out():
-    m = WaitErrorModel(window=40)
+    m = WaitErrorModel(window=100)
     for _ in range(WaitErrorModel.MIN_SAMPLES - 1):
         m.observe(0.2, 1.2)
     assert m.margin() == 0.0 and not m.learnt  # too few to judge by
     m.observe(0.2, 1.2)
     assert m.margin() == pytest.approx(1.0) and m.learnt
-    for i in range(36):  # now mostly right, a few a little late: the 90th percentile of the errors
-        m.observe(0.5, 0.5 + (0.3 if i % 9 == 0 else 0.0))
+    for i in range(100):  # now mostly right, two in a hundred late: the tail is the margin
+        m.observe(0.5, 0.5 + (0.3 if i % 50 == 0 else 0.01))
     assert m.margin() == pytest.approx(0.3)
-    for _ in range(40):
+    for i in range(100):  # one late wait in a hundred is past the 99th percentile
+        m.observe(0.5, 0.5 + (0.3 if i == 0 else 0.01))
+    assert m.margin() == pytest.approx(0.01)
+    for _ in range(100):
         m.observe(1.0, 0.2)  # waits shorter than predicted never make the margin negative
     assert m.margin() == 0.0
     m.observe(-1.0, 5.0)  # nonsense is ignored

@@ -454,8 +454,12 @@ class WaitErrorModel(_RecentQuantile):
 
     The wait depends on when the sequences ahead leave, which a projection gets wrong by a few of
     their tokens either way; for a short request the wait is its TBT as the metric counts it, so an
-    objective a few steps long is missed by any underestimate. ``margin`` is the 90th percentile
-    (nearest rank) of actual - predicted over a window, at least 0; 0 until ``MIN_SAMPLES``.
+    objective a few steps long is missed by any underestimate. ``margin`` is the 99th percentile
+    (nearest rank) of actual - predicted over a window, at least 0; 0 until ``MIN_SAMPLES``. The
+    99th, not the 90th: a short request admitted on a forecast near its objective misses it, and
+    its prefill is wasted, whenever the wait runs into the tail, and the forecasts it is added to
+    are of rows freed a step or two ahead, whose errors are mostly near zero with a thin tail (a
+    stall of the host, a late hand-off); a 90th percentile of those leaves the tail uncovered.
 
     Only forecasts of waits an admission can turn on are learnt from: those no longer than the
     request's own TBT objective (``within``). A wait forecast longer than that belongs to a long
@@ -464,6 +468,7 @@ class WaitErrorModel(_RecentQuantile):
     a forecast of a row free within a step or two.
     """
 
+    PERCENT = 99
     MAX_MARGIN = 10.0  # seconds
 
     def __init__(self, window: int = 256):
