@@ -55,6 +55,26 @@ def test_a_goodput_sweep_pairs_each_load_and_reports_a_ratio_per_load():
         plan(["goodput"], _args(goodput_load="2,0"))
 
 
+def test_goodput_repeats_interleave_the_sides_and_report_each_repeats_ratio():
+    runs = plan(["goodput"], _args(goodput_load="5", repeats=3))
+    assert [(r.name, r.repeat, bool(r.colocated)) for r in runs] == [
+        ("goodput-disaggregated-r1", 1, False), ("goodput-colocated-r1", 1, True),
+        ("goodput-disaggregated-r2", 2, False), ("goodput-colocated-r2", 2, True),
+        ("goodput-disaggregated-r3", 3, False), ("goodput-colocated-r3", 3, True)]
+    for r, rps in zip(runs, (4.0, 2.0, 3.0, 2.0, 3.5, 1.0)):
+        r.summary = {"goodput_rps": rps}
+    figs = figures(runs)
+    assert figs["goodput_ratios"] == [2.0, 1.5, 3.5]
+    assert (figs["goodput_disaggregated_rps"], figs["goodput_colocated_rps"]) == (3.5, pytest.approx(1.6667))
+    assert (figs["goodput_ratio"], figs["goodput_repeats"]) == (2.1, 3)  # the ratio of the means
+    runs[5].summary = {}  # a repeat whose baseline did not run counts on neither side
+    figs = figures(runs)
+    assert (figs["goodput_ratios"], figs["goodput_disaggregated_rps"], figs["goodput_ratio"]) == ([2.0, 1.5], 3.5, 1.75)
+    swept = plan(["goodput"], _args(goodput_load="3,5", repeats=2))
+    assert [r.name for r in swept][:4] == ["goodput-disaggregated-x3-r1", "goodput-colocated-x3-r1",
+                                           "goodput-disaggregated-x3-r2", "goodput-colocated-x3-r2"]
+
+
 def test_overload_repeats_interleave_the_modes_and_count_where_prediction_was_ahead():
     runs = plan(["overload"], _args(admissions=["early", "predictive"], repeats=3))
     assert [(r.name, r.admission, r.repeat) for r in runs] == [

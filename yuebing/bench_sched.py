@@ -37,7 +37,7 @@ class Run:
     decode: int = 8
     engine: str = "sim"
     load: float = 1.0  # arrival rate, as a multiple of the experiment's base rate
-    repeat: int = 1  # which repetition of the same run (overload --repeats)
+    repeat: int = 1  # which repetition of the same run (--repeats)
     summary: dict = field(default_factory=dict)
 
 
@@ -65,14 +65,17 @@ def plan(experiments: list[str], args) -> list[Run]:
     if "goodput" in experiments:
         # this system as deployed (its admission control, default: the deployment's) against the
         # colocated baseline (by default a plain engine that admits everything), at each load
+        # with repeats, each load's pair runs that many times, the two sides interleaved, as above
         loads = goodput_loads(args.goodput_load)
+        repeats = max(1, getattr(args, "repeats", 1) or 1)
         for load in loads:
-            at = "" if len(loads) == 1 else f"-x{load:g}"
-            runs += [Run("goodput", f"goodput-disaggregated{at}", prefill=p, decode=d, load=load,
-                         admission=args.goodput_admission),
-                     Run("goodput", f"goodput-colocated{at}", policy="round_robin", colocated=p + d, prefill=0,
-                         decode=0, load=load, use_pool=False,
-                         admission=args.colocated_admission)]
+            for k in range(1, repeats + 1):
+                at = ("" if len(loads) == 1 else f"-x{load:g}") + (f"-r{k}" if repeats > 1 else "")
+                runs += [Run("goodput", f"goodput-disaggregated{at}", prefill=p, decode=d, load=load,
+                             admission=args.goodput_admission, repeat=k),
+                         Run("goodput", f"goodput-colocated{at}", policy="round_robin", colocated=p + d,
+                             prefill=0, decode=0, load=load, use_pool=False,
+                             admission=args.colocated_admission, repeat=k)]
     if "real" in experiments:
         # experiment 3 with the real model: the same two sides, admission as in the goodput runs
         rp_, rd = args.real_prefill, args.real_decode
@@ -269,15 +272,36 @@ def figures(runs: list[Run]) -> dict:
         out["placement_ordering_holds"] = (ttft["global_cache_aware"] < ttft["local_cache_aware"]
                                            < ttft["least_loaded"] < ttft["random"])
     out.update(overload_figures([r for r in runs if r.experiment == "overload"]))
-    pairs = [("real", "")] + [("goodput", r.name.removeprefix("goodput-disaggregated")) for r in runs
-                              if r.name.startswith("goodput-disaggregated")]
-    for exp, at in pairs:
-        dis, col = by.get(f"{exp}-disaggregated{at}"), by.get(f"{exp}-colocated{at}")
-        if dis and col:
-            key = exp + at.replace("-", "_").replace(".", "_")
-            out[f"{key}_disaggregated_rps"] = dis["goodput_rps"]
-            out[f"{key}_colocated_rps"] = col["goodput_rps"]
-            out[f"{key}_ratio"] = _r(dis["goodput_rps"], col["goodput_rps"], 2)
+    out.update(goodput_figures([r for r in runs if r.experiment in ("goodput", "real")]))
+    return out
+
+
+def goodput_figures(runs: list[Run]) -> dict:
+    """Per load of the goodput runs (and for the real-model pair), each side's goodput and their
+    ratio, over the repeats in which both sides ran: the mean of each side and the ratio of the
+    means, and with several repeats each repeat's ratio and how many there were. Keys carry the
+    load (``goodput_x3_...``) when several loads ran."""
+    pairs: dict[tuple[str, float], dict[int, dict[str, dict]]] = {}
+    for r in runs:
+        repeats = pairs.setdefault((r.experiment, r.load), {})
+        if r.summary:
+            repeats.setdefault(r.repeat, {})["colocated" if r.colocated else "disaggregated"] = r.summary
+    loads = {exp: sum(1 for e, _ in pairs if e == exp) for exp, _ in pairs}
+    out: dict = {}
+    for (exp, load), repeats in pairs.items():
+        done = [(m["disaggregated"]["goodput_rps"], m["colocated"]["goodput_rps"]) for _, m in sorted(repeats.items())
+                if "disaggregated" in m and "colocated" in m]
+        if not done:
+            continue
+        key = exp + ("" if loads[exp] == 1 else f"_x{load:g}".replace(".", "_"))
+        dis = sum(d for d, _ in done) / len(done)
+        col = sum(c for _, c in done) / len(done)
+        out[f"{key}_disaggregated_rps"] = round(dis, 4)
+        out[f"{key}_colocated_rps"] = round(col, 4)
+        out[f"{key}_ratio"] = _r(dis, col, 2)
+        if len(done) > 1:
+            out[f"{key}_ratios"] = [_r(d, c, 2) for d, c in done]
+            out[f"{key}_repeats"] = len(done)
     return out
 
 
@@ -370,8 +394,9 @@ def add_parser(bench_sub) -> None:
     p.add_argument("--admissions", default=",".join(ADMISSIONS),
                    help=f"admission modes of the overload runs, a subset of {','.join(ADMISSIONS)}")
     p.add_argument("--repeats", type=int, default=1,
-                   help="runs of each overload mode, interleaved; figures are means, with counts of the repeats "
-                   "in which predictive rejection was ahead of early rejection")
+                   help="runs of each overload mode and of each goodput pair, interleaved; figures are means, "
+                   "with counts of the repeats in which predictive rejection was ahead of early rejection and "
+                   "each repeat's goodput ratio")
     p.add_argument("--goodput-load", default="1", help="load of the goodput runs, x the base load; a comma-separated "
                    "list makes a sweep (e.g. 1,2,3)")
     p.add_argument("--goodput-admission", choices=ADMISSIONS, default=None,
