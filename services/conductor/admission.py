@@ -436,16 +436,25 @@ class TTFTErrorModel(_RecentQuantile):
 
     BOUNDS = (0.5, 4.0)
     MIN_PREDICTED = 0.05  # seconds: below this a ratio says more about noise than about the model
+    EARLY_PERCENT = 10
 
     def __init__(self, window: int = 256):
         super().__init__(window, 1.0, *self.BOUNDS)
+        self._early = 1.0
 
     def observe(self, predicted: float, actual: float) -> None:
         if predicted >= self.MIN_PREDICTED and actual > 0:
             self._add(actual / predicted)
+            if self.learnt:
+                self._early = min(1.0, max(self.BOUNDS[0], nearest_rank(self._samples, self.EARLY_PERCENT)))
 
     def factor(self) -> float:
         return self._value
+
+    def early_factor(self) -> float:
+        """The 10th percentile of actual / predicted, at most 1 (1 until ``MIN_SAMPLES``): how far
+        ahead of its prediction a first token may come."""
+        return self._early
 
 
 class WaitErrorModel(_RecentQuantile):
@@ -454,12 +463,11 @@ class WaitErrorModel(_RecentQuantile):
 
     The wait depends on when the sequences ahead leave, which a projection gets wrong by a few of
     their tokens either way; for a short request the wait is its TBT as the metric counts it, so an
-    objective a few steps long is missed by any underestimate. ``margin`` is the 99th percentile
-    (nearest rank) of actual - predicted over a window, at least 0; 0 until ``MIN_SAMPLES``. The
-    99th, not the 90th: a short request admitted on a forecast near its objective misses it, and
-    its prefill is wasted, whenever the wait runs into the tail, and the forecasts it is added to
-    are of rows freed a step or two ahead, whose errors are mostly near zero with a thin tail (a
-    stall of the host, a late hand-off); a 90th percentile of those leaves the tail uncovered.
+    objective a few steps long is missed by any underestimate. ``margin`` is the 90th percentile
+    (nearest rank) of actual - predicted over a window, at least 0; 0 until ``MIN_SAMPLES``. Not a
+    higher one: a run at 2x load has only about a hundred such forecasts, so its 99th percentile
+    is its largest error, and one request overtaken by a later one that came to decode first
+    (seconds late) would set the margin for the rest of the run.
 
     Only forecasts of waits an admission can turn on are learnt from: those no longer than the
     request's own TBT objective (``within``). A wait forecast longer than that belongs to a long
@@ -468,7 +476,6 @@ class WaitErrorModel(_RecentQuantile):
     a forecast of a row free within a step or two.
     """
 
-    PERCENT = 99
     MAX_MARGIN = 10.0  # seconds
 
     def __init__(self, window: int = 256):

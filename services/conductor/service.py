@@ -289,16 +289,18 @@ class ConductorService(Service):
             PrefillView(i.instance_id, self.queue_seconds(i.instance_id), self.index.prefix_len(keys, i.instance_id))
             for i in self.registry.alive("prefill", now)
         ]
-        # when the request would reach decode: its best predicted TTFT, and that TTFT as far over as
-        # the admitted requests' have lately run (the 90th percentile of actual / predicted)
+        # when the request would reach decode: its best predicted TTFT, and that TTFT as far over
+        # (the 90th percentile of actual / predicted) and as far under (the 10th) as the admitted
+        # requests' have lately run
         eta = min((self.policy.estimate(view, p, self.settings.use_pool).ttft for p in prefills), default=0.0)
         late = now + eta * max(1.0, self.ttft_error.factor())
-        decodes = [self._decode_view(i, now, now + eta, prompt_len, tokens, late)
+        early = now + eta * self.ttft_error.early_factor()
+        decodes = [self._decode_view(i, now, now + eta, prompt_len, tokens, late, early)
                    for i in self.registry.alive("decode", now)]
         return self.policy.place(view, prefills, decodes), view, decodes
 
     def _decode_view(self, inst, now: float, arrive: float, prompt_len: int, tokens: int,
-                     late: float) -> DecodeView:
+                     late: float, early: float) -> DecodeView:
         """The decode instance's predicted TBT for this request, with its load now and as projected
         to when the request reaches it: the gaps of its running batch, and for a request short
         enough that its first gap counts, that gap (the KV hand-off left after the first token, the
@@ -308,9 +310,11 @@ class ConductorService(Service):
         to reach decode within a few tenths of a second of it: which of them comes first is decided
         by their TTFT errors, and the last of them may wait a whole stay for a row. So its own wait
         is taken from its ``late`` arrival (behind every sequence predicted to arrive before then),
-        and the requests it would delay from its predicted one (``arrive``: ahead of every sequence
-        predicted to arrive after it)."""
+        and the requests it would delay from its ``early`` one (ahead of every sequence predicted to
+        arrive after then): a request admitted a second before it, with a longer prefill, is
+        overtaken as often as this one's first token comes earlier than predicted."""
         late = max(arrive, late)
+        early = min(arrive, early)
         hb = inst.beat
         reported = hb.running + hb.queued
         tracked, tracked_kv = self.projector.current(inst.instance_id)
@@ -332,7 +336,7 @@ class ConductorService(Service):
         # the admitted requests it would delay for a row (admitted earlier, their prefills longer):
         # a short one's TBT is that wait, judged as its own was when it was admitted
         delays, delayed = 0, []
-        for rid, before, after in p.delayed_by(iid, now, arrive, tokens, prompt_len, cap, untracked, others_end,
+        for rid, before, after in p.delayed_by(iid, now, early, tokens, prompt_len, cap, untracked, others_end,
                                                int(untracked * per_seq), slots=slots):
             delayed.append((rid, after - before))
             e = p.entries[rid]
