@@ -334,7 +334,13 @@ class ConductorService(Service):
         wait_then = handoff + p.row_wait(iid, late, now, cap, untracked, others_end, slots=slots)
         margin = self.wait_error.margin()  # judged as such waits have lately turned out
         # the admitted requests it would delay for a row (admitted earlier, their prefills longer):
-        # a short one's TBT is that wait, judged as its own was when it was admitted
+        # a short one's TBT is that wait. It counts when, as projected, it would meet its objective
+        # without this request before any margin, and would miss it with this request, judged as
+        # its own admission was (margin included). Its projection drifts after its admission (its
+        # prefill a little late, the rows ahead a step slower): one that has drifted a few
+        # hundredths past what it had left is more likely to meet its objective than not, and an
+        # overtake pushes it seconds past; only one projected to miss even without any margin is
+        # not this request's doing
         delays, delayed = 0, []
         for rid, before, after in p.delayed_by(iid, now, early, tokens, prompt_len, cap, untracked, others_end,
                                                int(untracked * per_seq), slots=slots):
@@ -342,10 +348,10 @@ class ConductorService(Service):
             e = p.entries[rid]
             if e.tbt_slo <= 0:
                 continue
-            tail = self.queues.handoff.seconds(e.kv_tokens) + margin
+            tail = self.queues.handoff.seconds(e.kv_tokens)
             tbt = [request_tbt_joining(self.decode_cost, fut_seqs + 1, fut_kv + prompt_len, cap, e.tokens, tail + w)
-                   for w in (before, after)]
-            delays += tbt[0] <= e.tbt_slo < tbt[1]  # (one already predicted to miss is not its doing)
+                   for w in (before, after + margin)]
+            delays += tbt[0] <= e.tbt_slo < tbt[1]
         return DecodeView(
             iid,
             reported + inst.placed_since_beat,
@@ -511,7 +517,8 @@ class ConductorService(Service):
                      pool_blocks=view.pool_blocks, predicted_ttft=round(placement.predicted_ttft, 4),
                      predicted_prefill=round(placement.predicted_prefill, 4),
                      predicted_tbt=round(placement.predicted_tbt, 4),
-                     predicted_wait=None if wait is None else round(wait, 4))
+                     predicted_wait=None if wait is None else round(wait, 4),
+                     overtakes={rid: round(seconds, 3) for rid, seconds in d.delayed} or None)
             # the next request is placed on a state that counts this one already; the JetStream
             # round trip (tenths of a second on a loaded host) does not hold the next decision
             self.spawn(self._dispatch(msg, task, placement, log))
