@@ -144,3 +144,36 @@ async def test_nats_restart_during_load(tiny_dir, tiny_model, tmp_path):
         assert status == 200, body
     finally:
         cluster.stop()
+
+
+async def test_a_task_jetstream_refuses_is_answered_503(tiny_dir, tmp_path):
+    """The conductor has placed a request and its prefill task cannot be queued (the task stream
+    is gone): the client gets a 503 with Retry-After at once, not a hang, and the conductor records
+    the failed dispatch of the request it had scheduled."""
+    import json
+
+    import nats
+
+    from yuebing.libs.protocol import Subjects
+
+    cluster = start_cluster(tiny_dir, tmp_path / "c")
+    try:
+        nc = await nats.connect(cluster.nats.url)
+        try:
+            await nc.jetstream().delete_stream(Subjects.PREFILL_STREAM)
+        finally:
+            await nc.close()
+        status, body, headers = await post(cluster.url + "/v1/completions",
+                                           {"model": tiny_dir.name, "prompt": [5, 6, 7], "max_tokens": 4},
+                                           timeout=30)
+        assert status == 503, body
+        assert body["error"]["message"] == "task queue unavailable"
+        assert body["error"]["code"] == "service_unavailable"
+        assert int(headers["Retry-After"]) >= 1
+        events = [json.loads(line) for line in open(cluster.log_dir / "conductor-0.log") if line.startswith("{")]
+        failed = [e for e in events if e.get("event") == "dispatch_failed"]
+        assert len(failed) == 1
+        rid = failed[0]["request_id"]
+        assert any(e.get("event") == "scheduled" and e.get("request_id") == rid for e in events)
+    finally:
+        cluster.stop()

@@ -334,13 +334,14 @@ class ConductorService(Service):
         wait_then = handoff + p.row_wait(iid, late, now, cap, untracked, others_end, slots=slots)
         margin = self.wait_error.margin()  # judged as such waits have lately turned out
         # the admitted requests it would delay for a row (admitted earlier, their prefills longer):
-        # a short one's TBT is that wait. It counts when, as projected, it would meet its objective
-        # without this request before any margin, and would miss it with this request, judged as
-        # its own admission was (margin included). Its projection drifts after its admission (its
-        # prefill a little late, the rows ahead a step slower): one that has drifted a few
-        # hundredths past what it had left is more likely to meet its objective than not, and an
-        # overtake pushes it seconds past; only one projected to miss even without any margin is
-        # not this request's doing
+        # a short one's TBT is that wait. Each is judged on the wait its own admission was judged
+        # by, as later admissions have revised it (``_predicted_wait``), not on the projection's
+        # figure: that one is measured from its predicted arrival, the admission's from its late
+        # one, and it drifts with every report (its prefill a little late, the rows ahead a step
+        # slower), so a request admitted within its objective would read as already missing and
+        # every later overtake would go through. It counts when that wait is within its objective
+        # before any margin and this request's delay takes it past, margin included (as its own
+        # admission was judged)
         delays, delayed = 0, []
         for rid, before, after in p.delayed_by(iid, now, early, tokens, prompt_len, cap, untracked, others_end,
                                                int(untracked * per_seq), slots=slots):
@@ -348,9 +349,11 @@ class ConductorService(Service):
             e = p.entries[rid]
             if e.tbt_slo <= 0:
                 continue
-            tail = self.queues.handoff.seconds(e.kv_tokens)
-            tbt = [request_tbt_joining(self.decode_cost, fut_seqs + 1, fut_kv + prompt_len, cap, e.tokens, tail + w)
-                   for w in (before, after + margin)]
+            judged = self._predicted_wait.get(rid)
+            if judged is None:
+                judged = self.queues.handoff.seconds(e.kv_tokens) + before
+            tbt = [request_tbt_joining(self.decode_cost, fut_seqs + 1, fut_kv + prompt_len, cap, e.tokens, w)
+                   for w in (judged, judged + after - before + margin)]
             delays += tbt[0] <= e.tbt_slo < tbt[1]
         return DecodeView(
             iid,
