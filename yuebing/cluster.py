@@ -34,6 +34,26 @@ FORWARDED = ("block_size", "threads", "max_running", "dram_bytes", "disk_bytes",
              "prefill_kv_arena_bytes", "decode_kv_arena_bytes")
 
 
+# the share of the host's available memory (at start) that the KV arenas of a local cluster's
+# instances may page in together; the rest is for the model and runtime of each process, the pool
+# and the page cache
+ARENA_HOST_SHARE = 0.4
+MIN_ARENA_BYTES = 64 << 20
+
+
+def fit_arenas(prefill_bytes: int, decode_bytes: int, prefills: int, decodes: int, budget: int,
+               floor: int = MIN_ARENA_BYTES) -> tuple[int, int]:
+    """The KV arena sizes of ``prefills`` instances that prefill and ``decodes`` that decode (a
+    colocated worker counts as both) on one host: as configured when all of them fit in ``budget``
+    bytes, else both scaled by the same factor to fit (not below ``floor``; an arena configured
+    off, 0, stays off)."""
+    want = prefills * prefill_bytes + decodes * decode_bytes
+    if want <= budget or want <= 0:
+        return prefill_bytes, decode_bytes
+    scale = budget / want
+    return tuple(max(min(b, floor), int(b * scale)) if b else 0 for b in (prefill_bytes, decode_bytes))
+
+
 @dataclass
 class LocalCluster:
     settings: Settings
@@ -83,6 +103,7 @@ class LocalCluster:
         # Convert the model once, here, so the services find it ready.
         path = resolve_model(self.settings.model, self.settings.resolved_models_dir())
         self._plan_cores()
+        self._size_arenas()
         self._ensure_calibration(path)
         if self.colocated:
             self.settings = msgspec.structs.replace(self.settings, colocated=True, use_pool=False)
@@ -108,6 +129,22 @@ class LocalCluster:
             self.cores = None
             return
         self.cores = CorePlan(available_cores(), len(self._model_workers()), pin=self.pin_cores)
+
+    def _size_arenas(self) -> None:
+        """Every prefill and decode instance pages its KV arena's slab in at start, so instances
+        started together on one host must fit together: 16 colocated workers at the defaults
+        would page in 12 GB. Above ``ARENA_HOST_SHARE`` of the memory available now, the arenas
+        are scaled down alike (``fit_arenas``) and the sizes logged."""
+        s = self.settings
+        workers = self.count("worker")
+        prefills, decodes = self.count("prefill") + workers, self.count("decode") + workers
+        budget = int(psutil.virtual_memory().available * ARENA_HOST_SHARE)
+        p, d = fit_arenas(s.prefill_kv_arena_bytes, s.decode_kv_arena_bytes, prefills, decodes, budget)
+        if (p, d) != (s.prefill_kv_arena_bytes, s.decode_kv_arena_bytes):
+            log.warning("kv_arenas_scaled", prefill_mb=p >> 20, decode_mb=d >> 20, instances=prefills + decodes,
+                        budget_mb=budget >> 20, configured_prefill_mb=s.prefill_kv_arena_bytes >> 20,
+                        configured_decode_mb=s.decode_kv_arena_bytes >> 20)
+            self.settings = msgspec.structs.replace(self.settings, prefill_kv_arena_bytes=p, decode_kv_arena_bytes=d)
 
     def _model_workers(self) -> list[str]:
         """The model workers in core-plan order: prefills, then decodes, then colocated workers."""
