@@ -12,6 +12,7 @@ from yuebing.services.conductor.admission import (
     TTFTErrorModel,
     WaitErrorModel,
     predicted_tbt,
+    pushed_past,
     request_tbt_joining,
 )
 from yuebing.services.conductor.costmodel import PrefillCalibration, PrefillCostModel
@@ -201,6 +202,20 @@ def test_a_newcomer_reaching_decode_first_delays_those_admitted_before_it():
         ("short", 0.0, pytest.approx(4.5))]
     assert p.delayed_by("d0", 0.0, arrive=3.5, tokens=50, kv_tokens=10, rows=0) == []  # unbounded batch
     assert set(p.entries) == {"run", "short"}  # the newcomer was only tried
+
+
+def test_a_delay_counts_when_it_takes_an_admitted_short_request_past_its_objective():
+    cost = DecodeCostModel(coef=(0.1, 0.0, 0.0))  # a step of 0.1 s
+    short = dict(cost=cost, sequences=4, kv_tokens=400, max_running=8, tokens=3, slo=0.348)
+    assert pushed_past(**short, judged=0.05, added=0.3, margin=0.05)  # 0.15 s -> 0.5 s
+    assert not pushed_past(**short, judged=0.05, added=0.1, margin=0.05)  # 0.3 s: still within
+    assert not pushed_past(**short, judged=0.3, added=0.3, margin=0.0)  # past it already: not this delay
+    # judged before any margin, and with it after: a request admitted near its objective stays
+    # protected though the margin has grown past what it had left
+    assert pushed_past(**short, judged=0.2, added=0.02, margin=0.1)
+    assert not pushed_past(**short, judged=0.2, added=0.02, margin=0.0)
+    long = {**short, "tokens": 50}  # its first gap is not its TBT: a later row costs it nothing
+    assert not pushed_past(**long, judged=0.05, added=5.0, margin=0.1)
 
 
 def test_projection_follows_admitted_requests_into_and_out_of_decode():

@@ -104,6 +104,20 @@ def request_tbt_joining(cost: DecodeCostModel, sequences: int, kv_tokens: int, m
     return max(steady, wait + cost.step_seconds(rows, kv_tokens * rows / sequences))
 
 
+def pushed_past(cost: DecodeCostModel, sequences: int, kv_tokens: int, max_running: int, tokens: int, slo: float,
+                judged: float, added: float, margin: float) -> bool:
+    """Whether delaying an admitted request of ``tokens`` output tokens by ``added`` seconds for a
+    row takes it past its TBT objective ``slo`` (on an instance then holding ``sequences`` with
+    ``kv_tokens``, as in ``request_tbt_joining``): on the wait its admission was judged by
+    (``judged``, as revised since) it meets the objective before any margin, and on that wait
+    plus ``added`` it misses it, ``margin`` included, as its own admission was judged. One past
+    its objective on its judged wait alone is not this delay's doing; a long request, whose first
+    gap does not count, is never pushed past."""
+    before = request_tbt_joining(cost, sequences, kv_tokens, max_running, tokens, judged)
+    after = request_tbt_joining(cost, sequences, kv_tokens, max_running, tokens, judged + added + margin)
+    return before <= slo < after
+
+
 @dataclass
 class _Admitted:
     decode_id: str

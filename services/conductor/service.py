@@ -43,6 +43,7 @@ from .admission import (
     DecodeLoadProjector,
     TTFTErrorModel,
     WaitErrorModel,
+    pushed_past,
     request_tbt_joining,
 )
 from .costmodel import PrefillCostModel
@@ -339,9 +340,7 @@ class ConductorService(Service):
         # figure: that one is measured from its predicted arrival, the admission's from its late
         # one, and it drifts with every report (its prefill a little late, the rows ahead a step
         # slower), so a request admitted within its objective would read as already missing and
-        # every later overtake would go through. It counts when that wait is within its objective
-        # before any margin and this request's delay takes it past, margin included (as its own
-        # admission was judged)
+        # every later overtake would go through (``pushed_past``)
         delays, delayed = 0, []
         for rid, before, after in p.delayed_by(iid, now, early, tokens, prompt_len, cap, untracked, others_end,
                                                int(untracked * per_seq), slots=slots):
@@ -352,9 +351,8 @@ class ConductorService(Service):
             judged = self._predicted_wait.get(rid)
             if judged is None:
                 judged = self.queues.handoff.seconds(e.kv_tokens) + before
-            tbt = [request_tbt_joining(self.decode_cost, fut_seqs + 1, fut_kv + prompt_len, cap, e.tokens, w)
-                   for w in (judged, judged + after - before + margin)]
-            delays += tbt[0] <= e.tbt_slo < tbt[1]
+            delays += pushed_past(self.decode_cost, fut_seqs + 1, fut_kv + prompt_len, cap, e.tokens, e.tbt_slo,
+                                  judged, after - before, margin)
         return DecodeView(
             iid,
             reported + inst.placed_since_beat,
