@@ -141,7 +141,7 @@ class LocalCluster:
         budget = int(psutil.virtual_memory().available * ARENA_HOST_SHARE)
         p, d = fit_arenas(s.prefill_kv_arena_bytes, s.decode_kv_arena_bytes, prefills, decodes, budget)
         if (p, d) != (s.prefill_kv_arena_bytes, s.decode_kv_arena_bytes):
-            log.warning("kv_arenas_scaled", prefill_mb=p >> 20, decode_mb=d >> 20, instances=prefills + decodes,
+            log.warning("kv_arenas_scaled", prefill_mb=p >> 20, decode_mb=d >> 20, arenas=prefills + decodes,
                         budget_mb=budget >> 20, configured_prefill_mb=s.prefill_kv_arena_bytes >> 20,
                         configured_decode_mb=s.decode_kv_arena_bytes >> 20)
             self.settings = msgspec.structs.replace(self.settings, prefill_kv_arena_bytes=p, decode_kv_arena_bytes=d)

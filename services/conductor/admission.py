@@ -21,7 +21,7 @@ import numpy as np
 
 from yuebing.libs.config import SLO
 from yuebing.libs.costs import decode_features, fit
-from yuebing.libs.stats import nearest_rank, nearest_rank_index
+from yuebing.libs.stats import nearest_rank_index
 
 ADMISSION_MODES = ("none", "early", "predictive")
 
@@ -434,7 +434,11 @@ class _RecentQuantile:
     def _add(self, sample: float) -> None:
         self._samples.append(sample)
         if len(self._samples) >= self.MIN_SAMPLES:
-            self._value = min(self._hi, max(self._lo, nearest_rank(self._samples, self.PERCENT)))
+            self._learn(sorted(self._samples))
+
+    def _learn(self, ordered: list[float]) -> None:
+        """The window's samples, sorted once per sample for every quantile read from them."""
+        self._value = min(self._hi, max(self._lo, ordered[nearest_rank_index(len(ordered), self.PERCENT)]))
 
 
 class TTFTErrorModel(_RecentQuantile):
@@ -459,8 +463,11 @@ class TTFTErrorModel(_RecentQuantile):
     def observe(self, predicted: float, actual: float) -> None:
         if predicted >= self.MIN_PREDICTED and actual > 0:
             self._add(actual / predicted)
-            if self.learnt:
-                self._early = min(1.0, max(self.BOUNDS[0], nearest_rank(self._samples, self.EARLY_PERCENT)))
+
+    def _learn(self, ordered: list[float]) -> None:
+        super()._learn(ordered)
+        early = ordered[nearest_rank_index(len(ordered), self.EARLY_PERCENT)]
+        self._early = min(1.0, max(self.BOUNDS[0], early))
 
     def factor(self) -> float:
         return self._value
