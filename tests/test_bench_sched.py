@@ -115,6 +115,30 @@ def test_figures_report_the_ratio_and_whether_the_ordering_holds():
     assert figures(runs)["placement_ordering_holds"] is False
 
 
+def test_placement_repeats_interleave_the_policies_and_report_means_and_each_repeats_ratio():
+    runs = plan(["placement"], _args(repeats=2))
+    assert [(r.name, r.repeat) for r in runs] == [
+        ("placement-random-r1", 1), ("placement-least_loaded-r1", 1), ("placement-local_cache_aware-r1", 1),
+        ("placement-global_cache_aware-r1", 1), ("placement-random-r2", 2), ("placement-least_loaded-r2", 2),
+        ("placement-local_cache_aware-r2", 2), ("placement-global_cache_aware-r2", 2)]
+    for r, ttft in zip(runs, (9000.0, 2000.0, 1500.0, 1300.0,  # in order, 0.65x
+                              8000.0, 2400.0, 1400.0, 1100.0)):  # in order, 0.458x
+        r.summary = {"ttft_mean_ms": ttft}
+    figs = figures(runs)
+    assert figs["placement_ttft_mean_ms_least_loaded"] == 2200.0
+    assert figs["placement_global_vs_least_loaded"] == 0.545  # 1200 / 2200, the ratio of the means
+    assert figs["placement_global_vs_least_loaded_runs"] == [0.65, 0.458]
+    assert (figs["placement_repeats"], figs["placement_ordering_holds_runs"]) == (2, 2)
+    runs[6].summary = {"ttft_mean_ms": 2500.0}  # local behind least_loaded in the second repeat only
+    figs = figures(runs)
+    assert (figs["placement_ordering_holds"], figs["placement_ordering_holds_runs"]) == (True, 1)
+    pair = plan(["placement"], _args(policies=["least_loaded", "global_cache_aware"]))
+    for r, ttft in zip(pair, (2000.0, 1180.0)):
+        r.summary = {"ttft_mean_ms": ttft}
+    figs = figures(pair)  # two policies: the ratio, and no ordering to judge
+    assert figs["placement_global_vs_least_loaded"] == 0.59 and "placement_ordering_holds" not in figs
+
+
 def test_cpu_use_is_the_difference_per_kind_most_first_and_the_share_of_the_cores():
     before = {"prefill": 10.0, "cachestore": 2.0}
     after = {"prefill": 40.0, "cachestore": 62.0, "nats-server": 8.0}  # nats-server: started after the first look

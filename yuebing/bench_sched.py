@@ -51,9 +51,13 @@ def plan(experiments: list[str], args) -> list[Run]:
     if "placement" in experiments:
         # as in the paper's comparison, only the global policy draws on the pool; the others place
         # requests without it and reuse what the chosen instance holds
+        # with repeats, the policies run in turn in each repeat, so that a drift of the machine
+        # over the runs falls on every policy alike
         chosen = getattr(args, "policies", None) or PLACEMENT_POLICIES
-        runs += [Run("placement", f"placement-{pol}", policy=pol, prefill=p, decode=d,
-                     use_pool=pol == "global_cache_aware") for pol in PLACEMENT_POLICIES if pol in chosen]
+        repeats = max(1, getattr(args, "repeats", 1) or 1)
+        runs += [Run("placement", f"placement-{pol}" + (f"-r{k}" if repeats > 1 else ""), policy=pol, prefill=p,
+                     decode=d, use_pool=pol == "global_cache_aware", repeat=k)
+                 for k in range(1, repeats + 1) for pol in PLACEMENT_POLICIES if pol in chosen]
     if "overload" in experiments:
         # repeats interleave the modes (none, early, predictive, none, ...) so that a drift of the
         # machine over the runs falls on every mode alike
@@ -262,15 +266,43 @@ def overload_figures(runs: list[Run]) -> dict:
     return out
 
 
-def figures(runs: list[Run]) -> dict:
-    by = {r.name: r.summary for r in runs if r.summary}
+def _ordered(ttft: dict[str, float]) -> bool:
+    """The paper's ordering of mean TTFT: global < local < least_loaded < random."""
+    return (ttft["global_cache_aware"] < ttft["local_cache_aware"] < ttft["least_loaded"] < ttft["random"])
+
+
+def placement_figures(runs: list[Run]) -> dict:
+    """Each policy's mean TTFT (the mean over repeats when there are several), global's ratio to
+    least_loaded on those means when both ran, and whether the ordering holds when all four ran;
+    with several repeats also each repeat's ratio and in how many repeats the ordering held."""
+    by: dict[int, dict[str, float]] = {}
+    for r in runs:
+        if r.summary.get("ttft_mean_ms") is not None:
+            by.setdefault(r.repeat, {})[r.policy] = r.summary["ttft_mean_ms"]
     out: dict = {}
-    ttft = {p: by.get(f"placement-{p}", {}).get("ttft_mean_ms") for p in PLACEMENT_POLICIES}
-    if all(v is not None for v in ttft.values()):
-        out.update({f"placement_ttft_mean_ms_{p}": v for p, v in ttft.items()})
-        out["placement_global_vs_least_loaded"] = _r(ttft["global_cache_aware"], ttft["least_loaded"])
-        out["placement_ordering_holds"] = (ttft["global_cache_aware"] < ttft["local_cache_aware"]
-                                           < ttft["least_loaded"] < ttft["random"])
+    means: dict[str, float] = {}
+    for pol in PLACEMENT_POLICIES:
+        values = [ttft[pol] for ttft in by.values() if pol in ttft]
+        if values:
+            means[pol] = values[0] if len(values) == 1 else round(sum(values) / len(values), 2)
+            out[f"placement_ttft_mean_ms_{pol}"] = means[pol]
+    pair = ("global_cache_aware", "least_loaded")
+    if all(p in means for p in pair):
+        out["placement_global_vs_least_loaded"] = _r(means[pair[0]], means[pair[1]])
+        both = [ttft for _, ttft in sorted(by.items()) if all(p in ttft for p in pair)]
+        if len(both) > 1:
+            out["placement_global_vs_least_loaded_runs"] = [_r(t[pair[0]], t[pair[1]]) for t in both]
+            out["placement_repeats"] = len(both)
+    if len(means) == len(PLACEMENT_POLICIES):
+        out["placement_ordering_holds"] = _ordered(means)
+        full = [ttft for ttft in by.values() if len(ttft) == len(PLACEMENT_POLICIES)]
+        if len(full) > 1:
+            out["placement_ordering_holds_runs"] = sum(_ordered(t) for t in full)
+    return out
+
+
+def figures(runs: list[Run]) -> dict:
+    out: dict = placement_figures([r for r in runs if r.experiment == "placement"])
     out.update(overload_figures([r for r in runs if r.experiment == "overload"]))
     out.update(goodput_figures([r for r in runs if r.experiment in ("goodput", "real")]))
     return out
@@ -394,9 +426,10 @@ def add_parser(bench_sub) -> None:
     p.add_argument("--admissions", default=",".join(ADMISSIONS),
                    help=f"admission modes of the overload runs, a subset of {','.join(ADMISSIONS)}")
     p.add_argument("--repeats", type=int, default=1,
-                   help="runs of each overload mode and of each goodput pair, interleaved; figures are means, "
-                   "with counts of the repeats in which predictive rejection was ahead of early rejection and "
-                   "each repeat's goodput ratio")
+                   help="runs of each placement policy, of each overload mode and of each goodput pair, "
+                   "interleaved; figures are means, with each repeat's placement and goodput ratio and counts "
+                   "of the repeats in which the placement ordering held and predictive rejection was ahead "
+                   "of early rejection")
     p.add_argument("--goodput-load", default="1", help="load of the goodput runs, x the base load; a comma-separated "
                    "list makes a sweep (e.g. 1,2,3)")
     p.add_argument("--goodput-admission", choices=ADMISSIONS, default=None,
