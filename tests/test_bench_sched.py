@@ -70,6 +70,13 @@ def test_goodput_repeats_interleave_the_sides_and_report_each_repeats_ratio():
     runs[5].summary = {}  # a repeat whose baseline did not run counts on neither side
     figs = figures(runs)
     assert (figs["goodput_ratios"], figs["goodput_disaggregated_rps"], figs["goodput_ratio"]) == ([2.0, 1.5], 3.5, 1.75)
+    real = plan(["real"], _args(repeats=2))
+    assert [(r.name, r.engine, r.repeat) for r in real] == [
+        ("real-disaggregated-r1", "model", 1), ("real-colocated-r1", "model", 1),
+        ("real-disaggregated-r2", "model", 2), ("real-colocated-r2", "model", 2)]
+    for r, rps in zip(real, (1.4, 0.3, 1.2, 0.4)):
+        r.summary = {"goodput_rps": rps}
+    assert figures(real)["real_ratios"] == [4.67, 3.0]
     swept = plan(["goodput"], _args(goodput_load="3,5", repeats=2))
     assert [r.name for r in swept][:4] == ["goodput-disaggregated-x3-r1", "goodput-colocated-x3-r1",
                                            "goodput-disaggregated-x3-r2", "goodput-colocated-x3-r2"]

@@ -83,10 +83,13 @@ def plan(experiments: list[str], args) -> list[Run]:
     if "real" in experiments:
         # experiment 3 with the real model: the same two sides, admission as in the goodput runs
         rp_, rd = args.real_prefill, args.real_decode
-        runs += [Run("real", "real-disaggregated", prefill=rp_, decode=rd, engine="model",
-                     admission=args.goodput_admission),
-                 Run("real", "real-colocated", policy="round_robin", colocated=rp_ + rd, prefill=0, decode=0,
-                     engine="model", use_pool=False, admission=args.colocated_admission)]
+        repeats = max(1, getattr(args, "repeats", 1) or 1)
+        for k in range(1, repeats + 1):
+            at = f"-r{k}" if repeats > 1 else ""
+            runs += [Run("real", f"real-disaggregated{at}", prefill=rp_, decode=rd, engine="model",
+                         admission=args.goodput_admission, repeat=k),
+                     Run("real", f"real-colocated{at}", policy="round_robin", colocated=rp_ + rd, prefill=0,
+                         decode=0, engine="model", use_pool=False, admission=args.colocated_admission, repeat=k)]
     return runs
 
 
@@ -426,7 +429,7 @@ def add_parser(bench_sub) -> None:
     p.add_argument("--admissions", default=",".join(ADMISSIONS),
                    help=f"admission modes of the overload runs, a subset of {','.join(ADMISSIONS)}")
     p.add_argument("--repeats", type=int, default=1,
-                   help="runs of each placement policy, of each overload mode and of each goodput pair, "
+                   help="runs of each placement policy, of each overload mode and of each goodput and real pair, "
                    "interleaved; figures are means, with each repeat's placement and goodput ratio and counts "
                    "of the repeats in which the placement ordering held and predictive rejection was ahead "
                    "of early rejection")
