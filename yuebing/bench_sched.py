@@ -47,6 +47,7 @@ def _say(msg: str) -> None:
 
 def plan(experiments: list[str], args) -> list[Run]:
     p, d = args.prefill, args.decode
+    repeats = max(1, getattr(args, "repeats", 1) or 1)
     runs: list[Run] = []
     if "placement" in experiments:
         # as in the paper's comparison, only the global policy draws on the pool; the others place
@@ -54,7 +55,6 @@ def plan(experiments: list[str], args) -> list[Run]:
         # with repeats, the policies run in turn in each repeat, so that a drift of the machine
         # over the runs falls on every policy alike
         chosen = getattr(args, "policies", None) or PLACEMENT_POLICIES
-        repeats = max(1, getattr(args, "repeats", 1) or 1)
         runs += [Run("placement", f"placement-{pol}" + (f"-r{k}" if repeats > 1 else ""), policy=pol, prefill=p,
                      decode=d, use_pool=pol == "global_cache_aware", repeat=k)
                  for k in range(1, repeats + 1) for pol in PLACEMENT_POLICIES if pol in chosen]
@@ -62,7 +62,6 @@ def plan(experiments: list[str], args) -> list[Run]:
         # repeats interleave the modes (none, early, predictive, none, ...) so that a drift of the
         # machine over the runs falls on every mode alike
         modes = getattr(args, "admissions", None) or list(ADMISSIONS)
-        repeats = max(1, getattr(args, "repeats", 1) or 1)
         runs += [Run("overload", f"overload-{adm}" + (f"-r{k}" if repeats > 1 else ""), admission=adm, prefill=p,
                      decode=d, load=args.overload, repeat=k)
                  for k in range(1, repeats + 1) for adm in ADMISSIONS if adm in modes]
@@ -71,7 +70,6 @@ def plan(experiments: list[str], args) -> list[Run]:
         # colocated baseline (by default a plain engine that admits everything), at each load
         # with repeats, each load's pair runs that many times, the two sides interleaved, as above
         loads = goodput_loads(args.goodput_load)
-        repeats = max(1, getattr(args, "repeats", 1) or 1)
         for load in loads:
             for k in range(1, repeats + 1):
                 at = ("" if len(loads) == 1 else f"-x{load:g}") + (f"-r{k}" if repeats > 1 else "")
@@ -83,7 +81,6 @@ def plan(experiments: list[str], args) -> list[Run]:
     if "real" in experiments:
         # experiment 3 with the real model: the same two sides, admission as in the goodput runs
         rp_, rd = args.real_prefill, args.real_decode
-        repeats = max(1, getattr(args, "repeats", 1) or 1)
         for k in range(1, repeats + 1):
             at = f"-r{k}" if repeats > 1 else ""
             runs += [Run("real", f"real-disaggregated{at}", prefill=rp_, decode=rd, engine="model",
