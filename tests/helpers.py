@@ -1,9 +1,10 @@
-"""Small HTTP helpers for end-to-end tests (real HTTP against a real cluster)."""
+"""Small helpers for end-to-end tests: real HTTP against a real cluster, and its services' logs."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import aiohttp
 import orjson
@@ -53,3 +54,9 @@ async def wait_until(predicate, timeout: float = 30.0, interval: float = 0.2):
         if value or time.monotonic() > deadline:
             return value
         await asyncio.sleep(interval)
+
+
+def log_events(path: Path, event: str | None = None) -> list[dict]:
+    """The structured (JSON) lines of a service's log, those of one ``event`` when given."""
+    records = [orjson.loads(line) for line in Path(path).read_text().splitlines() if line.startswith("{")]
+    return [r for r in records if event is None or r.get("event") == event]

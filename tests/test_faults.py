@@ -6,7 +6,7 @@ import signal
 import pytest
 
 from conftest import reference_greedy, start_cluster
-from helpers import post
+from helpers import log_events, post
 
 pytestmark = pytest.mark.slow
 
@@ -150,8 +150,6 @@ async def test_a_task_jetstream_refuses_is_answered_503(tiny_dir, tmp_path):
     """The conductor has placed a request and its prefill task cannot be queued (the task stream
     is gone): the client gets a 503 with Retry-After at once, not a hang, and the conductor records
     the failed dispatch of the request it had scheduled."""
-    import json
-
     import nats
 
     from yuebing.libs.protocol import Subjects
@@ -170,10 +168,10 @@ async def test_a_task_jetstream_refuses_is_answered_503(tiny_dir, tmp_path):
         assert body["error"]["message"] == "task queue unavailable"
         assert body["error"]["code"] == "service_unavailable"
         assert int(headers["Retry-After"]) >= 1
-        events = [json.loads(line) for line in open(cluster.log_dir / "conductor-0.log") if line.startswith("{")]
-        failed = [e for e in events if e.get("event") == "dispatch_failed"]
+        log = cluster.log_dir / "conductor-0.log"
+        failed = log_events(log, "dispatch_failed")
         assert len(failed) == 1
         rid = failed[0]["request_id"]
-        assert any(e.get("event") == "scheduled" and e.get("request_id") == rid for e in events)
+        assert any(e.get("request_id") == rid for e in log_events(log, "scheduled"))
     finally:
         cluster.stop()

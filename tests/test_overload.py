@@ -12,7 +12,7 @@ import pytest
 from yuebing.libs.costs import CostProfile
 
 from conftest import start_cluster
-from helpers import get_json, wait_until
+from helpers import get_json, log_events, wait_until
 
 MAX_TOKENS = 6
 
@@ -103,13 +103,11 @@ def test_colocated_workers_prefill_and_decode_their_own_requests(tiny_dir, tmp_p
 
         results = asyncio.run(burst())
         assert [s for s, _ in results] == [200] * 6
-        placed = [line for line in (tmp_path / "logs" / "conductor-0.log").read_text().splitlines()
-                  if '"scheduled"' in line]
+        placed = log_events(tmp_path / "logs" / "conductor-0.log", "scheduled")
         assert len(placed) == 6
-        for line in placed:
-            rec = orjson.loads(line)
+        for rec in placed:
             assert rec["prefill"] == rec["decode"] and rec["prefill"].startswith("worker-")
-        assert {orjson.loads(line)["prefill"] for line in placed} == {"worker-0", "worker-1"}
+        assert {rec["prefill"] for rec in placed} == {"worker-0", "worker-1"}
     finally:
         cluster.stop()
 
