@@ -7,7 +7,7 @@ import weakref
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from .stats import nearest_rank
+from .stats import nearest_rank, nearest_rank_index
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 _ITL_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
@@ -32,6 +32,14 @@ def request_tbt(gaps: list[float]) -> float | None:
     """A request's time between tokens as Mooncake measures it: the 90th percentile of the gaps
     between its consecutive output tokens (nearest rank). None with fewer than two tokens."""
     return nearest_rank(gaps, 90) if gaps else None
+
+
+def largest_gap_counts(tokens: int) -> bool:
+    """Whether every gap of a request of ``tokens`` output tokens counts in its TBT
+    (``request_tbt``): with nine gaps or fewer the 90th percentile is the largest, so a wait of one
+    step, e.g. its first gap's wait for a decode row, is its TBT; with more it falls outside."""
+    gaps = tokens - 1
+    return gaps > 0 and nearest_rank_index(gaps, 90) == gaps - 1
 
 
 class KVArenaCollector:

@@ -116,6 +116,30 @@ def test_sequences_waiting_for_a_row_hold_it_later_first_come_first_served():
     assert p.token_seconds == pytest.approx(0.1)
 
 
+def test_urgent_sequences_take_a_free_row_before_those_waiting_longer():
+    # one row, ten tokens a stay at 0.1 s: "a" holds it until 1 s; "long" waits from 0.2 s and
+    # "short" (urgent: its wait counts in its TBT) from 0.5 s, and gets the row first, as the
+    # decode batcher gives it
+    p = DecodeLoadProjector(default_token_seconds=0.1)
+    p.admit("a", "d0", start=0.0, tokens=10, kv_tokens=20)
+    p.started("a", 0.0)
+    p.admit("long", "d0", start=0.2, tokens=10, kv_tokens=20)
+    p.admit("short", "d0", start=0.5, tokens=5, kv_tokens=20, urgent=True)
+    slots = {s.rid: s for s in p.slots("d0", 0.0, rows=1)}
+    assert (slots["short"].row, slots["short"].end) == (pytest.approx(1.0), pytest.approx(1.5))
+    assert (slots["long"].row, slots["long"].end) == (pytest.approx(1.5), pytest.approx(2.5))
+    # a newcomer's wait: an urgent one arriving at 0.6 s comes after "short" and before "long";
+    # one that is not, after both, even arriving before "short"
+    assert p.row_wait("d0", 0.6, 0.0, rows=1, urgent=True) == pytest.approx(1.5 - 0.6)
+    assert p.row_wait("d0", 0.6, 0.0, rows=1) == pytest.approx(2.5 - 0.6)
+    assert p.row_wait("d0", 0.4, 0.0, rows=1) == pytest.approx(2.5 - 0.4)  # "short" still overtakes it
+    assert p.row_wait("d0", 1.2, 0.0, rows=1, urgent=True) == pytest.approx(0.3)  # behind "short" only
+    # an urgent newcomer arriving at 0.6 s delays "long" (not "short") by its stay
+    delayed = p.delayed_by("d0", 0.0, 0.6, 5, 20, rows=1, urgent=True)
+    assert [(rid, round(before, 6), round(after, 6)) for rid, before, after in delayed] == [("long", 1.3, 1.8)]
+    assert [rid for rid, *_ in p.delayed_by("d0", 0.0, 0.6, 5, 20, rows=1)] == []  # not urgent: behind both
+
+
 def test_a_stay_is_priced_at_the_pace_of_the_batch_it_is_in():
     # a step of r rows takes 0.1 s per row: a sequence decodes slower while others share its batch
     p = DecodeLoadProjector(default_token_seconds=1.0, step=lambda rows, kv: 0.1 * rows)

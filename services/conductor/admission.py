@@ -21,6 +21,7 @@ import numpy as np
 
 from yuebing.libs.config import SLO
 from yuebing.libs.costs import decode_features, fit
+from yuebing.libs.metrics import largest_gap_counts
 from yuebing.libs.stats import nearest_rank_index
 
 ADMISSION_MODES = ("none", "early", "predictive")
@@ -98,7 +99,7 @@ def request_tbt_joining(cost: DecodeCostModel, sequences: int, kv_tokens: int, m
     if gaps <= 0 or sequences <= 0:
         return 0.0
     steady = predicted_tbt(cost, sequences, kv_tokens, max_running)
-    if nearest_rank_index(gaps, 90) < gaps - 1:  # the 90th percentile is not the largest gap: a normal one
+    if not largest_gap_counts(tokens):  # the 90th percentile is not the largest gap: a normal one
         return steady
     rows = _rows(sequences, max_running)
     return max(steady, wait + cost.step_seconds(rows, kv_tokens * rows / sequences))
@@ -132,6 +133,7 @@ class _Admitted:
     decoded: int = 0  # steps run
     left: int = 0  # steps still to run
     pos: int = 0  # its place in the instance's list: rows first, then the queue in order
+    urgent: bool = False  # its wait for a row counts in its TBT: decode serves it first (``Batcher``)
 
 
 @dataclass(frozen=True)
@@ -145,15 +147,16 @@ class _Slot:
     tokens: int
     kv_tokens: int
     rid: str
+    urgent: bool = False
 
 
 class DecodeLoadProjector:
     """Every admitted request's decode phase, predicted, to project each decode instance's load.
 
     A request reaches decode when its prefill is predicted to finish (then when its prefill
-    reports), takes a row of the batch in arrival order when one is free (the decode batcher admits
-    waiting sequences first come, first served, and preempts none), and keeps it until it has
-    decoded its ``tokens``. Every sequence holding a row advances a token per step of the batch, and
+    reports), takes a row of the batch when one is free, in the decode batcher's order (urgent
+    sequences, whose wait for a row counts in their TBT, first; first come, first served within
+    each kind; none preempted), and keeps it until it has decoded its ``tokens``. Every sequence holding a row advances a token per step of the batch, and
     a step takes ``step(rows, KV positions)`` seconds for the batch as it is at that moment (the
     decode cost model): a sequence decodes slower once the rows fill up, and faster again as they
     empty. Without a step model a token takes ``token_seconds``, learnt from the decode instances'
@@ -201,8 +204,8 @@ class DecodeLoadProjector:
         return max(self.step(rows, kv_tokens), 1e-6)
 
     def admit(self, rid: str, decode_id: str, start: float, tokens: int, kv_tokens: int,
-              tbt_slo: float = 0.0) -> None:
-        self.entries[rid] = _Admitted(decode_id, start, tokens, kv_tokens, tbt_slo)
+              tbt_slo: float = 0.0, urgent: bool = False) -> None:
+        self.entries[rid] = _Admitted(decode_id, start, tokens, kv_tokens, tbt_slo, urgent=urgent)
 
     def started(self, rid: str, now: float) -> None:
         e = self.entries.get(rid)
@@ -261,8 +264,8 @@ class DecodeLoadProjector:
               others_end: float = 0.0, others_kv: int = 0,
               extra: tuple[str, _Admitted] | None = None) -> list[_Slot]:
         """The admitted sequences of ``decode_id`` on its ``rows`` rows (0: unbounded), in order of
-        arrival: each takes a row first come, first served and decodes its tokens at the pace of the
-        batch it is in. ``others`` sequences this projection did not admit (``others_kv`` KV
+        arrival: each takes a row in the batcher's order (urgent ones first, then first come, first
+        served) and decodes its tokens at the pace of the batch it is in. ``others`` sequences this projection did not admit (``others_kv`` KV
         positions) hold rows until ``others_end`` and count in the batch. ``extra``: one more
         sequence, admitted last, to see what it would change."""
         seen = self._seen.get(decode_id)
@@ -290,13 +293,14 @@ class DecodeLoadProjector:
         running = [i for i in range(n) if reported[i] and mine[i].running]
         for i in running:
             row_at[i] = arrive[i]
-        waiting: deque[int] = deque()
+        urgent_q: deque[int] = deque()  # waiting for a row, by kind
+        normal_q: deque[int] = deque()
         overdue: list[int] = []  # in decode longer than projected: still there at ``now``
         nxt = len(running)  # sorted first: the report's rows, in its order
         t = arrive[0] if n else now
-        while nxt < n or waiting or running:
+        while nxt < n or urgent_q or normal_q or running:
             while nxt < n and arrive[nxt] <= t:
-                waiting.append(nxt)
+                (urgent_q if mine[nxt].urgent else normal_q).append(nxt)
                 nxt += 1
             if overdue and t >= now:
                 for i in overdue:
@@ -305,8 +309,8 @@ class DecodeLoadProjector:
             held = others if t < others_end else 0
             if rows > 0:
                 held = min(held, rows)
-            while waiting and (rows <= 0 or len(running) + held < rows):
-                i = waiting.popleft()
+            while (urgent_q or normal_q) and (rows <= 0 or len(running) + held < rows):
+                i = (urgent_q or normal_q).popleft()
                 row_at[i] = t
                 running.append(i)
             later = [arrive[nxt]] if nxt < n else []
@@ -341,15 +345,15 @@ class DecodeLoadProjector:
                     continue
                 end[i] = t
                 running.remove(i)
-        return [_Slot(arrive[i], row_at[i], end[i], tokens0[i], kv0[i], ids[i]) for i in range(n)]
+        return [_Slot(arrive[i], row_at[i], end[i], tokens0[i], kv0[i], ids[i], mine[i].urgent) for i in range(n)]
 
     def delayed_by(self, decode_id: str, now: float, arrive: float, tokens: int, kv_tokens: int, rows: int,
                    others: int = 0, others_end: float = 0.0, others_kv: int = 0,
-                   slots: list[_Slot] | None = None) -> list[tuple[str, float, float]]:
+                   slots: list[_Slot] | None = None, urgent: bool = False) -> list[tuple[str, float, float]]:
         """The admitted sequences of ``decode_id`` that a newcomer reaching it at ``arrive`` (with
         ``tokens`` to decode and ``kv_tokens`` KV positions) would make wait longer for a row: it
-        would take a row before them (it reaches decode first, though admitted later) or slow the
-        batch they wait on. Each with its wait from reaching decode to a row, without the newcomer
+        would take a row before them (it reaches decode first, though admitted later, or is urgent
+        and they are not) or slow the batch they wait on. Each with its wait from reaching decode to a row, without the newcomer
         and with it."""
         if rows <= 0:
             return []
@@ -357,7 +361,7 @@ class DecodeLoadProjector:
             slots = self.slots(decode_id, now, rows, others, others_end, others_kv)
         before = {s.rid: s for s in slots}
         after = self.slots(decode_id, now, rows, others, others_end, others_kv,
-                           extra=("", _Admitted(decode_id, arrive, tokens, kv_tokens)))
+                           extra=("", _Admitted(decode_id, arrive, tokens, kv_tokens, urgent=urgent)))
         return [(s.rid, before[s.rid].row - before[s.rid].arrive, s.row - s.arrive) for s in after
                 if s.rid in before and s.row > before[s.rid].row + 1e-9]
 
@@ -385,18 +389,22 @@ class DecodeLoadProjector:
         return seqs, kv
 
     def row_wait(self, decode_id: str, t: float, now: float, rows: int, others: int = 0,
-                 others_end: float = 0.0, slots: list[_Slot] | None = None) -> float:
-        """Seconds after ``t`` until a sequence arriving at ``t`` gets a row on ``decode_id``, whose
-        batch of ``rows`` rows (0: unbounded) serves the sequences there before it first. ``others``
-        sequences it holds that this projection did not admit leave at ``others_end``."""
+                 others_end: float = 0.0, slots: list[_Slot] | None = None, urgent: bool = False) -> float:
+        """Seconds after ``t`` until a sequence arriving at ``t`` (``urgent`` or not) gets a row on
+        ``decode_id``, whose batch of ``rows`` rows (0: unbounded) serves the sequences ahead of it
+        first: those holding a row by ``t``, those of its kind there before it, and, for one not
+        urgent, the urgent ones there when a row frees. ``others`` sequences it holds that this
+        projection did not admit leave at ``others_end``."""
         if rows <= 0:
             return 0.0
         if slots is None:
             slots = self.slots(decode_id, now, rows, others, others_end)
         free = self._rows_free(rows, others, others_end)
-        for s in slots:
-            if s.arrive > t:
-                break  # arrival order: the rest come after it
+        for s in sorted(slots, key=lambda s: s.row):  # the order rows go out without it
+            if s.row > t:  # a row after it came: is this one still ahead of it?
+                ahead = s.arrive <= t if s.urgent == urgent else s.urgent and s.arrive <= max(t, free[0])
+                if not ahead:
+                    break  # it takes the next free row before this one and those after
             heapq.heapreplace(free, s.end)
         return max(0.0, free[0] - t)
 

@@ -17,6 +17,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from yuebing.libs.config import SLO
 from yuebing.libs.costs import DEFAULT as DEFAULT_PROFILE, CostProfile
+from yuebing.libs.metrics import largest_gap_counts
 from yuebing.libs.protocol import (
     DecodeReport,
     Heartbeat,
@@ -277,8 +278,10 @@ class ConductorService(Service):
     def queue_seconds(self, iid: str) -> float:
         return self.queues.seconds(iid, time.monotonic())
 
-    def _place(self, prompt_len: int, keys: list[bytes], tbt_slo: float = 0.0, tokens: int = 0):
-        """Placement of a prompt of ``prompt_len`` tokens expected to decode ``tokens`` tokens."""
+    def _place(self, prompt_len: int, keys: list[bytes], tbt_slo: float = 0.0, tokens: int = 0,
+               urgent: bool = False):
+        """Placement of a prompt of ``prompt_len`` tokens expected to decode ``tokens`` tokens
+        (``urgent``: its wait for a decode row counts in its TBT, so decode serves it first)."""
         now = time.monotonic()
         view = RequestView(
             prompt_len=prompt_len,
@@ -296,18 +299,19 @@ class ConductorService(Service):
         eta = min((self.policy.estimate(view, p, self.settings.use_pool).ttft for p in prefills), default=0.0)
         late = now + eta * max(1.0, self.ttft_error.factor())
         early = now + eta * self.ttft_error.early_factor()
-        decodes = [self._decode_view(i, now, now + eta, prompt_len, tokens, late, early)
+        decodes = [self._decode_view(i, now, now + eta, prompt_len, tokens, late, early, urgent)
                    for i in self.registry.alive("decode", now)]
         return self.policy.place(view, prefills, decodes), view, decodes
 
     def _decode_view(self, inst, now: float, arrive: float, prompt_len: int, tokens: int,
-                     late: float, early: float) -> DecodeView:
+                     late: float, early: float, urgent: bool = False) -> DecodeView:
         """The decode instance's predicted TBT for this request, with its load now and as projected
         to when the request reaches it: the gaps of its running batch, and for a request short
         enough that its first gap counts, that gap (the KV hand-off left after the first token, the
         wait for a row, a step).
 
-        Rows go first come, first served, and requests admitted just before this one are predicted
+        Rows go first come, first served within each kind (urgent first, ``Batcher``), and requests
+        admitted just before this one are predicted
         to reach decode within a few tenths of a second of it: which of them comes first is decided
         by their TTFT errors, and the last of them may wait a whole stay for a row. So its own wait
         is taken from its ``late`` arrival (behind every sequence predicted to arrive before then),
@@ -331,8 +335,8 @@ class ConductorService(Service):
         fut_seqs, fut_kv = p.load_at(iid, arrive, now, slots=slots)
         fut_seqs, fut_kv = fut_seqs + untracked, fut_kv + int(untracked * per_seq)
         handoff = self.queues.handoff.seconds(prompt_len)
-        wait_now = handoff + p.row_wait(iid, now, now, cap, untracked, others_end, slots=slots)
-        wait_then = handoff + p.row_wait(iid, late, now, cap, untracked, others_end, slots=slots)
+        wait_now = handoff + p.row_wait(iid, now, now, cap, untracked, others_end, slots=slots, urgent=urgent)
+        wait_then = handoff + p.row_wait(iid, late, now, cap, untracked, others_end, slots=slots, urgent=urgent)
         margin = self.wait_error.margin()  # judged as such waits have lately turned out
         # the admitted requests it would delay for a row (admitted earlier, their prefills longer):
         # a short one's TBT is that wait. Each is judged on the wait its own admission was judged
@@ -343,7 +347,7 @@ class ConductorService(Service):
         # every later overtake would go through (``pushed_past``)
         delays, delayed = 0, []
         for rid, before, after in p.delayed_by(iid, now, early, tokens, prompt_len, cap, untracked, others_end,
-                                               int(untracked * per_seq), slots=slots):
+                                               int(untracked * per_seq), slots=slots, urgent=urgent):
             delayed.append((rid, after - before))
             e = p.entries[rid]
             if e.tbt_slo <= 0:
@@ -371,7 +375,7 @@ class ConductorService(Service):
     def _project(self, request_id: str, placement, prompt_len: int, sampling, tbt_slo: float = 0.0) -> None:
         tokens = self.projector.expected_tokens(sampling.max_tokens, sampling.ignore_eos)
         self.projector.admit(request_id, placement.decode_id, time.monotonic() + placement.predicted_ttft, tokens,
-                             prompt_len, tbt_slo)
+                             prompt_len, tbt_slo, urgent=largest_gap_counts(sampling.max_tokens))
 
     def _admit(self, req: ScheduleRequest, placement, decodes: list[DecodeView]):
         """Mooncake's admission on top of the placement: TTFT and TBT objectives."""
@@ -444,7 +448,8 @@ class ConductorService(Service):
                         await m.term()
                         continue
                     tokens = self.projector.expected_tokens(task.sampling.max_tokens, task.sampling.ignore_eos)
-                    placement, _, _ = self._place(len(task.prompt_token_ids), task.block_hashes, tokens=tokens)
+                    placement, _, _ = self._place(len(task.prompt_token_ids), task.block_hashes, tokens=tokens,
+                                                  urgent=largest_gap_counts(task.sampling.max_tokens))
                     if not placement.admitted:
                         await self.nc.publish(Subjects.output(task.output_id), encode(TokenEvent(
                             request_id=task.output_id, seq=task.seq_base, token_ids=[], finish_reason="error",
@@ -479,7 +484,8 @@ class ConductorService(Service):
         log = self.log.bind(request_id=req.request_id)
         keys = req.block_hashes
         tokens = self.projector.expected_tokens(req.sampling.max_tokens, req.sampling.ignore_eos)
-        placement, view, decodes = self._place(len(req.prompt_token_ids), keys, req.tbt_slo, tokens)
+        placement, view, decodes = self._place(len(req.prompt_token_ids), keys, req.tbt_slo, tokens,
+                                               largest_gap_counts(req.sampling.max_tokens))
         placement = self._admit(req, placement, decodes)
         if placement.admitted:
             task = PrefillTask(

@@ -1,10 +1,18 @@
-"""Sequence bookkeeping for continuous batching. Plain logic: no NATS, no model."""
+"""Sequence bookkeeping for continuous batching. Plain logic: no NATS, no model.
+
+A free row goes to the waiting sequence whose TBT it matters most to: one whose every gap counts
+in its TBT (nine gaps or fewer, ``libs.metrics.largest_gap_counts``) before one whose wait for a
+row falls outside its 90th percentile, and first come, first served within each. The engine takes
+tasks up to a batch ahead of its free rows, so that a short request arriving behind long ones is
+here to be chosen.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
+from yuebing.libs.metrics import largest_gap_counts
 from yuebing.libs.protocol import SamplingParams
 from yuebing.libs.worker import finish_reason
 
@@ -26,6 +34,11 @@ class Sequence:
     initial_outputs: int = 0  # output tokens it came with (made by prefill, or before a resume)
 
     @property
+    def urgent(self) -> bool:
+        """Its wait for a row is a gap its TBT counts (a request of ten tokens or fewer)."""
+        return largest_gap_counts(self.params.max_tokens)
+
+    @property
     def next_seq(self) -> int:
         """Sequence number of the next token event (one event per token)."""
         return self.seq_base + len(self.output)
@@ -41,8 +54,9 @@ class StepPlan:
 class Batcher:
     """Decides, between steps, who joins and who leaves the running batch."""
 
-    def __init__(self, max_running: int, eos_ids: tuple[int, ...]):
+    def __init__(self, max_running: int, eos_ids: tuple[int, ...], lookahead: int | None = None):
         self.max_running = max_running
+        self.lookahead = max_running if lookahead is None else lookahead  # sequences held beyond the rows
         self.eos_ids = eos_ids
         self.waiting: list[Sequence] = []
         self.running: dict[str, Sequence] = {}  # in batch row order
@@ -52,10 +66,17 @@ class Batcher:
         return len(self.waiting) + len(self.running)
 
     def has_room(self) -> bool:
-        return len(self) < self.max_running
+        """Whether to take up another task: a row is free, or fewer than ``lookahead`` wait."""
+        return len(self) < self.max_running + self.lookahead
 
     def submit(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        """Queue it for a row: after the waiting sequences of its own kind, ahead of those that
+        are not urgent when it is (the queue is kept in the order rows go out)."""
+        if seq.urgent:
+            at = next((i for i, s in enumerate(self.waiting) if not s.urgent), len(self.waiting))
+            self.waiting.insert(at, seq)
+        else:
+            self.waiting.append(seq)
 
     def abort(self, request_id: str) -> Sequence | None:
         for i, s in enumerate(self.waiting):
