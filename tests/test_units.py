@@ -113,13 +113,11 @@ def test_batcher_joins_within_capacity_and_finishes():
     assert [(s.request_id, s.finish) for s in finished] == [("a", "length")]
 
 
-def test_batcher_gives_free_rows_to_urgent_sequences_first_and_takes_tasks_a_batch_ahead():
+def test_batcher_gives_free_rows_to_urgent_sequences_first():
     b = Batcher(max_running=1, eos_ids=(2,))
-    assert b.lookahead == 1
     b.submit(_seq("long", max_tokens=50))  # ten gaps or more: its wait for a row is outside its TBT
     assert b.plan().rows[0].request_id == "long"
     b.submit(_seq("l2", max_tokens=50))
-    assert not b.has_room()  # one row held, one waiting: no more tasks taken up
     for rid in ("s1", "s2"):  # ten tokens, nine gaps: the wait for a row is its TBT
         b.submit(_seq(rid, max_tokens=10))
     assert [s.request_id for s in b.waiting] == ["s1", "s2", "l2"]  # urgent first, in arrival order

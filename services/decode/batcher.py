@@ -3,8 +3,8 @@
 A free row goes to the waiting sequence whose TBT it matters most to: one whose every gap counts
 in its TBT (nine gaps or fewer, ``libs.metrics.largest_gap_counts``) before one whose wait for a
 row falls outside its 90th percentile, and first come, first served within each. The engine takes
-tasks up to a batch ahead of its free rows, so that a short request arriving behind long ones is
-here to be chosen.
+up every task sent to it as soon as its KV is in hand (a task left on the bus cannot be chosen),
+so a short request arriving behind long ones is here to take the next free row.
 """
 
 from __future__ import annotations
@@ -54,9 +54,8 @@ class StepPlan:
 class Batcher:
     """Decides, between steps, who joins and who leaves the running batch."""
 
-    def __init__(self, max_running: int, eos_ids: tuple[int, ...], lookahead: int | None = None):
+    def __init__(self, max_running: int, eos_ids: tuple[int, ...]):
         self.max_running = max_running
-        self.lookahead = max_running if lookahead is None else lookahead  # sequences held beyond the rows
         self.eos_ids = eos_ids
         self.waiting: list[Sequence] = []
         self.running: dict[str, Sequence] = {}  # in batch row order
@@ -64,10 +63,6 @@ class Batcher:
 
     def __len__(self) -> int:
         return len(self.waiting) + len(self.running)
-
-    def has_room(self) -> bool:
-        """Whether to take up another task: a row is free, or fewer than ``lookahead`` wait."""
-        return len(self) < self.max_running + self.lookahead
 
     def submit(self, seq: Sequence) -> None:
         """Queue it for a row: after the waiting sequences of its own kind, ahead of those that

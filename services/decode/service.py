@@ -92,10 +92,8 @@ class DecodeService(ModelWorker):
 
     # ---- tasks
     async def _pull_loop(self) -> None:
+        # every task is taken up at once and queued by the batcher, which orders the rows
         while not self.stopping:
-            if not self.batcher.has_room():
-                await asyncio.sleep(0.01)
-                continue
             for msg in await self.pull():
                 try:
                     task = decode(msg.data, DecodeTask)
