@@ -95,6 +95,9 @@ class Settings(msgspec.Struct, kw_only=True):
     prefill_kv_arena_bytes: int = 512 << 20  # slab for prompts' KV, paged in at start (capped by the model; 0: none)
     # decode
     max_running: int = 32
+    # rows beyond max_running that only urgent sequences take: those whose every gap counts in
+    # their TBT (ten output tokens or fewer), for which the wait for a row is the TBT itself
+    urgent_rows: int = 1
     decode_kv_arena_bytes: int = 256 << 20  # slab for received KV, paged in at start (capped by the model; 0: none)
     # cachestore
     dram_bytes: int = 1 << 30

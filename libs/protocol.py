@@ -327,6 +327,7 @@ class Heartbeat(msgspec.Struct, kw_only=True):
     queued_tokens: int = 0  # prompt tokens waiting (prefill)
     running: int = 0  # sequences in the running batch (decode)
     max_running: int = 0
+    urgent_rows: int = 0  # decode: rows beyond ``max_running`` for urgent sequences only
     kv_tokens: int = 0  # KV positions held by the running batch (decode)
     draining: bool = False  # stopping: finishes what it has, takes nothing new
     # decode: the steps run since the previous beat (cost-model input): count, mean seconds,

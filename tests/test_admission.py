@@ -138,6 +138,13 @@ def test_urgent_sequences_take_a_free_row_before_those_waiting_longer():
     delayed = p.delayed_by("d0", 0.0, 0.6, 5, 20, rows=1, urgent=True)
     assert [(rid, round(before, 6), round(after, 6)) for rid, before, after in delayed] == [("long", 1.3, 1.8)]
     assert [rid for rid, *_ in p.delayed_by("d0", 0.0, 0.6, 5, 20, rows=1)] == []  # not urgent: behind both
+    # one urgent row beyond the batch's: "short" takes it on arrival, and an urgent newcomer takes
+    # it when "short" leaves; one not urgent still waits for "a"'s row, and then for "long"'s end
+    slots = {s.rid: s for s in p.slots("d0", 0.0, rows=1, urgent_rows=1)}
+    assert (slots["short"].row, slots["long"].row) == (pytest.approx(0.5), pytest.approx(1.0))
+    assert p.row_wait("d0", 0.6, 0.0, rows=1, urgent=True, urgent_rows=1) == pytest.approx(0.4)
+    assert p.row_wait("d0", 0.2, 0.0, rows=1, urgent=True, urgent_rows=1) == 0.0
+    assert p.row_wait("d0", 0.6, 0.0, rows=1, urgent_rows=1) == pytest.approx(slots["long"].end - 0.6)
 
 
 def test_a_stay_is_priced_at_the_pace_of_the_batch_it_is_in():

@@ -129,6 +129,22 @@ def test_batcher_gives_free_rows_to_urgent_sequences_first():
     assert not _seq("x", max_tokens=1).urgent  # one token never reaches decode
 
 
+def test_batcher_keeps_its_urgent_rows_for_urgent_sequences():
+    b = Batcher(max_running=1, eos_ids=(2,), urgent_rows=1)
+    b.submit(_seq("long", max_tokens=50))
+    b.submit(_seq("l2", max_tokens=50))
+    assert [s.request_id for s in b.plan().rows] == ["long"]  # the second row is not for it
+    b.submit(_seq("s1", max_tokens=5))
+    b.submit(_seq("s2", max_tokens=5))
+    assert [s.request_id for s in b.plan().rows] == ["long", "s1"]  # one urgent row
+    assert [s.request_id for s in b.waiting] == ["s2", "l2"]
+    b.abort("long")
+    assert [s.request_id for s in b.plan().rows] == ["s1", "s2"]  # the freed row goes to the urgent one
+    b.abort("s1")
+    b.abort("s2")
+    assert [s.request_id for s in b.plan().rows] == ["l2"]
+
+
 def test_batcher_abort_waiting_and_running():
     b = Batcher(max_running=4, eos_ids=(2,))
     b.submit(_seq("a"))

@@ -121,7 +121,8 @@ def run_one(run: Run, args, *, model_dir: Path, models_dir: Path, calibration: P
     settings = from_env(
         model=str(model_dir), data_dir=str(data_dir), models_dir=str(models_dir), port=free_port(),
         engine=run.engine, calibration=str(calibration), policy=run.policy, admission=run.admission,
-        ttft_slo=ttft_slo, tbt_slo=tbt_slo, max_running=args.max_running, no_auth=True, use_pool=run.use_pool,
+        ttft_slo=ttft_slo, tbt_slo=tbt_slo, max_running=args.max_running, urgent_rows=args.urgent_rows,
+        no_auth=True, use_pool=run.use_pool,
         threads=1 if run.engine == "sim" else None,
         prefill_cache_bytes=args.prefill_cache_mb << 20,
         pool_writes=getattr(args, "pool_writes", None) if run.use_pool else None,
@@ -161,6 +162,7 @@ def run_one(run: Run, args, *, model_dir: Path, models_dir: Path, calibration: P
                      "output_scale": args.output_scale or args.token_scale,
                      "time_scale": time_scale * run.load, "rate": None if rate is None else rate * run.load,
                      "start": args.start, "requests": len(requests), "max_running": args.max_running,
+                     "urgent_rows": settings.urgent_rows,
                      "prefill_cache_mb": args.prefill_cache_mb, "pool_writes": settings.pool_writes,
                      "peer_fetch": settings.peer_fetch,
                      "pool_dram_mb": settings.dram_bytes >> 20, "pool_disk_mb": settings.disk_bytes >> 20}
@@ -440,6 +442,8 @@ def add_parser(bench_sub) -> None:
     p.add_argument("--ttft-slo", type=float, default=None, help="default: 10x a mean prompt's calibrated TTFT")
     p.add_argument("--tbt-slo", type=float, default=None, help="default: 5x a calibrated decode step")
     p.add_argument("--max-running", type=int, default=None, help="rows of a decode batch (default 32)")
+    p.add_argument("--urgent-rows", type=int, default=None,
+                   help="rows beyond --max-running for requests of ten output tokens or fewer (default 1)")
     p.add_argument("--prefill", type=int, default=8)
     p.add_argument("--decode", type=int, default=8)
     p.add_argument("--prefill-cache-mb", type=int, default=256, help="each prefill instance's own block cache")

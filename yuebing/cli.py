@@ -59,6 +59,7 @@ def _settings(args, **extra):
         tbt_slo=getattr(args, "tbt_slo", None),
         slo_classes=",".join(args.slo_class) if getattr(args, "slo_class", None) else None,
         max_running=getattr(args, "max_running", None),
+        urgent_rows=getattr(args, "urgent_rows", None),
         **extra,
     )
 
@@ -101,6 +102,9 @@ def _serving(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slo-class", action="append", default=None, metavar="NAME=TTFT:TBT",
                    help="a request class with its own SLOs, chosen by the request body's \"slo_class\" (repeatable)")
     p.add_argument("--max-running", type=int, default=None, help="sequences in a decode instance's batch (default 32)")
+    p.add_argument("--urgent-rows", type=int, default=None,
+                   help="rows beyond --max-running that only requests of ten output tokens or fewer take, whose "
+                        "wait for a row is their TBT (default 1)")
 
 
 def cmd_up(args) -> int:

@@ -156,7 +156,8 @@ class DecodeLoadProjector:
     A request reaches decode when its prefill is predicted to finish (then when its prefill
     reports), takes a row of the batch when one is free, in the decode batcher's order (urgent
     sequences, whose wait for a row counts in their TBT, first; first come, first served within
-    each kind; none preempted), and keeps it until it has decoded its ``tokens``. Every sequence holding a row advances a token per step of the batch, and
+    each kind; none preempted; ``urgent_rows`` rows beyond the batch's ``rows`` for urgent ones
+    only), and keeps it until it has decoded its ``tokens``. Every sequence holding a row advances a token per step of the batch, and
     a step takes ``step(rows, KV positions)`` seconds for the batch as it is at that moment (the
     decode cost model): a sequence decodes slower once the rows fill up, and faster again as they
     empty. Without a step model a token takes ``token_seconds``, learnt from the decode instances'
@@ -262,7 +263,7 @@ class DecodeLoadProjector:
 
     def slots(self, decode_id: str, now: float, rows: int = 0, others: int = 0,
               others_end: float = 0.0, others_kv: int = 0,
-              extra: tuple[str, _Admitted] | None = None) -> list[_Slot]:
+              extra: tuple[str, _Admitted] | None = None, urgent_rows: int = 0) -> list[_Slot]:
         """The admitted sequences of ``decode_id`` on its ``rows`` rows (0: unbounded), in order of
         arrival: each takes a row in the batcher's order (urgent ones first, then first come, first
         served) and decodes its tokens at the pace of the batch it is in. ``others`` sequences this projection did not admit (``others_kv`` KV
@@ -309,10 +310,11 @@ class DecodeLoadProjector:
             held = others if t < others_end else 0
             if rows > 0:
                 held = min(held, rows)
-            while (urgent_q or normal_q) and (rows <= 0 or len(running) + held < rows):
-                i = (urgent_q or normal_q).popleft()
-                row_at[i] = t
-                running.append(i)
+            for queue, cap in ((urgent_q, rows + urgent_rows), (normal_q, rows)):
+                while queue and (rows <= 0 or len(running) + held < cap):
+                    i = queue.popleft()
+                    row_at[i] = t
+                    running.append(i)
             later = [arrive[nxt]] if nxt < n else []
             if held:
                 later.append(others_end)
@@ -349,7 +351,8 @@ class DecodeLoadProjector:
 
     def delayed_by(self, decode_id: str, now: float, arrive: float, tokens: int, kv_tokens: int, rows: int,
                    others: int = 0, others_end: float = 0.0, others_kv: int = 0,
-                   slots: list[_Slot] | None = None, urgent: bool = False) -> list[tuple[str, float, float]]:
+                   slots: list[_Slot] | None = None, urgent: bool = False,
+                   urgent_rows: int = 0) -> list[tuple[str, float, float]]:
         """The admitted sequences of ``decode_id`` that a newcomer reaching it at ``arrive`` (with
         ``tokens`` to decode and ``kv_tokens`` KV positions) would make wait longer for a row: it
         would take a row before them (it reaches decode first, though admitted later, or is urgent
@@ -358,10 +361,11 @@ class DecodeLoadProjector:
         if rows <= 0:
             return []
         if slots is None:
-            slots = self.slots(decode_id, now, rows, others, others_end, others_kv)
+            slots = self.slots(decode_id, now, rows, others, others_end, others_kv, urgent_rows=urgent_rows)
         before = {s.rid: s for s in slots}
         after = self.slots(decode_id, now, rows, others, others_end, others_kv,
-                           extra=("", _Admitted(decode_id, arrive, tokens, kv_tokens, urgent=urgent)))
+                           extra=("", _Admitted(decode_id, arrive, tokens, kv_tokens, urgent=urgent)),
+                           urgent_rows=urgent_rows)
         return [(s.rid, before[s.rid].row - before[s.rid].arrive, s.row - s.arrive) for s in after
                 if s.rid in before and s.row > before[s.rid].row + 1e-9]
 
@@ -389,24 +393,32 @@ class DecodeLoadProjector:
         return seqs, kv
 
     def row_wait(self, decode_id: str, t: float, now: float, rows: int, others: int = 0,
-                 others_end: float = 0.0, slots: list[_Slot] | None = None, urgent: bool = False) -> float:
+                 others_end: float = 0.0, slots: list[_Slot] | None = None, urgent: bool = False,
+                 urgent_rows: int = 0) -> float:
         """Seconds after ``t`` until a sequence arriving at ``t`` (``urgent`` or not) gets a row on
-        ``decode_id``, whose batch of ``rows`` rows (0: unbounded) serves the sequences ahead of it
-        first: those holding a row by ``t``, those of its kind there before it, and, for one not
-        urgent, the urgent ones there when a row frees. ``others`` sequences it holds that this
-        projection did not admit leave at ``others_end``."""
+        ``decode_id``, whose batch of ``rows`` rows (0: unbounded; ``urgent_rows`` more for urgent
+        sequences only) serves the sequences ahead of it first: those holding a row by ``t``, those
+        of its kind there before it, and, for one not urgent, the urgent ones there when a row
+        frees. ``others`` sequences it holds that this projection did not admit leave at
+        ``others_end``."""
         if rows <= 0:
             return 0.0
         if slots is None:
-            slots = self.slots(decode_id, now, rows, others, others_end)
-        free = self._rows_free(rows, others, others_end)
+            slots = self.slots(decode_id, now, rows, others, others_end, urgent_rows=urgent_rows)
+        free = self._rows_free(rows + urgent_rows, others, others_end)
+        # the rows free to it: any for an urgent one; one not urgent needs more than the urgent rows free
+        nth = 0 if urgent else urgent_rows
+
+        def row_for_it() -> float:
+            return max(t, heapq.nsmallest(nth + 1, free)[-1])
+
         for s in sorted(slots, key=lambda s: s.row):  # the order rows go out without it
             if s.row > t:  # a row after it came: is this one still ahead of it?
-                ahead = s.arrive <= t if s.urgent == urgent else s.urgent and s.arrive <= max(t, free[0])
+                ahead = s.arrive <= t if s.urgent == urgent else s.urgent and s.arrive <= row_for_it()
                 if not ahead:
                     break  # it takes the next free row before this one and those after
             heapq.heapreplace(free, s.end)
-        return max(0.0, free[0] - t)
+        return row_for_it() - t
 
     def next_departure(self, decode_id: str, now: float, slots: list[_Slot] | None = None) -> float:
         """Seconds until the first sequence on ``decode_id`` is expected to leave (inf if none)."""

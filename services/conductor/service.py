@@ -327,16 +327,18 @@ class ConductorService(Service):
         untracked = sum(1 for q in hb.sequences if q.request_id not in self.projector.entries)
         per_seq = hb.kv_tokens / max(1, hb.running)
         now_seqs, now_kv = tracked + untracked, tracked_kv + int(untracked * per_seq)
-        cap = hb.max_running
+        cap, lane = hb.max_running, hb.urgent_rows
         p, iid = self.projector, inst.instance_id
         others_end = now + p.duration(round(p.mean_output))  # when sequences it did not admit may leave
         # the admitted sequences on its rows, first come first served: one projection for every figure
-        slots = p.slots(iid, now, cap, untracked, others_end, int(untracked * per_seq))
+        slots = p.slots(iid, now, cap, untracked, others_end, int(untracked * per_seq), urgent_rows=lane)
         fut_seqs, fut_kv = p.load_at(iid, arrive, now, slots=slots)
         fut_seqs, fut_kv = fut_seqs + untracked, fut_kv + int(untracked * per_seq)
         handoff = self.queues.handoff.seconds(prompt_len)
-        wait_now = handoff + p.row_wait(iid, now, now, cap, untracked, others_end, slots=slots, urgent=urgent)
-        wait_then = handoff + p.row_wait(iid, late, now, cap, untracked, others_end, slots=slots, urgent=urgent)
+        wait_now = handoff + p.row_wait(iid, now, now, cap, untracked, others_end, slots=slots, urgent=urgent,
+                                        urgent_rows=lane)
+        wait_then = handoff + p.row_wait(iid, late, now, cap, untracked, others_end, slots=slots, urgent=urgent,
+                                         urgent_rows=lane)
         margin = self.wait_error.margin()  # judged as such waits have lately turned out
         # the admitted requests it would delay for a row (admitted earlier, their prefills longer):
         # a short one's TBT is that wait. Each is judged on the wait its own admission was judged
@@ -347,7 +349,8 @@ class ConductorService(Service):
         # every later overtake would go through (``pushed_past``)
         delays, delayed = 0, []
         for rid, before, after in p.delayed_by(iid, now, early, tokens, prompt_len, cap, untracked, others_end,
-                                               int(untracked * per_seq), slots=slots, urgent=urgent):
+                                               int(untracked * per_seq), slots=slots, urgent=urgent,
+                                               urgent_rows=lane):
             delayed.append((rid, after - before))
             e = p.entries[rid]
             if e.tbt_slo <= 0:

@@ -2,7 +2,9 @@
 
 A free row goes to the waiting sequence whose TBT it matters most to: one whose every gap counts
 in its TBT (nine gaps or fewer, ``libs.metrics.largest_gap_counts``) before one whose wait for a
-row falls outside its 90th percentile, and first come, first served within each. The engine takes
+row falls outside its 90th percentile, and first come, first served within each. Beyond its
+``max_running`` rows the batch has ``urgent_rows`` that only urgent sequences take, so a short
+request arriving just after a row went to a long one does not wait out that one's whole stay. The engine takes
 up every task sent to it as soon as its KV is in hand (a task left on the bus cannot be chosen),
 so a short request arriving behind long ones is here to take the next free row.
 """
@@ -54,8 +56,9 @@ class StepPlan:
 class Batcher:
     """Decides, between steps, who joins and who leaves the running batch."""
 
-    def __init__(self, max_running: int, eos_ids: tuple[int, ...]):
+    def __init__(self, max_running: int, eos_ids: tuple[int, ...], urgent_rows: int = 0):
         self.max_running = max_running
+        self.urgent_rows = urgent_rows
         self.eos_ids = eos_ids
         self.waiting: list[Sequence] = []
         self.running: dict[str, Sequence] = {}  # in batch row order
@@ -90,10 +93,14 @@ class Batcher:
         self._leaving = set()
         for rid in leaves:
             self.running.pop(rid, None)
-        joins = self.waiting[: max(0, self.max_running - len(self.running))]
-        self.waiting = self.waiting[len(joins) :]
-        for s in joins:
-            self.running[s.request_id] = s
+        joins, waiting = [], []
+        for s in self.waiting:  # urgent ones first: they may take the urgent rows too
+            if len(self.running) < self.max_running + (self.urgent_rows if s.urgent else 0):
+                joins.append(s)
+                self.running[s.request_id] = s
+            else:
+                waiting.append(s)
+        self.waiting = waiting
         return StepPlan(joins=joins, leaves=leaves, rows=list(self.running.values()))
 
     def record(self, rows: list[Sequence], tokens: list[int]) -> list[Sequence]:

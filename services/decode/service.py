@@ -31,7 +31,7 @@ class DecodeService(ModelWorker):
         # tokens of a sequence it holds: what the conductor's decode cost model predicts
         self._steps = [0, 0.0, 0, 0]
         self._step_kv = 0  # KV positions of the last step's batch
-        self.batcher = Batcher(self.settings.max_running, self.shape.eos_token_ids)
+        self.batcher = Batcher(self.settings.max_running, self.shape.eos_token_ids, self.settings.urgent_rows)
         self._kv: dict[str, tuple[KVMeta, BlobData, float]] = {}  # request id -> KV waiting for its task
         self._kv_ready: dict[str, asyncio.Event] = {}
         self._wake = asyncio.Event()
@@ -59,7 +59,8 @@ class DecodeService(ModelWorker):
         n, seconds, rows, kv = self._steps
         self._steps = [0, 0.0, 0, 0]
         return self.heartbeat(
-            queued=len(b.waiting), running=len(b.running), max_running=b.max_running, kv_tokens=self.batch.kv_tokens(),
+            queued=len(b.waiting), running=len(b.running), max_running=b.max_running, urgent_rows=b.urgent_rows,
+            kv_tokens=self.batch.kv_tokens(),
             steps=n, step_seconds=seconds / n if n else 0.0, step_batch=rows / n if n else 0.0,
             step_kv_tokens=kv / n if n else 0.0,
             sequences=[SequenceProgress(s.request_id, len(s.output) - s.initial_outputs,
