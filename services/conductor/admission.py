@@ -157,8 +157,8 @@ class DecodeLoadProjector:
     reports), takes a row of the batch when one is free, in the decode batcher's order (urgent
     sequences, whose wait for a row counts in their TBT, first; first come, first served within
     each kind; none preempted; ``urgent_rows`` rows beyond the batch's ``rows`` for urgent ones
-    only), and keeps it until it has decoded its ``tokens``. Every sequence holding a row advances a token per step of the batch, and
-    a step takes ``step(rows, KV positions)`` seconds for the batch as it is at that moment (the
+    only), and keeps it until it has decoded its ``tokens``. Every sequence holding a row advances
+    a token per step of the batch, and a step takes ``step(rows, KV positions)`` seconds for the batch as it is at that moment (the
     decode cost model): a sequence decodes slower once the rows fill up, and faster again as they
     empty. Without a step model a token takes ``token_seconds``, learnt from the decode instances'
     reports of their sequences' time in a row.
@@ -265,10 +265,11 @@ class DecodeLoadProjector:
               others_end: float = 0.0, others_kv: int = 0,
               extra: tuple[str, _Admitted] | None = None, urgent_rows: int = 0) -> list[_Slot]:
         """The admitted sequences of ``decode_id`` on its ``rows`` rows (0: unbounded), in order of
-        arrival: each takes a row in the batcher's order (urgent ones first, then first come, first
-        served) and decodes its tokens at the pace of the batch it is in. ``others`` sequences this projection did not admit (``others_kv`` KV
-        positions) hold rows until ``others_end`` and count in the batch. ``extra``: one more
-        sequence, admitted last, to see what it would change."""
+        arrival: each takes a row in the batcher's order (urgent ones first, also on the
+        ``urgent_rows`` beyond ``rows``; then first come, first served) and decodes its tokens at the
+        pace of the batch it is in. ``others`` sequences this projection did not admit
+        (``others_kv`` KV positions) hold rows until ``others_end`` and count in the batch.
+        ``extra``: one more sequence, admitted last, to see what it would change."""
         seen = self._seen.get(decode_id)
         ids = [r for r, e in self.entries.items() if e.decode_id == decode_id]
         mine = [self.entries[r] for r in ids]
@@ -356,8 +357,8 @@ class DecodeLoadProjector:
         """The admitted sequences of ``decode_id`` that a newcomer reaching it at ``arrive`` (with
         ``tokens`` to decode and ``kv_tokens`` KV positions) would make wait longer for a row: it
         would take a row before them (it reaches decode first, though admitted later, or is urgent
-        and they are not) or slow the batch they wait on. Each with its wait from reaching decode to a row, without the newcomer
-        and with it."""
+        and they are not) or slow the batch they wait on. Each with its wait from reaching decode
+        to a row, without the newcomer and with it."""
         if rows <= 0:
             return []
         if slots is None:

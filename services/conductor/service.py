@@ -310,14 +310,14 @@ class ConductorService(Service):
         enough that its first gap counts, that gap (the KV hand-off left after the first token, the
         wait for a row, a step).
 
-        Rows go first come, first served within each kind (urgent first, ``Batcher``), and requests
-        admitted just before this one are predicted
-        to reach decode within a few tenths of a second of it: which of them comes first is decided
-        by their TTFT errors, and the last of them may wait a whole stay for a row. So its own wait
-        is taken from its ``late`` arrival (behind every sequence predicted to arrive before then),
-        and the requests it would delay from its ``early`` one (ahead of every sequence predicted to
-        arrive after then): a request admitted a second before it, with a longer prefill, is
-        overtaken as often as this one's first token comes earlier than predicted."""
+        Rows go first come, first served within each kind (urgent first, ``Batcher``), and
+        requests admitted just before this one are predicted to reach decode within a few tenths of
+        a second of it: which of them comes first is decided by their TTFT errors, and the last of
+        them may wait a whole stay for a row. So its own wait is taken from its ``late`` arrival
+        (behind every sequence predicted to arrive before then), and the requests it would delay
+        from its ``early`` one (ahead of every sequence predicted to arrive after then): a request
+        admitted a second before it, with a longer prefill, is overtaken as often as this one's
+        first token comes earlier than predicted."""
         late = max(arrive, late)
         early = min(arrive, early)
         hb = inst.beat
@@ -330,7 +330,7 @@ class ConductorService(Service):
         cap, lane = hb.max_running, hb.urgent_rows
         p, iid = self.projector, inst.instance_id
         others_end = now + p.duration(round(p.mean_output))  # when sequences it did not admit may leave
-        # the admitted sequences on its rows, first come first served: one projection for every figure
+        # the admitted sequences on its rows, in the batcher's order: one projection for every figure
         slots = p.slots(iid, now, cap, untracked, others_end, int(untracked * per_seq), urgent_rows=lane)
         fut_seqs, fut_kv = p.load_at(iid, arrive, now, slots=slots)
         fut_seqs, fut_kv = fut_seqs + untracked, fut_kv + int(untracked * per_seq)

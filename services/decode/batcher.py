@@ -4,9 +4,9 @@ A free row goes to the waiting sequence whose TBT it matters most to: one whose 
 in its TBT (nine gaps or fewer, ``libs.metrics.largest_gap_counts``) before one whose wait for a
 row falls outside its 90th percentile, and first come, first served within each. Beyond its
 ``max_running`` rows the batch has ``urgent_rows`` that only urgent sequences take, so a short
-request arriving just after a row went to a long one does not wait out that one's whole stay. The engine takes
-up every task sent to it as soon as its KV is in hand (a task left on the bus cannot be chosen),
-so a short request arriving behind long ones is here to take the next free row.
+request arriving just after a row went to a long one does not wait out that one's whole stay.
+The engine takes up every task sent to it as soon as its KV is in hand (a task left on the bus
+cannot be chosen), so a short request arriving behind long ones is here to take the next row.
 """
 
 from __future__ import annotations
