@@ -169,3 +169,15 @@ def test_registry_expires_after_three_missed_beats():
     assert [i.instance_id for i in r.prune(3.1)] == ["p0"]
 
 
+
+
+def test_counts_on_the_command_line_refuse_values_below_their_least():
+    import argparse
+
+    from yuebing.cli import count
+
+    assert count(0)("0") == 0 and count(1)("32") == 32
+    with pytest.raises(argparse.ArgumentTypeError, match="at least 1"):
+        count(1)("0")
+    with pytest.raises(ValueError):
+        count(0)("two")

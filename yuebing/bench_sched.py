@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from yuebing import replay as rp
+from yuebing.cli import count
 from yuebing.libs.cpus import available_cores
 
 EXPERIMENTS = ("placement", "overload", "goodput", "real")
@@ -441,8 +442,8 @@ def add_parser(bench_sub) -> None:
                    help="admission control of the colocated baseline (default none: a plain engine)")
     p.add_argument("--ttft-slo", type=float, default=None, help="default: 10x a mean prompt's calibrated TTFT")
     p.add_argument("--tbt-slo", type=float, default=None, help="default: 5x a calibrated decode step")
-    p.add_argument("--max-running", type=int, default=None, help="rows of a decode batch (default 32)")
-    p.add_argument("--urgent-rows", type=int, default=None,
+    p.add_argument("--max-running", type=count(1), default=None, help="rows of a decode batch (default 32)")
+    p.add_argument("--urgent-rows", type=count(0), default=None,
                    help="rows beyond --max-running for requests of ten output tokens or fewer (default 1)")
     p.add_argument("--prefill", type=int, default=8)
     p.add_argument("--decode", type=int, default=8)

@@ -33,6 +33,17 @@ Talk to it with any OpenAI client: base_url=http://127.0.0.1:8000/v1, model=smol
 """
 
 
+def count(least: int):
+    """An argparse type: an integer of at least ``least``."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
+        return value
+    parse.__name__ = "integer"  # what argparse names in its error
+    return parse
+
+
 def _settings(args, **extra):
     from yuebing.libs.config import from_env
 
@@ -101,8 +112,9 @@ def _serving(p: argparse.ArgumentParser) -> None:
                    help="time-between-tokens objective (a request's 90th percentile gap), seconds (default 1)")
     p.add_argument("--slo-class", action="append", default=None, metavar="NAME=TTFT:TBT",
                    help="a request class with its own SLOs, chosen by the request body's \"slo_class\" (repeatable)")
-    p.add_argument("--max-running", type=int, default=None, help="sequences in a decode instance's batch (default 32)")
-    p.add_argument("--urgent-rows", type=int, default=None,
+    p.add_argument("--max-running", type=count(1), default=None,
+                   help="sequences in a decode instance's batch (default 32)")
+    p.add_argument("--urgent-rows", type=count(0), default=None,
                    help="rows beyond --max-running that only requests of ten output tokens or fewer take, whose "
                         "wait for a row is their TBT (default 1)")
 
