@@ -169,8 +169,6 @@ def test_registry_expires_after_three_missed_beats():
     assert [i.instance_id for i in r.prune(3.1)] == ["p0"]
 
 
-
-
 def test_counts_on_the_command_line_refuse_values_below_their_least():
     import argparse
 

@@ -158,9 +158,9 @@ class DecodeLoadProjector:
     sequences, whose wait for a row counts in their TBT, first; first come, first served within
     each kind; none preempted; ``urgent_rows`` rows beyond the batch's ``rows`` for urgent ones
     only), and keeps it until it has decoded its ``tokens``. Every sequence holding a row advances
-    a token per step of the batch, and a step takes ``step(rows, KV positions)`` seconds for the batch as it is at that moment (the
-    decode cost model): a sequence decodes slower once the rows fill up, and faster again as they
-    empty. Without a step model a token takes ``token_seconds``, learnt from the decode instances'
+    a token per step of the batch, and a step takes ``step(rows, KV positions)`` seconds for the
+    batch as it is at that moment (the decode cost model): a sequence decodes slower once the rows
+    fill up, and faster again as they empty. Without a step model a token takes ``token_seconds``, learnt from the decode instances'
     reports of their sequences' time in a row.
 
     Once a decode instance reports the sequences it holds (``progress``, from its heartbeat), the

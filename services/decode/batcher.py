@@ -34,11 +34,10 @@ class Sequence:
     kv_wait: float = 0.0  # seconds from its task being taken up here to its KV in hand
     row_at: float = 0.0  # when it got a row of the running batch (0: still waiting)
     initial_outputs: int = 0  # output tokens it came with (made by prefill, or before a resume)
+    urgent: bool = field(init=False)  # its wait for a row is a gap its TBT counts (ten tokens or fewer)
 
-    @property
-    def urgent(self) -> bool:
-        """Its wait for a row is a gap its TBT counts (a request of ten tokens or fewer)."""
-        return largest_gap_counts(self.params.max_tokens)
+    def __post_init__(self) -> None:
+        self.urgent = largest_gap_counts(self.params.max_tokens)
 
     @property
     def next_seq(self) -> int:
@@ -93,14 +92,15 @@ class Batcher:
         self._leaving = set()
         for rid in leaves:
             self.running.pop(rid, None)
-        joins, waiting = [], []
-        for s in self.waiting:  # urgent ones first: they may take the urgent rows too
-            if len(self.running) < self.max_running + (self.urgent_rows if s.urgent else 0):
-                joins.append(s)
-                self.running[s.request_id] = s
-            else:
-                waiting.append(s)
-        self.waiting = waiting
+        # the queue is in the order rows go out (urgent ones first, which may take the urgent rows
+        # too), so those that join are its head
+        n = 0
+        for s in self.waiting:
+            if len(self.running) >= self.max_running + (self.urgent_rows if s.urgent else 0):
+                break
+            self.running[s.request_id] = s
+            n += 1
+        joins, self.waiting = self.waiting[:n], self.waiting[n:]
         return StepPlan(joins=joins, leaves=leaves, rows=list(self.running.values()))
 
     def record(self, rows: list[Sequence], tokens: list[int]) -> list[Sequence]:
