@@ -21,9 +21,9 @@ from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
 
-from .log import get_logger
-from . import checksum as sums
-from .protocol import CHUNK_DATA_BYTES, NO_BLOB_CHECKSUM, Chunk, ChunkAck, Subjects, decode, encode
+from libs.log import get_logger
+from libs import checksum as sums
+from libs.protocol import CHUNK_DATA_BYTES, NO_BLOB_CHECKSUM, Chunk, ChunkAck, Subjects, decode, encode
 
 log = get_logger("bus")
 

@@ -12,8 +12,8 @@ from collections.abc import Callable, Sequence
 
 import msgspec
 
-from .log import get_logger
-from .protocol import KVDump, KVDumpRequest, KVEvent, Subjects, decode, encode
+from libs.log import get_logger
+from libs.protocol import KVDump, KVDumpRequest, KVEvent, Subjects, decode, encode
 
 log = get_logger("kvevents")
 

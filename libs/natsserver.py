@@ -13,8 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from .log import get_logger
-from .proc import die_with_parent
+from libs.log import get_logger
+from libs.proc import die_with_parent
 
 log = get_logger("nats-server")
 

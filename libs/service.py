@@ -10,12 +10,12 @@ import time
 import structlog
 from prometheus_client import start_http_server
 
-from .bus import connect, ensure_streams
-from .config import Settings
-from .heap import keep_freed_heap
-from .log import configure, get_logger
-from .metrics import KV_ARENAS
-from .protocol import Heartbeat, Subjects, encode
+from libs.bus import connect, ensure_streams
+from libs.config import Settings
+from libs.heap import keep_freed_heap
+from libs.log import configure, get_logger
+from libs.metrics import KV_ARENAS
+from libs.protocol import Heartbeat, Subjects, encode
 
 
 class Service:

@@ -12,12 +12,13 @@ import msgspec
 import nats
 from nats.js.errors import BadRequestError
 
-from .blocks import namespace_digest
-from .bus import work_subscription
-from .config import Settings
-from .model import ModelRunner, model_identity, resolve_model
-from .protocol import Abort, SamplingParams, Subjects, TokenEvent, decode, encode
-from .service import Service
+from libs.kv.keys import namespace_digest
+from libs.bus import work_subscription
+from libs.config import Settings
+from libs.engine.loading import model_identity, resolve_model
+from libs.engine.runner import ModelRunner
+from libs.protocol import Abort, SamplingParams, Subjects, TokenEvent, decode, encode
+from libs.service import Service
 
 
 class RecentIds:
@@ -72,8 +73,8 @@ class _Engine:
                 self.path = await asyncio.to_thread(resolve_model, s.model, s.resolved_models_dir())
                 loop = asyncio.get_running_loop()
                 if s.engine == "sim":
-                    from .costs import DEFAULT as DEFAULT_PROFILE, CostProfile
-                    from .simengine import SimRunner
+                    from libs.engine.costs import DEFAULT as DEFAULT_PROFILE, CostProfile
+                    from libs.engine.simengine import SimRunner
 
                     profile = CostProfile.load(s.calibration) if s.calibration else DEFAULT_PROFILE
                     self.runner = await loop.run_in_executor(self.executor, SimRunner, self.path, profile)

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from yuebing.libs.log import configure
-from yuebing.libs.model import DEFAULT_MODEL, default_data_dir, make_tiny_model, resolve_model
+from libs.log import configure
+from bench.models import random_llama
+from libs.engine.loading import default_data_dir, DEFAULT_MODEL, resolve_model
 
 configure("tests", level=os.environ.get("YUEBING_LOG_LEVEL", "WARNING"))
 
@@ -25,12 +26,12 @@ def smol_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_dir(smol_dir, tmp_path_factory) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", smol_dir)
+    return random_llama(tmp_path_factory.mktemp("models") / "tiny-llama", smol_dir)
 
 
 @pytest.fixture
 def nats_server(tmp_path):
-    from yuebing.libs.natsserver import NatsServer
+    from libs.natsserver import NatsServer
 
     with NatsServer(tmp_path / "nats", log_file=tmp_path / "nats.log") as server:
         yield server
@@ -38,8 +39,8 @@ def nats_server(tmp_path):
 
 def start_cluster(model: Path | str, data_dir: Path, **kwargs):
     from yuebing.cluster import LocalCluster
-    from yuebing.libs.config import from_env
-    from yuebing.libs.natsserver import free_port
+    from libs.config import from_env
+    from libs.natsserver import free_port
 
     cluster_args = ("prefill", "decode", "cachestore", "colocated")
     settings_overrides = {k: kwargs.pop(k) for k in list(kwargs) if k not in cluster_args}
@@ -59,7 +60,7 @@ def tiny_cluster(tiny_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_dir):
-    from yuebing.libs.model import load_model, load_tokenizer
+    from libs.engine.loading import load_model, load_tokenizer
 
     return load_model(tiny_dir), load_tokenizer(tiny_dir)
 

@@ -3,9 +3,9 @@ plain classes, no NATS."""
 
 import pytest
 
-from yuebing.libs.config import SLO, parse_slo_classes
-from yuebing.libs.metrics import request_tbt
-from yuebing.services.conductor.admission import (
+from libs.config import SLO, parse_slo_classes
+from libs.metrics import request_tbt
+from services.conductor.admission import (
     AdmissionController,
     DecodeCostModel,
     DecodeLoadProjector,
@@ -15,8 +15,8 @@ from yuebing.services.conductor.admission import (
     pushed_past,
     request_tbt_joining,
 )
-from yuebing.services.conductor.costmodel import PrefillCalibration, PrefillCostModel
-from yuebing.services.conductor.placement import DecodeView, PrefillView, RequestView, make_policy
+from services.conductor.costmodel import PrefillCalibration, PrefillCostModel
+from services.conductor.placement import DecodeView, PrefillView, RequestView, make_policy
 
 
 def test_slo_classes_parse_and_refuse_garbage():

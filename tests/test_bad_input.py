@@ -79,8 +79,8 @@ async def _metrics(url):
 async def test_no_live_workers_gives_503(tiny_dir, tmp_path):
     """A gateway and conductor with no prefill or decode alive answer 503 with a clear message."""
     from yuebing.cluster import LocalCluster
-    from yuebing.libs.config import from_env
-    from yuebing.libs.natsserver import NatsServer, free_port
+    from libs.config import from_env
+    from libs.natsserver import NatsServer, free_port
 
     settings = from_env(model=str(tiny_dir), data_dir=str(tmp_path), port=free_port(), no_auth=True)
     cluster = LocalCluster(settings, prefill=0, decode=0, cachestore=0)

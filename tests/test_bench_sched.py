@@ -14,7 +14,7 @@ import pytest
 
 from yuebing.bench_sched import PLACEMENT_POLICIES, arena_use, cpu_use, figures, plan
 from yuebing.cluster import LocalCluster
-from yuebing.libs.config import from_env
+from libs.config import from_env
 
 
 def _args(**kw) -> argparse.Namespace:

@@ -8,7 +8,7 @@ import textwrap
 
 import torch
 
-from yuebing.services.prefill.blockcache import BlockCache
+from services.prefill.blockcache import BlockCache
 
 SHAPE = (2, 2, 1, 4, 8)  # layers, K/V, heads, block tokens, head dim
 BLOCK_BYTES = torch.zeros(SHAPE, dtype=torch.float16).nbytes
@@ -85,7 +85,7 @@ def test_a_block_of_another_shape_or_a_cache_smaller_than_a_block_keeps_nothing(
 
 CHURN = textwrap.dedent("""
     import random, torch
-    from yuebing.services.prefill.blockcache import BlockCache
+    from services.prefill.blockcache import BlockCache
     def rss_mb():
         return int(open("/proc/self/statm").read().split()[1]) * 4096 >> 20
     cache, rng = BlockCache(256 << 20), random.Random(0)

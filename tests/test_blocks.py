@@ -2,18 +2,9 @@ import msgspec
 import pytest
 import torch
 
-from yuebing.libs.blocks import (
-    KEY_BYTES,
-    BlockCorrupt,
-    KVBlock,
-    blob_groups,
-    block_hashes,
-    decode_block,
-    encode_block,
-    encode_blocks,
-    namespace_digest,
-    split_blocks,
-)
+from libs.kv.blobs import blob_groups
+from libs.kv.codec import BlockCorrupt, decode_block, encode_block, encode_blocks, KVBlock, split_blocks
+from libs.kv.keys import block_hashes, KEY_BYTES, namespace_digest
 
 NS = namespace_digest("model-a", "float32", 4)
 
@@ -120,7 +111,7 @@ def test_decode_without_copy_shares_a_writable_buffer():
 
 
 def test_blocks_encoded_into_one_blob_split_back_by_their_meta():
-    from yuebing.libs.protocol import BlocksMeta
+    from libs.protocol import BlocksMeta
 
     blocks = [(bytes([i]) * 16, torch.full((1, 2, 1, 4, 8), float(i))) for i in range(3)]
     blob, sizes = encode_blocks(blocks)
@@ -183,7 +174,7 @@ def test_block_of_the_crc32_format_is_refused_not_misread():
 def test_running_checksum_of_pieces_in_order_is_the_checksum_of_the_whole():
     """What a streamed hand-off and a layered load rely on: the sum taken piece by piece equals
     the one of the whole buffer, and any piece changed or out of order changes it."""
-    from yuebing.libs.checksum import Running, checksum
+    from libs.checksum import Running, checksum
 
     data = torch.randn(3, 1000).numpy().tobytes()
     pieces = [data[i : i + 777] for i in range(0, len(data), 777)]

@@ -3,9 +3,9 @@
 import asyncio
 import os
 
-from yuebing.libs.bus import BlobAssembler, connect, send_blob, synced
-from yuebing.libs.checksum import checksum
-from yuebing.libs.protocol import NO_BLOB_CHECKSUM, Chunk, ChunkAck, decode, encode
+from libs.bus import BlobAssembler, connect, send_blob, synced
+from libs.checksum import checksum
+from libs.protocol import NO_BLOB_CHECKSUM, Chunk, ChunkAck, decode, encode
 
 
 async def test_a_chunked_blob_is_written_into_the_receivers_own_buffer(nats_server):
@@ -74,7 +74,7 @@ async def test_blobs_reassemble_and_bad_checksums_are_refused(nats_server):
 
 
 def test_a_message_with_its_data_joined_in_decodes_like_one_encoded_whole():
-    from yuebing.libs.protocol import LayerPiece, encode_with_data
+    from libs.protocol import LayerPiece, encode_with_data
 
     parts = [os.urandom(n) for n in (0, 7, 300, 70_000)]
     whole = b"".join(parts)
@@ -200,7 +200,7 @@ async def test_synced_subscription_sees_the_next_publish_of_another_connection(n
 
 
 def test_the_nats_server_gives_freed_heap_back_lazily_unless_told_otherwise(nats_server):
-    from yuebing.libs.natsserver import server_env
+    from libs.natsserver import server_env
 
     environ = dict(e.split("=", 1) for e in
                    open(f"/proc/{nats_server.proc.pid}/environ").read().split("\0") if "=" in e)

@@ -2,21 +2,15 @@ import nats
 import pytest
 import torch
 
-from yuebing.libs.blocks import (
-    BlockCorrupt,
-    CacheClient,
-    CacheError,
-    block_hashes,
-    encode_block,
-    namespace_digest,
-    split_blocks,
-)
-from yuebing.libs.bus import TransferError, connect, synced
-from yuebing.libs.config import Settings
-from yuebing.libs.natsserver import NatsServer
-from yuebing.libs.protocol import Heartbeat, Subjects, decode
-from yuebing.services.cachestore.service import CacheStoreService
-from yuebing.services.cachestore.store import DiskTier, DramTier, StoreChanges, TieredStore
+from libs.kv.client import CacheClient, CacheError
+from libs.kv.codec import BlockCorrupt, encode_block, split_blocks
+from libs.kv.keys import block_hashes, namespace_digest
+from libs.bus import TransferError, connect, synced
+from libs.config import Settings
+from libs.natsserver import NatsServer
+from libs.protocol import Heartbeat, Subjects, decode
+from services.cachestore.service import CacheStoreService
+from services.cachestore.store import DiskTier, DramTier, StoreChanges, TieredStore
 
 
 def key(i: int) -> bytes:
@@ -54,7 +48,7 @@ def test_dram_keeps_views_of_a_blob_and_a_hot_block_does_not_hold_the_rest_of_it
 
     import numpy as np
 
-    from yuebing.libs.protocol import BlocksMeta
+    from libs.protocol import BlocksMeta
 
     blob = np.frombuffer(b"".join(block(i) for i in range(3)), dtype=np.uint8).copy()  # as received
     alive = weakref.ref(blob)
@@ -129,8 +123,8 @@ def test_disk_lru_order_and_recency_survive_reopen(tmp_path):
 
 KILLED_WRITER = """
 import os, signal, sys, torch
-from yuebing.libs.blocks import encode_block
-from yuebing.services.cachestore.store import TieredStore
+from libs.kv.codec import encode_block
+from services.cachestore.store import TieredStore
 store = TieredStore(1 << 20, sys.argv[1], 1 << 24)
 for i in range(20):
     store.put(i.to_bytes(16, "big"), encode_block(i.to_bytes(16, "big"), torch.full((1, 2, 1, 4, 8), float(i))))
@@ -548,8 +542,8 @@ async def test_client_with_no_pool_misses_and_raises(nats_server):
 
 
 async def test_put_of_corrupt_block_is_not_stored(nats_server, tmp_path):
-    from yuebing.libs.bus import send_blob
-    from yuebing.libs.protocol import CachePutMeta, encode
+    from libs.bus import send_blob
+    from libs.protocol import CachePutMeta, encode
 
     settings = Settings(nats_url=nats_server.url, instance_id="cachestore-bad", data_dir=str(tmp_path))
     svc = CacheStoreService(settings)
@@ -587,7 +581,7 @@ async def test_put_of_corrupt_block_is_not_stored(nats_server, tmp_path):
 
 async def test_client_with_a_stuck_pool_returns_misses(nats_server):
     """A pool that answers but never streams, or never answers, yields misses, not a hang."""
-    from yuebing.libs.protocol import CacheGetReply, CacheGetRequest, encode
+    from libs.protocol import CacheGetReply, CacheGetRequest, encode
 
     nc = await connect(nats_server.url, "test-client-stuck")
     fake = await connect(nats_server.url, "fake-pool")

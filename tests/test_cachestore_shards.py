@@ -9,11 +9,13 @@ import torch
 from nats.js.api import DeliverPolicy
 from prometheus_client import REGISTRY
 
-from yuebing.libs.blocks import GET_BLOB_MAX_BLOCKS, PUT_BLOB_MAX_BLOCKS, CacheClient, owners, rank
-from yuebing.libs.bus import connect
-from yuebing.libs.config import Settings
-from yuebing.libs.model import PastNotLoaded, PrefillKV
-from yuebing.libs.protocol import (
+from libs.kv.blobs import GET_BLOB_MAX_BLOCKS, PUT_BLOB_MAX_BLOCKS
+from libs.kv.client import CacheClient
+from libs.kv.sharding import owners, rank
+from libs.bus import connect
+from libs.config import Settings
+from libs.engine.prefill_kv import PastNotLoaded, PrefillKV
+from libs.protocol import (
     BlockHeader,
     CacheGetReply,
     Chunk,
@@ -25,7 +27,7 @@ from yuebing.libs.protocol import (
     decode,
     encode,
 )
-from yuebing.services.cachestore.service import CacheStoreService
+from services.cachestore.service import CacheStoreService
 
 SHAPE = (1, 2, 1, 4, 8)
 
@@ -231,9 +233,9 @@ def layered_dest(positions: int, past: int) -> PrefillKV:
 async def test_layered_load_across_two_shards(nats_server, tmp_path, monkeypatch):
     """Blocks stream layer by layer from both owners into the buffer; layers are released in
     order; a key the pool lacks ends the reusable prefix there."""
-    import yuebing.libs.blocks as blocks_mod
+    import libs.kv.layers as layers_mod
 
-    monkeypatch.setattr(blocks_mod, "LAYER_PIECE_TARGET_BYTES", 3000)  # several pieces per layer (each 768 B a block)
+    monkeypatch.setattr(layers_mod, "LAYER_PIECE_TARGET_BYTES", 3000)  # several pieces per layer (each 768 B a block)
     ids = ["cs-l1", "cs-l2"]
     svcs = await start_pool(nats_server.url, tmp_path, ids)
     nc = await connect(nats_server.url, "test-layered")
@@ -278,7 +280,7 @@ def _pieces(tid: str, blocks: list[torch.Tensor]):
 
 
 def _expect(load, keys, blocks, checksums=None):
-    from yuebing.libs.checksum import checksum
+    from libs.checksum import checksum
 
     sums = checksums or [checksum(b.contiguous().numpy().tobytes()) for b in blocks]
     headers = [BlockHeader(shape=list(LAYERED), dtype="float32", checksum=c) for c in sums]
@@ -287,14 +289,14 @@ def _expect(load, keys, blocks, checksums=None):
 
 
 def test_layered_load_holds_back_the_last_layer_until_every_checksum_checks():
-    from yuebing.libs.blocks import _LayeredLoad
+    from libs.kv.layers import LayeredLoad
 
     bs = LAYERED[3]
     keys = [key(i) for i in range(4)]
     blocks = [layered_block(i) for i in range(4)]
     dest = layered_dest(4 * bs + 1, 4 * bs)
-    load = _LayeredLoad(keys, dest, 0)
-    from yuebing.libs.checksum import checksum
+    load = LayeredLoad(keys, dest, 0)
+    from libs.checksum import checksum
 
     sums = [checksum(b.contiguous().numpy().tobytes()) for b in blocks]
     sums[2] ^= 1  # block 2's data does not match its stored checksum
@@ -310,7 +312,7 @@ def test_layered_load_holds_back_the_last_layer_until_every_checksum_checks():
         dest.wait_layer(LAYERED[0] - 1)
 
     good = layered_dest(4 * bs + 1, 4 * bs)
-    load = _LayeredLoad(keys, good, 0)
+    load = LayeredLoad(keys, good, 0)
     _expect(load, keys, blocks)
     pieces = list(_pieces("t1", blocks))
     load._place(pieces[1])  # layer 1 before layer 0: no block's checksum can be trusted
@@ -321,7 +323,7 @@ def test_layered_load_holds_back_the_last_layer_until_every_checksum_checks():
     # an announcement with a block of another shape is refused whole (its pieces number blocks by
     # their place in it): all its blocks are missing, and an early piece of it is dropped
     odd = layered_dest(4 * bs + 1, 4 * bs)
-    load = _LayeredLoad(keys, odd, 0)
+    load = LayeredLoad(keys, odd, 0)
     load.early["t1"] = [next(_pieces("t1", blocks))]
     headers = [BlockHeader(shape=list(LAYERED), dtype="float32", checksum=0) for _ in keys]
     headers[3] = BlockHeader(shape=[LAYERED[0], 2, LAYERED[2], LAYERED[3] * 2, LAYERED[4]], dtype="float32",
@@ -331,7 +333,7 @@ def test_layered_load_holds_back_the_last_layer_until_every_checksum_checks():
     assert "t1" not in load.senders and not load.early and odd.failed and load.finish() == 0
 
     cut = layered_dest(4 * bs + 1, 4 * bs)
-    load = _LayeredLoad(keys, cut, 0)
+    load = LayeredLoad(keys, cut, 0)
     _expect(load, keys, blocks)
     pieces = list(_pieces("t1", blocks))
     load._place(pieces[0])
@@ -367,7 +369,7 @@ async def dump(nc, instance_id: str, page: int) -> tuple[str, set[bytes]]:
 
 
 async def test_kv_events_track_what_the_instance_holds(nats_server, tmp_path):
-    from yuebing.libs.blocks import encode_block
+    from libs.kv.codec import encode_block
 
     block_bytes = len(encode_block(key(0), tensor(0)))
     disk_bytes = 6 * block_bytes
@@ -425,7 +427,7 @@ async def test_writers_never_get_a_stalled_store_cut_off(nats_server, tmp_path):
     import subprocess
     import sys
 
-    from yuebing.libs.proc import die_with_parent
+    from libs.proc import die_with_parent
 
     log = tmp_path / "cachestore.log"
     with open(log, "ab") as out:

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from yuebing.libs.protocol import KVEvent
-from yuebing.services.conductor.costmodel import PrefillCalibration, PrefillCostModel
-from yuebing.services.conductor.index import PrefixIndex
-from yuebing.services.conductor.placement import (
+from libs.protocol import KVEvent
+from services.conductor.costmodel import PrefillCalibration, PrefillCostModel
+from services.conductor.index import PrefixIndex
+from services.conductor.placement import (
     DecodeView,
     PrefillView,
     RequestView,
@@ -244,7 +244,7 @@ def test_no_workers_is_503():
 
 
 def test_pool_writes_all_or_from_the_second_sight_of_a_prefix():
-    from yuebing.services.conductor.poolwrites import PoolWriteAdmission
+    from services.conductor.poolwrites import PoolWriteAdmission
 
     assert PoolWriteAdmission("all").blocks_to_write([b"a", b"b"]) == -1
     seen = PoolWriteAdmission("seen", capacity=4)

@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from yuebing.libs.cpus import CorePlan, available_cores, format_cpu_list, parse_cpu_list, pin_current_thread
+from libs.cpus import CorePlan, available_cores, format_cpu_list, parse_cpu_list, pin_current_thread
 
 
 def test_cpu_lists_round_trip():

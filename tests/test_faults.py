@@ -152,7 +152,7 @@ async def test_a_task_jetstream_refuses_is_answered_503(tiny_dir, tmp_path):
     the failed dispatch of the request it had scheduled."""
     import nats
 
-    from yuebing.libs.protocol import Subjects
+    from libs.protocol import Subjects
 
     cluster = start_cluster(tiny_dir, tmp_path / "c")
     try:

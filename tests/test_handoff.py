@@ -10,10 +10,10 @@ import threading
 import pytest
 import torch
 
-from yuebing.libs.bus import BlobAssembler, TransferError, connect
-from yuebing.libs.model import PrefillKV
-from yuebing.libs.protocol import Chunk, decode
-from yuebing.services.prefill.handoff import stream_kv
+from libs.bus import BlobAssembler, TransferError, connect
+from libs.engine.prefill_kv import PrefillKV
+from libs.protocol import Chunk, decode
+from services.prefill.handoff import stream_kv
 
 LAYERS, HEADS, POSITIONS, DIM = 4, 1, 64, 32
 LAYER_BYTES = 2 * HEADS * POSITIONS * DIM * 4  # float32: 16 KiB
@@ -120,7 +120,7 @@ def _record_computed(buf: PrefillKV) -> list[int]:
 
 
 def test_the_model_marks_each_layer_computed_in_the_last_chunk(tiny_dir):
-    from yuebing.libs.model import ModelRunner
+    from libs.engine.runner import ModelRunner
 
     threads = torch.get_num_threads()
     runner = ModelRunner(tiny_dir, threads=1)
@@ -138,8 +138,8 @@ def test_the_model_marks_each_layer_computed_in_the_last_chunk(tiny_dir):
 
 
 def test_the_sim_engine_finishes_its_layers_one_after_another(tiny_dir):
-    from yuebing.libs.costs import CostProfile
-    from yuebing.libs.simengine import SimRunner
+    from libs.engine.costs import CostProfile
+    from libs.engine.simengine import SimRunner
 
     threads = torch.get_num_threads()
     sim = SimRunner(tiny_dir, CostProfile(model="t", threads=1, prefill=(0.002, 2e-5, 1e-8),

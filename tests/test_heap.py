@@ -6,13 +6,13 @@ import sys
 
 import pytest
 
-from yuebing.libs.heap import keep_freed_heap
+from libs.heap import keep_freed_heap
 
 # Bursts of 4 MB buffers, as a service sending a blob of KV in chunks makes: the page faults the
 # third burst takes, once the first two have set the heap up.
 _BURSTS = """
 import resource, sys
-from yuebing.libs.heap import keep_freed_heap
+from libs.heap import keep_freed_heap
 keep_freed_heap(int(sys.argv[1]))
 faults = []
 for _ in range(3):

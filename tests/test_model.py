@@ -3,8 +3,10 @@
 import torch
 
 from conftest import reference_greedy
-from yuebing.libs.model import DecodeBatch, ModelRunner, sample_token
-from yuebing.libs.protocol import SamplingParams
+from libs.engine.decode_batch import DecodeBatch
+from libs.engine.runner import ModelRunner
+from libs.engine.sampling import sample_token
+from libs.protocol import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=64, temperature=0.0)
 
@@ -57,8 +59,8 @@ def test_prefill_from_blocks_and_a_past_arriving_layer_by_layer(tiny_dir):
     import threading
     import time
 
-    from yuebing.libs.blocks import split_blocks
-    from yuebing.libs.model import PastNotLoaded
+    from libs.kv.codec import split_blocks
+    from libs.engine.prefill_kv import PastNotLoaded
 
     runner = ModelRunner(tiny_dir)
     prompt = list(range(200, 290))
@@ -152,7 +154,7 @@ def test_tiny_temperatures_sample_like_greedy():
 
 
 def test_kv_arena_carves_best_fit_ranges_of_its_slab_and_takes_them_back():
-    from yuebing.libs.model import KVArena
+    from libs.engine.arena import KVArena
 
     arena = KVArena(max_bytes=16 << 20, granule=1 << 20)
     assert arena.reserve() and not arena.reserve()
@@ -182,7 +184,7 @@ def test_kv_arena_carves_best_fit_ranges_of_its_slab_and_takes_them_back():
 def test_a_kv_arena_buffer_dropped_without_give_comes_back_with_its_last_view():
     import gc
 
-    from yuebing.libs.model import KVArena
+    from libs.engine.arena import KVArena
 
     arena = KVArena(max_bytes=8 << 20, granule=1 << 20)
     flat, kv = arena.take((2, 1 << 18), torch.float32)  # 2 MiB
@@ -215,8 +217,8 @@ def test_a_kv_arena_buffer_dropped_without_give_comes_back_with_its_last_view():
 def test_kv_arenas_are_exported_by_name_summed_over_instances():
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from yuebing.libs.metrics import KVArenaCollector
-    from yuebing.libs.model import KVArena
+    from libs.metrics import KVArenaCollector
+    from libs.engine.arena import KVArena
 
     collector, registry = KVArenaCollector(), CollectorRegistry()
     registry.register(collector)
@@ -246,7 +248,7 @@ def test_kv_arenas_are_exported_by_name_summed_over_instances():
 def test_prefill_in_a_reused_buffer_equals_a_fresh_one(tiny_dir):
     """A buffer given back holds the last prompt's bytes: a prompt computed in it, cold or over a
     copied past, gets the same logits and KV as in fresh memory, and release is idempotent."""
-    from yuebing.libs.model import KVArena
+    from libs.engine.arena import KVArena
 
     runner = ModelRunner(tiny_dir)
     prompt = list(range(300, 380))
@@ -274,7 +276,7 @@ def test_prefill_in_a_reused_buffer_equals_a_fresh_one(tiny_dir):
 
 
 def test_kv_arena_byte_buffers_come_back_whole_and_are_reused():
-    from yuebing.libs.model import KVArena
+    from libs.engine.arena import KVArena
 
     arena = KVArena(max_bytes=8 << 20, granule=1 << 20)
     buf = arena.take_bytes(1000)
@@ -289,7 +291,8 @@ def test_kv_arena_byte_buffers_come_back_whole_and_are_reused():
 
 
 def test_an_instances_kv_arena_is_no_larger_than_its_model_can_fill():
-    from yuebing.libs.model import ARENA_PROMPTS, ModelShape, kv_arena_for
+    from libs.engine.arena import ARENA_PROMPTS, kv_arena_for
+    from libs.engine.loading import ModelShape
 
     # SmolLM2-135M: 30 layers, 3 KV heads of 64, bf16, 8192 positions: 46,080 bytes a token
     smol = ModelShape(30, 3, 64, 49152, 8192, torch.bfloat16, (2,))

@@ -9,7 +9,7 @@ import aiohttp
 import orjson
 import pytest
 
-from yuebing.libs.costs import CostProfile
+from libs.engine.costs import CostProfile
 
 from conftest import start_cluster
 from helpers import get_json, log_events, wait_until
@@ -115,8 +115,8 @@ def test_colocated_workers_prefill_and_decode_their_own_requests(tiny_dir, tmp_p
 async def test_decode_reports_how_long_a_sequence_waited_for_a_row(tiny_dir, tmp_path):
     """One row: a second sequence waits for the first to leave, and decode says so (the conductor
     learns the decode pace from the time in a row, and projects the wait first come, first served)."""
-    from yuebing.libs.bus import connect, synced
-    from yuebing.libs.protocol import DecodeReport, Subjects, decode
+    from libs.bus import connect, synced
+    from libs.protocol import DecodeReport, Subjects, decode
 
     profile = CostProfile(model="test", threads=1, prefill=(0.05, 0.0, 0.0), decode=(0.1, 0.0, 0.0))
     cluster = start_cluster(tiny_dir, tmp_path, engine="sim", calibration=str(profile.save(tmp_path / "p.json")),

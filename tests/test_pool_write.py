@@ -4,9 +4,11 @@ import torch
 
 from conftest import start_cluster
 from helpers import post, wait_until
-from yuebing.libs.blocks import CacheClient, block_hashes, namespace_digest
-from yuebing.libs.bus import connect
-from yuebing.libs.model import ModelRunner, model_identity
+from libs.kv.client import CacheClient
+from libs.kv.keys import block_hashes, namespace_digest
+from libs.bus import connect
+from libs.engine.loading import model_identity
+from libs.engine.runner import ModelRunner
 
 
 async def test_prefill_stores_full_prompt_blocks(tiny_cluster, tiny_dir):
@@ -103,8 +105,8 @@ async def test_seen_pool_writes_keep_a_block_from_its_second_sight_on(tiny_dir, 
 def test_kv_held_for_pool_writes_leaves_half_the_arena_to_the_next_prompts():
     """A slow pool holds prompts' KV until written; held past half the KV arena's slab, the next
     long prompt would find no range left and be page-faulted in before its compute could start."""
-    from yuebing.libs.model import KVArena
-    from yuebing.services.prefill.service import pool_write_budget
+    from libs.engine.arena import KVArena
+    from services.prefill.service import pool_write_budget
 
     arena = KVArena(max_bytes=64 << 20, granule=4 << 20)
     budget = pool_write_budget(512 << 20, arena)

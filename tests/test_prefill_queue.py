@@ -2,7 +2,7 @@
 
 import pytest
 
-from yuebing.services.conductor.prefillqueue import HandOffModel, PrefillQueues
+from services.conductor.prefillqueue import HandOffModel, PrefillQueues
 
 
 def test_the_handoff_model_recovers_a_fixed_part_and_a_cost_per_token():

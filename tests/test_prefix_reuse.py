@@ -9,8 +9,8 @@ import pytest
 
 from conftest import reference_greedy, start_cluster
 from helpers import get_json, post, wait_until
-from yuebing.libs.bus import connect, synced
-from yuebing.libs.protocol import IndexSummary, KVDump, KVDumpRequest, Subjects, decode, encode, keys_digest
+from libs.bus import connect, synced
+from libs.protocol import IndexSummary, KVDump, KVDumpRequest, Subjects, decode, encode, keys_digest
 
 BS = 16
 
@@ -232,8 +232,8 @@ async def test_corrupt_block_in_lmdb_is_a_miss_not_wrong_text(tiny_dir, tiny_mod
 
 
 def _keys(model_dir, prompt: list[int]) -> list[bytes]:
-    from yuebing.libs.blocks import block_hashes, namespace_digest
-    from yuebing.libs.model import model_identity, read_shape
+    from libs.kv.keys import block_hashes, namespace_digest
+    from libs.engine.loading import model_identity, read_shape
 
     ns = namespace_digest(model_identity(model_dir), read_shape(model_dir).dtype_name, BS)
     return block_hashes(prompt, BS, ns)
@@ -245,7 +245,7 @@ async def _run_prefill_task(cluster, model_dir, instance: str, prompt: list[int]
     import asyncio
     import uuid
 
-    from yuebing.libs.protocol import PrefillTask, SamplingParams, TokenEvent
+    from libs.protocol import PrefillTask, SamplingParams, TokenEvent
 
     rid = f"cmpl-peer-{uuid.uuid4().hex[:8]}"
     nc = await connect(cluster.nats.url, "test-peer-task")

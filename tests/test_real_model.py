@@ -4,7 +4,7 @@ import pytest
 from openai import AsyncOpenAI
 
 from conftest import reference_greedy, start_cluster
-from yuebing.libs.model import DEFAULT_MODEL, load_model, load_tokenizer
+from libs.engine.loading import DEFAULT_MODEL, load_model, load_tokenizer
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from conftest import TRACE_HEAD, start_cluster
-from yuebing.libs.costs import CostProfile
+from libs.engine.costs import CostProfile
 
 REQUESTS = 16
 

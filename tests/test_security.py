@@ -124,7 +124,7 @@ async def test_fuzzed_bodies_never_get_a_5xx(tiny_cluster, tiny_dir):
 async def test_nats_users_cannot_publish_outside_their_service(tiny_cluster):
     import nats
 
-    from yuebing.libs.bus import synced
+    from libs.bus import synced
 
     server = tiny_cluster.nats
     errors: list[str] = []

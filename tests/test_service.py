@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import gc
 
-from yuebing.libs.config import from_env
-from yuebing.libs.service import Service, serve_all
+from libs.config import from_env
+from libs.service import Service, serve_all
 
 
 class _Worker(Service):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from yuebing.libs.costs import (
+from libs.engine.costs import (
     DEFAULT,
     CostProfile,
     DecodePoint,
@@ -105,7 +105,7 @@ def test_costs_monotone(profile):
 # ---------------------------------------------------------------- sim engine
 @pytest.fixture(scope="module")
 def sim(tiny_dir):
-    from yuebing.libs.simengine import SimRunner
+    from libs.engine.simengine import SimRunner
 
     threads = torch.get_num_threads()
     runner = SimRunner(tiny_dir, FAST)
@@ -115,7 +115,7 @@ def sim(tiny_dir):
 
 @pytest.fixture(scope="module")
 def tok(tiny_dir):
-    from yuebing.libs.model import load_tokenizer
+    from libs.engine.loading import load_tokenizer
 
     return load_tokenizer(tiny_dir)
 
@@ -168,7 +168,7 @@ def test_sim_prefill_runs_each_layer_only_once_its_past_is_in(sim, tok):
     import threading
     import time
 
-    from yuebing.libs.model import PrefillKV
+    from libs.engine.prefill_kv import PrefillKV
 
     s = sim.shape
     prompt = tok.encode("A streamed past arrives one layer after another while the prompt runs.")
@@ -201,8 +201,8 @@ def test_sim_prefill_runs_each_layer_only_once_its_past_is_in(sim, tok):
 
 
 def test_sim_decode_batch_mirrors_decode_batch(sim, tiny_dir):
-    from yuebing.libs.model import ModelRunner
-    from yuebing.libs.simengine import SimDecodeBatch
+    from libs.engine.runner import ModelRunner
+    from libs.engine.simengine import SimDecodeBatch
 
     threads = torch.get_num_threads()
     real = ModelRunner(tiny_dir)
@@ -273,8 +273,8 @@ def test_sim_decode_tokens_deterministic_and_timed(sim, tok):
 
 # ---------------------------------------------------------------- calibration
 def test_calibrate_quick_tiny(tiny_dir, tmp_path):
-    from yuebing.libs.calibrate import calibrate, fitted_rows
-    from yuebing.libs.model import model_identity
+    from libs.engine.calibrate import calibrate, fitted_rows
+    from libs.engine.loading import model_identity
 
     threads = torch.get_num_threads()
     prof = calibrate(tiny_dir, threads=1, progress=False, quick=True)
@@ -295,7 +295,7 @@ def test_calibrate_quick_tiny(tiny_dir, tmp_path):
 
 
 def test_calibration_fit_drops_slow_outliers():
-    from yuebing.libs.calibrate import _fit_points
+    from libs.engine.calibrate import _fit_points
 
     true = (0.05, 3e-3, 2e-6)
     pts = [DecodePoint(batch=b, context=c, kv_tokens=float(b * c), seconds=float(np.dot(decode_features(b, b * c), true)))

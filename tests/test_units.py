@@ -3,11 +3,11 @@
 import msgspec
 import pytest
 
-from yuebing.libs.protocol import Heartbeat, SamplingParams
-from yuebing.services.conductor.registry import Registry
-from yuebing.services.decode.batcher import Batcher, Sequence
-from yuebing.services.gateway import openai as oa
-from yuebing.services.gateway.detok import IncrementalDetokenizer, StopStrings
+from libs.protocol import Heartbeat, SamplingParams
+from services.conductor.registry import Registry
+from services.decode.batcher import Batcher, Sequence
+from services.gateway import openai as oa
+from services.gateway.detok import IncrementalDetokenizer, StopStrings
 
 
 # ---------------------------------------------------------------- detokenisation

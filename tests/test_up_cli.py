@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from helpers import post
-from yuebing.libs.natsserver import free_port
+from libs.natsserver import free_port
 
 
 def _processes_mentioning(text: str) -> list[int]:

@@ -261,7 +261,7 @@ class HFBaseline:
     def __init__(self, model_dir: Path, max_tokens: int, progress: bool = True):
         import torch
 
-        from yuebing.libs.model import load_model, load_tokenizer
+        from libs.engine.loading import load_model, load_tokenizer
 
         tok = load_tokenizer(model_dir)
         self.model = load_model(model_dir)
@@ -374,9 +374,9 @@ def _serve(args) -> int:
     import torch
 
     from yuebing.cluster import LocalCluster
-    from yuebing.libs.config import from_env
-    from yuebing.libs.model import DEFAULT_MODEL, default_data_dir, load_tokenizer, resolve_model
-    from yuebing.libs.natsserver import free_port
+    from libs.config import from_env
+    from libs.engine.loading import default_data_dir, DEFAULT_MODEL, load_tokenizer, resolve_model
+    from libs.natsserver import free_port
 
     levels = _parse_levels(getattr(args, "concurrency", "1,8,16"))
     per_level = int(getattr(args, "requests_per_level", 0) or 0)

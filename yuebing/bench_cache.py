@@ -116,7 +116,7 @@ def _say(msg: str) -> None:
 
 def _entry(body, args) -> int:
     """Logging quiet, SIGTERM unwinds like Ctrl-C (through the finally blocks that stop the cluster)."""
-    from yuebing.libs.log import configure
+    from libs.log import configure
 
     configure("bench", level="WARNING")
     previous = None
@@ -138,7 +138,7 @@ def _entry(body, args) -> int:
 
 
 def _models_dir(args) -> Path:
-    from yuebing.libs.model import default_data_dir
+    from libs.engine.loading import default_data_dir
 
     if getattr(args, "models_dir", None):
         return Path(args.models_dir).expanduser()
@@ -295,8 +295,8 @@ class PoolProbe:
         self.cache = None
 
     async def start(self) -> "PoolProbe":
-        from yuebing.libs.blocks import CacheClient
-        from yuebing.libs.bus import connect
+        from libs.kv.client import CacheClient
+        from libs.bus import connect
 
         self.nc = await connect(self.url, "bench-probe")
         self.cache = CacheClient(self.nc, timeout=10.0)
@@ -312,7 +312,7 @@ class PoolProbe:
             await self.nc.close()
 
     async def pool_total(self) -> int:
-        from yuebing.libs.protocol import KVDump, KVDumpRequest, Subjects, decode, encode
+        from libs.protocol import KVDump, KVDumpRequest, Subjects, decode, encode
 
         total = 0
         for iid in self.cachestore_ids:
@@ -321,7 +321,7 @@ class PoolProbe:
         return total
 
     async def index_pool_blocks(self) -> int:
-        from yuebing.libs.protocol import IndexSummary, Subjects, decode
+        from libs.protocol import IndexSummary, Subjects, decode
 
         raw = await self.nc.request(Subjects.CONDUCTOR_STATE, b"", timeout=10)
         return decode(raw.data, IndexSummary).pool_blocks
@@ -364,8 +364,8 @@ async def run_prefix(cluster, model_dir: Path, *, prompt_tokens: int, shared_tok
     import aiohttp
     from tqdm import tqdm
 
-    from yuebing.libs.blocks import block_hashes, namespace_digest
-    from yuebing.libs.model import model_identity, read_shape
+    from libs.kv.keys import block_hashes, namespace_digest
+    from libs.engine.loading import model_identity, read_shape
 
     shape = read_shape(model_dir)
     bs = cluster.settings.block_size
@@ -456,9 +456,9 @@ def prefix_main(args) -> int:
 
 def _prefix(args) -> int:
     from yuebing.cluster import LocalCluster
-    from yuebing.libs.config import from_env
-    from yuebing.libs.model import DEFAULT_MODEL, resolve_model
-    from yuebing.libs.natsserver import free_port
+    from libs.config import from_env
+    from libs.engine.loading import DEFAULT_MODEL, resolve_model
+    from libs.natsserver import free_port
 
     prompt_tokens = int(getattr(args, "prompt_tokens", 2048))
     shared_tokens = int(getattr(args, "shared_tokens", 1984))
@@ -547,7 +547,7 @@ def _raw_publisher_main(argv: list[str]) -> int:
     """``python -m yuebing.bench_cache raw-publisher NATS_URL``: publishes bursts on request."""
     import nats
 
-    from yuebing.libs.bus import synced
+    from libs.bus import synced
 
     url = argv[0]
 
@@ -601,9 +601,10 @@ async def run_transfer(nats_url: str, *, blocks: int, shape: tuple[int, ...], re
     import torch
     from tqdm import tqdm
 
-    from yuebing.libs.blocks import CacheClient, encode_block
-    from yuebing.libs.bus import BULK_PENDING_BYTES, connect, synced
-    from yuebing.libs.protocol import CHUNK_DATA_BYTES
+    from libs.kv.client import CacheClient
+    from libs.kv.codec import encode_block
+    from libs.bus import BULK_PENDING_BYTES, connect, synced
+    from libs.protocol import CHUNK_DATA_BYTES
 
     nc = await connect(nats_url, "bench-transfer")
     cache = CacheClient(nc, timeout=120.0)
@@ -662,7 +663,7 @@ async def run_transfer(nats_url: str, *, blocks: int, shape: tuple[int, ...], re
                     return TransferRound("pool", dt, total, False, f"block {i} differs from what was put")
             return TransferRound("pool", dt, sum(t.numel() * t.element_size() for t in got.values()))
 
-        from yuebing.libs.model import PrefillKV
+        from libs.engine.prefill_kv import PrefillKV
 
         bs = shape[3]
 
@@ -766,8 +767,8 @@ def _stop_proc(p: subprocess.Popen | None, timeout: float = 15.0) -> None:
 
 
 def _transfer(args) -> int:
-    from yuebing.libs.natsserver import NatsServer
-    from yuebing.libs.proc import die_with_parent
+    from libs.natsserver import NatsServer
+    from libs.proc import die_with_parent
 
     blocks = int(getattr(args, "blocks", 124))
     repeats = int(getattr(args, "repeats", 5))
@@ -1168,17 +1169,13 @@ async def _hit_counters(cluster) -> tuple[float, float]:
 
 def make_trace_model(out: Path, tokenizer_src: Path, max_context: int) -> Path:
     """The tiny random Llama of the tests, with its context raised so the scaled prompts fit."""
-    from yuebing.libs.model import make_tiny_model
+    from bench.models import random_llama
 
     cfg_path = out / "config.json"
     if cfg_path.exists() and json.loads(cfg_path.read_text()).get("max_position_embeddings") == max_context:
         return out
     shutil.rmtree(out, ignore_errors=True)
-    make_tiny_model(out, tokenizer_src)
-    cfg = json.loads(cfg_path.read_text())
-    cfg["max_position_embeddings"] = max_context
-    cfg_path.write_text(json.dumps(cfg, indent=2))
-    return out
+    return random_llama(out, tokenizer_src, max_context=max_context)
 
 
 def _parse_floats(spec) -> list[float]:
@@ -1201,10 +1198,11 @@ def _trace(args) -> int:
     import torch
 
     from yuebing.cluster import LocalCluster
-    from yuebing.libs.blocks import block_hashes, encode_block, namespace_digest
-    from yuebing.libs.config import from_env
-    from yuebing.libs.model import DEFAULT_MODEL, model_identity, read_shape, resolve_model
-    from yuebing.libs.natsserver import free_port
+    from libs.kv.codec import encode_block
+    from libs.kv.keys import block_hashes, namespace_digest
+    from libs.config import from_env
+    from libs.engine.loading import DEFAULT_MODEL, model_identity, read_shape, resolve_model
+    from libs.natsserver import free_port
 
     trace_path = Path(getattr(args, "trace", None) or getattr(args, "file", None) or DEFAULT_TRACE)
     n_requests = int(getattr(args, "requests", None) or 1000)

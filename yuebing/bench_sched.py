@@ -19,7 +19,7 @@ from pathlib import Path
 
 from yuebing import replay as rp
 from yuebing.cli import count
-from yuebing.libs.cpus import available_cores
+from libs.cpus import available_cores
 
 EXPERIMENTS = ("placement", "overload", "goodput", "real")
 PLACEMENT_POLICIES = ("random", "least_loaded", "local_cache_aware", "global_cache_aware")
@@ -111,9 +111,9 @@ def _slos(args, profile, requests: list[rp.PreparedRequest]) -> tuple[float, flo
 def run_one(run: Run, args, *, model_dir: Path, models_dir: Path, calibration: Path, rows: list[dict],
             out_dir: Path, slos: tuple[float, float], rate: float | None, time_scale: float) -> dict:
     from yuebing.cluster import LocalCluster
-    from yuebing.libs.config import from_env
-    from yuebing.libs.model import read_shape
-    from yuebing.libs.natsserver import free_port
+    from libs.config import from_env
+    from libs.engine.loading import read_shape
+    from libs.natsserver import free_port
 
     shape = read_shape(model_dir)
     ttft_slo, tbt_slo = slos
@@ -344,11 +344,11 @@ def main(args) -> int:
     import orjson
 
     from yuebing.bench_cache import TRACE_BLOCK_TOKENS, trace_bound
-    from yuebing.libs.calibrate import calibrate
-    from yuebing.libs.config import from_env
-    from yuebing.libs.costs import CostProfile, profile_path
-    from yuebing.libs.log import configure
-    from yuebing.libs.model import DEFAULT_MODEL, default_data_dir, model_identity, resolve_model
+    from libs.engine.calibrate import calibrate
+    from libs.config import from_env
+    from libs.engine.costs import CostProfile, profile_path
+    from libs.log import configure
+    from libs.engine.loading import default_data_dir, DEFAULT_MODEL, model_identity, resolve_model
 
     configure("bench", level="WARNING")
     experiments = [e.strip() for e in args.experiments.split(",") if e.strip()]

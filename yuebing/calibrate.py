@@ -38,11 +38,11 @@ def main(args) -> int:
     # spinning. Read when torch loads its OpenMP runtime, so before the imports below.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from yuebing.bench_cache import format_table
-    from yuebing.libs.calibrate import calibrate, fitted_rows
-    from yuebing.libs.config import from_env
-    from yuebing.libs.costs import profile_path
-    from yuebing.libs.log import configure
-    from yuebing.libs.model import resolve_model
+    from libs.engine.calibrate import calibrate, fitted_rows
+    from libs.config import from_env
+    from libs.engine.costs import profile_path
+    from libs.log import configure
+    from libs.engine.loading import resolve_model
 
     configure("calibrate")
     settings = from_env(model=args.model, data_dir=args.data_dir, models_dir=args.models_dir, threads=args.threads)

@@ -9,11 +9,11 @@ import sys
 import time
 
 SERVICES = {
-    "gateway": ("yuebing.services.gateway.service", "GatewayService"),
-    "conductor": ("yuebing.services.conductor.service", "ConductorService"),
-    "prefill": ("yuebing.services.prefill.service", "PrefillService"),
-    "decode": ("yuebing.services.decode.service", "DecodeService"),
-    "cachestore": ("yuebing.services.cachestore.service", "CacheStoreService"),
+    "gateway": ("services.gateway.service", "GatewayService"),
+    "conductor": ("services.conductor.service", "ConductorService"),
+    "prefill": ("services.prefill.service", "PrefillService"),
+    "decode": ("services.decode.service", "DecodeService"),
+    "cachestore": ("services.cachestore.service", "CacheStoreService"),
 }
 # a colocated worker: prefill and decode in one process on one engine (the goodput baseline)
 COLOCATED = ("prefill", "decode")
@@ -45,7 +45,7 @@ def count(least: int):
 
 
 def _settings(args, **extra):
-    from yuebing.libs.config import from_env
+    from libs.config import from_env
 
     return from_env(
         nats_url=getattr(args, "nats", None),
@@ -121,7 +121,7 @@ def _serving(p: argparse.ArgumentParser) -> None:
 
 def cmd_up(args) -> int:
     from yuebing.cluster import LocalCluster
-    from yuebing.libs.log import configure
+    from libs.log import configure
 
     configure("up")
     settings = _settings(args)
@@ -173,13 +173,13 @@ def cmd_up(args) -> int:
 def _model_id(settings) -> str:
     from pathlib import Path
 
-    from yuebing.libs.model import DEFAULT_MODEL
+    from libs.engine.loading import DEFAULT_MODEL
 
     return DEFAULT_MODEL if settings.model == DEFAULT_MODEL else Path(settings.model).name
 
 
 def cmd_serve(args) -> int:
-    from yuebing.libs.service import run
+    from libs.service import run
 
     if args.service == "worker":
         # one instance id for both halves: the conductor decodes a request where it was prefilled
@@ -194,8 +194,8 @@ def cmd_serve(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from yuebing.libs.log import configure
-    from yuebing.libs.model import resolve_model
+    from libs.log import configure
+    from libs.engine.loading import resolve_model
 
     configure("convert")
     settings = _settings(args)

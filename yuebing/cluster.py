@@ -16,12 +16,12 @@ from pathlib import Path
 import msgspec
 import psutil
 
-from yuebing.libs.config import Settings
-from yuebing.libs.cpus import CorePlan, available_cores
-from yuebing.libs.log import get_logger
-from yuebing.libs.model import resolve_model
-from yuebing.libs.natsserver import NatsServer, free_port
-from yuebing.libs.proc import die_with_parent
+from libs.config import Settings
+from libs.cpus import CorePlan, available_cores
+from libs.log import get_logger
+from libs.engine.loading import resolve_model
+from libs.natsserver import NatsServer, free_port
+from libs.proc import die_with_parent
 
 log = get_logger("cluster")
 
@@ -177,13 +177,13 @@ class LocalCluster:
         s = self.settings
         if s.calibration:
             return
-        from yuebing.libs.costs import profile_path
-        from yuebing.libs.model import model_identity
+        from libs.engine.costs import profile_path
+        from libs.engine.loading import model_identity
 
         threads = self._worker_threads()
         profile = profile_path(self.data_dir, model_identity(path), threads)
         if not profile.exists() and s.engine == "sim":
-            from yuebing.libs.calibrate import calibrate
+            from libs.engine.calibrate import calibrate
 
             print(f"calibrating the cost model of {path.name} for the simulated engine (once)...", flush=True)
             calibrate(path, threads).save(profile)

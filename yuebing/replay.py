@@ -53,7 +53,7 @@ import orjson
 from yuebing.bench import percentile
 from yuebing.bench_cache import DEFAULT_TRACE, TRACE_BLOCK_TOKENS, TraceTokens, load_trace
 from yuebing.bench_cache import format_table as text_table
-from yuebing.libs.metrics import request_tbt
+from libs.metrics import request_tbt
 from yuebing.sse import StreamResult, first_model, stream_completion
 
 DEFAULT_VOCAB = 49152  # SmolLM2's vocabulary

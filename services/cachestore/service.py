@@ -1,7 +1,7 @@
 """The cachestore service: a ``TieredStore`` (DRAM + LMDB) behind per-instance ``yb.cache.<id>.*`` subjects.
 
 Several instances form the pool; clients shard keys over the live ones by rendezvous hashing
-(``yuebing.libs.blocks.CacheClient``), so each instance only serves its own subjects:
+(``libs.kv.client.CacheClient``), so each instance only serves its own subjects:
 
 - ``put``: a chunked blob of one or more blocks (``CachePutMeta``), stored in one LMDB transaction
   and acked, or refused naming the blocks that failed their check;
@@ -19,7 +19,7 @@ Several instances form the pool; clients shard keys over the live ones by rendez
 
 Every key that enters or leaves the instance is published as a KV event (``KVEventPublisher``,
 source "cachestore"); the publisher also answers dump requests from the store's held-key set.
-Wiring only; the storage logic is in ``store.py`` and the block codec in ``libs/blocks.py``.
+Wiring only; the storage logic is in ``store.py`` and the block codec in ``libs/kv/codec.py``.
 Store calls run in worker threads (``asyncio.to_thread``) because LMDB reads and writes block.
 """
 
@@ -32,11 +32,13 @@ import msgspec
 from nats.aio.msg import Msg
 from prometheus_client import Counter, Gauge
 
-from yuebing.libs.blocks import GET_BLOB_MAX_BLOCKS, BlockCorrupt, blob_groups, block_header, serve_layers
-from yuebing.libs.bus import BULK_PENDING_BYTES, BlobAssembler, BlobData, TransferError, send_blob
-from yuebing.libs.kvevents import KVEventPublisher
-from yuebing.libs.model import KVArena
-from yuebing.libs.protocol import (
+from libs.kv.blobs import blob_groups, GET_BLOB_MAX_BLOCKS
+from libs.kv.codec import block_header, BlockCorrupt
+from libs.kv.layers import serve_layers
+from libs.bus import BULK_PENDING_BYTES, BlobAssembler, BlobData, TransferError, send_blob
+from libs.kvevents import KVEventPublisher
+from libs.engine.arena import KVArena
+from libs.protocol import (
     CacheExistsReply,
     CacheExistsRequest,
     CacheGetMeta,
@@ -49,9 +51,9 @@ from yuebing.libs.protocol import (
     decode,
     encode,
 )
-from yuebing.libs.service import Service
+from libs.service import Service
 
-from .store import StoreStats, TieredStore
+from services.cachestore.store import StoreStats, TieredStore
 
 _BAD_MESSAGE = (msgspec.DecodeError, msgspec.ValidationError)
 # A get streams whole blocks packed into blobs of at most one chunk (a larger block travels alone,

@@ -1,6 +1,6 @@
 """The cache store's two tiers: a bytes-bounded LRU in DRAM and an LMDB database on disk.
 
-Values are encoded blocks (``yuebing.libs.blocks.encode_block``); keys are block hashes.
+Values are encoded blocks (``libs.kv.codec.encode_block``); keys are block hashes.
 Tiers are inclusive: a block promoted from disk keeps its disk copy, so demoting it again only
 refreshes its recency. DRAM is volatile; ``TieredStore.close`` writes DRAM-only blocks to disk so
 a clean restart loses nothing. ``TieredStore`` serialises its operations with one lock, except
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import lmdb
 
-from yuebing.libs.blocks import BlockCorrupt, verify_block
-from yuebing.libs.log import get_logger
+from libs.kv.codec import BlockCorrupt, verify_block
+from libs.log import get_logger
 
 log = get_logger("cachestore.store")
 

@@ -19,10 +19,10 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from yuebing.libs.config import SLO
-from yuebing.libs.costs import decode_features, fit
-from yuebing.libs.metrics import largest_gap_counts
-from yuebing.libs.stats import nearest_rank_index
+from libs.config import SLO
+from libs.engine.costs import decode_features, fit
+from libs.metrics import largest_gap_counts
+from libs.stats import nearest_rank_index
 
 ADMISSION_MODES = ("none", "early", "predictive")
 

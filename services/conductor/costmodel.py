@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from yuebing.libs.costs import DEFAULT_LOAD_BYTES_PER_SECOND, CostProfile, fit, prefill_features
+from libs.engine.costs import DEFAULT_LOAD_BYTES_PER_SECOND, CostProfile, fit, prefill_features
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from yuebing.libs.protocol import KVEvent
+from libs.protocol import KVEvent
 
 
 @dataclass

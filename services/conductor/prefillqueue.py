@@ -32,7 +32,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from yuebing.libs.costs import fit
+from libs.engine.costs import fit
 
 
 class HandOffModel:

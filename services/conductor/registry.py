@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from yuebing.libs.protocol import Heartbeat
+from libs.protocol import Heartbeat
 
 MISSED_BEATS = 3
 

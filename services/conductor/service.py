@@ -15,10 +15,10 @@ import nats.js.errors
 from nats.js.api import DeliverPolicy
 from prometheus_client import Counter, Gauge, Histogram
 
-from yuebing.libs.config import SLO
-from yuebing.libs.costs import DEFAULT as DEFAULT_PROFILE, CostProfile
-from yuebing.libs.metrics import largest_gap_counts
-from yuebing.libs.protocol import (
+from libs.config import SLO
+from libs.engine.costs import DEFAULT as DEFAULT_PROFILE, CostProfile
+from libs.metrics import largest_gap_counts
+from libs.protocol import (
     DecodeReport,
     Heartbeat,
     IndexSummary,
@@ -36,9 +36,9 @@ from yuebing.libs.protocol import (
     encode,
     keys_digest,
 )
-from yuebing.libs.service import Service
+from libs.service import Service
 
-from .admission import (
+from services.conductor.admission import (
     AdmissionController,
     DecodeCostModel,
     DecodeLoadProjector,
@@ -47,12 +47,12 @@ from .admission import (
     pushed_past,
     request_tbt_joining,
 )
-from .costmodel import PrefillCostModel
-from .index import PrefixIndex
-from .prefillqueue import PrefillQueues
-from .placement import DecodeView, PrefillView, RequestView, make_policy
-from .poolwrites import PoolWriteAdmission
-from .registry import Registry
+from services.conductor.costmodel import PrefillCostModel
+from services.conductor.index import PrefixIndex
+from services.conductor.prefillqueue import PrefillQueues
+from services.conductor.placement import DecodeView, PrefillView, RequestView, make_policy
+from services.conductor.poolwrites import PoolWriteAdmission
+from services.conductor.registry import Registry
 
 _BAD = (msgspec.DecodeError, msgspec.ValidationError)
 

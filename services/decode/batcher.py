@@ -14,9 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from yuebing.libs.metrics import largest_gap_counts
-from yuebing.libs.protocol import SamplingParams
-from yuebing.libs.worker import finish_reason
+from libs.metrics import largest_gap_counts
+from libs.protocol import SamplingParams
+from libs.worker import finish_reason
 
 
 @dataclass

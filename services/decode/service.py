@@ -8,13 +8,14 @@ import time
 import msgspec
 import torch
 
-from yuebing.libs.bus import BULK_PENDING_BYTES, BlobAssembler, BlobData, uninitialized
-from yuebing.libs.model import kv_arena_for, sample_token
-from yuebing.libs.protocol import (DecodeReport, DecodeTask, KVMeta, SequenceProgress, Subjects, TokenEvent, decode,
+from libs.bus import BULK_PENDING_BYTES, BlobAssembler, BlobData, uninitialized
+from libs.engine.arena import kv_arena_for
+from libs.engine.sampling import sample_token
+from libs.protocol import (DecodeReport, DecodeTask, KVMeta, SequenceProgress, Subjects, TokenEvent, decode,
                                    encode)
-from yuebing.libs.worker import ModelWorker
+from libs.worker import ModelWorker
 
-from .batcher import Batcher, Sequence
+from services.decode.batcher import Batcher, Sequence
 
 KV_WAIT_SECONDS = 30.0
 PROGRESS_EVERY = 15.0

@@ -9,8 +9,8 @@ from typing import Any
 
 import msgspec
 
-from yuebing.libs.config import SLO
-from yuebing.libs.protocol import SamplingParams
+from libs.config import SLO
+from libs.protocol import SamplingParams
 
 MAX_MESSAGES = 1024
 MAX_JSON_DEPTH = 16

@@ -6,7 +6,7 @@ import msgspec
 
 from yuebing import __version__
 
-from . import openai as oa
+from services.gateway import openai as oa
 
 
 def _error_response(description: str) -> dict:

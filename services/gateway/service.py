@@ -15,11 +15,11 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from yuebing.libs import metrics
-from yuebing.libs.blocks import block_hashes, namespace_digest
-from yuebing.libs.config import SLO
-from yuebing.libs.model import load_tokenizer, model_identity, model_name_for, read_shape, resolve_model
-from yuebing.libs.protocol import (
+from libs import metrics
+from libs.kv.keys import block_hashes, namespace_digest
+from libs.config import SLO
+from libs.engine.loading import load_tokenizer, model_identity, model_name_for, read_shape, resolve_model
+from libs.protocol import (
     Abort,
     Heartbeat,
     Resume,
@@ -30,11 +30,11 @@ from yuebing.libs.protocol import (
     decode,
     encode,
 )
-from yuebing.libs.service import Service
+from libs.service import Service
 
-from . import openai as oa
-from . import openapi
-from .detok import IncrementalDetokenizer, StopStrings
+from services.gateway import openai as oa
+from services.gateway import openapi
+from services.gateway.detok import IncrementalDetokenizer, StopStrings
 
 SCHEDULE_TIMEOUT = 10.0
 STALL_TIMEOUT = 120.0  # longest silence between two token events before the request fails

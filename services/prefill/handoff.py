@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from yuebing.libs.bus import TransferError, send_blob
-from yuebing.libs.model import PrefillKV
-from yuebing.libs.protocol import CHUNK_DATA_BYTES
+from libs.bus import TransferError, send_blob
+from libs.engine.prefill_kv import PrefillKV
+from libs.protocol import CHUNK_DATA_BYTES
 
 # Chunks a hand-off may have in flight before the receiver acks: a decode instance fed by eight
 # prefill instances at once then has at most 32 MiB waiting for it at the NATS server, half the

@@ -24,11 +24,15 @@ import msgspec
 import torch
 from prometheus_client import Counter, Gauge, Histogram
 
-from yuebing.libs.blocks import CacheClient, CacheError, block_view, serve_layers
-from yuebing.libs.bus import TransferError, send_blob
-from yuebing.libs.kvevents import KVEventPublisher
-from yuebing.libs.model import KVArena, PastNotLoaded, PrefillKV, kv_arena_for, sample_token
-from yuebing.libs.protocol import (
+from libs.kv.client import CacheClient, CacheError
+from libs.kv.codec import block_view
+from libs.kv.layers import serve_layers
+from libs.bus import TransferError, send_blob
+from libs.kvevents import KVEventPublisher
+from libs.engine.arena import kv_arena_for, KVArena
+from libs.engine.prefill_kv import PastNotLoaded, PrefillKV
+from libs.engine.sampling import sample_token
+from libs.protocol import (
     CacheGetRequest,
     DecodeTask,
     KVMeta,
@@ -40,10 +44,10 @@ from yuebing.libs.protocol import (
     decode,
     encode,
 )
-from yuebing.libs.worker import ModelWorker, finish_reason
+from libs.worker import ModelWorker, finish_reason
 
-from .blockcache import BlockCache
-from .handoff import HANDOFF_WINDOW_CHUNKS, stream_kv
+from services.prefill.blockcache import BlockCache
+from services.prefill.handoff import HANDOFF_WINDOW_CHUNKS, stream_kv
 
 CACHE_TIMEOUT = 5.0
 

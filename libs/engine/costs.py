@@ -9,8 +9,8 @@ Two linear cost models, each over three features:
   ``T = d0 + d1 * batch + d2 * kv_tokens``.
 
 The coefficients are fitted by non-negative least squares (``fit``) on times measured with the real
-model (``yuebing.libs.calibrate``), kept as a ``CostProfile`` JSON file per (model, threads) under
-``<data_dir>/calibration`` (``profile_path``). The simulated engine (``yuebing.libs.simengine``)
+model (``libs.engine.calibrate``), kept as a ``CostProfile`` JSON file per (model, threads) under
+``<data_dir>/calibration`` (``profile_path``). The simulated engine (``libs.engine.simengine``)
 sleeps these times instead of computing; the conductor can start its online cost models from them.
 """
 

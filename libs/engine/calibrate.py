@@ -11,7 +11,7 @@ several passes, each point once per pass (a busy stretch spoils one pass, not ev
 point); a point's figure is the fastest of its runs (the median is kept for the record); and the
 fit drops, one at a time, points measured far slower than the fit of the rest predicts
 (``OUTLIER``), marking them ``used=False``. Both grids are fitted by non-negative least squares
-on relative error (``yuebing.libs.costs.fit``). The default grids take about two minutes for
+on relative error (``libs.engine.costs.fit``). The default grids take about two minutes for
 SmolLM2-135M on 2 shared cores (129 s with other work running); ``quick`` uses a few small points
 (seconds on a tiny model).
 """
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .costs import (
+from libs.engine.costs import (
     DEFAULT_LOAD_BYTES_PER_SECOND,
     CostProfile,
     DecodePoint,
@@ -37,7 +37,8 @@ from .costs import (
     fit,
     prefill_features,
 )
-from .model import ModelRunner, model_identity
+from libs.engine.loading import model_identity
+from libs.engine.runner import ModelRunner
 
 PREFILL_NEW = (16, 64, 256, 1024)
 PREFILL_REUSED = (0, 512, 2048)

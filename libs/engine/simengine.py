@@ -26,8 +26,10 @@ from pathlib import Path
 
 import torch
 
-from .costs import CostProfile
-from .model import KVArena, PrefillKV, load_tokenizer, read_shape
+from libs.engine.costs import CostProfile
+from libs.engine.arena import KVArena
+from libs.engine.loading import load_tokenizer, read_shape
+from libs.engine.prefill_kv import PrefillKV
 
 # Common English words; those the tokenizer encodes (with a leading space) as one ordinary token
 # make up the sim's vocabulary.

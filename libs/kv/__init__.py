@@ -1,0 +1,1 @@
+"""KV blocks: keys, codec, sharding, blob limits, layer-wise loads and the cachestore client."""
