@@ -172,7 +172,7 @@ def test_registry_expires_after_three_missed_beats():
 def test_counts_on_the_command_line_refuse_values_below_their_least():
     import argparse
 
-    from yuebing.cli import count
+    from yuebing.args import count
 
     assert count(0)("0") == 0 and count(1)("32") == 32
     with pytest.raises(argparse.ArgumentTypeError, match="at least 1"):

@@ -345,7 +345,7 @@ SERVE_COLS = ["config", "requests", "tok/s", "TTFT p50", "TTFT p90", "ITL p50", 
 
 
 def format_table(rows: list[dict], cols: list[str] = SERVE_COLS) -> str:
-    from yuebing.bench_cache import format_table as table
+    from yuebing.tables import format_table as table
 
     return table(rows, cols, ".1f")
 

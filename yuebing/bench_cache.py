@@ -60,6 +60,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+from yuebing.tables import format_table
+
 DEFAULT_TRACE = Path(__file__).resolve().parents[1].parent / "shared" / "traces" / "conversation_trace.jsonl"
 TRACE_BLOCK_TOKENS = 512  # tokens per hash id in the original trace
 TOKEN_LO = 1000  # deterministic prompts use token ids in [TOKEN_LO, vocab): clear of special tokens
@@ -71,23 +73,6 @@ RAW_DATA = "yb.bench.raw.data"
 
 
 # ================================================================ shared pieces
-def format_table(rows: list[dict], cols: list[str], float_format: str = ".6g") -> str:
-    def cell(v) -> str:
-        if v is None:
-            return "-"
-        if isinstance(v, float):
-            return format(v, float_format)
-        return str(v)
-
-    body = [[cell(r.get(c)) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(b[i]) for b in body)) if body else len(c) for i, c in enumerate(cols)]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cols, widths)))]
-    lines.append("  ".join("-" * w for w in widths))
-    for b in body:
-        lines.append("  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(b, widths))))
-    return "\n".join(lines)
-
-
 def _emit(title: str, rows: list[dict], cols: list[str], figures: dict, out: str | None) -> None:
     print(f"\n{title}")
     print(format_table(rows, cols))

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from yuebing import replay as rp
-from yuebing.cli import count
+from yuebing.args import count
 from libs.cpus import available_cores
 
 EXPERIMENTS = ("placement", "overload", "goodput", "real")
@@ -229,7 +229,7 @@ COLS = ("run", "requests", "completed", "rejected", "failed", "ttft_mean_ms", "t
 
 
 def table(runs: list[Run]) -> str:
-    from yuebing.bench_cache import format_table
+    from yuebing.tables import format_table
 
     return format_table([{"run": r.name, **r.summary} for r in runs], list(COLS))
 

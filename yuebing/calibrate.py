@@ -37,7 +37,7 @@ def main(args) -> int:
     # Measure as the workers run (`yuebing up` starts them so): idle OpenMP threads sleep instead of
     # spinning. Read when torch loads its OpenMP runtime, so before the imports below.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from yuebing.bench_cache import format_table
+    from yuebing.tables import format_table
     from libs.engine.calibrate import calibrate, fitted_rows
     from libs.config import from_env
     from libs.engine.costs import profile_path

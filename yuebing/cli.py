@@ -8,6 +8,8 @@ import signal
 import sys
 import time
 
+from yuebing.args import add_common, count
+
 SERVICES = {
     "gateway": ("services.gateway.service", "GatewayService"),
     "conductor": ("services.conductor.service", "ConductorService"),
@@ -31,17 +33,6 @@ Scale across machines: run a NATS server with JetStream, then on each machine
 
 Talk to it with any OpenAI client: base_url=http://127.0.0.1:8000/v1, model=smollm2-135m-instruct.
 """
-
-
-def count(least: int):
-    """An argparse type: an integer of at least ``least``."""
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < least:
-            raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
-        return value
-    parse.__name__ = "integer"  # what argparse names in its error
-    return parse
 
 
 def _settings(args, **extra):
@@ -79,17 +70,6 @@ def _auth_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", action="append", default=None,
                    help="an API key the gateway accepts (repeatable; default for `up`: one is generated)")
     p.add_argument("--no-auth", action="store_true", help="serve without API keys (local use only)")
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None,
-                   help="smollm2-135m-instruct (default), a .gguf file, or a local Hugging Face model directory")
-    p.add_argument("--data-dir", default=None, help="models, cache files, NATS store and logs (default ~/.cache/yuebing)")
-    p.add_argument("--models-dir", default=None, help="converted models (default DATA_DIR/models)")
-    p.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default 16)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads per model worker (default: `up` splits the host's cores between its model "
-                   "workers, pinned only with --pin-cores; `serve`: torch's choice, or the count of --cpus)")
 
 
 def _serving(p: argparse.ArgumentParser) -> None:
@@ -214,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="start the local cluster (NATS + all services) and wait for Ctrl-C")
-    _common(up)
+    add_common(up)
     up.add_argument("--host", default=None, help="gateway address (default 127.0.0.1)")
     up.add_argument("--port", type=int, default=None, help="gateway port (default 8000)")
     up.add_argument("--prefill", type=int, default=1, help="prefill instances (default 1)")
@@ -236,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run one service against a NATS server (how yuebing scales across machines)")
     serve.add_argument("service", choices=sorted([*SERVICES, "worker"]),
                        help="one of the five services, or worker: prefill and decode colocated on one engine")
-    _common(serve)
+    add_common(serve)
     serve.add_argument("--nats", default=None, help="NATS URL (default nats://127.0.0.1:4222)")
     serve.add_argument("--instance-id", default=None, help="stable id of this instance (default: host + random)")
     serve.add_argument("--host", default=None, help="listen address of the gateway (and metrics)")
@@ -255,13 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_parser(sub)
 
     conv = sub.add_parser("convert", help="convert the model to a cached safetensors directory and print its path")
-    _common(conv)
+    add_common(conv)
     conv.set_defaults(func=cmd_convert)
 
     bench = sub.add_parser("bench", help="benchmarks (see docs/benchmarks.md)")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     serve_b = bench_sub.add_parser("serve", help="cluster vs plain transformers at 1, 8 and 16 concurrent streams")
-    _common(serve_b)
+    add_common(serve_b)
     serve_b.add_argument("--concurrency", default="1,8,16")
     serve_b.add_argument("--requests-per-level", type=int, default=0, help="default: 2x concurrency")
     serve_b.add_argument("--max-tokens", type=int, default=128)
@@ -273,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     from yuebing import bench_cache, bench_sched  # light: import their heavy dependencies only when run
 
     prefix_b = bench_sub.add_parser("prefix", help="TTFT of a prompt whose prefix is in the pool vs cold TTFT")
-    _common(prefix_b)
+    add_common(prefix_b)
     prefix_b.add_argument("--prompt-tokens", type=int, default=2048)
     prefix_b.add_argument("--shared-tokens", type=int, default=1984, help="prefix in the pool (a multiple of the block size)")
     prefix_b.add_argument("--cold", type=int, default=3, help="cold prompts measured")

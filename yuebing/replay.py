@@ -52,7 +52,7 @@ import orjson
 
 from yuebing.bench import percentile
 from yuebing.bench_cache import DEFAULT_TRACE, TRACE_BLOCK_TOKENS, TraceTokens, load_trace
-from yuebing.bench_cache import format_table as text_table
+from yuebing.tables import format_table as text_table
 from libs.metrics import request_tbt
 from yuebing.sse import StreamResult, first_model, stream_completion
 

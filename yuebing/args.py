@@ -1,0 +1,29 @@
+"""Command-line pieces the product's commands and the benchmarks share: the model and storage flags,
+and an integer type with a least value."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def count(least: int):
+    """An argparse type: an integer of at least ``least``."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
+        return value
+    parse.__name__ = "integer"  # what argparse names in its error
+    return parse
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    """The model, where files go, the KV block size and torch threads."""
+    p.add_argument("--model", default=None,
+                   help="smollm2-135m-instruct (default), a .gguf file, or a local Hugging Face model directory")
+    p.add_argument("--data-dir", default=None, help="models, cache files, NATS store and logs (default ~/.cache/yuebing)")
+    p.add_argument("--models-dir", default=None, help="converted models (default DATA_DIR/models)")
+    p.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default 16)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per model worker (default: `up` splits the host's cores between its model "
+                   "workers, pinned only with --pin-cores; `serve`: torch's choice, or the count of --cpus)")
