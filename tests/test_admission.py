@@ -5,17 +5,11 @@ import pytest
 
 from libs.config import SLO, parse_slo_classes
 from libs.metrics import request_tbt
-from services.conductor.admission import (
-    AdmissionController,
-    DecodeCostModel,
-    DecodeLoadProjector,
-    TTFTErrorModel,
-    WaitErrorModel,
-    predicted_tbt,
-    pushed_past,
-    request_tbt_joining,
-)
-from services.conductor.costmodel import PrefillCalibration, PrefillCostModel
+from services.conductor.admission import AdmissionController
+from services.conductor.decodecost import DecodeCostModel, predicted_tbt, pushed_past, request_tbt_joining
+from services.conductor.feedback import TTFTErrorModel, WaitErrorModel
+from services.conductor.projector import DecodeLoadProjector
+from services.conductor.prefillcost import PrefillCalibration, PrefillCostModel
 from services.conductor.placement import DecodeView, PrefillView, RequestView, make_policy
 
 

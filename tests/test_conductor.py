@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from libs.protocol import KVEvent
-from services.conductor.costmodel import PrefillCalibration, PrefillCostModel
+from services.conductor.prefillcost import PrefillCalibration, PrefillCostModel
 from services.conductor.index import PrefixIndex
 from services.conductor.placement import (
     DecodeView,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from services.conductor.costmodel import PrefillCostModel
+from services.conductor.prefillcost import PrefillCostModel
 
 POLICIES = ("random", "round_robin", "least_loaded", "local_cache_aware", "global_cache_aware")
 

@@ -1,0 +1,284 @@
+"""The conductor's state and decisions: plain logic with no I/O, the caller passes messages and the clock.
+
+``Scheduler`` takes in what the instances report (heartbeats, prefill and decode reports) and
+answers placements: the prefill and decode instance of a request, whether it is admitted, and the
+``PrefillTask`` to queue. The service (``service.py``) only moves messages to and from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import msgspec
+
+from libs.config import SLO, Settings
+from libs.engine.costs import DEFAULT as DEFAULT_PROFILE, CostProfile
+from libs.metrics import largest_gap_counts
+from libs.protocol import DecodeReport, Heartbeat, PrefillDone, PrefillReport, PrefillTask, ScheduleRequest
+
+from services.conductor.admission import AdmissionController
+from services.conductor.decodecost import DecodeCostModel
+from services.conductor.decodeview import decode_view
+from services.conductor.feedback import TTFTErrorModel, WaitErrorModel
+from services.conductor.index import PrefixIndex
+from services.conductor.placement import DecodeView, Placement, PrefillView, RequestView, make_policy
+from services.conductor.poolwrites import PoolWriteAdmission
+from services.conductor.prefillcost import PrefillCostModel
+from services.conductor.prefillqueue import PrefillQueues
+from services.conductor.projector import DecodeLoadProjector
+from services.conductor.registry import Instance, Registry
+
+PRIOR_KV_TOKENS = 256  # KV positions per sequence assumed before any has been seen
+MAX_PENDING_PREDICTIONS = 100_000  # placed requests whose first token is awaited, kept to compare with it
+
+
+def _remember(pending: OrderedDict, request_id: str, predicted: float) -> None:
+    """Keep a placed request's prediction until its report comes; the oldest go first when reports
+    never come (``MAX_PENDING_PREDICTIONS``)."""
+    pending[request_id] = predicted
+    while len(pending) > MAX_PENDING_PREDICTIONS:
+        pending.popitem(last=False)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What ``Scheduler.schedule`` decided for one request."""
+
+    placement: Placement
+    view: RequestView
+    task: PrefillTask | None = None  # the task to queue when admitted
+    wait: float | None = None  # the wait for a decode row the admission judged it by (it reaches decode)
+    delayed: tuple[tuple[str, float], ...] = ()  # admitted requests it makes wait longer, with the seconds
+
+
+@dataclass(frozen=True)
+class DecodeWait:
+    """A decode report compared with the wait for a row its admission predicted."""
+
+    predicted: float
+    waited: float
+    margin: float
+
+
+class Scheduler:
+    def __init__(self, settings: Settings):
+        s = self.settings = settings
+        self.registry = Registry()
+        self.index = PrefixIndex()
+        profile = CostProfile.load(s.calibration) if s.calibration else DEFAULT_PROFILE
+        self.cost = PrefillCostModel.from_profile(profile)
+        self.decode_cost = DecodeCostModel(tuple(profile.decode))
+        # each admitted sequence's stay is priced step by step with the decode cost model
+        self.projector = DecodeLoadProjector(default_token_seconds=self.decode_cost.step_seconds(1, PRIOR_KV_TOKENS),
+                                             step=self.decode_cost.step_seconds)
+        self.admission = AdmissionController(s.admission)
+        self.ttft_error = TTFTErrorModel()  # how actual TTFTs compare with the predictions admitted on
+        self._predicted_ttft: OrderedDict[str, float] = OrderedDict()  # placed, first token not yet reported
+        self.wait_error = WaitErrorModel()  # how much longer than predicted requests wait for a decode row
+        self._predicted_wait: OrderedDict[str, float] = OrderedDict()  # placed, decode not yet reported
+        self.policy = make_policy(s.policy, self.cost, use_pool=s.use_pool, colocated=s.colocated,
+                                  peer_fetch=s.peer_fetch)
+        self.queues = PrefillQueues()  # what each prefill instance has to do before a new prompt
+        self.pool_writes = PoolWriteAdmission(s.pool_writes)  # which new blocks prefills write to the pool
+
+    # ---- inputs
+    def heartbeat(self, hb: Heartbeat, now: float) -> bool:
+        """Take in an instance's heartbeat; True when the instance was not known."""
+        joined = self.registry.get(hb.kind, hb.instance_id) is None
+        self.registry.beat(hb, now)
+        if hb.kind == "decode":
+            self.projector.progress(hb.instance_id, now,
+                                    [(q.request_id, q.decoded, q.left, q.running) for q in hb.sequences])
+            if hb.steps:
+                self.decode_cost.observe(hb.steps, hb.step_batch, hb.step_kv_tokens, hb.step_seconds)
+            if hb.max_running > 0:
+                # until sequences are seen to finish, each is taken to decode at a full batch's pace
+                # (a batch-1 step would have the first admitted requests leave decode twice as soon)
+                self.projector.prior(self.decode_cost.step_seconds(hb.max_running, hb.max_running * PRIOR_KV_TOKENS))
+        return joined
+
+    def prefill_report(self, r: PrefillReport, now: float) -> None:
+        """A prompt's first token: its TTFT against the prediction, and the prefill cost model's samples."""
+        self.queues.first_token(r.instance_id, r.request_id, now)
+        self.projector.started(r.request_id, now)
+        predicted = self._predicted_ttft.pop(r.request_id, None)
+        if predicted is not None and r.ttft_seconds > 0:
+            self.ttft_error.observe(predicted, r.ttft_seconds)
+        reused = r.local_tokens + r.pool_tokens
+        self.cost.observe_kv_size(r.kv_bytes_per_token)
+        self.cost.observe_prefill(r.prompt_tokens - reused, reused, r.compute_seconds)
+        self.cost.observe_load(r.pool_tokens, r.load_seconds, r.load_bytes)
+
+    def prefill_done(self, r: PrefillDone, now: float) -> None:
+        """A prompt's KV hand-off is over: its instance is free of it."""
+        self.queues.done(r.instance_id, r.request_id, r.kv_tokens, r.tail_seconds, now)
+
+    def decode_report(self, r: DecodeReport, now: float) -> DecodeWait | None:
+        """A request left decode; returns its wait for a row against the prediction, when there was one."""
+        predicted = self._predicted_wait.pop(r.request_id, None)
+        e = self.projector.entries.get(r.request_id)
+        judged = None
+        if predicted is not None and e is not None and e.started and r.output_tokens > 0:
+            # from its first token (the prefill's report) to its first step in a row
+            row_at = now - (r.seconds - r.waited_seconds)
+            waited = max(0.0, row_at - e.start)
+            self.wait_error.observe(predicted, waited, within=e.tbt_slo if e.tbt_slo > 0 else math.inf)
+            judged = DecodeWait(predicted, waited, self.wait_error.margin())
+        self.projector.finished(r.request_id, r.output_tokens, r.seconds, r.finish_reason in ("stop", "length"),
+                                waited=r.waited_seconds)
+        return judged
+
+    def prune(self, now: float) -> tuple[list[Instance], int]:
+        """Forget the instances that missed their heartbeats (returned, for the caller to move their
+        work) and the predictions whose reports never came; also returns how many prefill tasks'
+        done reports are missing."""
+        gone = self.registry.prune(now)
+        for inst in gone:
+            self.index.drop_instance(inst.instance_id)
+            self.queues.drop_instance(inst.instance_id)
+            if inst.kind == "decode":
+                self.projector.drop_instance(inst.instance_id)
+        self.projector.prune(now)
+        return gone, self.queues.prune(now)
+
+    def decode_sequences(self) -> tuple[int, int]:
+        """Admitted sequences not finished: (in prefill, in decode)."""
+        started = sum(1 for e in self.projector.entries.values() if e.started)
+        return len(self.projector.entries) - started, started
+
+    # ---- decisions
+    def queue_seconds(self, iid: str, now: float) -> float:
+        return self.queues.seconds(iid, now)
+
+    def place(self, prompt_len: int, keys: list[bytes], now: float, tbt_slo: float = 0.0, tokens: int = 0,
+              urgent: bool = False) -> tuple[Placement, RequestView, list[DecodeView]]:
+        """Placement of a prompt of ``prompt_len`` tokens expected to decode ``tokens`` tokens
+        (``urgent``: its wait for a decode row counts in its TBT, so decode serves it first)."""
+        view = RequestView(
+            prompt_len=prompt_len,
+            block_size=self.settings.block_size,
+            pool_blocks=self.index.pool_prefix_len(keys) if self.settings.use_pool else 0,
+            tbt_slo=tbt_slo,
+        )
+        prefills = [
+            PrefillView(i.instance_id, self.queue_seconds(i.instance_id, now), self.index.prefix_len(keys, i.instance_id))
+            for i in self.registry.alive("prefill", now)
+        ]
+        # when the request would reach decode: its best predicted TTFT, and that TTFT as far over
+        # (the 90th percentile of actual / predicted) and as far under (the 10th) as the admitted
+        # requests' have lately run
+        eta = min((self.policy.estimate(view, p, self.settings.use_pool).ttft for p in prefills), default=0.0)
+        late = now + eta * max(1.0, self.ttft_error.factor())
+        early = now + eta * self.ttft_error.early_factor()
+        decodes = [decode_view(i, self.projector, self.decode_cost, self.queues.handoff.seconds(prompt_len),
+                               self.wait_error.margin(), self._judged_wait, now=now, arrive=now + eta,
+                               prompt_len=prompt_len, tokens=tokens, late=late, early=early, urgent=urgent)
+                   for i in self.registry.alive("decode", now)]
+        return self.policy.place(view, prefills, decodes), view, decodes
+
+    def _judged_wait(self, rid: str, kv_tokens: int, before: float) -> float:
+        """The wait for a row an admitted request was judged by, as later admissions have revised it;
+        for one admitted before this conductor knew it: its hand-off and ``before``."""
+        judged = self._predicted_wait.get(rid)
+        return judged if judged is not None else self.queues.handoff.seconds(kv_tokens) + before
+
+    def admit(self, req: ScheduleRequest, placement: Placement, decodes: list[DecodeView]) -> Placement:
+        """Mooncake's admission on top of the placement: TTFT and TBT objectives."""
+        if not placement.admitted or req.resume is not None:
+            return placement  # a resumed request was admitted once: it is finished, not judged again
+        d = next(v for v in decodes if v.instance_id == placement.decode_id)
+        # judge only on grounded predictions: a cost profile of this model, or fits of the workers'
+        # own reports; the built-in default may be far off for a model never calibrated here
+        calibrated = bool(self.settings.calibration)
+        slo = SLO(req.ttft_slo if calibrated or self.cost.fits else 0.0,
+                  req.tbt_slo if calibrated or self.decode_cost.fits else 0.0)
+        # the TTFT as predictions have turned out lately (a factor of 1 until there are enough reports)
+        verdict = self.admission.decide(slo, placement.predicted_ttft * self.ttft_error.factor(), d.current_tbt,
+                                        d.predicted_tbt,
+                                        tbt_retry=d.sheds_in if d.sheds_in != float("inf") else 1.0,
+                                        projection_checked=self.wait_error.learnt, delays=d.delays)
+        if verdict.admitted:
+            return placement
+        return dataclasses.replace(placement, admitted=False, status=verdict.status, reason=verdict.reason,
+                                   retry_after=verdict.retry_after, cause=verdict.cause)
+
+    def placed_task(self, task: PrefillTask, placement: Placement) -> PrefillTask:
+        """``task`` sent where ``placement`` put it, reusing what it planned: the one place a
+        placement becomes a task (a new request's, or a task moved off a lost instance)."""
+        return msgspec.structs.replace(
+            task,
+            decode_id=placement.decode_id,
+            reuse_blocks=placement.reuse_blocks,
+            use_pool=placement.use_pool and self.settings.use_pool,
+            pool_blocks=placement.pool_blocks,
+            peer_id=placement.peer_id,
+            peer_blocks=placement.peer_blocks,
+            predicted_seconds=placement.predicted_prefill,
+        )
+
+    def schedule(self, req: ScheduleRequest, now: float) -> Decision:
+        """Place and admit a new request; when admitted, count it placed and return its task."""
+        keys = req.block_hashes
+        tokens = self.projector.expected_tokens(req.sampling.max_tokens, req.sampling.ignore_eos)
+        placement, view, decodes = self.place(len(req.prompt_token_ids), keys, now, req.tbt_slo, tokens,
+                                              largest_gap_counts(req.sampling.max_tokens))
+        placement = self.admit(req, placement, decodes)
+        if not placement.admitted:
+            return Decision(placement, view)
+        task = self.placed_task(PrefillTask(
+            request_id=req.request_id,
+            prompt_token_ids=req.prompt_token_ids,
+            sampling=req.sampling,
+            decode_id=placement.decode_id,
+            block_hashes=keys,
+            arrival_time=req.arrival_time,
+            pool_write_blocks=self.pool_writes.blocks_to_write(keys),
+            resume=req.resume,
+        ), placement)
+        self._placed(req.request_id, placement, len(req.prompt_token_ids), req.sampling, now, req.tbt_slo)
+        wait = None
+        d = next(v for v in decodes if v.instance_id == placement.decode_id)
+        if tokens > 1:  # it reaches decode: remember the wait the admission judged it by
+            wait = d.wait_now if self.admission.mode == "early" else d.wait_then
+            _remember(self._predicted_wait, req.request_id, wait)
+        # those it will reach a row before (admitted earlier, with longer prompts) now expect to
+        # wait that much longer: their waits are judged against that, not against a forecast
+        # made before this request existed (placement lets a long request be overtaken so; it
+        # avoids pushing a short one, whose first gap counts, past its objective: ``delays``)
+        for rid, seconds in d.delayed:
+            if rid in self._predicted_wait:
+                self._predicted_wait[rid] += seconds
+        return Decision(placement, view, task, wait, d.delayed)
+
+    def reassign(self, task: PrefillTask, now: float) -> tuple[Placement, PrefillTask | None]:
+        """Place afresh a task queued on a lost prefill instance (it was admitted once: not judged
+        again); returns the placement and, when it found instances, the task to queue."""
+        tokens = self.projector.expected_tokens(task.sampling.max_tokens, task.sampling.ignore_eos)
+        placement, _, _ = self.place(len(task.prompt_token_ids), task.block_hashes, now, tokens=tokens,
+                                     urgent=largest_gap_counts(task.sampling.max_tokens))
+        if not placement.admitted:
+            return placement, None
+        self._placed(task.request_id, placement, len(task.prompt_token_ids), task.sampling, now)
+        return placement, self.placed_task(task, placement)
+
+    def _placed(self, request_id: str, placement: Placement, prompt_len: int, sampling, now: float,
+                tbt_slo: float = 0.0) -> None:
+        """Count a placed request on its prefill queue and in the decode projection."""
+        _remember(self._predicted_ttft, request_id, placement.predicted_ttft)
+        self.queues.placed(placement.prefill_id, request_id, placement.predicted_prefill, prompt_len, now)
+        inst = self.registry.get("decode", placement.decode_id)
+        if inst is not None:
+            inst.placed_since_beat += 1
+        tokens = self.projector.expected_tokens(sampling.max_tokens, sampling.ignore_eos)
+        self.projector.admit(request_id, placement.decode_id, now + placement.predicted_ttft, tokens,
+                             prompt_len, tbt_slo, urgent=largest_gap_counts(sampling.max_tokens))
+
+    def unplace(self, request_id: str, placement: Placement) -> None:
+        """Undo what placing a request counted, for a task that was never queued."""
+        self.queues.done(placement.prefill_id, request_id, 0, 0.0)
+        self.projector.forget(request_id)
+        self._predicted_ttft.pop(request_id, None)
+        self._predicted_wait.pop(request_id, None)
