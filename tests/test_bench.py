@@ -6,7 +6,7 @@ import argparse
 import json
 import statistics
 
-from yuebing import bench
+from bench import serve
 
 
 def test_bench_serve_prints_table_and_json(tiny_dir, tmp_path, capsys):
@@ -23,7 +23,7 @@ def test_bench_serve_prints_table_and_json(tiny_dir, tmp_path, capsys):
         rounds=2,
         out=str(out),
     )
-    assert bench.main(args) == 0
+    assert serve.main(args) == 0
     stdout = capsys.readouterr().out
     lines = stdout.strip().splitlines()
     figures = json.loads(lines[-1])

@@ -12,7 +12,7 @@ import time
 import psutil
 import pytest
 
-from yuebing.bench_sched import PLACEMENT_POLICIES, arena_use, cpu_use, figures, plan
+from bench.sched import PLACEMENT_POLICIES, arena_use, cpu_use, figures, plan
 from yuebing.cluster import LocalCluster
 from libs.config import from_env
 

@@ -12,10 +12,10 @@ import orjson
 import pytest
 from aiohttp import web
 
-from yuebing import bench_cache, replay
+from bench import cache_trace, replay
 from yuebing.cli import build_parser
-from yuebing.replay import COMPLETED, FAILED, REJECTED, RequestRecord
-from yuebing.sse import TokenCounter, parse_retry_after
+from bench.replay import COMPLETED, FAILED, REJECTED, RequestRecord
+from bench.sse import TokenCounter, parse_retry_after
 
 API_KEY = "test-key"
 MODEL = "fake-model"
@@ -154,7 +154,7 @@ def test_prepare_scales_lengths_and_times():
     assert [r.max_tokens for r in reqs] == [1, 2, 5]
     assert [r.send_at for r in reqs] == [0.0, 1.0, 2.5]  # ms after the first, / 1000 / time_scale
     assert [r.hash_ids for r in reqs] == [[0], [0, 1, 2], [3]]
-    assert all(bench_cache.TOKEN_LO <= t < 5000 for r in reqs for t in r.prompt)
+    assert all(cache_trace.TOKEN_LO <= t < 5000 for r in reqs for t in r.prompt)
 
 
 def test_prepare_is_deterministic_and_shares_prefixes():
@@ -373,10 +373,10 @@ async def test_replay_without_the_key_fails_every_request(server):
 def test_cli_dispatches_on_url(monkeypatch, tmp_path):
     p = build_parser()
     args = p.parse_args(["bench", "trace", "t.jsonl", "--url", "http://h:1", "--rate", "2", "--requests", "5"])
-    assert args.func is bench_cache.trace_main and args.file == "t.jsonl" and args.rate == 2.0
+    assert args.func is cache_trace.trace_main and args.file == "t.jsonl" and args.rate == 2.0
     calls = []
     monkeypatch.setattr(replay, "main", lambda a: calls.append(("replay", a.file)) or 0)
-    monkeypatch.setattr(bench_cache, "_entry", lambda body, a: calls.append((body.__name__, a.file)) or 0)
+    monkeypatch.setattr(cache_trace, "_entry", lambda body, a: calls.append((body.__name__, a.file)) or 0)
     assert args.func(args) == 0
     cache = p.parse_args(["bench", "trace", "t.jsonl", "--requests", "10", "--configs", "global"])
     assert cache.url is None and cache.token_scale == 32 and cache.configs == "global"

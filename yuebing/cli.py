@@ -184,9 +184,9 @@ def cmd_convert(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from yuebing import bench
+    from bench import serve
 
-    return bench.main(args)
+    return serve.main(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_b.add_argument("--out", default=None, help="also write the JSON figures here")
     serve_b.set_defaults(func=cmd_bench)
 
-    from yuebing import bench_cache, bench_sched  # light: import their heavy dependencies only when run
+    from bench import cache_trace, sched  # light: import their heavy dependencies only when run
 
     prefix_b = bench_sub.add_parser("prefix", help="TTFT of a prompt whose prefix is in the pool vs cold TTFT")
     add_common(prefix_b)
@@ -259,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     prefix_b.add_argument("--cold", type=int, default=3, help="cold prompts measured")
     prefix_b.add_argument("--repeats", type=int, default=3, help="pool hits measured, each with a fresh prefix")
     prefix_b.add_argument("--out", default=None, help="also write the JSON figures here")
-    prefix_b.set_defaults(func=bench_cache.prefix_main)
+    prefix_b.set_defaults(func=cache_trace.prefix_main)
 
     transfer_b = bench_sub.add_parser("transfer", help="KV blocks from the pool over NATS vs raw NATS pub/sub")
     transfer_b.add_argument("--blocks", type=int, default=124, help="blocks per get (default 124)")
@@ -269,9 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
                             help="blocks per call in the batched put rounds (default 16, about one prompt's)")
     transfer_b.add_argument("--data-dir", default=None, help="NATS store, cachestore files and logs (default: a temp dir)")
     transfer_b.add_argument("--out", default=None, help="also write the JSON figures here")
-    transfer_b.set_defaults(func=bench_cache.transfer_main)
+    transfer_b.set_defaults(func=cache_trace.transfer_main)
 
-    from yuebing import replay  # light too
+    from bench import replay  # light too
 
     trace_b = bench_sub.add_parser(
         "trace", help="replay a Mooncake trace: with --url against a server (SLOs, goodput); without, "
@@ -279,10 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Replay a Mooncake-format trace (FILE, default ../shared/traces/conversation_trace.jsonl).\n\n"
         "  yuebing bench trace FILE --url URL [options]\n"
         "      open-loop replay against any OpenAI-compatible server: TTFT, TBT, SLO attainment, goodput,\n"
-        "      prefix hit ratio, rejections; a table, a JSON line, a JSON file and a PNG (yuebing/replay.py)\n"
+        "      prefix hit ratio, rejections; a table, a JSON line, a JSON file and a PNG (bench/replay.py)\n"
         "  yuebing bench trace [FILE] [options]\n"
         "      without --url: the KV-cache experiment on clusters it starts itself: prefix hit ratio of\n"
-        "      global, local-only and smaller pools against the unbounded-cache bound (bench_cache.py)")
+        "      global, local-only and smaller pools against the unbounded-cache bound (bench/cache_trace.py)")
     replay.add_arguments(trace_b)  # FILE, --url; --model, --token-scale, --requests, --max-context, --out serve both
     cache_b = trace_b.add_argument_group("the cache experiment (without --url)")
     cache_b.add_argument("--data-dir", default=None, help="clusters' data and logs (default: a temporary directory)")
@@ -295,8 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     cache_b.add_argument("--configs", default=None, help="subset of global,local,pool (default: all)")
     cache_b.add_argument("--no-settle", dest="settle", action="store_false",
                          help="send the next request without waiting for the previous one's pool writes")
-    trace_b.set_defaults(func=bench_cache.trace_main)  # it dispatches: --url -> replay.main
-    bench_sched.add_parser(bench_sub)
+    trace_b.set_defaults(func=cache_trace.trace_main)  # it dispatches: --url -> replay.main
+    sched.add_parser(bench_sub)
     return parser
 
 

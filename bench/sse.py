@@ -1,6 +1,6 @@
 """The benchmarks' client for OpenAI-compatible servers: one streaming completion, and what arrived when.
 
-``bench serve``, ``bench prefix`` and the trace replay (``yuebing.replay``) all send streaming
+``bench serve``, ``bench prefix`` and the trace replay (``bench.replay``) all send streaming
 ``/v1/completions`` requests and read the server-sent events the same way, through
 :func:`stream_completion`. It records, per request: the HTTP status and ``Retry-After``, when the first
 SSE data event arrived, when every output token arrived, ``usage``, the finish reason and any error

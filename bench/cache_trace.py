@@ -39,7 +39,7 @@ failures of the cache path found in the logs are counted too.
 Each prints a table and a final JSON line of named figures (also written to ``--out``).
 
 ``bench trace FILE --url URL`` is another tool: an open-loop replay of the trace against a running
-OpenAI-compatible server, under SLOs (``yuebing.replay``); ``trace_main`` dispatches to it.
+OpenAI-compatible server, under SLOs (``bench.replay``); ``trace_main`` dispatches to it.
 """
 
 from __future__ import annotations
@@ -168,7 +168,7 @@ class Reply:
 
 
 async def _model_name(session, base: str) -> str:
-    from yuebing.sse import first_model
+    from bench.sse import first_model
 
     return (await first_model(session, base))["id"]
 
@@ -181,9 +181,9 @@ def _body(model_name: str, prompt: list[int], stream: bool) -> dict:
 
 
 async def _stream(session, url: str, body: dict) -> Reply:
-    """One streaming request (``yuebing.sse``); TTFT = send -> first SSE event (with max_tokens 1 the
+    """One streaming request (``bench.sse``); TTFT = send -> first SSE event (with max_tokens 1 the
     first token is sent at once, even when its text is empty and only the finishing chunk carries it)."""
-    from yuebing.sse import stream_completion
+    from bench.sse import stream_completion
 
     s = await stream_completion(session, url, body)
     res = Reply(ok=False, request_id=s.request_id, error=s.error)
@@ -529,7 +529,7 @@ def _prefix(args) -> int:
 
 # ================================================================ bench transfer
 def _raw_publisher_main(argv: list[str]) -> int:
-    """``python -m yuebing.bench_cache raw-publisher NATS_URL``: publishes bursts on request."""
+    """``python -m bench.cache_trace raw-publisher NATS_URL``: publishes bursts on request."""
     import nats
 
     from libs.bus import synced
@@ -787,7 +787,7 @@ def _transfer(args) -> int:
                     stdout=out, stderr=out, env=env, start_new_session=True, preexec_fn=die_with_parent)
             with open(log_dir / "raw-publisher.log", "ab") as out:
                 pub = subprocess.Popen(
-                    [sys.executable, "-m", "yuebing.bench_cache", "raw-publisher", server.url],
+                    [sys.executable, "-m", "bench.cache_trace", "raw-publisher", server.url],
                     stdout=out, stderr=out, start_new_session=True, preexec_fn=die_with_parent)
             rounds, info = asyncio.run(run_transfer(server.url, blocks=blocks, shape=shape, repeats=repeats,
                                                     put_batch=put_batch, progress=progress))
@@ -1170,10 +1170,10 @@ def _parse_floats(spec) -> list[float]:
 
 
 def trace_main(args) -> int:
-    """``yuebing bench trace``: with ``--url``, replay the trace against that server (``yuebing.replay``);
+    """``yuebing bench trace``: with ``--url``, replay the trace against that server (``bench.replay``);
     without, the cache experiment of this module on clusters it starts (the trace: ``FILE`` or ``--trace``)."""
     if getattr(args, "url", None):
-        from yuebing import replay
+        from bench import replay
 
         return replay.main(args)
     return _entry(_trace, args)
@@ -1323,6 +1323,6 @@ def _trace(args) -> int:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "raw-publisher":
         sys.exit(_raw_publisher_main(sys.argv[2:]))
-    print("usage: python -m yuebing.bench_cache raw-publisher NATS_URL (the benchmarks run via `yuebing bench`)",
+    print("usage: python -m bench.cache_trace raw-publisher NATS_URL (the benchmarks run via `yuebing bench`)",
           file=sys.stderr)
     sys.exit(2)

@@ -8,7 +8,7 @@ What it does (DESIGN.md section 10: every speed claim is a ratio against a basel
    flight: streaming ``/v1/completions`` with token-id prompts (the chat template applied here, so the
    baseline sees exactly the same ids), greedy, ``ignore_eos`` so each request makes exactly
    ``--max-tokens`` tokens. Per request: TTFT (send -> first token) and inter-token latencies
-   (gaps between tokens; token arrivals counted by ``yuebing.sse``: here one per chunk with text);
+   (gaps between tokens; token arrivals counted by ``bench.sse``: here one per chunk with text);
    tokens come from the ``usage`` chunk. Per level: TTFT and ITL
    p50/p90 and output tokens/s = completion tokens / wall time of the level.
 3. Then (the cluster idle) run ``model.generate`` on the same model directory and the same prompts: batch 1
@@ -159,9 +159,9 @@ class LevelResult:
 
 # ---------------------------------------------------------------- the cluster side
 async def _one_request(session, url: str, body: dict) -> RequestResult:
-    """One streaming request (``yuebing.sse``): TTFT = send -> first token, ITLs = gaps between tokens,
+    """One streaming request (``bench.sse``): TTFT = send -> first token, ITLs = gaps between tokens,
     completion tokens from the usage chunk."""
-    from yuebing.sse import stream_completion
+    from bench.sse import stream_completion
 
     s = await stream_completion(session, url, body)
     res = RequestResult(ok=False, error=s.error)
@@ -191,7 +191,7 @@ def _body(model_name: str, prompt: list[int], max_tokens: int) -> dict:
 
 
 async def _model_name(session, base: str) -> str:
-    from yuebing.sse import first_model
+    from bench.sse import first_model
 
     return (await first_model(session, base))["id"]
 
@@ -365,7 +365,7 @@ def main(args) -> int:
     if getattr(args, "bench", "serve") != "serve":
         print(f"unknown benchmark {args.bench!r}", file=sys.stderr)
         return 2
-    from yuebing.bench_cache import _entry  # quiet logs; SIGTERM unwinds like Ctrl-C
+    from bench.cache_trace import _entry  # quiet logs; SIGTERM unwinds like Ctrl-C
 
     return _entry(_serve, args)
 

@@ -4,7 +4,7 @@ server and measure serving under SLOs.
 A trace is JSONL, one request a line: ``timestamp`` (ms after the first request), ``input_length``,
 ``output_length`` and ``hash_ids`` (prefix-chained ids of 512-token blocks). :func:`prepare` scales it as
 ``../shared/traces/README.md`` says: every hash id becomes a deterministic block of ``512 / token_scale``
-token ids (``bench_cache.TraceTokens``: same id, same tokens, so requests that share leading ids share
+token ids (``bench.cache_trace.TraceTokens``: same id, same tokens, so requests that share leading ids share
 a prompt prefix), output lengths are divided by the same ``token_scale`` (at least one token), arrival
 times by ``time_scale`` (or replaced by a fixed ``rate``), and prompts that do not fit ``max_context``
 with their output are dropped and counted.
@@ -13,7 +13,7 @@ with their output are dropped and counted.
 have finished, as a streaming ``POST /v1/completions`` with the token ids as ``prompt``,
 ``ignore_eos`` so it makes exactly ``max_tokens`` tokens, and the usage chunk requested. While it
 runs, ``GET /health`` is sampled when the server answers it with a ``workers`` list (yuebing's gateway
-does): the prefill queue and the decode batch over time. Responses are read by ``yuebing.sse``, whose
+does): the prefill queue and the decode batch over time. Responses are read by ``bench.sse``, whose
 module doc says how token arrivals are counted when one SSE event carries several tokens.
 
 :func:`summarize` turns the per-request records into the figures, all from the client's clock:
@@ -50,11 +50,11 @@ from typing import Any, Iterable, Sequence
 
 import orjson
 
-from yuebing.bench import percentile
-from yuebing.bench_cache import DEFAULT_TRACE, TRACE_BLOCK_TOKENS, TraceTokens, load_trace
+from bench.serve import percentile
+from bench.cache_trace import DEFAULT_TRACE, TRACE_BLOCK_TOKENS, TraceTokens, load_trace
 from yuebing.tables import format_table as text_table
 from libs.metrics import request_tbt
-from yuebing.sse import StreamResult, first_model, stream_completion
+from bench.sse import StreamResult, first_model, stream_completion
 
 DEFAULT_VOCAB = 49152  # SmolLM2's vocabulary
 DEFAULT_TOKEN_SCALE = 32
@@ -736,7 +736,7 @@ async def _main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    _parser = argparse.ArgumentParser(prog="python -m yuebing.replay", description=__doc__,
+    _parser = argparse.ArgumentParser(prog="python -m bench.replay", description=__doc__,
                                       formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(_parser)
     _ns = _parser.parse_args()

@@ -2,7 +2,7 @@
 real clusters, with the simulated engine at 8 prefill + 8 decode and with the real model at 2+1.
 
 Every run starts a fresh cluster (NATS, conductor, cachestore, workers, gateway), replays the same
-slice of the trace through the gateway's OpenAI API with the replay tool (``yuebing.replay``), and
+slice of the trace through the gateway's OpenAI API with the replay tool (``bench.replay``), and
 stops it. Each run leaves its JSON and PNG in the output directory; the experiment prints one table
 per experiment and a final JSON line of the named figures.
 """
@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from yuebing import replay as rp
+from bench import replay as rp
 from yuebing.args import count
 from libs.cpus import available_cores
 
@@ -343,7 +343,7 @@ def goodput_figures(runs: list[Run]) -> dict:
 def main(args) -> int:
     import orjson
 
-    from yuebing.bench_cache import TRACE_BLOCK_TOKENS, trace_bound
+    from bench.cache_trace import TRACE_BLOCK_TOKENS, trace_bound
     from libs.engine.calibrate import calibrate
     from libs.config import from_env
     from libs.engine.costs import CostProfile, profile_path
