@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import msgspec
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: attempt_id and output_id named apart (1: request_id for both)
 
 # NATS' default max_payload is 1 MiB; a chunk of binary data leaves room for its header.
 MAX_PAYLOAD = 1024 * 1024
@@ -43,8 +43,8 @@ class Subjects:
         return f"yb.kv.{decode_id}"
 
     @staticmethod
-    def output(request_id: str) -> str:
-        return f"yb.out.{request_id}"
+    def output(output_id: str) -> str:
+        return f"yb.out.{output_id}"
 
     @staticmethod
     def prefill_blocks(instance_id: str) -> str:
@@ -91,7 +91,7 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
 class Resume(msgspec.Struct, kw_only=True):
     """Set when a request is resumed on other instances after one failed mid-stream.
 
-    ``request_id`` of the task is then a new attempt id; token events go to the client's original
+    ``attempt_id`` of the task is then a new attempt's; token events go to the client's original
     ``output_id`` and are numbered from ``seq_base`` (the events the client already has). The
     prompt of the attempt is the original prompt plus the tokens already streamed.
     """
@@ -101,14 +101,18 @@ class Resume(msgspec.Struct, kw_only=True):
 
 
 class _Resumable(msgspec.Struct, kw_only=True):
-    """A task that may belong to a resumed request: where its token events go, numbered from where."""
+    """A task that may belong to a resumed request: where its token events go, numbered from where.
 
-    request_id: str
+    Two ids travel apart: ``attempt_id`` names one attempt at serving a request (tasks, reports,
+    aborts, the conductor's bookkeeping); ``output_id`` names the client's stream of token events,
+    which a resumed request keeps across its attempts. They are equal on a first attempt."""
+
+    attempt_id: str
     resume: Resume | None = None
 
     @property
     def output_id(self) -> str:
-        return self.resume.output_id if self.resume else self.request_id
+        return self.resume.output_id if self.resume else self.attempt_id
 
     @property
     def seq_base(self) -> int:
@@ -119,7 +123,7 @@ class ScheduleRequest(msgspec.Struct, kw_only=True):
     """gateway -> conductor: place this request (and, if admitted, dispatch it)."""
 
     v: int = PROTOCOL_VERSION
-    request_id: str
+    attempt_id: str
     prompt_token_ids: list[int]
     sampling: SamplingParams
     block_hashes: list[bytes] = []
@@ -134,7 +138,7 @@ class ScheduleReply(msgspec.Struct, kw_only=True):
     """conductor -> gateway. ``status`` is the HTTP status to surface when not admitted."""
 
     v: int = PROTOCOL_VERSION
-    request_id: str
+    attempt_id: str
     admitted: bool
     prefill_id: str = ""
     decode_id: str = ""
@@ -156,7 +160,7 @@ class PrefillTask(_Resumable, kw_only=True):
     """
 
     v: int = PROTOCOL_VERSION
-    request_id: str
+    attempt_id: str
     prompt_token_ids: list[int]
     sampling: SamplingParams
     decode_id: str
@@ -175,7 +179,7 @@ class DecodeTask(_Resumable, kw_only=True):
     """prefill -> decode instance (JetStream work queue), published after the KV is delivered."""
 
     v: int = PROTOCOL_VERSION
-    request_id: str
+    attempt_id: str
     prompt_token_ids: list[int]
     output_token_ids: list[int]  # tokens already streamed to the client (the first token)
     sampling: SamplingParams
@@ -185,14 +189,15 @@ class DecodeTask(_Resumable, kw_only=True):
 
 
 class TokenEvent(msgspec.Struct, kw_only=True):
-    """prefill/decode -> gateway, on ``Subjects.output(request_id)``.
+    """prefill/decode -> gateway, on ``Subjects.output(output_id)``: the client's stream, the same
+    across the attempts of a resumed request.
 
     ``seq`` numbers the events of one request from 0 without gaps, across the prefill and
     decode instances that produce them, so the gateway can order them and detect loss.
     """
 
     v: int = PROTOCOL_VERSION
-    request_id: str
+    output_id: str
     seq: int
     token_ids: list[int]
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
@@ -207,7 +212,7 @@ class PrefillReport(msgspec.Struct, kw_only=True):
 
     v: int = PROTOCOL_VERSION
     instance_id: str
-    request_id: str
+    attempt_id: str
     prompt_tokens: int
     local_tokens: int  # reused from the instance's own DRAM cache
     pool_tokens: int  # reused from the cachestore pool, or from a peer prefill instance's cache
@@ -226,7 +231,7 @@ class PrefillDone(msgspec.Struct, kw_only=True):
 
     v: int = PROTOCOL_VERSION
     instance_id: str
-    request_id: str
+    attempt_id: str
     kv_tokens: int = 0  # positions of KV handed to decode (0: no hand-off)
     tail_seconds: float = 0.0  # from the first token's report to the instance being free
 
@@ -237,7 +242,7 @@ class DecodeReport(msgspec.Struct, kw_only=True):
 
     v: int = PROTOCOL_VERSION
     instance_id: str
-    request_id: str
+    attempt_id: str
     output_tokens: int  # tokens made by this decode instance
     seconds: float  # from joining the batch to leaving it
     finish_reason: str = ""
@@ -302,14 +307,14 @@ def keys_digest(keys) -> bytes:
 
 class Abort(msgspec.Struct, kw_only=True):
     v: int = PROTOCOL_VERSION
-    request_id: str
+    attempt_id: str
     reason: str = ""
 
 
 class SequenceProgress(msgspec.Struct, array_like=True):
     """A sequence a decode instance holds, as of its heartbeat."""
 
-    request_id: str
+    attempt_id: str
     decoded: int  # steps run for it here
     left: int  # steps to its length limit (max_tokens)
     running: bool  # in the running batch (else waiting for a row)
@@ -380,7 +385,7 @@ class KVMeta(msgspec.Struct, kw_only=True):
     """
 
     v: int = PROTOCOL_VERSION
-    request_id: str
+    attempt_id: str
     length: int
     num_layers: int
     num_kv_heads: int

@@ -136,17 +136,17 @@ class ModelWorker(Service):
             abort = decode(msg.data, Abort)
         except (msgspec.DecodeError, msgspec.ValidationError):
             return
-        self.aborted.add(abort.request_id)
-        self.on_abort(abort.request_id)
+        self.aborted.add(abort.attempt_id)
+        self.on_abort(abort.attempt_id)
 
-    def on_abort(self, request_id: str) -> None:
+    def on_abort(self, attempt_id: str) -> None:
         pass
 
     async def emit(self, event: TokenEvent) -> None:
-        await self.nc.publish(Subjects.output(event.request_id), encode(event))
+        await self.nc.publish(Subjects.output(event.output_id), encode(event))
 
     async def emit_error(self, output_id: str, seq: int, error: str, retry: bool = False) -> None:
-        await self.emit(TokenEvent(request_id=output_id, seq=seq, token_ids=[], finish_reason="error", error=error,
+        await self.emit(TokenEvent(output_id=output_id, seq=seq, token_ids=[], finish_reason="error", error=error,
                                    retry=retry))
 
     async def subscribe_tasks(self, stream: str, subject: str, wait: float = 30.0) -> None:

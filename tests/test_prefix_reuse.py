@@ -261,7 +261,7 @@ async def _run_prefill_task(cluster, model_dir, instance: str, prompt: list[int]
     try:
         await nc.subscribe(Subjects.output(rid), cb=on_event)
         await synced(nc)
-        task = PrefillTask(request_id=rid, prompt_token_ids=prompt, decode_id="decode-0",
+        task = PrefillTask(attempt_id=rid, prompt_token_ids=prompt, decode_id="decode-0",
                            block_hashes=_keys(model_dir, prompt),
                            sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0), **plan)
         await nc.jetstream().publish(Subjects.prefill_task(instance), encode(task))

@@ -95,7 +95,7 @@ def test_chat_messages_text_parts_and_roles():
 
 # ---------------------------------------------------------------- batching
 def _seq(rid, max_tokens=3, eos=()):
-    return Sequence(request_id=rid, params=SamplingParams(max_tokens=max_tokens, temperature=0.0), prompt_len=4,
+    return Sequence(attempt_id=rid, params=SamplingParams(max_tokens=max_tokens, temperature=0.0), prompt_len=4,
                     output=[7])
 
 
@@ -104,27 +104,27 @@ def test_batcher_joins_within_capacity_and_finishes():
     for rid in "abc":
         b.submit(_seq(rid))
     plan = b.plan()
-    assert [s.request_id for s in plan.rows] == ["a", "b"] and len(b.waiting) == 1
+    assert [s.attempt_id for s in plan.rows] == ["a", "b"] and len(b.waiting) == 1
     finished = b.record(plan.rows, [5, 2])  # b emits EOS
-    assert [s.request_id for s in finished] == ["b"] and finished[0].finish == "stop"
+    assert [s.attempt_id for s in finished] == ["b"] and finished[0].finish == "stop"
     plan = b.plan()
-    assert plan.leaves == {"b"} and [s.request_id for s in plan.rows] == ["a", "c"]
+    assert plan.leaves == {"b"} and [s.attempt_id for s in plan.rows] == ["a", "c"]
     finished = b.record(plan.rows, [5, 5])  # a reaches max_tokens=3 (7, 5, 5)
-    assert [(s.request_id, s.finish) for s in finished] == [("a", "length")]
+    assert [(s.attempt_id, s.finish) for s in finished] == [("a", "length")]
 
 
 def test_batcher_gives_free_rows_to_urgent_sequences_first():
     b = Batcher(max_running=1, eos_ids=(2,))
     b.submit(_seq("long", max_tokens=50))  # ten gaps or more: its wait for a row is outside its TBT
-    assert b.plan().rows[0].request_id == "long"
+    assert b.plan().rows[0].attempt_id == "long"
     b.submit(_seq("l2", max_tokens=50))
     for rid in ("s1", "s2"):  # ten tokens, nine gaps: the wait for a row is its TBT
         b.submit(_seq(rid, max_tokens=10))
-    assert [s.request_id for s in b.waiting] == ["s1", "s2", "l2"]  # urgent first, in arrival order
+    assert [s.attempt_id for s in b.waiting] == ["s1", "s2", "l2"]  # urgent first, in arrival order
     b.submit(_seq("l3", max_tokens=11))
-    assert [s.request_id for s in b.waiting] == ["s1", "s2", "l2", "l3"]
+    assert [s.attempt_id for s in b.waiting] == ["s1", "s2", "l2", "l3"]
     b.abort("long")
-    assert [s.request_id for s in b.plan().rows] == ["s1"]
+    assert [s.attempt_id for s in b.plan().rows] == ["s1"]
     assert _seq("x", max_tokens=10).urgent and not _seq("x", max_tokens=11).urgent
     assert not _seq("x", max_tokens=1).urgent  # one token never reaches decode
 
@@ -133,16 +133,16 @@ def test_batcher_keeps_its_urgent_rows_for_urgent_sequences():
     b = Batcher(max_running=1, eos_ids=(2,), urgent_rows=1)
     b.submit(_seq("long", max_tokens=50))
     b.submit(_seq("l2", max_tokens=50))
-    assert [s.request_id for s in b.plan().rows] == ["long"]  # the second row is not for it
+    assert [s.attempt_id for s in b.plan().rows] == ["long"]  # the second row is not for it
     b.submit(_seq("s1", max_tokens=5))
     b.submit(_seq("s2", max_tokens=5))
-    assert [s.request_id for s in b.plan().rows] == ["long", "s1"]  # one urgent row
-    assert [s.request_id for s in b.waiting] == ["s2", "l2"]
+    assert [s.attempt_id for s in b.plan().rows] == ["long", "s1"]  # one urgent row
+    assert [s.attempt_id for s in b.waiting] == ["s2", "l2"]
     b.abort("long")
-    assert [s.request_id for s in b.plan().rows] == ["s1", "s2"]  # the freed row goes to the urgent one
+    assert [s.attempt_id for s in b.plan().rows] == ["s1", "s2"]  # the freed row goes to the urgent one
     b.abort("s1")
     b.abort("s2")
-    assert [s.request_id for s in b.plan().rows] == ["l2"]
+    assert [s.attempt_id for s in b.plan().rows] == ["l2"]
 
 
 def test_batcher_abort_waiting_and_running():

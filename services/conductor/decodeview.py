@@ -36,7 +36,7 @@ def decode_view(inst: Instance, p: DecodeLoadProjector, cost: DecodeCostModel, h
     reported = hb.running + hb.queued
     tracked, tracked_kv = p.current(inst.instance_id)
     # sequences the instance reports that this conductor did not admit (e.g. before a restart)
-    untracked = sum(1 for q in hb.sequences if q.request_id not in p.entries)
+    untracked = sum(1 for q in hb.sequences if q.attempt_id not in p.entries)
     per_seq = hb.kv_tokens / max(1, hb.running)
     now_seqs, now_kv = tracked + untracked, tracked_kv + int(untracked * per_seq)
     cap, lane = hb.max_running, hb.urgent_rows

@@ -118,27 +118,27 @@ class PrefillQueues:
         self.lost_after = lost_after
         self._tasks: dict[str, dict[str, _Task]] = {}
 
-    def placed(self, instance_id: str, request_id: str, compute_seconds: float, tokens: int,
+    def placed(self, instance_id: str, attempt_id: str, compute_seconds: float, tokens: int,
                now: float | None = None) -> None:
         """A task sent to the instance at ``now`` (None: its start is not tracked, its whole
         compute counts until its first token)."""
         tasks = self._tasks.setdefault(instance_id, {})
         idle = not tasks
-        tasks[request_id] = _Task(max(0.0, compute_seconds), tokens, started_at=now if idle else None)
+        tasks[attempt_id] = _Task(max(0.0, compute_seconds), tokens, started_at=now if idle else None)
 
-    def first_token(self, instance_id: str, request_id: str, now: float) -> None:
-        task = self._tasks.get(instance_id, {}).get(request_id)
+    def first_token(self, instance_id: str, attempt_id: str, now: float) -> None:
+        task = self._tasks.get(instance_id, {}).get(attempt_id)
         if task is not None and task.first_token_at is None:
             task.first_token_at = now
             if task.started_at is not None:
                 self.lag.observe(now - task.started_at, task.compute)
 
-    def done(self, instance_id: str, request_id: str, tokens: int, tail_seconds: float,
+    def done(self, instance_id: str, attempt_id: str, tokens: int, tail_seconds: float,
              now: float | None = None) -> None:
         """The instance is free of the task at ``now``; ``tokens`` > 0 when it handed off that many
         positions in ``tail_seconds`` after the first token (a sample of the hand-off model)."""
         tasks = self._tasks.get(instance_id)
-        if tasks is not None and tasks.pop(request_id, None) is not None and now is not None:
+        if tasks is not None and tasks.pop(attempt_id, None) is not None and now is not None:
             head = next(iter(tasks.values()), None)  # the instance takes up the next one now
             if head is not None and head.started_at is None and head.first_token_at is None:
                 head.started_at = now

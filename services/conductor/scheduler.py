@@ -35,10 +35,10 @@ PRIOR_KV_TOKENS = 256  # KV positions per sequence assumed before any has been s
 MAX_PENDING_PREDICTIONS = 100_000  # placed requests whose first token is awaited, kept to compare with it
 
 
-def _remember(pending: OrderedDict, request_id: str, predicted: float) -> None:
+def _remember(pending: OrderedDict, attempt_id: str, predicted: float) -> None:
     """Keep a placed request's prediction until its report comes; the oldest go first when reports
     never come (``MAX_PENDING_PREDICTIONS``)."""
-    pending[request_id] = predicted
+    pending[attempt_id] = predicted
     while len(pending) > MAX_PENDING_PREDICTIONS:
         pending.popitem(last=False)
 
@@ -91,7 +91,7 @@ class Scheduler:
         self.registry.beat(hb, now)
         if hb.kind == "decode":
             self.projector.progress(hb.instance_id, now,
-                                    [(q.request_id, q.decoded, q.left, q.running) for q in hb.sequences])
+                                    [(q.attempt_id, q.decoded, q.left, q.running) for q in hb.sequences])
             if hb.steps:
                 self.decode_cost.observe(hb.steps, hb.step_batch, hb.step_kv_tokens, hb.step_seconds)
             if hb.max_running > 0:
@@ -102,9 +102,9 @@ class Scheduler:
 
     def prefill_report(self, r: PrefillReport, now: float) -> None:
         """A prompt's first token: its TTFT against the prediction, and the prefill cost model's samples."""
-        self.queues.first_token(r.instance_id, r.request_id, now)
-        self.projector.started(r.request_id, now)
-        predicted = self._predicted_ttft.pop(r.request_id, None)
+        self.queues.first_token(r.instance_id, r.attempt_id, now)
+        self.projector.started(r.attempt_id, now)
+        predicted = self._predicted_ttft.pop(r.attempt_id, None)
         if predicted is not None and r.ttft_seconds > 0:
             self.ttft_error.observe(predicted, r.ttft_seconds)
         reused = r.local_tokens + r.pool_tokens
@@ -114,12 +114,12 @@ class Scheduler:
 
     def prefill_done(self, r: PrefillDone, now: float) -> None:
         """A prompt's KV hand-off is over: its instance is free of it."""
-        self.queues.done(r.instance_id, r.request_id, r.kv_tokens, r.tail_seconds, now)
+        self.queues.done(r.instance_id, r.attempt_id, r.kv_tokens, r.tail_seconds, now)
 
     def decode_report(self, r: DecodeReport, now: float) -> DecodeWait | None:
         """A request left decode; returns its wait for a row against the prediction, when there was one."""
-        predicted = self._predicted_wait.pop(r.request_id, None)
-        e = self.projector.entries.get(r.request_id)
+        predicted = self._predicted_wait.pop(r.attempt_id, None)
+        e = self.projector.entries.get(r.attempt_id)
         judged = None
         if predicted is not None and e is not None and e.started and r.output_tokens > 0:
             # from its first token (the prefill's report) to its first step in a row
@@ -127,7 +127,7 @@ class Scheduler:
             waited = max(0.0, row_at - e.start)
             self.wait_error.observe(predicted, waited, within=e.tbt_slo if e.tbt_slo > 0 else math.inf)
             judged = DecodeWait(predicted, waited, self.wait_error.margin())
-        self.projector.finished(r.request_id, r.output_tokens, r.seconds, r.finish_reason in ("stop", "length"),
+        self.projector.finished(r.attempt_id, r.output_tokens, r.seconds, r.finish_reason in ("stop", "length"),
                                 waited=r.waited_seconds)
         return judged
 
@@ -229,7 +229,7 @@ class Scheduler:
         if not placement.admitted:
             return Decision(placement, view)
         task = self.placed_task(PrefillTask(
-            request_id=req.request_id,
+            attempt_id=req.attempt_id,
             prompt_token_ids=req.prompt_token_ids,
             sampling=req.sampling,
             decode_id=placement.decode_id,
@@ -238,12 +238,12 @@ class Scheduler:
             pool_write_blocks=self.pool_writes.blocks_to_write(keys),
             resume=req.resume,
         ), placement)
-        self._placed(req.request_id, placement, len(req.prompt_token_ids), req.sampling, now, req.tbt_slo)
+        self._placed(req.attempt_id, placement, len(req.prompt_token_ids), req.sampling, now, req.tbt_slo)
         wait = None
         d = next(v for v in decodes if v.instance_id == placement.decode_id)
         if tokens > 1:  # it reaches decode: remember the wait the admission judged it by
             wait = d.wait_now if self.admission.mode == "early" else d.wait_then
-            _remember(self._predicted_wait, req.request_id, wait)
+            _remember(self._predicted_wait, req.attempt_id, wait)
         # those it will reach a row before (admitted earlier, with longer prompts) now expect to
         # wait that much longer: their waits are judged against that, not against a forecast
         # made before this request existed (placement lets a long request be overtaken so; it
@@ -261,24 +261,24 @@ class Scheduler:
                                      urgent=largest_gap_counts(task.sampling.max_tokens))
         if not placement.admitted:
             return placement, None
-        self._placed(task.request_id, placement, len(task.prompt_token_ids), task.sampling, now)
+        self._placed(task.attempt_id, placement, len(task.prompt_token_ids), task.sampling, now)
         return placement, self.placed_task(task, placement)
 
-    def _placed(self, request_id: str, placement: Placement, prompt_len: int, sampling, now: float,
+    def _placed(self, attempt_id: str, placement: Placement, prompt_len: int, sampling, now: float,
                 tbt_slo: float = 0.0) -> None:
         """Count a placed request on its prefill queue and in the decode projection."""
-        _remember(self._predicted_ttft, request_id, placement.predicted_ttft)
-        self.queues.placed(placement.prefill_id, request_id, placement.predicted_prefill, prompt_len, now)
+        _remember(self._predicted_ttft, attempt_id, placement.predicted_ttft)
+        self.queues.placed(placement.prefill_id, attempt_id, placement.predicted_prefill, prompt_len, now)
         inst = self.registry.get("decode", placement.decode_id)
         if inst is not None:
             inst.placed_since_beat += 1
         tokens = self.projector.expected_tokens(sampling.max_tokens, sampling.ignore_eos)
-        self.projector.admit(request_id, placement.decode_id, now + placement.predicted_ttft, tokens,
+        self.projector.admit(attempt_id, placement.decode_id, now + placement.predicted_ttft, tokens,
                              prompt_len, tbt_slo, urgent=largest_gap_counts(sampling.max_tokens))
 
-    def unplace(self, request_id: str, placement: Placement) -> None:
+    def unplace(self, attempt_id: str, placement: Placement) -> None:
         """Undo what placing a request counted, for a task that was never queued."""
-        self.queues.done(placement.prefill_id, request_id, 0, 0.0)
-        self.projector.forget(request_id)
-        self._predicted_ttft.pop(request_id, None)
-        self._predicted_wait.pop(request_id, None)
+        self.queues.done(placement.prefill_id, attempt_id, 0, 0.0)
+        self.projector.forget(attempt_id)
+        self._predicted_ttft.pop(attempt_id, None)
+        self._predicted_wait.pop(attempt_id, None)

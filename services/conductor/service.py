@@ -123,7 +123,7 @@ class ConductorService(Service):
         wait = self.scheduler.decode_report(r, time.monotonic())
         if wait is not None:
             WAIT_MARGIN.set(wait.margin)
-            self.log.info("decode_wait", request_id=r.request_id, decode=r.instance_id,
+            self.log.info("decode_wait", request_id=r.attempt_id, decode=r.instance_id,
                           predicted=round(wait.predicted, 4), waited=round(wait.waited, 4),
                           margin=round(wait.margin, 4))
 
@@ -246,12 +246,12 @@ class ConductorService(Service):
                     placement, moved_task = self.scheduler.reassign(task, time.monotonic())
                     if moved_task is None:
                         await self.nc.publish(Subjects.output(task.output_id), encode(TokenEvent(
-                            request_id=task.output_id, seq=task.seq_base, token_ids=[], finish_reason="error",
+                            output_id=task.output_id, seq=task.seq_base, token_ids=[], finish_reason="error",
                             error=f"prefill instance {dead} was lost and {placement.reason}")))
                         failed += 1
                     else:
                         await self.js.publish(Subjects.prefill_task(placement.prefill_id), encode(moved_task),
-                                              headers={"Nats-Msg-Id": f"{task.request_id}@{placement.prefill_id}"})
+                                              headers={"Nats-Msg-Id": f"{task.attempt_id}@{placement.prefill_id}"})
                         moved += 1
                     await m.ack()
         finally:
@@ -269,7 +269,7 @@ class ConductorService(Service):
         except _BAD as e:
             self.log.warning("bad_schedule_request", error=str(e))
             return
-        log = self.log.bind(request_id=req.request_id)
+        log = self.log.bind(request_id=req.attempt_id)
         d = self.scheduler.schedule(req, time.monotonic())
         placement, view = d.placement, d.view
         if d.task is not None:
@@ -291,12 +291,12 @@ class ConductorService(Service):
             return
         NOT_ADMITTED.labels(status=str(placement.status), cause=placement.cause or "unavailable").inc()
         log.warning("not_admitted", status=placement.status, reason=placement.reason)
-        await msg.respond(encode(self._reply(req.request_id, placement)))
+        await msg.respond(encode(self._reply(req.attempt_id, placement)))
 
     async def _dispatch(self, msg, task: PrefillTask, placement, log) -> None:
         """Queue an admitted request's prefill task, then answer its gateway; if JetStream cannot
         take it, forget what its placement counted and answer 503 (never a hang)."""
-        rid = task.request_id
+        rid = task.attempt_id
         try:
             await self.js.publish(Subjects.prefill_task(placement.prefill_id), encode(task),
                                   headers={"Nats-Msg-Id": rid})
@@ -304,7 +304,7 @@ class ConductorService(Service):
             log.error("dispatch_failed", error=str(e))
             self.scheduler.unplace(rid, placement)
             NOT_ADMITTED.labels(status="503", cause="unavailable").inc()
-            await msg.respond(encode(ScheduleReply(request_id=rid, admitted=False, status=503,
+            await msg.respond(encode(ScheduleReply(attempt_id=rid, admitted=False, status=503,
                                                    reason="task queue unavailable", retry_after=1.0)))
             return
         # counted once queued: a placement undone above is a request not admitted
@@ -314,9 +314,9 @@ class ConductorService(Service):
         await msg.respond(encode(self._reply(rid, placement)))
 
     @staticmethod
-    def _reply(request_id: str, placement) -> ScheduleReply:
+    def _reply(attempt_id: str, placement) -> ScheduleReply:
         return ScheduleReply(
-            request_id=request_id,
+            attempt_id=attempt_id,
             admitted=placement.admitted,
             prefill_id=placement.prefill_id,
             decode_id=placement.decode_id,

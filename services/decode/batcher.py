@@ -21,7 +21,7 @@ from libs.worker import finish_reason
 
 @dataclass
 class Sequence:
-    request_id: str
+    attempt_id: str
     params: SamplingParams
     prompt_len: int
     output: list[int]  # every output token so far, including the one from prefill
@@ -75,15 +75,15 @@ class Batcher:
         else:
             self.waiting.append(seq)
 
-    def abort(self, request_id: str) -> Sequence | None:
+    def abort(self, attempt_id: str) -> Sequence | None:
         for i, s in enumerate(self.waiting):
-            if s.request_id == request_id:
+            if s.attempt_id == attempt_id:
                 s.finish = "abort"
                 return self.waiting.pop(i)
-        seq = self.running.get(request_id)
+        seq = self.running.get(attempt_id)
         if seq is not None and seq.finish is None:
             seq.finish = "abort"
-            self._leaving.add(request_id)
+            self._leaving.add(attempt_id)
         return seq
 
     def plan(self) -> StepPlan:
@@ -98,7 +98,7 @@ class Batcher:
         for s in self.waiting:
             if len(self.running) >= self.max_running + (self.urgent_rows if s.urgent else 0):
                 break
-            self.running[s.request_id] = s
+            self.running[s.attempt_id] = s
             n += 1
         joins, self.waiting = self.waiting[:n], self.waiting[n:]
         return StepPlan(joins=joins, leaves=leaves, rows=list(self.running.values()))
@@ -113,6 +113,6 @@ class Batcher:
             reason = finish_reason(tok, len(seq.output), seq.params, self.eos_ids)
             if reason is not None:
                 seq.finish = reason
-                self._leaving.add(seq.request_id)
+                self._leaving.add(seq.attempt_id)
                 finished.append(seq)
         return finished

@@ -64,7 +64,7 @@ class DecodeService(ModelWorker):
             kv_tokens=self.batch.kv_tokens(),
             steps=n, step_seconds=seconds / n if n else 0.0, step_batch=rows / n if n else 0.0,
             step_kv_tokens=kv / n if n else 0.0,
-            sequences=[SequenceProgress(s.request_id, len(s.output) - s.initial_outputs,
+            sequences=[SequenceProgress(s.attempt_id, len(s.output) - s.initial_outputs,
                                         max(0, s.params.max_tokens - len(s.output)), running)
                        for running, seqs in ((True, b.running.values()), (False, b.waiting))
                        for s in seqs if s.finish is None],
@@ -77,7 +77,7 @@ class DecodeService(ModelWorker):
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
             self.log.warning("bad_kv_meta", transfer_id=transfer_id, error=str(e))
             return
-        rid = m.request_id
+        rid = m.attempt_id
         if rid in self.done or rid in self.batcher.running:
             return  # a second copy (the prefill was redone after a failure)
         self._kv[rid] = (m, data, time.monotonic())
@@ -106,7 +106,7 @@ class DecodeService(ModelWorker):
                 self.spawn(self._admit(task, msg))
 
     async def _admit(self, task: DecodeTask, msg) -> None:
-        rid = task.request_id
+        rid = task.attempt_id
         log = self.log.bind(request_id=rid)
         if rid in self.done or rid in self.aborted or rid in self.batcher.running:
             self._drop_kv(rid)
@@ -132,7 +132,7 @@ class DecodeService(ModelWorker):
             await msg.ack()
             return
         seq = Sequence(
-            request_id=rid,
+            attempt_id=rid,
             params=task.sampling,
             prompt_len=len(task.prompt_token_ids),
             output=list(task.output_token_ids),
@@ -153,9 +153,9 @@ class DecodeService(ModelWorker):
         self._recv_bufs.pop(rid, None)
         self._kv_ready.pop(rid, None)
 
-    def on_abort(self, request_id: str) -> None:
-        seq = self.batcher.abort(request_id)
-        if seq is not None and seq.request_id not in self.batcher.running:
+    def on_abort(self, attempt_id: str) -> None:
+        seq = self.batcher.abort(attempt_id)
+        if seq is not None and seq.attempt_id not in self.batcher.running:
             self.spawn(self._finish(seq))
 
     # ---- the engine
@@ -164,21 +164,21 @@ class DecodeService(ModelWorker):
         if plan.leaves:
             self.batch.remove(plan.leaves)
         for seq in plan.joins:
-            self.batch.add(seq.request_id, seq.kv)  # copies it: its buffer is free again
+            self.batch.add(seq.attempt_id, seq.kv)  # copies it: its buffer is free again
             seq.kv = None
-            data = self._recv_bufs.pop(seq.request_id, None)
+            data = self._recv_bufs.pop(seq.attempt_id, None)
             if data is not None and self.recv_arena is not None:
                 self.recv_arena.give_bytes(data)
         if not plan.rows:
             return []
         kv = self.batch.kv_tokens()
-        by_id = {s.request_id: s for s in plan.rows}
+        by_id = {s.attempt_id: s for s in plan.rows}
         rows = [by_id[rid] for rid in self.batch.ids]  # the batch keeps its own row order
         assert len(rows) == len(by_id)
         logits = self.batch.step([s.output[-1] for s in rows])
-        tokens = {s.request_id: sample_token(logits[i], s.params, s.next_seq) for i, s in enumerate(rows)}
+        tokens = {s.attempt_id: sample_token(logits[i], s.params, s.next_seq) for i, s in enumerate(rows)}
         self._step_kv = kv
-        return [tokens[s.request_id] for s in plan.rows]
+        return [tokens[s.attempt_id] for s in plan.rows]
 
     async def drain(self) -> None:
         """Finish running sequences for up to ``drain_seconds``; hand the rest back: each gets a
@@ -189,7 +189,7 @@ class DecodeService(ModelWorker):
             await asyncio.sleep(0.05)
         left = list(self.batcher.running.values()) + list(self.batcher.waiting)
         for seq in left:
-            self.batcher.abort(seq.request_id)
+            self.batcher.abort(seq.attempt_id)
             await self.emit_error(seq.output_id, seq.next_seq, "decode instance is shutting down", retry=True)
             await self._finish(seq)
         if left:
@@ -211,24 +211,24 @@ class DecodeService(ModelWorker):
                 self.log.error("decode_step_failed", error=repr(e), exc_info=True)
                 for seq in plan.rows:
                     await self.emit_error(seq.output_id, seq.next_seq, f"decode step failed: {e}", retry=True)
-                    self.batcher.abort(seq.request_id)
+                    self.batcher.abort(seq.attempt_id)
                     await self._ack(seq)
                 self.batch = self.runner.new_batch()
                 self.batcher.plan()
                 continue
-            finished = {s.request_id for s in self.batcher.record(plan.rows, tokens)}
+            finished = {s.attempt_id for s in self.batcher.record(plan.rows, tokens)}
             for seq, tok in zip(plan.rows, tokens):
                 if seq.finish == "abort":
                     continue
                 await self.emit(
                     TokenEvent(
-                        request_id=seq.output_id,
+                        output_id=seq.output_id,
                         seq=seq.next_seq - 1,
                         token_ids=[tok],
-                        finish_reason=seq.finish if seq.request_id in finished else None,
+                        finish_reason=seq.finish if seq.attempt_id in finished else None,
                     )
                 )
-                if seq.request_id in finished:
+                if seq.attempt_id in finished:
                     await self._finish(seq)
             for seq in plan.rows:
                 if seq.finish == "abort":
@@ -241,16 +241,16 @@ class DecodeService(ModelWorker):
                 st[3] += self._step_kv
 
     async def _finish(self, seq: Sequence) -> None:
-        self.done.add(seq.request_id)
+        self.done.add(seq.attempt_id)
         await self._ack(seq)
         if seq.joined_at:
             now = time.monotonic()
-            report = DecodeReport(instance_id=self.instance_id, request_id=seq.request_id,
+            report = DecodeReport(instance_id=self.instance_id, attempt_id=seq.attempt_id,
                                   output_tokens=len(seq.output) - seq.initial_outputs,
                                   seconds=now - seq.joined_at, finish_reason=seq.finish or "",
                                   waited_seconds=(seq.row_at or now) - seq.joined_at)
             seq.joined_at = 0.0  # reported once
-            self.log.info("decoded", request_id=seq.request_id, output_tokens=report.output_tokens,
+            self.log.info("decoded", request_id=seq.attempt_id, output_tokens=report.output_tokens,
                           finish=report.finish_reason, kv_wait_s=round(seq.kv_wait, 4),
                           row_wait_s=round(report.waited_seconds, 4), seconds=round(report.seconds, 4))
             try:

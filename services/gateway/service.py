@@ -208,7 +208,7 @@ class GatewayService(Service):
         sreq = ScheduleRequest(
             ttft_slo=slo.ttft,
             tbt_slo=slo.tbt,
-            request_id=attempt_id,
+            attempt_id=attempt_id,
             prompt_token_ids=prompt,
             sampling=sampling,
             block_hashes=block_hashes(prompt, self.settings.block_size, self.namespace),
@@ -316,7 +316,7 @@ class GatewayService(Service):
                     if attempts >= MAX_ATTEMPTS:
                         raise oa.ApiError(503, "the request failed on every attempt", code="worker_error",
                                           type="server_error")
-                    await self.nc.publish(Subjects.ABORT, encode(Abort(request_id=attempt_id, reason="resume")))
+                    await self.nc.publish(Subjects.ABORT, encode(Abort(attempt_id=attempt_id, reason="resume")))
                     attempts += 1
                     attempt_id = f"{rid}.a{attempts}"
                     remaining = replace(norm.sampling, max_tokens=norm.sampling.max_tokens - len(got))
@@ -331,7 +331,7 @@ class GatewayService(Service):
                 await sub.unsubscribe()
             if not finished and self.nc.is_connected:
                 with contextlib.suppress(Exception):
-                    await self.nc.publish(Subjects.ABORT, encode(Abort(request_id=attempt_id, reason="client")))
+                    await self.nc.publish(Subjects.ABORT, encode(Abort(attempt_id=attempt_id, reason="client")))
 
     async def _serve(self, request: web.Request, norm: oa.Normalized, kind: str, rid: str) -> web.StreamResponse:
         log = self.log.bind(request_id=rid)

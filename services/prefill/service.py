@@ -138,7 +138,7 @@ class PrefillService(ModelWorker):
                     handed = await self._run(task, msg)
                 finally:
                     self.queued, self.queued_tokens = 0, 0
-                    await self._report_done(task.request_id, *handed)
+                    await self._report_done(task.attempt_id, *handed)
 
     async def _report_done(self, rid: str, kv_tokens: int, first_token_at: float | None) -> None:
         """Tell the conductor this instance is free of the task, and how long the hand-off after
@@ -146,7 +146,7 @@ class PrefillService(ModelWorker):
         tail = time.monotonic() - first_token_at if first_token_at is not None else 0.0
         try:
             await self.nc.publish(Subjects.PREFILL_DONE, encode(PrefillDone(
-                instance_id=self.instance_id, request_id=rid, kv_tokens=kv_tokens, tail_seconds=tail)))
+                instance_id=self.instance_id, attempt_id=rid, kv_tokens=kv_tokens, tail_seconds=tail)))
         except Exception as e:  # noqa: BLE001 - the conductor forgets the task later on its own
             self.log.warning("done_report_failed", request_id=rid, error=str(e))
 
@@ -181,7 +181,7 @@ class PrefillService(ModelWorker):
         try:
             return await self.cache.lookup(want)
         except CacheError as e:
-            self.log.warning("pool_lookup_failed", request_id=task.request_id, error=str(e))
+            self.log.warning("pool_lookup_failed", request_id=task.attempt_id, error=str(e))
             return 0
 
     async def _prefill(self, task: PrefillTask, log, stream: bool) -> "Prefilled":
@@ -238,7 +238,7 @@ class PrefillService(ModelWorker):
     async def _run(self, task: PrefillTask, msg) -> tuple[int, float | None]:
         """Serve one task; returns the positions of KV handed to decode (0: none) and when the
         first token was reported (None: the task ended before it)."""
-        rid = task.request_id
+        rid = task.attempt_id
         log = self.log.bind(request_id=rid)
         if rid in self.done or rid in self.aborted:
             await msg.ack()  # a redelivery of finished work, or the client has gone
@@ -271,7 +271,7 @@ class PrefillService(ModelWorker):
             await msg.ack()
             return 0, None
         reason = finish_reason(token, 1, task.sampling, self.shape.eos_token_ids)
-        await self.emit(TokenEvent(request_id=task.output_id, seq=task.seq_base, token_ids=[token],
+        await self.emit(TokenEvent(output_id=task.output_id, seq=task.seq_base, token_ids=[token],
                                    finish_reason=reason, prompt_tokens=len(prompt), cached_tokens=reused))
         ttft = max(0.0, time.time() - task.arrival_time) if task.arrival_time else 0.0
         emit_seconds = time.monotonic() - computed  # the draw and handing the token to the bus
@@ -285,7 +285,7 @@ class PrefillService(ModelWorker):
                  predicted_s=round(task.predicted_seconds, 4), waited_s=round(queue_seconds, 4),
                  emit_s=round(emit_seconds, 4), total_s=round(time.monotonic() - started, 4))
         await self.nc.publish(Subjects.PREFILL_REPORT, encode(PrefillReport(
-            instance_id=self.instance_id, request_id=rid, prompt_tokens=len(prompt), local_tokens=local * bs,
+            instance_id=self.instance_id, attempt_id=rid, prompt_tokens=len(prompt), local_tokens=local * bs,
             pool_tokens=pool * bs, load_bytes=nbytes, load_seconds=load_seconds, compute_seconds=compute_seconds,
             queue_seconds=queue_seconds, kv_bytes_per_token=self.shape.kv_bytes_per_token(), ttft_seconds=ttft)))
         first_token_at, handed = time.monotonic(), 0
@@ -356,7 +356,7 @@ class PrefillService(ModelWorker):
     # ---- hand-off to decode
     def _kv_meta(self, task: PrefillTask, length: int) -> bytes:
         shape = self.shape
-        return encode(KVMeta(request_id=task.request_id, length=length, num_layers=shape.num_layers,
+        return encode(KVMeta(attempt_id=task.attempt_id, length=length, num_layers=shape.num_layers,
                              num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim, dtype=shape.dtype_name))
 
     async def _send_kv(self, task: PrefillTask, kv, transfer_id: str) -> None:
@@ -368,12 +368,12 @@ class PrefillService(ModelWorker):
                         window=HANDOFF_WINDOW_CHUNKS)
 
     async def _stream_kv(self, task: PrefillTask, buf: PrefillKV) -> None:
-        await stream_kv(self.nc, Subjects.kv(task.decode_id), f"{task.request_id}@{self.instance_id}", buf,
+        await stream_kv(self.nc, Subjects.kv(task.decode_id), f"{task.attempt_id}@{self.instance_id}", buf,
                         self._kv_meta(task, buf.total))
 
     async def _publish_decode_task(self, task: PrefillTask, token: int, kv_len: int) -> None:
         dtask = DecodeTask(
-            request_id=task.request_id,
+            attempt_id=task.attempt_id,
             prompt_token_ids=task.prompt_token_ids,
             output_token_ids=[token],
             sampling=task.sampling,
@@ -382,7 +382,7 @@ class PrefillService(ModelWorker):
             resume=task.resume,
         )
         await self.js.publish(
-            Subjects.decode_task(task.decode_id), encode(dtask), headers={"Nats-Msg-Id": task.request_id}
+            Subjects.decode_task(task.decode_id), encode(dtask), headers={"Nats-Msg-Id": task.attempt_id}
         )
 
     # ---- keeping blocks
