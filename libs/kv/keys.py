@@ -1,4 +1,4 @@
-"""Block keys: the hash chain that names every full block of a prompt (DESIGN section 4).
+"""Block keys: the hash chain that names every full block of a prompt (docs/design.md, KV blocks).
 
 Pure hashing, no torch and no bus: the gateway imports this to hash a prompt. Only full blocks of
 ``block_size`` tokens get a key::
