@@ -4,7 +4,7 @@ server and measure serving under SLOs.
 A trace is JSONL, one request a line: ``timestamp`` (ms after the first request), ``input_length``,
 ``output_length`` and ``hash_ids`` (prefix-chained ids of 512-token blocks). :func:`prepare` scales it as
 ``../shared/traces/README.md`` says: every hash id becomes a deterministic block of ``512 / token_scale``
-token ids (``bench.cache_trace.TraceTokens``: same id, same tokens, so requests that share leading ids share
+token ids (``bench.common.TraceTokens``: same id, same tokens, so requests that share leading ids share
 a prompt prefix), output lengths are divided by the same ``token_scale`` (at least one token), arrival
 times by ``time_scale`` (or replaced by a fixed ``rate``), and prompts that do not fit ``max_context``
 with their output are dropped and counted.
@@ -50,11 +50,11 @@ from typing import Any, Iterable, Sequence
 
 import orjson
 
-from bench.serve import percentile
-from bench.cache_trace import DEFAULT_TRACE, TRACE_BLOCK_TOKENS, TraceTokens, load_trace
-from yuebing.tables import format_table as text_table
-from libs.metrics import request_tbt
+from bench.common import (DEFAULT_TRACE, TRACE_BLOCK_TOKENS, TraceTokens, ms, percentile, ratio, read_trace, say,
+                          shown, stream_body)
 from bench.sse import StreamResult, first_model, stream_completion
+from libs.metrics import request_tbt
+from yuebing.tables import format_table
 
 DEFAULT_VOCAB = 49152  # SmolLM2's vocabulary
 DEFAULT_TOKEN_SCALE = 32
@@ -117,12 +117,6 @@ def prepare(trace_rows: Sequence[dict], *, token_scale: int, time_scale: float, 
 def scaled_output(row: dict, token_scale: int) -> int:
     """A trace request's output length divided by ``token_scale``, at least one token."""
     return max(1, int(row["output_length"]) // token_scale)
-
-
-def read_trace(path: Path, *, start: int = 0, limit: int | None = None) -> list[dict]:
-    """Trace lines ``start`` .. ``start + limit`` (all the rest when ``limit`` is None)."""
-    n = sys.maxsize if limit is None else start + limit
-    return load_trace(path, n)[start:]
 
 
 # ================================================================ records
@@ -221,18 +215,6 @@ def api_root(url: str) -> str:
     """The server's root URL from a base URL given with or without ``/v1``."""
     root = url.strip().rstrip("/")
     return root[: -len("/v1")] if root.endswith("/v1") else root
-
-
-def request_body(model: str, req: PreparedRequest) -> dict:
-    return {
-        "model": model,
-        "prompt": req.prompt,
-        "max_tokens": req.max_tokens,
-        "temperature": 0,
-        "ignore_eos": True,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
 
 
 def _session(api_key: str | None):
@@ -355,7 +337,7 @@ async def replay(url: str, requests: Sequence[PreparedRequest], *, api_key: str 
 
         async def send(req: PreparedRequest) -> RequestRecord:
             bar.on_send()
-            rec = record_from(req, await stream_completion(session, completions, request_body(model, req)), t0)
+            rec = record_from(req, await stream_completion(session, completions, stream_body(model, req.prompt, req.max_tokens)), t0)
             bar.on_done(rec)
             return rec
 
@@ -438,18 +420,10 @@ def output_tokens(rec: RequestRecord) -> int:
     return rec.completion_tokens if rec.completion_tokens is not None else len(rec.token_times)
 
 
-def _ms(x: float | None) -> float | None:
-    return None if x is None else round(x * 1000.0, 2)
-
-
-def _ratio(a: float, b: float, nd: int = 4) -> float | None:
-    return round(a / b, nd) if b else None
-
-
 def distribution_ms(name: str, values: list[float]) -> dict[str, float | None]:
     """``{name}_p50_ms``, ``_p90_ms``, ``_p99_ms``, ``_mean_ms`` of ``values`` (seconds)."""
-    out: dict[str, float | None] = {f"{name}_p{q}_ms": _ms(percentile(values, q)) for q in (50, 90, 99)}
-    out[f"{name}_mean_ms"] = _ms(sum(values) / len(values)) if values else None
+    out: dict[str, float | None] = {f"{name}_p{q}_ms": ms(percentile(values, q)) for q in (50, 90, 99)}
+    out[f"{name}_mean_ms"] = ms(sum(values) / len(values)) if values else None
     return out
 
 
@@ -477,11 +451,11 @@ def summarize(result: ReplayResult, ttft_slo: float, tbt_slo: float) -> dict:
         "slo_ok": len(good),
         "ttft_missed": sum(1 for r in done if (ttft(r) is None or ttft(r) > ttft_slo)),
         "tbt_missed": sum(1 for r in done if (tbt(r) or 0.0) > tbt_slo),
-        "slo_attainment": _ratio(len(good), len(recs)),
-        "slo_attainment_admitted": _ratio(len(good), admitted),
-        "goodput_rps": _ratio(len(good), wall, 3),
-        "completed_rps": _ratio(len(done), wall, 3),
-        "throughput_tok_s": _ratio(out_tokens, wall, 2),
+        "slo_attainment": ratio(len(good), len(recs), 4),
+        "slo_attainment_admitted": ratio(len(good), admitted, 4),
+        "goodput_rps": ratio(len(good), wall, 3),
+        "completed_rps": ratio(len(done), wall, 3),
+        "throughput_tok_s": ratio(out_tokens, wall, 2),
         "wall_s": round(wall, 3),
     }
     summary.update(distribution_ms("ttft", [x for x in map(ttft, done) if x is not None]))
@@ -500,7 +474,7 @@ def summarize(result: ReplayResult, ttft_slo: float, tbt_slo: float) -> dict:
 
 
 # ================================================================ output
-def format_table(summary: dict) -> str:
+def summary_table(summary: dict) -> str:
     """The summary for a human: latencies (ms) in one table, counts and rates in another."""
     lat_rows = [{"latency ms": label, **{c: summary.get(f"{key}_{c}_ms") for c in ("p50", "p90", "p99", "mean")}}
                 for label, key in (("TTFT", "ttft"), ("ITL", "itl"), ("TBT (p90 per request)", "tbt"),
@@ -517,8 +491,8 @@ def format_table(summary: dict) -> str:
         ("wasted prefill tokens", summary["wasted_prefill_tokens"]), ("wall s", summary["wall_s"]),
     ]
     fig_rows = [{"figure": k, "value": v} for k, v in figures]
-    return (text_table(lat_rows, ["latency ms", "p50", "p90", "p99", "mean"]) + "\n\n"
-            + text_table(fig_rows, ["figure", "value"]))
+    return (format_table(lat_rows, ["latency ms", "p50", "p90", "p99", "mean"]) + "\n\n"
+            + format_table(fig_rows, ["figure", "value"]))
 
 
 def in_flight(records: Sequence[RequestRecord]) -> tuple[list[float], list[int]]:
@@ -640,7 +614,7 @@ def output_path(out: str | None, now: float | None = None) -> Path:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The replay's arguments: ``FILE`` and ``--url`` and its options."""
     parser.add_argument("file", nargs="?", default=None, metavar="FILE",
-                        help=f"the trace, Mooncake JSONL (default {DEFAULT_TRACE.name} in ../shared/traces)")
+                        help=f"the trace, Mooncake JSONL (default {DEFAULT_TRACE.name} in {shown(DEFAULT_TRACE.parent)})")
     g = parser.add_argument_group("replay against a running OpenAI-compatible server (with --url)")
     g.add_argument("--url", default=None, help="base URL of the server, with or without /v1 "
                    "(e.g. http://127.0.0.1:8000)")
@@ -671,17 +645,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def main(args: argparse.Namespace) -> int:
     """Run a replay from parsed arguments: table on stdout, last line the summary as JSON. 0 when at
     least one request completed, 1 when none did, 2 for bad arguments or an unreachable server."""
     try:
         return asyncio.run(_main(args))
     except KeyboardInterrupt:
-        _say("interrupted")
+        say("interrupted")
         return 130
 
 
@@ -696,7 +666,7 @@ async def _main(args: argparse.Namespace) -> int:
             info = await server_model(url, api_key)
         except Exception as e:  # noqa: BLE001 - reported, not a traceback
             if model is None:
-                _say(f"bench trace: cannot list the models of {url}: {e!r}")
+                say(f"bench trace: cannot list the models of {url}: {e!r}")
                 return 2
             info = {}
         model = model or str(info["id"])
@@ -713,10 +683,10 @@ async def _main(args: argparse.Namespace) -> int:
                                     max_context=max_context, seed=seed, start=start,
                                     output_scale=getattr(args, "output_scale", None))
     except ValueError as e:
-        _say(f"bench trace: {e}")
+        say(f"bench trace: {e}")
         return 2
     span = requests[-1].send_at if requests else 0.0
-    _say(f"bench trace: {len(requests)} requests of {path.name} (lines {start}..{start + len(rows) - 1}, dropped "
+    say(f"bench trace: {len(requests)} requests of {path.name} (lines {start}..{start + len(rows) - 1}, dropped "
          f"{dropped} longer than the context {max_context}) over {span:.1f} s to {api_root(url)}, model {model}; "
          f"token_scale {token_scale}, " + (f"rate {rate} req/s" if rate else f"time_scale {time_scale}"))
     result = await replay(url, requests, api_key=api_key, model=model, ttft_slo=ttft_slo, tbt_slo=tbt_slo,
@@ -728,9 +698,9 @@ async def _main(args: argparse.Namespace) -> int:
     summary = summarize(result, ttft_slo, tbt_slo)
     out = write_json(result, summary, output_path(getattr(args, "out", None)))
     png = plot(result, summary, getattr(args, "plot", None) or out.with_suffix(".png"))
-    _say(f"wrote {out} and {png}")
+    say(f"wrote {out} and {png}")
     print(f"\nreplay of {path.name} against {result.url} ({model}): {summary['requests']} requests, times in ms")
-    print(format_table(summary))
+    print(summary_table(summary))
     print(orjson.dumps(summary).decode(), flush=True)
     return 0 if summary["completed"] else 1
 

@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import replay as rp
-from yuebing.args import count
+from bench.common import DEFAULT_TRACE, TRACE_BLOCK_TOKENS, ratio, read_trace, resolve_models_dir, trace_bound
 from libs.cpus import available_cores
+from yuebing.args import count
+from yuebing.tables import format_table
 
 EXPERIMENTS = ("placement", "overload", "goodput", "real")
 PLACEMENT_POLICIES = ("random", "least_loaded", "local_cache_aware", "global_cache_aware")
@@ -43,6 +45,7 @@ class Run:
 
 
 def _say(msg: str) -> None:
+    """Progress on stdout, where the experiment's tables go (a long run's story reads in one place)."""
     print(msg, flush=True)
 
 
@@ -229,13 +232,7 @@ COLS = ("run", "requests", "completed", "rejected", "failed", "ttft_mean_ms", "t
 
 
 def table(runs: list[Run]) -> str:
-    from yuebing.tables import format_table
-
     return format_table([{"run": r.name, **r.summary} for r in runs], list(COLS))
-
-
-def _r(a, b, nd: int = 3):
-    return None if a is None or not b else round(a / b, nd)
 
 
 OVERLOAD_FIGURES = (("rejected", "rejected"), ("wasted_prefill_tokens", "wasted_prefill_tokens"),
@@ -291,10 +288,10 @@ def placement_figures(runs: list[Run]) -> dict:
             out[f"placement_ttft_mean_ms_{pol}"] = means[pol]
     pair = ("global_cache_aware", "least_loaded")
     if all(p in means for p in pair):
-        out["placement_global_vs_least_loaded"] = _r(means[pair[0]], means[pair[1]])
+        out["placement_global_vs_least_loaded"] = ratio(means[pair[0]], means[pair[1]])
         both = [ttft for _, ttft in sorted(by.items()) if all(p in ttft for p in pair)]
         if len(both) > 1:
-            out["placement_global_vs_least_loaded_runs"] = [_r(t[pair[0]], t[pair[1]]) for t in both]
+            out["placement_global_vs_least_loaded_runs"] = [ratio(t[pair[0]], t[pair[1]]) for t in both]
             out["placement_repeats"] = len(both)
     if len(means) == len(PLACEMENT_POLICIES):
         out["placement_ordering_holds"] = _ordered(means)
@@ -333,9 +330,9 @@ def goodput_figures(runs: list[Run]) -> dict:
         col = sum(c for _, c in done) / len(done)
         out[f"{key}_disaggregated_rps"] = round(dis, 4)
         out[f"{key}_colocated_rps"] = round(col, 4)
-        out[f"{key}_ratio"] = _r(dis, col, 2)
+        out[f"{key}_ratio"] = ratio(dis, col, 2)
         if len(done) > 1:
-            out[f"{key}_ratios"] = [_r(d, c, 2) for d, c in done]
+            out[f"{key}_ratios"] = [ratio(d, c, 2) for d, c in done]
             out[f"{key}_repeats"] = len(done)
     return out
 
@@ -343,12 +340,11 @@ def goodput_figures(runs: list[Run]) -> dict:
 def main(args) -> int:
     import orjson
 
-    from bench.cache_trace import TRACE_BLOCK_TOKENS, trace_bound
     from libs.engine.calibrate import calibrate
     from libs.config import from_env
     from libs.engine.costs import CostProfile, profile_path
     from libs.log import configure
-    from libs.engine.loading import default_data_dir, DEFAULT_MODEL, model_identity, resolve_model
+    from libs.engine.loading import DEFAULT_MODEL, default_data_dir, model_identity, resolve_model
 
     configure("bench", level="WARNING")
     experiments = [e.strip() for e in args.experiments.split(",") if e.strip()]
@@ -368,7 +364,7 @@ def main(args) -> int:
     args.goodput_admission = args.goodput_admission or from_env().admission
     out_dir = Path(args.out_dir).expanduser()
     out_dir.mkdir(parents=True, exist_ok=True)
-    models_dir = Path(args.models_dir).expanduser() if args.models_dir else default_data_dir() / "models"
+    models_dir = resolve_models_dir(args)
     model_dir = resolve_model(args.model or DEFAULT_MODEL, models_dir)
     import torch
 
@@ -378,7 +374,7 @@ def main(args) -> int:
         _say(f"calibrating {model_dir.name} on this machine (once; {calibration})")
         calibrate(model_dir).save(calibration)
     profile = CostProfile.load(calibration)
-    rows = rp.read_trace(Path(args.trace), start=args.start, limit=args.requests)
+    rows = read_trace(Path(args.trace), start=args.start, limit=args.requests)
     probe, _ = rp.prepare(rows, token_scale=args.token_scale, time_scale=1.0, max_context=None)
     slos = _slos(args, profile, probe)
     reuse = trace_bound(probe, TRACE_BLOCK_TOKENS // args.token_scale, from_env().block_size)
@@ -417,7 +413,7 @@ def add_parser(bench_sub) -> None:
     p.add_argument("--experiments", default=",".join(EXPERIMENTS), help=f"subset of {','.join(EXPERIMENTS)}")
     p.add_argument("--policies", default=None,
                    help=f"placement runs to make, a subset of {','.join(PLACEMENT_POLICIES)} (default: all)")
-    p.add_argument("--trace", default=str(rp.DEFAULT_TRACE), help="Mooncake JSONL trace")
+    p.add_argument("--trace", default=str(DEFAULT_TRACE), help="Mooncake JSONL trace")
     p.add_argument("--start", type=int, default=0, help="first trace line replayed")
     p.add_argument("--requests", type=int, default=300, help="requests replayed per run (simulated engine)")
     p.add_argument("--token-scale", type=int, default=32)

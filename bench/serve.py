@@ -27,13 +27,15 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from bench.common import (entry, make_data_dir, model_name, ms, percentile, ratio, release_data_dir,
+                          resolve_models_dir, stream_body)
+from yuebing.tables import format_table
 
 HF_BATCH = 16
 HF_B1_PROMPTS = 4
@@ -103,18 +105,6 @@ def _chat_ids(tokenizer, content: str) -> list[int]:
 
 
 # ---------------------------------------------------------------- figures
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    import numpy as np
-
-    return float(np.percentile(np.asarray(values, dtype=float), q))
-
-
-def _ms(x: float | None) -> float | None:
-    return None if x is None else round(x * 1000.0, 2)
-
-
 def _round(x: float | None, nd: int = 2) -> float | None:
     return None if x is None else round(x, nd)
 
@@ -149,10 +139,10 @@ class LevelResult:
         itls = [g for r in ok for g in r.itls]
         return {
             "tok_s": _round(self.tokens / self.wall if self.wall > 0 else None),
-            "ttft_p50_ms": _ms(percentile(ttfts, 50)),
-            "ttft_p90_ms": _ms(percentile(ttfts, 90)),
-            "itl_p50_ms": _ms(percentile(itls, 50)),
-            "itl_p90_ms": _ms(percentile(itls, 90)),
+            "ttft_p50_ms": ms(percentile(ttfts, 50)),
+            "ttft_p90_ms": ms(percentile(ttfts, 90)),
+            "itl_p50_ms": ms(percentile(itls, 50)),
+            "itl_p90_ms": ms(percentile(itls, 90)),
             "errors": self.errors,
         }
 
@@ -178,24 +168,6 @@ async def _one_request(session, url: str, body: dict) -> RequestResult:
     return res
 
 
-def _body(model_name: str, prompt: list[int], max_tokens: int) -> dict:
-    return {
-        "model": model_name,
-        "prompt": prompt,
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "ignore_eos": True,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-
-
-async def _model_name(session, base: str) -> str:
-    from bench.sse import first_model
-
-    return (await first_model(session, base))["id"]
-
-
 async def run_cluster_levels(base: str, plan: list[tuple[int, list[list[int]]]], max_tokens: int,
                              progress: bool = True, warm_prompt: list[int] | None = None) -> list[LevelResult]:
     """Run each (concurrency, prompts) level of ``plan`` in turn; first a warm-up request when given."""
@@ -207,9 +179,9 @@ async def run_cluster_levels(base: str, plan: list[tuple[int, list[list[int]]]],
     url = base + "/v1/completions"
     results: list[LevelResult] = []
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
-        name = await _model_name(session, base)
+        name = await model_name(session, base)
         if warm_prompt is not None:
-            warm = await _one_request(session, url, _body(name, warm_prompt, min(WARMUP_TOKENS, max_tokens)))
+            warm = await _one_request(session, url, stream_body(name, warm_prompt, min(WARMUP_TOKENS, max_tokens)))
             if not warm.ok:
                 raise RuntimeError(f"the warm-up request failed: {warm.error}")
         for c, mine in plan:
@@ -219,7 +191,7 @@ async def run_cluster_levels(base: str, plan: list[tuple[int, list[list[int]]]],
 
             async def go(p: list[int]) -> RequestResult:
                 async with sem:
-                    r = await _one_request(session, url, _body(name, p, max_tokens))
+                    r = await _one_request(session, url, stream_body(name, p, max_tokens))
                 bar.update(1)
                 return r
 
@@ -311,10 +283,10 @@ class HFBaseline:
             bar.close()
         return {
             "hf_b1_tok_s": _round(total_tokens / total_time),
-            "hf_b1_ttft_p50_ms": _ms(percentile(ttfts, 50)),
-            "hf_b1_itl_p50_ms": _ms(percentile(itls, 50)),
-            "hf_b1_itl_p90_ms": _ms(percentile(itls, 90)),
-            "hf_b1_ms_per_token": _ms(total_time / total_tokens),
+            "hf_b1_ttft_p50_ms": ms(percentile(ttfts, 50)),
+            "hf_b1_itl_p50_ms": ms(percentile(itls, 50)),
+            "hf_b1_itl_p90_ms": ms(percentile(itls, 90)),
+            "hf_b1_ms_per_token": ms(total_time / total_tokens),
         }
 
     def batched(self, prompts: list[list[int]]) -> dict:
@@ -334,9 +306,9 @@ class HFBaseline:
         steps = [b - a for a, b in zip(st.times, st.times[1:])]
         return {
             f"hf_b{n}_tok_s": _round(out.numel() / elapsed),
-            f"hf_b{n}_ttft_ms": _ms(st.times[0] - t0) if st.times else None,
-            f"hf_b{n}_step_p50_ms": _ms(percentile(steps, 50)),
-            f"hf_b{n}_step_p90_ms": _ms(percentile(steps, 90)),
+            f"hf_b{n}_ttft_ms": ms(st.times[0] - t0) if st.times else None,
+            f"hf_b{n}_step_p50_ms": ms(percentile(steps, 50)),
+            f"hf_b{n}_step_p90_ms": ms(percentile(steps, 90)),
         }
 
 
@@ -344,10 +316,8 @@ class HFBaseline:
 SERVE_COLS = ["config", "requests", "tok/s", "TTFT p50", "TTFT p90", "ITL p50", "ITL p90", "errors"]
 
 
-def format_table(rows: list[dict], cols: list[str] = SERVE_COLS) -> str:
-    from yuebing.tables import format_table as table
-
-    return table(rows, cols, ".1f")
+def serve_table(rows: list[dict], cols: list[str] = SERVE_COLS) -> str:
+    return format_table(rows, cols, ".1f")
 
 
 def _parse_levels(spec) -> list[int]:
@@ -365,9 +335,7 @@ def main(args) -> int:
     if getattr(args, "bench", "serve") != "serve":
         print(f"unknown benchmark {args.bench!r}", file=sys.stderr)
         return 2
-    from bench.cache_trace import _entry  # quiet logs; SIGTERM unwinds like Ctrl-C
-
-    return _entry(_serve, args)
+    return entry(_serve, args)  # quiet logs; SIGTERM unwinds like Ctrl-C
 
 
 def _serve(args) -> int:
@@ -375,7 +343,7 @@ def _serve(args) -> int:
 
     from yuebing.cluster import LocalCluster
     from libs.config import from_env
-    from libs.engine.loading import default_data_dir, DEFAULT_MODEL, load_tokenizer, resolve_model
+    from libs.engine.loading import DEFAULT_MODEL, load_tokenizer, resolve_model
     from libs.natsserver import free_port
 
     levels = _parse_levels(getattr(args, "concurrency", "1,8,16"))
@@ -387,10 +355,7 @@ def _serve(args) -> int:
     top = max(levels)
 
     spec = getattr(args, "model", None) or DEFAULT_MODEL
-    # The shared model cache, whatever the data dir: the model is converted at most once.
-    models_dir = default_data_dir() / "models"
-    if getattr(args, "models_dir", None):
-        models_dir = Path(args.models_dir).expanduser()
+    models_dir = resolve_models_dir(args)  # the shared model cache: the model is converted at most once
     model_dir = resolve_model(spec, models_dir)
     tokenizer = load_tokenizer(model_dir)
     # Round 1 runs every level, later rounds the top level again; every request has its own prompt.
@@ -408,11 +373,7 @@ def _serve(args) -> int:
         big = next(mine for c, mine in plan if c == top)
         return [big[i % len(big)] for i in range(HF_BATCH)]
 
-    own_dir = None
-    data_dir = getattr(args, "data_dir", None)
-    if not data_dir:
-        own_dir = tempfile.mkdtemp(prefix="yuebing-bench-")
-        data_dir = own_dir
+    data_dir, own_dir = make_data_dir(args, "yuebing-bench-")
     settings = from_env(model=str(model_dir), data_dir=str(data_dir), models_dir=str(models_dir), port=free_port(),
                         block_size=getattr(args, "block_size", None), threads=threads or None,
                         no_auth=True)  # a private cluster on loopback, for this run only
@@ -463,11 +424,7 @@ def _serve(args) -> int:
             cluster.stop()
         clean = not errors
     finally:
-        if own_dir is not None:
-            if clean:
-                shutil.rmtree(own_dir, ignore_errors=True)
-            else:  # keep the logs of a failed run
-                print(f"kept {own_dir} (cluster logs in {cluster.log_dir})", file=sys.stderr, flush=True)
+        release_data_dir(own_dir, clean, f"cluster logs in {cluster.log_dir}")  # kept after a failed run
 
     figures: dict = {"model": model_dir.name if spec != DEFAULT_MODEL else DEFAULT_MODEL, "max_tokens": max_tokens}
     rows = []
@@ -486,9 +443,6 @@ def _serve(args) -> int:
                  "ITL p90": hf[f"hf_b{HF_BATCH}_step_p90_ms"], "errors": 0})
     figures.update(hf)
 
-    def ratio(a, b):
-        return round(a / b, 3) if a is not None and b else None
-
     for rf in round_figures:
         rf["ratio"] = ratio(rf["cluster_tok_s"], rf["hf_tok_s"])
     per_round = [rf["ratio"] for rf in round_figures if rf["ratio"] is not None]
@@ -503,11 +457,11 @@ def _serve(args) -> int:
 
     print(f"\nmodel {figures['model']}, {max_tokens} output tokens per request, prompts "
           f"{PROMPT_MIN_TOKENS}-{PROMPT_MAX_TOKENS} tokens; times in ms (hf b={HF_BATCH}: ITL = one batched step)")
-    print(format_table(rows))
+    print(serve_table(rows))
     if rounds > 1:
         print(f"\nrounds (cluster c={top} then hf generate b={HF_BATCH}, fresh prompts each round):")
         cols = ["round", f"cluster c={top} tok/s", f"hf b={HF_BATCH} tok/s", "ratio"]
-        print(format_table([dict(zip(cols, (rf["round"], rf["cluster_tok_s"], rf["hf_tok_s"],
+        print(serve_table([dict(zip(cols, (rf["round"], rf["cluster_tok_s"], rf["hf_tok_s"],
                                             None if rf["ratio"] is None else f"{rf['ratio']:.3f}")))
                             for rf in round_figures], cols))
     line = json.dumps(figures)

@@ -6,7 +6,7 @@ import argparse
 import json
 
 from conftest import TRACE_HEAD
-from bench import cache_trace
+from bench import cache_trace, common, prefix, transfer
 from yuebing.cli import build_parser
 
 
@@ -23,8 +23,8 @@ def _number(x) -> bool:
 
 def test_cli_wires_the_three_benchmarks():
     p = build_parser()
-    assert p.parse_args(["bench", "prefix"]).func is cache_trace.prefix_main
-    assert p.parse_args(["bench", "transfer", "--blocks", "8"]).func is cache_trace.transfer_main
+    assert p.parse_args(["bench", "prefix"]).func is prefix.main
+    assert p.parse_args(["bench", "transfer", "--blocks", "8"]).func is transfer.main
     args = p.parse_args(["bench", "trace", "--requests", "10", "--configs", "global,local"])
     assert args.func is cache_trace.trace_main and args.requests == 10 and args.token_scale == 32
 
@@ -42,7 +42,7 @@ def test_trace_scaling_and_bound():
     assert skipped == 0 and [len(r.prompt) for r in requests] == [3, 32, 48, 48]
     assert requests[1].prompt[:16] == requests[2].prompt[:16] == requests[0].prompt[:3] + requests[1].prompt[3:16]
     assert requests[0].hash_ids == [0]
-    b = cache_trace.trace_bound(requests, 16, 16)
+    b = common.trace_bound(requests, 16, 16)
     # README definition: seen ids count whole: 16 (req 1: id 0) + 32 (req 2) + 32 (req 3, capped: 47 // 16 blocks)
     assert b["bound_tokens"] == 16 + 32 + 32
     # whole KV blocks only: id 0 was stored by request 1, not by request 0 (3 tokens)
@@ -56,7 +56,7 @@ def test_bench_prefix_figures(tiny_dir, tmp_path, capsys):
     args = argparse.Namespace(model=str(tiny_dir), data_dir=str(tmp_path / "data"), models_dir=None, block_size=None,
                               threads=1, prompt_tokens=128, shared_tokens=96, cold=2, repeats=1, out=str(out),
                               progress=False)
-    assert cache_trace.prefix_main(args) in (0, 1)  # 1: a problem was reported (the test checks the shape only)
+    assert prefix.main(args) in (0, 1)  # 1: a problem was reported (the test checks the shape only)
     figures, table = _figures(capsys, out)
     assert figures["cold_runs"] == 2 and figures["hit_runs"] == 1
     for k in ("cold_ttft_ms", "hit_ttft_ms", "hit_vs_cold_ttft", "cached_tokens", "pool_hit_tokens"):
@@ -70,7 +70,7 @@ def test_bench_transfer_figures(tmp_path, capsys):
     out = tmp_path / "transfer.json"
     args = argparse.Namespace(blocks=6, block_shape="2,2,2,16,16", repeats=2, data_dir=str(tmp_path / "data"),
                               out=str(out), progress=False, put_batch=4)
-    assert cache_trace.transfer_main(args) == 0
+    assert transfer.main(args) == 0
     figures, table = _figures(capsys, out)
     for k in ("pool_mb_s", "raw_nats_mb_s", "pool_vs_raw", "layers_mb_s", "layers_vs_raw", "put_one_mb_s",
               "put_many_mb_s", "put_many_vs_one"):

@@ -12,7 +12,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from bench import cache_trace, replay
+from bench import cache_trace, common, replay
 from yuebing.cli import build_parser
 from bench.replay import COMPLETED, FAILED, REJECTED, RequestRecord
 from bench.sse import TokenCounter, parse_retry_after
@@ -154,7 +154,7 @@ def test_prepare_scales_lengths_and_times():
     assert [r.max_tokens for r in reqs] == [1, 2, 5]
     assert [r.send_at for r in reqs] == [0.0, 1.0, 2.5]  # ms after the first, / 1000 / time_scale
     assert [r.hash_ids for r in reqs] == [[0], [0, 1, 2], [3]]
-    assert all(cache_trace.TOKEN_LO <= t < 5000 for r in reqs for t in r.prompt)
+    assert all(common.TOKEN_LO <= t < 5000 for r in reqs for t in r.prompt)
 
 
 def test_prepare_is_deterministic_and_shares_prefixes():
@@ -194,8 +194,8 @@ def test_prepare_drops_what_does_not_fit_and_numbers_lines():
 def test_read_trace_start_and_limit(tmp_path):
     path = tmp_path / "t.jsonl"
     path.write_text("".join(orjson.dumps(r).decode() + "\n" for r in TRACE))
-    assert replay.read_trace(path, start=2, limit=3) == TRACE[2:5]
-    assert replay.read_trace(path, start=5) == TRACE[5:]
+    assert common.read_trace(path, start=2, limit=3) == TRACE[2:5]
+    assert common.read_trace(path, start=5) == TRACE[5:]
 
 
 # ================================================================ metrics on hand-made records
@@ -252,7 +252,7 @@ def test_summary_of_hand_made_records():
     assert s["itl_p50_ms"] == pytest.approx(550.0)  # gaps 0.1, 0.1, 1, 1 pooled
     assert s["tbt_p50_ms"] == pytest.approx(550.0)  # TBTs 0.1 and 1.0 (the one-token request has none)
     assert s["e2e_p50_ms"] == pytest.approx(2600.0)  # 1.3, 3.0, 2.6
-    table = replay.format_table(s)
+    table = replay.summary_table(s)
     assert "TTFT" in table and "goodput req/s" in table and "rejected (429)" in table
 
 
@@ -262,7 +262,7 @@ def test_summary_and_plot_of_nothing(tmp_path):
     assert s["requests"] == 0 and s["slo_attainment"] is None and s["goodput_rps"] is None
     assert s["ttft_p50_ms"] is None and s["prefix_hit_ratio"] is None
     assert replay.plot(empty, s, tmp_path / "empty.png").read_bytes()[:8] == PNG_MAGIC
-    assert "requests sent" in replay.format_table(s)
+    assert "requests sent" in replay.summary_table(s)
 
 
 def test_load_series():
@@ -376,7 +376,7 @@ def test_cli_dispatches_on_url(monkeypatch, tmp_path):
     assert args.func is cache_trace.trace_main and args.file == "t.jsonl" and args.rate == 2.0
     calls = []
     monkeypatch.setattr(replay, "main", lambda a: calls.append(("replay", a.file)) or 0)
-    monkeypatch.setattr(cache_trace, "_entry", lambda body, a: calls.append((body.__name__, a.file)) or 0)
+    monkeypatch.setattr(cache_trace, "entry", lambda body, a: calls.append((body.__name__, a.file)) or 0)
     assert args.func(args) == 0
     cache = p.parse_args(["bench", "trace", "t.jsonl", "--requests", "10", "--configs", "global"])
     assert cache.url is None and cache.token_scale == 32 and cache.configs == "global"

@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_b.add_argument("--out", default=None, help="also write the JSON figures here")
     serve_b.set_defaults(func=cmd_bench)
 
-    from bench import cache_trace, sched  # light: import their heavy dependencies only when run
+    from bench import cache_trace, prefix, sched, transfer  # light: their heavy imports wait until they run
 
     prefix_b = bench_sub.add_parser("prefix", help="TTFT of a prompt whose prefix is in the pool vs cold TTFT")
     add_common(prefix_b)
@@ -259,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     prefix_b.add_argument("--cold", type=int, default=3, help="cold prompts measured")
     prefix_b.add_argument("--repeats", type=int, default=3, help="pool hits measured, each with a fresh prefix")
     prefix_b.add_argument("--out", default=None, help="also write the JSON figures here")
-    prefix_b.set_defaults(func=cache_trace.prefix_main)
+    prefix_b.set_defaults(func=prefix.main)
 
     transfer_b = bench_sub.add_parser("transfer", help="KV blocks from the pool over NATS vs raw NATS pub/sub")
     transfer_b.add_argument("--blocks", type=int, default=124, help="blocks per get (default 124)")
@@ -269,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
                             help="blocks per call in the batched put rounds (default 16, about one prompt's)")
     transfer_b.add_argument("--data-dir", default=None, help="NATS store, cachestore files and logs (default: a temp dir)")
     transfer_b.add_argument("--out", default=None, help="also write the JSON figures here")
-    transfer_b.set_defaults(func=cache_trace.transfer_main)
+    transfer_b.set_defaults(func=transfer.main)
 
     from bench import replay  # light too
 
