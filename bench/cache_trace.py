@@ -22,7 +22,7 @@ failures of the cache path found in the logs are counted too.
 It prints a table and a final JSON line of named figures (also written to ``--out``).
 
 ``bench trace FILE --url URL`` is another tool: an open-loop replay of the trace against a running
-OpenAI-compatible server, under SLOs (``bench.replay``); ``trace_main`` dispatches to it.
+OpenAI-compatible server, under SLOs (``bench.replay``); ``bench.cli.trace_main`` dispatches between the two.
 """
 
 from __future__ import annotations
@@ -287,13 +287,9 @@ def _parse_floats(spec) -> list[float]:
     return [float(x) for x in str(spec or "").replace(" ", "").split(",") if x]
 
 
-def trace_main(args) -> int:
-    """``yuebing bench trace``: with ``--url``, replay the trace against that server (``bench.replay``);
-    without, the cache experiment of this module on clusters it starts (the trace: ``FILE`` or ``--trace``)."""
-    if getattr(args, "url", None):
-        from bench import replay
-
-        return replay.main(args)
+def main(args) -> int:
+    """``yuebing bench trace`` without ``--url``: the cache experiment on clusters it starts (the trace:
+    ``FILE`` or ``--trace``)."""
     return entry(_trace, args)
 
 

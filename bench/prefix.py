@@ -155,6 +155,7 @@ async def run_prefix(cluster, model_dir: Path, *, prompt_tokens: int, shared_tok
 
 
 def main(args) -> int:
+    """``yuebing bench prefix``."""
     return entry(_prefix, args)
 
 

@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import replay as rp
-from bench.common import DEFAULT_TRACE, TRACE_BLOCK_TOKENS, ratio, read_trace, resolve_models_dir, trace_bound
+from bench.common import TRACE_BLOCK_TOKENS, ratio, read_trace, resolve_models_dir, trace_bound
 from libs.cpus import available_cores
-from yuebing.args import count
 from yuebing.tables import format_table
 
 EXPERIMENTS = ("placement", "overload", "goodput", "real")
@@ -406,58 +405,3 @@ def main(args) -> int:
     (out_dir / "figures.json").write_bytes(orjson.dumps(figs, option=orjson.OPT_INDENT_2))
     print(orjson.dumps(figs).decode(), flush=True)
     return 0
-
-
-def add_parser(bench_sub) -> None:
-    p = bench_sub.add_parser("sched", help="scheduling experiments: placement (Fig. 5), overload (Table 3), goodput")
-    p.add_argument("--experiments", default=",".join(EXPERIMENTS), help=f"subset of {','.join(EXPERIMENTS)}")
-    p.add_argument("--policies", default=None,
-                   help=f"placement runs to make, a subset of {','.join(PLACEMENT_POLICIES)} (default: all)")
-    p.add_argument("--trace", default=str(DEFAULT_TRACE), help="Mooncake JSONL trace")
-    p.add_argument("--start", type=int, default=0, help="first trace line replayed")
-    p.add_argument("--requests", type=int, default=300, help="requests replayed per run (simulated engine)")
-    p.add_argument("--token-scale", type=int, default=32)
-    p.add_argument("--output-scale", type=int, default=None,
-                   help="divides output lengths instead of --token-scale (longer outputs load decode)")
-    p.add_argument("--time-scale", type=float, default=1.0, help="trace time compression of the base load")
-    p.add_argument("--rate", type=float, default=None, help="fixed base arrival rate (req/s) instead of the trace's")
-    p.add_argument("--overload", type=float, default=2.0, help="load of the overload runs, x the base load")
-    p.add_argument("--admissions", default=",".join(ADMISSIONS),
-                   help=f"admission modes of the overload runs, a subset of {','.join(ADMISSIONS)}")
-    p.add_argument("--repeats", type=int, default=1,
-                   help="runs of each placement policy, of each overload mode and of each goodput and real pair, "
-                   "interleaved; figures are means, with each repeat's placement and goodput ratio and counts "
-                   "of the repeats in which the placement ordering held and predictive rejection was ahead "
-                   "of early rejection")
-    p.add_argument("--goodput-load", default="1", help="load of the goodput runs, x the base load; a comma-separated "
-                   "list makes a sweep (e.g. 1,2,3)")
-    p.add_argument("--goodput-admission", choices=ADMISSIONS, default=None,
-                   help="admission control of the disaggregated goodput runs (default: the deployment's own, "
-                   "the admission setting; none compares the architectures alone)")
-    p.add_argument("--colocated-admission", choices=ADMISSIONS, default="none",
-                   help="admission control of the colocated baseline (default none: a plain engine)")
-    p.add_argument("--ttft-slo", type=float, default=None, help="default: 10x a mean prompt's calibrated TTFT")
-    p.add_argument("--tbt-slo", type=float, default=None, help="default: 5x a calibrated decode step")
-    p.add_argument("--max-running", type=count(1), default=None, help="rows of a decode batch (default 32)")
-    p.add_argument("--urgent-rows", type=count(0), default=None,
-                   help="rows beyond --max-running for requests of ten output tokens or fewer (default 1)")
-    p.add_argument("--prefill", type=int, default=8)
-    p.add_argument("--decode", type=int, default=8)
-    p.add_argument("--prefill-cache-mb", type=int, default=256, help="each prefill instance's own block cache")
-    p.add_argument("--pool-writes", choices=("all", "seen"), default=None,
-                   help="which new blocks the runs with the pool write to it (default: the deployment's, all)")
-    p.add_argument("--no-peer-fetch", action="store_true",
-                   help="global_cache_aware loads prefixes from the pool only, never from another prefill's cache")
-    p.add_argument("--pool-dram-mb", type=int, default=None, help="the cachestore's DRAM tier (default: its own)")
-    p.add_argument("--pool-disk-mb", type=int, default=None, help="the cachestore's disk tier (default: its own)")
-    p.add_argument("--real-prefill", type=int, default=2)
-    p.add_argument("--real-decode", type=int, default=1)
-    p.add_argument("--real-requests", type=int, default=60)
-    p.add_argument("--real-rate", type=float, default=0.5, help="arrival rate of the real-model runs (req/s)")
-    p.add_argument("--model", default=None)
-    p.add_argument("--models-dir", default=None)
-    p.add_argument("--calibration", default=None, help="cost profile (default: the model's, calibrated if missing)")
-    p.add_argument("--out-dir", default="bench-sched", help="per-run JSON and PNG, and figures.json")
-    p.add_argument("--keep-data", action="store_true", help="keep each run's cluster files and logs")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=main)

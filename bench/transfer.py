@@ -231,6 +231,7 @@ async def run_transfer(nats_url: str, *, blocks: int, shape: tuple[int, ...], re
 
 
 def main(args) -> int:
+    """``yuebing bench transfer``."""
     return entry(_transfer, args)
 
 

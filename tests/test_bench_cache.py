@@ -7,6 +7,7 @@ import json
 
 from conftest import TRACE_HEAD
 from bench import cache_trace, common, prefix, transfer
+from bench.cli import trace_main
 from yuebing.cli import build_parser
 
 
@@ -26,7 +27,7 @@ def test_cli_wires_the_three_benchmarks():
     assert p.parse_args(["bench", "prefix"]).func is prefix.main
     assert p.parse_args(["bench", "transfer", "--blocks", "8"]).func is transfer.main
     args = p.parse_args(["bench", "trace", "--requests", "10", "--configs", "global,local"])
-    assert args.func is cache_trace.trace_main and args.requests == 10 and args.token_scale == 32
+    assert args.func is trace_main and args.requests == 10 and args.token_scale == 32
 
 
 def test_trace_scaling_and_bound():
@@ -91,7 +92,7 @@ def _trace_args(tiny_dir, tmp_path, out, configs: str) -> argparse.Namespace:
 
 def test_bench_trace_global_and_local_figures(tiny_dir, tmp_path, capsys):
     out = tmp_path / "trace.json"
-    assert cache_trace.trace_main(_trace_args(tiny_dir, tmp_path, out, "global,local")) == 0
+    assert trace_main(_trace_args(tiny_dir, tmp_path, out, "global,local")) == 0
     figures, table = _figures(capsys, out)
     assert figures["requests"] + figures["skipped"] == 30 and figures["token_scale"] == 32
     for k in ("bound", "bound_full_blocks", "global_hit", "global_vs_bound", "local_hit", "working_set_bytes",
@@ -113,7 +114,7 @@ def test_bench_trace_global_and_local_figures(tiny_dir, tmp_path, capsys):
 
 def test_bench_trace_small_pool_figures(tiny_dir, tmp_path, capsys):
     out = tmp_path / "trace.json"
-    assert cache_trace.trace_main(_trace_args(tiny_dir, tmp_path, out, "pool")) == 0
+    assert trace_main(_trace_args(tiny_dir, tmp_path, out, "pool")) == 0
     figures, table = _figures(capsys, out)
     assert _number(figures["pool_50pct_hit"]) and 0.0 <= figures["pool_50pct_hit"] <= 1.0
     assert _number(figures["pool_50pct_vs_bound"]) and figures["pool_50pct_errors"] == 0

@@ -14,6 +14,7 @@ from aiohttp import web
 
 from bench import cache_trace, common, replay
 from yuebing.cli import build_parser
+from bench.cli import trace_main
 from bench.replay import COMPLETED, FAILED, REJECTED, RequestRecord
 from bench.sse import TokenCounter, parse_retry_after
 
@@ -373,7 +374,7 @@ async def test_replay_without_the_key_fails_every_request(server):
 def test_cli_dispatches_on_url(monkeypatch, tmp_path):
     p = build_parser()
     args = p.parse_args(["bench", "trace", "t.jsonl", "--url", "http://h:1", "--rate", "2", "--requests", "5"])
-    assert args.func is cache_trace.trace_main and args.file == "t.jsonl" and args.rate == 2.0
+    assert args.func is trace_main and args.file == "t.jsonl" and args.rate == 2.0
     calls = []
     monkeypatch.setattr(replay, "main", lambda a: calls.append(("replay", a.file)) or 0)
     monkeypatch.setattr(cache_trace, "entry", lambda body, a: calls.append((body.__name__, a.file)) or 0)

@@ -183,12 +183,6 @@ def cmd_convert(args) -> int:
     return 0
 
 
-def cmd_bench(args) -> int:
-    from bench import serve
-
-    return serve.main(args)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="yuebing", description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -239,64 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     conv.set_defaults(func=cmd_convert)
 
     bench = sub.add_parser("bench", help="benchmarks (see docs/benchmarks.md)")
-    bench_sub = bench.add_subparsers(dest="bench", required=True)
-    serve_b = bench_sub.add_parser("serve", help="cluster vs plain transformers at 1, 8 and 16 concurrent streams")
-    add_common(serve_b)
-    serve_b.add_argument("--concurrency", default="1,8,16")
-    serve_b.add_argument("--requests-per-level", type=int, default=0, help="default: 2x concurrency")
-    serve_b.add_argument("--max-tokens", type=int, default=128)
-    serve_b.add_argument("--rounds", type=int, default=1,
-                         help="repeat the top level and the batch-16 baseline this many times (median ratio)")
-    serve_b.add_argument("--out", default=None, help="also write the JSON figures here")
-    serve_b.set_defaults(func=cmd_bench)
+    from bench.cli import add_parsers  # the benchmarks live apart from the product, in bench/
 
-    from bench import cache_trace, prefix, sched, transfer  # light: their heavy imports wait until they run
-
-    prefix_b = bench_sub.add_parser("prefix", help="TTFT of a prompt whose prefix is in the pool vs cold TTFT")
-    add_common(prefix_b)
-    prefix_b.add_argument("--prompt-tokens", type=int, default=2048)
-    prefix_b.add_argument("--shared-tokens", type=int, default=1984, help="prefix in the pool (a multiple of the block size)")
-    prefix_b.add_argument("--cold", type=int, default=3, help="cold prompts measured")
-    prefix_b.add_argument("--repeats", type=int, default=3, help="pool hits measured, each with a fresh prefix")
-    prefix_b.add_argument("--out", default=None, help="also write the JSON figures here")
-    prefix_b.set_defaults(func=prefix.main)
-
-    transfer_b = bench_sub.add_parser("transfer", help="KV blocks from the pool over NATS vs raw NATS pub/sub")
-    transfer_b.add_argument("--blocks", type=int, default=124, help="blocks per get (default 124)")
-    transfer_b.add_argument("--block-shape", default="30,2,3,16,64", help="layers,2,kv_heads,block_size,head_dim")
-    transfer_b.add_argument("--repeats", type=int, default=5, help="rounds of each")
-    transfer_b.add_argument("--put-batch", type=int, default=16,
-                            help="blocks per call in the batched put rounds (default 16, about one prompt's)")
-    transfer_b.add_argument("--data-dir", default=None, help="NATS store, cachestore files and logs (default: a temp dir)")
-    transfer_b.add_argument("--out", default=None, help="also write the JSON figures here")
-    transfer_b.set_defaults(func=transfer.main)
-
-    from bench import replay  # light too
-
-    trace_b = bench_sub.add_parser(
-        "trace", help="replay a Mooncake trace: with --url against a server (SLOs, goodput); without, "
-        "the KV-cache hit-ratio experiment", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Replay a Mooncake-format trace (FILE, default ../shared/traces/conversation_trace.jsonl).\n\n"
-        "  yuebing bench trace FILE --url URL [options]\n"
-        "      open-loop replay against any OpenAI-compatible server: TTFT, TBT, SLO attainment, goodput,\n"
-        "      prefix hit ratio, rejections; a table, a JSON line, a JSON file and a PNG (bench/replay.py)\n"
-        "  yuebing bench trace [FILE] [options]\n"
-        "      without --url: the KV-cache experiment on clusters it starts itself: prefix hit ratio of\n"
-        "      global, local-only and smaller pools against the unbounded-cache bound (bench/cache_trace.py)")
-    replay.add_arguments(trace_b)  # FILE, --url; --model, --token-scale, --requests, --max-context, --out serve both
-    cache_b = trace_b.add_argument_group("the cache experiment (without --url)")
-    cache_b.add_argument("--data-dir", default=None, help="clusters' data and logs (default: a temporary directory)")
-    cache_b.add_argument("--models-dir", default=None, help="converted models (default DATA_DIR/models)")
-    cache_b.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default 16)")
-    cache_b.add_argument("--threads", type=int, default=None, help="torch threads per worker (default 1)")
-    cache_b.add_argument("--trace", default=None, help="the trace file (same as FILE)")
-    cache_b.add_argument("--concurrency", type=int, default=1, help="requests in flight (default 1: sequential)")
-    cache_b.add_argument("--pool-fractions", default="0.5,0.25,0.1", help="smaller pools, as fractions of the working set")
-    cache_b.add_argument("--configs", default=None, help="subset of global,local,pool (default: all)")
-    cache_b.add_argument("--no-settle", dest="settle", action="store_false",
-                         help="send the next request without waiting for the previous one's pool writes")
-    trace_b.set_defaults(func=cache_trace.trace_main)  # it dispatches: --url -> replay.main
-    sched.add_parser(bench_sub)
+    add_parsers(bench.add_subparsers(dest="bench", required=True))
     return parser
 
 

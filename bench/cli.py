@@ -1,0 +1,155 @@
+"""The ``yuebing bench`` subcommands: their arguments and the benchmark each one runs.
+
+``yuebing/cli.py`` calls :func:`add_parsers` when it builds its parser (the product imports nothing
+else of bench). The benchmark modules are light to import: each loads its heavy dependencies (torch,
+aiohttp, the cluster) only when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from bench import cache_trace, prefix, replay, sched, serve, transfer
+from bench.common import DEFAULT_TRACE, shown
+from yuebing.args import add_common, count
+
+
+def add_parsers(bench_sub) -> None:
+    """The benchmarks as subcommands of ``bench_sub`` (the subparsers of ``yuebing bench``)."""
+    _serve(bench_sub)
+    _prefix(bench_sub)
+    _transfer(bench_sub)
+    _trace(bench_sub)
+    _sched(bench_sub)
+
+
+def trace_main(args) -> int:
+    """``yuebing bench trace``: with ``--url``, replay the trace against that server (``bench.replay``);
+    without, the cache experiment on clusters it starts (``bench.cache_trace``; the trace: ``FILE`` or
+    ``--trace``)."""
+    if getattr(args, "url", None):
+        return replay.main(args)
+    return cache_trace.main(args)
+
+
+def _serve(bench_sub) -> None:
+    """``bench serve``: the cluster against plain transformers generate."""
+    serve_b = bench_sub.add_parser("serve", help="cluster vs plain transformers at 1, 8 and 16 concurrent streams")
+    add_common(serve_b)
+    serve_b.add_argument("--concurrency", default="1,8,16")
+    serve_b.add_argument("--requests-per-level", type=int, default=0, help="default: 2x concurrency")
+    serve_b.add_argument("--max-tokens", type=int, default=128)
+    serve_b.add_argument("--rounds", type=int, default=1,
+                         help="repeat the top level and the batch-16 baseline this many times (median ratio)")
+    serve_b.add_argument("--out", default=None, help="also write the JSON figures here")
+    serve_b.set_defaults(func=serve.main)
+
+
+def _prefix(bench_sub) -> None:
+    """``bench prefix``: TTFT with the prefix in the pool against cold TTFT."""
+    prefix_b = bench_sub.add_parser("prefix", help="TTFT of a prompt whose prefix is in the pool vs cold TTFT")
+    add_common(prefix_b)
+    prefix_b.add_argument("--prompt-tokens", type=int, default=2048)
+    prefix_b.add_argument("--shared-tokens", type=int, default=1984, help="prefix in the pool (a multiple of the block size)")
+    prefix_b.add_argument("--cold", type=int, default=3, help="cold prompts measured")
+    prefix_b.add_argument("--repeats", type=int, default=3, help="pool hits measured, each with a fresh prefix")
+    prefix_b.add_argument("--out", default=None, help="also write the JSON figures here")
+    prefix_b.set_defaults(func=prefix.main)
+
+
+def _transfer(bench_sub) -> None:
+    """``bench transfer``: the pool's transfers against raw NATS."""
+    transfer_b = bench_sub.add_parser("transfer", help="KV blocks from the pool over NATS vs raw NATS pub/sub")
+    transfer_b.add_argument("--blocks", type=int, default=124, help="blocks per get (default 124)")
+    transfer_b.add_argument("--block-shape", default=",".join(map(str, transfer.DEFAULT_BLOCK_SHAPE)),
+                            help="layers,2,kv_heads,block_size,head_dim")
+    transfer_b.add_argument("--repeats", type=int, default=5, help="rounds of each")
+    transfer_b.add_argument("--put-batch", type=int, default=16,
+                            help="blocks per call in the batched put rounds (default 16, about one prompt's)")
+    transfer_b.add_argument("--data-dir", default=None, help="NATS store, cachestore files and logs (default: a temp dir)")
+    transfer_b.add_argument("--out", default=None, help="also write the JSON figures here")
+    transfer_b.set_defaults(func=transfer.main)
+
+
+def _trace(bench_sub) -> None:
+    """``bench trace``: the replay against a server (``--url``) or the cache experiment."""
+    trace_b = bench_sub.add_parser(
+        "trace", help="replay a Mooncake trace: with --url against a server (SLOs, goodput); without, "
+        "the KV-cache hit-ratio experiment", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=f"Replay a Mooncake-format trace (FILE, default {shown(DEFAULT_TRACE)}).\n\n"
+        "  yuebing bench trace FILE --url URL [options]\n"
+        "      open-loop replay against any OpenAI-compatible server: TTFT, TBT, SLO attainment, goodput,\n"
+        "      prefix hit ratio, rejections; a table, a JSON line, a JSON file and a PNG (bench/replay.py)\n"
+        "  yuebing bench trace [FILE] [options]\n"
+        "      without --url: the KV-cache experiment on clusters it starts itself: prefix hit ratio of\n"
+        "      global, local-only and smaller pools against the unbounded-cache bound (bench/cache_trace.py)")
+    replay.add_arguments(trace_b)  # FILE, --url; --model, --token-scale, --requests, --max-context, --out serve both
+    cache_b = trace_b.add_argument_group("the cache experiment (without --url)")
+    cache_b.add_argument("--data-dir", default=None, help="clusters' data and logs (default: a temporary directory)")
+    cache_b.add_argument("--models-dir", default=None, help="converted models (default DATA_DIR/models)")
+    cache_b.add_argument("--block-size", type=int, default=None, help="tokens per KV block (default 16)")
+    cache_b.add_argument("--threads", type=int, default=None, help="torch threads per worker (default 1)")
+    cache_b.add_argument("--trace", default=None, help="the trace file (same as FILE)")
+    cache_b.add_argument("--concurrency", type=int, default=1, help="requests in flight (default 1: sequential)")
+    cache_b.add_argument("--pool-fractions", default="0.5,0.25,0.1", help="smaller pools, as fractions of the working set")
+    cache_b.add_argument("--configs", default=None, help="subset of global,local,pool (default: all)")
+    cache_b.add_argument("--no-settle", dest="settle", action="store_false",
+                         help="send the next request without waiting for the previous one's pool writes")
+    trace_b.set_defaults(func=trace_main)  # it dispatches: --url -> replay.main
+
+
+def _sched(bench_sub) -> None:
+    """``bench sched``: the scheduling experiments."""
+    p = bench_sub.add_parser("sched", help="scheduling experiments: placement (Fig. 5), overload (Table 3), goodput")
+    p.add_argument("--experiments", default=",".join(sched.EXPERIMENTS),
+                   help=f"subset of {','.join(sched.EXPERIMENTS)}")
+    p.add_argument("--policies", default=None,
+                   help=f"placement runs to make, a subset of {','.join(sched.PLACEMENT_POLICIES)} (default: all)")
+    p.add_argument("--trace", default=str(DEFAULT_TRACE), help="Mooncake JSONL trace")
+    p.add_argument("--start", type=int, default=0, help="first trace line replayed")
+    p.add_argument("--requests", type=int, default=300, help="requests replayed per run (simulated engine)")
+    p.add_argument("--token-scale", type=int, default=32)
+    p.add_argument("--output-scale", type=int, default=None,
+                   help="divides output lengths instead of --token-scale (longer outputs load decode)")
+    p.add_argument("--time-scale", type=float, default=1.0, help="trace time compression of the base load")
+    p.add_argument("--rate", type=float, default=None, help="fixed base arrival rate (req/s) instead of the trace's")
+    p.add_argument("--overload", type=float, default=2.0, help="load of the overload runs, x the base load")
+    p.add_argument("--admissions", default=",".join(sched.ADMISSIONS),
+                   help=f"admission modes of the overload runs, a subset of {','.join(sched.ADMISSIONS)}")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="runs of each placement policy, of each overload mode and of each goodput and real pair, "
+                   "interleaved; figures are means, with each repeat's placement and goodput ratio and counts "
+                   "of the repeats in which the placement ordering held and predictive rejection was ahead "
+                   "of early rejection")
+    p.add_argument("--goodput-load", default="1", help="load of the goodput runs, x the base load; a comma-separated "
+                   "list makes a sweep (e.g. 1,2,3)")
+    p.add_argument("--goodput-admission", choices=sched.ADMISSIONS, default=None,
+                   help="admission control of the disaggregated goodput runs (default: the deployment's own, "
+                   "the admission setting; none compares the architectures alone)")
+    p.add_argument("--colocated-admission", choices=sched.ADMISSIONS, default="none",
+                   help="admission control of the colocated baseline (default none: a plain engine)")
+    p.add_argument("--ttft-slo", type=float, default=None, help="default: 10x a mean prompt's calibrated TTFT")
+    p.add_argument("--tbt-slo", type=float, default=None, help="default: 5x a calibrated decode step")
+    p.add_argument("--max-running", type=count(1), default=None, help="rows of a decode batch (default 32)")
+    p.add_argument("--urgent-rows", type=count(0), default=None,
+                   help="rows beyond --max-running for requests of ten output tokens or fewer (default 1)")
+    p.add_argument("--prefill", type=int, default=8)
+    p.add_argument("--decode", type=int, default=8)
+    p.add_argument("--prefill-cache-mb", type=int, default=256, help="each prefill instance's own block cache")
+    p.add_argument("--pool-writes", choices=("all", "seen"), default=None,
+                   help="which new blocks the runs with the pool write to it (default: the deployment's, all)")
+    p.add_argument("--no-peer-fetch", action="store_true",
+                   help="global_cache_aware loads prefixes from the pool only, never from another prefill's cache")
+    p.add_argument("--pool-dram-mb", type=int, default=None, help="the cachestore's DRAM tier (default: its own)")
+    p.add_argument("--pool-disk-mb", type=int, default=None, help="the cachestore's disk tier (default: its own)")
+    p.add_argument("--real-prefill", type=int, default=2)
+    p.add_argument("--real-decode", type=int, default=1)
+    p.add_argument("--real-requests", type=int, default=60)
+    p.add_argument("--real-rate", type=float, default=0.5, help="arrival rate of the real-model runs (req/s)")
+    p.add_argument("--model", default=None)
+    p.add_argument("--models-dir", default=None)
+    p.add_argument("--calibration", default=None, help="cost profile (default: the model's, calibrated if missing)")
+    p.add_argument("--out-dir", default="bench-sched", help="per-run JSON and PNG, and figures.json")
+    p.add_argument("--keep-data", action="store_true", help="keep each run's cluster files and logs")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=sched.main)
