@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from libs.stats import interpolated
+from libs.stats import nearest_rank
 from yuebing.tables import format_table
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository
-DEFAULT_TRACE = ROOT.parent / "shared" / "traces" / "conversation_trace.jsonl"
+DEFAULT_TRACE = Path(__file__).resolve().parent / "traces" / "conversation_trace.jsonl"  # shipped with bench
 TRACE_BLOCK_TOKENS = 512  # tokens per hash id in the original trace
 TOKEN_LO = 1000  # deterministic prompts use token ids in [TOKEN_LO, vocab): clear of special tokens
 
@@ -148,10 +148,9 @@ def trace_bound(requests: Sequence, block_tokens: int, block_size: int) -> dict:
 
 
 # ================================================================ figures
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """The ``q``-th percentile of ``values`` interpolated between the closest ranks
-    (``libs.stats.interpolated``); None without values."""
-    return interpolated(values, q) if values else None
+def percentile(values: Sequence[float], q: int) -> float | None:
+    """The ``q``-th percentile of ``values`` by nearest rank (``libs.stats``); None without values."""
+    return nearest_rank(values, q) if values else None
 
 
 def ms(x: float | None) -> float | None:

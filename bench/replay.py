@@ -3,7 +3,7 @@ server and measure serving under SLOs.
 
 A trace is JSONL, one request a line: ``timestamp`` (ms after the first request), ``input_length``,
 ``output_length`` and ``hash_ids`` (prefix-chained ids of 512-token blocks). :func:`prepare` scales it as
-``../shared/traces/README.md`` says: every hash id becomes a deterministic block of ``512 / token_scale``
+``bench/traces/README.md`` says: every hash id becomes a deterministic block of ``512 / token_scale``
 token ids (``bench.common.TraceTokens``: same id, same tokens, so requests that share leading ids share
 a prompt prefix), output lengths are divided by the same ``token_scale`` (at least one token), arrival
 times by ``time_scale`` (or replaced by a fixed ``rate``), and prompts that do not fit ``max_context``

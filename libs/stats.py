@@ -1,9 +1,7 @@
-"""Percentiles, in the two ways this code takes them.
-
-By nearest rank (a value that occurred): the paper's TBT (a request's 90th-percentile gap) and the
-conductor's error models. Interpolated linearly between the closest ranks (numpy's default): the
-benchmarks' latency distributions (TTFT, ITL and end-to-end p50/p90/p99), as their recorded results
-were taken. Plain functions, no metrics registered.
+"""Percentiles, one definition for the whole project: the nearest rank (always a value that
+occurred). The paper's TBT (a request's 90th-percentile gap), the conductor's error models and
+the benchmarks' latency distributions (TTFT, ITL and end-to-end p50/p90/p99) all take it. Plain
+functions, no metrics registered.
 """
 
 from __future__ import annotations
@@ -20,11 +18,3 @@ def nearest_rank(values: Iterable[float], percent: int) -> float:
     """The ``percent``-th percentile of ``values`` (not empty) by nearest rank."""
     ordered = sorted(values)
     return ordered[nearest_rank_index(len(ordered), percent)]
-
-
-def interpolated(values: Iterable[float], percent: float) -> float:
-    """The ``percent``-th percentile of ``values`` (not empty), interpolated linearly between the two
-    closest ranks (``numpy.percentile``'s default method)."""
-    import numpy as np
-
-    return float(np.percentile(np.asarray(list(values), dtype=float), percent))

@@ -250,8 +250,8 @@ def test_summary_of_hand_made_records():
     assert s["prefix_hit_ratio"] == round(56 / 230, 4)
     assert s["wasted_prefill_tokens"] == (50 - 0) + (80 - 16) + 60
     assert s["ttft_p50_ms"] == pytest.approx(1000.0) and s["ttft_mean_ms"] == pytest.approx(1500.0)
-    assert s["itl_p50_ms"] == pytest.approx(550.0)  # gaps 0.1, 0.1, 1, 1 pooled
-    assert s["tbt_p50_ms"] == pytest.approx(550.0)  # TBTs 0.1 and 1.0 (the one-token request has none)
+    assert s["itl_p50_ms"] == pytest.approx(100.0)  # gaps 0.1, 0.1, 1, 1 pooled: the 2nd of 4 by nearest rank
+    assert s["tbt_p50_ms"] == pytest.approx(100.0)  # TBTs 0.1 and 1.0 (the one-token request has none)
     assert s["e2e_p50_ms"] == pytest.approx(2600.0)  # 1.3, 3.0, 2.6
     table = replay.summary_table(s)
     assert "TTFT" in table and "goodput req/s" in table and "rejected (429)" in table
