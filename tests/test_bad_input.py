@@ -98,6 +98,16 @@ async def test_no_live_workers_gives_503(tiny_dir, tmp_path):
                 return False
 
         assert await wait_until(up, timeout=60)
+        # not ready: /health says so with a 503 and what is missing; the liveness route does not care
+        import aiohttp
+
+        async with aiohttp.ClientSession() as s:
+            async with s.get(cluster.url + "/health") as r:
+                assert r.status == 503
+                h = await r.json()
+            async with s.get(cluster.url + "/live") as r:
+                assert r.status == 200 and (await r.json())["status"] == "alive"
+        assert h["ready"] is False and h["missing"] == ["prefill", "decode"]
         got, body, headers = await post(cluster.url + "/v1/chat/completions", _chat(tiny_dir.name))
         assert got == 503
         assert "no prefill and decode instance is alive" in body["error"]["message"]

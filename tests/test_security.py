@@ -34,12 +34,13 @@ async def test_api_keys_are_required_and_checked(keyed_cluster, tiny_dir):
         async with s.get(keyed_cluster.url + "/v1/models", headers={"Authorization": "Bearer k-two"}) as r:
             assert r.status == 200 and (await r.json())["data"][0]["id"] == tiny_dir.name
     assert (await get_json(keyed_cluster.url + "/health"))["ready"]  # health stays open
+    assert (await get_json(keyed_cluster.url + "/live"))["status"] == "alive"  # and liveness
 
 
 async def test_openapi_document(tiny_cluster):
     doc = await get_json(tiny_cluster.url + "/openapi.json")
     assert doc["openapi"].startswith("3.")
-    assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health"} <= set(doc["paths"])
+    assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/live"} <= set(doc["paths"])
     chat = doc["components"]["schemas"]["ChatCompletionRequest"]
     assert {"model", "messages"} <= set(chat["required"])
 

@@ -179,3 +179,25 @@ def test_counts_on_the_command_line_refuse_values_below_their_least():
         count(1)("0")
     with pytest.raises(ValueError):
         count(0)("two")
+
+
+def test_restarts_back_off_reset_after_a_healthy_run_and_give_up_on_a_crash_loop():
+    from yuebing.supervisor import RestartPolicy, Restarts
+
+    r = Restarts(RestartPolicy(first_delay=0.5, max_delay=4.0, healthy_after=60.0, crash_limit=4, window=100.0))
+    # quick exits: the delay doubles, up to the cap
+    assert r.exited("prefill-0", started_at=0.0, now=1.0) == 1.5
+    assert r.exited("prefill-0", started_at=1.5, now=2.0) == 3.0
+    assert r.exited("prefill-0", started_at=3.0, now=3.5) == 5.5
+    assert r.restarts("prefill-0") == 3 and not r.given_up("prefill-0")
+    # a fourth exit within the window: given up on; another service is not affected
+    assert r.exited("prefill-0", started_at=5.5, now=6.0) is None and r.given_up("prefill-0")
+    assert r.exited("decode-0", started_at=0.0, now=6.0) == 6.5
+    # after a run longer than healthy_after, the delay starts again from the first one, and exits
+    # older than the window no longer count towards giving up
+    assert r.exited("decode-0", started_at=6.5, now=80.0) == 80.5
+    assert r.exited("decode-0", started_at=80.5, now=81.0) == 82.0
+    assert r.exited("decode-0", started_at=82.0, now=150.0) == 150.5  # a long run: reset, not 4.0
+    assert r.recent_exits("decode-0") == 3 and not r.given_up("decode-0")  # the exit at 6.0 left the window
+    rr = Restarts(RestartPolicy(first_delay=1.0, max_delay=4.0, healthy_after=1000.0, crash_limit=100, window=10.0))
+    assert [rr.exited("x", t, t) - t for t in (0.0, 20.0, 40.0, 60.0)] == [1.0, 2.0, 4.0, 4.0]  # capped

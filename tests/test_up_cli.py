@@ -1,14 +1,16 @@
-"""`yuebing up` starts everything, serves, and Ctrl-C (SIGINT) leaves no process behind."""
+"""`yuebing up` starts everything, serves, restarts a service that dies, and Ctrl-C (SIGINT) leaves
+no process behind."""
 
 import os
 import signal
 import subprocess
 import sys
+import asyncio
 import threading
 import time
 from pathlib import Path
 
-from helpers import post
+from helpers import get_json, log_events, post, wait_until
 from libs.natsserver import free_port
 
 
@@ -30,21 +32,7 @@ def _processes_mentioning(text: str) -> list[int]:
 async def test_up_serves_and_sigint_stops_everything(tiny_dir, tmp_path):
     data_dir = tmp_path / "up-data"
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "yuebing.cli", "up", "--model", str(tiny_dir), "--data-dir", str(data_dir),
-         "--port", str(port), "--prefill", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def reader():
-        for line in proc.stdout:
-            lines.append(line)
-            if "yuebing is ready" in line:
-                ready.set()
-
-    threading.Thread(target=reader, daemon=True).start()
+    proc, lines, ready = _up(tiny_dir, data_dir, port, "--prefill", "2")
     try:
         assert ready.wait(180), "".join(lines[-30:])
         assert any(f"http://127.0.0.1:{port}/v1" in line for line in lines)
@@ -61,6 +49,97 @@ async def test_up_serves_and_sigint_stops_everything(tiny_dir, tmp_path):
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 0, "".join(lines[-30:])
+    deadline = time.monotonic() + 10
+    while _processes_mentioning(str(data_dir)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _processes_mentioning(str(data_dir)) == []
+
+
+def _up(tiny_dir, data_dir, port, *flags):
+    """`yuebing up` as a user runs it; returns the process, its output lines so far and an event set
+    once it is ready."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "yuebing.cli", "up", "--model", str(tiny_dir), "--data-dir", str(data_dir),
+         "--port", str(port), *flags],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def reader():
+        for line in proc.stdout:
+            lines.append(line)
+            if "yuebing is ready" in line:
+                ready.set()
+
+    threading.Thread(target=reader, daemon=True).start()
+    return proc, lines, ready
+
+
+async def test_up_restarts_a_killed_prefill_and_loses_no_request(tiny_dir, tmp_path):
+    """kill -9 of one of two prefill instances under load: every request completes, and `up` starts
+    the instance again (it does not stop the cluster)."""
+    data_dir = tmp_path / "up-restart"
+    port = free_port()
+    proc, lines, ready = _up(tiny_dir, data_dir, port, "--prefill", "2", "--no-auth")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert ready.wait(180), "".join(lines[-30:])
+        prompts = [[(31 * r + 7 * i) % 40000 + 50 for i in range(600 + 13 * r)] for r in range(50)]
+
+        async def one(p):
+            return await post(url + "/v1/completions",
+                              {"model": tiny_dir.name, "prompt": p, "max_tokens": 12, "temperature": 0}, timeout=180)
+
+        tasks = [asyncio.create_task(one(p)) for p in prompts]
+        log = data_dir / "logs" / "prefill-1.log"
+        assert await wait_until(lambda: _async(bool(log_events(log, "prefilled"))), timeout=60)
+        assert not all(t.done() for t in tasks)  # killed while requests are still in flight
+        [pid] = [p for p in _processes_mentioning(str(data_dir)) if _mentions(p, "--instance-id prefill-1")]
+        os.kill(pid, signal.SIGKILL)
+        results = await asyncio.gather(*tasks)
+        assert [status for status, _, _ in results] == [200] * 50, [b for s, b, _ in results if s != 200][:3]
+        # the instance is back: `up` said so, and the gateway hears from both prefill instances again
+        assert await wait_until(lambda: _async(any("prefill-1 restarted" in line for line in lines)), timeout=60), \
+            "".join(lines[-20:])
+        assert await wait_until(
+            lambda: _health_count(url, "prefill", 2), timeout=60)
+        assert proc.poll() is None
+        status, body, _ = await post(url + "/v1/completions",
+                                     {"model": tiny_dir.name, "prompt": prompts[0], "max_tokens": 4})
+        assert status == 200, body
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0, "".join(lines[-30:])
+
+
+async def _async(value):
+    return value
+
+
+async def _health_count(url: str, kind: str, n: int) -> bool:
+    return (await get_json(url + "/health"))["instances"][kind] == n
+
+
+def _mentions(pid: int, text: str) -> bool:
+    try:
+        return text in (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return False
+
+
+async def test_sigint_during_startup_stops_at_once(tiny_dir, tmp_path):
+    """Ctrl-C while `up` is still starting the services (before it is ready) stops everything."""
+    data_dir = tmp_path / "up-early"
+    proc, lines, ready = _up(tiny_dir, data_dir, free_port(), "--no-auth")
+    try:
+        # the services are being started, and the cluster is not ready yet
+        assert await wait_until(lambda: _async((data_dir / "logs" / "conductor-0.log").exists()), timeout=60)
+        assert not ready.is_set()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0, "".join(lines[-30:])
+    assert not ready.is_set()
     deadline = time.monotonic() + 10
     while _processes_mentioning(str(data_dir)) and time.monotonic() < deadline:
         time.sleep(0.2)

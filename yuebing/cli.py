@@ -107,10 +107,16 @@ def cmd_up(args) -> int:
     settings = _settings(args)
     cluster = LocalCluster(settings, prefill=args.prefill, decode=args.decode, cachestore=args.cachestore,
                            colocated=args.colocated, nats_port=args.nats_port, pin_cores=args.pin_cores)
-    stop = {"now": False}
 
     def on_signal(signum, frame):
-        stop["now"] = True
+        # stop at any moment, startup included: at the next safe point (between two services, in
+        # the wait for readiness, in the supervision loop), or at once while the model converts;
+        # a second signal does not interrupt the stopping
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        cluster.stop_requested = True
+        if cluster.interruptible:
+            raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
@@ -132,14 +138,12 @@ def cmd_up(args) -> int:
             f"  try:  curl {cluster.url}/v1/chat/completions -H 'Content-Type: application/json' {auth_header}"
             f"-d '{{\"model\": \"{_model_id(settings)}\", \"messages\": [{{\"role\": \"user\", "
             f"\"content\": \"What is the capital of France?\"}}]}}'",
-            "  Ctrl-C stops everything.",
+            "  a service that exits is restarted (with backoff); Ctrl-C stops everything.",
         ]
         print("\n".join(lines), flush=True)
-        while not stop["now"]:
-            for name, p in cluster.procs.items():
-                if p.poll() is not None:
-                    print(f"{name} exited with {p.returncode}; stopping", file=sys.stderr)
-                    stop["now"] = True
+        while not cluster.stop_requested:
+            for line in cluster.supervise(time.monotonic()):
+                print(line, file=sys.stderr, flush=True)
             time.sleep(0.2)
     except KeyboardInterrupt:
         pass

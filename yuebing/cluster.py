@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from libs.log import get_logger
 from libs.engine.loading import resolve_model
 from libs.natsserver import NatsServer, free_port
 from libs.proc import die_with_parent
+from yuebing.supervisor import RestartPolicy, Restarts
 
 log = get_logger("cluster")
 
@@ -68,6 +70,17 @@ class LocalCluster:
     metrics_urls: dict[str, str] = field(default_factory=dict)  # worker name -> Prometheus URL
     pin_cores: bool = False  # pin each model worker to its own cores (when there are enough)
     cores: CorePlan | None = None  # how the model workers share this host's cores (None: as configured)
+    restart_policy: RestartPolicy = field(default_factory=RestartPolicy)  # for services that exit once up
+
+    def __post_init__(self) -> None:
+        # set (from a signal handler) to stop: start() stops at its next safe point; while it
+        # converts the model or calibrates (``interruptible``) the handler may interrupt at once
+        self.stop_requested = False
+        self.interruptible = False
+        self.restarts = Restarts(self.restart_policy)
+        self.started_at: dict[str, float] = {}  # service -> when its current process started
+        self._due: dict[str, float] = {}  # service -> when to restart it
+        self._ports: dict[str, int] = {}  # a worker's metrics port, kept across its restarts
 
     @property
     def data_dir(self) -> Path:
@@ -101,10 +114,15 @@ class LocalCluster:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._ensure_api_key()
         # Convert the model once, here, so the services find it ready.
-        path = resolve_model(self.settings.model, self.settings.resolved_models_dir())
-        self._plan_cores()
-        self._size_arenas()
-        self._ensure_calibration(path)
+        self.interruptible = True
+        try:
+            path = resolve_model(self.settings.model, self.settings.resolved_models_dir())
+            self._plan_cores()
+            self._size_arenas()
+            self._ensure_calibration(path)
+        finally:
+            self.interruptible = False
+        self._stop_point()
         if self.colocated:
             self.settings = msgspec.structs.replace(self.settings, colocated=True, use_pool=False)
         self.nats = NatsServer(self.data_dir / "nats", port=self.nats_port, log_file=self.log_dir / "nats-server.log",
@@ -113,12 +131,18 @@ class LocalCluster:
         try:
             for kind in SERVICE_ORDER:
                 for i in range(self.count(kind)):
+                    self._stop_point()
                     self.start_service(kind, i)
             self.wait_ready(ready_timeout)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _stop_point(self) -> None:
+        """A safe point to stop starting: raises KeyboardInterrupt once a stop was requested."""
+        if self.stop_requested:
+            raise KeyboardInterrupt
 
     def _plan_cores(self) -> None:
         """Split the host's cores between the model workers (see ``libs.cpus``; pinned with
@@ -210,7 +234,7 @@ class LocalCluster:
             cmd += ["--host", s.host, "--port", str(s.port)]
             self.metrics_urls[name] = f"{self.url}/metrics"
         else:
-            port = free_port(s.host)
+            port = self._ports.setdefault(name, free_port(s.host))
             cmd += ["--host", s.host, "--metrics-port", str(port)]
             self.metrics_urls[name] = f"http://{s.host}:{port}/metrics"
         env = dict(os.environ, **self.extra_env)
@@ -234,13 +258,66 @@ class LocalCluster:
         proc = subprocess.Popen(cmd, stdout=out, stderr=out, env=env, start_new_session=True,
                                 preexec_fn=die_with_parent)
         self.procs[name] = proc
+        self.started_at[name] = time.monotonic()
         log.info("service_spawned", name=name, pid=proc.pid)
         return proc
 
+    def supervise(self, now: float) -> list[str]:
+        """Restart the services that exited, with backoff (``yuebing.supervisor``); give up on one
+        in a crash loop while the rest keeps serving. Returns what happened, a line each."""
+        said = []
+        for name, proc in list(self.procs.items()):
+            if proc.poll() is None or name in self._due or self.restarts.given_up(name):
+                continue
+            when = self.restarts.exited(name, self.started_at.get(name, now), now)
+            tail = " | ".join(self.last_lines(name))
+            if when is None:
+                log.error("service_given_up", name=name, returncode=proc.returncode,
+                          exits=self.restarts.recent_exits(name), last_lines=tail)
+                said.append(f"{name} exited with {proc.returncode} {self.restarts.recent_exits(name)} times within "
+                            f"{self.restart_policy.window:.0f}s: given up on, the rest keeps serving; "
+                            f"its last lines: {tail}")
+                continue
+            self._due[name] = when
+            log.warning("service_exited", name=name, returncode=proc.returncode, restart_in=round(when - now, 2),
+                        last_lines=tail)
+            said.append(f"{name} exited with {proc.returncode}; restarting in {when - now:.1f}s "
+                        f"(restart {self.restarts.restarts(name)}); its last lines: {tail}")
+        for name, when in list(self._due.items()):
+            if when <= now:
+                del self._due[name]
+                kind, index = name.rsplit("-", 1)
+                self.start_service(kind, int(index))
+                log.info("service_restarted", name=name, restarts=self.restarts.restarts(name))
+                said.append(f"{name} restarted")
+        return said
+
+    def down(self) -> list[str]:
+        """The services not running now: exited and waiting for a restart, or given up on."""
+        return [name for name, p in self.procs.items() if p.poll() is not None]
+
+    def last_lines(self, name: str, n: int = 3) -> list[str]:
+        """The last ``n`` lines of a service's log (its exit's why, usually)."""
+        try:
+            with open(self.log_dir / f"{name}.log", "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 8192))
+                lines = f.read().decode(errors="replace").splitlines()
+        except OSError:
+            return []
+        return [line.strip()[:300] for line in lines[-n:] if line.strip()]
+
     def health(self) -> dict | None:
+        """The gateway's /health body (200 when ready, 503 when not: the same body), or None when
+        the gateway does not answer."""
         try:
             with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
                 return json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            try:
+                return json.loads(e.read())
+            except ValueError:
+                return None
         except (OSError, ValueError):
             return None
 
@@ -249,6 +326,7 @@ class LocalCluster:
         want = {"prefill": self.count("prefill") + self.colocated, "decode": self.count("decode") + self.colocated,
                 "conductor": 1, "cachestore": self.count("cachestore")}
         while True:
+            self._stop_point()
             for name, p in self.procs.items():
                 if p.poll() is not None:
                     raise RuntimeError(f"{name} exited with {p.returncode}; see {self.log_dir / (name + '.log')}")

@@ -67,6 +67,10 @@ async def errors_middleware(request: web.Request, handler):
         raise
 
 
+# what /health needs heard from before it answers 200 (ready)
+READY_NEEDS = ("conductor", "prefill", "decode")
+
+
 class GatewayService(Service):
     kind = "gateway"
     uses_jetstream = False
@@ -95,6 +99,7 @@ class GatewayService(Service):
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
+        app.router.add_get("/live", self.live_probe)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/openapi.json", self.openapi_json)
         self._runner = web.AppRunner(app, access_log=None)
@@ -124,7 +129,7 @@ class GatewayService(Service):
 
     @web.middleware
     async def _auth(self, request: web.Request, handler):
-        """Bearer API keys on /v1/*; /health, /metrics and /openapi.json stay open."""
+        """Bearer API keys on /v1/*; /health, /live, /metrics and /openapi.json stay open."""
         if self.api_keys and request.path.startswith("/v1/"):
             header = request.headers.get("Authorization", "")
             scheme, _, key = header.partition(" ")
@@ -138,20 +143,28 @@ class GatewayService(Service):
         return _json(self.openapi)
 
     async def health(self, request: web.Request) -> web.Response:
+        """Readiness: 200 only when the cluster can serve a request (the bus connected, and a
+        conductor, a prefill and a decode instance heard from), else 503; the same body either way,
+        saying what is missing."""
         beats = self.live_beats()
         counts = {"conductor": 0, "prefill": 0, "decode": 0, "cachestore": 0}
         for hb in beats:
             counts[hb.kind] = counts.get(hb.kind, 0) + 1
         ok = self.nc.is_connected
-        ready = ok and counts["prefill"] > 0 and counts["decode"] > 0 and counts["conductor"] > 0
+        missing = ([] if ok else ["nats"]) + [k for k in READY_NEEDS if counts[k] == 0]
+        ready = not missing
         workers = [
             {"kind": hb.kind, "id": hb.instance_id, "queued": hb.queued, "running": hb.running,
              "kv_tokens": hb.kv_tokens}
             for hb in sorted(beats, key=lambda b: (b.kind, b.instance_id))
         ]
-        body = {"status": "ok" if ok else "unavailable", "ready": ready, "model": self.model_name,
-                "instances": counts, "workers": workers}
-        return _json(body, status=200 if ok else 503)
+        body = {"status": "ok" if ready else "unavailable", "ready": ready, "missing": missing,
+                "model": self.model_name, "instances": counts, "workers": workers}
+        return _json(body, status=200 if ready else 503)
+
+    async def live_probe(self, request: web.Request) -> web.Response:
+        """Liveness: 200 while the gateway process answers, whatever the workers or the bus do."""
+        return _json({"status": "alive", "nats_connected": self.nc.is_connected})
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
