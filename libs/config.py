@@ -59,6 +59,7 @@ class Settings(msgspec.Struct, kw_only=True):
     # free C heap a service keeps for reuse instead of handing it back to the kernel at once
     # (glibc; libs/heap.py); 0 = the C library's defaults
     heap_keep_bytes: int = 256 << 20
+    restarts: int = 0  # times a supervisor (`yuebing up`) has restarted this instance; in its heartbeat
     # gateway
     host: str = "127.0.0.1"
     port: int = 8000

@@ -17,6 +17,8 @@ TTFT = Histogram("yuebing:time_to_first_token_seconds", "Time to first token, as
 ITL = Histogram("yuebing:inter_token_latency_seconds", "Time between two output tokens of a request",
                 buckets=_ITL_BUCKETS)
 E2E = Histogram("yuebing:e2e_request_latency_seconds", "Arrival to last token", buckets=_LATENCY_BUCKETS)
+RESTARTS = Gauge("yuebing:instance_restarts", "Times its supervisor (yuebing up) has restarted this instance",
+                 ["kind", "instance"])
 REQUESTS_RUNNING = Gauge("yuebing:num_requests_running", "Requests the gateway is serving")
 SUCCESS = Counter("yuebing:request_success", "Finished requests", ["finished_reason"])
 REJECTED = Counter("yuebing:request_rejected", "Requests refused before any work", ["reason"])

@@ -335,6 +335,7 @@ class Heartbeat(msgspec.Struct, kw_only=True):
     urgent_rows: int = 0  # decode: rows beyond ``max_running`` for urgent sequences only
     kv_tokens: int = 0  # KV positions held by the running batch (decode)
     draining: bool = False  # stopping: finishes what it has, takes nothing new
+    restarts: int = 0  # times its supervisor has restarted this instance
     # decode: the steps run since the previous beat (cost-model input): count, mean seconds,
     # mean rows and mean KV positions per step
     steps: int = 0

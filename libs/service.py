@@ -14,7 +14,7 @@ from libs.bus import connect, ensure_streams
 from libs.config import Settings
 from libs.heap import keep_freed_heap
 from libs.log import configure, get_logger
-from libs.metrics import KV_ARENAS
+from libs.metrics import KV_ARENAS, RESTARTS
 from libs.protocol import Heartbeat, Subjects, encode
 
 
@@ -89,6 +89,7 @@ class Service:
         self.nc = await connect(self.settings.nats_url, f"{self.kind}:{self.instance_id}",
                                 on_reconnect=self.on_reconnected)
         self.js = self.nc.jetstream()
+        RESTARTS.labels(kind=self.kind, instance=self.instance_id).set(self.settings.restarts)
         if self.uses_jetstream:
             await ensure_streams(self.js)
         await self.setup()
@@ -143,6 +144,7 @@ class Service:
             interval=self.settings.heartbeat_interval,
             model=self.settings.model,
             draining=self.stopping,
+            restarts=self.settings.restarts,
             **load,
         )
 

@@ -1,14 +1,16 @@
 """`yuebing up` starts everything, serves, restarts a service that dies, and Ctrl-C (SIGINT) leaves
 no process behind."""
 
+import asyncio
 import os
 import signal
 import subprocess
 import sys
-import asyncio
 import threading
 import time
 from pathlib import Path
+
+import pytest
 
 from helpers import get_json, log_events, post, wait_until
 from libs.natsserver import free_port
@@ -76,34 +78,45 @@ def _up(tiny_dir, data_dir, port, *flags):
     return proc, lines, ready
 
 
-async def test_up_restarts_a_killed_prefill_and_loses_no_request(tiny_dir, tmp_path):
-    """kill -9 of one of two prefill instances under load: every request completes, and `up` starts
-    the instance again (it does not stop the cluster)."""
+@pytest.mark.parametrize("victim, flags, busy_event", [
+    ("prefill-1", ("--prefill", "2"), "prefilled"),  # one of two: its tasks are placed again
+    ("decode-1", ("--decode", "2"), "decoded"),  # one of two: its streams resume on the other
+    ("cachestore-0", (), "cachestore_opened"),  # the pool: prefill recomputes while it is down
+])
+async def test_up_restarts_a_killed_service_and_loses_no_request(tiny_dir, tmp_path, victim, flags, busy_event):
+    """kill -9 of a service under load: every request completes, and `up` starts the service again
+    (it does not stop the cluster), which then reports one restart."""
     data_dir = tmp_path / "up-restart"
     port = free_port()
-    proc, lines, ready = _up(tiny_dir, data_dir, port, "--prefill", "2", "--no-auth")
+    proc, lines, ready = _up(tiny_dir, data_dir, port, *flags, "--no-auth")
     url = f"http://127.0.0.1:{port}"
+    kind = victim.rsplit("-", 1)[0]
     try:
         assert ready.wait(180), "".join(lines[-30:])
         prompts = [[(31 * r + 7 * i) % 40000 + 50 for i in range(600 + 13 * r)] for r in range(50)]
 
         async def one(p):
-            return await post(url + "/v1/completions",
-                              {"model": tiny_dir.name, "prompt": p, "max_tokens": 12, "temperature": 0}, timeout=180)
+            return await post(url + "/v1/completions", {"model": tiny_dir.name, "prompt": p, "max_tokens": 24,
+                                                        "temperature": 0, "ignore_eos": True}, timeout=180)
 
         tasks = [asyncio.create_task(one(p)) for p in prompts]
-        log = data_dir / "logs" / "prefill-1.log"
-        assert await wait_until(lambda: _async(bool(log_events(log, "prefilled"))), timeout=60)
+        log = data_dir / "logs" / f"{victim}.log"
+        assert await wait_until(lambda: _async(bool(log_events(log, busy_event))), timeout=60)
         assert not all(t.done() for t in tasks)  # killed while requests are still in flight
-        [pid] = [p for p in _processes_mentioning(str(data_dir)) if _mentions(p, "--instance-id prefill-1")]
+        [pid] = [p for p in _processes_mentioning(str(data_dir)) if _mentions(p, f"--instance-id {victim}")]
         os.kill(pid, signal.SIGKILL)
         results = await asyncio.gather(*tasks)
         assert [status for status, _, _ in results] == [200] * 50, [b for s, b, _ in results if s != 200][:3]
-        # the instance is back: `up` said so, and the gateway hears from both prefill instances again
-        assert await wait_until(lambda: _async(any("prefill-1 restarted" in line for line in lines)), timeout=60), \
+        assert all(body["usage"]["completion_tokens"] == 24 for _, body, _ in results)
+        # the service is back: `up` said so, and the gateway hears from it again, restarted once
+        assert await wait_until(lambda: _async(any(f"{victim} restarted" in line for line in lines)), timeout=60), \
             "".join(lines[-20:])
-        assert await wait_until(
-            lambda: _health_count(url, "prefill", 2), timeout=60)
+
+        async def back():
+            workers = (await get_json(url + "/health"))["workers"]
+            return {w["id"]: w["restarts"] for w in workers if w["kind"] == kind}.get(victim) == 1
+
+        assert await wait_until(back, timeout=60)
         assert proc.poll() is None
         status, body, _ = await post(url + "/v1/completions",
                                      {"model": tiny_dir.name, "prompt": prompts[0], "max_tokens": 4})
@@ -115,10 +128,6 @@ async def test_up_restarts_a_killed_prefill_and_loses_no_request(tiny_dir, tmp_p
 
 async def _async(value):
     return value
-
-
-async def _health_count(url: str, kind: str, n: int) -> bool:
-    return (await get_json(url + "/health"))["instances"][kind] == n
 
 
 def _mentions(pid: int, text: str) -> bool:

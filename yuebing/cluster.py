@@ -252,6 +252,7 @@ class LocalCluster:
                 env["YUEBING_THREADS"], env["YUEBING_CPUS"] = str(self.cores.threads(w)), self.cores.cpus(w)
             else:  # an instance beyond the plan (added later): one thread, anywhere
                 env["YUEBING_THREADS"], env["YUEBING_CPUS"] = "1", ""
+        env["YUEBING_RESTARTS"] = str(self.restarts.restarts(name))  # in its heartbeat and metrics
         if kind == "gateway":
             env["YUEBING_API_KEYS"] = s.api_keys  # only the gateway needs them
         out = open(self.log_dir / f"{name}.log", "ab")

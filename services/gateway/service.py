@@ -155,7 +155,7 @@ class GatewayService(Service):
         ready = not missing
         workers = [
             {"kind": hb.kind, "id": hb.instance_id, "queued": hb.queued, "running": hb.running,
-             "kv_tokens": hb.kv_tokens}
+             "kv_tokens": hb.kv_tokens, "restarts": hb.restarts}
             for hb in sorted(beats, key=lambda b: (b.kind, b.instance_id))
         ]
         body = {"status": "ok" if ready else "unavailable", "ready": ready, "missing": missing,
