@@ -35,6 +35,7 @@ from libs.service import Service
 from services.conductor.scheduler import Scheduler
 
 _BAD = (msgspec.DecodeError, msgspec.ValidationError)
+WARMUP_BEATS = 1.5  # heartbeat intervals a starting conductor listens before it schedules
 
 PLACED = Counter("yuebing:conductor_placements", "Requests placed", ["policy", "plan"])
 NOT_ADMITTED = Counter("yuebing:conductor_rejections", "Requests not admitted", ["status", "cause"])
@@ -75,6 +76,10 @@ class ConductorService(Service):
         # restart; gaps and unknown epochs are repaired with dumps.
         await self.js.subscribe("yb.kvev.>", cb=self._on_kv_event, ordered_consumer=True,
                                 deliver_policy=DeliverPolicy.ALL)
+        # decide nothing before the instances have been heard from: a conductor that has just
+        # (re)started knows none, and would answer "no instance alive"; meanwhile gateways find no
+        # responder and ask again
+        await asyncio.sleep(WARMUP_BEATS * s.heartbeat_interval)
         await self.nc.subscribe(Subjects.SCHEDULE, queue="conductor", cb=self._on_schedule)
         await self.nc.subscribe(Subjects.CONDUCTOR_STATE, cb=self._on_state)
         self.resyncs = 0

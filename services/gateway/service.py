@@ -159,7 +159,8 @@ class GatewayService(Service):
             for hb in sorted(beats, key=lambda b: (b.kind, b.instance_id))
         ]
         body = {"status": "ok" if ready else "unavailable", "ready": ready, "missing": missing,
-                "model": self.model_name, "instances": counts, "workers": workers}
+                "model": self.model_name, "instances": counts, "workers": workers,
+                "gateway": {"id": self.instance_id, "restarts": self.settings.restarts}}
         return _json(body, status=200 if ready else 503)
 
     async def live_probe(self, request: web.Request) -> web.Response:
@@ -228,10 +229,23 @@ class GatewayService(Service):
             arrival_time=time.time(),
             resume=resume,
         )
-        try:
-            raw = await self.nc.request(Subjects.SCHEDULE, encode(sreq), timeout=SCHEDULE_TIMEOUT)
-            reply = decode(raw.data, ScheduleReply)
-        except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
+        # no conductor subscribed (restarting, or its standby taking over): ask again until it is
+        # back, within SCHEDULE_TIMEOUT; a request it took and did not answer is not asked again
+        deadline = time.monotonic() + SCHEDULE_TIMEOUT
+        pause = 0.1
+        while True:
+            try:
+                raw = await self.nc.request(Subjects.SCHEDULE, encode(sreq),
+                                            timeout=max(0.01, deadline - time.monotonic()))
+                reply = decode(raw.data, ScheduleReply)
+                break
+            except nats.errors.NoRespondersError:
+                if time.monotonic() + pause < deadline:
+                    await asyncio.sleep(pause)
+                    pause = min(1.0, 2 * pause)
+                    continue
+            except nats.errors.TimeoutError:
+                pass
             metrics.REJECTED.labels(reason="no_conductor").inc()
             raise oa.ApiError(503, "the scheduler (conductor) is not reachable", code="service_unavailable",
                               headers={"Retry-After": "2"}) from None
