@@ -234,7 +234,9 @@ class LocalCluster:
             cmd += ["--host", s.host, "--port", str(s.port)]
             self.metrics_urls[name] = f"{self.url}/metrics"
         else:
-            port = self._ports.setdefault(name, free_port(s.host))
+            if name not in self._ports:
+                self._ports[name] = free_port(s.host)
+            port = self._ports[name]
             cmd += ["--host", s.host, "--metrics-port", str(port)]
             self.metrics_urls[name] = f"http://{s.host}:{port}/metrics"
         env = dict(os.environ, **self.extra_env)
@@ -292,10 +294,6 @@ class LocalCluster:
                 log.info("service_restarted", name=name, restarts=self.restarts.restarts(name))
                 said.append(f"{name} restarted")
         return said
-
-    def down(self) -> list[str]:
-        """The services not running now: exited and waiting for a restart, or given up on."""
-        return [name for name, p in self.procs.items() if p.poll() is not None]
 
     def last_lines(self, name: str, n: int = 3) -> list[str]:
         """The last ``n`` lines of a service's log (its exit's why, usually)."""

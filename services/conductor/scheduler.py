@@ -223,8 +223,8 @@ class Scheduler:
         """Place and admit a new request; when admitted, count it placed and return its task."""
         keys = req.block_hashes
         tokens = self.projector.expected_tokens(req.sampling.max_tokens, req.sampling.ignore_eos)
-        placement, view, decodes = self.place(len(req.prompt_token_ids), keys, now, req.tbt_slo, tokens,
-                                              largest_gap_counts(req.sampling.max_tokens))
+        urgent = largest_gap_counts(req.sampling.max_tokens)
+        placement, view, decodes = self.place(len(req.prompt_token_ids), keys, now, req.tbt_slo, tokens, urgent)
         placement = self.admit(req, placement, decodes)
         if not placement.admitted:
             return Decision(placement, view)
@@ -238,7 +238,7 @@ class Scheduler:
             pool_write_blocks=self.pool_writes.blocks_to_write(keys),
             resume=req.resume,
         ), placement)
-        self._placed(req.attempt_id, placement, len(req.prompt_token_ids), req.sampling, now, req.tbt_slo)
+        self._placed(req.attempt_id, placement, len(req.prompt_token_ids), tokens, urgent, now, req.tbt_slo)
         wait = None
         d = next(v for v in decodes if v.instance_id == placement.decode_id)
         if tokens > 1:  # it reaches decode: remember the wait the admission judged it by
@@ -257,24 +257,24 @@ class Scheduler:
         """Place afresh a task queued on a lost prefill instance (it was admitted once: not judged
         again); returns the placement and, when it found instances, the task to queue."""
         tokens = self.projector.expected_tokens(task.sampling.max_tokens, task.sampling.ignore_eos)
-        placement, _, _ = self.place(len(task.prompt_token_ids), task.block_hashes, now, tokens=tokens,
-                                     urgent=largest_gap_counts(task.sampling.max_tokens))
+        urgent = largest_gap_counts(task.sampling.max_tokens)
+        placement, _, _ = self.place(len(task.prompt_token_ids), task.block_hashes, now, tokens=tokens, urgent=urgent)
         if not placement.admitted:
             return placement, None
-        self._placed(task.attempt_id, placement, len(task.prompt_token_ids), task.sampling, now)
+        self._placed(task.attempt_id, placement, len(task.prompt_token_ids), tokens, urgent, now)
         return placement, self.placed_task(task, placement)
 
-    def _placed(self, attempt_id: str, placement: Placement, prompt_len: int, sampling, now: float,
-                tbt_slo: float = 0.0) -> None:
-        """Count a placed request on its prefill queue and in the decode projection."""
+    def _placed(self, attempt_id: str, placement: Placement, prompt_len: int, tokens: int, urgent: bool,
+                now: float, tbt_slo: float = 0.0) -> None:
+        """Count a placed request (expected to decode ``tokens``) on its prefill queue and in the
+        decode projection."""
         _remember(self._predicted_ttft, attempt_id, placement.predicted_ttft)
         self.queues.placed(placement.prefill_id, attempt_id, placement.predicted_prefill, prompt_len, now)
         inst = self.registry.get("decode", placement.decode_id)
         if inst is not None:
             inst.placed_since_beat += 1
-        tokens = self.projector.expected_tokens(sampling.max_tokens, sampling.ignore_eos)
         self.projector.admit(attempt_id, placement.decode_id, now + placement.predicted_ttft, tokens,
-                             prompt_len, tbt_slo, urgent=largest_gap_counts(sampling.max_tokens))
+                             prompt_len, tbt_slo, urgent=urgent)
 
     def unplace(self, attempt_id: str, placement: Placement) -> None:
         """Undo what placing a request counted, for a task that was never queued."""
