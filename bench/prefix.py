@@ -178,6 +178,8 @@ def _prefix(args) -> int:
     data_dir, own = make_data_dir(args, "yuebing-bench-prefix-")
     settings = from_env(model=str(model_dir), data_dir=str(data_dir), models_dir=str(models_dir), port=free_port(),
                         block_size=getattr(args, "block_size", None), threads=getattr(args, "threads", None) or None,
+                        device=getattr(args, "device", None), dtype=getattr(args, "dtype", None),
+                        load_format=getattr(args, "load_format", None),
                         policy="round_robin", use_pool=True, no_auth=True)  # a private loopback cluster
     if shared_tokens % settings.block_size:
         raise SystemExit(f"--shared-tokens must be a multiple of the block size ({settings.block_size})")

@@ -230,13 +230,16 @@ class HFBaseline:
     """Plain ``model.generate`` on the model directory the cluster serves: batch 1 (prompts one
     after another) and one left-padded batch, greedy, exactly ``max_tokens`` tokens each."""
 
-    def __init__(self, model_dir: Path, max_tokens: int, progress: bool = True):
+    def __init__(self, model_dir: Path, max_tokens: int, progress: bool = True, device: str = "cpu",
+                 dtype: str = "float32", load_format: str = "auto"):
         import torch
 
+        from libs.engine.device import DTYPES
         from libs.engine.loading import load_model, load_tokenizer
 
         tok = load_tokenizer(model_dir)
-        self.model = load_model(model_dir)
+        self.device = torch.device(device)
+        self.model = load_model(model_dir, DTYPES[dtype], self.device, load_format)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         self.max_tokens = max_tokens
         self.progress = progress
@@ -254,8 +257,9 @@ class HFBaseline:
             ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
             mask[i, width - len(p):] = 1
         with torch.inference_mode():
-            out = self.model.generate(ids, attention_mask=mask, streamer=streamer, **{**self.gen, **override})
-        return out[:, width:]
+            out = self.model.generate(ids.to(self.device), attention_mask=mask.to(self.device), streamer=streamer,
+                                      **{**self.gen, **override})
+        return out[:, width:].cpu()
 
     def _warm_up(self, prompt: list[int]) -> None:
         if not self._warm:
@@ -374,6 +378,8 @@ def _serve(args) -> int:
     data_dir, own_dir = make_data_dir(args, "yuebing-bench-")
     settings = from_env(model=str(model_dir), data_dir=str(data_dir), models_dir=str(models_dir), port=free_port(),
                         block_size=getattr(args, "block_size", None), threads=threads or None,
+                        device=getattr(args, "device", None), dtype=getattr(args, "dtype", None),
+                        load_format=getattr(args, "load_format", None),
                         no_auth=True)  # a private cluster on loopback, for this run only
     cluster = LocalCluster(settings, prefill=1, decode=1)
     print(f"bench serve: model {model_dir}, max_tokens {max_tokens}, concurrency {levels}, rounds {rounds}, "
@@ -408,7 +414,8 @@ def _serve(args) -> int:
                 print("running plain transformers generate on the same model and prompts...", file=sys.stderr,
                       flush=True)
                 if baseline is None:
-                    baseline = HFBaseline(model_dir, max_tokens, progress)
+                    s = cluster.settings  # the device and dtype the cluster resolved
+                    baseline = HFBaseline(model_dir, max_tokens, progress, s.device, s.dtype, s.load_format)
                 if r == 0:  # batch 1: the first prompts the cluster served
                     hf.update(baseline.batch1(prompts[1 : 1 + HF_B1_PROMPTS]))
                 hf_round = baseline.batched(b16_of(plan))
@@ -424,7 +431,9 @@ def _serve(args) -> int:
     finally:
         release_data_dir(own_dir, clean, f"cluster logs in {cluster.log_dir}")  # kept after a failed run
 
-    figures: dict = {"model": model_dir.name if spec != DEFAULT_MODEL else DEFAULT_MODEL, "max_tokens": max_tokens}
+    figures: dict = {"model": model_dir.name if spec != DEFAULT_MODEL else DEFAULT_MODEL, "max_tokens": max_tokens,
+                     "device": cluster.settings.device, "dtype": cluster.settings.dtype,
+                     "load_format": cluster.settings.load_format}
     rows = []
     for lr in level_results:
         f = lr.figures()

@@ -70,6 +70,12 @@ class Settings(msgspec.Struct, kw_only=True):
     # engine of the prefill and decode workers: "model" runs the model; "sim" replaces compute with
     # the calibrated cost profile (same bus, same pool, real KV bytes), for scheduling experiments
     engine: str = "model"
+    # where the model runs and its number format (libs/engine/device.py): "auto" takes a GPU when
+    # torch sees one; the dtype "auto" is bfloat16 on a GPU and, on a CPU, whichever of bfloat16 and
+    # float32 was measured faster on this machine. KV blocks are in the model dtype.
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    load_format: str = "auto"  # auto (the directory's safetensors) | safetensors | dummy (random weights)
     calibration: str = ""  # cost profile JSON (`yuebing calibrate`); default: DATA_DIR/calibration/<model>
     # conductor
     policy: str = "global_cache_aware"  # random | round_robin | least_loaded | local_cache_aware | global_cache_aware

@@ -328,6 +328,11 @@ class Heartbeat(msgspec.Struct, kw_only=True):
     instance_id: str
     interval: float
     model: str = ""
+    # a model worker's KV block namespace (hex; model, dtype, block size): the gateway hashes
+    # prompts in the namespace its prefill instances announce
+    kv_namespace: str = ""
+    device: str = ""  # a model worker's device and dtype, e.g. "cpu", "bfloat16"
+    dtype: str = ""
     queued: int = 0  # tasks waiting
     queued_tokens: int = 0  # prompt tokens waiting (prefill)
     running: int = 0  # sequences in the running batch (decode)

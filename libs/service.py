@@ -145,8 +145,14 @@ class Service:
             model=self.settings.model,
             draining=self.stopping,
             restarts=self.settings.restarts,
+            **self.identity(),
             **load,
         )
+
+    def identity(self) -> dict:
+        """What the instance's heartbeats say about what it runs (a model worker: its KV namespace,
+        device and dtype)."""
+        return {}
 
     async def serve_forever(self) -> None:
         await serve_all([self])

@@ -10,16 +10,20 @@ from functools import partial
 
 import msgspec
 import nats
+import torch
 from nats.js.errors import BadRequestError
 
 from libs.kv.keys import namespace_digest
 from libs.bus import work_subscription
 from libs.config import Settings
-from libs.engine.loading import model_identity, resolve_model
+from libs.engine.device import resolve
+from libs.engine.loading import check_load_format, model_identity, resolve_model
 from libs.engine.runner import ModelRunner
+from libs.log import get_logger
 from libs.protocol import Abort, SamplingParams, Subjects, TokenEvent, decode, encode
 from libs.service import Service
 
+log = get_logger("worker")
 
 class RecentIds:
     """A bounded set of request ids (done or aborted), oldest forgotten first."""
@@ -71,18 +75,37 @@ class _Engine:
                 if s.engine not in ENGINES:
                     raise ValueError(f"unknown engine {s.engine!r}; choose one of {', '.join(ENGINES)}")
                 self.path = await asyncio.to_thread(resolve_model, s.model, s.resolved_models_dir())
+                check_load_format(self.path, s.load_format)
                 loop = asyncio.get_running_loop()
                 if s.engine == "sim":
                     from libs.engine.costs import DEFAULT as DEFAULT_PROFILE, CostProfile
                     from libs.engine.simengine import SimRunner
 
+                    # the simulated engine computes nothing: its KV is in the configured dtype (float32
+                    # for auto), and no dtype is measured for it
+                    self.placement = resolve("cpu", s.dtype)
                     profile = CostProfile.load(s.calibration) if s.calibration else DEFAULT_PROFILE
-                    self.runner = await loop.run_in_executor(self.executor, SimRunner, self.path, profile)
+                    self.runner = await loop.run_in_executor(self.executor, SimRunner, self.path, profile,
+                                                             self.placement.dtype)
                 else:
-                    self.runner = await loop.run_in_executor(
-                        self.executor, partial(ModelRunner, self.path, s.threads or None, s.cpus))
+                    self.placement, self.runner = await loop.run_in_executor(self.executor, self._load_model)
             self.users += 1
             return self.runner
+
+    def _load_model(self):
+        """On the model thread (its cores and threads): resolve the device and dtype, then load."""
+        from libs.cpus import pin_current_thread
+        from libs.engine.dtypechoice import placement_for
+
+        s = self.settings
+        threads = s.threads or len(pin_current_thread(s.cpus)) or None
+        if threads:
+            torch.set_num_threads(threads)
+        placement = placement_for(self.path, s.device, s.dtype, s.resolved_data_dir(), threads, s.load_format,
+                                  announce=lambda text: log.info("dtype_measure", what=text))
+        runner = ModelRunner(self.path, threads, s.cpus, device=placement.device, dtype=placement.dtype,
+                             load_format=s.load_format)
+        return placement, runner
 
     def release(self) -> None:
         self.users -= 1
@@ -107,12 +130,20 @@ class ModelWorker(Service):
         self.runner: ModelRunner = await engine.load()
         path = engine.path
         self.shape = self.runner.shape
-        self.namespace = namespace_digest(model_identity(path), self.shape.dtype_name, self.settings.block_size)
+        self.placement = engine.placement
+        self.namespace = namespace_digest(model_identity(path, self.settings.load_format), self.shape.dtype_name,
+                                          self.settings.block_size)
         self.aborted = RecentIds()
         self.done = RecentIds()
         await self.nc.subscribe(Subjects.ABORT, cb=self._on_abort)
         self.log.info("model_loaded", path=str(path), layers=self.shape.num_layers, engine=self.settings.engine,
+                      device=self.placement.device_name, dtype=self.placement.dtype_name, why=self.placement.why,
+                      load_format=self.settings.load_format,
                       threads=getattr(self.runner, "threads", None), cpus=self.settings.cpus or "any")
+
+    def identity(self) -> dict:
+        return {"kv_namespace": self.namespace.hex(), "device": self.placement.device_name,
+                "dtype": self.placement.dtype_name}
 
     async def compute(self, fn, *args, **kwargs):
         """Run blocking model work on the model thread."""

@@ -13,6 +13,10 @@ from bench.models import random_llama
 from libs.engine.loading import default_data_dir, DEFAULT_MODEL, resolve_model
 
 configure("tests", level=os.environ.get("YUEBING_LOG_LEVEL", "WARNING"))
+# The references are float32 generate on the CPU: every cluster, service and `yuebing up` a test
+# starts runs so unless the test names another device or dtype (tests of "auto" clear these).
+os.environ.setdefault("YUEBING_DEVICE", "cpu")
+os.environ.setdefault("YUEBING_DTYPE", "float32")
 
 
 TRACE_HEAD = Path(__file__).parent / "data" / "conversation_trace_head.jsonl"

@@ -33,7 +33,7 @@ FORWARDED = ("block_size", "threads", "max_running", "urgent_rows", "dram_bytes"
              "max_body_bytes", "request_timeout", "heartbeat_interval", "policy", "use_pool", "prefill_cache_bytes",
              "cache_replicas", "drain_seconds", "no_auth", "engine", "calibration", "colocated", "admission",
              "ttft_slo", "tbt_slo", "slo_classes", "pool_write_backlog_bytes", "disk_sync_seconds", "pool_writes",
-             "peer_fetch", "prefill_kv_arena_bytes", "decode_kv_arena_bytes")
+             "peer_fetch", "prefill_kv_arena_bytes", "decode_kv_arena_bytes", "device", "dtype", "load_format")
 
 
 # the share of the host's available memory (at start) that the KV arenas of a local cluster's
@@ -118,6 +118,7 @@ class LocalCluster:
         try:
             path = resolve_model(self.settings.model, self.settings.resolved_models_dir())
             self._plan_cores()
+            self._resolve_placement(path)
             self._size_arenas()
             self._ensure_calibration(path)
         finally:
@@ -153,6 +154,25 @@ class LocalCluster:
             self.cores = None
             return
         self.cores = CorePlan(available_cores(), len(self._model_workers()), pin=self.pin_cores)
+
+    def _resolve_placement(self, path: Path) -> None:
+        """Resolve ``auto`` device and dtype once, here (measuring bfloat16 against float32 on this
+        CPU the first time), so every instance runs the same and the gateway hashes prompts in
+        their KV namespace from the start; a device or dtype this machine cannot run stops the
+        start before any service does."""
+        from libs.engine.device import resolve
+        from libs.engine.dtypechoice import placement_for
+        from libs.engine.loading import check_load_format
+
+        s = self.settings
+        check_load_format(path, s.load_format)
+        if s.engine == "sim":
+            self.placement = resolve("cpu", s.dtype)
+        else:
+            self.placement = placement_for(path, s.device, s.dtype, self.data_dir, self._worker_threads(), s.load_format,
+                                           announce=lambda text: print(text + "...", flush=True))
+        print(f"engine: {self.placement.describe()}", flush=True)
+        self.settings = msgspec.structs.replace(s, device=self.placement.device_name, dtype=self.placement.dtype_name)
 
     def _size_arenas(self) -> None:
         """Every prefill and decode instance pages its KV arena's slab in at start, so instances
@@ -205,12 +225,12 @@ class LocalCluster:
         from libs.engine.loading import model_identity
 
         threads = self._worker_threads()
-        profile = profile_path(self.data_dir, model_identity(path), threads)
+        profile = profile_path(self.data_dir, model_identity(path, s.load_format), threads, s.dtype, s.device)
         if not profile.exists() and s.engine == "sim":
             from libs.engine.calibrate import calibrate
 
             print(f"calibrating the cost model of {path.name} for the simulated engine (once)...", flush=True)
-            calibrate(path, threads).save(profile)
+            calibrate(path, threads, dtype=self.placement.dtype, load_format=s.load_format).save(profile)
         if profile.exists():
             self.settings = msgspec.structs.replace(s, calibration=str(profile))
 

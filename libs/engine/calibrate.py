@@ -59,14 +59,17 @@ TOKEN_LO = 1000  # calibration prompts use token ids in [TOKEN_LO, vocab): clear
 
 
 def calibrate(model_path: Path, threads: int | None = None, progress: bool = True, quick: bool = False,
-              chunk: int = 512) -> CostProfile:
+              chunk: int = 512, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+              load_format: str = "auto", dtype_seconds: dict[str, float] | None = None) -> CostProfile:
     """Measure prefill and decode of the model at ``model_path`` and fit its cost profile.
 
     ``threads``: torch threads (default: torch's choice, recorded in the profile). ``chunk``: the
-    prefill chunk the prefill service uses (``Settings.prefill_chunk``).
+    prefill chunk the prefill service uses (``Settings.prefill_chunk``). ``device``, ``dtype``: the
+    resolved ones the workers run. ``dtype_seconds``: the dtype measurement that chose ``dtype``,
+    recorded in the profile.
     """
     model_path = Path(model_path)
-    runner = ModelRunner(model_path, threads)
+    runner = ModelRunner(model_path, threads, device=device, dtype=dtype, load_format=load_format)
     used_threads = torch.get_num_threads()
     shape = runner.shape
     news = QUICK_PREFILL_NEW if quick else PREFILL_NEW
@@ -152,8 +155,11 @@ def calibrate(model_path: Path, threads: int | None = None, progress: bool = Tru
     decode_coef = _fit_points(dec, [decode_features(p.batch, p.kv_tokens) for p in dec])
     points: list[PrefillPoint | DecodePoint] = [*pre, *dec]
     return CostProfile(
-        model=model_identity(model_path),
+        model=model_identity(model_path, load_format),
         threads=used_threads,
+        device=str(runner.device),
+        dtype=shape.dtype_name,
+        dtype_seconds=dict(dtype_seconds or {}),
         prefill=prefill_coef,
         decode=decode_coef,
         load_tokens_per_second=round(DEFAULT_LOAD_BYTES_PER_SECOND / shape.kv_bytes_per_token(), 1),

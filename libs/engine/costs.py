@@ -76,6 +76,11 @@ class CostProfile(msgspec.Struct, kw_only=True):
     prefill: tuple[float, float, float]  # coefficients of prefill_features
     decode: tuple[float, float, float]  # coefficients of decode_features
     load_tokens_per_second: float = 50_000.0  # prefix KV loaded from the pool over the bus
+    device: str = "cpu"  # what the model was measured on, and in
+    dtype: str = "float32"
+    # a CPU's dtype auto: the compute of one typical request in each dtype measured, in seconds
+    # (libs.engine.dtypechoice); empty when the dtype was configured
+    dtype_seconds: dict[str, float] = {}
     created: str = ""  # ISO 8601, UTC
     host: str = ""
     points: list[PrefillPoint | DecodePoint] = []  # the measured samples (``used``: kept by the fit)
@@ -165,7 +170,9 @@ def fit(features_rows: Sequence[Sequence[float]], seconds: Sequence[float], rela
     return tuple(float(v) for v in best / scale)
 
 
-def profile_path(data_dir: Path, model_identity: str, threads: int) -> Path:
-    """Where the calibration of a model for a number of torch threads lives."""
+def profile_path(data_dir: Path, model_identity: str, threads: int, dtype: str = "float32",
+                 device: str = "cpu") -> Path:
+    """Where the calibration of a model for a number of torch threads, a dtype and a device lives."""
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", model_identity).strip("._-")[:80] or "model"
-    return Path(data_dir) / "calibration" / f"{name}-t{int(threads)}.json"
+    where = re.sub(r"[^A-Za-z0-9]+", "", str(device)) or "cpu"
+    return Path(data_dir) / "calibration" / f"{name}-{where}-{dtype}-t{int(threads)}.json"

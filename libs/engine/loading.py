@@ -101,10 +101,34 @@ def model_name_for(spec: str, path: Path) -> str:
     return DEFAULT_MODEL if spec == DEFAULT_MODEL else path.name
 
 
-def model_identity(path: Path) -> str:
-    """A digest binding a model directory's config and weights (their sizes), for block namespaces."""
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
+# the seed of dummy weights: every instance of a cluster draws the same ones
+DUMMY_SEED = 0
+
+
+def has_weights(path: Path) -> bool:
+    return any(path.glob("*.safetensors"))
+
+
+def check_load_format(path: Path, load_format: str) -> None:
+    """Raise ``ValueError`` when the model at ``path`` cannot be loaded as ``load_format``."""
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"unknown load format {load_format!r}: expected one of {', '.join(LOAD_FORMATS)}")
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path} has no config.json: even dummy weights need the model's config")
+    if load_format != "dummy" and not has_weights(path):
+        raise FileNotFoundError(f"{path} has a config but no *.safetensors weights: "
+                                "--load-format dummy runs it with random weights")
+
+
+def model_identity(path: Path, load_format: str = "auto") -> str:
+    """A digest binding a model directory's config and weights (their sizes), for block namespaces.
+    Dummy weights are their own identity: their KV is never mistaken for the real weights'."""
     h = hashlib.blake2b(digest_size=12)
     h.update((path / "config.json").read_bytes())
+    if load_format == "dummy":
+        h.update(f"dummy:{DUMMY_SEED}".encode())
+        return h.hexdigest()
     for f in sorted(path.glob("*.safetensors")):
         h.update(f"{f.name}:{f.stat().st_size}".encode())
     return h.hexdigest()
@@ -138,7 +162,8 @@ class ModelShape:
         return (self.num_layers, 2, self.num_kv_heads, length, self.head_dim)
 
 
-def read_shape(path: Path) -> ModelShape:
+def read_shape(path: Path, dtype: torch.dtype = torch.float32) -> ModelShape:
+    """The model's shape from its config; ``dtype`` is the one it runs in (its KV's)."""
     from transformers import AutoConfig, GenerationConfig
 
     cfg = AutoConfig.from_pretrained(path)
@@ -151,13 +176,6 @@ def read_shape(path: Path) -> ModelShape:
     if eos is None:
         eos = cfg.eos_token_id
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
-    dtype = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None) or torch.float32
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        dtype = torch.float32
-    # On CPU, compute in float32: half-precision matmuls are slow or unsupported there.
-    dtype = torch.float32
     return ModelShape(
         num_layers=cfg.num_hidden_layers,
         num_kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
@@ -169,9 +187,21 @@ def read_shape(path: Path) -> ModelShape:
     )
 
 
-def load_model(path: Path, dtype: torch.dtype = torch.float32):
-    from transformers import AutoModelForCausalLM
+def load_model(path: Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+               load_format: str = "auto"):
+    """The model's weights in ``dtype`` on ``device``, attention through torch's SDPA kernels.
+    ``dummy``: random weights drawn from ``DUMMY_SEED`` on the CPU (the same in every process), for
+    measuring the engine at sizes no package ships."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    check_load_format(path, load_format)
+    if load_format == "dummy":
+        cfg = AutoConfig.from_pretrained(path)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(DUMMY_SEED)
+            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    model.to(device)
     model.eval()
     return model

@@ -14,6 +14,7 @@ from libs.engine.arena import KVArena
 
 if TYPE_CHECKING:
     from libs.engine.loading import ModelShape
+    from libs.engine.offload import LayerOffload
 
 
 class PastNotLoaded(RuntimeError):
@@ -36,11 +37,19 @@ class PrefillKV:
     computed and the whole past is verified: a pool past counts only once every block's checksum has
     checked, so bytes computed over a past that later proves corrupt never leave. ``watch`` sets a
     callback for every change of state (called on the thread that made it).
+
+    On a GPU (``offload`` given), ``kv`` is pinned host memory and the model computes in ``dev``, a
+    GPU buffer of the same layout: each layer's past goes up just before the layer first reads it,
+    and each computed layer comes down on its own stream (``libs.engine.offload``); a layer counts
+    as computed once its bytes are in ``kv``. On a CPU ``dev`` is ``kv``.
     """
 
     def __init__(self, kv: torch.Tensor, past_len: int, *, ready: bool = True, timeout: float = 30.0,
-                 arena: KVArena | None = None, storage: torch.Tensor | None = None):
+                 arena: KVArena | None = None, storage: torch.Tensor | None = None,
+                 offload: "LayerOffload | None" = None):
         self.kv = kv
+        self._offload = offload
+        self.dev = kv if offload is None else torch.empty(kv.shape, dtype=kv.dtype, device=offload.device)
         self._arena, self._storage = arena, storage  # where ``release`` returns kv's memory
         self.past_len = past_len
         self.total = kv.shape[3]
@@ -56,15 +65,18 @@ class PrefillKV:
 
     @classmethod
     def with_past(cls, shape: "ModelShape", new_tokens: int, past=None, pending: int = 0, *,
-                  arena: KVArena | None = None) -> "PrefillKV":
+                  arena: KVArena | None = None, offload: "LayerOffload | None" = None) -> "PrefillKV":
         """A buffer for ``past`` (copied in: a KV tensor or blocks), then ``pending`` past positions
         still to arrive (a loader fills them and releases the layers), then ``new_tokens``; taken
-        from ``arena`` when given (``release`` gives it back)."""
+        from ``arena`` when given (``release`` gives it back), pinned when ``offload`` is given."""
         blocks = [] if past is None else ([past] if isinstance(past, torch.Tensor) else list(past))
         have = sum(b.shape[3] for b in blocks)
         dims = shape.kv_dims(have + pending + new_tokens)
         storage = None
-        if arena is not None:
+        if offload is not None:
+            arena = None
+            kv = torch.empty(dims, dtype=shape.dtype, pin_memory=True)
+        elif arena is not None:
             storage, kv = arena.take(dims, shape.dtype)
         else:
             kv = torch.empty(dims, dtype=shape.dtype)
@@ -72,7 +84,7 @@ class PrefillKV:
         for b in blocks:
             kv[:, :, :, off : off + b.shape[3]] = b
             off += b.shape[3]
-        return cls(kv, have + pending, ready=pending == 0, arena=arena, storage=storage)
+        return cls(kv, have + pending, ready=pending == 0, arena=arena, storage=storage, offload=offload)
 
     def release(self) -> None:
         """Nothing reads or writes ``kv`` any more (the model, a loader, a hand-off, a pool
@@ -103,7 +115,35 @@ class PrefillKV:
         """Layer ``index`` (and every layer before it) holds all its new positions."""
         with self._cond:
             self._computed = max(self._computed, index + 1)
+            self._cond.notify_all()
         self._changed()
+
+    def layer_written(self, index: int) -> None:
+        """The model wrote layer ``index``'s last position (in ``dev``): on a CPU it is computed
+        now; on a GPU once its copy to host memory is done."""
+        if self._offload is None:
+            self.layer_computed(index)
+        else:
+            self._offload.copy_layer(self, index)
+
+    def upload_past(self, index: int) -> None:
+        """Layer ``index``'s past, in place in ``kv``, into ``dev`` (a GPU; nothing on a CPU)."""
+        if self.dev is not self.kv and self.past_len:
+            self.dev[index, :, :, : self.past_len].copy_(self.kv[index, :, :, : self.past_len], non_blocking=True)
+
+    def wait_offloaded(self) -> None:
+        """Block until every layer is in ``kv`` (a GPU) or the buffer failed."""
+        if self._offload is None:
+            return
+        with self._cond:
+            self._cond.wait_for(lambda: self._computed >= self.layers or self._error is not None)
+        if self._error is not None:
+            raise PastNotLoaded(self._error)
+
+    def drop_device(self) -> None:
+        """Free the GPU copy once the prompt has run (copies in flight keep their memory)."""
+        if self.dev is not self.kv:
+            self.dev = None
 
     def sendable_layers(self) -> int:
         """Leading layers whose bytes are final: computed, over a past that is all verified."""
@@ -146,22 +186,23 @@ class PrefillLayer(DynamicLayer):
         self.index = index
         self.is_initialized = True
         self.n = buf.past_len
-        self._k = buf.kv[index, 0].unsqueeze(0)  # [1, H, total, D] views of the buffer
-        self._v = buf.kv[index, 1].unsqueeze(0)
+        self._k = buf.dev[index, 0].unsqueeze(0)  # [1, H, total, D] views of the buffer
+        self._v = buf.dev[index, 1].unsqueeze(0)
         self.keys, self.values = self._k[:, :, : self.n], self._v[:, :, : self.n]
-        self.dtype, self.device = buf.kv.dtype, buf.kv.device
+        self.dtype, self.device = buf.dev.dtype, buf.dev.device
         self._waited = False
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self._waited:
             self.buf.wait_layer(self.index)  # the past this layer attends to must be in place
+            self.buf.upload_past(self.index)
             self._waited = True
         n, t = self.n, key_states.shape[-2]
         self._k[:, :, n : n + t] = key_states
         self._v[:, :, n : n + t] = value_states
         self.n = n + t
         if self.n == self.buf.total:
-            self.buf.layer_computed(self.index)
+            self.buf.layer_written(self.index)
         self.keys, self.values = self._k[:, :, : self.n], self._v[:, :, : self.n]
         return self.keys, self.values
 

@@ -8,16 +8,21 @@ import torch
 
 from libs.engine.arena import KVArena
 from libs.engine.decode_batch import DecodeBatch
+from libs.engine.device import DTYPES
 from libs.engine.loading import load_model, read_shape
+from libs.engine.offload import LayerOffload
 from libs.engine.prefill_kv import PrefillKV, PrefillLayer
 
 
 class ModelRunner:
     """Owns a loaded model; every method is blocking and meant to run in a worker thread."""
 
-    def __init__(self, path: Path, threads: int | None = None, cpus: str = ""):
+    def __init__(self, path: Path, threads: int | None = None, cpus: str = "", *,
+                 device: torch.device | str = "cpu", dtype: torch.dtype | str = torch.float32,
+                 load_format: str = "auto"):
         """``cpus``: pin the calling (model) thread and the OpenMP threads it starts to these cores
-        (a CPU list such as ``"0-1"``); ``threads`` then defaults to their count."""
+        (a CPU list such as ``"0-1"``); ``threads`` then defaults to their count. ``device`` and
+        ``dtype`` are resolved ones (``libs.engine.device.resolve`` turns ``auto`` into them)."""
         from libs.cpus import pin_current_thread
 
         threads = threads or len(pin_current_thread(cpus))
@@ -25,15 +30,18 @@ class ModelRunner:
             torch.set_num_threads(threads)
         self.threads = torch.get_num_threads()  # as seen from the model thread, which runs the model
         self.path = path
-        self.shape = read_shape(path)
-        self.model = load_model(path, self.shape.dtype)
+        self.device = torch.device(device)
+        self.shape = read_shape(path, DTYPES[dtype] if isinstance(dtype, str) else dtype)
+        self.model = load_model(path, self.shape.dtype, self.device, load_format)
         self.arena: KVArena | None = None
+        # on a GPU, computed layers leave for pinned host memory on their own stream
+        self.offload = LayerOffload(self.device) if self.device.type == "cuda" else None
 
     def kv_buffer(self, new_tokens: int, past=None, pending: int = 0) -> "PrefillKV":
         """A request's KV, preallocated for ``past`` (a KV tensor or a sequence of blocks, wire
         layout, copied in), ``pending`` past positions a loader will fill, and ``new_tokens``; from
         ``arena`` when one is set (the service then ``release``s it)."""
-        return PrefillKV.with_past(self.shape, new_tokens, past, pending, arena=self.arena)
+        return PrefillKV.with_past(self.shape, new_tokens, past, pending, arena=self.arena, offload=self.offload)
 
     @torch.inference_mode()
     def prefill(self, token_ids: list[int], past_kv=None, chunk: int = 512, *, buffer: "PrefillKV | None" = None):
@@ -50,26 +58,31 @@ class ModelRunner:
         if not token_ids:
             raise ValueError("prefill needs at least one new token")
         # a caller that passes no buffer keeps the KV: it is not taken from the arena
-        buf = buffer if buffer is not None else PrefillKV.with_past(self.shape, len(token_ids), past_kv)
+        buf = buffer if buffer is not None else PrefillKV.with_past(self.shape, len(token_ids), past_kv,
+                                                                    offload=self.offload)
         if buf.total != buf.past_len + len(token_ids):
             raise ValueError(f"buffer holds {buf.total} positions, not {buf.past_len} + {len(token_ids)}")
         cache = DynamicCache()
         cache.layers = [PrefillLayer(buf, i) for i in range(self.shape.num_layers)]
         start = buf.past_len
         logits = None
-        ids = torch.tensor([token_ids], dtype=torch.long)
-        for off in range(0, len(token_ids), chunk):
-            piece = ids[:, off : off + chunk]
-            pos = torch.arange(start + off, start + off + piece.shape[1]).unsqueeze(0)
-            out = self.model(
-                input_ids=piece,
-                position_ids=pos,
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            logits = out.logits[0, -1]
-        return logits.float(), buf.kv
+        ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)
+        try:
+            for off in range(0, len(token_ids), chunk):
+                piece = ids[:, off : off + chunk]
+                pos = torch.arange(start + off, start + off + piece.shape[1], device=self.device).unsqueeze(0)
+                out = self.model(
+                    input_ids=piece,
+                    position_ids=pos,
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+                logits = out.logits[0, -1]
+            buf.wait_offloaded()  # on a GPU: every layer is in host memory when this returns
+        finally:
+            buf.drop_device()
+        return logits.float().cpu(), buf.kv
 
     def new_batch(self) -> "DecodeBatch":
         """An empty running batch for a decode instance."""

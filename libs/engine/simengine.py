@@ -93,12 +93,13 @@ def _sleep_until(deadline: float) -> None:
 class SimRunner:
     """Stands in for ``ModelRunner``: same ``shape``, ``path``, ``prefill`` and ``new_batch``."""
 
-    def __init__(self, path: Path, profile: CostProfile):
+    def __init__(self, path: Path, profile: CostProfile, dtype: torch.dtype = torch.float32):
         torch.set_num_threads(1)  # the sim only fills tensors: leave the cores to the other instances
         self.path = Path(path)
         self.profile = profile
         self.modelled_seconds = 0.0  # compute time the last call modelled
-        self.shape = read_shape(self.path)
+        self.device = torch.device("cpu")
+        self.shape = read_shape(self.path, dtype)
         self.arena: KVArena | None = None  # as ``ModelRunner.arena``
         self.words = word_token_ids(self.path)
         self.eos = set(self.shape.eos_token_ids)

@@ -16,6 +16,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from libs import metrics
+from libs.engine.device import DTYPES
 from libs.kv.keys import block_hashes, namespace_digest
 from libs.config import SLO
 from libs.engine.loading import load_tokenizer, model_identity, model_name_for, read_shape, resolve_model
@@ -80,7 +81,11 @@ class GatewayService(Service):
         path = await asyncio.to_thread(resolve_model, s.model, s.resolved_models_dir())
         self.tokenizer = await asyncio.to_thread(load_tokenizer, path)
         self.shape = read_shape(path)
-        self.namespace = namespace_digest(model_identity(path), self.shape.dtype_name, s.block_size)
+        # prompts are hashed in the KV namespace the prefill instances announce (it binds the dtype
+        # they chose, which a gateway without their hardware cannot know); until one is heard, in
+        # the one the settings name (a dtype "auto" taken as float32)
+        dtype = s.dtype if s.dtype in DTYPES else "float32"
+        self.namespace = namespace_digest(model_identity(path, s.load_format), dtype, s.block_size)
         self.model_name = model_name_for(s.model, path)
         self.created = oa.now()
         self.reconnects = 0
@@ -122,6 +127,16 @@ class GatewayService(Service):
         except (msgspec.DecodeError, msgspec.ValidationError):
             return
         self.live[(hb.kind, hb.instance_id)] = (time.monotonic(), hb)
+        if hb.kind == "prefill" and hb.kv_namespace and hb.kv_namespace != self.namespace.hex():
+            try:
+                announced = bytes.fromhex(hb.kv_namespace)
+            except ValueError:
+                return
+            others = {b.kv_namespace for b in self.live_beats() if b.kind == "prefill" and b.kv_namespace}
+            if len(others) > 1:
+                self.log.warning("kv_namespaces_differ", namespaces=sorted(others),
+                                 hint="prefill instances run different dtypes or models: they cannot share KV")
+            self.namespace = announced
 
     def live_beats(self) -> list[Heartbeat]:
         now = time.monotonic()
