@@ -45,3 +45,26 @@ async def test_greedy_chat_matches_generate(smol_cluster, smol):
         assert r.choices[0].message.content == tok.decode(ref, skip_special_tokens=True,
                                                           clean_up_tokenization_spaces=False)
         assert r.usage.completion_tokens == len(ref)
+
+
+async def test_greedy_chat_in_bfloat16_matches_generate_in_bfloat16(smol_dir, tmp_path):
+    """The dtype a user of this CPU gets by default (dtype auto measures bfloat16 faster here):
+    the real model through the cluster in bfloat16 equals generate in bfloat16, token for token."""
+    import torch
+
+    model, tok = load_model(smol_dir, torch.bfloat16), load_tokenizer(smol_dir)
+    cluster = start_cluster(DEFAULT_MODEL, tmp_path, dtype="bfloat16")
+    try:
+        client = AsyncOpenAI(base_url=cluster.url + "/v1", api_key="unused", max_retries=0)
+        for question in ("Write a haiku about the sea.", "Write a haiku about the sea. Then explain it."):
+            messages = [{"role": "user", "content": question}]
+            prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+            ref = reference_greedy(model, list(prompt), 48)
+            r = await client.chat.completions.create(model=DEFAULT_MODEL, messages=messages, temperature=0,
+                                                     max_tokens=48)
+            assert r.choices[0].message.content == tok.decode(ref, skip_special_tokens=True,
+                                                              clean_up_tokenization_spaces=False)
+            assert r.usage.completion_tokens == len(ref)
+        assert r.usage.prompt_tokens_details.cached_tokens > 0  # the second prompt reused the first's blocks
+    finally:
+        cluster.stop()

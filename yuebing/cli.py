@@ -104,6 +104,7 @@ def _serving(p: argparse.ArgumentParser) -> None:
 
 def cmd_up(args) -> int:
     from yuebing.cluster import LocalCluster
+    from libs.engine.device import EngineConfigError
     from libs.log import configure
 
     configure("up")
@@ -125,7 +126,11 @@ def cmd_up(args) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     print(f"starting yuebing (model {settings.model}); logs in {cluster.log_dir}", flush=True)
     try:
-        cluster.start()
+        try:
+            cluster.start()
+        except (EngineConfigError, FileNotFoundError) as e:  # before any service started
+            print(f"yuebing up: error: {e}", file=sys.stderr, flush=True)
+            return 2
         key = cluster.api_key
         auth_header = f"-H 'Authorization: Bearer {key}' " if key else ""
         lines = [

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from libs.engine.device import EngineConfigError
 from libs.log import get_logger
 
 log = get_logger("model")
@@ -113,7 +114,7 @@ def has_weights(path: Path) -> bool:
 def check_load_format(path: Path, load_format: str) -> None:
     """Raise ``ValueError`` when the model at ``path`` cannot be loaded as ``load_format``."""
     if load_format not in LOAD_FORMATS:
-        raise ValueError(f"unknown load format {load_format!r}: expected one of {', '.join(LOAD_FORMATS)}")
+        raise EngineConfigError(f"unknown load format {load_format!r}: expected one of {', '.join(LOAD_FORMATS)}")
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} has no config.json: even dummy weights need the model's config")
     if load_format != "dummy" and not has_weights(path):

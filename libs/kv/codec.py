@@ -63,10 +63,16 @@ def _check_shape(shape: Sequence[int]) -> None:
         raise ValueError(f"KV block shape must be [layers, 2, kv_heads, block_size, head_dim], got {list(shape)}")
 
 
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous host tensor of any dtype (bfloat16 included, which numpy has not),
+    without a copy."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+
+
 def _kv_block(key: bytes, tensor: torch.Tensor) -> KVBlock:
     _check_shape(tensor.shape)
     t = tensor.detach().to("cpu").contiguous()
-    raw = memoryview(t.reshape(-1).view(torch.uint8).numpy())  # no copy: encoded straight from the tensor
+    raw = tensor_bytes(t)  # no copy: encoded straight from the tensor
     return KVBlock(
         key=bytes(key),
         shape=list(t.shape),

@@ -170,7 +170,8 @@ class GatewayService(Service):
         ready = not missing
         workers = [
             {"kind": hb.kind, "id": hb.instance_id, "queued": hb.queued, "running": hb.running,
-             "kv_tokens": hb.kv_tokens, "restarts": hb.restarts}
+             "kv_tokens": hb.kv_tokens, "restarts": hb.restarts,
+             **({"device": hb.device, "dtype": hb.dtype} if hb.device else {})}
             for hb in sorted(beats, key=lambda b: (b.kind, b.instance_id))
         ]
         body = {"status": "ok" if ready else "unavailable", "ready": ready, "missing": missing,

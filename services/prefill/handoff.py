@@ -13,6 +13,7 @@ import contextlib
 
 from libs.bus import TransferError, send_blob
 from libs.engine.prefill_kv import PrefillKV
+from libs.kv.codec import tensor_bytes
 from libs.protocol import CHUNK_DATA_BYTES
 
 # Chunks a hand-off may have in flight before the receiver acks: a decode instance fed by eight
@@ -47,6 +48,6 @@ async def stream_kv(nc, subject: str, transfer_id: str, buf: PrefillKV, meta: by
                 return
             await changed.wait()
 
-    data = memoryview(buf.kv.numpy()).cast("B")
+    data = tensor_bytes(buf.kv)
     await send_blob(nc, subject, transfer_id, data, meta, chunk_bytes=chunk_bytes, available=available,
                     window=HANDOFF_WINDOW_CHUNKS)

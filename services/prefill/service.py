@@ -25,7 +25,7 @@ import torch
 from prometheus_client import Counter, Gauge, Histogram
 
 from libs.kv.client import CacheClient, CacheError
-from libs.kv.codec import block_view
+from libs.kv.codec import block_view, tensor_bytes
 from libs.kv.layers import serve_layers
 from libs.bus import TransferError, send_blob
 from libs.kvevents import KVEventPublisher
@@ -363,7 +363,7 @@ class PrefillService(ModelWorker):
         """Send a computed prompt's KV (wire layout) to its decode instance. Transfer ids name the
         sender, so a prompt redone elsewhere (or sent again after a recompute) never mixes with a
         copy left half sent."""
-        data = memoryview(kv.numpy()).cast("B")
+        data = tensor_bytes(kv)
         await send_blob(self.nc, Subjects.kv(task.decode_id), transfer_id, data, self._kv_meta(task, kv.shape[3]),
                         window=HANDOFF_WINDOW_CHUNKS)
 
