@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import argparse
 
-from bench import cache_trace, prefix, replay, sched, serve, transfer
+from bench import cache_trace, engine, prefix, replay, sched, serve, transfer
 from bench.common import DEFAULT_TRACE, shown
-from yuebing.args import add_common, count
+from yuebing.args import add_common, add_engine, count
 
 
 def add_parsers(bench_sub) -> None:
@@ -21,6 +21,7 @@ def add_parsers(bench_sub) -> None:
     _transfer(bench_sub)
     _trace(bench_sub)
     _sched(bench_sub)
+    _engine(bench_sub)
 
 
 def trace_main(args) -> int:
@@ -153,3 +154,12 @@ def _sched(bench_sub) -> None:
     p.add_argument("--keep-data", action="store_true", help="keep each run's cluster files and logs")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=sched.main)
+
+
+def _engine(bench_sub) -> None:
+    """``bench engine``: the engine against the machine's bandwidth and matmul FLOP/s."""
+    p = bench_sub.add_parser("engine", help="the engine against the machine's limits: copy bandwidth, matmul "
+                             "FLOP/s, decode steps, prefill, decode joins")
+    add_engine(p)
+    engine.add_arguments(p)
+    p.set_defaults(func=engine.main)
