@@ -5,13 +5,17 @@ step apart (and leaving it as they finish), cold and with a cached prefix (the p
 ``PREFIX`` tokens prefilled earlier and passed as ``past_kv``).
 
 The GPU tests are skipped, with the reason, where torch sees no GPU. ``YUEBING_GPU_TEST_DEVICE``
-(default ``cuda``) and ``YUEBING_GPU_TEST_DTYPE`` (default ``bfloat16``) run the same checks
-elsewhere (``scripts/gpu-check.sh --cpu-dry-run`` runs them on the CPU). The harness itself is
-checked on every machine on the tiny random model in float32 on the CPU.
+(default ``cuda``), ``YUEBING_GPU_TEST_DTYPE`` (default ``bfloat16``) and
+``YUEBING_GPU_TEST_NEW_TOKENS`` (default 24 per prompt) run the same checks elsewhere
+(``scripts/gpu-check.sh --cpu-dry-run`` runs them on the CPU). The harness itself is checked on
+every machine on the tiny random model in float32 on the CPU.
 
-A mismatch names the prompt, the step, both tokens and the reference's margin between its first and
-second choice at that step (a margin of a rounding step or two of the dtype is a near-tie that a
-different but valid order of additions can flip; a wide one is a bug).
+A first difference passes only where it is a near-tie of the dtype's rounding: generate's top two
+logits within ``YUEBING_GPU_TEST_TIE_ULPS`` (default 2; 0: every token equal) rounding steps of each
+other at their size, the engine's token one of them (a batch's matmuls may add in another, equally
+valid order: seen in bfloat16 on a CPU, in a batch of four); the rest of that row is then not
+compared, and the test names each such pass in a warning. Any other mismatch fails with the prompt,
+the step, both tokens and the reference's margin at that step.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import torch
 
 DEVICE = os.environ.get("YUEBING_GPU_TEST_DEVICE", "cuda")
 DTYPE = os.environ.get("YUEBING_GPU_TEST_DTYPE", "bfloat16")
-NEW_TOKENS = 24
+NEW_TOKENS = int(os.environ.get("YUEBING_GPU_TEST_NEW_TOKENS", "24"))  # per prompt (fewer: a quicker run)
 PREFIX = 32  # tokens of a prompt prefilled first, then passed as past_kv (two 16-token blocks)
 PROMPTS = 4
 # a first difference is let pass where generate's top two logits are within this many rounding
