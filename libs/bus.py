@@ -10,6 +10,7 @@ instead of being cut off as a slow consumer.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable
 
@@ -36,8 +37,12 @@ class TransferError(RuntimeError):
 
 
 async def connect(url: str, name: str, *, connect_timeout: float = 30.0,
-                  on_reconnect: Callable[[], None] | None = None) -> NATS:
-    """Connect to NATS, retrying until ``connect_timeout``; reconnects forever afterwards."""
+                  on_reconnect: Callable[[], None] | None = None, inbox_prefix: str | None = None) -> NATS:
+    """Connect to NATS, retrying until ``connect_timeout``; reconnects forever afterwards.
+    ``inbox_prefix``: where replies to this connection arrive (``Subjects.inbox_prefix``); a
+    connection that is no service's (a tool, a benchmark, a test) gets one of the kind ``tool``."""
+    if inbox_prefix is None:
+        inbox_prefix = Subjects.inbox_prefix("tool", secrets.token_hex(6))
 
     async def on_error(e: Exception) -> None:
         log.warning("nats_error", error=str(e), client=name)
@@ -65,6 +70,7 @@ async def connect(url: str, name: str, *, connect_timeout: float = 30.0,
                 error_cb=on_error,
                 disconnected_cb=on_disconnect,
                 reconnected_cb=reconnected,
+                inbox_prefix=inbox_prefix,
             )
         except Exception as e:  # noqa: BLE001 - nats raises several unrelated types here
             if time.monotonic() > deadline:
@@ -104,6 +110,24 @@ async def ensure_streams(js) -> None:
         except BadRequestError:
             await js.update_stream(cfg)
     await ensure_event_stream(js)
+
+
+async def wait_for_streams(js, names: Iterable[str], log_as: str = "") -> None:
+    """Wait until the conductor has created the streams ``names`` (only it may)."""
+    from nats.js.errors import NotFoundError
+
+    said = False
+    for name in names:
+        while True:
+            try:
+                await js.stream_info(name)
+                break
+            except (NotFoundError, nats.errors.TimeoutError, nats.errors.NoRespondersError):
+                if not said:
+                    log.info("waiting_for_streams", streams=list(names), client=log_as,
+                             why="the conductor creates them")
+                    said = True
+                await asyncio.sleep(0.5)
 
 
 async def ensure_event_stream(js) -> None:

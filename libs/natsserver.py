@@ -15,6 +15,7 @@ from pathlib import Path
 
 from libs.log import get_logger
 from libs.proc import die_with_parent
+from libs.protocol import Subjects
 
 log = get_logger("nats-server")
 
@@ -68,30 +69,80 @@ def _port_open(host: str, port: int) -> bool:
         return s.connect_ex((host, port)) == 0
 
 
-# What each service may publish and subscribe to (beyond replies to its own requests, which all
-# use _INBOX.>, and heartbeats on its own kind's subject). JetStream API calls ($JS.API.>) and acks
-# ($JS.ACK.>) are open to every service that uses JetStream.
-_JS = ["$JS.API.>", "$JS.ACK.>", "$JS.FC.>"]
-PERMISSIONS: dict[str, dict[str, list[str]]] = {
-    "gateway": {"pub": ["yb.sched", "yb.abort"], "sub": ["yb.out.>", "yb.hb.>"]},
-    "conductor": {"pub": ["yb.task.prefill.>", "yb.kvdump.>", "yb.out.>", *_JS],
-                  "sub": ["yb.sched", "yb.hb.>", "yb.report.prefill", "yb.report.prefill_done", "yb.report.decode",
-                          "yb.conductor.state"]},
-    "prefill": {"pub": ["yb.out.>", "yb.kv.>", "yb.task.decode.>", "yb.cache.>", "yb.kvev.>", "yb.report.prefill",
-                        "yb.report.prefill_done", "yb.prefill.>", *_JS],
-                "sub": ["yb.abort", "yb.kvdump.>", "yb.hb.cachestore.>", "yb.prefill.>"]},
-    "decode": {"pub": ["yb.out.>", "yb.report.decode", *_JS], "sub": ["yb.kv.>", "yb.abort"]},
-    "cachestore": {"pub": ["yb.kvev.>", *_JS], "sub": ["yb.cache.>", "yb.kvdump.>"]},
-}
-# a colocated worker runs prefill and decode in one process (the baseline of the goodput experiment)
-PERMISSIONS["worker"] = {
-    "pub": sorted({*PERMISSIONS["prefill"]["pub"], *PERMISSIONS["decode"]["pub"], "yb.hb.prefill.>", "yb.hb.decode.>"}),
-    "sub": sorted({*PERMISSIONS["prefill"]["sub"], *PERMISSIONS["decode"]["sub"]}),
-}
+KINDS = ("gateway", "conductor", "prefill", "decode", "cachestore", "worker")
+PREFILL, DECODE, EVENTS = Subjects.PREFILL_STREAM, Subjects.DECODE_STREAM, Subjects.KV_EVENTS_STREAM
+
+
+def _own_consumer(stream: str, iid: str) -> list[str]:
+    """JetStream API rights over one durable pull consumer named after the instance: create it,
+    look it up, pull from it and ack what it pulled; nothing over the stream or anyone else's."""
+    api = "$JS.API.CONSUMER"
+    return [f"$JS.API.STREAM.INFO.{stream}", f"{api}.INFO.{stream}.{iid}", f"{api}.CREATE.{stream}.{iid}",
+            f"{api}.CREATE.{stream}.{iid}.>", f"{api}.DURABLE.CREATE.{stream}.{iid}",
+            f"{api}.MSG.NEXT.{stream}.{iid}", f"$JS.ACK.{stream}.{iid}.>"]
+
+
+def permissions(kind: str, iid: str = "*") -> dict:
+    """What an instance of ``kind`` named ``iid`` may publish and subscribe to, for a nats-server
+    ``authorization`` user. ``iid`` "*" makes a user for every instance of the kind (deployments
+    whose instance ids are not known in advance): what names an instance then covers them all.
+
+    Replies go back through NATS' response permissions (``allow_responses``: an instance may answer
+    the messages it received, once each), not through a publish right on inboxes. Only the conductor
+    manages JetStream (streams, other instances' consumers); a worker pulls and acks its own tasks.
+    Two kinds stream bulk data into another's inbox named in a request: the cachestore and prefill
+    (a peer's blocks) into the inboxes of prefill instances, colocated workers and tools.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown service kind {kind!r}")
+    # blocks streamed into the inbox a request names: prefill instances and colocated workers load
+    # them, and tools (benchmarks, an operator's script) read them
+    into_loaders = ["_INBOX.prefill.>", "_INBOX.worker.>", "_INBOX.tool.>"]
+    prefill_pub = ["yb.out.>", "yb.kv.>", "yb.task.decode.>", "yb.cache.>", f"yb.kvev.{iid}", "yb.report.prefill",
+                   "yb.report.prefill_done", "yb.prefill.*.blocks", *into_loaders,
+                   f"$JS.API.STREAM.INFO.{EVENTS}", *_own_consumer(PREFILL, iid)]
+    prefill_sub = ["yb.abort", f"yb.kvdump.{iid}", "yb.hb.cachestore.>", f"yb.prefill.{iid}.blocks"]
+    decode_pub = ["yb.out.>", "yb.report.decode", *_own_consumer(DECODE, iid)]
+    decode_sub = [f"yb.kv.{iid}", "yb.abort"]
+    streams = (PREFILL, DECODE, EVENTS)
+    table = {
+        "gateway": (["yb.sched", "yb.abort"], ["yb.out.>", "yb.hb.>"]),
+        "conductor": (["yb.task.prefill.>", "yb.kvdump.>", "yb.out.>",
+                       *[f"$JS.API.STREAM.{op}.{s}" for op in ("CREATE", "UPDATE", "INFO") for s in streams],
+                       f"$JS.API.STREAM.PURGE.{DECODE}",  # a lost decode instance's queued tasks
+                       # a lost instance's consumer is deleted; its prefill tasks are pulled and placed again
+                       f"$JS.API.CONSUMER.DELETE.{PREFILL}.*", f"$JS.API.CONSUMER.DELETE.{DECODE}.*",
+                       f"$JS.API.CONSUMER.CREATE.{PREFILL}", f"$JS.API.CONSUMER.CREATE.{PREFILL}.>",
+                       f"$JS.API.CONSUMER.INFO.{PREFILL}.*", f"$JS.API.CONSUMER.MSG.NEXT.{PREFILL}.*",
+                       f"$JS.ACK.{PREFILL}.>",
+                       # its ordered consumer of the KV events
+                       f"$JS.API.CONSUMER.CREATE.{EVENTS}", f"$JS.API.CONSUMER.CREATE.{EVENTS}.>",
+                       f"$JS.API.CONSUMER.INFO.{EVENTS}.*", f"$JS.API.CONSUMER.DELETE.{EVENTS}.*",
+                       "$JS.FC.>"],
+                      ["yb.sched", "yb.hb.>", "yb.report.>", "yb.conductor.state"]),
+        "prefill": (prefill_pub, prefill_sub),
+        "decode": (decode_pub, decode_sub),
+        "cachestore": ([f"yb.kvev.{iid}", *into_loaders, f"$JS.API.STREAM.INFO.{EVENTS}"],
+                       [f"yb.cache.{iid}.>", f"yb.kvdump.{iid}"]),
+        # a colocated worker runs prefill and decode in one process, under one id
+        "worker": ([*prefill_pub, *decode_pub], [*prefill_sub, *decode_sub]),
+    }
+    pub, sub = table[kind]
+    beats = [f"yb.hb.{k}.{iid}" for k in (("prefill", "decode") if kind == "worker" else (kind,))]
+    return {"pub": sorted({*pub, *beats}), "sub": sorted({*sub, f"{Subjects.inbox_prefix(kind, iid)}.>"}),
+            "allow_responses": kind != "gateway"}
 
 
 def _quote(items: list[str]) -> str:
     return "[" + ", ".join(f'"{i}"' for i in items) + "]"
+
+
+def user_entry(user: str, password: str, kind: str, iid: str = "*") -> str:
+    """One user of a nats-server ``authorization`` block, with ``permissions(kind, iid)``."""
+    perms = permissions(kind, iid)
+    responses = "allow_responses: true, " if perms["allow_responses"] else ""
+    return (f'    {{user: "{user}", password: "{password}", permissions: {{{responses}'
+            f'publish: {{allow: {_quote(perms["pub"])}}}, subscribe: {{allow: {_quote(perms["sub"])}}}}}}}')
 
 
 def server_env(env) -> dict[str, str]:
@@ -111,9 +162,11 @@ def server_env(env) -> dict[str, str]:
 class NatsServer:
     """A nats-server with JetStream, listening on loopback, its store under ``store_dir``.
 
-    With ``auth=True`` every service kind gets its own user with the permissions above (random
-    passwords, written only into the server's config file), plus an ``admin`` user for tools.
-    ``url`` then carries the admin credentials; ``url_for(kind)`` a service's.
+    With ``auth=True`` it has an ``admin`` user for tools, and ``add_user(kind, instance_id)`` gives
+    an instance a user of its own, named after it, with ``permissions(kind, instance_id)`` (random
+    passwords, written only into the server's config file; a user added while the server runs is
+    loaded by a configuration reload). ``url`` carries the admin credentials; ``url_for(user)``
+    that user's.
     """
 
     def __init__(self, store_dir: Path, port: int | None = None, host: str = "127.0.0.1", log_file: Path | None = None,
@@ -123,7 +176,21 @@ class NatsServer:
         self.store_dir = Path(store_dir)
         self.log_file = log_file
         self.proc: subprocess.Popen | None = None
-        self.passwords = {u: secrets.token_urlsafe(18) for u in [*PERMISSIONS, "admin"]} if auth else {}
+        self.passwords = {"admin": secrets.token_urlsafe(18)} if auth else {}
+        self.users: dict[str, tuple[str, str]] = {}  # user -> (kind, instance id)
+
+    def add_user(self, kind: str, instance_id: str) -> str:
+        """A user for one instance (kept if it exists); returns its name. Without auth, nothing."""
+        if not self.passwords:
+            return instance_id
+        permissions(kind, instance_id)  # an unknown kind fails here, not in the server
+        if self.users.get(instance_id) != (kind, instance_id):
+            self.users[instance_id] = (kind, instance_id)
+            self.passwords[instance_id] = secrets.token_urlsafe(18)
+            if self.proc is not None and self.proc.poll() is None:
+                self._write_config()
+                self.proc.send_signal(signal.SIGHUP)  # reload: the new user can connect (it retries meanwhile)
+        return instance_id
 
     @property
     def public_url(self) -> str:
@@ -141,14 +208,7 @@ class NatsServer:
     def _auth_text(self) -> list[str]:
         if not self.passwords:
             return []
-        users = []
-        for user, perms in PERMISSIONS.items():
-            pub = [*perms["pub"], "_INBOX.>", f"yb.hb.{user}.>"]
-            sub = [*perms["sub"], "_INBOX.>"]
-            users.append(
-                f'    {{user: "{user}", password: "{self.passwords[user]}", permissions: {{'
-                f"publish: {{allow: {_quote(pub)}}}, subscribe: {{allow: {_quote(sub)}}}}}}}"
-            )
+        users = [user_entry(name, self.passwords[name], *self.users[name]) for name in sorted(self.users)]
         users.append(f'    {{user: "admin", password: "{self.passwords["admin"]}"}}')
         return ["authorization {", "  users: [", *users, "  ]", "}"]
 
@@ -169,11 +229,17 @@ class NatsServer:
             ]
         )
 
-    def start(self, timeout: float = 15.0) -> "NatsServer":
+    def _write_config(self) -> Path:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         conf = self.store_dir / "nats-server.conf"
-        conf.write_text(self.config_text())
-        conf.chmod(0o600)  # it holds the passwords
+        tmp = conf.with_name(conf.name + ".tmp")
+        tmp.write_text(self.config_text())
+        tmp.chmod(0o600)  # it holds the passwords
+        tmp.replace(conf)
+        return conf
+
+    def start(self, timeout: float = 15.0) -> "NatsServer":
+        conf = self._write_config()
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         self.proc = subprocess.Popen(
             [nats_server_binary(), "-c", str(conf)],

@@ -31,6 +31,11 @@ class Subjects:
         return f"yb.hb.{kind}.{instance_id}"
 
     @staticmethod
+    def inbox_prefix(kind: str, instance_id: str) -> str:
+        """An instance's inboxes (replies, streams it asked for): only it may subscribe there."""
+        return f"_INBOX.{kind}.{instance_id}"
+
+    @staticmethod
     def prefill_task(instance_id: str) -> str:
         return f"yb.task.prefill.{instance_id}"
 

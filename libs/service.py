@@ -10,7 +10,7 @@ import time
 import structlog
 from prometheus_client import start_http_server
 
-from libs.bus import connect, ensure_streams
+from libs.bus import connect, ensure_streams, wait_for_streams
 from libs.config import Settings
 from libs.heap import keep_freed_heap
 from libs.log import configure, get_logger
@@ -22,7 +22,10 @@ class Service:
     """Base of the five services. Subclasses implement ``setup`` and may override ``load``."""
 
     kind = "service"
-    uses_jetstream = True  # creates (or checks) the streams at start
+    # JetStream streams: only the conductor creates them (``manages_streams``); another service
+    # waits at start for those it uses (``streams``)
+    manages_streams = False
+    streams: tuple[str, ...] = ()
 
     def __init__(self, settings: Settings):
         self.settings = settings.with_instance(self.kind)
@@ -86,12 +89,17 @@ class Service:
         return self._stopping.is_set()
 
     async def start(self) -> None:
+        # a colocated worker's two halves share its id and its bus user: the kind "worker"
+        colocated = self.settings.colocated and self.kind in ("prefill", "decode")
         self.nc = await connect(self.settings.nats_url, f"{self.kind}:{self.instance_id}",
-                                on_reconnect=self.on_reconnected)
+                                on_reconnect=self.on_reconnected,
+                                inbox_prefix=Subjects.inbox_prefix("worker" if colocated else self.kind, self.instance_id))
         self.js = self.nc.jetstream()
         RESTARTS.labels(kind=self.kind, instance=self.instance_id).set(self.settings.restarts)
-        if self.uses_jetstream:
+        if self.manages_streams:
             await ensure_streams(self.js)
+        elif self.streams:
+            await wait_for_streams(self.js, self.streams, log_as=self.kind)
         await self.setup()
         # what is loaded by now (modules, the model, the tokenizer: hundreds of thousands of objects)
         # lives as long as the process: out of the collector's sight, a full collection scans only

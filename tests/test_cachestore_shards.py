@@ -83,6 +83,11 @@ def test_owners_minimal_movement(replicas):
 
 # ---------------------------------------------------------------- a live pool
 async def start_pool(url, tmp_path, ids, **overrides):
+    from libs.bus import ensure_streams
+
+    nc = await connect(url, "test-streams")  # the streams, as a conductor creates them
+    await ensure_streams(nc.jetstream())
+    await nc.close()
     svcs = []
     for iid in ids:
         settings = Settings(nats_url=url, instance_id=iid, data_dir=str(tmp_path / "data"),

@@ -128,6 +128,9 @@ class LocalCluster:
             self.settings = msgspec.structs.replace(self.settings, colocated=True, use_pool=False)
         self.nats = NatsServer(self.data_dir / "nats", port=self.nats_port, log_file=self.log_dir / "nats-server.log",
                                auth=True)
+        for kind in SERVICE_ORDER:  # a bus user per instance (one added later is loaded then)
+            for i in range(self.count(kind)):
+                self.nats.add_user(kind, f"{kind}-{i}")
         self.nats.start()
         try:
             for kind in SERVICE_ORDER:
@@ -260,7 +263,8 @@ class LocalCluster:
             cmd += ["--host", s.host, "--metrics-port", str(port)]
             self.metrics_urls[name] = f"http://{s.host}:{port}/metrics"
         env = dict(os.environ, **self.extra_env)
-        env["YUEBING_NATS_URL"] = self.nats.url_for(kind)  # in the environment, not argv: it has a password
+        # a bus user of its own (least privilege: libs/natsserver.py permissions)
+        env["YUEBING_NATS_URL"] = self.nats.url_for(self.nats.add_user(kind, name))  # in the environment: a password
         if kind in ("prefill", "decode", "worker") and s.engine != "sim":
             # Model workers share the cores: an idle OpenMP thread sleeps instead of spinning, so a
             # decode step is not slowed by the other process's threads waiting for work.

@@ -81,6 +81,8 @@ PUTS_REFUSED = Counter("yuebing:cache_puts_refused", "Blocks (or malformed put b
 
 class CacheStoreService(Service):
     kind = "cachestore"
+    # it serves without waiting for the conductor to create the KV-event stream: an event published
+    # before then is a gap, which the conductor repairs with a dump of this store's keys
 
     def __init__(self, settings):
         super().__init__(settings)

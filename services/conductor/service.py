@@ -62,6 +62,7 @@ class ConductorService(Service):
     """Wiring only: messages in, the ``Scheduler``'s decisions out (``scheduler.py``)."""
 
     kind = "conductor"
+    manages_streams = True
 
     async def setup(self) -> None:
         s = self.settings
@@ -74,8 +75,8 @@ class ConductorService(Service):
         await self.nc.subscribe(Subjects.DECODE_REPORT, cb=self._on_decode_report)
         # Replay every KV event kept in the stream, then follow it: this rebuilds the index after a
         # restart; gaps and unknown epochs are repaired with dumps.
-        await self.js.subscribe("yb.kvev.>", cb=self._on_kv_event, ordered_consumer=True,
-                                deliver_policy=DeliverPolicy.ALL)
+        await self.js.subscribe("yb.kvev.>", stream=Subjects.KV_EVENTS_STREAM, cb=self._on_kv_event,
+                                ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
         # decide nothing before the instances have been heard from: a conductor that has just
         # (re)started knows none, and would answer "no instance alive"; meanwhile gateways find no
         # responder and ask again

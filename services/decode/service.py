@@ -23,6 +23,7 @@ PROGRESS_EVERY = 15.0
 
 class DecodeService(ModelWorker):
     kind = "decode"
+    streams = (Subjects.DECODE_STREAM,)
 
     async def setup(self) -> None:
         await super().setup()

@@ -74,7 +74,6 @@ READY_NEEDS = ("conductor", "prefill", "decode")
 
 class GatewayService(Service):
     kind = "gateway"
-    uses_jetstream = False
 
     async def setup(self) -> None:
         s = self.settings

@@ -84,6 +84,7 @@ class Prefilled(NamedTuple):
 
 class PrefillService(ModelWorker):
     kind = "prefill"
+    streams = (Subjects.PREFILL_STREAM, Subjects.KV_EVENTS_STREAM)
 
     async def setup(self) -> None:
         await super().setup()
