@@ -92,8 +92,9 @@ async def synced(nc: NATS, timeout: float = 10.0) -> None:
     await nc.flush(timeout=timeout)
 
 
-async def ensure_streams(js) -> None:
-    """Create (or keep) the JetStream work-queue streams for prefill and decode tasks."""
+async def ensure_streams(js, replicas: int = 1) -> None:
+    """Create (or update) the JetStream work-queue streams for prefill and decode tasks and the
+    KV-event stream, each kept on ``replicas`` servers of a NATS cluster."""
     for name, subjects in (
         (Subjects.PREFILL_STREAM, ["yb.task.prefill.>"]),
         (Subjects.DECODE_STREAM, ["yb.task.decode.>"]),
@@ -104,12 +105,13 @@ async def ensure_streams(js) -> None:
             retention=RetentionPolicy.WORK_QUEUE,
             storage=StorageType.FILE,
             max_age=3600.0,
+            num_replicas=replicas,
         )
         try:
             await js.add_stream(cfg)
         except BadRequestError:
             await js.update_stream(cfg)
-    await ensure_event_stream(js)
+    await ensure_event_stream(js, replicas)
 
 
 async def wait_for_streams(js, names: Iterable[str], log_as: str = "") -> None:
@@ -130,7 +132,7 @@ async def wait_for_streams(js, names: Iterable[str], log_as: str = "") -> None:
                 await asyncio.sleep(0.5)
 
 
-async def ensure_event_stream(js) -> None:
+async def ensure_event_stream(js, replicas: int = 1) -> None:
     """The KV-event stream: kept by age and size, replayed by the conductor after a restart."""
     cfg = StreamConfig(
         name=Subjects.KV_EVENTS_STREAM,
@@ -139,6 +141,7 @@ async def ensure_event_stream(js) -> None:
         storage=StorageType.FILE,
         max_age=24 * 3600.0,
         max_bytes=1 << 30,
+        num_replicas=replicas,
     )
     try:
         await js.add_stream(cfg)

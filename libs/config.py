@@ -52,6 +52,9 @@ class Settings(msgspec.Struct, kw_only=True):
     models_dir: str = ""  # converted models; default <data_dir>/models
     block_size: int = DEFAULT_BLOCK_SIZE
     heartbeat_interval: float = 1.0
+    # JetStream replicas of the task and KV-event streams (the conductor creates them): 3 on a NATS
+    # cluster of three or more servers survives the loss of any one; 1 on a single server
+    stream_replicas: int = 1
     drain_seconds: float = 30.0  # on SIGTERM, time to finish work in flight before handing it back
     metrics_port: int = 0  # 0 = no separate metrics server (the gateway serves /metrics itself)
     threads: int = 0  # torch threads; 0 = torch's default (or the number of `cpus`)

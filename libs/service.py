@@ -97,7 +97,7 @@ class Service:
         self.js = self.nc.jetstream()
         RESTARTS.labels(kind=self.kind, instance=self.instance_id).set(self.settings.restarts)
         if self.manages_streams:
-            await ensure_streams(self.js)
+            await ensure_streams(self.js, self.settings.stream_replicas)
         elif self.streams:
             await wait_for_streams(self.js, self.streams, log_as=self.kind)
         await self.setup()

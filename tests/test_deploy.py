@@ -323,9 +323,13 @@ def test_the_nats_cluster_overlay_makes_three_servers(tmp_path):
     routes = re.findall(r"nats://(nats-\d)\.nats-headless:6222", conf)
     assert routes == [f"nats-{i}" for i in range(3)]
     _nats_server_checks(conf, tmp_path, "nats-1")
+    # the conductor creates the streams with a replica on three servers
+    [settings] = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("yuebing-settings")]
+    assert settings["data"]["YUEBING_STREAM_REPLICAS"] == "3"
     # everything else is the base's
     def others(ds):
-        return sorted((d["kind"], d["metadata"]["name"]) for d in ds if not d["metadata"]["name"].startswith("nats-config"))
+        return sorted((d["kind"], d["metadata"]["name"]) for d in ds
+                      if not d["metadata"]["name"].startswith(("nats-config", "yuebing-settings")))
     assert others(docs) == others(_render(K8S))
 
 
