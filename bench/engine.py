@@ -180,8 +180,9 @@ def fraction(limit: float | None, measured: float | None) -> float | None:
 def target(figures: dict) -> dict:
     """The target, evaluated: the fraction at batch 1 against ``TARGET_FRACTION``."""
     value = figures.get("decode_b1_fraction")
-    return {"target": TARGET, "target_figure": value,
-            "target_met": None if value is None else bool(value >= TARGET_FRACTION)}
+    met = None if value is None else bool(value >= TARGET_FRACTION)
+    return {"target": TARGET, "target_figure": value, "target_met": met,
+            "target_verdict": "not measured" if met is None else ("met" if met else "not met")}
 
 
 def parse_list(spec, name: str) -> list[int]:
@@ -394,13 +395,18 @@ COLS = ["measure", "measured", "unit", "limit", "attained", "note"]
 
 
 def _engine(args) -> int:
-    figures = run(args)
+    from libs.engine.device import EngineConfigError
+
+    try:
+        figures = run(args)
+    except (EngineConfigError, ValueError, FileNotFoundError) as e:
+        say(f"bench engine: {e}")
+        return 2
     rows = figures.pop("_rows")
-    met = figures["target_met"]
     title = (f"bench engine: {figures['model']} on {figures['device_name']} ({figures['device']}), "
              f"{figures['dtype']}, {figures['threads']} threads. limit: bytes / copy bandwidth (decode), "
              f"2 x bytes / bandwidth (CPU join), model FLOPs / matmul FLOP/s (prefill); attained = limit / "
-             f"measured time.\ntarget: {TARGET}: {'met' if met else 'NOT met'} ({figures['target_figure']})")
+             f"measured time.\ntarget: {TARGET}: {figures['target_verdict']} ({figures['target_figure']})")
     emit(title, rows, COLS, figures, getattr(args, "out", None))
     return 0
 

@@ -20,7 +20,8 @@ def test_decode_bytes_and_fraction():
     assert engine.fraction(None, 1.0) is None and engine.fraction(1.0, 0) is None
     assert engine.target({"decode_b1_fraction": 0.61})["target_met"] is True
     assert engine.target({"decode_b1_fraction": 0.59})["target_met"] is False
-    assert engine.target({})["target_met"] is None
+    assert engine.target({})["target_met"] is None and engine.target({})["target_verdict"] == "not measured"
+    assert engine.target({"decode_b1_fraction": 0.7})["target_verdict"] == "met"
     assert engine.parse_list("1, 16", "--batches") == [1, 16]
     with pytest.raises(ValueError):
         engine.parse_list("0,2", "--batches")
@@ -91,4 +92,5 @@ def test_tiny_run(tiny_dir, tmp_path, capsys):
     assert figures["join_r1_grown_during_joins"] == figures["join_r6_grown_during_joins"] == 0
     assert figures["join_r6_capacity"][0] >= 7
     assert figures["target_met"] in (True, False) and figures["target_figure"] == figures["decode_b1_fraction"]
+    assert figures["target_verdict"] in ("met", "not met") and figures["target_verdict"] in printed[1]
     assert figures["lm_head_read_per_step"] is True and figures["tied_embeddings"] is True
