@@ -160,6 +160,17 @@ async def work_subscription(js, stream: str, subject: str, durable: str, ack_wai
     return await js.pull_subscribe(subject, durable=durable, stream=stream, config=cfg)
 
 
+async def keep_in_progress(msg: Msg, every: float) -> None:
+    """Tell JetStream every ``every`` seconds that ``msg`` is still being worked on, so its ack wait
+    starts again and it is not redelivered (to any puller) while the work goes on; until cancelled."""
+    while True:
+        await asyncio.sleep(every)
+        try:
+            await msg.in_progress()
+        except Exception as e:  # noqa: BLE001 - the connection is down: the ack wait decides
+            log.warning("task_progress_failed", error=str(e) or type(e).__name__)
+
+
 ASIDE_SUM_BYTES = 8 << 20  # smaller sums take about as long as a thread hand-off
 
 

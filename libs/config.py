@@ -55,6 +55,9 @@ class Settings(msgspec.Struct, kw_only=True):
     # JetStream replicas of the task and KV-event streams (the conductor creates them): 3 on a NATS
     # cluster of three or more servers survives the loss of any one; 1 on a single server
     stream_replicas: int = 1
+    # a worker's task is redelivered if it is not acked within this many seconds; a worker reports
+    # progress on a task it is still working on every third of it, so a long prompt is not
+    task_ack_wait: float = 60.0
     drain_seconds: float = 30.0  # on SIGTERM, time to finish work in flight before handing it back
     metrics_port: int = 0  # 0 = no separate metrics server (the gateway serves /metrics itself)
     threads: int = 0  # torch threads; 0 = torch's default (or the number of `cpus`)

@@ -190,7 +190,8 @@ class ModelWorker(Service):
         deadline = time.monotonic() + wait
         while True:
             try:
-                self.sub = await work_subscription(self.js, stream, subject, durable=self.instance_id)
+                self.sub = await work_subscription(self.js, stream, subject, durable=self.instance_id,
+                                                   ack_wait=self.settings.task_ack_wait)
                 return
             except BadRequestError as e:
                 if time.monotonic() > deadline:

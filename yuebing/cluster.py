@@ -33,7 +33,8 @@ FORWARDED = ("block_size", "threads", "max_running", "urgent_rows", "dram_bytes"
              "max_body_bytes", "request_timeout", "heartbeat_interval", "policy", "use_pool", "prefill_cache_bytes",
              "cache_replicas", "drain_seconds", "no_auth", "engine", "calibration", "colocated", "admission",
              "ttft_slo", "tbt_slo", "slo_classes", "pool_write_backlog_bytes", "disk_sync_seconds", "pool_writes",
-             "peer_fetch", "prefill_kv_arena_bytes", "decode_kv_arena_bytes", "device", "dtype", "load_format", "stream_replicas")
+             "peer_fetch", "prefill_kv_arena_bytes", "decode_kv_arena_bytes", "device", "dtype", "load_format", "stream_replicas",
+             "task_ack_wait")
 
 
 # the share of the host's available memory (at start) that the KV arenas of a local cluster's

@@ -272,7 +272,7 @@ class DecodeService(ModelWorker):
         """Keep long-running sequences' task messages from being redelivered; drop KV whose task
         never came (its prefill failed after sending it, and the request went elsewhere)."""
         while not self.stopping:
-            await asyncio.sleep(PROGRESS_EVERY)
+            await asyncio.sleep(min(PROGRESS_EVERY, self.settings.task_ack_wait / 3))
             now = time.monotonic()
             for rid in [r for r, (_, _, t) in self._kv.items() if now - t > 4 * KV_WAIT_SECONDS]:
                 self._drop_kv(rid)

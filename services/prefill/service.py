@@ -27,7 +27,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from libs.kv.client import CacheClient, CacheError
 from libs.kv.codec import block_view, tensor_bytes
 from libs.kv.layers import serve_layers
-from libs.bus import TransferError, send_blob
+from libs.bus import TransferError, keep_in_progress, send_blob
 from libs.kvevents import KVEventPublisher
 from libs.engine.arena import kv_arena_for, KVArena
 from libs.engine.prefill_kv import PastNotLoaded, PrefillKV
@@ -135,9 +135,12 @@ class PrefillService(ModelWorker):
                     continue
                 self.queued, self.queued_tokens = 1, len(task.prompt_token_ids)
                 handed: tuple[int, float | None] = (0, None)
+                # the task stays in progress however long the prompt runs: never redelivered mid-run
+                progress = asyncio.ensure_future(keep_in_progress(msg, self.settings.task_ack_wait / 3))
                 try:
                     handed = await self._run(task, msg)
                 finally:
+                    progress.cancel()
                     self.queued, self.queued_tokens = 0, 0
                     await self._report_done(task.attempt_id, *handed)
 
