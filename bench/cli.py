@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from bench import cache_trace, engine, prefix, replay, sched, serve, transfer
+from bench import cache_trace, engine, peer, prefix, replay, sched, serve, transfer
 from bench.common import DEFAULT_TRACE, shown
 from yuebing.args import add_common, add_engine, count
 
@@ -22,6 +22,7 @@ def add_parsers(bench_sub) -> None:
     _trace(bench_sub)
     _sched(bench_sub)
     _engine(bench_sub)
+    _peer(bench_sub)
 
 
 def trace_main(args) -> int:
@@ -163,3 +164,37 @@ def _engine(bench_sub) -> None:
     add_engine(p)
     engine.add_arguments(p)
     p.set_defaults(func=engine.main)
+
+
+def _peer(bench_sub) -> None:
+    """``bench peer``: the cluster against ``transformers serve --continuous-batching`` (bench/peer.py)."""
+    p = bench_sub.add_parser("peer", help="cluster vs transformers serve --continuous-batching: tokens/s, TTFT, TPOT "
+                             "closed and open loop",
+                             description="The cluster against transformers serve --continuous-batching on the "
+                             "same weights, one after the other (bench/peer.py).")
+    add_common(p)
+    p.add_argument("--concurrency", default=peer.DEFAULT_CONCURRENCY, help="closed-loop streams (default %(default)s)")
+    p.add_argument("--output-tokens", default=peer.DEFAULT_OUTPUT_TOKENS,
+                   help="output tokens per request, forced (default %(default)s)")
+    p.add_argument("--rate", default=peer.DEFAULT_RATE,
+                   help="open-loop Poisson arrival rates, requests/s (default %(default)s; \"\" for none)")
+    p.add_argument("--requests", type=count(1), default=None,
+                   help=f"requests per point (default: max(8, 2 x streams) closed, {peer.OPEN_LOOP_REQUESTS} open)")
+    p.add_argument("--dtypes", default=None,
+                   help=f"dtype configurations: best (yuebing auto, peer bfloat16), same[:DTYPE], YUEBING/PEER "
+                   f"(default {peer.DEFAULT_DTYPES}; --dtype X alone means same:X)")
+    p.add_argument("--admission", choices=("none", "early", "predictive"), default="none",
+                   help="the cluster's admission control (default none: like the peer, serve every request)")
+    p.add_argument("--seed", type=int, default=peer.SEED, help="prompt lengths and arrivals (default %(default)s)")
+    p.add_argument("--peer-venv", default=None, help="the peer's virtualenv (default .venv-peer; bench/peer_env.sh)")
+    p.add_argument("--peer-threads", type=count(1), default=None, help="OMP_NUM_THREADS of the peer (default: unset)")
+    p.add_argument("--peer-cb-num-blocks", type=count(0), default=None,
+                   help="the peer's KV blocks (default: sized to the workload; 0: the peer's own sizing)")
+    p.add_argument("--peer-cb-max-batch-tokens", type=count(0), default=None,
+                   help=f"the peer's tokens per step (default {peer.PEER_MAX_BATCH_TOKENS}; 0: the peer's own)")
+    p.add_argument("--peer-args", default=None, help="more arguments for transformers serve, one string "
+                   "(e.g. --peer-args=--no-continuous-batching)")
+    p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds each server may take to start")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--out", default=None, help="also write the JSON figures here")
+    p.set_defaults(func=peer.main)
