@@ -6,7 +6,7 @@ import signal
 import pytest
 
 from conftest import reference_greedy, start_cluster
-from helpers import log_events, post
+from helpers import get_json, log_events, post, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -31,6 +31,12 @@ async def test_kill_one_of_two_prefill_instances_under_load(tiny_dir, tiny_model
             ref = reference_greedy(model, p, 12)
             assert body["choices"][0]["text"] == tok.decode(ref, skip_special_tokens=True,
                                                             clean_up_tokenization_spaces=False)
+
+        async def named_down():  # the cluster still serves, and /health names what is down
+            h = await get_json(cluster.url + "/health")
+            return h["ready"] and [(d["kind"], d["id"]) for d in h["down"]] == [("prefill", "prefill-1")]
+
+        assert await wait_until(named_down, timeout=30)
     finally:
         cluster.stop()
 

@@ -70,6 +70,7 @@ async def errors_middleware(request: web.Request, handler):
 
 # what /health needs heard from before it answers 200 (ready)
 READY_NEEDS = ("conductor", "prefill", "decode")
+DOWN_FORGET_SECONDS = 600.0  # /health names a silent instance as down for this long
 
 
 class GatewayService(Service):
@@ -141,6 +142,14 @@ class GatewayService(Service):
         now = time.monotonic()
         return [hb for seen, hb in self.live.values() if now - seen <= 3 * hb.interval]
 
+    def down(self) -> list[dict]:
+        """Instances heard from that fell silent without saying they were stopping (no draining
+        beat): crashed, hung or cut off, for up to ``DOWN_FORGET_SECONDS``."""
+        now = time.monotonic()
+        return [{"kind": hb.kind, "id": hb.instance_id, "silent_seconds": round(now - seen, 1)}
+                for seen, hb in sorted(self.live.values(), key=lambda v: (v[1].kind, v[1].instance_id))
+                if 3 * hb.interval < now - seen <= DOWN_FORGET_SECONDS and not hb.draining]
+
     @web.middleware
     async def _auth(self, request: web.Request, handler):
         """Bearer API keys on /v1/*; /health, /live, /metrics and /openapi.json stay open."""
@@ -174,7 +183,7 @@ class GatewayService(Service):
             for hb in sorted(beats, key=lambda b: (b.kind, b.instance_id))
         ]
         body = {"status": "ok" if ready else "unavailable", "ready": ready, "missing": missing,
-                "model": self.model_name, "instances": counts, "workers": workers,
+                "model": self.model_name, "instances": counts, "workers": workers, "down": self.down(),
                 "gateway": {"id": self.instance_id, "restarts": self.settings.restarts}}
         return _json(body, status=200 if ready else 503)
 
