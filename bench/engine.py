@@ -7,7 +7,8 @@ One run, on the chosen device and dtype (``--device``, ``--dtype``, ``--load-for
    (``--copy-mib``, default 1 GiB) on the device, counting the bytes read and the bytes written
    (2 x the tensor); on CUDA each timing ends with a synchronize.
 2. **Matmul FLOP/s** in the dtype on the device: the best of several ``n x n @ n x n`` products
-   (2 n^3 FLOPs each; ``--matmul-size``, default 2048 on a CPU, 8192 on a GPU).
+   (2 n^3 FLOPs each) laid out as the model's linear layers compute them, at ``n``
+   (``--matmul-size``, default 2048 on a CPU, 8192 on a GPU) and ``n / 2``, the faster size kept.
 3. **Decode step time** of ``DecodeBatch.step`` at batch 1 and 16 (``--batches``), every row holding
    ``--context`` positions (the best of ``--steps`` steps after warm-up), next to the bandwidth limit
    of a step: the bytes a step must read, divided by the bandwidth of 1. A step reads every weight
@@ -109,16 +110,28 @@ def measure_bandwidth(device, nbytes: int, runs: int = 5) -> dict:
 
 
 def measure_matmul(device, dtype, n: int, runs: int = 5) -> dict:
-    """FLOP/s of ``n x n`` matmuls in ``dtype`` on ``device``."""
+    """FLOP/s of square matmuls in ``dtype`` on ``device``, laid out as ``nn.Linear`` computes them
+    (``x @ W.T``), at ``n`` and ``n / 2``: the best of the two (a library's fastest size varies
+    with the machine), each size's also given."""
     import torch
+    import torch.nn.functional as F
 
-    g = torch.Generator(device="cpu").manual_seed(0)
-    a = torch.randn((n, n), generator=g).to(device=device, dtype=dtype)
-    b = torch.randn((n, n), generator=g).to(device=device, dtype=dtype)
-    best, med = time_call(lambda: torch.mm(a, b), device, runs)
-    flops = 2.0 * n ** 3
-    return {"matmul_n": n, "matmul_best_ms": round(best * 1e3, 3), "matmul_gflop_s": round(flops / best / 1e9, 1),
-            "matmul_median_gflop_s": round(flops / med / 1e9, 1)}
+    out: dict = {"matmul_n": n}
+    best_rate = best_median = 0.0
+    for size in (n, max(64, n // 2)):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        a = torch.randn((size, size), generator=g).to(device=device, dtype=dtype)
+        b = torch.randn((size, size), generator=g).to(device=device, dtype=dtype)
+        best, med = time_call(lambda: F.linear(a, b), device, runs)
+        flops = 2.0 * size ** 3
+        out[f"matmul_{size}_gflop_s"] = round(flops / best / 1e9, 1)
+        if flops / best > best_rate:
+            best_rate, best_median = flops / best, flops / med
+            out["matmul_best_n"] = size
+            out["matmul_best_ms"] = round(best * 1e3, 3)
+    out["matmul_gflop_s"] = round(best_rate / 1e9, 1)
+    out["matmul_median_gflop_s"] = round(best_median / 1e9, 1)
+    return out
 
 
 # ================================================================ the model's bytes and FLOPs
@@ -256,9 +269,23 @@ def _model_dir(args) -> tuple[Path, str, str]:
     return path, (DEFAULT_MODEL if spec == DEFAULT_MODEL else path.name), load_format or "auto"
 
 
+def loadavg() -> str | None:
+    """The 1, 5 and 15 minute load averages (how busy the host was: others' work skews timings)."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return None
+
+
+def measure_machine(device, dtype, copy_bytes: int, matmul_n: int, runs: int) -> tuple[dict, dict]:
+    say(f"copy bandwidth ({copy_bytes >> 20} MiB) and matmul {matmul_n}^2 in {str(dtype).removeprefix('torch.')}...")
+    return measure_bandwidth(device, copy_bytes, runs), measure_matmul(device, dtype, matmul_n, runs)
+
+
 def run(args) -> dict:
     """Every measurement of the module docstring; returns the figures (also the table's rows, under
-    ``_rows``)."""
+    ``_rows``). The machine is measured before and after the engine, the better of each kept: a
+    peak figure, the least disturbed by whatever else the host was doing."""
     import torch
 
     from libs.engine.device import dtype_name
@@ -278,25 +305,13 @@ def run(args) -> dict:
     context, prompt = int(args.context), int(args.prompt)
     join_context, steps, joins = int(args.join_context), int(args.steps), int(args.joins)
     say(f"bench engine: {name} on {device} ({device_name(device)}), {placement.describe()}")
-
     figures: dict = {"device": str(device), "device_name": device_name(device), "dtype": dtype_name(dtype),
-                     "model": name, "model_dir": str(path), "load_format": load_format}
-    rows: list[dict] = []
+                     "model": name, "model_dir": str(path), "load_format": load_format, "loadavg_start": loadavg()}
 
-    # 1, 2: the machine
-    say(f"copy bandwidth ({args.copy_mib} MiB)...")
-    bw = measure_bandwidth(device, int(args.copy_mib) << 20, runs=int(args.runs))
+    # 1, 2: the machine (again at the end)
+    copy_bytes = int(args.copy_mib) << 20
     matmul_n = int(args.matmul_size) or (GPU_MATMUL if device.type == "cuda" else CPU_MATMUL)
-    say(f"matmul {matmul_n}x{matmul_n} in {dtype_name(dtype)}...")
-    mm = measure_matmul(device, dtype, matmul_n, runs=int(args.runs))
-    figures.update(bw)
-    figures.update(mm)
-    bandwidth = bw["bandwidth_gb_s"] * 1e9
-    flops_s = mm["matmul_gflop_s"] * 1e9
-    rows.append({"measure": f"copy {bw['copy_bytes'] >> 20} MiB (read+write)", "measured": bw["bandwidth_gb_s"],
-                 "unit": "GB/s", "note": f"median {bw['bandwidth_median_gb_s']} GB/s"})
-    rows.append({"measure": f"matmul {matmul_n}^2 {dtype_name(dtype)}", "measured": mm["matmul_gflop_s"],
-                 "unit": "GFLOP/s", "note": f"median {mm['matmul_median_gflop_s']} GFLOP/s"})
+    machine = [measure_machine(device, dtype, copy_bytes, matmul_n, int(args.runs))]
 
     # the model
     say(f"loading {path} ({load_format})...")
@@ -310,49 +325,72 @@ def run(args) -> dict:
         raise ValueError(f"the sizes asked for need {need} positions; the model holds {shape.max_context}")
     w = weights_of(runner.model)
     kv_tok = shape.kv_bytes_per_token()
-    heads = cfg.num_attention_heads
     figures.update({"params": w.params, "non_embedding_params": w.non_embedding_params, "param_bytes": w.param_bytes,
                     "tied_embeddings": w.tied, "lm_head_bytes": w.lm_head_bytes, "lm_head_read_per_step": True,
                     "step_weight_bytes": w.step_bytes, "kv_bytes_per_token": kv_tok})
     ids = det_tokens(7, max(prompt, join_context, context), shape.vocab_size)
-    token = ids[0]
+    kv_cache: dict[int, object] = {}
 
-    def prefill(n: int):
-        return runner.prefill(ids[:n])
+    def kv_of(n: int):
+        if n not in kv_cache:
+            kv_cache[n] = runner.prefill(ids[:n])[1]
+        return kv_cache[n]
 
     # 4: prefill (first, so its warm-up serves the decode too)
     say(f"prefill of {prompt} tokens x{args.prefill_runs}...")
-    prefill(min(prompt, 64))  # warm-up
-    times = []
-    kv_cache: dict[int, object] = {}
+    runner.prefill(ids[:min(prompt, 64)])  # warm-up
+    prefill_times = []
     for _ in range(max(1, int(args.prefill_runs))):
         t0 = time.perf_counter()
-        _, kv = prefill(prompt)
-        times.append(time.perf_counter() - t0)
-    kv_cache[prompt] = kv
+        _, kv_cache[prompt] = runner.prefill(ids[:prompt])
+        prefill_times.append(time.perf_counter() - t0)
+    # 3: decode steps
+    decoded = {}
+    for b in batches:
+        say(f"decode steps at batch {b}, context {context}...")
+        decoded[b] = measure_decode(runner, kv_of(context), b, steps, ids[0])
+    # 5: joins
+    join_kv = kv_of(context)
+    joined = {}
+    for r in join_rows:
+        say(f"joins into a batch of {r} rows of {join_context} positions...")
+        joined[r] = measure_join(runner, kv_of(join_context), join_kv, r, joins)
+    machine.append(measure_machine(device, dtype, copy_bytes, matmul_n, int(args.runs)))
+    figures["loadavg_end"] = loadavg()
+
+    # the figures, against the better of the two measures of the machine
+    bw = max((m[0] for m in machine), key=lambda f: f["bandwidth_gb_s"])
+    mm = max((m[1] for m in machine), key=lambda f: f["matmul_gflop_s"])
+    figures.update(bw)
+    figures.update(mm)
+    figures["bandwidth_start_end_gb_s"] = [m[0]["bandwidth_gb_s"] for m in machine]
+    figures["matmul_start_end_gflop_s"] = [m[1]["matmul_gflop_s"] for m in machine]
+    bandwidth = bw["bandwidth_gb_s"] * 1e9
+    flops_s = mm["matmul_gflop_s"] * 1e9
+    rows: list[dict] = [
+        {"measure": f"copy {bw['copy_bytes'] >> 20} MiB (read+write)", "measured": bw["bandwidth_gb_s"], "unit": "GB/s",
+         "note": f"median {bw['bandwidth_median_gb_s']}; start, end: {figures['bandwidth_start_end_gb_s']}"},
+        {"measure": f"matmul {mm['matmul_best_n']}^2 {dtype_name(dtype)}", "measured": mm["matmul_gflop_s"],
+         "unit": "GFLOP/s", "note": f"median {mm['matmul_median_gflop_s']}; " + ", ".join(
+             f"{k.split('_')[1]}^2: {v}" for k, v in mm.items() if k.endswith("_gflop_s") and k[7].isdigit())
+         + f"; start, end: {figures['matmul_start_end_gflop_s']}"},
+    ]
+
     chunk = 512  # ModelRunner.prefill's default, which the services use
-    best = min(times)
-    pf = prefill_flops(w.non_embedding_params, shape.num_layers, heads, shape.head_dim, shape.vocab_size,
-                       cfg.hidden_size, prompt, 0, chunk)
+    best = min(prefill_times)
+    pf = prefill_flops(w.non_embedding_params, shape.num_layers, cfg.num_attention_heads, shape.head_dim,
+                       shape.vocab_size, cfg.hidden_size, prompt, 0, chunk)
     figures.update({"prefill_tokens": prompt, "prefill_chunk": chunk, "prefill_best_ms": round(best * 1e3, 2),
-                    "prefill_median_ms": round(statistics.median(times) * 1e3, 2),
+                    "prefill_median_ms": round(statistics.median(prefill_times) * 1e3, 2),
                     "prefill_tok_s": round(prompt / best, 1), "prefill_flops": pf,
                     "prefill_gflop_s": round(pf / best / 1e9, 1), "prefill_flops_formula": PREFILL_FLOPS_FORMULA,
                     "prefill_fraction_of_matmul": fraction(pf / flops_s, best)})
     rows.append({"measure": f"prefill {prompt} tokens", "measured": round(prompt / best, 1), "unit": "tok/s",
                  "limit": round(flops_s / pf * prompt, 1), "attained": figures["prefill_fraction_of_matmul"],
-                 "note": f"{figures['prefill_gflop_s']} model GFLOP/s vs matmul"})
+                 "note": f"{figures['prefill_gflop_s']} model GFLOP/s; median {figures['prefill_median_ms']} ms"})
 
-    def kv_of(n: int):
-        if n not in kv_cache:
-            kv_cache[n] = prefill(n)[1]
-        return kv_cache[n]
-
-    # 3: decode steps against the bandwidth limit
-    for b in batches:
-        say(f"decode steps at batch {b}, context {context}...")
-        got = measure_decode(runner, kv_of(context), b, steps, token)
-        seconds = [s for s, _ in got["steps"]]
+    for b, got in decoded.items():
+        seconds = [t for t, _ in got["steps"]]
         best_s, width = min(got["steps"])
         need_bytes = decode_step_bytes(w.step_bytes, kv_tok, b, width)
         limit = need_bytes / bandwidth
@@ -365,22 +403,17 @@ def run(args) -> dict:
                      "limit": round(limit * 1e3, 3), "attained": figures[f"{key}_fraction"],
                      "note": f"{need_bytes / 1e6:.1f} MB read; median {figures[f'{key}_median_ms']} ms"})
 
-    # 5: joins
-    join_kv = kv_of(context)
     join_bytes = join_kv.numel() * join_kv.element_size()
-    figures["join_context"] = context
-    figures["join_running_context"] = join_context
-    figures["join_bytes"] = join_bytes
-    for r in join_rows:
-        say(f"joins into a batch of {r} rows of {join_context} positions...")
-        got = measure_join(runner, kv_of(join_context), join_kv, r, joins)
+    figures.update({"join_context": context, "join_running_context": join_context, "join_bytes": join_bytes})
+    for r, got in joined.items():
         key = f"join_r{r}"
         figures.update({f"{key}_best_ms": round(got["best"] * 1e3, 3), f"{key}_median_ms": round(got["median"] * 1e3, 3),
                         f"{key}_grown": got["grown"], f"{key}_grown_during_joins": got["grown_during_joins"],
                         f"{key}_capacity": got["capacity"]})
+        on_cpu = device.type == "cpu"  # on a GPU a join's bytes cross from host memory: not the copy's bound
         rows.append({"measure": f"join ctx {context} into {r} rows", "measured": figures[f"{key}_best_ms"], "unit": "ms",
-                     "limit": round(2 * join_bytes / bandwidth * 1e3, 3) if device.type == "cpu" else None,
-                     "attained": fraction(2 * join_bytes / bandwidth, got["best"]) if device.type == "cpu" else None,
+                     "limit": round(2 * join_bytes / bandwidth * 1e3, 3) if on_cpu else None,
+                     "attained": fraction(2 * join_bytes / bandwidth, got["best"]) if on_cpu else None,
                      "note": f"median {figures[f'{key}_median_ms']} ms; grown {got['grown_during_joins']} "
                              f"during joins ({got['grown']} in all)"})
     if len(join_rows) > 1:

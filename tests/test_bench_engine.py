@@ -93,4 +93,6 @@ def test_tiny_run(tiny_dir, tmp_path, capsys):
     assert figures["join_r6_capacity"][0] >= 7
     assert figures["target_met"] in (True, False) and figures["target_figure"] == figures["decode_b1_fraction"]
     assert figures["target_verdict"] in ("met", "not met") and figures["target_verdict"] in printed[1]
+    assert figures["bandwidth_gb_s"] == max(figures["bandwidth_start_end_gb_s"])  # the better of before and after
+    assert figures["matmul_gflop_s"] == max(figures["matmul_start_end_gflop_s"])
     assert figures["lm_head_read_per_step"] is True and figures["tied_embeddings"] is True
