@@ -72,7 +72,9 @@ def test_profile_save_load_round_trip(tmp_path):
                 DecodePoint(batch=4, context=64, kv_tokens=260.0, seconds=0.07, runs=5)],
     )
     path = profile_path(tmp_path, "model/x y:1", 2)
-    assert path.parent == tmp_path / "calibration" and path.name == "model_x_y_1-t2.json"
+    assert path.parent == tmp_path / "calibration" and path.name == "model_x_y_1-cpu-float32-t2.json"
+    assert profile_path(tmp_path, "a", 2, "bfloat16") != profile_path(tmp_path, "a", 2, "float32")
+    assert profile_path(tmp_path, "a", 2, "bfloat16", "cuda:0").name == "a-cuda0-bfloat16-t2.json"
     p.save(path)
     q = CostProfile.load(path)
     assert q == p
