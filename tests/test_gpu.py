@@ -150,9 +150,12 @@ def check_exact(runner, prompts, refs, prefix: int, new_tokens: int = NEW_TOKENS
 # ---------------------------------------------------------------- on the device
 @pytest.fixture(scope="module")
 def device_runner(smol_dir):
+    """The default model as the services place it (``--device DEVICE --dtype DTYPE``: cuda is cuda:0)."""
+    from libs.engine.device import resolve
     from libs.engine.runner import ModelRunner
 
-    return ModelRunner(smol_dir, device=DEVICE, dtype=DTYPE)
+    placement = resolve(DEVICE, DTYPE)
+    return ModelRunner(smol_dir, device=placement.device, dtype=placement.dtype)
 
 
 @pytest.fixture(scope="module")
