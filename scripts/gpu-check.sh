@@ -137,6 +137,9 @@ EOF
     exit 0
 }
 
+# stopped from outside: the summary still written, the exit still non-zero
+trap 'say "interrupted"; FAILED+=(interrupted); trap - INT TERM; finish' INT TERM
+
 # ---------------------------------------------------------------- the machine
 if ((DRY)); then
     say "CPU dry run: toy sizes on the CPU, no GPU needed; results in $OUT"
