@@ -103,6 +103,9 @@ class Resume(msgspec.Struct, kw_only=True):
 
     output_id: str
     seq_base: int
+    # the decode instance the failed attempt was handed to: placed elsewhere while another is
+    # alive (the conductor may not have noticed yet that it is gone)
+    failed_decode: str = ""
 
 
 class _Resumable(msgspec.Struct, kw_only=True):

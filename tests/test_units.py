@@ -201,3 +201,30 @@ def test_restarts_back_off_reset_after_a_healthy_run_and_give_up_on_a_crash_loop
     assert r.recent_exits("decode-0") == 3 and not r.given_up("decode-0")  # the exit at 6.0 left the window
     rr = Restarts(RestartPolicy(first_delay=1.0, max_delay=4.0, healthy_after=1000.0, crash_limit=100, window=10.0))
     assert [rr.exited("x", t, t) - t for t in (0.0, 20.0, 40.0, 60.0)] == [1.0, 2.0, 4.0, 4.0]  # capped
+
+
+def test_a_resumed_request_avoids_the_decode_instance_it_failed_on():
+    """A request handed back after its decode instance failed is placed on another decode while
+    one is alive, even before the conductor has noticed the failed one is gone; with no other, on
+    that one (it may be back)."""
+    from libs.config import Settings
+    from libs.protocol import Heartbeat, Resume, SamplingParams, ScheduleRequest
+    from services.conductor.scheduler import Scheduler
+
+    s = Scheduler(Settings(policy="least_loaded", admission="none"))
+    for kind, iid in (("prefill", "p0"), ("decode", "d0"), ("decode", "d1")):
+        s.heartbeat(Heartbeat(kind=kind, instance_id=iid, interval=1.0, max_running=32), 0.0)
+
+    def request(rid, resume=None):
+        return ScheduleRequest(attempt_id=rid, prompt_token_ids=list(range(100, 140)),
+                               sampling=SamplingParams(max_tokens=8), resume=resume)
+
+    first = s.schedule(request("a"), 0.1).placement.decode_id
+    for n in range(2, 5):  # every resume of it avoids the instance it failed on
+        again = s.schedule(request(f"a.a{n}", Resume(output_id="a", seq_base=1, failed_decode=first)), 0.1 * n)
+        assert again.placement.admitted and again.placement.decode_id != first
+    alone = Scheduler(Settings(policy="least_loaded", admission="none"))
+    for kind, iid in (("prefill", "p0"), ("decode", "d0")):
+        alone.heartbeat(Heartbeat(kind=kind, instance_id=iid, interval=1.0, max_running=32), 0.0)
+    kept = alone.schedule(request("b.a2", Resume(output_id="b", seq_base=1, failed_decode="d0")), 0.1)
+    assert kept.placement.admitted and kept.placement.decode_id == "d0"

@@ -154,9 +154,10 @@ class Scheduler:
         return self.queues.seconds(iid, now)
 
     def place(self, prompt_len: int, keys: list[bytes], now: float, tbt_slo: float = 0.0, tokens: int = 0,
-              urgent: bool = False) -> tuple[Placement, RequestView, list[DecodeView]]:
+              urgent: bool = False, avoid_decode: str = "") -> tuple[Placement, RequestView, list[DecodeView]]:
         """Placement of a prompt of ``prompt_len`` tokens expected to decode ``tokens`` tokens
-        (``urgent``: its wait for a decode row counts in its TBT, so decode serves it first)."""
+        (``urgent``: its wait for a decode row counts in its TBT, so decode serves it first);
+        ``avoid_decode`` is not chosen while another decode instance is alive."""
         view = RequestView(
             prompt_len=prompt_len,
             block_size=self.settings.block_size,
@@ -177,7 +178,8 @@ class Scheduler:
                                self.wait_error.margin(), self._judged_wait, now=now, arrive=now + eta,
                                prompt_len=prompt_len, tokens=tokens, late=late, early=early, urgent=urgent)
                    for i in self.registry.alive("decode", now)]
-        return self.policy.place(view, prefills, decodes), view, decodes
+        others = [d for d in decodes if d.instance_id != avoid_decode]
+        return self.policy.place(view, prefills, others or decodes), view, decodes
 
     def _judged_wait(self, rid: str, kv_tokens: int, before: float) -> float:
         """The wait for a row an admitted request was judged by, as later admissions have revised it;
@@ -224,7 +226,9 @@ class Scheduler:
         keys = req.block_hashes
         tokens = self.projector.expected_tokens(req.sampling.max_tokens, req.sampling.ignore_eos)
         urgent = largest_gap_counts(req.sampling.max_tokens)
-        placement, view, decodes = self.place(len(req.prompt_token_ids), keys, now, req.tbt_slo, tokens, urgent)
+        avoid = req.resume.failed_decode if req.resume is not None else ""
+        placement, view, decodes = self.place(len(req.prompt_token_ids), keys, now, req.tbt_slo, tokens, urgent,
+                                              avoid_decode=avoid)
         placement = self.admit(req, placement, decodes)
         if not placement.admitted:
             return Decision(placement, view)

@@ -376,7 +376,8 @@ class GatewayService(Service):
                     early.clear()
                     reconnects = self.reconnects
                     reply = await self._reschedule(attempt_id, norm.prompt_token_ids + got, remaining,
-                                                   Resume(output_id=rid, seq_base=expected), norm.slo)
+                                                   Resume(output_id=rid, seq_base=expected,
+                                                          failed_decode=reply.decode_id), norm.slo)
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
