@@ -197,4 +197,5 @@ def _peer(bench_sub) -> None:
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds each server may take to start")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--out", default=None, help="also write the JSON figures here")
+    p.add_argument("--plot", default=None, help="also draw both servers over load as a PNG here")
     p.set_defaults(func=peer.main)

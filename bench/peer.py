@@ -13,12 +13,13 @@ It pins what ``.venv`` runs: ``torch==2.13.0`` (the CPU build pip finds on PyPI)
 
 Running it::
 
-    # a short check: about 10 minutes on this 2-core machine while other work ran on it
-    .venv/bin/yuebing bench peer --concurrency 1,4 --output-tokens 16 --requests 4 --dtypes same:float32
+    # the run docs/benchmarks.md cites: best dtypes, 64 output tokens, closed loops of 1, 4 and 16
+    # streams and open loops at 0.1, 0.2 and 0.4 requests/s; about 30 minutes on the idle 2-core machine
+    .venv/bin/yuebing bench peer --dtypes best --concurrency 1,4,16 --output-tokens 64 --rate 0.1,0.2,0.4
 
     # the full sweep (the defaults spelt out): 2 dtype configurations x 2 output lengths x 5 loads, 416
-    # requests per server and configuration; roughly 8-9 hours on this machine shared with other work
-    # (the peer's continuous batching on a CPU is most of it), perhaps half that on an idle one
+    # requests per server and configuration: several hours on the 2-core machine (the 256-token
+    # outputs and 64 streams are most of it)
     .venv/bin/yuebing bench peer --concurrency 1,4,16,64 --output-tokens 64,256 --rate 0.5 \\
         --dtypes best,same:float32 --out peer.json
 
@@ -785,7 +786,55 @@ def _peer(args) -> int:
     out_path = getattr(args, "out", None)
     if out_path:
         Path(out_path).write_text(line + "\n")
+    plot_path = getattr(args, "plot", None)
+    if plot_path:
+        plot(fig, plot_path)
     return 0 if clean else 1
+
+
+def plot(fig: dict, path: str | Path) -> Path:
+    """Both servers over load, a PNG at ``path``: output tokens/s and TTFT p90 against closed-loop
+    streams (left) and against open-loop arrival rate (right), one line per server and dtype
+    configuration and output length."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    canvas, axes = plt.subplots(2, 2, figsize=(11, 8))
+    try:
+        for col, (load, key, xlabel) in enumerate((("closed", "concurrency", "concurrent streams (closed loop)"),
+                                                   ("open", "rate", "arrivals per second (open loop, Poisson)"))):
+            series: dict[tuple[str, str, int], list[tuple[float, dict]]] = {}
+            for p in fig["points"]:
+                if p["load"] != load:
+                    continue
+                for server in ("yuebing", "peer"):
+                    series.setdefault((p["dtypes"], server, p["output_tokens"]), []).append((p[key], p[server]))
+            for (dtypes, server, out), pts in sorted(series.items()):
+                pts.sort(key=lambda t: t[0])
+                xs = [x for x, _ in pts]
+                style = dict(marker="o", linestyle="-" if server == "yuebing" else "--",
+                             label=f"{'yuebing' if server == 'yuebing' else 'transformers serve'} ({dtypes}, {out} out)")
+                axes[0][col].plot(xs, [f.get("tok_s") for _, f in pts], **style)
+                axes[1][col].plot(xs, [(f.get("ttft_p90_ms") or 0) / 1000 for _, f in pts], **style)
+            axes[0][col].set_ylabel("output tokens/s")
+            axes[1][col].set_ylabel("TTFT p90 from arrival, s")
+            axes[1][col].set_xlabel(xlabel)
+            for row in (0, 1):
+                if load == "closed":
+                    axes[row][col].set_xscale("log", base=2)
+                axes[row][col].grid(alpha=0.3)
+                axes[row][col].legend(fontsize=7)
+        canvas.suptitle(f"bench peer: {fig.get('model')} on {fig.get('runs') and next(iter(fig['runs'].values())).get('device')}"
+                        f", yuebing vs {fig['peer']['server']}", fontsize=10)
+        canvas.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        canvas.savefig(path, dpi=100)
+    finally:
+        plt.close(canvas)
+    return path
 
 
 def _cluster_model(base: str) -> str:

@@ -163,3 +163,18 @@ def test_targets_count_yuebing_failures_and_missing_points():
     assert all(t["met"] is None and "best dtype configuration was not run" in t["status"] for t in none)
     missing = peer.evaluate_targets([_point("best", 64, "closed", 16, _figs(None, None), _figs(20.0, 1.0))])
     assert missing[0]["met"] is None and missing[0]["status"] == "not evaluated: a figure is missing"
+
+
+def test_plot_draws_both_servers_over_load(tmp_path):
+    from bench.peer import plot
+
+    def point(load, x, tok_s, ttft):
+        f = {"tok_s": tok_s, "ttft_p90_ms": ttft}
+        return {"dtypes": "best", "load": load, "output_tokens": 64,
+                "concurrency": x if load == "closed" else None, "rate": x if load == "open" else None,
+                "yuebing": f, "peer": {"tok_s": tok_s / 2, "ttft_p90_ms": ttft * 2}}
+
+    fig = {"model": "m", "runs": {"best": {"device": "cpu"}}, "peer": {"server": "transformers serve"},
+           "points": [point("closed", 1, 10, 500), point("closed", 4, 30, 900), point("open", 0.1, 5, 400)]}
+    path = plot(fig, tmp_path / "peer.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
