@@ -136,9 +136,10 @@ def cmd_up(args) -> int:
         lines = [
             "",
             f"yuebing is ready: {cluster.url}/v1  (model: {_model_id(settings)})",
-            f"  NATS: {cluster.nats.public_url} (a user per service)   " + (
+            f"  NATS: {cluster.nats.public_url} (a user per instance)   " + (
                 f"colocated workers x{args.colocated}" if args.colocated
-                else f"prefill x{args.prefill}, decode x{args.decode}") + f"   engine: {settings.engine}",
+                else f"prefill x{args.prefill}, decode x{args.decode}") + f"   engine: {settings.engine}, "
+            f"{cluster.placement.device_name} {cluster.placement.dtype_name}",
             "  metrics: " + ", ".join(f"{n} {u}" for n, u in cluster.metrics_urls.items()),
             f"  cores: {cluster.describe_cores()}",
             (f"  API key: {key}   (send 'Authorization: Bearer <key>'; kept in {cluster.data_dir / 'api_key'})"
