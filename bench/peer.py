@@ -694,6 +694,14 @@ def _peer(args) -> int:
         for cfg in configs:
             run: dict = runs.setdefault(cfg.name, {"yuebing_dtype": cfg.yuebing, "peer_dtype": cfg.peer})
             got: dict[str, dict[str, dict]] = {}
+
+            def measure(server: str, url: str, model: str, generation) -> None:
+                """Run every point against ``server``: its warm-up into the run, its figures into ``got``."""
+                warm, recs = asyncio.run(run_points(url, server, model, points, generation, progress))
+                run.update({f"{server}_{k}": v for k, v in warm.items()})
+                for p in points:
+                    start, rs = recs[p.key]
+                    got.setdefault(p.key, {})[server] = figures(rs, start, p.output_tokens)
             tag = cfg.name.replace(":", "-").replace("/", "-")
             # ---- the cluster, cold, on its own data dir
             settings = from_env(model=str(model_dir), data_dir=str(data_dir / f"yuebing-{tag}"),
@@ -714,12 +722,7 @@ def _peer(args) -> int:
                            yuebing_cores=cluster.describe_cores())
                 say(f"[{cfg.name}] cluster ready in {run['yuebing_ready_s']}s: {s.device} {s.dtype}; "
                     f"{cluster.describe_cores()}")
-                async_run = run_points(cluster.url, "yuebing", _cluster_model(cluster.url), points, None, progress)
-                warm, recs = asyncio.run(async_run)
-                run.update({f"yuebing_{k}": v for k, v in warm.items()})
-                for p in points:
-                    start, rs = recs[p.key]
-                    got.setdefault(p.key, {})["yuebing"] = figures(rs, start, p.output_tokens)
+                measure("yuebing", cluster.url, _cluster_model(cluster.url), None)
             finally:
                 say(f"[{cfg.name}] stopping the cluster")
                 cluster.stop()
@@ -734,11 +737,7 @@ def _peer(args) -> int:
             try:
                 run["peer_ready_s"] = round(peer.start(ready_timeout), 2)
                 say(f"[{cfg.name}] peer ready in {run['peer_ready_s']}s")
-                warm, recs = asyncio.run(run_points(peer.url, "peer", peer.model, points, peer_generation, progress))
-                run.update({f"peer_{k}": v for k, v in warm.items()})
-                for p in points:
-                    start, rs = recs[p.key]
-                    got.setdefault(p.key, {})["peer"] = figures(rs, start, p.output_tokens)
+                measure("peer", peer.url, peer.model, peer_generation)
             finally:
                 say(f"[{cfg.name}] stopping the peer")
                 peer.stop()

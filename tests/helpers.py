@@ -60,3 +60,28 @@ def log_events(path: Path, event: str | None = None) -> list[dict]:
     """The structured (JSON) lines of a service's log, those of one ``event`` when given."""
     records = [orjson.loads(line) for line in Path(path).read_text().splitlines() if line.startswith("{")]
     return [r for r in records if event is None or r.get("event") == event]
+
+
+def start_up(model_dir, data_dir, port, *flags, env=None):
+    """`yuebing up` as a user runs it; returns the process, its output lines so far and an event set
+    once it is ready. ``env``: the process's environment (default: this one)."""
+    import subprocess
+    import sys
+    import threading
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "yuebing.cli", "up", "--model", str(model_dir), "--data-dir", str(data_dir),
+         "--port", str(port), *flags],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def reader():
+        for line in proc.stdout:
+            lines.append(line)
+            if "yuebing is ready" in line:
+                ready.set()
+
+    threading.Thread(target=reader, daemon=True).start()
+    return proc, lines, ready

@@ -14,6 +14,7 @@ from libs.engine.device import EngineConfigError, parse_device, resolve
 from libs.engine.dtypechoice import choice_path, load as load_choice, placement_for
 from libs.engine.loading import load_model, model_identity
 from libs.engine.runner import ModelRunner
+from helpers import start_up
 from libs.natsserver import free_port
 
 NO_GPU = not torch.cuda.is_available()
@@ -117,25 +118,12 @@ def test_up_refuses_what_cannot_run_before_starting_anything(tiny_dir, tmp_path)
 
 def test_up_prints_what_it_chose_and_why(tiny_dir, tmp_path):
     """`up --dtype auto` measures once, says what it chose, and every worker runs that choice."""
-    import threading
     import signal
 
     data = tmp_path / "data"
     env = {k: v for k, v in os.environ.items() if k not in ("YUEBING_DEVICE", "YUEBING_DTYPE")}
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "yuebing.cli", "up", "--model", str(tiny_dir), "--data-dir",
-                             str(data), "--port", str(port), "--no-auth", "--threads", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def reader():
-        for line in proc.stdout:
-            lines.append(line)
-            if "yuebing is ready" in line:
-                ready.set()
-
-    threading.Thread(target=reader, daemon=True).start()
+    proc, lines, ready = start_up(tiny_dir, data, port, "--no-auth", "--threads", "1", env=env)
     try:
         assert ready.wait(180), "".join(lines[-30:])
         choice = load_choice(choice_path(data, model_identity(tiny_dir), 1))

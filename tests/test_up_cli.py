@@ -4,16 +4,13 @@ no process behind."""
 import asyncio
 import os
 import signal
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from helpers import get_json, log_events, post, wait_until
+from helpers import get_json, log_events, post, start_up, wait_until
 from libs.natsserver import free_port
 
 
@@ -35,7 +32,7 @@ def _processes_mentioning(text: str) -> list[int]:
 async def test_up_serves_and_sigint_stops_everything(tiny_dir, tmp_path):
     data_dir = tmp_path / "up-data"
     port = free_port()
-    proc, lines, ready = _up(tiny_dir, data_dir, port, "--prefill", "2")
+    proc, lines, ready = start_up(tiny_dir, data_dir, port, "--prefill", "2")
     try:
         assert ready.wait(180), "".join(lines[-30:])
         assert any(f"http://127.0.0.1:{port}/v1" in line for line in lines)
@@ -58,27 +55,6 @@ async def test_up_serves_and_sigint_stops_everything(tiny_dir, tmp_path):
     assert _processes_mentioning(str(data_dir)) == []
 
 
-def _up(tiny_dir, data_dir, port, *flags):
-    """`yuebing up` as a user runs it; returns the process, its output lines so far and an event set
-    once it is ready."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "yuebing.cli", "up", "--model", str(tiny_dir), "--data-dir", str(data_dir),
-         "--port", str(port), *flags],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def reader():
-        for line in proc.stdout:
-            lines.append(line)
-            if "yuebing is ready" in line:
-                ready.set()
-
-    threading.Thread(target=reader, daemon=True).start()
-    return proc, lines, ready
-
-
 @pytest.mark.parametrize("victim, flags, busy_event", [
     ("prefill-1", ("--prefill", "2"), "prefilled"),  # one of two: its tasks are placed again
     ("decode-1", ("--decode", "2"), "decoded"),  # one of two: its streams resume on the other
@@ -90,7 +66,7 @@ async def test_up_restarts_a_killed_service_and_loses_no_request(tiny_dir, tmp_p
     (it does not stop the cluster), which then reports one restart."""
     data_dir = tmp_path / "up-restart"
     port = free_port()
-    proc, lines, ready = _up(tiny_dir, data_dir, port, *flags, "--no-auth")
+    proc, lines, ready = start_up(tiny_dir, data_dir, port, *flags, "--no-auth")
     url = f"http://127.0.0.1:{port}"
     kind = victim.rsplit("-", 1)[0]
     try:
@@ -158,7 +134,7 @@ async def test_up_restarts_a_killed_gateway(tiny_dir, tmp_path):
     starts it again on the same port and the next request succeeds."""
     data_dir = tmp_path / "up-gateway"
     port = free_port()
-    proc, lines, ready = _up(tiny_dir, data_dir, port, "--no-auth")
+    proc, lines, ready = start_up(tiny_dir, data_dir, port, "--no-auth")
     url = f"http://127.0.0.1:{port}"
     try:
         assert ready.wait(180), "".join(lines[-30:])
@@ -197,7 +173,7 @@ def _mentions(pid: int, text: str) -> bool:
 async def test_sigint_during_startup_stops_at_once(tiny_dir, tmp_path):
     """Ctrl-C while `up` is still starting the services (before it is ready) stops everything."""
     data_dir = tmp_path / "up-early"
-    proc, lines, ready = _up(tiny_dir, data_dir, free_port(), "--no-auth")
+    proc, lines, ready = start_up(tiny_dir, data_dir, free_port(), "--no-auth")
     try:
         # the services are being started, and the cluster is not ready yet
         assert await wait_until(lambda: _async((data_dir / "logs" / "conductor-0.log").exists()), timeout=60)
