@@ -76,6 +76,10 @@ class Settings(msgspec.Struct, kw_only=True):
     # engine of the prefill and decode workers: "model" runs the model; "sim" replaces compute with
     # the calibrated cost profile (same bus, same pool, real KV bytes), for scheduling experiments
     engine: str = "model"
+    # the sim's call times scatter around the profile's predictions as the real engine's did when
+    # it was calibrated (libs/engine/costnoise.py), drawn from this seed; False: exactly the profile
+    sim_noise: bool = True
+    sim_seed: int = 0
     # where the model runs and its number format (libs/engine/device.py): "auto" takes a GPU when
     # torch sees one; the dtype "auto" is bfloat16 on a GPU and, on a CPU, whichever of bfloat16 and
     # float32 was measured faster on this machine. KV blocks are in the model dtype.

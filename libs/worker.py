@@ -78,6 +78,7 @@ class _Engine:
                 check_load_format(self.path, s.load_format)
                 loop = asyncio.get_running_loop()
                 if s.engine == "sim":
+                    from libs.engine.costnoise import CostNoise
                     from libs.engine.costs import DEFAULT as DEFAULT_PROFILE, CostProfile
                     from libs.engine.simengine import SimRunner
 
@@ -85,8 +86,10 @@ class _Engine:
                     # for auto), and no dtype is measured for it
                     self.placement = resolve("cpu", s.dtype)
                     profile = CostProfile.load(s.calibration) if s.calibration else DEFAULT_PROFILE
-                    self.runner = await loop.run_in_executor(self.executor, SimRunner, self.path, profile,
-                                                             self.placement.dtype)
+                    noise = CostNoise(profile, s.sim_seed, enabled=s.sim_noise)
+                    self.runner = await loop.run_in_executor(
+                        self.executor, partial(SimRunner, self.path, profile, self.placement.dtype, noise=noise,
+                                               instance=s.instance_id))
                 else:
                     self.placement, self.runner = await loop.run_in_executor(self.executor, self._load_model)
             self.users += 1

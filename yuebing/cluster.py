@@ -31,7 +31,7 @@ SERVICE_ORDER = ("cachestore", "conductor", "prefill", "decode", "worker", "gate
 # settings every service process receives (as YUEBING_* variables)
 FORWARDED = ("block_size", "threads", "max_running", "urgent_rows", "dram_bytes", "disk_bytes", "prefill_chunk",
              "max_body_bytes", "request_timeout", "heartbeat_interval", "policy", "use_pool", "prefill_cache_bytes",
-             "cache_replicas", "drain_seconds", "no_auth", "engine", "calibration", "colocated", "admission",
+             "cache_replicas", "drain_seconds", "no_auth", "engine", "sim_noise", "sim_seed", "calibration", "colocated", "admission",
              "ttft_slo", "tbt_slo", "slo_classes", "pool_write_backlog_bytes", "disk_sync_seconds", "pool_writes",
              "peer_fetch", "prefill_kv_arena_bytes", "decode_kv_arena_bytes", "device", "dtype", "load_format", "stream_replicas",
              "task_ack_wait")

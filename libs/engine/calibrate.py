@@ -143,12 +143,13 @@ def calibrate(model_path: Path, threads: int | None = None, progress: bool = Tru
         bar.close()
 
     pre = [
-        PrefillPoint(new=n, reused=r, seconds=min(t), runs=len(t), median=statistics.median(t))
+        PrefillPoint(new=n, reused=r, seconds=min(t), runs=len(t), median=statistics.median(t),
+                     times=[round(x, 6) for x in t])
         for (n, r), t in pre_times.items()
     ]
     dec = [
         DecodePoint(batch=b, context=c, kv_tokens=statistics.fmean(dec_kv[(b, c)]), seconds=min(t), runs=len(t),
-                    median=statistics.median(t))
+                    median=statistics.median(t), times=[round(x, 6) for x in t])
         for (b, c), t in dec_times.items()
     ]
     prefill_coef = _fit_points(pre, [prefill_features(p.new, p.reused) for p in pre])

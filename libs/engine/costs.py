@@ -51,6 +51,7 @@ class PrefillPoint(msgspec.Struct, tag="prefill", tag_field="kind"):
     runs: int = 1
     median: float = 0.0
     used: bool = True
+    times: list[float] = []  # every run, in seconds (the spread: libs.engine.costnoise)
 
 
 class DecodePoint(msgspec.Struct, tag="decode", tag_field="kind"):
@@ -65,6 +66,7 @@ class DecodePoint(msgspec.Struct, tag="decode", tag_field="kind"):
     runs: int = 1
     median: float = 0.0
     used: bool = True
+    times: list[float] = []  # every run, in seconds
 
 
 class CostProfile(msgspec.Struct, kw_only=True):

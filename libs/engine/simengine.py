@@ -4,7 +4,8 @@
 prefill and decode services use them. They load no weights and multiply no matrices: a call
 produces tensors of the real shapes and dtype (KV of the real size, so the bus and the pool carry
 real bytes), then sleeps until it has taken the time a ``CostProfile`` calibrated on the real
-model predicts. Many instances then fit on a small machine for scheduling experiments.
+model predicts, scattered as the real engine's times were around it when it was calibrated
+(``libs.engine.costnoise``; seeded, so a run can be repeated). Many instances then fit on a small machine for scheduling experiments.
 
 Output is deterministic and the same on every path: the token after position ``p`` holding token
 ``t`` is ``next_word(t, p)``, a word token picked by a hash of ``(t, p)`` from a fixed list of
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from libs.engine.costnoise import CostNoise
 from libs.engine.costs import CostProfile
 from libs.engine.arena import KVArena
 from libs.engine.loading import load_tokenizer, read_shape
@@ -93,10 +95,16 @@ def _sleep_until(deadline: float) -> None:
 class SimRunner:
     """Stands in for ``ModelRunner``: same ``shape``, ``path``, ``prefill`` and ``new_batch``."""
 
-    def __init__(self, path: Path, profile: CostProfile, dtype: torch.dtype = torch.float32):
+    def __init__(self, path: Path, profile: CostProfile, dtype: torch.dtype = torch.float32, *,
+                 noise: CostNoise | None = None, instance: str = ""):
         torch.set_num_threads(1)  # the sim only fills tensors: leave the cores to the other instances
         self.path = Path(path)
         self.profile = profile
+        # each call's time: the profile's prediction times a seeded draw of the real engine's
+        # measured scatter around it (none without ``noise``)
+        self.noise = noise
+        self.instance = instance
+        self.steps = 0  # decode steps taken by this instance's batches (the key of their draws)
         self.modelled_seconds = 0.0  # compute time the last call modelled
         self.device = torch.device("cpu")
         self.shape = read_shape(self.path, dtype)
@@ -140,7 +148,10 @@ class SimRunner:
         # The layers run one after another over the modelled time, as a real forward's do, and
         # layer i starts only once its past is in: time spent waiting for a load is added, not
         # hidden, so the compute time reported (the call's time less those waits) is the model's.
-        seconds = self.modelled_seconds = self.profile.prefill_seconds(total, past)
+        seconds = self.profile.prefill_seconds(total, past)
+        if self.noise is not None:
+            seconds *= self.noise.prefill_factor(token_ids, past)
+        self.modelled_seconds = seconds
         layers = self.shape.num_layers
         end = start
         for i in range(layers):
@@ -196,7 +207,11 @@ class SimDecodeBatch:
         b = len(self.ids)
         if len(last_tokens) != b:
             raise ValueError(f"step got {len(last_tokens)} tokens for {b} rows")
-        duration = self.runner.profile.step_seconds(b, self.kv_tokens())
+        runner = self.runner
+        duration = runner.profile.step_seconds(b, self.kv_tokens())
+        if runner.noise is not None:
+            duration *= runner.noise.step_factor(runner.instance, runner.steps)
+        runner.steps += 1
         nxt = [self.runner.next_word(t, n) for t, n in zip(last_tokens, self.lengths)]
         logits = self.runner.logits_for(nxt)
         self.lengths = [n + 1 for n in self.lengths]
