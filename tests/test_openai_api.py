@@ -7,6 +7,8 @@ import pytest
 from openai import AsyncOpenAI
 
 from helpers import get_json, post, stream_events, wait_until
+from libs.bus import connect
+from libs.protocol import IndexSummary, Subjects, decode
 
 
 @pytest.fixture
@@ -22,18 +24,51 @@ async def test_models_and_health(client, tiny_cluster, tiny_dir):
     assert health["instances"]["prefill"] == 1 and health["instances"]["decode"] == 1
 
 
-async def test_chat_non_streaming_with_usage(client, tiny_dir, tiny_model):
+async def _indexed_blocks(nc, instance: str) -> int:
+    """How many blocks the conductor's prefix index places in ``instance``'s own cache."""
+    raw = await nc.request(Subjects.CONDUCTOR_STATE, b"", timeout=5)
+    return decode(raw.data, IndexSummary).blocks.get(instance, 0)
+
+
+async def test_chat_non_streaming_with_usage(client, tiny_cluster, tiny_dir, tiny_model):
+    """Usage counts the prompt as templated; cached_tokens is 0 for a prompt no earlier one began
+    like, and for a later one sharing its start, every whole block of the shared prefix (at least
+    one prompt token is always computed)."""
     _, tok = tiny_model
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
-    r = await client.chat.completions.create(model=tiny_dir.name, messages=messages, max_tokens=12, temperature=0)
-    assert r.object == "chat.completion"
-    assert r.choices[0].message.role == "assistant"
-    assert r.choices[0].finish_reason in ("stop", "length")
-    prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-    assert r.usage.prompt_tokens == len(prompt)
-    assert 1 <= r.usage.completion_tokens <= 12
-    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
-    assert r.usage.prompt_tokens_details.cached_tokens >= 0
+    bs = tiny_cluster.settings.block_size
+    system = {"role": "system",
+              "content": "You keep the usage accounts of this API test: answer in one short sentence. " * 2}
+    nc = await connect(tiny_cluster.nats.url, "test-openai-usage")
+    try:
+        held = await _indexed_blocks(nc, "prefill-0")
+        messages = [system, {"role": "user", "content": "Hello there"}]
+        r = await client.chat.completions.create(model=tiny_dir.name, messages=messages, max_tokens=12,
+                                                 temperature=0)
+        assert r.object == "chat.completion"
+        assert r.choices[0].message.role == "assistant"
+        assert r.choices[0].finish_reason in ("stop", "length")
+        prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        assert r.usage.prompt_tokens == len(prompt)
+        assert 1 <= r.usage.completion_tokens <= 12
+        assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+        assert r.usage.prompt_tokens_details.cached_tokens == 0  # a cold prompt: nothing reused
+
+        # the conductor places by what its index says each instance holds: wait until it has the
+        # first prompt's full blocks (published once the prompt is handed to decode)
+        async def indexed():
+            return await _indexed_blocks(nc, "prefill-0") >= held + len(prompt) // bs
+
+        assert await wait_until(indexed, timeout=30, interval=0.05)
+    finally:
+        await nc.close()
+    later = [system, {"role": "user", "content": "What time is it where you are, and what is the weather like there?"}]
+    r2 = await client.chat.completions.create(model=tiny_dir.name, messages=later, max_tokens=4, temperature=0)
+    prompt2 = tok.apply_chat_template(later, add_generation_prompt=True, tokenize=True, return_dict=False)
+    shared = next(i for i, (a, b) in enumerate(zip(prompt, prompt2)) if a != b)
+    expected = min(shared // bs, len(prompt) // bs, (len(prompt2) - 1) // bs) * bs
+    assert expected >= bs and (len(prompt2) - 1) // bs * bs > expected  # the test's own premise
+    assert r2.usage.prompt_tokens == len(prompt2)
+    assert r2.usage.prompt_tokens_details.cached_tokens == expected
 
 
 async def test_chat_streaming(client, tiny_dir):
