@@ -84,7 +84,9 @@ def _trace(bench_sub) -> None:
         "      prefix hit ratio, rejections; a table, a JSON line, a JSON file and a PNG (bench/replay.py)\n"
         "  yuebing bench trace [FILE] [options]\n"
         "      without --url: the KV-cache experiment on clusters it starts itself: prefix hit ratio of\n"
-        "      global, local-only and smaller pools against the unbounded-cache bound (bench/cache_trace.py)")
+        "      the pool (global) against local-only caches of the same total size, at 100/50/25/10 % of the\n"
+        "      working set, each next to an ideal LRU cache of that size and the unbounded-cache bound\n"
+        "      (bench/cache_trace.py)")
     replay.add_arguments(trace_b)  # FILE, --url; --model, --token-scale, --requests, --max-context, --out serve both
     cache_b = trace_b.add_argument_group("the cache experiment (without --url)")
     cache_b.add_argument("--data-dir", default=None, help="clusters' data and logs (default: a temporary directory)")
@@ -93,8 +95,13 @@ def _trace(bench_sub) -> None:
     cache_b.add_argument("--threads", type=int, default=None, help="torch threads per worker (default 1)")
     cache_b.add_argument("--trace", default=None, help="the trace file (same as FILE)")
     cache_b.add_argument("--concurrency", type=int, default=1, help="requests in flight (default 1: sequential)")
-    cache_b.add_argument("--pool-fractions", default="0.5,0.25,0.1", help="smaller pools, as fractions of the working set")
-    cache_b.add_argument("--configs", default=None, help="subset of global,local,pool (default: all)")
+    cache_b.add_argument("--pool-fractions", default=cache_trace.DEFAULT_FRACTIONS,
+                         help="cache sizes, as fractions of the working set: a global row (the pool of that "
+                         f"size) and a local-only row (own caches adding up to it) for each (default "
+                         f"{cache_trace.DEFAULT_FRACTIONS})")
+    cache_b.add_argument("--configs", default=None,
+                         help="rows to run, by name (global_50pct, local_10pct, ...) or kind (global, local); "
+                         "default: all")
     cache_b.add_argument("--no-settle", dest="settle", action="store_false",
                          help="send the next request without waiting for the previous one's pool writes")
     trace_b.set_defaults(func=trace_main)  # it dispatches: --url -> replay.main
