@@ -18,7 +18,6 @@ from libs.bus import work_subscription
 from libs.config import Settings
 from libs.engine.device import resolve
 from libs.engine.loading import check_load_format, model_identity, resolve_model
-from libs.engine.runner import ModelRunner
 from libs.log import get_logger
 from libs.protocol import Abort, SamplingParams, Subjects, TokenEvent, decode, encode
 from libs.service import Service
@@ -106,6 +105,8 @@ class _Engine:
             torch.set_num_threads(threads)
         placement = placement_for(self.path, s.device, s.dtype, s.resolved_data_dir(), threads, s.load_format,
                                   announce=lambda text: log.info("dtype_measure", what=text))
+        from libs.engine.runner import ModelRunner  # imports transformers: not in a simulated engine's process
+
         runner = ModelRunner(self.path, threads, s.cpus, device=placement.device, dtype=placement.dtype,
                              load_format=s.load_format)
         return placement, runner
@@ -130,7 +131,7 @@ class ModelWorker(Service):
             engine = _Engine(self.settings)
         self._engine = engine
         self._executor = engine.executor
-        self.runner: ModelRunner = await engine.load()
+        self.runner = await engine.load()  # a ModelRunner, or the simulated engine's SimRunner
         path = engine.path
         self.shape = self.runner.shape
         self.placement = engine.placement

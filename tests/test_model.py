@@ -104,6 +104,12 @@ def test_chunked_prefill_matches_single_pass(tiny_dir):
     b, kvb = runner.prefill(prompt, chunk=32)
     assert torch.argmax(a) == torch.argmax(b)
     torch.testing.assert_close(kva, kvb, rtol=1e-4, atol=1e-5)
+    # one chunk per step (a colocated worker's prefill): a pause after each chunk but the last,
+    # then the same result, bit for bit, as the chunked prefill in one call
+    steps = list(runner.prefill_steps(prompt, chunk=32))
+    assert len(steps) == 4 and steps[:3] == [None] * 3
+    c, kvc = steps[-1]
+    assert torch.equal(c, b) and torch.equal(kvc, kvb)
 
 
 def test_seeded_sampling_is_reproducible_and_position_dependent():
@@ -304,3 +310,26 @@ def test_an_instances_kv_arena_is_no_larger_than_its_model_can_fill():
     flat, _ = arena.take(tiny.kv_dims(2048), tiny.dtype)  # a whole-context prompt: one granule
     assert flat.numel() == 2 << 20 and arena.reused == 1
     assert kv_arena_for(tiny, 1 << 20).take_bytes(10) is not None  # a budget under a granule: fresh memory
+
+
+def test_a_plain_config_gives_the_shape_autoconfig_gives(tiny_dir, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    import libs.engine.loading as loading
+
+    plain = loading.read_shape(tiny_dir, torch.bfloat16)
+    monkeypatch.setattr(loading, "_plain_config", lambda path: None)  # transformers' AutoConfig instead
+    assert loading.read_shape(tiny_dir, torch.bfloat16) == plain
+    monkeypatch.undo()
+    # no generation config: the model config's EOS; a config that is not plain goes to AutoConfig
+    other = tmp_path / "m"
+    shutil.copytree(tiny_dir, other)
+    (other / "generation_config.json").unlink(missing_ok=True)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["eos_token_id"] = [7, 9]
+    (other / "config.json").write_text(json.dumps(cfg))
+    assert loading.read_shape(other).eos_token_ids == (7, 9)
+    cfg["max_position_embeddings"] = "4096"  # not an int: not plain
+    (other / "config.json").write_text(json.dumps(cfg))
+    assert loading._plain_config(other) is None

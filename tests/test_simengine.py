@@ -306,3 +306,15 @@ def test_calibration_fit_drops_slow_outliers():
     coef = _fit_points(pts, [decode_features(p.batch, p.kv_tokens) for p in pts])
     assert [p.used for p in pts].count(False) == 1 and not pts[5].used
     assert np.allclose(coef, true, rtol=1e-6)
+
+
+def test_a_simulated_engine_process_does_not_import_transformers(tiny_dir):
+    """Many simulated instances start on one small host: each skips transformers' import."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nimport services.prefill.service, services.decode.service\n"
+            "from libs.engine.simengine import SimRunner\nfrom libs.engine.costs import DEFAULT\n"
+            f"SimRunner({str(tiny_dir)!r}, DEFAULT).new_batch()\nprint('transformers' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "False"

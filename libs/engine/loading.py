@@ -163,20 +163,56 @@ class ModelShape:
         return (self.num_layers, 2, self.num_kv_heads, length, self.head_dim)
 
 
+# config.json keys a plain decoder-only model has at its top level: read_shape takes its shape from
+# them without importing transformers (a simulated engine's process never needs it)
+PLAIN_CONFIG_KEYS = ("num_hidden_layers", "num_attention_heads", "hidden_size", "vocab_size", "max_position_embeddings")
+
+
+def _plain_config(path: Path) -> dict | None:
+    import json
+
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(cfg, dict) or not all(isinstance(cfg.get(k), int) for k in PLAIN_CONFIG_KEYS):
+        return None
+    return cfg
+
+
+def _eos_of(path: Path, cfg_eos) -> tuple[int, ...]:
+    """The generation config's EOS ids (an id or a list), else the model config's."""
+    import json
+
+    eos = None
+    try:
+        eos = json.loads((Path(path) / "generation_config.json").read_text()).get("eos_token_id")
+    except (OSError, ValueError, AttributeError):
+        pass
+    if eos is None:
+        eos = cfg_eos
+    return tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+
+
 def read_shape(path: Path, dtype: torch.dtype = torch.float32) -> ModelShape:
-    """The model's shape from its config; ``dtype`` is the one it runs in (its KV's)."""
-    from transformers import AutoConfig, GenerationConfig
+    """The model's shape from its config; ``dtype`` is the one it runs in (its KV's). A plain
+    decoder's config.json is read as it is; any other goes through transformers' AutoConfig."""
+    cfg = _plain_config(path)
+    if cfg is not None:
+        heads = cfg["num_attention_heads"]
+        return ModelShape(
+            num_layers=cfg["num_hidden_layers"],
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            vocab_size=cfg["vocab_size"],
+            max_context=cfg["max_position_embeddings"],
+            dtype=dtype,
+            eos_token_ids=_eos_of(path, cfg.get("eos_token_id")),
+        )
+    from transformers import AutoConfig
 
     cfg = AutoConfig.from_pretrained(path)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    eos = None
-    try:
-        eos = GenerationConfig.from_pretrained(path).eos_token_id
-    except OSError:
-        pass
-    if eos is None:
-        eos = cfg.eos_token_id
-    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
     return ModelShape(
         num_layers=cfg.num_hidden_layers,
         num_kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
@@ -184,7 +220,7 @@ def read_shape(path: Path, dtype: torch.dtype = torch.float32) -> ModelShape:
         vocab_size=cfg.vocab_size,
         max_context=cfg.max_position_embeddings,
         dtype=dtype,
-        eos_token_ids=eos_ids,
+        eos_token_ids=_eos_of(path, cfg.eos_token_id),
     )
 
 

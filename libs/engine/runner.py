@@ -11,7 +11,8 @@ from libs.engine.decode_batch import DecodeBatch
 from libs.engine.device import DTYPES
 from libs.engine.loading import load_model, read_shape
 from libs.engine.offload import LayerOffload
-from libs.engine.prefill_kv import PrefillKV, PrefillLayer
+from libs.engine.prefill_kv import PrefillKV
+from libs.engine.prefill_layer import PrefillLayer
 
 
 class ModelRunner:
@@ -43,7 +44,6 @@ class ModelRunner:
         ``arena`` when one is set (the service then ``release``s it)."""
         return PrefillKV.with_past(self.shape, new_tokens, past, pending, arena=self.arena, offload=self.offload)
 
-    @torch.inference_mode()
     def prefill(self, token_ids: list[int], past_kv=None, chunk: int = 512, *, buffer: "PrefillKV | None" = None):
         """Run the prompt (after the past's positions) and return (last logits, full KV).
 
@@ -53,6 +53,16 @@ class ModelRunner:
         suffixes run in chunks of ``chunk`` tokens. The returned KV is the buffer the layers wrote
         into: nothing is concatenated or copied at the end.
         """
+        for out in self.prefill_steps(token_ids, past_kv, chunk, buffer=buffer):
+            pass
+        return out
+
+    @torch.inference_mode()
+    def prefill_steps(self, token_ids: list[int], past_kv=None, chunk: int = 512, *,
+                      buffer: "PrefillKV | None" = None):
+        """``prefill`` one chunk at a time: a generator that runs a chunk per ``next``, yields None
+        after each chunk but the last, then (last logits, full KV). A colocated worker runs each
+        chunk as its own job on the model thread, so its decode steps go between them."""
         from transformers import DynamicCache
 
         if not token_ids:
@@ -65,10 +75,11 @@ class ModelRunner:
         cache = DynamicCache()
         cache.layers = [PrefillLayer(buf, i) for i in range(self.shape.num_layers)]
         start = buf.past_len
-        logits = None
         ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)
         try:
             for off in range(0, len(token_ids), chunk):
+                if off:
+                    yield None
                 piece = ids[:, off : off + chunk]
                 pos = torch.arange(start + off, start + off + piece.shape[1], device=self.device).unsqueeze(0)
                 out = self.model(
@@ -82,7 +93,7 @@ class ModelRunner:
             buf.wait_offloaded()  # on a GPU: every layer is in host memory when this returns
         finally:
             buf.drop_device()
-        return logits.float().cpu(), buf.kv
+        yield logits.float().cpu(), buf.kv
 
     def new_batch(self) -> "DecodeBatch":
         """An empty running batch for a decode instance."""

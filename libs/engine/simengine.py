@@ -30,7 +30,7 @@ import torch
 from libs.engine.costnoise import CostNoise
 from libs.engine.costs import CostProfile
 from libs.engine.arena import KVArena
-from libs.engine.loading import load_tokenizer, read_shape
+from libs.engine.loading import read_shape
 from libs.engine.prefill_kv import PrefillKV
 
 # Common English words; those the tokenizer encodes (with a leading space) as one ordinary token
@@ -68,15 +68,19 @@ def _mix(x: int) -> int:
 
 
 def word_token_ids(path: Path) -> list[int]:
-    """Ids of ordinary one-token English words (with a leading space) in the model's tokenizer."""
-    tok = load_tokenizer(path)
-    special = set(getattr(tok, "all_special_ids", None) or [])
-    eos = getattr(tok, "eos_token_id", None)
-    if eos is not None:
-        special.add(eos)
+    """Ids of ordinary one-token English words (with a leading space) in the model's tokenizer
+    (its tokenizer.json, read by the tokenizers library: no transformers in a simulated process)."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    file = Path(path) / "tokenizer.json"
+    tok = Tokenizer.from_file(str(file))
+    special = {t["id"] for t in json.loads(file.read_text()).get("added_tokens", []) if t.get("special")}
+    special.update(read_shape(path).eos_token_ids)
     ids: list[int] = []
     for w in WORDS:
-        enc = tok.encode(" " + w, add_special_tokens=False)
+        enc = tok.encode(" " + w, add_special_tokens=False).ids
         if len(enc) == 1 and enc[0] not in special and enc[0] not in ids and tok.decode(enc).strip():
             ids.append(enc[0])
     if not ids:
@@ -133,10 +137,17 @@ class SimRunner:
     def kv_buffer(self, new_tokens: int, past=None, pending: int = 0) -> PrefillKV:
         return PrefillKV.with_past(self.shape, new_tokens, past, pending, arena=self.arena)
 
-    @torch.inference_mode()
     def prefill(self, token_ids: list[int], past_kv=None, chunk: int = 512, *, buffer: PrefillKV | None = None):
         """As ``ModelRunner.prefill``: (logits [vocab] float32, KV [L, 2, H, past + new, D])."""
-        start = time.perf_counter()
+        for out in self.prefill_steps(token_ids, past_kv, chunk, buffer=buffer):
+            pass
+        return out
+
+    @torch.inference_mode()
+    def prefill_steps(self, token_ids: list[int], past_kv=None, chunk: int = 512, *,
+                      buffer: PrefillKV | None = None):
+        """As ``ModelRunner.prefill_steps``: a chunk per ``next``, each taking the profile's time of
+        that chunk after everything before it (``modelled_seconds`` adds them up)."""
         if not token_ids:
             raise ValueError("prefill needs at least one new token")
         # a caller that passes no buffer keeps the KV: it is not taken from the arena
@@ -148,21 +159,30 @@ class SimRunner:
         # The layers run one after another over the modelled time, as a real forward's do, and
         # layer i starts only once its past is in: time spent waiting for a load is added, not
         # hidden, so the compute time reported (the call's time less those waits) is the model's.
-        seconds = self.profile.prefill_seconds(total, past)
-        if self.noise is not None:
-            seconds *= self.noise.prefill_factor(token_ids, past)
-        self.modelled_seconds = seconds
+        # A layer is complete (sendable) once the last chunk has passed it.
         layers = self.shape.num_layers
-        end = start
-        for i in range(layers):
-            waited = buf.waited
-            buf.wait_layer(i)
-            if buf.waited > waited:
-                end = max(end, time.perf_counter())
-            end += seconds / layers
-            _sleep_until(end)
-            buf.layer_computed(i)
-        return logits, kv
+        modelled = 0.0
+        for off in range(0, len(token_ids), chunk):
+            if off:
+                yield None
+            piece = token_ids[off : off + chunk]
+            seconds = self.profile.prefill_seconds(past + off + len(piece), past + off)
+            if self.noise is not None:
+                seconds *= self.noise.prefill_factor(piece, past + off)
+            modelled += seconds
+            last = off + chunk >= len(token_ids)
+            end = time.perf_counter()
+            for i in range(layers):
+                waited = buf.waited
+                buf.wait_layer(i)
+                if buf.waited > waited:
+                    end = max(end, time.perf_counter())
+                end += seconds / layers
+                _sleep_until(end)
+                if last:
+                    buf.layer_computed(i)
+        self.modelled_seconds = modelled
+        yield logits, kv
 
     def new_batch(self) -> "SimDecodeBatch":
         return SimDecodeBatch(self)
