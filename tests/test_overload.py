@@ -112,6 +112,49 @@ def test_colocated_workers_prefill_and_decode_their_own_requests(tiny_dir, tmp_p
         cluster.stop()
 
 
+async def test_a_colocated_worker_decodes_between_the_chunks_of_a_long_prompt(tiny_dir, tmp_path):
+    """Chunked prefill in the colocated baseline: while one worker prefills a long prompt in chunks,
+    the sequence it is decoding goes on taking steps between them (a whole prompt in one go would
+    stall it until the prompt is done)."""
+    # a chunk of 16 tokens takes 0.05 + 16 x 4 ms; a decode step 0.03 s: 12 chunks of a 192-token prompt
+    profile = CostProfile(model="test", threads=1, prefill=(0.05, 4e-3, 0.0), decode=(0.03, 0.0, 0.0))
+    cluster = start_cluster(tiny_dir, tmp_path, engine="sim", calibration=str(profile.save(tmp_path / "p.json")),
+                            colocated=1, prefill_chunk=16, admission="none", sim_noise=False)
+    url = cluster.url + "/v1/completions"
+    arrivals: dict[str, list[float]] = {"a": [], "b": []}
+    loop = asyncio.get_running_loop()
+
+    async def stream(name: str, prompt: list[int], max_tokens: int) -> int:
+        body = {"model": "tiny-llama", "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True,
+                "temperature": 0, "stream": True}
+        got = 0
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as s:
+            async with s.post(url, json=body) as r:
+                assert r.status == 200, await r.read()
+                async for line in r.content:
+                    if line.startswith(b"data: {"):
+                        got += 1
+                        arrivals[name].append(loop.time())
+        return got
+
+    try:
+        a = asyncio.ensure_future(stream("a", [11, 12, 13, 14], 120))
+        async def decoding():
+            return len(arrivals["a"]) >= 3
+
+        assert await wait_until(decoding, timeout=60, interval=0.01)
+        sent = loop.time()
+        b = await stream("b", [100 + i for i in range(192)], 2)
+        assert b >= 2  # its tokens (and the chunk that ends the stream)
+        during = [t for t in arrivals["a"] if sent < t < arrivals["b"][0]]
+        # 12 chunks leave 11 gaps for A's steps (and the scheduling of B a few more); without chunks
+        # A would get only the steps taken before B's prefill began
+        assert len(during) >= 8, len(during)
+        assert await a >= 120
+    finally:
+        cluster.stop()
+
+
 async def test_decode_reports_how_long_a_sequence_waited_for_a_row(tiny_dir, tmp_path):
     """One row: a second sequence waits for the first to leave, and decode says so (the conductor
     learns the decode pace from the time in a row, and projects the wait first come, first served)."""

@@ -188,6 +188,26 @@ class PrefillService(ModelWorker):
             self.log.warning("pool_lookup_failed", request_id=task.attempt_id, error=str(e))
             return 0
 
+    async def _compute_prefill(self, tokens: list[int], chunk: int, buf):
+        """The prompt's forward on the model thread. A colocated worker shares that thread with its
+        decode steps: there each chunk is a job of its own, so the running sequences take a step
+        between two chunks instead of waiting for the whole prompt (chunked prefill)."""
+        if not self.settings.colocated:
+            return await self.compute(self.runner.prefill, tokens, chunk=chunk, buffer=buf)
+        steps = self.runner.prefill_steps(tokens, chunk=chunk, buffer=buf)
+        try:
+            while True:
+                out = await self.compute(next, steps)
+                if out is not None:
+                    return out
+        finally:
+            # on the model thread, after a chunk still running there: a generator cannot be
+            # closed while it executes
+            try:
+                self._executor.submit(steps.close)
+            except RuntimeError:
+                pass  # the model thread has stopped
+
     async def _prefill(self, task: PrefillTask, log, stream: bool) -> "Prefilled":
         """Reuse what is cached, compute the rest.
 
@@ -209,7 +229,7 @@ class PrefillService(ModelWorker):
         handoff = asyncio.ensure_future(self._stream_kv(task, buf)) if stream else None
         try:
             t0 = time.monotonic()
-            run = asyncio.ensure_future(self.compute(self.runner.prefill, prompt[reused:], chunk=chunk, buffer=buf))
+            run = asyncio.ensure_future(self._compute_prefill(prompt[reused:], chunk, buf))
             pool, seconds = 0, 0.0
             if found:
                 started = time.monotonic()
@@ -233,7 +253,7 @@ class PrefillService(ModelWorker):
                 failed = buf
                 buf = self.runner.kv_buffer(len(prompt) - good, failed.kv[:, :, :, :good] if good else None)
                 failed.release()  # its verified past is copied over, and nothing else reads it
-                logits, _ = await self.compute(self.runner.prefill, prompt[good:], chunk=chunk, buffer=buf)
+                logits, _ = await self._compute_prefill(prompt[good:], chunk, buf)
             return Prefilled(logits, buf, local, pool, peer, seconds, time.monotonic() - t0 - buf.waited, handoff)
         except BaseException:
             await _cancel(handoff)  # the prompt failed: nothing of it goes to decode
