@@ -3,6 +3,7 @@
 import asyncio
 import signal
 
+import nats.js.errors
 import pytest
 
 from conftest import reference_greedy, start_cluster
@@ -11,10 +12,33 @@ from helpers import get_json, log_events, post, wait_until
 pytestmark = pytest.mark.slow
 
 
+async def _stranded_tasks(js, instance: str) -> list[str]:
+    """Attempt ids of the prefill tasks on ``instance``'s subject: the work-queue stream keeps a task
+    until its instance acknowledges it, which it does only once the KV is handed to decode."""
+    from libs.protocol import PrefillTask, Subjects, decode
+
+    ids, seq = [], 1
+    while True:
+        try:
+            m = await js.get_msg(Subjects.PREFILL_STREAM, seq=seq, subject=Subjects.prefill_task(instance), next=True)
+        except nats.js.errors.NotFoundError:
+            return ids
+        ids.append(decode(m.data, PrefillTask).attempt_id)
+        seq = m.seq + 1
+
+
 async def test_kill_one_of_two_prefill_instances_under_load(tiny_dir, tiny_model, tmp_path):
+    """prefill-1 is killed while it holds accepted tasks (one taken, unacknowledged, and more queued
+    on it): the conductor moves every one of them to prefill-0, and every request completes."""
+    from libs.bus import connect
+    from libs.protocol import Subjects
+
     model, tok = tiny_model
     cluster = start_cluster(tiny_dir, tmp_path / "c", prefill=2, policy="least_loaded")
+    nc = None
     try:
+        nc = await connect(cluster.nats.url, "test-faults")
+        js = nc.jetstream()
         prompts = [[(31 * r + 7 * i) % 40000 + 50 for i in range(600 + 13 * r)] for r in range(50)]
 
         async def one(p):
@@ -22,12 +46,34 @@ async def test_kill_one_of_two_prefill_instances_under_load(tiny_dir, tiny_model
                               {"model": tiny_dir.name, "prompt": p, "max_tokens": 12, "temperature": 0},
                               timeout=120)
 
+        async def busy():  # prefill-1 has taken a task it has not acknowledged, and has more queued
+            info = await js.consumer_info(Subjects.PREFILL_STREAM, "prefill-1")
+            return info.num_ack_pending >= 1 and info.num_pending >= 1
+
         tasks = [asyncio.create_task(one(p)) for p in prompts]
-        await asyncio.sleep(0.5)  # requests are queued on both prefill instances by now
+        assert await wait_until(busy, timeout=60, interval=0.05)
         await asyncio.to_thread(cluster.kill, "prefill-1", signal.SIGKILL)
+        # what it held when it died: nothing acknowledges for it now, and the conductor moves these
+        # only once it has missed three heartbeats
+        held = await _stranded_tasks(js, "prefill-1")
+        assert held, "prefill-1 held no accepted task when it was killed"
         results = await asyncio.gather(*tasks)
         assert [status for status, _, _ in results] == [200] * 50, [b for s, b, _ in results if s != 200][:3]
-        for p, (_, body, _) in list(zip(prompts, results))[::10]:
+        by_id = {body["id"]: (p, body) for p, (_, body, _) in zip(prompts, results)}
+        assert set(held) <= set(by_id)
+        # the held requests were resumed on prefill-0, with the text of an undisturbed greedy run (the
+        # conductor logs the move once it finds the lost instance's subject empty: maybe after the
+        # moved tasks have finished)
+        async def reassigned():
+            return log_events(cluster.log_dir / "conductor-0.log", "prefill_tasks_reassigned")
+
+        moves = await wait_until(reassigned, timeout=30, interval=0.1)
+        assert [(e["instance"], e["failed"]) for e in moves] == [("prefill-1", 0)]
+        assert moves[0]["moved"] >= len(held)
+        redone = {e["request_id"] for e in log_events(cluster.log_dir / "prefill-0.log", "prefilled")}
+        assert set(held) <= redone, set(held) - redone
+        for rid in (held[:3] + [b["id"] for _, (_, b, _) in list(zip(prompts, results))[::25]]):
+            p, body = by_id[rid]
             ref = reference_greedy(model, p, 12)
             assert body["choices"][0]["text"] == tok.decode(ref, skip_special_tokens=True,
                                                             clean_up_tokenization_spaces=False)
@@ -38,6 +84,8 @@ async def test_kill_one_of_two_prefill_instances_under_load(tiny_dir, tiny_model
 
         assert await wait_until(named_down, timeout=30)
     finally:
+        if nc is not None:
+            await nc.close()
         cluster.stop()
 
 
