@@ -65,6 +65,9 @@ class _Engine:
         self.runner = None
         self.path = None
         self._lock = asyncio.Lock()
+        # a colocated worker's prefills take turns: one chunk at a time goes to the model thread,
+        # so a decode step waits for at most one chunk however many prompts are being prefilled
+        self.chunk_turn = asyncio.Lock()
         self.users = 0
 
     async def load(self):

@@ -138,7 +138,7 @@ async def test_a_colocated_worker_decodes_between_the_chunks_of_a_long_prompt(ti
         return got
 
     try:
-        a = asyncio.ensure_future(stream("a", [11, 12, 13, 14], 120))
+        a = asyncio.ensure_future(stream("a", [11, 12, 13, 14], 200))
         async def decoding():
             return len(arrivals["a"]) >= 3
 
@@ -150,7 +150,14 @@ async def test_a_colocated_worker_decodes_between_the_chunks_of_a_long_prompt(ti
         # 12 chunks leave 11 gaps for A's steps (and the scheduling of B a few more); without chunks
         # A would get only the steps taken before B's prefill began
         assert len(during) >= 8, len(during)
-        assert await a >= 120
+        # two long prompts at once take turns, a chunk at a time: A steps between any two chunks
+        # (about 23 times), not once per pair of chunks (about 11)
+        arrivals.update(b1=[], b2=[])
+        sent = loop.time()
+        assert await asyncio.gather(*(stream(f"b{k}", [300 * k + i for i in range(192)], 2) for k in (1, 2))) >= [2, 2]
+        during = [t for t in arrivals["a"] if sent < t < max(arrivals["b1"][0], arrivals["b2"][0])]
+        assert len(during) >= 17, len(during)
+        assert await a >= 200
     finally:
         cluster.stop()
 

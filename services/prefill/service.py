@@ -191,13 +191,15 @@ class PrefillService(ModelWorker):
     async def _compute_prefill(self, tokens: list[int], chunk: int, buf):
         """The prompt's forward on the model thread. A colocated worker shares that thread with its
         decode steps: there each chunk is a job of its own, so the running sequences take a step
-        between two chunks instead of waiting for the whole prompt (chunked prefill)."""
+        between two chunks instead of waiting for the whole prompt (chunked prefill), and the
+        prompts being prefilled take turns, a chunk at a time."""
         if not self.settings.colocated:
             return await self.compute(self.runner.prefill, tokens, chunk=chunk, buffer=buf)
         steps = self.runner.prefill_steps(tokens, chunk=chunk, buffer=buf)
         try:
             while True:
-                out = await self.compute(next, steps)
+                async with self._engine.chunk_turn:
+                    out = await self.compute(next, steps)
                 if out is not None:
                     return out
         finally:
