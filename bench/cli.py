@@ -109,34 +109,39 @@ def _trace(bench_sub) -> None:
 
 def _sched(bench_sub) -> None:
     """``bench sched``: the scheduling experiments."""
-    p = bench_sub.add_parser("sched", help="scheduling experiments: placement (Fig. 5), overload (Table 3), goodput")
+    p = bench_sub.add_parser("sched", help="scheduling experiments as curves over load: placement (Fig. 5), "
+                             "disaggregated vs colocated capacity, overload (Table 3)")
     p.add_argument("--experiments", default=",".join(sched.EXPERIMENTS),
                    help=f"subset of {','.join(sched.EXPERIMENTS)}")
     p.add_argument("--policies", default=None,
                    help=f"placement runs to make, a subset of {','.join(sched.PLACEMENT_POLICIES)} (default: all)")
     p.add_argument("--trace", default=str(DEFAULT_TRACE), help="Mooncake JSONL trace")
     p.add_argument("--start", type=int, default=0, help="first trace line replayed")
-    p.add_argument("--requests", type=int, default=300, help="requests replayed per run (simulated engine)")
+    p.add_argument("--requests", type=int, default=300, help="requests per slice of the trace (simulated engine)")
+    p.add_argument("--slices", type=int, default=2, help="disjoint consecutive slices of the trace, each a point")
+    p.add_argument("--loads", default="0.25,0.5,0.75,1,1.25,1.5",
+                   help="offered loads of placement and architecture, as multiples of the measured capacity")
+    p.add_argument("--overload-loads", default="1,1.5,2,3", help="offered loads of the overload runs")
+    p.add_argument("--repeats", type=int, default=3, help="repeats of every placement and architecture point")
+    p.add_argument("--overload-repeats", type=int, default=4, help="repeats of every overload point")
+    p.add_argument("--capacity", type=float, default=None,
+                   help="the unit of load in req/s (default: measured first, the first slice sent at --capacity-rate)")
+    p.add_argument("--capacity-rate", type=float, default=1000.0, help="arrival rate of the capacity probe (req/s)")
+    p.add_argument("--resume", action="store_true", help="keep the runs (and capacity) an earlier invocation "
+                   "left in --out-dir and make only the missing ones")
+    p.add_argument("--seed", type=int, default=0, help="seed of the simulated engine's time draws")
     p.add_argument("--token-scale", type=int, default=32)
     p.add_argument("--output-scale", type=int, default=None,
                    help="divides output lengths instead of --token-scale (longer outputs load decode)")
-    p.add_argument("--time-scale", type=float, default=1.0, help="trace time compression of the base load")
-    p.add_argument("--rate", type=float, default=None, help="fixed base arrival rate (req/s) instead of the trace's")
-    p.add_argument("--overload", type=float, default=2.0, help="load of the overload runs, x the base load")
     p.add_argument("--admissions", default=",".join(sched.ADMISSIONS),
                    help=f"admission modes of the overload runs, a subset of {','.join(sched.ADMISSIONS)}")
-    p.add_argument("--repeats", type=int, default=1,
-                   help="runs of each placement policy, of each overload mode and of each goodput and real pair, "
-                   "interleaved; figures are means, with each repeat's placement and goodput ratio and counts "
-                   "of the repeats in which the placement ordering held and predictive rejection was ahead "
-                   "of early rejection")
-    p.add_argument("--goodput-load", default="1", help="load of the goodput runs, x the base load; a comma-separated "
-                   "list makes a sweep (e.g. 1,2,3)")
-    p.add_argument("--goodput-admission", choices=sched.ADMISSIONS, default=None,
-                   help="admission control of the disaggregated goodput runs (default: the deployment's own, "
-                   "the admission setting; none compares the architectures alone)")
-    p.add_argument("--colocated-admission", choices=sched.ADMISSIONS, default="none",
-                   help="admission control of the colocated baseline (default none: a plain engine)")
+    p.add_argument("--arch-admissions", default="none,predictive",
+                   help="the admission control of both sides of the architecture runs, one pair per mode")
+    p.add_argument("--colocated-chunk", type=int, default=0,
+                   help="tokens of the colocated baseline's prefill chunks (default: the most whose prefill and a "
+                   "decode step fit the TBT objective, from the cost profile)")
+    p.add_argument("--real-admission", choices=sched.ADMISSIONS, default="predictive",
+                   help="the admission control of both sides of the real-model pair")
     p.add_argument("--ttft-slo", type=float, default=None, help="default: 10x a mean prompt's calibrated TTFT")
     p.add_argument("--tbt-slo", type=float, default=None, help="default: 5x a calibrated decode step")
     p.add_argument("--max-running", type=count(1), default=None, help="rows of a decode batch (default 32)")
@@ -158,8 +163,9 @@ def _sched(bench_sub) -> None:
     p.add_argument("--model", default=None)
     p.add_argument("--models-dir", default=None)
     p.add_argument("--calibration", default=None, help="cost profile (default: the model's, calibrated if missing)")
-    p.add_argument("--out-dir", default="bench-sched", help="per-run JSON and PNG, and figures.json")
+    p.add_argument("--out-dir", default="bench-sched", help="runs/, capacity.json, curves.json, a PNG per experiment")
     p.add_argument("--keep-data", action="store_true", help="keep each run's cluster files and logs")
+    p.add_argument("--keep-records", action="store_true", help="also write each run's per-request records and plot")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=sched.main)
 

@@ -1,5 +1,5 @@
-"""``yuebing bench sched``'s plan of runs, its named figures and its CPU accounting (plain logic
-and real processes; the runs themselves are the replay tool against real clusters, covered by
+"""``yuebing bench sched``'s plan of runs, its curves and named figures, and its CPU accounting (plain
+logic and real processes; the runs themselves are the replay tool against real clusters, covered by
 test_replay_sim)."""
 
 from __future__ import annotations
@@ -12,138 +12,139 @@ import time
 import psutil
 import pytest
 
-from bench.sched import PLACEMENT_POLICIES, arena_use, cpu_use, figures, plan
+from bench.sched import (ADMISSIONS, PLACEMENT_POLICIES, Run, arena_use, colocated_chunk, cpu_use, figures, native_rate,
+                         plan, slices)
+from bench.sched_curves import curve, point, threshold_capacity
 from yuebing.cluster import LocalCluster
 from libs.config import from_env
 
 
 def _args(**kw) -> argparse.Namespace:
-    base = dict(prefill=8, decode=8, overload=2.0, goodput_load="1", real_prefill=2, real_decode=1,
-                goodput_admission="predictive", colocated_admission="none")
+    base = dict(prefill=8, decode=8, real_prefill=2, real_decode=1, repeats=1, overload_repeats=1, slices=1,
+                loads=[0.5, 1.0], overload_loads=[2.0], policies=list(PLACEMENT_POLICIES),
+                admissions=list(ADMISSIONS), arch_admissions=["none", "predictive"], real_admission="predictive",
+                real_rate=0.5, prefill_cache_mb=256, pool_dram_mb=1024, colocated_chunk=80)
     return argparse.Namespace(**{**base, **kw})
 
 
-def test_plan_gives_only_the_global_policy_the_pool_and_the_baseline_the_same_instances():
-    runs = plan(["placement", "goodput"], _args(prefill=12, decode=4))
+def test_plan_gives_only_the_global_policy_the_pool_and_the_baseline_the_same_instances_and_memory():
+    runs = plan(["placement", "architecture"], _args(prefill=12, decode=4, loads=[1.0]))
     placement = [r for r in runs if r.experiment == "placement"]
-    assert [r.policy for r in placement] == list(PLACEMENT_POLICIES)
+    assert [r.policy for r in placement] == list(PLACEMENT_POLICIES) == [r.series for r in placement]
     assert [r.use_pool for r in placement] == [False, False, False, True]
-    dis, col = [r for r in runs if r.experiment == "goodput"]
+    arch = [r for r in runs if r.experiment == "architecture"]
+    assert [(r.series, r.admission) for r in arch] == [
+        ("disaggregated/none", "none"), ("colocated/none", "none"),
+        ("disaggregated/predictive", "predictive"), ("colocated/predictive", "predictive")]
+    dis, col = arch[0], arch[1]
     assert (dis.prefill, dis.decode, dis.use_pool, dis.policy) == (12, 4, True, "global_cache_aware")
-    assert (col.colocated, col.prefill, col.decode, col.use_pool, col.policy) == (16, 0, 0, False, "round_robin")
-    assert (dis.admission, col.admission) == ("predictive", "none")  # the system as deployed vs a plain engine
-    assert (dis.name, col.name) == ("goodput-disaggregated", "goodput-colocated")
-    # the real-model run of the same experiment: 2P+1D against 3 colocated, admission alike
+    # as many workers as instances; placed by cache match and load; prefilling in chunks between
+    # decode steps; own caches adding up to the prefill caches and the pool's DRAM together
+    assert (col.colocated, col.prefill, col.decode, col.use_pool, col.policy) == (16, 0, 0, False, "local_cache_aware")
+    assert col.prefill_chunk == 80 and dis.prefill_chunk == 0
+    assert col.prefill_cache_mb * 16 == 12 * 256 + 1024
+    # the real-model pair: 2P+1D against 3 colocated workers, at one fixed rate, admission alike
     dis, col = plan(["real"], _args())
-    assert (dis.prefill, dis.decode, dis.engine, dis.admission) == (2, 1, "model", "predictive")
-    assert (col.colocated, col.engine, col.admission, col.use_pool) == (3, "model", "none", False)
+    assert (dis.prefill, dis.decode, dis.engine, dis.admission, dis.rate) == (2, 1, "model", "predictive", 0.5)
+    assert (col.colocated, col.engine, col.admission, col.use_pool, col.rate) == (3, "model", "predictive", False, 0.5)
 
 
-def test_a_goodput_sweep_pairs_each_load_and_reports_a_ratio_per_load():
-    runs = plan(["goodput"], _args(goodput_load="2,3", goodput_admission="none", colocated_admission="early"))
-    assert [(r.name, r.load, r.admission) for r in runs] == [
-        ("goodput-disaggregated-x2", 2.0, "none"), ("goodput-colocated-x2", 2.0, "early"),
-        ("goodput-disaggregated-x3", 3.0, "none"), ("goodput-colocated-x3", 3.0, "early")]
-    for r, rps in zip(runs, (3.0, 2.0, 4.0, 1.0)):
-        r.summary = {"goodput_rps": rps}
-    figs = figures(runs)
-    assert (figs["goodput_x2_ratio"], figs["goodput_x3_ratio"]) == (1.5, 4.0)
-    assert figs["goodput_x3_colocated_rps"] == 1.0
-    runs[3].summary = {}  # a load whose baseline did not run has no ratio
-    assert "goodput_x3_ratio" not in figures(runs)
+def test_plan_puts_repeats_outermost_then_slices_loads_and_series_and_names_every_point():
+    runs = plan(["placement"], _args(policies=["least_loaded", "global_cache_aware"], repeats=2, slices=2))
+    keys = [(r.repeat, r.slice, r.load, r.series) for r in runs]
+    assert keys == [(k, s, x, p) for k in (1, 2) for s in (1, 2) for x in (0.5, 1.0)
+                    for p in ("least_loaded", "global_cache_aware")]
+    assert len({r.name for r in runs}) == len(runs)
+    assert runs[0].name == "placement-least_loaded-x0.5-s1-r1"
+    over = plan(["overload"], _args(overload_repeats=4, overload_loads=[1.5, 3.0]))
+    assert len(over) == 4 * 2 * 3 and {r.repeat for r in over} == {1, 2, 3, 4}
+    assert [r.admission for r in over[:3]] == list(ADMISSIONS)
+    assert plan(["architecture"], _args(slices=2))[-1].name == "architecture-colocated-predictive-x1-s2-r1"
+
+
+def test_slices_are_disjoint_and_the_native_rate_is_the_traces_own():
+    rows = [{"timestamp": 1000 * i} for i in range(10)]
+    assert slices(rows, 2, 4) == [rows[:4], rows[4:8]]
+    assert slices(rows, 3, 4)[-1] == rows[8:]
+    assert native_rate(rows[:5]) == 1.0  # 4 gaps of a second
     with pytest.raises(SystemExit):
-        plan(["goodput"], _args(goodput_load="2,0"))
+        native_rate([{"timestamp": 5}, {"timestamp": 5}])
 
 
-def test_goodput_repeats_interleave_the_sides_and_report_each_repeats_ratio():
-    runs = plan(["goodput"], _args(goodput_load="5", repeats=3))
-    assert [(r.name, r.repeat, bool(r.colocated)) for r in runs] == [
-        ("goodput-disaggregated-r1", 1, False), ("goodput-colocated-r1", 1, True),
-        ("goodput-disaggregated-r2", 2, False), ("goodput-colocated-r2", 2, True),
-        ("goodput-disaggregated-r3", 3, False), ("goodput-colocated-r3", 3, True)]
-    for r, rps in zip(runs, (4.0, 2.0, 3.0, 2.0, 3.5, 1.0)):
-        r.summary = {"goodput_rps": rps}
-    figs = figures(runs)
-    assert figs["goodput_ratios"] == [2.0, 1.5, 3.5]
-    assert (figs["goodput_disaggregated_rps"], figs["goodput_colocated_rps"]) == (3.5, pytest.approx(1.6667))
-    assert (figs["goodput_ratio"], figs["goodput_repeats"]) == (2.1, 3)  # the ratio of the means
-    runs[5].summary = {}  # a repeat whose baseline did not run counts on neither side
-    figs = figures(runs)
-    assert (figs["goodput_ratios"], figs["goodput_disaggregated_rps"], figs["goodput_ratio"]) == ([2.0, 1.5], 3.5, 1.75)
-    real = plan(["real"], _args(repeats=2))
-    assert [(r.name, r.engine, r.repeat) for r in real] == [
-        ("real-disaggregated-r1", "model", 1), ("real-colocated-r1", "model", 1),
-        ("real-disaggregated-r2", "model", 2), ("real-colocated-r2", "model", 2)]
-    for r, rps in zip(real, (1.4, 0.3, 1.2, 0.4)):
-        r.summary = {"goodput_rps": rps}
-    assert figures(real)["real_ratios"] == [4.67, 3.0]
-    swept = plan(["goodput"], _args(goodput_load="3,5", repeats=2))
-    assert [r.name for r in swept][:4] == ["goodput-disaggregated-x3-r1", "goodput-colocated-x3-r1",
-                                           "goodput-disaggregated-x3-r2", "goodput-colocated-x3-r2"]
+def test_the_colocated_chunk_fits_a_step_in_the_tbt_objective():
+    from libs.engine.costs import CostProfile
+
+    profile = CostProfile(model="t", threads=1, prefill=(0.1, 1e-3, 0.0), decode=(0.05, 0.0, 0.0))
+    # 0.1 + n ms of prefill + 0.05 of decode within 0.3 s: n <= 150 -> 144 tokens in blocks of 16
+    assert colocated_chunk(profile, 0.3, 16, 200) == 144
+    assert colocated_chunk(profile, 0.01, 16, 200) == 16  # never less than a block
 
 
-def test_overload_repeats_interleave_the_modes_and_count_where_prediction_was_ahead():
-    runs = plan(["overload"], _args(admissions=["early", "predictive"], repeats=3))
-    assert [(r.name, r.admission, r.repeat) for r in runs] == [
-        ("overload-early-r1", "early", 1), ("overload-predictive-r1", "predictive", 1),
-        ("overload-early-r2", "early", 2), ("overload-predictive-r2", "predictive", 2),
-        ("overload-early-r3", "early", 3), ("overload-predictive-r3", "predictive", 3)]
-    results = [(60, 1000, 0.99, 4.0), (50, 800, 0.99, 4.2),  # ahead on all three counts
-               (70, 500, 0.98, 4.1), (65, 900, 0.97, 4.0),  # fewer rejected only
-               (55, 300, 0.97, 4.0), (58, 200, 0.99, 4.1)]  # less waste, higher attainment
-    for r, (rej, waste, att, rps) in zip(runs, results):
-        r.summary = {"rejected": rej, "wasted_prefill_tokens": waste, "slo_attainment_admitted": att,
-                     "goodput_rps": rps}
-    figs = figures(runs)
-    assert figs["overload_repeats"] == 3
-    assert figs["overload_predictive_fewer_rejected_runs"] == 2
-    assert figs["overload_predictive_less_waste_runs"] == 2
-    assert figs["overload_predictive_attainment_not_lower_runs"] == 2
-    assert figs["overload_early_rejected"] == pytest.approx(185 / 3, abs=1e-4)
-    assert figs["overload_predictive_wasted_prefill_tokens"] == pytest.approx(633.3333, abs=1e-4)
-    assert "overload_none_rejected" not in figs  # not run
-    one = plan(["overload"], _args())
-    assert [r.name for r in one] == ["overload-none", "overload-early", "overload-predictive"]
-    for r in one:
-        r.summary = {"rejected": 7, "wasted_prefill_tokens": 9, "slo_attainment_admitted": 1.0, "goodput_rps": 2.0}
-    figs = figures(one)
-    assert (figs["overload_none_rejected"], figs["overload_repeats"]) == (7, 1)
-    assert figs["overload_predictive_fewer_rejected_runs"] == 0  # a tie is not ahead
+def _points(values: dict[tuple[str, float], list[float]], metric: str, experiment: str) -> list[Run]:
+    runs = []
+    for (series, load), vs in values.items():
+        for k, v in enumerate(vs, 1):
+            runs.append(Run(experiment, series, load=load, repeat=k, summary={metric: v}))
+    return runs
 
 
-def test_figures_report_the_ratio_and_whether_the_ordering_holds():
-    runs = plan(["placement"], _args())
-    for r, ttft in zip(runs, (4000.0, 2000.0, 1900.0, 1100.0)):
-        r.summary = {"ttft_mean_ms": ttft}
-    figs = figures(runs)
-    assert figs["placement_global_vs_least_loaded"] == 0.55
-    assert figs["placement_ordering_holds"] is True
-    runs[2].summary = {"ttft_mean_ms": 2100.0}  # local behind least_loaded
-    assert figures(runs)["placement_ordering_holds"] is False
+def test_placement_figures_are_curves_with_a_ratio_per_load_and_a_capacity_per_policy():
+    runs = _points({("least_loaded", 0.5): [2000.0, 2400.0], ("least_loaded", 1.0): [9000.0, 9000.0],
+                    ("global_cache_aware", 0.5): [1100.0, 1100.0], ("global_cache_aware", 1.0): [4000.0, 5000.0]},
+                   "ttft_p90_ms", "placement")
+    for r in runs:
+        r.summary["ttft_mean_ms"] = r.summary["ttft_p90_ms"] / 2
+    figs = figures(runs, ttft_slo=5.0)
+    assert figs["placement_ttft_p90_ms"]["least_loaded"] == {"0.5": 2200.0, "1": 9000.0}
+    assert figs["placement_global_vs_least_loaded_p90"] == {"0.5": 0.5, "1": 0.5}
+    assert figs["placement_global_vs_least_loaded_mean"] == {"0.5": 0.5, "1": 0.5}
+    # global's p90 (mean 4500 at 1.0) is within 5 s at both loads; least_loaded's crosses between
+    assert figs["placement_capacity"]["global_cache_aware"] == {"highest_load_meeting": 1.0, "crossing": 1.0}
+    ll = figs["placement_capacity"]["least_loaded"]
+    assert ll["highest_load_meeting"] == 0.5 and ll["crossing"] == pytest.approx(0.5 + 0.5 * 2800 / 6800, abs=1e-4)
 
 
-def test_placement_repeats_interleave_the_policies_and_report_means_and_each_repeats_ratio():
-    runs = plan(["placement"], _args(repeats=2))
-    assert [(r.name, r.repeat) for r in runs] == [
-        ("placement-random-r1", 1), ("placement-least_loaded-r1", 1), ("placement-local_cache_aware-r1", 1),
-        ("placement-global_cache_aware-r1", 1), ("placement-random-r2", 2), ("placement-least_loaded-r2", 2),
-        ("placement-local_cache_aware-r2", 2), ("placement-global_cache_aware-r2", 2)]
-    for r, ttft in zip(runs, (9000.0, 2000.0, 1500.0, 1300.0,  # in order, 0.65x
-                              8000.0, 2400.0, 1400.0, 1100.0)):  # in order, 0.458x
-        r.summary = {"ttft_mean_ms": ttft}
-    figs = figures(runs)
-    assert figs["placement_ttft_mean_ms_least_loaded"] == 2200.0
-    assert figs["placement_global_vs_least_loaded"] == 0.545  # 1200 / 2200, the ratio of the means
-    assert figs["placement_global_vs_least_loaded_runs"] == [0.65, 0.458]
-    assert (figs["placement_repeats"], figs["placement_ordering_holds_runs"]) == (2, 2)
-    runs[6].summary = {"ttft_mean_ms": 2500.0}  # local behind least_loaded in the second repeat only
-    figs = figures(runs)
-    assert (figs["placement_ordering_holds"], figs["placement_ordering_holds_runs"]) == (True, 1)
-    pair = plan(["placement"], _args(policies=["least_loaded", "global_cache_aware"]))
-    for r, ttft in zip(pair, (2000.0, 1180.0)):
-        r.summary = {"ttft_mean_ms": ttft}
-    figs = figures(pair)  # two policies: the ratio, and no ordering to judge
-    assert figs["placement_global_vs_least_loaded"] == 0.59 and "placement_ordering_holds" not in figs
+def test_architecture_capacity_is_where_90_percent_meet_both_slos_and_the_ratio_of_the_crossings():
+    runs = _points({("disaggregated/none", 0.5): [1.0], ("disaggregated/none", 1.0): [0.95],
+                    ("disaggregated/none", 1.5): [0.5], ("colocated/none", 0.5): [0.92],
+                    ("colocated/none", 1.0): [0.6], ("colocated/none", 1.5): [0.2]}, "slo_attainment", "architecture")
+    figs = figures(runs, ttft_slo=5.0)
+    dis, col = figs["architecture_capacity"]["disaggregated/none"], figs["architecture_capacity"]["colocated/none"]
+    assert dis == {"highest_load_meeting": 1.0, "crossing": pytest.approx(1.0 + 0.5 * 0.05 / 0.45, abs=1e-4)}
+    assert col["highest_load_meeting"] == 0.5 and col["crossing"] == pytest.approx(0.5 + 0.5 * 0.02 / 0.32, abs=1e-4)
+    assert figs["architecture_capacity_ratio_none"] == pytest.approx(dis["crossing"] / col["crossing"], abs=1e-3)
+    runs = _points({("disaggregated/none", 0.5): [0.5], ("colocated/none", 0.5): [0.95]}, "slo_attainment",
+                   "architecture")
+    figs = figures(runs, ttft_slo=5.0)  # missing at the lightest load: no capacity, no ratio
+    assert figs["architecture_capacity"]["disaggregated/none"] == {"highest_load_meeting": None, "crossing": None}
+    assert figs["architecture_capacity_ratio_none"] is None
+
+
+def test_overload_figures_are_read_where_early_rejection_refuses_a_fifth_or_more():
+    runs = _points({("early", 1.0): [0.05, 0.1], ("early", 2.0): [0.3, 0.2], ("predictive", 1.0): [0.0, 0.0],
+                    ("predictive", 2.0): [0.2, 0.1]}, "rejected_share", "overload")
+    for r in runs:
+        r.summary["wasted_prefill_tokens"] = 100 * r.repeat
+    figs = figures(runs, ttft_slo=5.0)
+    assert figs["overload_heavy_loads"] == ["2"]
+    assert figs["overload"]["rejected_share"]["early"] == {"2": {"mean": 0.25, "min": 0.2, "max": 0.3, "n": 2}}
+    assert figs["overload"]["wasted_prefill_tokens"]["predictive"]["2"]["mean"] == 150.0
+    assert "1" not in figs["overload"]["rejected_share"]["predictive"]
+
+
+def test_curves_keep_mean_and_spread_and_capacity_handles_every_shape():
+    pts = [point("placement", "a", load, 1, k, {"ttft_p90_ms": v})
+           for load, vs in ((1.0, [1.0, 3.0]), (2.0, [5.0])) for k, v in enumerate(vs, 1)]
+    pts.append(point("placement", "a", 3.0, 1, 1, {"ttft_p90_ms": None}))  # a run without the metric
+    assert curve(pts, "ttft_p90_ms") == {"a": {1.0: {"mean": 2.0, "min": 1.0, "max": 3.0, "n": 2},
+                                               2.0: {"mean": 5.0, "min": 5.0, "max": 5.0, "n": 1}}}
+    by = curve(pts, "ttft_p90_ms")["a"]
+    assert threshold_capacity(by, 10.0, below=True) == {"highest_load_meeting": 2.0, "crossing": 2.0}
+    assert threshold_capacity(by, 1.0, below=True) == {"highest_load_meeting": None, "crossing": None}
+    assert threshold_capacity(by, 3.5, below=True) == {"highest_load_meeting": 1.0, "crossing": 1.5}
+    # a curve that dips back under the threshold after missing it counts only up to the first miss
+    wavy = {1.0: {"mean": 1.0}, 2.0: {"mean": 9.0}, 3.0: {"mean": 1.0}}
+    assert threshold_capacity(wavy, 5.0, below=True)["highest_load_meeting"] == 1.0
 
 
 def test_cpu_use_is_the_difference_per_kind_most_first_and_the_share_of_the_cores():
