@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import msgspec
 
@@ -18,6 +18,21 @@ from libs.protocol import KVDump, KVDumpRequest, KVEvent, Subjects, decode, enco
 log = get_logger("kvevents")
 
 MAX_KEYS_PER_EVENT = 20000  # 16-byte keys: an event stays far below the 1 MiB payload limit
+
+
+def net_changes(stored: Sequence[bytes], removed: Sequence[bytes], held: Callable[[], Iterable[bytes]]
+                ) -> tuple[list[bytes], list[bytes]]:
+    """``stored`` and ``removed`` made disjoint, as a receiver needs them: it applies an event's
+    stored keys, then its removed ones (``PrefixIndex``). Changes reported together may name a key
+    in both: evicted, then stored again (a prompt's blocks kept in order, one of its own later
+    blocks the least recently used), or stored, then evicted. Such a key goes in the list that its
+    current state says (``held``: the keys held now, asked only when a key is in both lists)."""
+    both = set(stored).intersection(removed)
+    if not both:
+        return list(stored), list(removed)
+    now = {k for k in held() if k in both}
+    return ([k for k in stored if k not in both or k in now],
+            [k for k in removed if k not in both or k not in now])
 
 
 class KVEventPublisher:
@@ -42,9 +57,10 @@ class KVEventPublisher:
             await self._sub.unsubscribe()
 
     async def publish(self, stored: Sequence[bytes], removed: Sequence[bytes]) -> None:
-        """Publish one event (split if large). A failed publish leaves a gap that receivers repair."""
+        """Publish one event (split if large). A failed publish leaves a gap that receivers repair.
+        A key in both lists is published as what it is now (``net_changes``)."""
         async with self._lock:
-            stored, removed = list(stored), list(removed)
+            stored, removed = net_changes(stored, removed, self._keys)
             while True:
                 s, stored = stored[:MAX_KEYS_PER_EVENT], stored[MAX_KEYS_PER_EVENT:]
                 r, removed = removed[:MAX_KEYS_PER_EVENT], removed[MAX_KEYS_PER_EVENT:]
