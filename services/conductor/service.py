@@ -69,6 +69,7 @@ class ConductorService(Service):
         self.scheduler = Scheduler(s)
         self.index = self.scheduler.index
         self._dumping: set[str] = set()
+        self.resyncs = 0  # before the KV-event subscription: replaying it may fetch a dump at once
         await self.nc.subscribe(f"{Subjects.HEARTBEAT_PREFIX}.>", cb=self._on_heartbeat)
         await self.nc.subscribe(Subjects.PREFILL_REPORT, cb=self._on_report)
         await self.nc.subscribe(Subjects.PREFILL_DONE, cb=self._on_prefill_done)
@@ -83,7 +84,6 @@ class ConductorService(Service):
         await asyncio.sleep(WARMUP_BEATS * s.heartbeat_interval)
         await self.nc.subscribe(Subjects.SCHEDULE, queue="conductor", cb=self._on_schedule)
         await self.nc.subscribe(Subjects.CONDUCTOR_STATE, cb=self._on_state)
-        self.resyncs = 0
         self.spawn(self._maintenance_loop())
         self.log.info("conductor_policy", policy=s.policy, use_pool=s.use_pool, pool_writes=s.pool_writes,
                       admission=s.admission,
