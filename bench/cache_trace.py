@@ -414,8 +414,8 @@ async def _pool_held(cluster) -> int:
 
 
 def requests_per_prefill(log_dir: Path) -> dict[str, int]:
-    """How many requests each prefill instance served, from their ``prefilled`` log lines."""
-    out: dict[str, int] = {}
+    """How many requests each prefill instance served (none too), from their ``prefilled`` log lines."""
+    out = {f.stem: 0 for f in Path(log_dir).glob("prefill-*.log")}
     for rec in prefill_log_records(log_dir).values():
         out[rec["file"]] = out.get(rec["file"], 0) + 1
     return dict(sorted(out.items()))

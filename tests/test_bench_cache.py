@@ -158,6 +158,8 @@ def test_bench_trace_global_and_local_figures(tiny_dir, tmp_path, capsys):
     # whole reusable prefix, so it reuses all the bound does, from its own cache
     assert figures[f"{loc}_reused_tokens"] == figures[f"{loc}_local_tokens"] == bound
     assert figures[f"{loc}_pool_tokens"] == 0 and figures[f"{loc}_pool_held_blocks"] is None
+    # every instance is listed, one that served nothing too
+    assert set(figures[f"{loc}_requests_per_prefill"]) == {"prefill-0", "prefill-1"}
     assert sum(figures[f"{loc}_requests_per_prefill"].values()) == figures["requests"]
     for cfg in (g, loc):
         # no request failed, so measured and ideal hit ratios share their denominator
