@@ -86,11 +86,21 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     seed: int | None = None
     stop_token_ids: list[int] = []
     ignore_eos: bool = False
+    # as OpenAI and vLLM: presence and frequency penalties on the output tokens so far, the
+    # repetition penalty (1 = off) on every token of the prompt and the output so far
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
     @property
     def greedy(self) -> bool:
         # below this, logits / temperature overflows float32: the distribution is the argmax anyway
         return self.temperature < 1e-4
+
+    @property
+    def penalized(self) -> bool:
+        """Whether sampling needs the tokens of the prompt and the output so far."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
 
 class Resume(msgspec.Struct, kw_only=True):

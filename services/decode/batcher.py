@@ -34,10 +34,20 @@ class Sequence:
     kv_wait: float = 0.0  # seconds from its task being taken up here to its KV in hand
     row_at: float = 0.0  # when it got a row of the running batch (0: still waiting)
     initial_outputs: int = 0  # output tokens it came with (made by prefill, or before a resume)
+    # kept only for a request with penalties (libs/engine/sampling.py): its prompt, and the output
+    # tokens streamed before a resume (the tail of this attempt's prompt)
+    prompt: list[int] = field(default_factory=list)
+    earlier_outputs: list[int] = field(default_factory=list)
     urgent: bool = field(init=False)  # its wait for a row is a gap its TBT counts (ten tokens or fewer)
 
     def __post_init__(self) -> None:
         self.urgent = largest_gap_counts(self.params.max_tokens)
+
+    def penalty_history(self) -> tuple[list[int], list[int]]:
+        """(prompt, output so far) as the penalties see them; empty without penalties."""
+        if not self.params.penalized:
+            return [], []
+        return self.prompt, self.earlier_outputs + self.output
 
     @property
     def next_seq(self) -> int:

@@ -10,7 +10,7 @@ import torch
 
 from libs.bus import BULK_PENDING_BYTES, BlobAssembler, BlobData, uninitialized
 from libs.engine.arena import kv_arena_for
-from libs.engine.sampling import sample_token
+from libs.engine.sampling import sample_token, split_resumed_prompt
 from libs.protocol import (DecodeReport, DecodeTask, KVMeta, SequenceProgress, Subjects, TokenEvent, decode,
                                    encode)
 from libs.worker import ModelWorker
@@ -145,6 +145,8 @@ class DecodeService(ModelWorker):
             kv_wait=time.monotonic() - taken_at,
             initial_outputs=len(task.output_token_ids),
         )
+        if task.sampling.penalized:  # the penalties look at the prompt's tokens and the earlier outputs
+            seq.prompt, seq.earlier_outputs = split_resumed_prompt(task.prompt_token_ids, task.seq_base)
         self.batcher.submit(seq)
         self._wake.set()
         log.debug("decode_admitted", kv_len=task.kv_len)
@@ -177,7 +179,8 @@ class DecodeService(ModelWorker):
         rows = [by_id[rid] for rid in self.batch.ids]  # the batch keeps its own row order
         assert len(rows) == len(by_id)
         logits = self.batch.step([s.output[-1] for s in rows])
-        tokens = {s.attempt_id: sample_token(logits[i], s.params, s.next_seq) for i, s in enumerate(rows)}
+        tokens = {s.attempt_id: sample_token(logits[i], s.params, s.next_seq, *s.penalty_history())
+                  for i, s in enumerate(rows)}
         self._step_kv = kv
         return [tokens[s.attempt_id] for s in plan.rows]
 

@@ -31,7 +31,7 @@ from libs.bus import TransferError, keep_in_progress, send_blob
 from libs.kvevents import KVEventPublisher
 from libs.engine.arena import kv_arena_for, KVArena
 from libs.engine.prefill_kv import PastNotLoaded, PrefillKV
-from libs.engine.sampling import sample_token
+from libs.engine.sampling import sample_token, split_resumed_prompt
 from libs.protocol import (
     CacheGetRequest,
     DecodeTask,
@@ -288,7 +288,8 @@ class PrefillService(ModelWorker):
         reused = (local + pool) * bs
         nbytes = pool * bs * self.shape.kv_bytes_per_token()
         try:
-            token = sample_token(logits, task.sampling, task.seq_base)
+            history = split_resumed_prompt(prompt, task.seq_base) if task.sampling.penalized else ((), ())
+            token = sample_token(logits, task.sampling, task.seq_base, *history)
         except Exception as e:  # noqa: BLE001 - one request's bad draw must not stop the instance
             await _cancel(done.handoff)
             done.buf.release()
