@@ -71,6 +71,7 @@ class Settings(msgspec.Struct, kw_only=True):
     port: int = 8000
     max_body_bytes: int = 1024 * 1024
     api_keys: str = ""  # comma-separated Bearer keys the gateway accepts
+    served_model_name: str = ""  # the model name clients send and responses carry; "" = the model's own
     no_auth: bool = False  # serve without API keys: only when explicitly configured (local use)
     request_timeout: float = 600.0
     # engine of the prefill and decode workers: "model" runs the model; "sim" replaces compute with

@@ -16,9 +16,20 @@ def client(tiny_cluster):
     return AsyncOpenAI(base_url=tiny_cluster.url + "/v1", api_key="unused", max_retries=0)
 
 
+def _max_context(tiny_dir) -> int:
+    from libs.engine.loading import read_shape
+
+    return read_shape(tiny_dir).max_context
+
+
 async def test_models_and_health(client, tiny_cluster, tiny_dir):
     models = await client.models.list()
     assert [m.id for m in models.data] == [tiny_dir.name]
+    card = models.data[0].model_dump()  # vLLM's fields
+    assert {k: card[k] for k in ("object", "owned_by", "root", "parent", "max_model_len")} == {
+        "object": "model", "owned_by": "yuebing", "root": tiny_dir.name, "parent": None,
+        "max_model_len": _max_context(tiny_dir)}
+    assert card["created"] > 0
     health = await get_json(tiny_cluster.url + "/health")
     assert health["ready"] is True
     assert health["instances"]["prefill"] == 1 and health["instances"]["decode"] == 1
@@ -159,3 +170,228 @@ async def test_client_disconnect_aborts_on_workers(tiny_cluster, tiny_dir):
 async def test_openai_client_sees_errors(client):
     with pytest.raises(openai.NotFoundError):
         await client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
+
+
+# ---------------------------------------------------------------- parameters: honoured or refused
+_CHAT = [{"role": "user", "content": "Say hi"}]
+# (endpoint, keyword arguments of the client, the parameter the 400 must name)
+REFUSED = [
+    ("chat", {"logprobs": True, "top_logprobs": 3}, "logprobs"),
+    ("chat", {"top_logprobs": 2}, "top_logprobs"),
+    ("chat", {"n": 2}, "n"),
+    ("chat", {"logit_bias": {"42": 5}}, "logit_bias"),
+    ("chat", {"response_format": {"type": "json_object"}}, "response_format"),
+    ("chat", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}, "tools"),
+    ("chat", {"tool_choice": "required"}, "tool_choice"),
+    ("chat", {"parallel_tool_calls": False}, "parallel_tool_calls"),
+    ("chat", {"functions": [{"name": "f"}]}, "functions"),
+    ("chat", {"extra_body": {"echo": True}}, "echo"),
+    ("chat", {"extra_body": {"guided_json": {"type": "object"}}}, "guided_json"),
+    ("chat", {"extra_body": {"guided_choice": ["a", "b"]}}, "guided_choice"),
+    ("chat", {"extra_body": {"best_of": 2}}, "best_of"),
+    ("chat", {"extra_body": {"min_tokens": 4}}, "min_tokens"),
+    ("text", {"logprobs": 2}, "logprobs"),
+    ("text", {"echo": True}, "echo"),
+    ("text", {"best_of": 3}, "best_of"),
+    ("text", {"suffix": " the end"}, "suffix"),
+    ("text", {"logit_bias": {"42": -100}}, "logit_bias"),
+    ("text", {"extra_body": {"guided_regex": "[a-z]+"}}, "guided_regex"),
+    ("text", {"extra_body": {"response_format": {"type": "json_object"}}}, "response_format"),
+]
+
+
+async def _create(client, model, kind, **kw):
+    if kind == "chat":
+        return await client.chat.completions.create(model=model, messages=_CHAT, max_tokens=2, **kw)
+    return await client.completions.create(model=model, prompt="Say hi", max_tokens=2, **kw)
+
+
+@pytest.mark.parametrize("kind,kw,param", REFUSED, ids=[f"{k}-{p}" for k, _, p in REFUSED])
+async def test_parameters_not_implemented_are_refused_by_name(client, tiny_dir, kind, kw, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        await _create(client, tiny_dir.name, kind, **kw)
+    assert e.value.param == param and e.value.code == "unsupported_parameter"
+    assert "not supported" in e.value.message and param in e.value.message
+
+
+async def test_parameters_at_their_defaults_are_accepted(client, tiny_dir):
+    r = await _create(client, tiny_dir.name, "chat", logprobs=False, n=1, response_format={"type": "text"},
+                      user="someone", extra_body={"echo": False, "best_of": 1})
+    assert r.choices[0].logprobs is None
+    r = await _create(client, tiny_dir.name, "text", echo=False, best_of=1, n=1, user="someone")
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+async def test_unknown_fields_are_refused_by_name(client, tiny_dir):
+    for kind, extra, param in [("chat", {"temprature": 0.2}, "temprature"),
+                               ("text", {"max_token": 3}, "max_token"),
+                               ("text", {"stream_options": {"include_usage": True, "every_chunk": True},
+                                         "stream": True}, "stream_options.every_chunk")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            await _create(client, tiny_dir.name, kind, extra_body=extra)
+        assert e.value.param == param and e.value.code == "unknown_parameter", e.value.message
+        assert param.rpartition(".")[2] in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        await client.chat.completions.create(
+            model=tiny_dir.name, max_tokens=2,
+            messages=[{"role": "user", "content": "x", "tool_call_id": "t1"}])
+    assert e.value.param == "messages[0].tool_call_id"
+
+
+def _text(tok, ids):
+    return tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def _reference(model, prompt, max_new_tokens, presence=0.0, frequency=0.0, repetition=1.0):
+    """transformers generate, greedy, with the penalties: the repetition penalty as transformers
+    applies it, presence and frequency as OpenAI defines them (on the output tokens so far)."""
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class OpenAIPenalties(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            counts = {}
+            for t in input_ids[0, len(prompt):].tolist():
+                counts[t] = counts.get(t, 0) + 1
+            for t, c in counts.items():
+                scores[0, t] -= frequency * c + presence
+            return scores
+
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=repetition,
+                             logits_processor=LogitsProcessorList([OpenAIPenalties()]))
+    return out[0, len(prompt):].tolist()
+
+
+def _first_repeat(ids, before=()):
+    """Index of the first token of ``ids`` seen earlier in it (or in ``before``), else None."""
+    seen = set(before)
+    for i, t in enumerate(ids):
+        if t in seen:
+            return i
+        seen.add(t)
+    return None
+
+
+PENALTY_PROMPT = "The cat sat on the mat. The cat sat on the mat. The cat"
+
+
+async def test_stop_token_ids_stop_at_that_token(client, tiny_dir, tiny_model):
+    model, tok = tiny_model
+    prompt = tok.encode(PENALTY_PROMPT, add_special_tokens=False)
+    ref = _reference(model, prompt, 16)
+    k = next(i for i in range(3, len(ref)) if ref[i] not in ref[:i])  # its first occurrence
+    kw = dict(model=tiny_dir.name, prompt=prompt, max_tokens=16, temperature=0,
+              extra_body={"stop_token_ids": [ref[k]]})
+    r = await client.completions.create(**kw)
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens == k + 1  # the stop token counts; its text is left out, as vLLM does
+    assert r.choices[0].text == _text(tok, ref[:k])
+    stream = await client.completions.create(**kw, stream=True)
+    assert "".join([c.choices[0].text async for c in stream if c.choices]) == r.choices[0].text
+
+
+async def test_penalties_change_greedy_output_as_defined(client, tiny_dir, tiny_model):
+    model, tok = tiny_model
+    prompt = tok.encode(PENALTY_PROMPT, add_special_tokens=False)
+    n = 40
+    plain = _reference(model, prompt, n)
+    k = _first_repeat(plain)
+    assert k is not None and len(plain) == n  # the premise: plain greedy repeats a token of its output
+
+    async def served(**extra):
+        r = await client.completions.create(model=tiny_dir.name, prompt=prompt, max_tokens=n, temperature=0,
+                                            extra_body=extra)
+        return r.choices[0].text, r.usage.completion_tokens
+
+    assert await served() == (_text(tok, plain), n)
+    for extra, kw in [({"repetition_penalty": 1.5}, {"repetition": 1.5}),
+                      ({"frequency_penalty": 1.0}, {"frequency": 1.0}),
+                      ({"presence_penalty": 1.0}, {"presence": 1.0})]:
+        ref = _reference(model, prompt, n, **kw)
+        assert await served(**extra) == (_text(tok, ref), len(ref)), extra
+        # the same output up to the first repeat (of the prompt too, for the repetition penalty),
+        # which the penalty stops
+        at = _first_repeat(plain, prompt) if "repetition" in kw else k
+        assert at is not None and ref[:at] == plain[:at] and ref[at] != plain[at], extra
+        assert ref[at] not in ref[:at] + (prompt if "repetition" in kw else []), extra
+    # a negative frequency penalty rewards repeating: far fewer distinct tokens
+    ref = _reference(model, prompt, n, frequency=-2.0)
+    assert await served(frequency_penalty=-2.0) == (_text(tok, ref), len(ref))
+    assert len(set(ref)) < len(set(plain)) // 2
+
+
+async def test_penalties_out_of_range_are_refused(client, tiny_dir):
+    for kw, param in [({"presence_penalty": 2.5}, "presence_penalty"), ({"frequency_penalty": -2.01}, "frequency_penalty"),
+                      ({"extra_body": {"repetition_penalty": 0}}, "repetition_penalty"),
+                      ({"extra_body": {"repetition_penalty": -1.0}}, "repetition_penalty"),
+                      ({"extra_body": {"stop_token_ids": [10**9]}}, "stop_token_ids")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            await _create(client, tiny_dir.name, "chat", **kw)
+        assert e.value.param == param, e.value.message
+
+
+# ---------------------------------------------------------------- tokenize, version, model names
+async def test_tokenize_round_trips_through_detokenize(tiny_cluster, tiny_dir, tiny_model):
+    _, tok = tiny_model
+    url = tiny_cluster.url
+    text = "Tokenize me, then detokenize: naïve café 🚀"
+    status, body, _ = await post(url + "/tokenize", {"model": tiny_dir.name, "prompt": text})
+    assert status == 200, body
+    assert body["tokens"] == tok.encode(text, add_special_tokens=False)
+    assert body["count"] == len(body["tokens"]) and body["max_model_len"] == _max_context(tiny_dir)
+    status, back, _ = await post(url + "/detokenize", {"model": tiny_dir.name, "tokens": body["tokens"]})
+    assert status == 200 and back == {"prompt": text}
+    # chat messages: the template applied as /v1/chat/completions applies it
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    status, chat, _ = await post(url + "/tokenize", {"model": tiny_dir.name, "messages": messages,
+                                                     "return_token_strs": True})
+    templated = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert status == 200 and chat["tokens"] == list(templated)
+    assert chat["token_strs"] == tok.convert_ids_to_tokens(list(templated))
+    r = await post(url + "/tokenize", {"messages": messages, "add_generation_prompt": False})
+    assert r[0] == 200 and r[1]["tokens"] == list(tok.apply_chat_template(
+        messages, add_generation_prompt=False, tokenize=True, return_dict=False))
+    for path, body, status, param in [("/tokenize", {"model": tiny_dir.name}, 400, "prompt"),
+                                      ("/tokenize", {"prompt": "x", "messages": messages}, 400, "messages"),
+                                      ("/tokenize", {"prompt": "x", "model": "another"}, 404, "model"),
+                                      ("/tokenize", {"prompt": "x", "add_bos": True}, 400, "add_bos"),
+                                      ("/detokenize", {"tokens": [10**9]}, 400, "tokens")]:
+        got, resp, _ = await post(url + path, body)
+        assert got == status and resp["error"]["param"] == param, (path, body, resp)
+
+
+async def test_version(tiny_cluster):
+    from yuebing import __version__
+
+    assert await get_json(tiny_cluster.url + "/version") == {"version": __version__}
+
+
+async def test_served_model_name(client, tiny_cluster, tiny_dir):
+    """A gateway with a served model name (on the shared cluster's bus and workers) lists that name,
+    serves requests naming it and refuses the model's own name."""
+    import msgspec
+
+    from libs.natsserver import free_port
+    from services.gateway.service import GatewayService
+
+    nats = tiny_cluster.nats
+    settings = msgspec.structs.replace(
+        tiny_cluster.settings, instance_id="gateway-named", port=free_port(), served_model_name="house-model",
+        nats_url=nats.url_for(nats.add_user("gateway", "gateway-named")))
+    gateway = GatewayService(settings)
+    await gateway.start()
+    try:
+        named = AsyncOpenAI(base_url=f"http://{settings.host}:{settings.port}/v1", api_key="unused", max_retries=0)
+        models = await named.models.list()
+        assert [(m.id, m.root, m.parent) for m in models.data] == [("house-model", tiny_dir.name, None)]
+        r = await named.completions.create(model="house-model", prompt="Hello", max_tokens=3, temperature=0)
+        assert r.model == "house-model" and r.usage.completion_tokens >= 1
+        with pytest.raises(openai.NotFoundError) as e:
+            await named.completions.create(model=tiny_dir.name, prompt="Hello", max_tokens=3)
+        assert e.value.code == "model_not_found"
+        with pytest.raises(openai.NotFoundError):  # and the shared gateway the other way round
+            await client.completions.create(model="house-model", prompt="Hello", max_tokens=3)
+    finally:
+        await gateway.stop()

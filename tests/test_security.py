@@ -33,6 +33,13 @@ async def test_api_keys_are_required_and_checked(keyed_cluster, tiny_dir):
             assert r.status == 401
         async with s.get(keyed_cluster.url + "/v1/models", headers={"Authorization": "Bearer k-two"}) as r:
             assert r.status == 200 and (await r.json())["data"][0]["id"] == tiny_dir.name
+        # the routes outside /v1/ that vLLM serves are behind the keys too
+        for path, body in (("/tokenize", {"prompt": "hi"}), ("/detokenize", {"tokens": [1, 2]}), ("/version", None)):
+            for headers, status in (({}, 401), ({"Authorization": "Bearer k-one"}, 200)):
+                call = s.get(keyed_cluster.url + path, headers=headers) if body is None else \
+                    s.post(keyed_cluster.url + path, json=body, headers=headers)
+                async with call as r:
+                    assert r.status == status, (path, headers, await r.text())
     assert (await get_json(keyed_cluster.url + "/health"))["ready"]  # health stays open
     assert (await get_json(keyed_cluster.url + "/live"))["status"] == "alive"  # and liveness
 
@@ -40,7 +47,8 @@ async def test_api_keys_are_required_and_checked(keyed_cluster, tiny_dir):
 async def test_openapi_document(tiny_cluster):
     doc = await get_json(tiny_cluster.url + "/openapi.json")
     assert doc["openapi"].startswith("3.")
-    assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/live"} <= set(doc["paths"])
+    assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize", "/detokenize", "/version",
+            "/health", "/live"} <= set(doc["paths"])
     chat = doc["components"]["schemas"]["ChatCompletionRequest"]
     assert {"model", "messages"} <= set(chat["required"])
 
@@ -61,23 +69,29 @@ _json = st.recursive(_json_leaf, lambda inner: st.one_of(st.lists(inner, max_siz
                                                           st.dictionaries(st.text(max_size=8), inner, max_size=4)),
                      max_leaves=12)
 _FIELDS = ["model", "messages", "prompt", "temperature", "top_p", "top_k", "seed", "stop", "n", "stream",
-           "stream_options", "ignore_eos", "user"]
+           "stream_options", "ignore_eos", "user", "stop_token_ids", "presence_penalty", "frequency_penalty",
+           "repetition_penalty", "logprobs", "echo", "response_format"]
 
 
 @st.composite
 def _request(draw, model: str):
-    """Bodies near the real schema: the right field names with values of any shape, or a valid
-    request with random sampling parameters."""
+    """(path, body): bodies near the real schema: the right field names with values of any shape,
+    or a valid request for the path (a field of the other endpoint is refused as unknown) with
+    random sampling parameters."""
+    path = draw(st.sampled_from(["/v1/chat/completions", "/v1/completions"]))
     if draw(st.integers(0, 3)) == 0:
-        return {
-            "model": model,
-            "messages": [{"role": "user", "content": draw(st.text(min_size=1, max_size=40))}],
-            "prompt": draw(st.lists(st.integers(0, 40000), min_size=1, max_size=30)),
+        body = {"model": model} | (
+            {"messages": [{"role": "user", "content": draw(st.text(min_size=1, max_size=40))}]}
+            if path == "/v1/chat/completions"
+            else {"prompt": draw(st.lists(st.integers(0, 40000), min_size=1, max_size=30))})
+        return path, body | {
             "max_tokens": draw(st.integers(1, 4)),
             "temperature": draw(st.floats(0, 2)),
             "top_p": draw(st.floats(0.01, 1)),
             "seed": draw(st.integers(0, 2**31)),
             "stop": draw(st.lists(st.text(min_size=1, max_size=5), max_size=3)),
+            "presence_penalty": draw(st.floats(-2, 2)),
+            "repetition_penalty": draw(st.floats(0.5, 2)),
             "stream": False,
         }
     body = {}
@@ -96,7 +110,7 @@ def _request(draw, model: str):
     if isinstance(body[length_field], int) and not isinstance(body[length_field], bool) and body[length_field] > 5:
         body[length_field] = 5
     body["stream"] = False  # streams are fuzzed through the same validation; keep replies whole
-    return body
+    return path, body
 
 
 async def test_fuzzed_bodies_never_get_a_5xx(tiny_cluster, tiny_dir):
@@ -104,9 +118,9 @@ async def test_fuzzed_bodies_never_get_a_5xx(tiny_cluster, tiny_dir):
     seen: list[int] = []
 
     @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
-    @given(body=_request(tiny_dir.name), path=st.sampled_from(["/v1/chat/completions", "/v1/completions"]),
-           raw=st.one_of(st.none(), st.binary(max_size=60)))
-    def check(body, path, raw):
+    @given(request=_request(tiny_dir.name), raw=st.one_of(st.none(), st.binary(max_size=60)))
+    def check(request, raw):
+        path, body = request
         status, resp, _ = asyncio.run_coroutine_threadsafe(
             post(tiny_cluster.url + path, body, raw=raw if raw is not None else None), loop).result(60)
         seen.append(status)

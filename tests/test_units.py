@@ -93,6 +93,99 @@ def test_chat_messages_text_parts_and_roles():
     assert oa.chat_messages(req) == [{"role": "system", "content": "be nice"}, {"role": "user", "content": "ab"}]
 
 
+def test_fields_not_implemented_are_refused_by_name_unless_off():
+    chat = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    for extra, param in [({"logprobs": True, "top_logprobs": 3}, "logprobs"), ({"logprobs": 0}, "logprobs"),
+                         ({"response_format": {"type": "json_object"}}, "response_format"),
+                         ({"tools": [{"type": "function"}]}, "tools"), ({"tool_choice": "auto"}, "tool_choice"),
+                         ({"logit_bias": {"5": 10}}, "logit_bias"), ({"guided_json": {}}, "guided_json"),
+                         ({"echo": True}, "echo"), ({"min_p": 0.1}, "min_p")]:
+        with pytest.raises(oa.ApiError) as e:
+            oa.parse({**chat, **extra}, oa.ChatCompletionRequest)
+        assert (e.value.status, e.value.param, e.value.code) == (400, param, "unsupported_parameter")
+        assert "not supported" in e.value.message
+    # their defaults ask for nothing: accepted
+    off = {"logprobs": False, "top_logprobs": 0, "echo": False, "n": 1, "response_format": {"type": "text"},
+           "tools": [], "tool_choice": "none", "parallel_tool_calls": True, "min_p": 0, "best_of": 1}
+    assert oa.parse({**chat, **off}, oa.ChatCompletionRequest).n == 1
+    text = {"model": "m", "prompt": "x"}
+    for extra, param in [({"logprobs": 0}, "logprobs"), ({"suffix": "end"}, "suffix"), ({"best_of": 2}, "best_of"),
+                         ({"echo": True}, "echo")]:
+        with pytest.raises(oa.ApiError) as e:
+            oa.parse({**text, **extra}, oa.CompletionRequest)
+        assert (e.value.param, e.value.code) == (param, "unsupported_parameter")
+    assert oa.parse({**text, "logprobs": None, "echo": False, "suffix": ""}, oa.CompletionRequest).prompt == "x"
+
+
+def test_unknown_fields_are_refused_by_name():
+    chat = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    for body, param in [({**chat, "temprature": 0.5}, "temprature"),
+                        ({**chat, "prompt": "x"}, "prompt"),  # the other endpoint's field
+                        ({"model": "m", "messages": [{"role": "user", "content": "x", "tool_calls": []}]},
+                         "messages[0].tool_calls"),
+                        ({**chat, "stream_options": {"include_usage": True, "chunky": 1}}, "stream_options.chunky")]:
+        with pytest.raises(oa.ApiError) as e:
+            oa.parse(body, oa.ChatCompletionRequest)
+        assert (e.value.status, e.value.param, e.value.code) == (400, param, "unknown_parameter"), e.value.message
+        assert param.rpartition(".")[2] in e.value.message
+    with pytest.raises(oa.ApiError) as e:
+        oa.parse({"model": "m", "prompt": "x", "foo": 1, "bar": 2}, oa.CompletionRequest)
+    assert e.value.param == "foo" and "'foo', 'bar'" in e.value.message
+
+
+def test_penalties_and_stop_token_ids_are_checked_and_carried():
+    n = oa.normalize(_req(presence_penalty=-2, frequency_penalty=2, repetition_penalty=1.3, stop_token_ids=[5, 3, 5]),
+                     [1], 100, None, 16, vocab_size=10)
+    s = n.sampling
+    assert (s.presence_penalty, s.frequency_penalty, s.repetition_penalty, s.stop_token_ids) == (-2.0, 2.0, 1.3, [3, 5])
+    assert s.penalized and not oa.normalize(_req(), [1], 100, None, 16).sampling.penalized
+    for kw, param in [({"presence_penalty": 2.01}, "presence_penalty"), ({"frequency_penalty": -3}, "frequency_penalty"),
+                      ({"repetition_penalty": 0}, "repetition_penalty"), ({"repetition_penalty": -1}, "repetition_penalty"),
+                      ({"stop_token_ids": [10]}, "stop_token_ids"), ({"stop_token_ids": [-1]}, "stop_token_ids")]:
+        with pytest.raises(oa.ApiError) as e:
+            oa.normalize(_req(**kw), [1], 100, None, 16, vocab_size=10)
+        assert e.value.param == param and e.value.status == 400
+    with pytest.raises(oa.ApiError) as e:
+        oa.normalize(_req(stream_options={"continuous_usage_stats": True}), [1], 100, None, 16)
+    assert e.value.code == "unsupported_parameter" and e.value.param == "stream_options.continuous_usage_stats"
+    assert oa.ended_by_stop_token(5, "stop", [3, 5]) and not oa.ended_by_stop_token(5, "length", [5])
+    assert not oa.ended_by_stop_token(4, "stop", [3, 5])  # an EOS
+
+
+def test_penalties_follow_vllm():
+    import torch
+
+    from libs.engine.sampling import penalize, sample_token, split_resumed_prompt
+
+    logits = torch.tensor([2.0, -1.0, 0.5, 3.0, 1.0])
+    p = SamplingParams(max_tokens=1, temperature=0.0, repetition_penalty=2.0)
+    # tokens seen in the prompt or the output: positive logits halved, negative doubled
+    assert penalize(logits, p, [0, 1], [3]).tolist() == [1.0, -2.0, 0.5, 1.5, 1.0]
+    p = SamplingParams(max_tokens=1, temperature=0.0, frequency_penalty=0.5, presence_penalty=0.25)
+    # only the output counts: 3 twice, 4 once; the prompt's 0 is left alone
+    assert penalize(logits, p, [0], [3, 4, 3]).tolist() == [2.0, -1.0, 0.5, 3.0 - 1.25, 1.0 - 0.75]
+    assert sample_token(logits, p, 0, [0], [3, 3, 3]) == 0  # greedy honours them: 3 - 1.75 < 2
+    assert sample_token(logits, SamplingParams(max_tokens=1, temperature=0.0), 0, [0], [3, 3, 3]) == 3
+    off = SamplingParams(max_tokens=1)
+    assert penalize(logits, off, [0], [3]) is logits
+    # a resumed attempt's prompt ends with the tokens streamed before it: they are output
+    assert split_resumed_prompt([1, 2, 3, 9, 8], 2) == ([1, 2, 3], [9, 8])
+    assert split_resumed_prompt([1, 2, 3], 0) == ([1, 2, 3], [])
+    seq = Sequence(attempt_id="a", params=p, prompt_len=5, output=[7], prompt=[1, 2, 3], earlier_outputs=[9, 8])
+    assert seq.penalty_history() == ([1, 2, 3], [9, 8, 7])
+    assert _seq("b").penalty_history() == ([], [])
+
+
+def test_served_model_name_on_the_command_line_and_in_the_banner():
+    from yuebing.cli import _model_id, _settings, build_parser
+
+    for argv in (["up", "--served-model-name", "house-model"],
+                 ["serve", "gateway", "--served-model-name", "house-model"]):
+        settings = _settings(build_parser().parse_args(argv))
+        assert settings.served_model_name == "house-model" and _model_id(settings) == "house-model"
+    assert _model_id(_settings(build_parser().parse_args(["up"]))) != "house-model"
+
+
 # ---------------------------------------------------------------- batching
 def _seq(rid, max_tokens=3, eos=()):
     return Sequence(attempt_id=rid, params=SamplingParams(max_tokens=max_tokens, temperature=0.0), prompt_len=4,

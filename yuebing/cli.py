@@ -55,6 +55,7 @@ def _settings(args, **extra):
         policy=getattr(args, "policy", None),
         api_keys=",".join(args.api_key) if getattr(args, "api_key", None) else None,
         no_auth=True if getattr(args, "no_auth", False) else None,
+        served_model_name=getattr(args, "served_model_name", None),
         engine=getattr(args, "engine", None),
         calibration=getattr(args, "calibration", None),
         admission=getattr(args, "admission", None),
@@ -73,6 +74,12 @@ def _auth_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", action="append", default=None,
                    help="an API key the gateway accepts (repeatable; default for `up`: one is generated)")
     p.add_argument("--no-auth", action="store_true", help="serve without API keys (local use only)")
+
+
+def _served_name_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--served-model-name", default=None, metavar="NAME",
+                   help="the model name clients send in \"model\" and /v1/models lists (default: the model's "
+                   "own name); requests naming another model get a 404")
 
 
 def _serving(p: argparse.ArgumentParser) -> None:
@@ -168,6 +175,8 @@ def _model_id(settings) -> str:
 
     from libs.engine.loading import DEFAULT_MODEL
 
+    if settings.served_model_name:
+        return settings.served_model_name
     return DEFAULT_MODEL if settings.model == DEFAULT_MODEL else Path(settings.model).name
 
 
@@ -207,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--prefill", type=int, default=1, help="prefill instances (default 1)")
     up.add_argument("--decode", type=int, default=1, help="decode instances (default 1)")
     _auth_flags(up)
+    _served_name_flag(up)
     up.add_argument("--cachestore", type=int, default=1, help="cachestore instances (default 1)")
     up.add_argument("--policy", default=None, help="placement: random, round_robin, least_loaded, "
                     "local_cache_aware, global_cache_aware (default)")
@@ -229,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=None, help="listen address of the gateway (and metrics)")
     serve.add_argument("--port", type=int, default=None, help="gateway port (default 8000)")
     _auth_flags(serve)
+    _served_name_flag(serve)
     serve.add_argument("--policy", default=None, help="conductor placement policy (default global_cache_aware)")
     serve.add_argument("--metrics-port", type=int, default=None, help="Prometheus port of a worker (default: off)")
     serve.add_argument("--cpus", default=None,

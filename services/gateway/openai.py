@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ MAX_MESSAGES = 1024
 MAX_JSON_DEPTH = 16
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
+MAX_STOP_TOKEN_IDS = 256
 
 
 class ApiError(Exception):
@@ -41,44 +43,189 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-class ContentPart(msgspec.Struct):
+# Every request Struct refuses fields it does not declare (a typo, or a parameter of the OpenAI or
+# vLLM APIs this server does not implement, never passes silently); the top-level fields this
+# server knows but does not implement are refused before that, by name (``UNSUPPORTED``).
+class ContentPart(msgspec.Struct, forbid_unknown_fields=True):
     type: str
     text: str | None = None
+    # the other kinds of part parse, to be refused by kind ("only text content parts")
+    image_url: Any = None
+    input_audio: Any = None
+    file: Any = None
+    refusal: str | None = None
 
 
-class ChatMessage(msgspec.Struct):
+class ChatMessage(msgspec.Struct, forbid_unknown_fields=True):
     role: str
     content: str | list[ContentPart] | None = None
-    name: str | None = None
+    name: str | None = None  # given to the chat template, as vLLM does
 
 
-class StreamOptions(msgspec.Struct):
-    include_usage: bool = False
+class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
+    include_usage: bool = False  # implemented: a last chunk with the usage
+    continuous_usage_stats: bool | None = None  # vLLM: refused when true
+    include_obfuscation: bool | None = None  # OpenAI: refused when true (no obfuscation padding is sent)
 
 
-class _Common(msgspec.Struct, kw_only=True):
+class _Common(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The fields both endpoints accept, each honoured, except ``user`` (informational)."""
+
     model: str
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
-    top_k: int | None = None
+    top_k: int | None = None  # vLLM
     seed: int | None = None
     stop: str | list[str] | None = None
-    n: int | None = None
+    stop_token_ids: list[int] | None = None  # vLLM: generation stops after one of these tokens
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None  # vLLM
+    n: int | None = None  # 1 only
     stream: bool | None = None
     stream_options: StreamOptions | None = None
+    # informational (OpenAI: an end-user id for abuse monitoring); accepted, no effect on output
     user: str | None = None
-    ignore_eos: bool | None = None
+    ignore_eos: bool | None = None  # vLLM
     slo_class: str | None = None  # extension: the request class whose latency objectives apply
 
 
-class ChatCompletionRequest(_Common, kw_only=True):
+class ChatCompletionRequest(_Common, kw_only=True, forbid_unknown_fields=True):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
+    # informational in OpenAI's API (ids and tags for the caller's own bookkeeping, a cache
+    # routing hint); accepted, no effect on output
+    safety_identifier: str | None = None
+    metadata: dict[str, str] | None = None
+    prompt_cache_key: str | None = None
 
 
-class CompletionRequest(_Common, kw_only=True):
+class CompletionRequest(_Common, kw_only=True, forbid_unknown_fields=True):
     prompt: str | list[Any]
+    add_special_tokens: bool | None = None  # vLLM: tokenize a text prompt with BOS etc. (default false here)
+
+
+class TokenizeRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """vLLM's /tokenize: a text prompt, or chat messages with the chat template applied."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool = True
+    add_special_tokens: bool | None = None  # default: as the completion endpoints tokenize (false)
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    model: str | None = None
+    tokens: list[int]
+
+
+# Request fields of the OpenAI and vLLM APIs that this server does not implement, with the values
+# that ask for nothing (their defaults, which client libraries may send on their own: ``logprobs:
+# false``, ``echo: false``, ``best_of: 1``). Any other value is refused with a 400 naming the field.
+_OFF_BOTH = {
+    "best_of": (None, 1),
+    "logit_bias": (None, {}),
+    "echo": (None, False),
+    # vLLM's sampling and output extensions
+    "use_beam_search": (None, False),
+    "length_penalty": (None, 1.0),
+    "min_p": (None, 0.0),
+    "min_tokens": (None, 0),
+    "include_stop_str_in_output": (None, False),
+    "skip_special_tokens": (None, True),  # what this server does
+    "spaces_between_special_tokens": (None, True),
+    "truncate_prompt_tokens": (None,),
+    "prompt_logprobs": (None,),
+    "allowed_token_ids": (None,),
+    "bad_words": (None, []),
+    "logits_processors": (None,),
+    "return_tokens_as_token_ids": (None, False),
+    "return_token_ids": (None, False),
+    "response_format": (None, {"type": "text"}),
+    "guided_json": (None,),
+    "guided_regex": (None,),
+    "guided_choice": (None,),
+    "guided_grammar": (None,),
+    "guided_decoding_backend": (None,),
+    "guided_whitespace_pattern": (None,),
+    "structured_outputs": (None,),
+    "priority": (None, 0),
+    "request_id": (None,),
+    "cache_salt": (None,),
+    "kv_transfer_params": (None,),
+    "vllm_xargs": (None,),
+    "mm_processor_kwargs": (None,),
+}
+UNSUPPORTED: dict[type, dict[str, tuple]] = {
+    ChatCompletionRequest: {
+        **_OFF_BOTH,
+        "logprobs": (None, False),
+        "top_logprobs": (None, 0),
+        "tools": (None, []),
+        "tool_choice": (None, "none"),
+        "parallel_tool_calls": (None, True),  # the default; only meaningful with tools
+        "functions": (None, []),
+        "function_call": (None, "none"),
+        "audio": (None,),
+        "modalities": (None, ["text"]),
+        "prediction": (None,),
+        "reasoning_effort": (None,),
+        "verbosity": (None,),
+        "web_search_options": (None,),
+        "service_tier": (None, "auto"),
+        "store": (None, False),
+        # vLLM's chat extensions
+        "add_generation_prompt": (None, True),  # what this server does
+        "continue_final_message": (None, False),
+        "add_special_tokens": (None, False),  # what this server does
+        "documents": (None,),
+        "chat_template": (None,),
+        "chat_template_kwargs": (None, {}),
+    },
+    CompletionRequest: {
+        **_OFF_BOTH,
+        "logprobs": (None,),  # an integer: 0 already asks for the sampled token's
+        "suffix": (None, ""),
+    },
+}
+
+
+def _same(value: Any, default: Any) -> bool:
+    """JSON equality that keeps booleans apart from numbers (``logprobs: 0`` is not ``false``)."""
+    if value is None or default is None:
+        return value is default
+    if isinstance(value, bool) or isinstance(default, bool):
+        return value is default
+    if isinstance(default, (int, float)):
+        return isinstance(value, (int, float)) and value == default
+    return type(value) is type(default) and value == default
+
+
+def check_fields(obj: dict, typ: type[msgspec.Struct]) -> dict:
+    """The body's fields that ``typ`` declares; raises a 400 naming a field this server does not
+    implement (given with a value other than its default: ``unsupported_parameter``) or does not
+    know at all (``unknown_parameter``)."""
+    known = set(typ.__struct_fields__)
+    off = UNSUPPORTED.get(typ, {})
+    unknown = []
+    for key, value in obj.items():
+        if key in known:
+            continue
+        if key in off:
+            if not any(_same(value, d) for d in off[key]):
+                accepted = " or ".join(msgspec.json.encode(d).decode() for d in off[key])
+                raise ApiError(400, f"{key} is not supported by this server; only {accepted} (off) is accepted",
+                               param=key, code="unsupported_parameter")
+            continue
+        unknown.append(key)
+    if unknown:
+        names = ", ".join(repr(k[:64]) for k in unknown[:8])
+        raise ApiError(400, f"unknown parameter{'s' if len(unknown) > 1 else ''} {names}: not part of this API",
+                       param=unknown[0][:64], code="unknown_parameter")
+    return {k: v for k, v in obj.items() if k in known}
 
 
 _PATH = re.compile(r"at `\$\.?([^`]*)`")
@@ -105,15 +252,19 @@ def parse(obj: Any, typ: type[msgspec.Struct]):
         raise ApiError(400, "the request body must be a JSON object")
     if json_depth(obj) > MAX_JSON_DEPTH:
         raise ApiError(400, f"the request body is nested deeper than {MAX_JSON_DEPTH} levels", code="too_deep")
+    obj = check_fields(obj, typ)
     try:
         return msgspec.convert(obj, typ)
     except msgspec.ValidationError as e:
         text = str(e)
         m = _PATH.search(text)
         param = m.group(1) if m else None
-        if text.startswith("Object missing required field"):
+        if text.startswith(("Object missing required field", "Object contains unknown field")):
             field = text.split("`")[1]
             param = f"{param}.{field}" if param else field
+            if text.startswith("Object contains unknown field"):
+                raise ApiError(400, f"unknown parameter {param[:128]!r}: not part of this API", param=param,
+                               code="unknown_parameter") from None
         raise ApiError(400, f"invalid request: {text}", param=param, code="invalid_value") from None
 
 
@@ -144,10 +295,34 @@ def _stops(stop: str | list[str] | None) -> list[str]:
     return [s for s in stops if s]
 
 
+def _unsupported(message: str, param: str) -> ApiError:
+    return ApiError(400, message, param=param, code="unsupported_parameter")
+
+
+def _penalty(value: float | None, default: float, param: str, ok, bounds: str) -> float:
+    value = default if value is None else value
+    if not ok(value):
+        raise _bad(f"{param} must be {bounds}", param)
+    return float(value)
+
+
+def _stop_token_ids(ids: list[int] | None, vocab_size: int | None) -> list[int]:
+    ids = list(ids or [])
+    if len(ids) > MAX_STOP_TOKEN_IDS:
+        raise _bad(f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids are supported", "stop_token_ids")
+    bad = [t for t in ids if t < 0 or (vocab_size is not None and t >= vocab_size)]
+    if bad:
+        raise _bad(f"stop token id {bad[0]} is outside the vocabulary"
+                   + (f" (0..{vocab_size - 1})" if vocab_size else ""), "stop_token_ids")
+    return sorted(set(ids))
+
+
 def normalize(req: _Common, prompt_ids: list[int], max_context: int, max_tokens: int | None,
-              default_max_tokens: int | None, slo: SLO = SLO(), slo_classes: dict[str, SLO] | None = None) -> Normalized:
+              default_max_tokens: int | None, slo: SLO = SLO(), slo_classes: dict[str, SLO] | None = None,
+              vocab_size: int | None = None) -> Normalized:
     """Check sampling parameters, the context budget and the SLO class; build SamplingParams.
-    ``slo`` applies to requests without a class; ``slo_classes`` are the classes a request may name."""
+    ``slo`` applies to requests without a class; ``slo_classes`` are the classes a request may name;
+    ``vocab_size`` bounds the stop token ids."""
     if req.slo_class is not None:
         classes = slo_classes or {}
         if req.slo_class not in classes:
@@ -155,7 +330,13 @@ def normalize(req: _Common, prompt_ids: list[int], max_context: int, max_tokens:
             raise _bad(f"unknown slo_class {req.slo_class[:64]!r} ({known})", "slo_class")
         slo = classes[req.slo_class]
     if req.n not in (None, 1):
-        raise _bad("only n=1 is supported", "n")
+        raise _unsupported("n is not supported by this server beyond 1 (one choice per request)", "n")
+    if req.stream_options is not None:
+        for name in ("continuous_usage_stats", "include_obfuscation"):
+            if getattr(req.stream_options, name):
+                raise _unsupported(f"stream_options.{name} is not supported by this server; only false (off) "
+                                   "is accepted",
+                                   f"stream_options.{name}")
     temperature = 1.0 if req.temperature is None else req.temperature
     if not 0.0 <= temperature <= 2.0:
         raise _bad("temperature must be between 0 and 2", "temperature")
@@ -167,6 +348,13 @@ def normalize(req: _Common, prompt_ids: list[int], max_context: int, max_tokens:
         raise _bad("top_k must be -1, 0 (off) or positive", "top_k")
     if req.seed is not None and not -(2**63) <= req.seed < 2**63:
         raise _bad("seed must fit in 64 bits", "seed")
+    # OpenAI's and vLLM's ranges
+    presence = _penalty(req.presence_penalty, 0.0, "presence_penalty", lambda v: -2.0 <= v <= 2.0, "between -2 and 2")
+    frequency = _penalty(req.frequency_penalty, 0.0, "frequency_penalty", lambda v: -2.0 <= v <= 2.0,
+                         "between -2 and 2")
+    repetition = _penalty(req.repetition_penalty, 1.0, "repetition_penalty", lambda v: 0.0 < v < math.inf,
+                          "greater than 0")
+    stop_ids = _stop_token_ids(req.stop_token_ids, vocab_size)
     if not prompt_ids:
         raise _bad("the prompt is empty", "prompt")
     room = max_context - len(prompt_ids)
@@ -196,7 +384,11 @@ def normalize(req: _Common, prompt_ids: list[int], max_context: int, max_tokens:
         top_p=top_p,
         top_k=top_k,
         seed=req.seed,
+        stop_token_ids=stop_ids,
         ignore_eos=bool(req.ignore_eos),
+        presence_penalty=presence,
+        frequency_penalty=frequency,
+        repetition_penalty=repetition,
     )
     return Normalized(
         prompt_token_ids=prompt_ids,
@@ -208,13 +400,15 @@ def normalize(req: _Common, prompt_ids: list[int], max_context: int, max_tokens:
     )
 
 
-def chat_messages(req: ChatCompletionRequest) -> list[dict]:
-    if not req.messages:
+def chat_messages(req: ChatCompletionRequest | TokenizeRequest) -> list[dict]:
+    """The request's messages as the chat template takes them."""
+    messages = req.messages or []
+    if not messages:
         raise _bad("messages must not be empty", "messages")
-    if len(req.messages) > MAX_MESSAGES:
+    if len(messages) > MAX_MESSAGES:
         raise _bad(f"at most {MAX_MESSAGES} messages are supported", "messages")
     out = []
-    for i, m in enumerate(req.messages):
+    for i, m in enumerate(messages):
         role = "system" if m.role == "developer" else m.role
         if role not in ("system", "user", "assistant"):
             raise _bad(f"unsupported role {m.role!r}", f"messages.[{i}].role")
@@ -227,7 +421,7 @@ def chat_messages(req: ChatCompletionRequest) -> list[dict]:
             content = "".join(texts)
         else:
             content = m.content or ""
-        out.append({"role": role, "content": content})
+        out.append({"role": role, "content": content, **({"name": m.name} if m.name is not None else {})})
     return out
 
 
@@ -247,7 +441,39 @@ def completion_prompt(req: CompletionRequest, vocab_size: int) -> str | list[int
     raise _bad("prompt must be a string, a list of token ids, or a list of one of those (n=1)", "prompt")
 
 
+def check_token_ids(ids: list[int], vocab_size: int, param: str) -> list[int]:
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise _bad(f"token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})", param)
+    return ids
+
+
+def tokenize_input(req: TokenizeRequest) -> str:
+    """Which input a /tokenize request gives ("prompt" or "messages"): exactly one of them."""
+    if (req.prompt is None) == (req.messages is None):
+        raise _bad("give either prompt or messages", "prompt" if req.prompt is None else "messages")
+    if req.messages is not None and req.add_special_tokens:
+        raise _unsupported("add_special_tokens is not supported with messages (the chat template places "
+                           "the special tokens)", "add_special_tokens")
+    return "prompt" if req.prompt is not None else "messages"
+
+
 # ---------------------------------------------------------------- responses
+def model_card(served: str, root: str, created: int, max_model_len: int) -> dict:
+    """A /v1/models entry with vLLM's fields: ``id`` is the name clients send, ``root`` the model
+    it serves."""
+    return {"id": served, "object": "model", "created": created, "owned_by": "yuebing", "root": root,
+            "parent": None, "max_model_len": max_model_len}
+
+
+def tokenize_body(ids: list[int], max_model_len: int, token_strs: list[str] | None) -> dict:
+    return {"count": len(ids), "max_model_len": max_model_len, "tokens": ids, "token_strs": token_strs}
+
+
+def ended_by_stop_token(token: int, finish_reason: str | None, stop_token_ids: list[int]) -> bool:
+    """Whether ``token``, the last of its request, is one of the request's ``stop_token_ids``: its
+    text is then left out of the output (as vLLM does), though it counts as a completion token."""
+    return finish_reason == "stop" and token in stop_token_ids
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
     return {
         "prompt_tokens": prompt_tokens,

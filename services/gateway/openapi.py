@@ -15,8 +15,9 @@ def _error_response(description: str) -> dict:
 
 
 def document(model_name: str) -> dict:
-    (chat, completion), components = msgspec.json.schema_components(
-        [oa.ChatCompletionRequest, oa.CompletionRequest], ref_template="#/components/schemas/{name}"
+    (chat, completion, tokenize, detokenize), components = msgspec.json.schema_components(
+        [oa.ChatCompletionRequest, oa.CompletionRequest, oa.TokenizeRequest, oa.DetokenizeRequest],
+        ref_template="#/components/schemas/{name}"
     )
     components["ErrorResponse"] = {
         "type": "object",
@@ -40,18 +41,34 @@ def document(model_name: str) -> dict:
                     "text/event-stream": {"schema": {"type": "string"}}},
     }
 
-    def post(summary: str, schema: dict) -> dict:
-        return {"post": {"summary": summary, "security": [{"bearer": []}],
-                         "requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
-                         "responses": {"200": completion_ok, **errors}}}
+    def post(summary: str, schema: dict, ok: dict = completion_ok, description: str | None = None) -> dict:
+        op = {"summary": summary, "security": [{"bearer": []}],
+              "requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
+              "responses": {"200": ok, **errors}}
+        if description:
+            op["description"] = description
+        return {"post": op}
+
+    def json_ok(description: str) -> dict:
+        return {"description": description, "content": {"application/json": {"schema": {"type": "object"}}}}
+
+    def refused(typ) -> str:
+        return ("Fields outside the schema are refused with a 400 naming them (code unknown_parameter); "
+                "these OpenAI and vLLM fields, not implemented, are refused with a 400 naming them "
+                "(code unsupported_parameter) unless given their default value: " + ", ".join(sorted(oa.UNSUPPORTED[typ])))
 
     return {
         "openapi": "3.1.0",
         "info": {"title": "yuebing", "version": __version__,
                  "description": f"OpenAI-compatible API serving {model_name}"},
         "paths": {
-            "/v1/chat/completions": post("Chat completion", chat),
-            "/v1/completions": post("Text completion", completion),
+            "/v1/chat/completions": post("Chat completion", chat, description=refused(oa.ChatCompletionRequest)),
+            "/v1/completions": post("Text completion", completion, description=refused(oa.CompletionRequest)),
+            "/tokenize": post("Token ids of a prompt, or of chat messages with the chat template applied (vLLM's)",
+                              tokenize, json_ok("{count, max_model_len, tokens, token_strs}")),
+            "/detokenize": post("Text of token ids (vLLM's)", detokenize, json_ok("{prompt}")),
+            "/version": {"get": {"summary": "The server's version", "security": [{"bearer": []}],
+                                 "responses": {"200": json_ok("{version}"), "401": errors["401"]}}},
             "/v1/models": {"get": {"summary": "Served models", "security": [{"bearer": []}],
                                    "responses": {"200": {"description": "model list",
                                                          "content": {"application/json": {"schema": {"type": "object"}}}},

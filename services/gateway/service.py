@@ -32,6 +32,7 @@ from libs.protocol import (
     encode,
 )
 from libs.service import Service
+from yuebing import __version__
 
 from services.gateway import openai as oa
 from services.gateway import openapi
@@ -68,6 +69,8 @@ async def errors_middleware(request: web.Request, handler):
         raise
 
 
+# routes outside /v1/ that need an API key as /v1/* does (vLLM's utility routes)
+KEYED_PATHS = frozenset({"/tokenize", "/detokenize", "/version"})
 # what /health needs heard from before it answers 200 (ready)
 READY_NEEDS = ("conductor", "prefill", "decode")
 DOWN_FORGET_SECONDS = 600.0  # /health names a silent instance as down for this long
@@ -86,7 +89,8 @@ class GatewayService(Service):
         # the one the settings name (a dtype "auto" taken as float32)
         dtype = s.dtype if s.dtype in DTYPES else "float32"
         self.namespace = namespace_digest(model_identity(path, s.load_format), dtype, s.block_size)
-        self.model_name = model_name_for(s.model, path)
+        self.root_name = model_name_for(s.model, path)  # the model itself
+        self.model_name = s.served_model_name or self.root_name  # the name clients send
         self.created = oa.now()
         self.reconnects = 0
         self.slo = s.slo()
@@ -103,6 +107,9 @@ class GatewayService(Service):
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_get("/v1/models", self.models)
+        app.router.add_post("/tokenize", self.tokenize)
+        app.router.add_post("/detokenize", self.detokenize)
+        app.router.add_get("/version", self.version)
         app.router.add_get("/health", self.health)
         app.router.add_get("/live", self.live_probe)
         app.router.add_get("/metrics", self.metrics)
@@ -152,8 +159,9 @@ class GatewayService(Service):
 
     @web.middleware
     async def _auth(self, request: web.Request, handler):
-        """Bearer API keys on /v1/*; /health, /live, /metrics and /openapi.json stay open."""
-        if self.api_keys and request.path.startswith("/v1/"):
+        """Bearer API keys on /v1/*, /tokenize, /detokenize and /version; /health, /live, /metrics and
+        /openapi.json stay open."""
+        if self.api_keys and (request.path.startswith("/v1/") or request.path in KEYED_PATHS):
             header = request.headers.get("Authorization", "")
             scheme, _, key = header.partition(" ")
             if scheme.lower() != "bearer" or not any(hmac.compare_digest(key.strip(), k) for k in self.api_keys):
@@ -195,20 +203,34 @@ class GatewayService(Service):
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def models(self, request: web.Request) -> web.Response:
-        return _json(
-            {
-                "object": "list",
-                "data": [
-                    {
-                        "id": self.model_name,
-                        "object": "model",
-                        "created": self.created,
-                        "owned_by": "yuebing",
-                        "max_model_len": self.shape.max_context,
-                    }
-                ],
-            }
-        )
+        card = oa.model_card(self.model_name, self.root_name, self.created, self.shape.max_context)
+        return _json({"object": "list", "data": [card]})
+
+    async def version(self, request: web.Request) -> web.Response:
+        return _json({"version": __version__})
+
+    def _chat_ids(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        if not self.tokenizer.chat_template:
+            raise oa.ApiError(400, "this model has no chat template; use /v1/completions", param="messages")
+        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                       tokenize=True, return_dict=False))
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        """vLLM's /tokenize: the token ids a prompt (as /v1/completions tokenizes it) or chat
+        messages (the chat template applied, as /v1/chat/completions does) become."""
+        req = await self._body(request, oa.TokenizeRequest)
+        if oa.tokenize_input(req) == "messages":
+            ids = self._chat_ids(oa.chat_messages(req), req.add_generation_prompt)
+        else:
+            ids = self.tokenizer.encode(req.prompt, add_special_tokens=bool(req.add_special_tokens))
+        strs = self.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
+        return _json(oa.tokenize_body(list(ids), self.shape.max_context, strs))
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        req = await self._body(request, oa.DetokenizeRequest)
+        ids = oa.check_token_ids(req.tokens, self.shape.vocab_size, "tokens")
+        return _json({"prompt": self.tokenizer.decode(ids, skip_special_tokens=False,
+                                                      clean_up_tokenization_spaces=False)})
 
     async def _body(self, request: web.Request, typ):
         raw = await request.read()
@@ -217,27 +239,27 @@ class GatewayService(Service):
         except orjson.JSONDecodeError as e:
             raise oa.ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
         req = oa.parse(obj, typ)
-        if req.model != self.model_name:
+        if req.model is not None and req.model != self.model_name:  # /tokenize may leave it out
             raise oa.ApiError(404, f"the model {req.model!r} does not exist; this server serves {self.model_name!r}",
                               param="model", code="model_not_found")
         return req
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         req = await self._body(request, oa.ChatCompletionRequest)
-        messages = oa.chat_messages(req)
-        if not self.tokenizer.chat_template:
-            raise oa.ApiError(400, "this model has no chat template; use /v1/completions", param="messages")
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        ids = self._chat_ids(oa.chat_messages(req))
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        norm = oa.normalize(req, list(ids), self.shape.max_context, max_tokens, None, self.slo, self.slo_classes)
+        norm = oa.normalize(req, ids, self.shape.max_context, max_tokens, None, self.slo, self.slo_classes,
+                            self.shape.vocab_size)
         return await self._serve(request, norm, "chat", f"chatcmpl-{uuid.uuid4().hex}")
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         req = await self._body(request, oa.CompletionRequest)
         prompt = oa.completion_prompt(req, self.shape.vocab_size)
-        ids = prompt if isinstance(prompt, list) else self.tokenizer.encode(prompt, add_special_tokens=False)
+        ids = prompt if isinstance(prompt, list) else self.tokenizer.encode(
+            prompt, add_special_tokens=bool(req.add_special_tokens))
         # OpenAI's default for completions is 16 tokens.
-        norm = oa.normalize(req, list(ids), self.shape.max_context, req.max_tokens, 16, self.slo, self.slo_classes)
+        norm = oa.normalize(req, list(ids), self.shape.max_context, req.max_tokens, 16, self.slo, self.slo_classes,
+                            self.shape.vocab_size)
         return await self._serve(request, norm, "text", f"cmpl-{uuid.uuid4().hex}")
 
     # ---------------------------------------------------------------- generation
@@ -424,7 +446,7 @@ class GatewayService(Service):
                     if ev.seq == 0:
                         cached = ev.cached_tokens
                     out = []
-                    for tok in ev.token_ids:
+                    for i, tok in enumerate(ev.token_ids):
                         n_out += 1
                         if first_at is None:
                             first_at = now
@@ -433,6 +455,9 @@ class GatewayService(Service):
                             metrics.ITL.observe(now - last_at)
                             gaps.append(now - last_at)
                         last_at = now
+                        if i == len(ev.token_ids) - 1 and oa.ended_by_stop_token(
+                                tok, ev.finish_reason, norm.sampling.stop_token_ids):
+                            break
                         piece = stops.feed(detok.add(tok))
                         if piece:
                             out.append(piece)
