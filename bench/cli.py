@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from bench import cache_trace, engine, peer, prefix, replay, sched, serve, transfer
+from bench import cache_trace, conductor, engine, peer, prefix, replay, sched, serve, transfer
 from bench.common import DEFAULT_TRACE, shown
 from yuebing.args import add_common, add_engine, count
 
@@ -23,6 +23,7 @@ def add_parsers(bench_sub) -> None:
     _sched(bench_sub)
     _engine(bench_sub)
     _peer(bench_sub)
+    _conductor(bench_sub)
 
 
 def trace_main(args) -> int:
@@ -212,3 +213,14 @@ def _peer(bench_sub) -> None:
     p.add_argument("--out", default=None, help="also write the JSON figures here")
     p.add_argument("--plot", default=None, help="also draw both servers over load as a PNG here")
     p.set_defaults(func=peer.main)
+
+
+def _conductor(bench_sub) -> None:
+    """``bench conductor``: one real conductor under synthetic instances (bench/conductor.py)."""
+    p = bench_sub.add_parser("conductor", help="the conductor alone under synthetic instances: decision latency, "
+                             "sustained rate, KV-event ingest and index memory over instances, blocks and rate",
+                             description="A real conductor (pinned to one core) driven by synthetic prefill, decode "
+                             "and cachestore instances and a synthetic gateway over a real nats-server "
+                             "(bench/conductor.py says what is synthetic).")
+    conductor.add_arguments(p)
+    p.set_defaults(func=conductor.main)
