@@ -408,6 +408,30 @@ def test_colocated_placement_decodes_where_it_prefilled():
     assert not none.admitted and none.status == 503
 
 
+def test_equally_good_instances_are_told_apart_by_the_prompts_affinity():
+    """Idle instances holding nothing of a prompt are equally good: cache-aware policies pick by
+    the prompt's first block (rendezvous hashing), so conversations spread and a conversation's
+    turns meet again; an instance holding the prefix still wins; least_loaded breaks ties at random."""
+    prefills = [PrefillView(f"p{i}", 0.0, 0) for i in range(4)]
+    decodes = [DecodeView("d0", 0, 0)]
+    for name in ("local_cache_aware", "global_cache_aware"):
+        policy = _policy(name)
+        chosen = {k: policy.place(RequestView(100, 16, 0, affinity=bytes([k]) * 32), prefills, decodes).prefill_id
+                  for k in range(32)}
+        assert set(chosen.values()) == {"p0", "p1", "p2", "p3"}  # spread, not all to the first
+        again = {k: policy.place(RequestView(200, 16, 0, affinity=bytes([k]) * 32), prefills, decodes).prefill_id
+                 for k in range(32)}
+        assert again == chosen  # the same first block, the same instance
+        holder = [*prefills[:3], PrefillView("p3", 0.0, 4)]
+        assert all(policy.place(RequestView(100, 16, 0, affinity=bytes([k]) * 32), holder, decodes).prefill_id == "p3"
+                   for k in range(32))
+    ll = _policy("least_loaded")
+    picks = [ll.place(RequestView(100, 16, 0, affinity=b"x" * 32), prefills, decodes).prefill_id for _ in range(64)]
+    assert set(picks) == {"p0", "p1", "p2", "p3"}  # the same prompt: no affinity, spread by chance
+    busy = [PrefillView("p0", 0.5, 0), PrefillView("p1", 0.0, 0)]
+    assert all(ll.place(RequestView(100, 16, 0), busy, decodes).prefill_id == "p1" for _ in range(16))
+
+
 def test_the_wait_margin_is_how_much_longer_waits_have_lately_turned_out():
     m = WaitErrorModel(window=100)
     for _ in range(WaitErrorModel.MIN_SAMPLES - 1):

@@ -12,6 +12,7 @@ pulls the blocks (and keeps them: hot prefixes spread to where they are served).
 from __future__ import annotations
 
 import random
+import hashlib
 from dataclasses import dataclass
 
 from services.conductor.prefillcost import PrefillCostModel
@@ -25,6 +26,7 @@ class RequestView:
     block_size: int
     pool_blocks: int  # leading blocks present in the pool
     tbt_slo: float = 0.0  # seconds; 0 = none
+    affinity: bytes = b""  # the prompt's first block key ("" for a prompt shorter than a block)
 
     @property
     def max_reuse_blocks(self) -> int:
@@ -97,6 +99,13 @@ class _Choice:
     ttft: float
     prefill: float
     peer_id: str = ""
+
+
+def affinity_rank(affinity: bytes, instance_id: str) -> int:
+    """Rendezvous hashing: among instances a policy finds equally good, the one whose hash with the
+    prompt's first block is highest. Conversations spread over the instances, and the turns of one
+    (the same first block) land on the same instance while nothing else tells them apart."""
+    return -int.from_bytes(hashlib.blake2b(affinity + instance_id.encode(), digest_size=8).digest(), "little")
 
 
 class Policy:
@@ -208,7 +217,8 @@ class LeastLoadedPolicy(Policy):
     name = "least_loaded"
 
     def choose_prefill(self, req, prefills):
-        return self.estimate(req, min(prefills, key=lambda p: p.queue_seconds), self.use_pool)
+        # ties (idle instances) at random: load balancing that knows nothing of caches
+        return self.estimate(req, min(prefills, key=lambda p: (p.queue_seconds, self.rng.random())), self.use_pool)
 
 
 class LocalCacheAwarePolicy(Policy):
@@ -217,7 +227,8 @@ class LocalCacheAwarePolicy(Policy):
     name = "local_cache_aware"
 
     def choose_prefill(self, req, prefills):
-        return min((self.estimate(req, p, False) for p in prefills), key=lambda c: c.ttft)
+        return min((self.estimate(req, p, False) for p in prefills),
+                   key=lambda c: (c.ttft, affinity_rank(req.affinity, c.view.instance_id)))
 
 
 class GlobalCacheAwarePolicy(Policy):
@@ -234,9 +245,9 @@ class GlobalCacheAwarePolicy(Policy):
                 return None
             return next((q for q in holders if q.instance_id != p.instance_id), None)
 
-        # on a tie, the plan that moves no blocks
+        # on a tie, the plan that moves no blocks, then the prompt's affinity
         return min((self.estimate(req, p, self.use_pool, peer(p)) for p in prefills),
-                   key=lambda c: (c.ttft, c.use_pool or bool(c.peer_id)))
+                   key=lambda c: (c.ttft, c.use_pool or bool(c.peer_id), affinity_rank(req.affinity, c.view.instance_id)))
 
 
 def make_policy(name: str, model: PrefillCostModel, use_pool: bool = True, seed: int | None = None,
