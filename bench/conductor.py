@@ -17,9 +17,10 @@ index (``--blocks``, entries: one block held by one instance):
   the conductor's resident memory growth per indexed block (psutil);
 - decision latency: the request/reply round trip of ``yb.sched`` seen from the requesting side
   (p50/p99), closed loop (one request at a time) and at each offered rate (Poisson arrivals);
-  the rates start from the closed-loop capacity and rise until the p99 passes ``--limit-ms``
-  (10 ms) or replies fall behind; the highest rate whose point and every lower one kept the p99
-  within it is "sustained";
+  the rates are fractions of the closed-loop capacity, rising until the conductor saturates (a
+  reply lost or behind the offered rate, or the median past ``--limit-ms``, 10 ms); the highest
+  rate whose point and every lower one kept the p99 within ``--limit-ms`` and every reply on time
+  is "sustained" (one more point is measured between it and the next rate);
 - the conductor process's CPU seconds per decision (all it does in the window: heartbeats,
   reports, KV events, maintenance, its log lines), and its share of its core.
 
@@ -313,6 +314,25 @@ def sustained(points: Iterable[dict], limit_ms: float) -> float | None:
             break
         best = p["offered_rate"]
     return best
+
+
+def saturated(point: dict, limit_ms: float, keep_up: float = 0.9) -> bool:
+    """The conductor no longer keeps up at this rate: a reply missing, replies behind the offered
+    rate, or the median decision over ``limit_ms``: higher rates only queue longer."""
+    p50 = point.get("p50_ms")
+    return (point.get("lost", 0) > 0 or p50 is None or p50 > limit_ms
+            or point.get("achieved_rate", 0.0) < keep_up * point["offered_rate"])
+
+
+def refine_rate(points: Sequence[dict], limit_ms: float) -> float | None:
+    """A rate between the sustained one and the next one measured (which did not pass), two
+    significant digits; None when there is no such pair or no rate strictly between them."""
+    best = sustained(points, limit_ms)
+    above = sorted(p["offered_rate"] for p in points if best is not None and p["offered_rate"] > best)
+    if best is None or not above:
+        return None
+    mid = float(f"{math.sqrt(best * above[0]):.2g}")
+    return mid if best < mid < above[0] else None
 
 
 def sim_pace(rate: float, prefills: int, decodes: int, mean_prompt: float, mean_output: float, rows: int,
@@ -749,7 +769,8 @@ class Bench:
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"the conductor exited with {self.proc.returncode}; see {self.data_dir}/conductor.log")
+                raise RuntimeError(f"the conductor exited with {self.proc.returncode}; "
+                                   f"see {self.data_dir}/conductor.log")
             try:
                 await self.nc.request(Subjects.CONDUCTOR_STATE, b"", timeout=2)
                 return
@@ -1042,39 +1063,36 @@ class Bench:
                 "kv_events_per_s": round(counts["kv_events"] / window, 1),
                 "kv_keys_per_s": round(counts["kv_keys"] / window),
                 "reports_per_s": round(counts["reports"] / window, 1),
-                "in_decode_per_instance": round(sum(decode_seen) / len(decode_seen) / self.n, 1) if decode_seen else None,
+                "in_decode_per_instance": (round(sum(decode_seen) / len(decode_seen) / self.n, 1)
+                                           if decode_seen else None),
                 "in_prefill_end": self.sim.in_prefill(), **pace}
 
     async def sweep_rates(self, stage: Stage, capacity: float) -> list[dict]:
+        """The rates of ``--rates``, or the ladder up from the closed-loop capacity until the conductor
+        saturates (then one rate between the highest sustained and the next, with ``--refine``)."""
         a = self.args
         rates = [float(r) for r in a.rates.split(",")] if a.rates else ladder(capacity, max_rate=a.max_rate)
         points: list[dict] = []
-        tried: set[float] = set()
-        i = 0
-        while i < len(rates):
-            rate = rates[i]
-            i += 1
-            if rate in tried:
-                continue
-            tried.add(rate)
-            measure = min(a.max_measure_seconds, max(a.measure_seconds, a.min_decisions / rate))
-            warm = a.warm_seconds if a.warm_seconds is not None else max(2.0, a.max_stay)
-            point = await self.offer(rate, warm, measure, tag=f"r{len(points)}-{self.n}-{stage.blocks}")
-            point.update(instances=self.n, blocks=stage.blocks, passed=passes(point, a.limit_ms))
-            points.append(point)
-            say(f"  {self.n}+{self.n} instances, {stage.blocks} blocks, {rate:g} req/s: p50 {point['p50_ms']} ms, "
-                f"p99 {point['p99_ms']} ms, conductor core {point['conductor_core_share']}, "
-                f"{point['cpu_ms_per_decision']} ms CPU/decision, lost {point['lost']}")
-            if not point["passed"] and not a.rates:
-                good = [p["offered_rate"] for p in points if p["passed"]]
-                if good and a.refine:
-                    mid = float(f"{math.sqrt(max(good) * rate):.2g}")
-                    if mid not in tried and max(good) < mid < rate:
-                        rates = [mid]
-                        i = 0
-                        continue
+        for rate in rates:
+            points.append(await self._point(stage, rate, len(points)))
+            if not a.rates and saturated(points[-1], a.limit_ms):
                 break
+        mid = refine_rate(points, a.limit_ms) if a.refine and not a.rates else None
+        if mid is not None:
+            points.append(await self._point(stage, mid, len(points)))
         return points
+
+    async def _point(self, stage: Stage, rate: float, n: int) -> dict:
+        a = self.args
+        measure = min(a.max_measure_seconds, max(a.measure_seconds, a.min_decisions / rate))
+        warm = a.warm_seconds if a.warm_seconds is not None else max(2.0, a.max_stay)
+        point = await self.offer(rate, warm, measure, tag=f"r{n}-{self.n}-{stage.blocks}")
+        point.update(instances=self.n, blocks=stage.blocks, passed=passes(point, a.limit_ms))
+        say(f"  {self.n}+{self.n} instances, {stage.blocks} blocks, {rate:g} req/s: p50 {point['p50_ms']} ms, "
+            f"p99 {point['p99_ms']} ms, conductor core {point['conductor_core_share']}, "
+            f"{point['cpu_ms_per_decision']} ms CPU/decision, {point['in_decode_per_instance']} sequences per "
+            f"decode instance, lost {point['lost']}")
+        return point
 
     # ---- a group of stages
     async def run(self, stages: list[Stage]) -> tuple[list[dict], list[dict]]:
@@ -1224,7 +1242,8 @@ def top_costs(profile: Path, n: int = 25, by: str = "own_s", under: tuple[str, .
         if under and not where.startswith(under):
             continue
         rows.append({"function": f"{where}:{line}({fn})", "calls": nc, "own_s": round(tt, 3),
-                     "own_share": round(tt / busy, 4), "cum_s": round(ct, 3), "cum_share": round(ct / busy, 4)})
+                     "own_share": round(tt / busy, 4), "cum_s": round(ct, 3), "cum_share": round(ct / busy, 4),
+                     "cum_ms_per_call": round(ct / nc * 1e3, 4) if nc else None})
     rows.sort(key=lambda r: -r[by])
     return rows[:n]
 
@@ -1304,7 +1323,7 @@ def _bench(args) -> int:
                 rows = top_costs(path)
                 cum = top_costs(path, 20, by="cum_s", under=("services/", "libs/"))
                 profile.append({"instances": n, "top_own": rows, "top_cumulative": cum})
-                cols = ["function", "calls", "own_s", "own_share", "cum_s", "cum_share"]
+                cols = ["function", "calls", "own_s", "own_share", "cum_s", "cum_share", "cum_ms_per_call"]
                 print(f"\nconductor profile ({n}+{n} instances; cProfile: {path}), top functions by own time")
                 print(format_table(rows, cols))
                 print("the conductor's own code by cumulative time")
@@ -1336,11 +1355,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"index entries to pre-load, a list (default {DEFAULT_BLOCKS}; --full: {FULL_BLOCKS})")
     p.add_argument("--full", action="store_true", help="the whole sweep: instances 8..512, blocks 1e5..1e7 (hours)")
     p.add_argument("--rates", default=None, help="offered rates, req/s (default: fractions of the closed-loop "
-                   f"capacity {','.join(map(str, LADDER))}, until the p99 passes --limit-ms)")
+                   f"capacity {','.join(map(str, LADDER))}, until the conductor saturates: a reply lost or late, "
+                   "or the median past --limit-ms)")
     p.add_argument("--limit-ms", type=float, default=10.0, help="p99 decision latency a sustained rate keeps")
     p.add_argument("--max-rate", type=float, default=5000.0, help="no offered rate above this (req/s)")
     p.add_argument("--no-refine", dest="refine", action="store_false",
-                   help="no extra point between the last rate that passed and the first that did not")
+                   help="no extra point between the sustained rate and the next one measured")
     p.add_argument("--warm-seconds", type=float, default=None, help="at each rate, seconds offered before measuring "
                    "(default: --max-stay, at least 2: the decode rows fill up)")
     p.add_argument("--measure-seconds", type=float, default=3.0, help="at each rate, seconds measured (at least)")
@@ -1373,7 +1393,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", default="global_cache_aware")
     p.add_argument("--ttft-slo", type=float, default=30.0)
     p.add_argument("--tbt-slo", type=float, default=1.0)
-    p.add_argument("--conductor-log-level", default="INFO", help="the conductor's log level (INFO: a line per decision)")
+    p.add_argument("--conductor-log-level", default="INFO",
+                   help="the conductor's log level (INFO: a line per decision)")
     p.add_argument("--no-check-index", dest="check_index", action="store_false",
                    help="do not compare the conductor's index summary with the blocks published (the summary "
                    "copies the whole index: seconds at 1e7)")

@@ -77,6 +77,15 @@ def test_threshold_keeps_the_highest_rate_below_the_first_failure():
     assert bc.sustained(pts, 10) == 20
     assert bc.sustained([_pt(5, 11.0), _pt(10, 3.0)], 10) is None
     assert bc.sustained([], 10) is None
+    # the ladder stops once the conductor no longer keeps up: a lost or late reply, or the median over
+    assert not bc.saturated({**_pt(10, 50.0), "p50_ms": 4.0}, 10)  # a long tail alone goes on
+    assert bc.saturated({**_pt(10, 50.0), "p50_ms": 11.0}, 10)
+    assert bc.saturated({**_pt(10, 5.0, lost=1), "p50_ms": 1.0}, 10)
+    assert bc.saturated({**_pt(10, 5.0, achieved=8.0), "p50_ms": 1.0}, 10)
+    # one more rate between the sustained one and the next measured
+    assert bc.refine_rate(pts, 10) == 28.0  # sqrt(20 * 40), two digits
+    assert bc.refine_rate([_pt(10, 2.0), _pt(11, 12.0)], 10) is None  # nothing strictly between at two digits
+    assert bc.refine_rate([_pt(10, 2.0)], 10) is None and bc.refine_rate([_pt(10, 12.0)], 10) is None
 
 
 def test_sim_pace_keeps_the_instances_as_busy_as_asked():
@@ -157,7 +166,8 @@ def test_small_run_against_a_real_conductor(tmp_path):
     args = p.parse_args([
         "--instances", "4", "--blocks", "1e3", "--token-scale", "32", "--warm-requests", "20", "--requests", "300",
         "--rates", "20,40", "--warm-seconds", "0.5", "--measure-seconds", "1", "--min-decisions", "10",
-        "--closed-seconds", "1.5", "--closed-decisions", "100", "--max-stay", "0.5", "--no-pin",
+        "--closed-seconds", "1", "--closed-decisions", "100", "--max-stay", "0.5", "--heartbeat-interval", "0.5",
+        "--no-pin",
         "--out-dir", str(tmp_path / "png"), "--out", str(out), "--data-dir", str(tmp_path / "data")])
     assert bc.main(args) == 0
     fig = json.loads(out.read_text())
