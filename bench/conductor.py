@@ -22,7 +22,11 @@ index (``--blocks``, entries: one block held by one instance):
   rate whose point and every lower one kept the p99 within ``--limit-ms`` and every reply on time
   is "sustained" (one more point is measured between it and the next rate);
 - the conductor process's CPU seconds per decision (all it does in the window: heartbeats,
-  reports, KV events, maintenance, its log lines), and its share of its core.
+  reports, KV events, maintenance, its log lines), and its share of its core;
+- beside them, what makes them the host's rather than the conductor's: the load generator's
+  share of its core, the host's CPU pressure (the share of the time some task waited for a core,
+  ``/proc/pressure/cpu``), the instances the conductor declared lost (it, or this process, went
+  three heartbeat intervals without running) and whether its index still equals what was published.
 
 What is synthetic (everything the conductor sees is well-formed and self-consistent, but):
 
@@ -675,6 +679,32 @@ def _cpu(proc) -> float:
     return t.user + t.system
 
 
+def parse_pressure(text: str) -> float | None:
+    """Seconds some task waited for a CPU, from ``/proc/pressure/cpu`` (its "some" line's total, µs)."""
+    for line in text.splitlines():
+        if line.startswith("some "):
+            for part in line.split():
+                if part.startswith("total="):
+                    return int(part[6:]) / 1e6
+    return None
+
+
+def cpu_pressure() -> float | None:
+    """The host's CPU pressure so far (``parse_pressure``); None where the kernel does not say."""
+    try:
+        return parse_pressure(Path("/proc/pressure/cpu").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def pressure_share(before: float | None, after: float | None, seconds: float) -> float | None:
+    """The share of ``seconds`` in which some task on the host waited for a CPU (0: none ever did;
+    near 1: the cores were oversubscribed throughout, and latencies measured then are the host's)."""
+    if before is None or after is None or seconds <= 0:
+        return None
+    return round(min(1.0, (after - before) / seconds), 3)
+
+
 class Bench:
     """One conductor and its synthetic cluster over a group of stages."""
 
@@ -764,6 +794,15 @@ class Bench:
         self.reply_prefix = f"{Subjects.inbox_prefix('gateway', GATEWAY_ID)}.bench"
         await self.gw.subscribe(f"{self.reply_prefix}.*", cb=self._on_reply)
         await self.nc.subscribe("yb.kvdump.>", cb=self._on_dump)
+
+    def lost_instances(self) -> int:
+        """Instances the conductor declared lost so far (its log): a sign that it, or this process,
+        stalled for three heartbeat intervals; their index entries are then gone."""
+        try:
+            with open(self.data_dir / "conductor.log", "rb") as f:
+                return sum(line.count(b'"instance_lost"') for line in f)
+        except OSError:
+            return 0
 
     async def wait_conductor(self, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
@@ -978,7 +1017,7 @@ class Bench:
         """One request at a time: the decision latency without queueing, and a capacity estimate."""
         self._pace(max(1.0, float(self.n)))
         lat: list[float] = []
-        cpu0, t0 = _cpu(self.ps), time.monotonic()
+        cpu0, t0, pr0 = _cpu(self.ps), time.monotonic(), cpu_pressure()
         while len(lat) < most and time.monotonic() - t0 < seconds:
             if len(lat) % 20 == 19:  # the instances paced for the rate this loop makes
                 self._pace(len(lat) / sum(lat))
@@ -1003,7 +1042,8 @@ class Bench:
         return {"closed_decisions": len(lat), "closed_p50_ms": ms(percentile(lat, 50)),
                 "closed_p99_ms": ms(percentile(lat, 99)), "closed_mean_ms": ms(mean),
                 "closed_cpu_ms_per_decision": round(cpu / len(lat) * 1e3, 3),
-                "capacity_estimate": round(1.0 / mean, 1), "closed_seconds": round(wall, 2)}
+                "capacity_estimate": round(1.0 / mean, 1), "closed_seconds": round(wall, 2),
+                "closed_host_cpu_pressure": pressure_share(pr0, cpu_pressure(), wall)}
 
     async def offer(self, rate: float, warm: float, measure: float, tag: str) -> dict:
         """Open loop at ``rate``: ``warm`` seconds not measured, then ``measure`` seconds measured;
@@ -1027,7 +1067,7 @@ class Bench:
                 break
             measured = now - t0 >= warm
             if measured and m0 is None:
-                m0, cpu0, gen0 = now, _cpu(self.ps), time.process_time()
+                m0, cpu0, gen0, pr0 = now, _cpu(self.ps), time.process_time(), cpu_pressure()
                 ev0 = dict(self.sim.counts)
             if now >= next_sample:
                 decode_seen.append(self.sim.in_decode())
@@ -1059,6 +1099,7 @@ class Bench:
                 "cpu_ms_per_decision": round(cpu / got * 1e3, 3) if got else None,
                 "conductor_core_share": round(cpu / window, 3),
                 "generator_core_share": round(gen / window, 3),
+                "host_cpu_pressure": pressure_share(pr0, cpu_pressure(), window),
                 "send_lag_p99_ms": ms(percentile(lags, 99)),
                 "kv_events_per_s": round(counts["kv_events"] / window, 1),
                 "kv_keys_per_s": round(counts["kv_keys"] / window),
@@ -1134,6 +1175,7 @@ class Bench:
                        "sustained_cpu_ms_per_decision": at["cpu_ms_per_decision"] if at else None,
                        "sustained_conductor_core_share": at["conductor_core_share"] if at else None,
                        "rejected": dict(self.rejected), "unknown_instances": len(self.unknown),
+                       "instances_lost": self.lost_instances(),
                        "replies": self.replies}
                 if self.args.check_index:
                     cfg.update({f"end_{k}": v for k, v in (await self.check_index()).items()})
@@ -1155,11 +1197,11 @@ class Bench:
 
 # ================================================================ figures
 CONFIG_COLS = ["instances", "blocks", "preload_seconds", "ingest_keys_per_s", "ingest_events_per_s",
-               "rss_bytes_per_block", "index_matches", "closed_p50_ms", "closed_p99_ms", "sustained_rate",
+               "rss_bytes_per_block", "index_matches", "instances_lost", "closed_p50_ms", "closed_p99_ms", "sustained_rate",
                "sustained_p50_ms", "sustained_p99_ms", "sustained_cpu_ms_per_decision"]
 POINT_COLS = ["instances", "blocks", "offered_rate", "achieved_rate", "p50_ms", "p99_ms", "lost",
-              "cpu_ms_per_decision", "conductor_core_share", "generator_core_share", "kv_events_per_s",
-              "in_decode_per_instance", "passed"]
+              "cpu_ms_per_decision", "conductor_core_share", "generator_core_share", "host_cpu_pressure",
+              "kv_events_per_s", "in_decode_per_instance", "passed"]
 
 
 def plot(configs: list[dict], points: list[dict], out_dir: Path, limit_ms: float) -> list[Path]:
@@ -1334,7 +1376,8 @@ def _bench(args) -> int:
     figures = {"bench": "conductor", "cores": {"conductor": cores[0], "generator": cores[1]} if cores else None,
                "settings": settings, "configs": configs, "points": points, "pngs": [str(p) for p in pngs],
                "profile": profile}
-    bad = [c for c in configs if c.get("unknown_instances") or c.get("index_matches") is False]
+    bad = [c for c in configs if c.get("unknown_instances") or c.get("index_matches") is False
+           or c.get("end_index_matches") is False or c.get("instances_lost")]
     emit(f"conductor under synthetic instances (token scale {args.token_scale}, {args.block_size}-token blocks, "
          f"heartbeats every {args.heartbeat_interval:g} s, admission {args.admission}); sustained = highest offered "
          f"rate with p99 <= {args.limit_ms:g} ms; conductor pinned to core {cores[0] if cores else '-'}",

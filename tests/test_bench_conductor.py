@@ -88,6 +88,15 @@ def test_threshold_keeps_the_highest_rate_below_the_first_failure():
     assert bc.refine_rate([_pt(10, 2.0)], 10) is None and bc.refine_rate([_pt(10, 12.0)], 10) is None
 
 
+def test_host_cpu_pressure():
+    text = ("some avg10=82.12 avg60=85.50 avg300=69.19 total=8448273653\n"
+            "full avg10=0.00 avg60=0.00 avg300=0.00 total=0\n")
+    assert bc.parse_pressure(text) == 8448.273653
+    assert bc.parse_pressure("") is None
+    assert bc.pressure_share(10.0, 12.0, 4.0) == 0.5
+    assert bc.pressure_share(10.0, 30.0, 4.0) == 1.0 and bc.pressure_share(None, 1.0, 1.0) is None
+
+
 def test_sim_pace_keeps_the_instances_as_busy_as_asked():
     per_token, step, stay = bc.sim_pace(100.0, 8, 8, 1000.0, 200.0, 32, 0.7, 0.75, 10.0)
     # prefill: rate x prompt tokens x (1 + hand-off) x per-token = util x instances
@@ -178,6 +187,7 @@ def test_small_run_against_a_real_conductor(tmp_path):
     assert cfg["index_gaps"] == 0 and cfg["js_publish_failures"] == 0
     assert cfg["preload_keys"] == 1000 and cfg["preload_seconds"] > 0 and cfg["ingest_keys_per_s"] > 0
     assert cfg["unknown_instances"] == 0  # every admitted reply named a prefill and a decode instance that exist
+    assert cfg["instances_lost"] == 0
     assert cfg["closed_decisions"] > 0 and 0 < cfg["closed_p50_ms"] <= cfg["closed_p99_ms"]
     assert cfg["closed_cpu_ms_per_decision"] > 0
     points = fig["points"]
