@@ -18,9 +18,10 @@ index (``--blocks``, entries: one block held by one instance):
 - decision latency: the request/reply round trip of ``yb.sched`` seen from the requesting side
   (p50/p99), closed loop (one request at a time) and at each offered rate (Poisson arrivals);
   the rates are fractions of the closed-loop capacity, rising until the conductor saturates (a
-  reply lost or behind the offered rate, or the median past ``--limit-ms``, 10 ms); the highest
-  rate whose point and every lower one kept the p99 within ``--limit-ms`` and every reply on time
-  is "sustained" (one more point is measured between it and the next rate);
+  reply lost, replies still coming a second after the last request, or the median past ten times
+  ``--limit-ms``); the highest rate whose point and every lower one kept the p99 within
+  ``--limit-ms`` (10 ms) with every reply is "sustained" (one more point is measured between it
+  and the next rate);
 - the conductor process's CPU seconds per decision (all it does in the window: heartbeats,
   reports, KV events, maintenance, its log lines), and its share of its core;
 - beside them, what makes them the host's rather than the conductor's: the load generator's
@@ -301,12 +302,10 @@ def ladder(capacity: float, fractions: Sequence[float] = LADDER, max_rate: float
     return out
 
 
-def passes(point: dict, limit_ms: float, keep_up: float = 0.9) -> bool:
-    """A rate point is sustained when every request got its reply, their p99 is within
-    ``limit_ms`` and replies came at ``keep_up`` of the offered rate or better."""
+def passes(point: dict, limit_ms: float) -> bool:
+    """A rate point is sustained when every request got its reply and their p99 is within ``limit_ms``."""
     p99 = point.get("p99_ms")
-    return (point.get("lost", 0) == 0 and p99 is not None and p99 <= limit_ms
-            and point.get("achieved_rate", 0.0) >= keep_up * point["offered_rate"])
+    return point.get("lost", 0) == 0 and p99 is not None and p99 <= limit_ms
 
 
 def sustained(points: Iterable[dict], limit_ms: float) -> float | None:
@@ -320,12 +319,17 @@ def sustained(points: Iterable[dict], limit_ms: float) -> float | None:
     return best
 
 
-def saturated(point: dict, limit_ms: float, keep_up: float = 0.9) -> bool:
-    """The conductor no longer keeps up at this rate: a reply missing, replies behind the offered
-    rate, or the median decision over ``limit_ms``: higher rates only queue longer."""
+SATURATED_MEDIAN = 10.0  # a median decision this many times the p99 limit: the conductor is queueing
+SATURATED_BACKLOG = 1.0  # seconds the last replies came after the last request: a backlog built up
+
+
+def saturated(point: dict, limit_ms: float) -> bool:
+    """The conductor no longer keeps up at this rate (higher rates only queue longer): a reply
+    missing, replies still coming ``SATURATED_BACKLOG`` seconds after the last request, or the
+    median decision past ``SATURATED_MEDIAN`` times ``limit_ms``."""
     p50 = point.get("p50_ms")
-    return (point.get("lost", 0) > 0 or p50 is None or p50 > limit_ms
-            or point.get("achieved_rate", 0.0) < keep_up * point["offered_rate"])
+    return (point.get("lost", 0) > 0 or p50 is None or p50 > SATURATED_MEDIAN * limit_ms
+            or point.get("backlog_s", 0.0) > SATURATED_BACKLOG)
 
 
 def refine_rate(points: Sequence[dict], limit_ms: float) -> float | None:
@@ -724,6 +728,7 @@ class Bench:
         self.pending: dict[str, tuple[float, Prompt, list[bytes], bool]] = {}
         self.samples: list[float] = []
         self.replies = self.measured_replies = 0
+        self.last_reply = 0.0
         self.rejected: dict[int, int] = {}
         self.unknown: list[str] = []
         self.dumps_asked: dict[str, float] = {}
@@ -1004,6 +1009,7 @@ class Bench:
         self.replies += 1
         if measured:
             self.measured_replies += 1
+            self.last_reply = now
             self.samples.append(now - sent)
         if not r.admitted:
             self.rejected[r.status] = self.rejected.get(r.status, 0) + 1
@@ -1079,7 +1085,7 @@ class Bench:
                     lags.append(now - t_next)
                 t_next += rng.expovariate(rate)
             await asyncio.sleep(max(0.0, min(t_next, next_sample, t0 + warm + measure) - time.monotonic()))
-        send_end = time.monotonic()
+        send_end = self.last_reply = time.monotonic()
         deadline = send_end + self.args.drain_seconds
         while any(m for *_, m in self.pending.values()) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
@@ -1094,6 +1100,7 @@ class Bench:
         counts = {k: self.sim.counts[k] - ev0[k] for k in ev0}
         return {"offered_rate": rate, "sent": sent_measured, "replies": got, "lost": lost,
                 "achieved_rate": round(got / (send_end - m0), 1) if got else 0.0,
+                "backlog_s": round(max(0.0, self.last_reply - send_end), 3),
                 "p50_ms": ms(percentile(self.samples, 50)), "p90_ms": ms(percentile(self.samples, 90)),
                 "p99_ms": ms(percentile(self.samples, 99)), "max_ms": ms(max(self.samples, default=None)),
                 "cpu_ms_per_decision": round(cpu / got * 1e3, 3) if got else None,
@@ -1199,7 +1206,7 @@ class Bench:
 CONFIG_COLS = ["instances", "blocks", "preload_seconds", "ingest_keys_per_s", "ingest_events_per_s",
                "rss_bytes_per_block", "index_matches", "instances_lost", "closed_p50_ms", "closed_p99_ms", "sustained_rate",
                "sustained_p50_ms", "sustained_p99_ms", "sustained_cpu_ms_per_decision"]
-POINT_COLS = ["instances", "blocks", "offered_rate", "achieved_rate", "p50_ms", "p99_ms", "lost",
+POINT_COLS = ["instances", "blocks", "offered_rate", "achieved_rate", "p50_ms", "p99_ms", "lost", "backlog_s",
               "cpu_ms_per_decision", "conductor_core_share", "generator_core_share", "host_cpu_pressure",
               "kv_events_per_s", "in_decode_per_instance", "passed"]
 
@@ -1398,8 +1405,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"index entries to pre-load, a list (default {DEFAULT_BLOCKS}; --full: {FULL_BLOCKS})")
     p.add_argument("--full", action="store_true", help="the whole sweep: instances 8..512, blocks 1e5..1e7 (hours)")
     p.add_argument("--rates", default=None, help="offered rates, req/s (default: fractions of the closed-loop "
-                   f"capacity {','.join(map(str, LADDER))}, until the conductor saturates: a reply lost or late, "
-                   "or the median past --limit-ms)")
+                   f"capacity {','.join(map(str, LADDER))}, until the conductor saturates: a reply lost, a backlog "
+                   "of a second, or the median past ten times --limit-ms)")
     p.add_argument("--limit-ms", type=float, default=10.0, help="p99 decision latency a sustained rate keeps")
     p.add_argument("--max-rate", type=float, default=5000.0, help="no offered rate above this (req/s)")
     p.add_argument("--no-refine", dest="refine", action="store_false",
