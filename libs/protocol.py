@@ -91,6 +91,13 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    # choices drawn from the one prompt, whose KV is computed once (choice i samples with
+    # ``libs.engine.sampling.choice_params``: a seed derived from ``seed`` and i)
+    n: int = 1
+    # per output token: its log-probability and this many most likely alternatives (None: none);
+    # per prompt token from the second (an echo's), the same from the prompt's own logits
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -101,6 +108,24 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     def penalized(self) -> bool:
         """Whether sampling needs the tokens of the prompt and the output so far."""
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+    def choice(self, index: int) -> "SamplingParams":
+        """The sampling of choice ``index`` of a request with ``n`` of them: the request's own, one
+        choice, its seed derived (``choice_seed``). A choice resumed alone samples with these."""
+        if self.n == 1 and index == 0:
+            return self
+        return msgspec.structs.replace(self, n=1, seed=choice_seed(self.seed, index))
+
+
+def choice_seed(seed: int | None, index: int) -> int | None:
+    """The seed choice ``index`` of a request with ``seed`` draws with: the seed itself for choice
+    0 (so n=1 draws as before), a 63-bit hash of (seed, index) for the others (no seed: none)."""
+    if seed is None or index == 0:
+        return seed
+    import hashlib
+
+    digest = hashlib.blake2b(f"{seed}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
 class Resume(msgspec.Struct, kw_only=True):
@@ -113,6 +138,8 @@ class Resume(msgspec.Struct, kw_only=True):
 
     output_id: str
     seq_base: int
+    # the choice (of a request with n > 1) the attempt goes on with: each choice is resumed alone
+    index: int = 0
     # the decode instance the failed attempt was handed to: placed elsewhere while another is
     # alive (the conductor may not have noticed yet that it is gone)
     failed_decode: str = ""
@@ -135,6 +162,11 @@ class _Resumable(msgspec.Struct, kw_only=True):
     @property
     def seq_base(self) -> int:
         return self.resume.seq_base if self.resume else 0
+
+    @property
+    def first_index(self) -> int:
+        """The choice index of the attempt's first (or only) choice: a resumed choice's own index."""
+        return self.resume.index if self.resume else 0
 
 
 class ScheduleRequest(msgspec.Struct, kw_only=True):
@@ -193,8 +225,18 @@ class PrefillTask(_Resumable, kw_only=True):
     peer_blocks: int = 0
 
 
+class Fork(msgspec.Struct, array_like=True):
+    """One choice of a request with n > 1 that goes on in decode: its index and its first token."""
+
+    index: int
+    token: int
+
+
 class DecodeTask(_Resumable, kw_only=True):
-    """prefill -> decode instance (JetStream work queue), published after the KV is delivered."""
+    """prefill -> decode instance (JetStream work queue), published after the KV is delivered.
+
+    ``forks`` (a request with n > 1): the choices that go on, each from its own first token; the
+    KV, sent once, is copied into a row per fork. Empty: one sequence from ``output_token_ids``."""
 
     v: int = PROTOCOL_VERSION
     attempt_id: str
@@ -204,14 +246,52 @@ class DecodeTask(_Resumable, kw_only=True):
     kv_len: int  # number of positions whose KV was transferred
     cached_tokens: int = 0
     prefill_id: str = ""
+    forks: list[Fork] = []
+
+
+class TokenLogprobs(msgspec.Struct, array_like=True):
+    """An output token's log-probability and the ``k`` most likely tokens at its position, most
+    likely first (the request's ``logprobs``), from the model's raw distribution."""
+
+    logprob: float
+    top_ids: list[int]
+    top_logprobs: list[float]
+
+
+class PromptLogprobs(msgspec.Struct, array_like=True):
+    """Prompt tokens 1 .. L-1's log-probabilities given the tokens before each, and the ``k`` most
+    likely tokens at each position: little-endian float32 / int32 arrays (L-1 values, and
+    (L-1) x k row by row), compact for long prompts."""
+
+    k: int
+    logprobs: bytes
+    top_ids: bytes
+    top_logprobs: bytes
+
+    def rows(self) -> list[tuple[float, list[int], list[float]]]:
+        """(logprob, top ids, top logprobs) of prompt tokens 1 .. L-1, in order."""
+        import sys
+        from array import array
+
+        arrays = [array("f", self.logprobs), array("i", self.top_ids), array("f", self.top_logprobs)]
+        if sys.byteorder != "little":
+            for a in arrays:
+                a.byteswap()
+        lps, ids, tops = arrays
+        k = self.k
+        if len(ids) != len(lps) * k or len(tops) != len(lps) * k:
+            raise ValueError("prompt logprobs arrays do not match")
+        return [(lps[i], ids[i * k : (i + 1) * k].tolist(), tops[i * k : (i + 1) * k].tolist())
+                for i in range(len(lps))]
 
 
 class TokenEvent(msgspec.Struct, kw_only=True):
     """prefill/decode -> gateway, on ``Subjects.output(output_id)``: the client's stream, the same
     across the attempts of a resumed request.
 
-    ``seq`` numbers the events of one request from 0 without gaps, across the prefill and
-    decode instances that produce them, so the gateway can order them and detect loss.
+    ``seq`` numbers the events of one choice (``index``; a request has ``n`` of them) from 0
+    without gaps, across the prefill and decode instances that produce them, so the gateway can
+    order them and detect loss.
     """
 
     v: int = PROTOCOL_VERSION
@@ -223,6 +303,10 @@ class TokenEvent(msgspec.Struct, kw_only=True):
     retry: bool = False  # with "error": the request can be resumed elsewhere from where it stands
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    index: int = 0
+    # only for a request that asked: one per token of ``token_ids``; the prompt's on choice 0's first event
+    logprobs: list[TokenLogprobs] | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class PrefillReport(msgspec.Struct, kw_only=True):
@@ -539,7 +623,7 @@ MESSAGE_BOUNDS: dict[str, int] = {
     "CacheExistsRequest": MAX_PAYLOAD,
     "CacheExistsReply": MAX_PAYLOAD,
     "CacheGetReply": MAX_PAYLOAD,
-    "TokenEvent": SMALL_MESSAGE_BYTES,
+    "TokenEvent": MAX_PAYLOAD,  # a first event may carry the prompt's logprobs
     "Heartbeat": MAX_PAYLOAD,  # a decode instance's heartbeat lists every sequence it holds
 }
 

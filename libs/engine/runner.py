@@ -10,6 +10,7 @@ from libs.engine.arena import KVArena
 from libs.engine.decode_batch import DecodeBatch
 from libs.engine.device import DTYPES
 from libs.engine.loading import load_model, read_shape
+from libs.engine.logprobs import PromptScores
 from libs.engine.offload import LayerOffload
 from libs.engine.prefill_kv import PrefillKV
 from libs.engine.prefill_layer import PrefillLayer
@@ -44,22 +45,24 @@ class ModelRunner:
         ``arena`` when one is set (the service then ``release``s it)."""
         return PrefillKV.with_past(self.shape, new_tokens, past, pending, arena=self.arena, offload=self.offload)
 
-    def prefill(self, token_ids: list[int], past_kv=None, chunk: int = 512, *, buffer: "PrefillKV | None" = None):
+    def prefill(self, token_ids: list[int], past_kv=None, chunk: int = 512, *, buffer: "PrefillKV | None" = None,
+                scores: "PromptScores | None" = None):
         """Run the prompt (after the past's positions) and return (last logits, full KV).
 
         The past is ``past_kv`` (a KV tensor or a sequence of blocks in the wire layout covering
         the first positions of the prompt) or ``buffer`` (a ``PrefillKV`` whose past may still be
         arriving: each layer waits for its own). ``token_ids`` are the remaining tokens. Long
         suffixes run in chunks of ``chunk`` tokens. The returned KV is the buffer the layers wrote
-        into: nothing is concatenated or copied at the end.
+        into: nothing is concatenated or copied at the end. ``scores`` (a prompt whose logprobs are
+        asked for) takes the logits of every position computed, chunk by chunk.
         """
-        for out in self.prefill_steps(token_ids, past_kv, chunk, buffer=buffer):
+        for out in self.prefill_steps(token_ids, past_kv, chunk, buffer=buffer, scores=scores):
             pass
         return out
 
     @torch.inference_mode()
     def prefill_steps(self, token_ids: list[int], past_kv=None, chunk: int = 512, *,
-                      buffer: "PrefillKV | None" = None):
+                      buffer: "PrefillKV | None" = None, scores: "PromptScores | None" = None):
         """``prefill`` one chunk at a time: a generator that runs a chunk per ``next``, yields None
         after each chunk but the last, then (last logits, full KV). A colocated worker runs each
         chunk as its own job on the model thread, so its decode steps go between them."""
@@ -87,8 +90,10 @@ class ModelRunner:
                     position_ids=pos,
                     past_key_values=cache,
                     use_cache=True,
-                    logits_to_keep=1,
+                    logits_to_keep=0 if scores is not None else 1,  # 0: every position's
                 )
+                if scores is not None:
+                    scores.add(out.logits[0], start + off)
                 logits = out.logits[0, -1]
             buf.wait_offloaded()  # on a GPU: every layer is in host memory when this returns
         finally:

@@ -31,6 +31,7 @@ from libs.engine.costnoise import CostNoise
 from libs.engine.costs import CostProfile
 from libs.engine.arena import KVArena
 from libs.engine.loading import read_shape
+from libs.engine.logprobs import PromptScores
 from libs.engine.prefill_kv import PrefillKV
 
 # Common English words; those the tokenizer encodes (with a leading space) as one ordinary token
@@ -57,6 +58,7 @@ WORDS = (
 
 LOGIT_HIGH = 10.0
 LOGIT_LOW = -1e4  # far enough below that sampling at any sane temperature picks the high one
+SCORE_ROWS = 64  # positions whose logits a prompt-logprobs prefill makes at once
 
 
 def _mix(x: int) -> int:
@@ -137,17 +139,20 @@ class SimRunner:
     def kv_buffer(self, new_tokens: int, past=None, pending: int = 0) -> PrefillKV:
         return PrefillKV.with_past(self.shape, new_tokens, past, pending, arena=self.arena)
 
-    def prefill(self, token_ids: list[int], past_kv=None, chunk: int = 512, *, buffer: PrefillKV | None = None):
+    def prefill(self, token_ids: list[int], past_kv=None, chunk: int = 512, *, buffer: PrefillKV | None = None,
+                scores: PromptScores | None = None):
         """As ``ModelRunner.prefill``: (logits [vocab] float32, KV [L, 2, H, past + new, D])."""
-        for out in self.prefill_steps(token_ids, past_kv, chunk, buffer=buffer):
+        for out in self.prefill_steps(token_ids, past_kv, chunk, buffer=buffer, scores=scores):
             pass
         return out
 
     @torch.inference_mode()
     def prefill_steps(self, token_ids: list[int], past_kv=None, chunk: int = 512, *,
-                      buffer: PrefillKV | None = None):
+                      buffer: PrefillKV | None = None, scores: PromptScores | None = None):
         """As ``ModelRunner.prefill_steps``: a chunk per ``next``, each taking the profile's time of
-        that chunk after everything before it (``modelled_seconds`` adds them up)."""
+        that chunk after everything before it (``modelled_seconds`` adds them up). ``scores`` gets
+        every position's logits, the same pattern as the emitted token's: position ``p`` holding
+        token ``t`` puts ``LOGIT_HIGH`` on ``next_word(t, p)``."""
         if not token_ids:
             raise ValueError("prefill needs at least one new token")
         # a caller that passes no buffer keeps the KV: it is not taken from the arena
@@ -166,6 +171,11 @@ class SimRunner:
             if off:
                 yield None
             piece = token_ids[off : off + chunk]
+            if scores is not None:
+                for at in range(0, len(piece), SCORE_ROWS):  # a few MB of logits at a time
+                    rows = piece[at : at + SCORE_ROWS]
+                    first = past + off + at
+                    scores.add(self.logits_for([self.next_word(t, first + i) for i, t in enumerate(rows)]), first)
             seconds = self.profile.prefill_seconds(past + off + len(piece), past + off)
             if self.noise is not None:
                 seconds *= self.noise.prefill_factor(piece, past + off)
