@@ -13,8 +13,9 @@ Measured, for each number of instances (``--instances``, per kind) and each size
 index (``--blocks``, entries: one block held by one instance):
 
 - the pre-load: every block reaches the index as the instances' KV events on ``YB_KV_EVENTS``
-  (``libs/kvevents.py``'s format and numbering); its time, keys and events ingested per second, and
-  the conductor's resident memory growth per indexed block (psutil);
+  (``libs/kvevents.py``'s format and numbering), ``--preload-batch`` events at a time (the next
+  batch once the conductor has applied the last); its time, keys and events ingested per second,
+  and the conductor's resident memory growth per indexed block (psutil);
 - decision latency: the request/reply round trip of ``yb.sched`` seen from the requesting side
   (p50/p99), closed loop (one request at a time) and at each offered rate (Poisson arrivals);
   the rates are fractions of the closed-loop capacity, rising until the conductor saturates (a
@@ -929,7 +930,9 @@ class Bench:
             await self._js_publish(Subjects.kv_events(ev.instance_id), encode(ev))
             events += 1
             keys += len(ev.stored)
-            if events % 64 == 0:
+            if a.preload_batch and events % a.preload_batch == 0:
+                await self.sync_index()  # the conductor has caught up: a bounded backlog
+            elif events % 64 == 0:
                 await asyncio.sleep(0)  # heartbeats go on
         published = time.monotonic() - t0
         await self.sync_index()
@@ -1434,6 +1437,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pool-share", type=float, default=0.5, help="share of the index entries held by the pool")
     p.add_argument("--event-keys", type=int, default=512,
                    help="keys per filler KV event of the pre-load (about one prompt's new blocks)")
+    p.add_argument("--preload-batch", type=int, default=128,
+                   help="pre-load events published before waiting for the conductor to have applied them (0: all "
+                   "at once; a backlog of seconds delays the heartbeats queued behind it on the conductor's "
+                   "connection, and past three intervals it declares every instance lost)")
     p.add_argument("--heartbeat-interval", type=float, default=1.0, help="seconds (the deployment's default)")
     p.add_argument("--rows", type=int, default=32, help="decode rows per instance (max_running)")
     p.add_argument("--prefill-util", type=float, default=0.7, help="prefill busy share the offered prompts would make")

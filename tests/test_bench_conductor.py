@@ -175,7 +175,7 @@ def test_small_run_against_a_real_conductor(tmp_path):
         "--instances", "4", "--blocks", "1e3", "--token-scale", "32", "--warm-requests", "20", "--requests", "300",
         "--rates", "20,40", "--warm-seconds", "0.5", "--measure-seconds", "1", "--min-decisions", "10",
         "--closed-seconds", "1", "--closed-decisions", "100", "--max-stay", "0.5", "--heartbeat-interval", "0.5",
-        "--no-pin",
+        "--event-keys", "100", "--preload-batch", "4", "--no-pin",
         "--out-dir", str(tmp_path / "png"), "--out", str(out), "--data-dir", str(tmp_path / "data")])
     assert bc.main(args) == 0
     fig = json.loads(out.read_text())
@@ -185,6 +185,7 @@ def test_small_run_against_a_real_conductor(tmp_path):
     assert cfg["end_index_blocks"] == cfg["end_published_blocks"] == 1000 and cfg["end_index_matches"]
     assert cfg["index_gaps"] == 0 and cfg["js_publish_failures"] == 0
     assert cfg["preload_keys"] == 1000 and cfg["preload_seconds"] > 0 and cfg["ingest_keys_per_s"] > 0
+    assert cfg["preload_events"] >= 10  # published four at a time, each batch applied before the next
     assert cfg["unknown_instances"] == 0  # every admitted reply named a prefill and a decode instance that exist
     assert cfg["instances_lost"] == 0
     assert cfg["closed_decisions"] > 0 and 0 < cfg["closed_p50_ms"] <= cfg["closed_p99_ms"]
