@@ -183,9 +183,9 @@ class ModelWorker(Service):
     async def emit(self, event: TokenEvent) -> None:
         await self.nc.publish(Subjects.output(event.output_id), encode(event))
 
-    async def emit_error(self, output_id: str, seq: int, error: str, retry: bool = False) -> None:
+    async def emit_error(self, output_id: str, seq: int, error: str, retry: bool = False, index: int = 0) -> None:
         await self.emit(TokenEvent(output_id=output_id, seq=seq, token_ids=[], finish_reason="error", error=error,
-                                   retry=retry))
+                                   retry=retry, index=index))
 
     async def subscribe_tasks(self, stream: str, subject: str, wait: float = 30.0) -> None:
         """This instance's durable pull consumer on its task subject.

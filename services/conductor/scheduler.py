@@ -17,7 +17,8 @@ import msgspec
 from libs.config import SLO, Settings
 from libs.engine.costs import DEFAULT as DEFAULT_PROFILE, CostProfile
 from libs.metrics import largest_gap_counts
-from libs.protocol import DecodeReport, Heartbeat, PrefillDone, PrefillReport, PrefillTask, ScheduleRequest
+from libs.protocol import (DecodeReport, Heartbeat, PrefillDone, PrefillReport, PrefillTask, SamplingParams,
+                           ScheduleRequest)
 
 from services.conductor.admission import AdmissionController
 from services.conductor.decodecost import DecodeCostModel
@@ -33,6 +34,13 @@ from services.conductor.registry import Instance, Registry
 
 PRIOR_KV_TOKENS = 256  # KV positions per sequence assumed before any has been seen
 MAX_PENDING_PREDICTIONS = 100_000  # placed requests whose first token is awaited, kept to compare with it
+
+
+def reusable_keys(sampling: SamplingParams, keys: list[bytes]) -> list[bytes]:
+    """The block keys a placement may plan to reuse: none for a prompt whose logprobs are asked
+    for (prefill computes every position of it: each needs its logits), so its prediction is a
+    whole prompt's compute and it loads nothing from the pool or a peer."""
+    return [] if sampling.prompt_logprobs is not None else keys
 
 
 def _remember(pending: OrderedDict, attempt_id: str, predicted: float) -> None:
@@ -228,8 +236,8 @@ class Scheduler:
         tokens = self.projector.expected_tokens(req.sampling.max_tokens, req.sampling.ignore_eos)
         urgent = largest_gap_counts(req.sampling.max_tokens)
         avoid = req.resume.failed_decode if req.resume is not None else ""
-        placement, view, decodes = self.place(len(req.prompt_token_ids), keys, now, req.tbt_slo, tokens, urgent,
-                                              avoid_decode=avoid)
+        placement, view, decodes = self.place(len(req.prompt_token_ids), reusable_keys(req.sampling, keys), now,
+                                              req.tbt_slo, tokens, urgent, avoid_decode=avoid)
         placement = self.admit(req, placement, decodes)
         if not placement.admitted:
             return Decision(placement, view)
@@ -263,7 +271,8 @@ class Scheduler:
         again); returns the placement and, when it found instances, the task to queue."""
         tokens = self.projector.expected_tokens(task.sampling.max_tokens, task.sampling.ignore_eos)
         urgent = largest_gap_counts(task.sampling.max_tokens)
-        placement, _, _ = self.place(len(task.prompt_token_ids), task.block_hashes, now, tokens=tokens, urgent=urgent)
+        placement, _, _ = self.place(len(task.prompt_token_ids), reusable_keys(task.sampling, task.block_hashes), now,
+                                     tokens=tokens, urgent=urgent)
         if not placement.admitted:
             return placement, None
         self._placed(task.attempt_id, placement, len(task.prompt_token_ids), tokens, urgent, now)

@@ -253,7 +253,8 @@ class ConductorService(Service):
                     if moved_task is None:
                         await self.nc.publish(Subjects.output(task.output_id), encode(TokenEvent(
                             output_id=task.output_id, seq=task.seq_base, token_ids=[], finish_reason="error",
-                            error=f"prefill instance {dead} was lost and {placement.reason}")))
+                            error=f"prefill instance {dead} was lost and {placement.reason}",
+                            index=task.first_index)))
                         failed += 1
                     else:
                         await self.js.publish(Subjects.prefill_task(placement.prefill_id), encode(moved_task),

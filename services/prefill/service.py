@@ -31,14 +31,17 @@ from libs.bus import TransferError, keep_in_progress, send_blob
 from libs.kvevents import KVEventPublisher
 from libs.engine.arena import kv_arena_for, KVArena
 from libs.engine.prefill_kv import PastNotLoaded, PrefillKV
+from libs.engine.logprobs import PromptScores, logprobs_at
 from libs.engine.sampling import sample_token, split_resumed_prompt
 from libs.protocol import (
     CacheGetRequest,
     DecodeTask,
+    Fork,
     KVMeta,
     PrefillDone,
     PrefillReport,
     PrefillTask,
+    PromptLogprobs,
     Subjects,
     TokenEvent,
     decode,
@@ -76,6 +79,7 @@ class Prefilled(NamedTuple):
     load_seconds: float  # the load (overlapping the compute)
     compute_seconds: float  # the model's time on the prompt (waits for the past's layers excluded)
     handoff: "asyncio.Future | None"  # the KV on its way to decode as the layers ran (None: not sent yet)
+    prompt_logprobs: PromptLogprobs | None = None  # asked for (an echo with logprobs)
 
     @property
     def kv(self) -> torch.Tensor:
@@ -157,10 +161,8 @@ class PrefillService(ModelWorker):
     # ---- prefix reuse
     def _local_prefix(self, task: PrefillTask) -> tuple[list[bytes], list[torch.Tensor]]:
         """The keys worth reusing (all full blocks but one token) and those in the own DRAM cache."""
-        bs = self.settings.block_size
-        n = max(0, (len(task.prompt_token_ids) - 1) // bs)  # always compute at least one token
-        if task.reuse_blocks >= 0:
-            n = min(n, task.reuse_blocks)
+        n = reusable_blocks(len(task.prompt_token_ids), self.settings.block_size, task.reuse_blocks,
+                            task.sampling.prompt_logprobs is not None)
         keys = task.block_hashes[:n]
         return keys, self.blocks.prefix(keys)
 
@@ -188,14 +190,14 @@ class PrefillService(ModelWorker):
             self.log.warning("pool_lookup_failed", request_id=task.attempt_id, error=str(e))
             return 0
 
-    async def _compute_prefill(self, tokens: list[int], chunk: int, buf):
+    async def _compute_prefill(self, tokens: list[int], chunk: int, buf, scores: PromptScores | None = None):
         """The prompt's forward on the model thread. A colocated worker shares that thread with its
         decode steps: there each chunk is a job of its own, so the running sequences take a step
         between two chunks instead of waiting for the whole prompt (chunked prefill), and the
         prompts being prefilled take turns, a chunk at a time."""
         if not self.settings.colocated:
-            return await self.compute(self.runner.prefill, tokens, chunk=chunk, buffer=buf)
-        steps = self.runner.prefill_steps(tokens, chunk=chunk, buffer=buf)
+            return await self.compute(self.runner.prefill, tokens, chunk=chunk, buffer=buf, scores=scores)
+        steps = self.runner.prefill_steps(tokens, chunk=chunk, buffer=buf, scores=scores)
         try:
             while True:
                 async with self._engine.chunk_turn:
@@ -227,11 +229,13 @@ class PrefillService(ModelWorker):
         if not peer:
             found = await self._pool_blocks(task, keys[local:], local)
         reused = (local + found) * bs
+        k = task.sampling.prompt_logprobs
+        scores = PromptScores(prompt, k) if k is not None else None  # then nothing is reused
         buf = self.runner.kv_buffer(len(prompt) - reused, blocks, pending=found * bs)
         handoff = asyncio.ensure_future(self._stream_kv(task, buf)) if stream else None
         try:
             t0 = time.monotonic()
-            run = asyncio.ensure_future(self._compute_prefill(prompt[reused:], chunk, buf))
+            run = asyncio.ensure_future(self._compute_prefill(prompt[reused:], chunk, buf, scores))
             pool, seconds = 0, 0.0
             if found:
                 started = time.monotonic()
@@ -255,8 +259,9 @@ class PrefillService(ModelWorker):
                 failed = buf
                 buf = self.runner.kv_buffer(len(prompt) - good, failed.kv[:, :, :, :good] if good else None)
                 failed.release()  # its verified past is copied over, and nothing else reads it
-                logits, _ = await self._compute_prefill(prompt[good:], chunk, buf)
-            return Prefilled(logits, buf, local, pool, peer, seconds, time.monotonic() - t0 - buf.waited, handoff)
+                logits, _ = await self._compute_prefill(prompt[good:], chunk, buf, scores)
+            return Prefilled(logits, buf, local, pool, peer, seconds, time.monotonic() - t0 - buf.waited, handoff,
+                             scores.message() if scores is not None else None)
         except BaseException:
             await _cancel(handoff)  # the prompt failed: nothing of it goes to decode
             raise
@@ -279,7 +284,7 @@ class PrefillService(ModelWorker):
             done = await self._prefill(task, log, stream)
         except Exception as e:  # noqa: BLE001 - report, never hang the client
             log.error("prefill_failed", error=repr(e))
-            await self.emit_error(task.output_id, task.seq_base, f"prefill failed: {e}")
+            await self.emit_error(task.output_id, task.seq_base, f"prefill failed: {e}", index=task.first_index)
             await msg.ack()
             return 0, None
         computed = time.monotonic()
@@ -287,19 +292,29 @@ class PrefillService(ModelWorker):
         load_seconds, compute_seconds = done.load_seconds, done.compute_seconds
         reused = (local + pool) * bs
         nbytes = pool * bs * self.shape.kv_bytes_per_token()
+        params, first = task.sampling, task.first_index
         try:
-            history = split_resumed_prompt(prompt, task.seq_base) if task.sampling.penalized else ((), ())
-            token = sample_token(logits, task.sampling, task.seq_base, *history)
+            history = split_resumed_prompt(prompt, task.seq_base) if params.penalized else ((), ())
+            # n choices from the one distribution, each with its own seed (none at max_tokens 0:
+            # an echo that only scores the prompt)
+            tokens = [sample_token(logits, params.choice(i), task.seq_base, *history)
+                      for i in range(params.n)] if params.max_tokens > 0 else []
+            lps = logprobs_at(logits, tokens, params.logprobs) if params.logprobs is not None and tokens else None
         except Exception as e:  # noqa: BLE001 - one request's bad draw must not stop the instance
             await _cancel(done.handoff)
             done.buf.release()
             log.error("sampling_failed", error=repr(e))
-            await self.emit_error(task.output_id, task.seq_base, f"sampling failed: {e}")
+            await self.emit_error(task.output_id, task.seq_base, f"sampling failed: {e}", index=task.first_index)
             await msg.ack()
             return 0, None
-        reason = finish_reason(token, 1, task.sampling, self.shape.eos_token_ids)
-        await self.emit(TokenEvent(output_id=task.output_id, seq=task.seq_base, token_ids=[token],
-                                   finish_reason=reason, prompt_tokens=len(prompt), cached_tokens=reused))
+        reasons = ([finish_reason(t, 1, params, self.shape.eos_token_ids) for t in tokens] if tokens
+                   else ["length"] * params.n)
+        for i, reason in enumerate(reasons):
+            await self.emit(TokenEvent(output_id=task.output_id, seq=task.seq_base, token_ids=tokens[i : i + 1],
+                                       finish_reason=reason, prompt_tokens=len(prompt), cached_tokens=reused,
+                                       index=first + i, logprobs=[lps[i]] if lps is not None else None,
+                                       prompt_logprobs=done.prompt_logprobs if i == 0 else None))
+        going = [i for i, reason in enumerate(reasons) if reason is None]  # the choices decode goes on with
         ttft = max(0.0, time.time() - task.arrival_time) if task.arrival_time else 0.0
         emit_seconds = time.monotonic() - computed  # the draw and handing the token to the bus
         QUERY_TOKENS.inc(len(prompt))
@@ -307,7 +322,8 @@ class PrefillService(ModelWorker):
         HIT_TOKENS.labels(source="peer" if done.peer else "pool").inc(pool * bs)
         COMPUTED_TOKENS.inc(len(prompt) - reused)
         PREFILL_SECONDS.observe(compute_seconds)
-        log.info("prefilled", prompt_tokens=len(prompt), local_tokens=local * bs, pool_tokens=pool * bs, peer=done.peer,
+        log.info("prefilled", prompt_tokens=len(prompt), choices=params.n, local_tokens=local * bs,
+                 pool_tokens=pool * bs, peer=done.peer,
                  load_s=round(load_seconds, 4), compute_s=round(compute_seconds, 4),
                  predicted_s=round(task.predicted_seconds, 4), waited_s=round(queue_seconds, 4),
                  emit_s=round(emit_seconds, 4), total_s=round(time.monotonic() - started, 4))
@@ -316,19 +332,20 @@ class PrefillService(ModelWorker):
             pool_tokens=pool * bs, load_bytes=nbytes, load_seconds=load_seconds, compute_seconds=compute_seconds,
             queue_seconds=queue_seconds, kv_bytes_per_token=self.shape.kv_bytes_per_token(), ttft_seconds=ttft)))
         first_token_at, handed = time.monotonic(), 0
-        if reason is None and rid not in self.aborted:
+        if going and rid not in self.aborted:
             try:
                 if done.handoff is not None:
                     await done.handoff  # the last layers' bytes
                 else:
                     await self._send_kv(task, kv, f"{rid}@{self.instance_id}/full")
-                await self._publish_decode_task(task, token, kv.shape[3])
+                await self._publish_decode_task(task, tokens, going, kv.shape[3])
                 handed = kv.shape[3]
                 HANDOFF_TAIL_SECONDS.observe(time.monotonic() - first_token_at)
             except (TransferError, Exception) as e:  # noqa: BLE001
                 log.error("handoff_failed", decode=task.decode_id, error=repr(e))
-                await self.emit_error(task.output_id, task.seq_base + 1, f"KV hand-off to decode failed: {e}",
-                                      retry=True)
+                for i in going:
+                    await self.emit_error(task.output_id, task.seq_base + 1, f"KV hand-off to decode failed: {e}",
+                                          retry=True, index=first + i)
         else:
             await _cancel(done.handoff)  # finished at its first token, or the client has gone
         self.done.add(rid)
@@ -398,15 +415,19 @@ class PrefillService(ModelWorker):
         await stream_kv(self.nc, Subjects.kv(task.decode_id), f"{task.attempt_id}@{self.instance_id}", buf,
                         self._kv_meta(task, buf.total))
 
-    async def _publish_decode_task(self, task: PrefillTask, token: int, kv_len: int) -> None:
+    async def _publish_decode_task(self, task: PrefillTask, tokens: list[int], going: list[int], kv_len: int) -> None:
+        """The decode task of the choices in ``going`` (indices into ``tokens``, the first tokens):
+        one sequence, or (n > 1) a fork per choice of the one KV sent."""
+        first = task.first_index
         dtask = DecodeTask(
             attempt_id=task.attempt_id,
             prompt_token_ids=task.prompt_token_ids,
-            output_token_ids=[token],
+            output_token_ids=[tokens[going[0]]],
             sampling=task.sampling,
             kv_len=kv_len,
             prefill_id=self.instance_id,
             resume=task.resume,
+            forks=[Fork(first + i, tokens[i]) for i in going] if task.sampling.n > 1 else [],
         )
         await self.js.publish(
             Subjects.decode_task(task.decode_id), encode(dtask), headers={"Nats-Msg-Id": task.attempt_id}
@@ -464,6 +485,20 @@ def pool_write_budget(backlog_bytes: int, arena: KVArena | None) -> int:
 
 
 async def _cancel(fut: "asyncio.Future | None") -> None:
+def reusable_blocks(prompt_len: int, block_size: int, cap: int, scored: bool) -> int:
+    """Leading blocks of a prompt worth reusing instead of computing: every full block but one
+    token (at least one is computed, for the first token's logits), at most ``cap`` (-1: no cap).
+
+    None for a prompt whose logprobs are asked for (``scored``): token ``p``'s logprob is a
+    softmax of position ``p - 1``'s logits, which only that position's forward gives, and that
+    forward computes the position's KV anyway. A cached copy of the KV would save nothing for
+    those positions, and every position but the last is one of them."""
+    if scored:
+        return 0
+    n = max(0, (prompt_len - 1) // block_size)
+    return min(n, cap) if cap >= 0 else n
+
+
     """Stop a hand-off in progress (its half-sent blob is forgotten by the receiver) and wait for it."""
     if fut is None:
         return
