@@ -26,7 +26,7 @@ class Sequence:
     prompt_len: int
     output: list[int]  # every output token so far, including the one from prefill
     kv: Any = None  # the KV to join with (wire layout); dropped once joined
-    handle: Any = None  # the task message to ack when finished
+    handle: Any = None  # the task message to ack when finished (its group's last one, for a fork)
     finish: str | None = None
     output_id: str = ""  # where the client listens (the request id, or the original one of a resumed request)
     seq_base: int = 0  # token events the client had before this attempt
@@ -38,6 +38,9 @@ class Sequence:
     # tokens streamed before a resume (the tail of this attempt's prompt)
     prompt: list[int] = field(default_factory=list)
     earlier_outputs: list[int] = field(default_factory=list)
+    index: int = 0  # the request's choice it makes (n > 1)
+    group: "Group | None" = None  # the forks of one decode task (n > 1), which share its message and KV
+    kv_key: str = ""  # the received KV buffer it holds a share of, until it joins or leaves
     urgent: bool = field(init=False)  # its wait for a row is a gap its TBT counts (ten tokens or fewer)
 
     def __post_init__(self) -> None:
@@ -53,6 +56,42 @@ class Sequence:
     def next_seq(self) -> int:
         """Sequence number of the next token event (one event per token)."""
         return self.seq_base + len(self.output)
+
+
+@dataclass
+class Group:
+    """The sequences one decode task forked into (a request with n > 1): they share the task's
+    message, acked once the last of them is finished, and the KV received once, which each
+    copies into its own row."""
+
+    attempt_id: str
+    ids: dict[int, str]  # choice index -> its sequence id
+    live: set[str] = field(default_factory=set)  # the sequences not finished
+
+    def __post_init__(self) -> None:
+        self.live = set(self.ids.values())
+
+    def sequences(self, abort_id: str) -> list[str] | None:
+        """The live sequences an abort of ``abort_id`` ends: all of them for the task's attempt id,
+        one fork's for ``<attempt>#<choice>`` (a client that has all of that choice); None if
+        neither names this group."""
+        if abort_id == self.attempt_id:
+            return sorted(self.live)
+        base, _, index = abort_id.rpartition("#")
+        if base == self.attempt_id and index.isdigit() and self.ids.get(int(index)) in self.live:
+            return [self.ids[int(index)]]
+        return None
+
+    def leave(self, seq_id: str) -> bool:
+        """``seq_id`` is finished; whether it was the group's last."""
+        self.live.discard(seq_id)
+        return not self.live
+
+
+def fork_ids(attempt_id: str, indices: list[int]) -> list[str]:
+    """The sequence id of each fork of a decode task: the attempt's own for the first (the one the
+    conductor admitted and follows), ``<attempt>#<choice>`` for the others."""
+    return [attempt_id if k == 0 else f"{attempt_id}#{i}" for k, i in enumerate(indices)]
 
 
 @dataclass

@@ -10,12 +10,13 @@ import torch
 
 from libs.bus import BULK_PENDING_BYTES, BlobAssembler, BlobData, uninitialized
 from libs.engine.arena import kv_arena_for
+from libs.engine.logprobs import logprobs_rows
 from libs.engine.sampling import sample_token, split_resumed_prompt
 from libs.protocol import (DecodeReport, DecodeTask, KVMeta, SequenceProgress, Subjects, TokenEvent, decode,
                                    encode)
 from libs.worker import ModelWorker
 
-from services.decode.batcher import Batcher, Sequence
+from services.decode.batcher import Batcher, Group, Sequence, fork_ids
 
 KV_WAIT_SECONDS = 30.0
 PROGRESS_EVERY = 15.0
@@ -45,7 +46,9 @@ class DecodeService(ModelWorker):
         if self.recv_arena is not None:
             await asyncio.to_thread(self.recv_arena.commit)  # its slab paged in now, not under load
             self.track_arena("decode", self.recv_arena)
-        self._recv_bufs: dict[str, BlobData] = {}  # request id -> its KV's buffer, until it joins
+        # request id -> [its KV's buffer, sequences yet to join from it] (a task's forks share one)
+        self._recv_bufs: dict[str, list] = {}
+        self._groups: dict[str, Group] = {}  # attempt id -> its forks (n > 1) still running
         alloc = self.recv_arena.take_bytes if self.recv_arena is not None else uninitialized
         self._assembler = BlobAssembler(self.nc, self._on_kv, alloc=alloc)
         await self.nc.subscribe(
@@ -79,7 +82,7 @@ class DecodeService(ModelWorker):
             self.log.warning("bad_kv_meta", transfer_id=transfer_id, error=str(e))
             return
         rid = m.attempt_id
-        if rid in self.done or rid in self.batcher.running:
+        if rid in self.done or rid in self.batcher.running or rid in self._groups:
             return  # a second copy (the prefill was redone after a failure)
         self._kv[rid] = (m, data, time.monotonic())
         self._kv_ready.setdefault(rid, asyncio.Event()).set()
@@ -109,7 +112,7 @@ class DecodeService(ModelWorker):
     async def _admit(self, task: DecodeTask, msg) -> None:
         rid = task.attempt_id
         log = self.log.bind(request_id=rid)
-        if rid in self.done or rid in self.aborted or rid in self.batcher.running:
+        if rid in self.done or rid in self.aborted or rid in self.batcher.running or rid in self._groups:
             self._drop_kv(rid)
             await msg.ack()
             return
@@ -119,7 +122,6 @@ class DecodeService(ModelWorker):
             await asyncio.wait_for(event.wait(), KV_WAIT_SECONDS)
             meta, data, _ = self._kv.pop(rid)
             kv = self._take_kv(meta, data)
-            self._recv_bufs[rid] = data
         except (asyncio.TimeoutError, KeyError, ValueError) as e:
             log.error("kv_missing", error=repr(e))
             await self.emit_error(task.output_id, task.seq_base + len(task.output_token_ids),
@@ -130,36 +132,77 @@ class DecodeService(ModelWorker):
         finally:
             self._kv_ready.pop(rid, None)
         if rid in self.aborted:
+            if self.recv_arena is not None:
+                self.recv_arena.give_bytes(data)
             await msg.ack()
             return
-        seq = Sequence(
-            attempt_id=rid,
-            params=task.sampling,
-            prompt_len=len(task.prompt_token_ids),
-            output=list(task.output_token_ids),
-            kv=kv,
-            handle=msg,
-            output_id=task.output_id,
-            seq_base=task.seq_base,
-            joined_at=time.monotonic(),
-            kv_wait=time.monotonic() - taken_at,
-            initial_outputs=len(task.output_token_ids),
-        )
-        if task.sampling.penalized:  # the penalties look at the prompt's tokens and the earlier outputs
-            seq.prompt, seq.earlier_outputs = split_resumed_prompt(task.prompt_token_ids, task.seq_base)
-        self.batcher.submit(seq)
+        # one sequence, or (n > 1) a fork per choice that goes on: each copies the one KV into its row
+        if task.forks:  # not those whose client already has all it wants of them (a stop string)
+            starts = [(f.index, [f.token], task.sampling.choice(f.index)) for f in task.forks
+                      if f"{rid}#{f.index}" not in self.aborted]
+        else:
+            starts = [(task.first_index, list(task.output_token_ids), task.sampling)]
+        if not starts:
+            if self.recv_arena is not None:
+                self.recv_arena.give_bytes(data)
+            await msg.ack()
+            return
+        ids = fork_ids(rid, [index for index, _, _ in starts])
+        group = Group(rid, {index: sid for (index, _, _), sid in zip(starts, ids)}) if task.forks else None
+        if group is not None:
+            self._groups[rid] = group
+        self._recv_bufs[rid] = [data, len(ids)]
+        history = split_resumed_prompt(task.prompt_token_ids, task.seq_base) if task.sampling.penalized else None
+        now = time.monotonic()
+        for sid, (index, output, params) in zip(ids, starts):
+            seq = Sequence(
+                attempt_id=sid,
+                params=params,
+                prompt_len=len(task.prompt_token_ids),
+                output=output,
+                kv=kv,
+                handle=msg,
+                output_id=task.output_id,
+                seq_base=task.seq_base,
+                joined_at=now,
+                kv_wait=now - taken_at,
+                initial_outputs=len(output),
+                index=index,
+                group=group,
+                kv_key=rid,
+            )
+            if history is not None:  # the penalties look at the prompt's tokens and the earlier outputs
+                seq.prompt, seq.earlier_outputs = history
+            self.batcher.submit(seq)
         self._wake.set()
-        log.debug("decode_admitted", kv_len=task.kv_len)
+        log.debug("decode_admitted", kv_len=task.kv_len, sequences=len(ids))
 
     def _drop_kv(self, rid: str) -> None:
         self._kv.pop(rid, None)
         self._recv_bufs.pop(rid, None)
         self._kv_ready.pop(rid, None)
 
+    def _release_kv(self, seq: Sequence) -> None:
+        """``seq`` no longer needs its received KV (joined: copied into its row; or leaving before
+        it joined); the buffer goes back to the arena once no fork of its task needs it."""
+        key, seq.kv_key, seq.kv = seq.kv_key, "", None
+        entry = self._recv_bufs.get(key) if key else None
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] <= 0:
+            del self._recv_bufs[key]
+            if self.recv_arena is not None:
+                self.recv_arena.give_bytes(entry[0])
+
     def on_abort(self, attempt_id: str) -> None:
-        seq = self.batcher.abort(attempt_id)
-        if seq is not None and seq.attempt_id not in self.batcher.running:
-            self.spawn(self._finish(seq))
+        """Abort a sequence, every fork of a task (its attempt id) or one fork (``<attempt>#<choice>``)."""
+        group = self._groups.get(attempt_id.rpartition("#")[0] or attempt_id) or self._groups.get(attempt_id)
+        ids = group.sequences(attempt_id) if group is not None else None
+        for sid in ids if ids is not None else [attempt_id]:
+            seq = self.batcher.abort(sid)
+            if seq is not None and seq.attempt_id not in self.batcher.running:
+                self.spawn(self._finish(seq))
 
     # ---- the engine
     def _step(self, plan):
@@ -167,13 +210,10 @@ class DecodeService(ModelWorker):
         if plan.leaves:
             self.batch.remove(plan.leaves)
         for seq in plan.joins:
-            self.batch.add(seq.attempt_id, seq.kv)  # copies it: its buffer is free again
-            seq.kv = None
-            data = self._recv_bufs.pop(seq.attempt_id, None)
-            if data is not None and self.recv_arena is not None:
-                self.recv_arena.give_bytes(data)
+            # copies it: its buffer is free again once the step is over (``_release_kv``)
+            self.batch.add(seq.attempt_id, seq.kv)
         if not plan.rows:
-            return []
+            return [], None
         kv = self.batch.kv_tokens()
         by_id = {s.attempt_id: s for s in plan.rows}
         rows = [by_id[rid] for rid in self.batch.ids]  # the batch keeps its own row order
@@ -182,7 +222,14 @@ class DecodeService(ModelWorker):
         tokens = {s.attempt_id: sample_token(logits[i], s.params, s.next_seq, *s.penalty_history())
                   for i, s in enumerate(rows)}
         self._step_kv = kv
-        return [tokens[s.attempt_id] for s in plan.rows]
+        # log-probabilities only for the rows that asked: nothing more for a batch where none did
+        asked = [i for i, s in enumerate(rows) if s.params.logprobs is not None]
+        if not asked:
+            return [tokens[s.attempt_id] for s in plan.rows], None
+        got = logprobs_rows(logits[asked], [tokens[rows[i].attempt_id] for i in asked],
+                            [rows[i].params.logprobs for i in asked])
+        lps = {rows[i].attempt_id: lp for i, lp in zip(asked, got)}
+        return [tokens[s.attempt_id] for s in plan.rows], [lps.get(s.attempt_id) for s in plan.rows]
 
     async def drain(self) -> None:
         """Finish running sequences for up to ``drain_seconds``; hand the rest back: each gets a
@@ -194,7 +241,8 @@ class DecodeService(ModelWorker):
         left = list(self.batcher.running.values()) + list(self.batcher.waiting)
         for seq in left:
             self.batcher.abort(seq.attempt_id)
-            await self.emit_error(seq.output_id, seq.next_seq, "decode instance is shutting down", retry=True)
+            await self.emit_error(seq.output_id, seq.next_seq, "decode instance is shutting down", retry=True,
+                                  index=seq.index)
             await self._finish(seq)
         if left:
             self.log.info("drain_handed_back", sequences=len(left))
@@ -210,18 +258,23 @@ class DecodeService(ModelWorker):
             for seq in plan.joins:
                 seq.row_at = time.monotonic()
             try:
-                tokens = await self.compute(self._step, plan)
+                tokens, lps = await self.compute(self._step, plan)
             except Exception as e:  # noqa: BLE001 - fail the batch's requests, keep serving
                 self.log.error("decode_step_failed", error=repr(e), exc_info=True)
+                for seq in plan.joins:
+                    self._release_kv(seq)
                 for seq in plan.rows:
-                    await self.emit_error(seq.output_id, seq.next_seq, f"decode step failed: {e}", retry=True)
+                    await self.emit_error(seq.output_id, seq.next_seq, f"decode step failed: {e}", retry=True,
+                                          index=seq.index)
                     self.batcher.abort(seq.attempt_id)
                     await self._ack(seq)
                 self.batch = self.runner.new_batch()
                 self.batcher.plan()
                 continue
+            for seq in plan.joins:
+                self._release_kv(seq)
             finished = {s.attempt_id for s in self.batcher.record(plan.rows, tokens)}
-            for seq, tok in zip(plan.rows, tokens):
+            for k, (seq, tok) in enumerate(zip(plan.rows, tokens)):
                 if seq.finish == "abort":
                     continue
                 await self.emit(
@@ -230,6 +283,8 @@ class DecodeService(ModelWorker):
                         seq=seq.next_seq - 1,
                         token_ids=[tok],
                         finish_reason=seq.finish if seq.attempt_id in finished else None,
+                        index=seq.index,
+                        logprobs=[lps[k]] if lps is not None and lps[k] is not None else None,
                     )
                 )
                 if seq.attempt_id in finished:
@@ -246,6 +301,7 @@ class DecodeService(ModelWorker):
 
     async def _finish(self, seq: Sequence) -> None:
         self.done.add(seq.attempt_id)
+        self._release_kv(seq)  # one that leaves before joining (aborted while waiting for a row)
         await self._ack(seq)
         if seq.joined_at:
             now = time.monotonic()
@@ -262,10 +318,16 @@ class DecodeService(ModelWorker):
             except Exception as e:  # noqa: BLE001 - a lost report only blurs the conductor's projection
                 self.log.warning("decode_report_failed", error=str(e))
 
-    @staticmethod
-    async def _ack(seq: Sequence) -> None:
+    async def _ack(self, seq: Sequence) -> None:
+        """Ack ``seq``'s task message; a fork's, once the last fork of its task is finished."""
         if seq.handle is not None:
             handle, seq.handle = seq.handle, None
+            group = seq.group
+            if group is not None:
+                if not group.leave(seq.attempt_id):
+                    return  # other forks of the task still run
+                self._groups.pop(group.attempt_id, None)
+                self.done.add(group.attempt_id)
             try:
                 await handle.ack()
             except Exception:  # noqa: BLE001 - already acked or connection gone; redelivery is idempotent
