@@ -74,3 +74,44 @@ class StopStrings:
         out = self.text[self._sent :]
         self._sent = len(self.text)
         return out
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet read back: the character standing for each byte."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    extra = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+class TokenText:
+    """A token as logprobs name it: the string of the token alone (special tokens included, a piece
+    of a character as the replacement character) and its bytes, for a byte-level BPE tokenizer the
+    exact bytes the token stands for (so the pieces of a character join up, as OpenAI's ``bytes``
+    are meant to), else the string's UTF-8. Cached per token id (at most the vocabulary)."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        decoder = getattr(backend, "decoder", None) if backend is not None else None
+        self._bytes = _byte_decoder() if type(decoder).__name__ == "ByteLevel" else None
+        self._added = set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+        self._cache: dict[int, tuple[str, list[int]]] = {}
+
+    def __call__(self, token_id: int) -> tuple[str, list[int]]:
+        hit = self._cache.get(token_id)
+        if hit is not None:
+            return hit
+        text = self.tok.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        raw = None
+        if self._bytes is not None and token_id not in self._added:
+            piece = self.tok.convert_ids_to_tokens(token_id)
+            if piece and all(c in self._bytes for c in piece):
+                raw = [self._bytes[c] for c in piece]
+        hit = self._cache[token_id] = (text, raw if raw is not None else list(text.encode("utf-8")))
+        return hit

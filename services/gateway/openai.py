@@ -11,13 +11,19 @@ from typing import Any
 import msgspec
 
 from libs.config import SLO
-from libs.protocol import SamplingParams
+from libs.protocol import MAX_PAYLOAD, SamplingParams, TokenLogprobs
 
 MAX_MESSAGES = 1024
 MAX_JSON_DEPTH = 16
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
 MAX_STOP_TOKEN_IDS = 256
+MAX_N = 8  # choices per request
+MAX_TOP_LOGPROBS = 20  # chat's top_logprobs (OpenAI's bound)
+MAX_COMPLETION_LOGPROBS = 5  # completions' logprobs (OpenAI's bound)
+LOGPROB_FLOOR = -9999.0  # a logprob below is reported as this (vLLM's floor; JSON has no -inf)
+# an echo's prompt logprobs travel in one bus message: 4 bytes a position, 8 per alternative
+PROMPT_LOGPROBS_BYTES = MAX_PAYLOAD - 64 * 1024
 
 
 class ApiError(Exception):
@@ -82,7 +88,7 @@ class _Common(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None  # vLLM
-    n: int | None = None  # 1 only
+    n: int | None = None  # choices, 1 .. MAX_N, from one prefill
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     # informational (OpenAI: an end-user id for abuse monitoring); accepted, no effect on output
@@ -94,6 +100,8 @@ class _Common(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 class ChatCompletionRequest(_Common, kw_only=True, forbid_unknown_fields=True):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
+    logprobs: bool | None = None  # each output token's logprob
+    top_logprobs: int | None = None  # and this many most likely tokens at its position (with logprobs)
     # informational in OpenAI's API (ids and tags for the caller's own bookkeeping, a cache
     # routing hint); accepted, no effect on output
     safety_identifier: str | None = None
@@ -104,6 +112,8 @@ class ChatCompletionRequest(_Common, kw_only=True, forbid_unknown_fields=True):
 class CompletionRequest(_Common, kw_only=True, forbid_unknown_fields=True):
     prompt: str | list[Any]
     add_special_tokens: bool | None = None  # vLLM: tokenize a text prompt with BOS etc. (default false here)
+    logprobs: int | None = None  # each output token's logprob and this many most likely tokens there
+    echo: bool | None = None  # the prompt before the completion (with logprobs: the prompt's too)
 
 
 class TokenizeRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -123,12 +133,11 @@ class DetokenizeRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True
 
 
 # Request fields of the OpenAI and vLLM APIs that this server does not implement, with the values
-# that ask for nothing (their defaults, which client libraries may send on their own: ``logprobs:
-# false``, ``echo: false``, ``best_of: 1``). Any other value is refused with a 400 naming the field.
+# that ask for nothing (their defaults, which client libraries may send on their own: ``echo:
+# false``, ``best_of: 1``). Any other value is refused with a 400 naming the field.
 _OFF_BOTH = {
     "best_of": (None, 1),
     "logit_bias": (None, {}),
-    "echo": (None, False),
     # vLLM's sampling and output extensions
     "use_beam_search": (None, False),
     "length_penalty": (None, 1.0),
@@ -162,8 +171,7 @@ _OFF_BOTH = {
 UNSUPPORTED: dict[type, dict[str, tuple]] = {
     ChatCompletionRequest: {
         **_OFF_BOTH,
-        "logprobs": (None, False),
-        "top_logprobs": (None, 0),
+        "echo": (None, False),  # vLLM's chat echo (of the last message)
         "tools": (None, []),
         "tool_choice": (None, "none"),
         "parallel_tool_calls": (None, True),  # the default; only meaningful with tools
@@ -187,7 +195,6 @@ UNSUPPORTED: dict[type, dict[str, tuple]] = {
     },
     CompletionRequest: {
         **_OFF_BOTH,
-        "logprobs": (None,),  # an integer: 0 already asks for the sampled token's
         "suffix": (None, ""),
     },
 }
@@ -278,6 +285,15 @@ class Normalized:
     stream: bool
     include_usage: bool
     slo: SLO = SLO()
+    echo: bool = False  # completions: the prompt goes before each choice's text
+
+    @property
+    def n(self) -> int:
+        return self.sampling.n
+
+    @property
+    def logprobs(self) -> bool:
+        return self.sampling.logprobs is not None
 
 
 def _bad(message: str, param: str, code: str = "invalid_value") -> ApiError:
@@ -317,6 +333,31 @@ def _stop_token_ids(ids: list[int] | None, vocab_size: int | None) -> list[int]:
     return sorted(set(ids))
 
 
+def logprobs_asked(req: _Common) -> tuple[int | None, bool]:
+    """(alternatives per output token's logprobs, None when not asked for; whether the prompt is
+    echoed) of a request: chat's ``logprobs`` and ``top_logprobs``, completions' ``logprobs`` and
+    ``echo``."""
+    if isinstance(req, ChatCompletionRequest):
+        top = req.top_logprobs
+        if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise _bad(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}", "top_logprobs")
+        if req.logprobs:
+            return top or 0, False
+        if top:
+            raise _bad("top_logprobs needs logprobs set to true", "top_logprobs")
+        return None, False
+    if isinstance(req, CompletionRequest):
+        if req.logprobs is not None and not 0 <= req.logprobs <= MAX_COMPLETION_LOGPROBS:
+            raise _bad(f"logprobs must be between 0 and {MAX_COMPLETION_LOGPROBS}", "logprobs")
+        return req.logprobs, bool(req.echo)
+    return None, False
+
+
+def prompt_logprobs_fit(prompt_len: int, k: int) -> bool:
+    """Whether an echo's prompt logprobs with ``k`` alternatives fit the one message they travel in."""
+    return (prompt_len - 1) * (4 + 8 * k) <= PROMPT_LOGPROBS_BYTES
+
+
 def normalize(req: _Common, prompt_ids: list[int], max_context: int, max_tokens: int | None,
               default_max_tokens: int | None, slo: SLO = SLO(), slo_classes: dict[str, SLO] | None = None,
               vocab_size: int | None = None) -> Normalized:
@@ -329,8 +370,11 @@ def normalize(req: _Common, prompt_ids: list[int], max_context: int, max_tokens:
             known = ", ".join(sorted(classes)) or "none are configured"
             raise _bad(f"unknown slo_class {req.slo_class[:64]!r} ({known})", "slo_class")
         slo = classes[req.slo_class]
-    if req.n not in (None, 1):
-        raise _unsupported("n is not supported by this server beyond 1 (one choice per request)", "n")
+    n = 1 if req.n is None else req.n
+    if not 1 <= n <= MAX_N:
+        raise _bad(f"n must be between 1 and {MAX_N}", "n")
+    logprobs, echo = logprobs_asked(req)
+    prompt_logprobs = logprobs if echo else None
     if req.stream_options is not None:
         for name in ("continuous_usage_stats", "include_obfuscation"):
             if getattr(req.stream_options, name):
@@ -365,9 +409,14 @@ def normalize(req: _Common, prompt_ids: list[int], max_context: int, max_tokens:
             param="messages" if isinstance(req, ChatCompletionRequest) else "prompt",
             code="context_length_exceeded",
         )
+    if prompt_logprobs is not None and not prompt_logprobs_fit(len(prompt_ids), prompt_logprobs):
+        longest = PROMPT_LOGPROBS_BYTES // (4 + 8 * prompt_logprobs) + 1
+        raise _bad(f"echo with logprobs={prompt_logprobs} supports prompts of at most {longest} tokens; "
+                   f"the prompt has {len(prompt_ids)}", "echo")
     if max_tokens is not None:
-        if max_tokens <= 0:
-            raise _bad("max_tokens must be at least 1", "max_tokens")
+        # 0 with echo: the prompt alone (with its logprobs, when asked: a prompt's score)
+        if max_tokens < 0 or (max_tokens == 0 and not echo):
+            raise _bad("max_tokens must be at least 1 (0 only with echo)", "max_tokens")
         if max_tokens > room:
             raise ApiError(
                 400,
@@ -389,6 +438,9 @@ def normalize(req: _Common, prompt_ids: list[int], max_context: int, max_tokens:
         presence_penalty=presence,
         frequency_penalty=frequency,
         repetition_penalty=repetition,
+        n=n,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
     )
     return Normalized(
         prompt_token_ids=prompt_ids,
@@ -397,6 +449,7 @@ def normalize(req: _Common, prompt_ids: list[int], max_context: int, max_tokens:
         stream=bool(req.stream),
         include_usage=bool(req.stream and req.stream_options and req.stream_options.include_usage),
         slo=slo,
+        echo=echo,
     )
 
 
@@ -438,7 +491,7 @@ def completion_prompt(req: CompletionRequest, vocab_size: int) -> str | list[int
         return p
     if isinstance(p, list) and not p:
         raise _bad("the prompt is empty", "prompt")
-    raise _bad("prompt must be a string, a list of token ids, or a list of one of those (n=1)", "prompt")
+    raise _bad("prompt must be a string, a list of token ids, or a list of one of those (a batch of one)", "prompt")
 
 
 def check_token_ids(ids: list[int], vocab_size: int, param: str) -> list[int]:
@@ -483,23 +536,89 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
     }
 
 
-def chat_chunk(rid: str, model: str, created: int, delta: dict, finish_reason: str | None) -> dict:
+def _floor(logprob: float) -> float:
+    return logprob if logprob >= LOGPROB_FLOOR else LOGPROB_FLOOR  # -inf too (a NaN stays NaN)
+
+
+def chat_logprobs(token_ids: list[int], lps: list[TokenLogprobs], text) -> list[dict]:
+    """OpenAI's ``choices[].logprobs.content`` entries of ``token_ids``: each token, its logprob,
+    its bytes and its position's most likely tokens, most likely first. ``text(id)`` gives a
+    token's (string, bytes)."""
+    out = []
+    for tid, lp in zip(token_ids, lps):
+        token, raw = text(tid)
+        top = []
+        for i, v in zip(lp.top_ids, lp.top_logprobs):
+            t, b = text(i)
+            top.append({"token": t, "logprob": _floor(v), "bytes": b})
+        out.append({"token": token, "logprob": _floor(lp.logprob), "bytes": raw, "top_logprobs": top})
+    return out
+
+
+class CompletionLogprobs:
+    """A completion choice's ``logprobs`` as OpenAI's legacy API and vLLM give it: ``tokens``,
+    ``token_logprobs``, ``top_logprobs`` (per position a token -> logprob object of its most likely
+    tokens and the token itself; null, as its logprob, for the prompt's first token, which nothing
+    precedes) and ``text_offset`` (where each token's text starts: the token strings' lengths summed,
+    from the first chunk's offset on)."""
+
+    def __init__(self, text, offset: int = 0):
+        self.text = text  # token id -> (string, bytes)
+        self.offset = offset
+
+    def body(self, entries: list[tuple[int, TokenLogprobs | None]], offset: int | None = None) -> dict:
+        """The object for ``entries`` (token id, its logprobs or None), its offsets from ``offset``
+        (default: where the previous call's ended)."""
+        if offset is not None:
+            self.offset = offset
+        tokens, logprobs, tops, offsets = [], [], [], []
+        for tid, lp in entries:
+            token = self.text(tid)[0]
+            tokens.append(token)
+            offsets.append(self.offset)
+            self.offset += len(token)
+            if lp is None:
+                logprobs.append(None)
+                tops.append(None)
+                continue
+            logprobs.append(_floor(lp.logprob))
+            top = {self.text(i)[0]: _floor(v) for i, v in zip(lp.top_ids, lp.top_logprobs)}
+            top.setdefault(token, _floor(lp.logprob))  # the sampled token's, whatever its rank
+            tops.append(top)
+        return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+
+def prompt_entries(prompt: list[int], rows: list[tuple[float, list[int], list[float]]] | None
+                   ) -> list[tuple[int, TokenLogprobs | None]]:
+    """An echoed prompt's positions for ``CompletionLogprobs``: its first token without logprobs,
+    the others with theirs (``rows``, ``PromptLogprobs.rows()``)."""
+    out: list[tuple[int, TokenLogprobs | None]] = [(prompt[0], None)]
+    for tid, (lp, ids, vals) in zip(prompt[1:], rows or []):
+        out.append((tid, TokenLogprobs(lp, ids, vals)))
+    return out
+
+
+def chat_chunk(rid: str, model: str, created: int, delta: dict, finish_reason: str | None, index: int = 0,
+               logprobs: list[dict] | None = None) -> dict:
     return {
         "id": rid,
         "object": "chat.completion.chunk",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        "choices": [{"index": index, "delta": delta,
+                     "logprobs": {"content": logprobs} if logprobs is not None else None,
+                     "finish_reason": finish_reason}],
     }
 
 
-def completion_chunk(rid: str, model: str, created: int, text: str, finish_reason: str | None) -> dict:
+def completion_chunk(rid: str, model: str, created: int, text: str, finish_reason: str | None, index: int = 0,
+                     logprobs: dict | None = None) -> dict:
     return {
         "id": rid,
         "object": "text_completion",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+        "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
     }
 
 
@@ -507,28 +626,27 @@ def usage_chunk(rid: str, model: str, created: int, obj: str, use: dict) -> dict
     return {"id": rid, "object": obj, "created": created, "model": model, "choices": [], "usage": use}
 
 
-def chat_body(rid: str, model: str, created: int, text: str, finish_reason: str, use: dict) -> dict:
+def chat_choice(index: int, text: str, finish_reason: str, logprobs: list[dict] | None = None) -> dict:
     return {
-        "id": rid,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": None,
-                "finish_reason": finish_reason,
-            }
-        ],
-        "usage": use,
+        "index": index,
+        "message": {"role": "assistant", "content": text},
+        "logprobs": {"content": logprobs} if logprobs is not None else None,
+        "finish_reason": finish_reason,
     }
 
 
-def completion_body(rid: str, model: str, created: int, text: str, finish_reason: str, use: dict) -> dict:
-    body = completion_chunk(rid, model, created, text, finish_reason)
-    body["usage"] = use
-    return body
+def completion_choice(index: int, text: str, finish_reason: str, logprobs: dict | None = None) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def chat_body(rid: str, model: str, created: int, choices: list[dict], use: dict) -> dict:
+    return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
+            "usage": use}
+
+
+def completion_body(rid: str, model: str, created: int, choices: list[dict], use: dict) -> dict:
+    return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices,
+            "usage": use}
 
 
 def now() -> int:

@@ -7,7 +7,7 @@ import contextlib
 import hmac
 import time
 import uuid
-from msgspec.structs import replace
+from dataclasses import dataclass, field
 
 import msgspec
 import nats
@@ -36,7 +36,8 @@ from yuebing import __version__
 
 from services.gateway import openai as oa
 from services.gateway import openapi
-from services.gateway.detok import IncrementalDetokenizer, StopStrings
+from services.gateway.choices import Choices, resume_id, resume_sampling
+from services.gateway.detok import IncrementalDetokenizer, StopStrings, TokenText
 
 SCHEDULE_TIMEOUT = 10.0
 STALL_TIMEOUT = 120.0  # longest silence between two token events before the request fails
@@ -83,6 +84,7 @@ class GatewayService(Service):
         s = self.settings
         path = await asyncio.to_thread(resolve_model, s.model, s.resolved_models_dir())
         self.tokenizer = await asyncio.to_thread(load_tokenizer, path)
+        self.token_text = TokenText(self.tokenizer)  # tokens as logprobs name them
         self.shape = read_shape(path)
         # prompts are hashed in the KV namespace the prefill instances announce (it binds the dtype
         # they chose, which a gateway without their hardware cannot know); until one is heard, in
@@ -260,7 +262,11 @@ class GatewayService(Service):
         # OpenAI's default for completions is 16 tokens.
         norm = oa.normalize(req, list(ids), self.shape.max_context, req.max_tokens, 16, self.slo, self.slo_classes,
                             self.shape.vocab_size)
-        return await self._serve(request, norm, "text", f"cmpl-{uuid.uuid4().hex}")
+        echoed = ""
+        if norm.echo:  # the prompt as given, or as its token ids read
+            echoed = prompt if isinstance(prompt, str) else self.tokenizer.decode(
+                list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return await self._serve(request, norm, "text", f"cmpl-{uuid.uuid4().hex}", echoed)
 
     # ---------------------------------------------------------------- generation
     async def _schedule(self, attempt_id: str, prompt: list[int], sampling, resume: Resume | None,
@@ -327,30 +333,29 @@ class GatewayService(Service):
         seen = self.live.get((kind, instance_id))
         return seen is not None and time.monotonic() - seen[0] > 3 * seen[1].interval
 
-    async def _events(self, rid: str, norm: oa.Normalized, client_gone):
-        """Schedule the request and yield its TokenEvents in order; aborts it if left early.
+    async def _events(self, rid: str, norm: oa.Normalized, state: Choices, client_gone):
+        """Schedule the request and yield its TokenEvents, each choice's in order, until every choice
+        is done (``state``: the caller may end one early); aborts what is left if left early.
 
-        If the decode instance serving it is lost (or a worker reports a retryable failure), the
-        request is resumed: rescheduled as a new attempt whose prompt is the original prompt plus
-        the tokens already streamed, its events numbered on from where the client stands, so the
-        client sees no token twice and none missing.
+        If the decode instance serving a choice is lost (or a worker hands a choice back), the
+        choice is resumed: rescheduled as a new attempt whose prompt is the original prompt plus
+        the choice's tokens already streamed, its events numbered on from where the client stands,
+        so the client sees no token twice and none missing. A request of n choices is one attempt
+        until then; each choice it hands back is resumed alone (``services/gateway/choices.py``).
         """
         queue: asyncio.Queue = asyncio.Queue()
         sub = await self.nc.subscribe(Subjects.output(rid), cb=queue.put)
-        finished = False
-        attempt_id = rid
+        placed = False
         try:
             reply = await self._schedule(rid, norm.prompt_token_ids, norm.sampling, None, norm.slo)
+            state.placed(rid, reply.decode_id)
+            placed = True
             reconnects = self.reconnects
-            attempts = 1
-            got: list[int] = []  # tokens yielded so far
-            expected = 0
-            early: dict[int, TokenEvent] = {}
             deadline = time.monotonic() + self.settings.request_timeout
             while True:
                 stall = time.monotonic() + STALL_TIMEOUT
                 msg = None
-                resume = False
+                failed: list[str] = []
                 while msg is None:
                     if client_gone():
                         raise ClientGone()
@@ -358,8 +363,11 @@ class GatewayService(Service):
                     if left <= 0:
                         raise oa.ApiError(504, "the request timed out waiting for the model", code="timeout",
                                           type="server_error")
-                    if self._lost("decode", reply.decode_id) or self.reconnects != reconnects:
-                        resume = True
+                    if self.reconnects != reconnects:
+                        failed = list(state.decode)
+                    else:
+                        failed = [a for a, d in state.decode.items() if self._lost("decode", d)]
+                    if failed:
                         break
                     try:
                         msg = await asyncio.wait_for(queue.get(), min(left, 1.0))
@@ -370,44 +378,48 @@ class GatewayService(Service):
                         ev = decode(msg.data, TokenEvent)
                     except (msgspec.DecodeError, msgspec.ValidationError):
                         continue
-                    if ev.seq < expected:
-                        continue  # a duplicate: the task was redone after an instance failed
-                    early[ev.seq] = ev
-                    while expected in early and not resume:
-                        ev = early.pop(expected)
-                        if ev.retry:
-                            resume = True  # the worker handed the request back: resume it from here
-                            break
-                        expected += 1
-                        got.extend(ev.token_ids)
-                        if ev.finish_reason is not None:
-                            finished = True
-                        yield ev
-                        if finished:
+                    ready, gone = state.accept(ev)
+                    for e in ready:
+                        yield e
+                        if state.done:
                             return
-                if resume:
-                    if attempts >= MAX_ATTEMPTS:
-                        raise oa.ApiError(503, "the request failed on every attempt", code="worker_error",
-                                          type="server_error")
-                    await self.nc.publish(Subjects.ABORT, encode(Abort(attempt_id=attempt_id, reason="resume")))
-                    attempts += 1
-                    attempt_id = f"{rid}.a{attempts}"
-                    remaining = replace(norm.sampling, max_tokens=norm.sampling.max_tokens - len(got))
-                    self.log.warning("request_resumed", request_id=rid, attempt=attempts, tokens_so_far=len(got),
-                                     lost_decode=reply.decode_id)
-                    early.clear()
+                    if gone is not None:
+                        failed = [gone]  # the worker handed the choice back: resume it from here
+                if failed:
                     reconnects = self.reconnects
-                    reply = await self._reschedule(attempt_id, norm.prompt_token_ids + got, remaining,
-                                                   Resume(output_id=rid, seq_base=expected,
-                                                          failed_decode=reply.decode_id), norm.slo)
+                    await self._resume(rid, norm, state, failed)
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
-            if not finished and self.nc.is_connected:
-                with contextlib.suppress(Exception):
-                    await self.nc.publish(Subjects.ABORT, encode(Abort(attempt_id=attempt_id, reason="client")))
+            if self.nc.is_connected:
+                # what is not finished; a request whose scheduling failed may still have been placed
+                for attempt in list(state.decode) if placed else [rid]:
+                    with contextlib.suppress(Exception):
+                        await self.nc.publish(Subjects.ABORT, encode(Abort(attempt_id=attempt, reason="client")))
 
-    async def _serve(self, request: web.Request, norm: oa.Normalized, kind: str, rid: str) -> web.StreamResponse:
+    async def _resume(self, rid: str, norm: oa.Normalized, state: Choices, failed: list[str]) -> None:
+        """Resume the choices the ``failed`` attempts served, each alone on live instances."""
+        for attempt in failed:
+            lost_decode = state.decode.get(attempt, "")
+            choices = state.failed(attempt)
+            await self.nc.publish(Subjects.ABORT, encode(Abort(attempt_id=attempt, reason="resume")))
+            for c in choices:
+                if c.tries >= MAX_ATTEMPTS:
+                    raise oa.ApiError(503, "the request failed on every attempt", code="worker_error",
+                                      type="server_error")
+                attempt_id = resume_id(rid, c, norm.n)
+                self.log.warning("request_resumed", request_id=rid, attempt=c.tries + 1, choice=c.index,
+                                 tokens_so_far=len(c.got), lost_decode=lost_decode)
+                reply = await self._reschedule(attempt_id, norm.prompt_token_ids + c.got,
+                                               resume_sampling(norm.sampling, c),
+                                               Resume(output_id=rid, seq_base=c.expected, index=c.index,
+                                                      failed_decode=lost_decode), norm.slo)
+                state.moved(c, attempt_id, reply.decode_id)
+
+    async def _serve(self, request: web.Request, norm: oa.Normalized, kind: str, rid: str,
+                     echoed: str = "") -> web.StreamResponse:
+        """Stream or return the request's choices; ``echoed``: the prompt's text, which an echo puts
+        before each choice's text."""
         log = self.log.bind(request_id=rid)
         started = time.monotonic()
         created = oa.now()
@@ -416,73 +428,97 @@ class GatewayService(Service):
         def client_gone() -> bool:
             return transport is None or transport.is_closing()
 
-        detok = IncrementalDetokenizer(self.tokenizer)
-        stops = StopStrings(norm.stop)
+        state = Choices(rid, norm.n)
+        outs = [_Output(IncrementalDetokenizer(self.tokenizer), StopStrings(norm.stop)) for _ in range(norm.n)]
         n_out = 0
         cached = 0
-        finish = None
-        first_at = last_at = None
+        first_at = None
         gaps: list[float] = []
+        prompt_rows = None  # an echo's prompt logprobs, from the first event that carries them
         resp: web.StreamResponse | None = None
 
         async def send(obj) -> None:
             await resp.write(b"data: " + orjson.dumps(obj) + b"\n\n")
 
-        def chunk(text: str, reason: str | None, first: bool = False) -> dict:
+        def chunk(index: int, text: str, reason: str | None, logprobs=None) -> dict:
             if kind == "chat":
-                delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-                return oa.chat_chunk(rid, self.model_name, created, delta, reason)
-            return oa.completion_chunk(rid, self.model_name, created, text, reason)
+                return oa.chat_chunk(rid, self.model_name, created, {"content": text} if text else {}, reason, index,
+                                     logprobs)
+            return oa.completion_chunk(rid, self.model_name, created, text, reason, index, logprobs)
 
-        text_parts: list[str] = []
         metrics.REQUESTS_RUNNING.inc()
         try:
-            events = self._events(rid, norm, client_gone)
+            events = self._events(rid, norm, state, client_gone)
             async with contextlib.aclosing(events):
                 async for ev in events:
                     now = time.monotonic()
                     if ev.error:
                         raise oa.ApiError(503, f"generation failed: {ev.error}", code="worker_error", type="server_error")
-                    if ev.seq == 0:
+                    o = outs[ev.index]
+                    if ev.seq == 0 and ev.index == 0:
                         cached = ev.cached_tokens
+                    if ev.prompt_logprobs is not None and prompt_rows is None:
+                        prompt_rows = ev.prompt_logprobs.rows()
                     out = []
+                    entries = []  # (token, its logprobs) of the tokens the client gets, when asked for
                     for i, tok in enumerate(ev.token_ids):
                         n_out += 1
                         if first_at is None:
                             first_at = now
                             metrics.TTFT.observe(now - started)
-                        else:
-                            metrics.ITL.observe(now - last_at)
-                            gaps.append(now - last_at)
-                        last_at = now
+                        if o.last_at is not None:
+                            metrics.ITL.observe(now - o.last_at)
+                            gaps.append(now - o.last_at)
+                        o.last_at = now
+                        if ev.logprobs is not None and i < len(ev.logprobs):
+                            entries.append((tok, ev.logprobs[i]))
                         if i == len(ev.token_ids) - 1 and oa.ended_by_stop_token(
                                 tok, ev.finish_reason, norm.sampling.stop_token_ids):
                             break
-                        piece = stops.feed(detok.add(tok))
+                        piece = o.stops.feed(o.detok.add(tok))
                         if piece:
                             out.append(piece)
-                        if stops.stopped:
-                            finish = "stop"
+                        if o.stops.stopped:
+                            o.finish = "stop"
                             break
-                    if finish is None and ev.finish_reason is not None:
-                        finish = ev.finish_reason
-                        tail = stops.flush()
+                    if o.finish is None and ev.finish_reason is not None:
+                        o.finish = ev.finish_reason
+                        tail = o.stops.flush()
                         if tail:
                             out.append(tail)
                     text = "".join(out)
+                    if norm.echo and not o.echoed:  # the prompt first, with its logprobs when asked
+                        o.echoed = True
+                        text = echoed + text
+                        if norm.logprobs:
+                            if prompt_rows is None:
+                                raise oa.ApiError(503, "generation failed: the prompt's logprobs did not come",
+                                                  code="worker_error", type="server_error")
+                            entries = oa.prompt_entries(norm.prompt_token_ids, prompt_rows) + entries
                     if norm.stream:
                         if resp is None:
                             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                                                "Cache-Control": "no-cache"})
                             await resp.prepare(request)
                             if kind == "chat":
-                                await send(chunk("", None, first=True))
-                        if text:
-                            await send(chunk(text, None))
+                                for index in range(norm.n):
+                                    await send(oa.chat_chunk(rid, self.model_name, created,
+                                                             {"role": "assistant", "content": ""}, None, index))
+                        lp = self._logprobs(kind, entries, o.sent) if norm.logprobs and entries else None
+                        if text or lp:
+                            await send(chunk(ev.index, text, None, lp))
+                            o.sent += len(text)
                     else:
-                        text_parts.append(text)
-                    if finish is not None:
-                        break
+                        o.parts.append(text)
+                        o.entries.extend(entries)
+                    if o.finish is not None:
+                        abort = state.finish(ev.index)
+                        if abort is not None:  # a stop string ended it: its worker need not go on
+                            await self.nc.publish(Subjects.ABORT, encode(Abort(attempt_id=abort, reason="stop")))
+                        if norm.stream:
+                            await send(chunk(ev.index, "", o.finish))
+                        if state.done:
+                            break
         except ClientGone:
             log.info("client_disconnected", completion_tokens=n_out)
             metrics.REQUESTS_RUNNING.dec()
@@ -503,7 +539,8 @@ class GatewayService(Service):
             await resp.write_eof()
             return resp
         metrics.REQUESTS_RUNNING.dec()
-        use = oa.usage(len(norm.prompt_token_ids), n_out, cached)
+        finish = outs[0].finish
+        use = oa.usage(len(norm.prompt_token_ids), n_out, cached)  # the prompt once, every choice's tokens
         metrics.PROMPT_TOKENS.inc(len(norm.prompt_token_ids))
         metrics.GENERATION_TOKENS.inc(n_out)
         metrics.E2E.observe(time.monotonic() - started)
@@ -515,18 +552,43 @@ class GatewayService(Service):
         if not met:
             metrics.WASTED_PREFILL.inc(len(norm.prompt_token_ids) - cached)
         log.info("request_done", prompt_tokens=len(norm.prompt_token_ids), completion_tokens=n_out,
-                 cached_tokens=cached, finish=finish, seconds=round(time.monotonic() - started, 4),
+                 cached_tokens=cached, finish=finish, choices=norm.n, seconds=round(time.monotonic() - started, 4),
                  ttft=None if ttft is None else round(ttft, 4), tbt=None if tbt is None else round(tbt, 4),
                  slo_met=met)
         if not norm.stream:
-            body = (oa.chat_body if kind == "chat" else oa.completion_body)(
-                rid, self.model_name, created, "".join(text_parts), finish, use
-            )
-            return _json(body)
-        await send(chunk("", finish))
+            if kind == "chat":
+                choices = [oa.chat_choice(i, "".join(o.parts), o.finish,
+                                          self._logprobs(kind, o.entries, 0) if norm.logprobs else None)
+                           for i, o in enumerate(outs)]
+                return _json(oa.chat_body(rid, self.model_name, created, choices, use))
+            choices = [oa.completion_choice(i, "".join(o.parts), o.finish,
+                                            self._logprobs(kind, o.entries, 0) if norm.logprobs else None)
+                       for i, o in enumerate(outs)]
+            return _json(oa.completion_body(rid, self.model_name, created, choices, use))
         if norm.include_usage:
             obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
             await send(oa.usage_chunk(rid, self.model_name, created, obj, use))
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
+
+    def _logprobs(self, kind: str, entries: list, offset: int):
+        """The logprobs of ``entries`` (token, its logprobs or None) as the endpoint gives them: chat's
+        ``content`` entries, or completions' object with text offsets from ``offset``."""
+        if kind == "chat":
+            return oa.chat_logprobs([t for t, _ in entries], [lp for _, lp in entries], self.token_text)
+        return oa.CompletionLogprobs(self.token_text, offset).body(entries)
+
+
+@dataclass
+class _Output:
+    """One choice's output as the gateway sends it."""
+
+    detok: IncrementalDetokenizer
+    stops: StopStrings
+    finish: str | None = None
+    last_at: float | None = None  # when its last token came
+    echoed: bool = False  # the prompt has gone before its text (an echo)
+    sent: int = 0  # characters of it streamed so far (completions' text offsets go on from there)
+    parts: list[str] = field(default_factory=list)  # not streamed: its text
+    entries: list = field(default_factory=list)  # not streamed: its tokens' logprobs
