@@ -6,6 +6,7 @@ import openai
 import pytest
 from openai import AsyncOpenAI
 
+from conftest import reference_greedy
 from helpers import get_json, post, stream_events, wait_until
 from libs.bus import connect
 from libs.protocol import IndexSummary, Subjects, decode
@@ -176,9 +177,6 @@ async def test_openai_client_sees_errors(client):
 _CHAT = [{"role": "user", "content": "Say hi"}]
 # (endpoint, keyword arguments of the client, the parameter the 400 must name)
 REFUSED = [
-    ("chat", {"logprobs": True, "top_logprobs": 3}, "logprobs"),
-    ("chat", {"top_logprobs": 2}, "top_logprobs"),
-    ("chat", {"n": 2}, "n"),
     ("chat", {"logit_bias": {"42": 5}}, "logit_bias"),
     ("chat", {"response_format": {"type": "json_object"}}, "response_format"),
     ("chat", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}, "tools"),
@@ -190,8 +188,6 @@ REFUSED = [
     ("chat", {"extra_body": {"guided_choice": ["a", "b"]}}, "guided_choice"),
     ("chat", {"extra_body": {"best_of": 2}}, "best_of"),
     ("chat", {"extra_body": {"min_tokens": 4}}, "min_tokens"),
-    ("text", {"logprobs": 2}, "logprobs"),
-    ("text", {"echo": True}, "echo"),
     ("text", {"best_of": 3}, "best_of"),
     ("text", {"suffix": " the end"}, "suffix"),
     ("text", {"logit_bias": {"42": -100}}, "logit_bias"),
@@ -395,3 +391,190 @@ async def test_served_model_name(client, tiny_cluster, tiny_dir):
             await client.completions.create(model="house-model", prompt="Hello", max_tokens=3)
     finally:
         await gateway.stop()
+
+
+# ---------------------------------------------------------------- logprobs, echo, n
+def _logits(model, ids):
+    """The model's float32 logits at every position of ``ids`` (one plain forward)."""
+    import torch
+
+    with torch.inference_mode():
+        return model(torch.tensor([ids])).logits[0].float()
+
+
+def _decoded(tok, tid):
+    return tok.decode([tid], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+LP_TOL = 2e-3  # the served path (KV cache, batched rows) against one plain forward, float32
+
+
+async def test_chat_logprobs_are_the_models_distribution(client, tiny_dir, tiny_model):
+    """Each output token's logprob is the log-softmax of the model's logits at its position, and
+    top_logprobs that distribution's most likely tokens in order, streamed or not."""
+    import torch
+
+    model, tok = tiny_model
+    messages = [{"role": "user", "content": "Name three colours"}]
+    prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    out = reference_greedy(model, prompt, 6)
+    ref = torch.log_softmax(_logits(model, prompt + out), -1)
+    kw = dict(model=tiny_dir.name, messages=messages, max_tokens=6, temperature=0, logprobs=True, top_logprobs=5,
+              extra_body={"ignore_eos": True})
+    r = await client.chat.completions.create(**kw)
+    content = r.choices[0].logprobs.content
+    assert len(content) == 6 == r.usage.completion_tokens
+    for j, (tid, entry) in enumerate(zip(out, content)):
+        dist = ref[len(prompt) - 1 + j]
+        assert entry.token == _decoded(tok, tid)
+        assert entry.logprob == pytest.approx(dist[tid].item(), abs=LP_TOL)
+        top = dist.topk(5)
+        assert [t.token for t in entry.top_logprobs] == [_decoded(tok, i) for i in top.indices.tolist()]
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(top.values.tolist(), abs=LP_TOL)
+    assert bytes(b for e in content for b in e.bytes).decode() == r.choices[0].message.content
+    stream = await client.chat.completions.create(**kw, stream=True)
+    streamed = [e for c in [c async for c in stream] if c.choices and c.choices[0].logprobs
+                for e in c.choices[0].logprobs.content]
+    # (the prompt's prefix is cached now: the same values, up to float rounding)
+    assert [(e.token, [t.token for t in e.top_logprobs]) for e in streamed] == [
+        (e.token, [t.token for t in e.top_logprobs]) for e in content]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content], abs=LP_TOL)
+    # logprobs without top_logprobs: each token's own, no alternatives
+    r = await client.chat.completions.create(**{**kw, "top_logprobs": None, "max_tokens": 2})
+    assert [e.top_logprobs for e in r.choices[0].logprobs.content] == [[], []]
+
+
+async def test_completion_echo_with_logprobs_scores_every_prompt_token(client, tiny_cluster, tiny_dir, tiny_model):
+    """echo + logprobs gives the prompt's logprobs from the model's logits at every position (the
+    first token's null), even for a prompt whose KV the prefill holds cached: that request reuses
+    none of it. ``max_tokens: 0`` returns the prompt alone (a loglikelihood's request)."""
+    import torch
+
+    model, tok = tiny_model
+    text = ("The quick brown fox jumps over the lazy dog near the river bank, while the cat watches from a tree "
+            "and the birds sing their morning songs above the quiet village.")
+    prompt = tok.encode(text, add_special_tokens=False)
+    bs = tiny_cluster.settings.block_size
+    assert len(prompt) > 2 * bs  # whole blocks to reuse
+    # the prefix cached: a second plain request finds it
+    for _ in range(2):
+        plain = await client.completions.create(model=tiny_dir.name, prompt=prompt, max_tokens=2, temperature=0)
+    assert plain.usage.prompt_tokens_details.cached_tokens > 0
+    out = reference_greedy(model, prompt, 3)
+    ref = torch.log_softmax(_logits(model, prompt + out), -1)
+    kw = dict(model=tiny_dir.name, prompt=prompt, max_tokens=3, temperature=0, echo=True, logprobs=3,
+              extra_body={"ignore_eos": True})
+    r = await client.completions.create(**kw)
+    assert r.usage.prompt_tokens_details.cached_tokens == 0 and r.usage.completion_tokens == 3
+    choice = r.choices[0]
+    assert choice.text == text + tok.decode(out, skip_special_tokens=True)
+    lp = choice.logprobs
+    ids = prompt + out
+    assert lp.tokens == [_decoded(tok, t) for t in ids]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    for p in range(1, len(ids)):
+        dist = ref[p - 1]
+        assert lp.token_logprobs[p] == pytest.approx(dist[ids[p]].item(), abs=LP_TOL), p
+        top = dist.topk(3)
+        want = {_decoded(tok, i): v for i, v in zip(top.indices.tolist(), top.values.tolist())}
+        want.setdefault(_decoded(tok, ids[p]), dist[ids[p]].item())  # the token's own, whatever its rank
+        got = lp.top_logprobs[p]
+        assert list(got)[: len(top.indices)] == list(want)[: len(top.indices)], p
+        assert got == pytest.approx(want, abs=LP_TOL), p
+    offsets = [0]
+    for t in lp.tokens[:-1]:
+        offsets.append(offsets[-1] + len(t))
+    assert lp.text_offset == offsets
+    # streamed: the same, the prompt in the first chunk
+    stream = await client.completions.create(**kw, stream=True)
+    chunks = [c for c in [c async for c in stream] if c.choices]
+    assert chunks[0].choices[0].text.startswith(text)
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs]
+    assert [t for s in streamed for t in s.tokens] == lp.tokens
+    assert [v for s in streamed for v in s.token_logprobs] == lp.token_logprobs
+    assert [o for s in streamed for o in s.text_offset] == lp.text_offset
+    # max_tokens 0: the prompt and its logprobs, nothing generated
+    r0 = await client.completions.create(**{**kw, "max_tokens": 0})
+    assert r0.choices[0].text == text and r0.choices[0].finish_reason == "length"
+    assert r0.usage.completion_tokens == 0 and r0.usage.prompt_tokens == len(prompt)
+    assert r0.choices[0].logprobs.token_logprobs == lp.token_logprobs[: len(prompt)]
+    # echo without logprobs: the text only
+    r1 = await client.completions.create(**{**kw, "logprobs": None})
+    assert r1.choices[0].text == choice.text and r1.choices[0].logprobs is None
+
+
+async def _logged(path, event, request_ids, count):
+    from helpers import log_events
+
+    async def enough():
+        return len([e for e in log_events(path, event) if e.get("request_id") in request_ids]) >= count
+
+    assert await wait_until(enough, timeout=30, interval=0.1)
+    return [e for e in log_events(path, event) if e.get("request_id") in request_ids]
+
+
+async def test_n_choices_from_one_prefill(client, tiny_cluster, tiny_dir, tiny_model):
+    """n=4: four choices, the prompt prefilled once and four sequences decoded; usage counts the
+    prompt once. With a seed the choices are reproducible, and choice 0 is what n=1 gives."""
+    _, tok = tiny_model
+    prompt = tok.encode("Pick a random animal:", add_special_tokens=False)
+    kw = dict(model=tiny_dir.name, prompt=prompt, max_tokens=8, temperature=1.0, seed=11, n=4, logprobs=1,
+              extra_body={"ignore_eos": True})
+    r = await client.completions.create(**kw)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert all(c.finish_reason == "length" and len(c.logprobs.tokens) == 8 for c in r.choices)
+    assert r.usage.prompt_tokens == len(prompt) and r.usage.completion_tokens == 32
+    texts = [c.text for c in r.choices]
+    assert len(set(texts)) > 1  # each choice draws with its own seed
+    logs = tiny_cluster.log_dir
+    prefilled = await _logged(logs / "prefill-0.log", "prefilled", {r.id}, 1)
+    assert len(prefilled) == 1 and prefilled[0]["choices"] == 4  # the prompt computed once
+    forks = {r.id} | {f"{r.id}#{i}" for i in range(1, 4)}
+    decoded = await _logged(logs / "decode-0.log", "decoded", forks, 4)
+    assert sorted(e["request_id"] for e in decoded) == sorted(forks)
+    assert all(e["output_tokens"] == 7 for e in decoded)  # the first token is the prefill's
+    again = await client.completions.create(**kw)
+    assert [c.text for c in again.choices] == texts
+    one = await client.completions.create(**{**kw, "n": 1})
+    assert one.choices[0].text == texts[0]
+
+
+async def test_n_greedy_and_streamed_chat(client, tiny_dir):
+    kw = dict(model=tiny_dir.name, messages=[{"role": "user", "content": "Say something"}], max_tokens=5,
+              temperature=0, extra_body={"ignore_eos": True})
+    single = await client.chat.completions.create(**kw)
+    r = await client.chat.completions.create(**kw, n=3)
+    assert [c.message.content for c in r.choices] == [single.choices[0].message.content] * 3  # greedy: identical
+    assert r.usage.completion_tokens == 15 and r.usage.prompt_tokens == single.usage.prompt_tokens
+    stream = await client.chat.completions.create(**kw, n=3, stream=True, stream_options={"include_usage": True},
+                                                  logprobs=True)
+    chunks = [c async for c in stream]
+    texts, finishes, lps = {}, {}, {}
+    for c in chunks:
+        for ch in c.choices:
+            texts[ch.index] = texts.get(ch.index, "") + (ch.delta.content or "")
+            if ch.finish_reason:
+                finishes[ch.index] = ch.finish_reason
+            if ch.logprobs:
+                lps[ch.index] = lps.get(ch.index, 0) + len(ch.logprobs.content)
+    assert texts == {i: single.choices[0].message.content for i in range(3)}
+    assert finishes == {i: "length" for i in range(3)} and lps == {i: 5 for i in range(3)}
+    assert chunks[-1].usage.completion_tokens == 15
+
+
+async def test_a_stop_string_ends_one_choice_and_only_its_sequence(client, tiny_cluster, tiny_dir):
+    """A stop string that ends choice 0 aborts its sequence on the decode instance; choice 1 runs on."""
+    kw = dict(model=tiny_dir.name, prompt="Tell me a long story:", max_tokens=60, temperature=1.0, seed=5, n=2,
+              extra_body={"ignore_eos": True})
+    full = await client.completions.create(**kw)
+    t0, t1 = full.choices[0].text, full.choices[1].text
+    stop = next((t0[i : i + 3] for i in range(2, 12) if t0.index(t0[i : i + 3]) == i and t0[i : i + 3] not in t1),
+                None)
+    assert stop is not None, (t0, t1)
+    r = await client.completions.create(**kw, stop=[stop])
+    assert (r.choices[0].text, r.choices[0].finish_reason) == (t0[: t0.index(stop)], "stop")
+    assert (r.choices[1].text, r.choices[1].finish_reason) == (t1, "length")
+    decoded = {e["request_id"]: e for e in await _logged(tiny_cluster.log_dir / "decode-0.log", "decoded",
+                                                         {r.id, f"{r.id}#1"}, 2)}
+    assert decoded[r.id]["finish"] == "abort" and decoded[r.id]["output_tokens"] < 59
+    assert decoded[f"{r.id}#1"]["finish"] == "length" and decoded[f"{r.id}#1"]["output_tokens"] == 59
