@@ -484,7 +484,6 @@ def pool_write_budget(backlog_bytes: int, arena: KVArena | None) -> int:
     return min(backlog_bytes, arena.size // 2)
 
 
-async def _cancel(fut: "asyncio.Future | None") -> None:
 def reusable_blocks(prompt_len: int, block_size: int, cap: int, scored: bool) -> int:
     """Leading blocks of a prompt worth reusing instead of computing: every full block but one
     token (at least one is computed, for the first token's logits), at most ``cap`` (-1: no cap).
@@ -499,6 +498,7 @@ def reusable_blocks(prompt_len: int, block_size: int, cap: int, scored: bool) ->
     return min(n, cap) if cap >= 0 else n
 
 
+async def _cancel(fut: "asyncio.Future | None") -> None:
     """Stop a hand-off in progress (its half-sent blob is forgotten by the receiver) and wait for it."""
     if fut is None:
         return
