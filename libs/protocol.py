@@ -505,16 +505,27 @@ class BlocksMeta(msgspec.Struct, kw_only=True):
     """Meta of a blob of encoded KV blocks: those of ``keys`` concatenated in that order, block
     ``i`` being ``sizes[i]`` bytes long. Puts to a cachestore travel as such blobs (the store keeps
     every valid block and refuses the blob, naming the bad keys, if any is not a valid block for
-    its key), and so do the blocks a get finds (one or more blobs, in any order)."""
+    its key), and so do the blocks a get finds (one or more blobs, in any order).
+
+    ``parents`` (puts; empty: none known, as from a writer that predates it): per block, the key
+    of the block before it in its prompt, ``b""`` for a prompt's first block; the store's eviction
+    keeps a block whose child it holds (``services.cachestore.eviction``)."""
 
     v: int = PROTOCOL_VERSION
     keys: list[bytes]
     sizes: list[int]
+    parents: list[bytes] = []
+
+    def parent_map(self) -> dict[bytes, bytes]:
+        """key -> its parent's key, for the blocks that name one."""
+        return {k: p for k, p in zip(self.keys, self.parents) if p}
 
     def pieces(self, data: bytes | bytearray | memoryview) -> list[tuple[bytes, memoryview]]:
         """(key, that block's bytes as a view into ``data``); ``ValueError`` if they do not match."""
         if len(self.keys) != len(self.sizes) or min(self.sizes, default=0) < 0 or sum(self.sizes) != len(data):
             raise ValueError("blocks meta does not match the blob")
+        if self.parents and len(self.parents) != len(self.keys):
+            raise ValueError("blocks meta names parents for some blocks only")
         view, out, offset = memoryview(data), [], 0
         for key, size in zip(self.keys, self.sizes):
             out.append((key, view[offset : offset + size]))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
 
 import msgspec
@@ -198,11 +198,15 @@ class CacheClient:
         """Store a block on its ``replicas`` owners; raises ``CacheError`` unless at least one took it."""
         await self.put_blocks([(key, tensor)], timeout=timeout)
 
-    async def put_blocks(self, blocks: Sequence[tuple[bytes, torch.Tensor]], *, timeout: float | None = None) -> None:
+    async def put_blocks(self, blocks: Sequence[tuple[bytes, torch.Tensor]], *,
+                         parents: Mapping[bytes, bytes] | None = None, timeout: float | None = None) -> None:
         """Store blocks on their ``replicas`` owners: each owner gets its blocks as a few blobs of
         many blocks (``PUT_BLOB_MAX_BYTES``), stored by one LMDB transaction each, all owners in
         parallel. Raises ``CacheError`` unless every block was taken by at least one owner (the
-        ones that were are kept either way)."""
+        ones that were are kept either way).
+
+        ``parents``: key -> the key of the block before it in its prompt (a prompt's first block
+        has none), sent with each block for the stores' eviction (``CachePutMeta.parents``)."""
         blocks = list(dict(blocks).items())
         if not blocks:
             return
@@ -215,7 +219,7 @@ class CacheClient:
             for iid in owners(key, live, self.replicas):
                 by_owner.setdefault(iid, []).append(i)
         results = await asyncio.gather(*(
-            self._put_to(iid, [blocks[i] for i in idxs], deadline) for iid, idxs in by_owner.items()
+            self._put_to(iid, [blocks[i] for i in idxs], deadline, parents) for iid, idxs in by_owner.items()
         ))
         stored: set[bytes] = set()
         errors = []
@@ -229,14 +233,15 @@ class CacheClient:
         if errors:
             log.warning("cache_put_partial", blocks=len(blocks), errors=errors)
 
-    async def _put_to(self, iid: str, blocks: list[tuple[bytes, torch.Tensor]], deadline: float
-                      ) -> tuple[set[bytes], str]:
+    async def _put_to(self, iid: str, blocks: list[tuple[bytes, torch.Tensor]], deadline: float,
+                      parents: Mapping[bytes, bytes] | None = None) -> tuple[set[bytes], str]:
         """Send one owner its blocks, blob after blob (each encoded only when its turn comes);
         returns the keys it took and the error that stopped it, if any."""
         taken: set[bytes] = set()
         for start, end in blob_groups([t.nbytes for _, t in blocks], PUT_BLOB_MAX_BLOCKS, PUT_BLOB_MAX_BYTES):
             blob, sizes = encode_blocks(blocks[start:end])
-            meta = CachePutMeta(keys=[k for k, _ in blocks[start:end]], sizes=sizes)
+            keys = [k for k, _ in blocks[start:end]]
+            meta = CachePutMeta(keys=keys, sizes=sizes, parents=[parents.get(k, b"") for k in keys] if parents else [])
             tid = f"{meta.keys[0].hex()}.{uuid.uuid4().hex[:8]}"
             remaining = self._left(deadline)
             try:

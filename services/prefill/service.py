@@ -466,8 +466,9 @@ class PrefillService(ModelWorker):
             present = await self.cache.exists(keys)
             missing = [(k, kv[:, :, :, index[k] * bs : (index[k] + 1) * bs])
                        for k, have in zip(keys, present) if not have]
-            # each cachestore instance gets its share as a few blobs, one transaction each
-            await self.cache.put_blocks(missing)
+            # each cachestore instance gets its share as a few blobs, one transaction each; with each
+            # block its parent, the block before it in the prompt (the stores' eviction keeps parents)
+            await self.cache.put_blocks(missing, parents={k: chain[index[k] - 1] for k, _ in missing if index[k]})
             self.log.debug("blocks_stored", request_id=rid, stored=len(missing), present=len(keys) - len(missing))
         except CacheError as e:
             self.log.warning("block_store_failed", request_id=rid, error=str(e))
