@@ -121,6 +121,14 @@ class Settings(msgspec.Struct, kw_only=True):
     dram_bytes: int = 1 << 30
     disk_bytes: int = 4 << 30
     disk_sync_seconds: float = 1.0  # blocks on disk are flushed to the device this often (0 = only at stop)
+    # which blocks leave the pool first (services/cachestore/eviction.py POLICIES): lfuda_leaf (LFU
+    # with ageing, a block kept while a block after it in a prompt is), lfuda, lru_leaf, lru,
+    # s3fifo, s3fifo_leaf; `bench eviction` compares them on the conversation trace
+    pool_eviction: str = "lfuda_leaf"
+    # the disk tier evicts once it holds more than pool_evict_high of disk_bytes, down to
+    # pool_evict_low of it, after puts (a put itself evicts only what keeps it within disk_bytes)
+    pool_evict_high: float = 0.99
+    pool_evict_low: float = 0.97
 
     def slo(self) -> SLO:
         """The deployment's SLOs (requests without a class)."""

@@ -1,3 +1,5 @@
+import asyncio
+
 import nats
 import pytest
 import torch
@@ -272,7 +274,7 @@ def test_disk_map_full_evicts_and_retries(tmp_path):
 
 # ---------------------------------------------------------------- tiered store
 def test_disk_add_many_keeps_held_values_and_orders_recency(tmp_path):
-    disk = DiskTier(tmp_path / "db", 3 * BLOCK_BYTES)
+    disk = DiskTier(tmp_path / "db", 3 * BLOCK_BYTES, policy="lru")
     for i in range(3):
         disk.put(key(i), block(i))
     # 1 is held: its value stays, it only becomes the most recent; 3 then pushes out the oldest (0)
@@ -388,7 +390,7 @@ def test_corrupted_bytes_on_disk_are_a_miss(tmp_path):
 
 
 def test_tiered_reports_what_enters_and_leaves(tmp_path):
-    store = TieredStore(BLOCK_BYTES, tmp_path / "db", 2 * BLOCK_BYTES)
+    store = TieredStore(BLOCK_BYTES, tmp_path / "db", 2 * BLOCK_BYTES, eviction="lru")
     assert store.put(key(0), block(0)) == StoreChanges(stored=[key(0)])
     assert store.put(key(0), block(0)) == StoreChanges()  # a re-put is no news
     assert store.put(key(1), block(1)) == StoreChanges(stored=[key(1)])  # 0 demoted: not a removal
@@ -438,6 +440,89 @@ def test_oversized_block_is_never_held(tmp_path):
     store = TieredStore(BLOCK_BYTES - 1, tmp_path / "db", BLOCK_BYTES - 1)
     assert store.put(key(1), block(1)) == StoreChanges()
     assert store.held_keys() == [] and not store.drain_changes()
+    store.close()
+
+
+# ---------------------------------------------------------------- eviction policy and watermarks
+def test_disk_evicts_by_its_policy_leaf_first_and_keeps_parents_across_reopen(tmp_path):
+    def chain_then_one(policy: str) -> tuple[DiskTier, list[bytes]]:
+        disk = DiskTier(tmp_path / policy, 3 * BLOCK_BYTES, policy=policy)
+        disk.put(key(0), block(0))
+        disk.put(key(1), block(1), parent=key(0))
+        disk.put(key(2), block(2), parent=key(1))
+        return disk, disk.put(key(3), block(3))
+
+    disk, evicted = chain_then_one("lru")
+    assert evicted == [key(0)]  # the chain's head: 1 and 2 are held but can never be reused
+    disk.close()
+    disk, evicted = chain_then_one("lfuda_leaf")
+    assert evicted == [key(2)]  # its tail: 0 and 1 still serve a prefix
+    assert (disk.parent(key(1)), disk.parent(key(0)), disk.parent(key(2))) == (key(0), None, None)
+    assert disk.evicted_by["capacity"] == 1 == disk.evictions
+    disk.close()
+
+    # parents and recency persist: reopened, the policy knows 1 is 0's child (and now a leaf)
+    disk = DiskTier(tmp_path / "lfuda_leaf", 3 * BLOCK_BYTES, policy="lfuda_leaf")
+    assert disk.parent(key(1)) == key(0) and disk.policy.has_child(key(0))
+    assert disk.put(key(4), block(4)) == [key(1)]
+    assert disk.put(key(5), block(5)) == [key(0)]  # a leaf once 1 is gone, and older than 3 and 4
+    disk.close()
+
+
+def test_disk_lfuda_keeps_the_blocks_used_more(tmp_path):
+    disk = DiskTier(tmp_path / "db", 3 * BLOCK_BYTES, policy="lfuda")
+    for i in range(3):
+        disk.put(key(i), block(i))
+    assert disk.get(key(0)) == block(0)  # a use: stored recency and the policy
+    disk.used([key(0), key(1)])  # uses only (a DRAM hit): the stored order stays
+    assert disk.keys() == [key(1), key(2), key(0)]
+    assert disk.put(key(3), block(3)) == [key(2)]  # one use, where 0 has three and 1 two
+    # that eviction aged the cache to 1: 3 enters with rank 1 + 1, as high as 1's two uses, and 1
+    # is the less recent of the two
+    assert disk.put(key(4), block(4)) == [key(1)]
+    assert disk.policy.age == 2
+    disk.close()
+
+
+def test_tiered_maintenance_evicts_from_the_high_to_the_low_watermark(tmp_path):
+    store = TieredStore(0, tmp_path / "db", 10 * BLOCK_BYTES, eviction="lru", evict_high=0.85, evict_low=0.55)
+    for i in range(8):
+        store.put(key(i), block(i))
+    assert not store.needs_maintenance() and store.maintain() == StoreChanges()  # 8 blocks: at most 8.5
+    store.put(key(8), block(8))
+    assert store.needs_maintenance()
+    store.drain_changes()
+    assert store.maintain() == StoreChanges(removed=[key(i) for i in range(4)])  # down to 5.5 blocks
+    st = store.stats()
+    assert st.disk_blocks == 5 and not store.needs_maintenance()
+    assert st.evictions_by_reason == {"watermark": 4, "capacity": 0, "map_full": 0, "too_large": 0}
+    assert st.evictions_disk == 4
+    # without the maintenance a put still never takes the disk past its bound: it evicts on its path
+    changes, _ = store.put_many([(key(i), block(i)) for i in range(9, 15)])
+    assert changes.removed == [key(4)] and store.stats().disk_blocks == 10
+    assert store.stats().evictions_by_reason["capacity"] == 1
+    store.close()
+
+
+def test_dram_hits_are_uses_for_the_disk_policy(tmp_path):
+    store = TieredStore(3 * BLOCK_BYTES, tmp_path / "db", 3 * BLOCK_BYTES, eviction="lru")
+    for i in range(3):
+        store.put(key(i), block(i))
+    assert store.get_many([key(0)]) == [(key(0), block(0))]  # a DRAM hit: the disk's copy untouched
+    # 3 demotes 1 from DRAM and takes the disk past its bound: the disk lets 1 go, not 0, whose
+    # copy on disk is the oldest but which was just used
+    assert store.put(key(3), block(3)) == StoreChanges(stored=[key(3)], removed=[key(1)])
+    assert store.where_many([key(i) for i in range(4)]) == ["dram", None, "dram", "dram"]
+    store.close()
+
+
+def test_put_many_with_parents_and_a_demotion_in_the_same_put(tmp_path):
+    store = TieredStore(BLOCK_BYTES, tmp_path / "db", 3 * BLOCK_BYTES, eviction="lfuda_leaf")
+    changes, _ = store.put_many([(key(i), block(i)) for i in range(3)], {key(1): key(0), key(2): key(1)})
+    assert changes == StoreChanges(stored=[key(0), key(1), key(2)])
+    # DRAM (one block) let 0 and 1 go within the put: written once each, not a use
+    assert [store.disk.policy._uses[key(i)] for i in range(3)] == [1, 1, 1]
+    assert store.put(key(3), block(3)) == StoreChanges(stored=[key(3)], removed=[key(2)])
     store.close()
 
 
@@ -520,6 +605,50 @@ async def test_service_end_to_end_and_restart(nats_server, tmp_path):
     finally:
         await svc.stop()
         await client.close()
+        await nc.close()
+
+
+async def test_service_stores_parents_and_evicts_down_to_the_low_watermark_after_puts(nats_server, tmp_path):
+    from prometheus_client import REGISTRY
+
+    from libs.protocol import CachePutMeta
+
+    iid = "cachestore-evict"
+    settings = Settings(nats_url=nats_server.url, instance_id=iid, data_dir=str(tmp_path), dram_bytes=0,
+                        disk_bytes=10 * BLOCK_BYTES, pool_eviction="lru_leaf", pool_evict_high=0.85,
+                        pool_evict_low=0.55, heartbeat_interval=0.2)
+    svc = CacheStoreService(settings)
+    await svc.start()
+    nc = await connect(nats_server.url, "test-client-evict")
+    client = CacheClient(nc, timeout=10)
+    try:
+        assert await client.wait_for_pool(10)
+        tensors = [torch.full((1, 2, 1, 4, 8), float(i)) for i in range(9)]
+        # a prompt of six blocks, then three one-block prompts: nine blocks, above 8.5
+        await client.put_blocks([(key(i), tensors[i]) for i in range(6)],
+                                parents={key(i): key(i - 1) for i in range(1, 6)})
+        assert svc.store.disk.parent(key(3)) == key(2) and svc.store.disk.parent(key(0)) is None
+        for i in range(6, 9):
+            await client.put_blocks([(key(i), tensors[i])])
+        # after the last put, the maintenance evicts down to 5.5 blocks, leaves first: the prompt's
+        # tail (5, 4, 3, 2), not its head, though 6 to 8 are newer
+        for _ in range(200):
+            if svc.store.stats().disk_blocks == 5:
+                break
+            await asyncio.sleep(0.02)
+        assert await client.exists([key(i) for i in range(9)]) == [True, True] + [False] * 4 + [True] * 3
+        st = svc.store.stats()
+        assert st.evictions_by_reason["watermark"] == 4 and st.evictions_by_reason["capacity"] == 0
+        sample = REGISTRY.get_sample_value("yuebing:cache_disk_evictions_total",
+                                           {"instance_id": iid, "reason": "watermark"})
+        assert sample == 4
+        # a writer that sends no parents (an older one) is still served
+        assert CachePutMeta(keys=[key(0)], sizes=[1]).parent_map() == {}
+        with pytest.raises(ValueError, match="parents"):
+            CachePutMeta(keys=[key(0), key(1)], sizes=[1, 1], parents=[b""]).pieces(b"ab")
+    finally:
+        await client.close()
+        await svc.stop()
         await nc.close()
 
 

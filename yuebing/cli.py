@@ -8,6 +8,7 @@ import signal
 import sys
 import time
 
+from services.cachestore.eviction import POLICIES as EVICTION_POLICIES
 from yuebing.args import add_common, count
 
 SERVICES = {
@@ -60,6 +61,7 @@ def _settings(args, **extra):
         calibration=getattr(args, "calibration", None),
         admission=getattr(args, "admission", None),
         pool_writes=getattr(args, "pool_writes", None),
+        pool_eviction=getattr(args, "pool_eviction", None),
         peer_fetch=False if getattr(args, "no_peer_fetch", False) else None,
         ttft_slo=getattr(args, "ttft_slo", None),
         tbt_slo=getattr(args, "tbt_slo", None),
@@ -97,6 +99,10 @@ def _serving(p: argparse.ArgumentParser) -> None:
                    "second sight: only the leading blocks an earlier request also had)")
     p.add_argument("--no-peer-fetch", action="store_true",
                    help="global_cache_aware never loads a prefix from another prefill instance's own cache")
+    p.add_argument("--pool-eviction", choices=EVICTION_POLICIES, default=None,
+                   help="which blocks leave the cachestore pool first: lfuda_leaf (default: LFU with ageing, a "
+                   "block kept while the pool holds a block after it in a prompt), lfuda, lru_leaf, lru, s3fifo, "
+                   "s3fifo_leaf (`yuebing bench eviction` compares them)")
     p.add_argument("--ttft-slo", type=float, default=None, help="time-to-first-token objective, seconds (default 30)")
     p.add_argument("--tbt-slo", type=float, default=None,
                    help="time-between-tokens objective (a request's 90th percentile gap), seconds (default 1)")

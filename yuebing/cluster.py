@@ -34,7 +34,7 @@ FORWARDED = ("block_size", "threads", "max_running", "urgent_rows", "dram_bytes"
              "cache_replicas", "drain_seconds", "no_auth", "engine", "sim_noise", "sim_seed", "calibration", "colocated", "admission",
              "ttft_slo", "tbt_slo", "slo_classes", "pool_write_backlog_bytes", "disk_sync_seconds", "pool_writes",
              "peer_fetch", "prefill_kv_arena_bytes", "decode_kv_arena_bytes", "device", "dtype", "load_format", "stream_replicas",
-             "task_ack_wait")
+             "task_ack_wait", "pool_eviction", "pool_evict_high", "pool_evict_low")
 
 
 # the share of the host's available memory (at start) that the KV arenas of a local cluster's

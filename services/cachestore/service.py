@@ -17,6 +17,11 @@ Several instances form the pool; clients shard keys over the live ones by rendez
 - ``exists``: ``CacheExistsRequest`` -> ``CacheExistsReply`` (presence and tier per key);
 - ``stats``: -> ``CacheStats``.
 
+Blocks leave the instance by the disk tier's eviction policy (``pool_eviction``), which a put
+feeds with each block's parent (``CachePutMeta.parents``); once the disk holds more than
+``pool_evict_high`` of ``disk_bytes``, a maintenance step after the put (``_maintain``, in a worker
+thread, after the put's ack) evicts down to ``pool_evict_low`` of it.
+
 Every key that enters or leaves the instance is published as a KV event (``KVEventPublisher``,
 source "cachestore"); the publisher also answers dump requests from the store's held-key set.
 Wiring only; the storage logic is in ``store.py`` and the block codec in ``libs/kv/codec.py``.
@@ -53,7 +58,7 @@ from libs.protocol import (
 )
 from libs.service import Service
 
-from services.cachestore.store import StoreStats, TieredStore
+from services.cachestore.store import EVICTION_REASONS, StoreStats, TieredStore
 
 _BAD_MESSAGE = (msgspec.DecodeError, msgspec.ValidationError)
 # A get streams whole blocks packed into blobs of at most one chunk (a larger block travels alone,
@@ -72,6 +77,12 @@ EVICTIONS = Counter(
     "yuebing:cache_evictions",
     "Blocks evicted, per tier (dram: demoted to disk; disk: gone from the instance)",
     ["instance_id", "tier"],
+)
+EVICTION_CAUSES = Counter(
+    "yuebing:cache_disk_evictions",
+    "Blocks evicted from the disk tier (gone from the instance), per reason: watermark (down to the low "
+    "watermark after puts), capacity (on a put's path, to stay within the bound), map_full, too_large",
+    ["instance_id", "reason"],
 )
 GET_HITS = Counter("yuebing:cache_get_hit_blocks", "Blocks asked for by gets and found", ["instance_id"])
 GET_MISSES = Counter("yuebing:cache_get_miss_blocks", "Blocks asked for by gets and not found", ["instance_id"])
@@ -92,6 +103,8 @@ class CacheStoreService(Service):
         self._events_lock = asyncio.Lock()
         self._subs = []
         self._evictions_seen = {"dram": 0, "disk": 0}
+        self._reasons_seen: dict[str, int] = {}
+        self._maintaining = False
 
     @property
     def data_dir(self):
@@ -99,11 +112,15 @@ class CacheStoreService(Service):
 
     async def setup(self) -> None:
         s = self.settings
-        self.store = await asyncio.to_thread(TieredStore, s.dram_bytes, self.data_dir, s.disk_bytes)
+        self.store = await asyncio.to_thread(TieredStore, s.dram_bytes, self.data_dir, s.disk_bytes,
+                                             eviction=s.pool_eviction, evict_high=s.pool_evict_high,
+                                             evict_low=s.pool_evict_low)
         st = self.store.stats()
         self._evictions_seen = {"dram": st.evictions_dram, "disk": st.evictions_disk}
+        self._reasons_seen = dict(st.evictions_by_reason)
         self._update_metrics(st)
-        self.log.info("cachestore_opened", path=str(self.data_dir), disk_blocks=st.disk_blocks, disk_bytes=st.disk_bytes)
+        self.log.info("cachestore_opened", path=str(self.data_dir), disk_blocks=st.disk_blocks, disk_bytes=st.disk_bytes,
+                      eviction=s.pool_eviction, evict_high=s.pool_evict_high, evict_low=s.pool_evict_low)
         # The DRAM tier keeps a received block as a view into the blob it came in, and blobs are
         # written into ranges of one slab, free again once none of their blocks is held: a block
         # is copied once on its way in (besides LMDB's own copy), into memory this process keeps
@@ -187,9 +204,36 @@ class CacheStoreService(Service):
             if delta > 0:
                 EVICTIONS.labels(iid, tier).inc(delta)
             self._evictions_seen[tier] = evictions
+        for reason in EVICTION_REASONS:
+            n = st.evictions_by_reason.get(reason, 0)
+            delta = n - self._reasons_seen.get(reason, 0)
+            if delta > 0:
+                EVICTION_CAUSES.labels(iid, reason).inc(delta)
+            self._reasons_seen[reason] = n
 
-    def _put_sync(self, items: list[tuple[bytes, memoryview]]) -> tuple[dict[bytes, str], StoreStats]:
-        _, refused = self.store.put_many(items)
+    def _maintain_soon(self) -> None:
+        """Start the eviction down to the low watermark if it is due and not running."""
+        if not self._maintaining and self.store is not None and self.store.needs_maintenance():
+            self._maintaining = True
+            self.spawn(self._maintain())
+
+    async def _maintain(self) -> None:
+        """Evict down to the low watermark (in a worker thread, so puts and loads go on), publish
+        what left, again while puts keep taking the disk past the high one."""
+        try:
+            store = self.store
+            while store is not None and not self.stopping and store.needs_maintenance():
+                await asyncio.to_thread(store.maintain)
+                self._update_metrics(store.stats())
+                await self._publish_changes()
+        except Exception:  # noqa: BLE001 - the next put tries again; a put never exceeds the bound
+            self.log.exception("cache_maintenance_failed")
+        finally:
+            self._maintaining = False
+
+    def _put_sync(self, items: list[tuple[bytes, memoryview]], parents: dict[bytes, bytes]
+                  ) -> tuple[dict[bytes, str], StoreStats]:
+        _, refused = self.store.put_many(items, parents)
         return refused, self.store.stats()
 
     def _get_sync(self, keys: list[bytes]) -> tuple[list[tuple[bytes, bytes]], StoreStats]:
@@ -200,8 +244,9 @@ class CacheStoreService(Service):
         """Store a blob of blocks (one LMDB transaction); an error string becomes the sender's
         negative ack. Valid blocks are kept even when others in the blob are refused."""
         try:
-            items = decode(meta, CachePutMeta).pieces(data)
-            refused, st = await asyncio.to_thread(self._put_sync, items)
+            put = decode(meta, CachePutMeta)
+            items = put.pieces(data)
+            refused, st = await asyncio.to_thread(self._put_sync, items, put.parent_map())
         except (*_BAD_MESSAGE, ValueError) as e:
             self.log.warning("cache_put_dropped", transfer_id=transfer_id, error=str(e))
             PUTS_REFUSED.labels(self.instance_id).inc()
@@ -213,6 +258,7 @@ class CacheStoreService(Service):
         self._update_metrics(st)
         # Acked only once its event is out, so whoever saw the put succeed can find the event.
         await self._publish_changes()
+        self._maintain_soon()
         if refused:
             self.log.warning("cache_put_corrupt", transfer_id=transfer_id, refused=len(refused),
                              stored=len(items) - len(refused))

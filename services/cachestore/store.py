@@ -1,4 +1,6 @@
-"""The cache store's two tiers: a bytes-bounded LRU in DRAM and an LMDB database on disk.
+"""The cache store's two tiers: a bytes-bounded LRU in DRAM and an LMDB database on disk, which
+evicts by an eviction policy (``services.cachestore.eviction``; LFU with ageing, leaf first, unless
+configured otherwise) between two watermarks.
 
 Values are encoded blocks (``libs.kv.codec.encode_block``); keys are block hashes.
 Tiers are inclusive: a block promoted from disk keeps its disk copy, so demoting it again only
@@ -20,6 +22,7 @@ import lmdb
 
 from libs.kv.codec import BlockCorrupt, verify_block
 from libs.log import get_logger
+from services.cachestore.eviction import DEFAULT_EVICT_HIGH, DEFAULT_EVICT_LOW, DEFAULT_POLICY, make_policy
 
 log = get_logger("cachestore.store")
 
@@ -88,13 +91,20 @@ class DramTier:
 
 
 _SEQ = struct.Struct(">Q")  # recency sequence number; big-endian so LMDB orders it numerically
-_ENTRY = struct.Struct(">QQ")  # (seq, size) of a stored block
+_ENTRY = struct.Struct(">QQ")  # (seq, size) of a stored block, followed by its parent's key if known
 
 # LMDB needs room beyond the payload: B-tree pages, page-rounded overflow pages for large values,
 # and copy-on-write pages that are only reused after the transactions that freed them end.
 _MAP_HEADROOM_FRACTION = 0.5
 _MAP_HEADROOM_MIN = 64 << 20
 _PAGE = 4096
+# why a block left the disk tier (``DiskTier.evicted_by``, ``StoreStats.evictions_by_reason``)
+EVICTION_REASONS = (
+    "watermark",  # the tier held more than its high watermark: evicted down to the low one, after puts
+    "capacity",  # a put would have taken the tier past its bound: evicted on the put's path
+    "map_full",  # LMDB's map was full though the bound was not (pages not yet reusable)
+    "too_large",  # a block larger than the whole tier, never kept
+)
 
 
 def _footprint(n: int) -> int:
@@ -104,19 +114,44 @@ def _footprint(n: int) -> int:
     return n if n <= _PAGE // 2 else -(-(n + 16) // _PAGE) * _PAGE
 
 
+def _entry(seq: int, size: int, parent: bytes | None) -> bytes:
+    return _ENTRY.pack(seq, size) + (parent or b"")
+
+
+def _unentry(entry: bytes) -> tuple[int, int, bytes | None]:
+    """(seq, size, parent key or None) of an ``index`` value (entries written before parents were
+    kept have none)."""
+    seq, size = _ENTRY.unpack_from(entry)
+    return seq, size, bytes(entry[_ENTRY.size:]) or None
+
+
 class DiskTier:
-    """LMDB at ``path``: key -> block, bounded to ``capacity_bytes`` of values, LRU eviction.
+    """LMDB at ``path``: key -> block, bounded to ``capacity_bytes`` of values, evicting by an
+    eviction policy (``services.cachestore.eviction``; ``policy`` names it).
 
     Three sub-databases, updated in one transaction per operation:
-    ``blocks`` key -> value, ``index`` key -> (seq, size), ``lru`` seq -> key. The lowest ``seq``
-    is the least recently used block. Everything persists, so reopening the directory finds the
-    blocks and their recency; the logical byte count is rebuilt from ``index`` on open.
+    ``blocks`` key -> value, ``index`` key -> (seq, size, parent key), ``lru`` seq -> key. The
+    lowest ``seq`` is the least recently used block. Everything persists, so reopening the
+    directory finds the blocks, their recency and their parents; the byte count and the policy's
+    state are rebuilt from ``index`` and ``lru`` on open (the policy sees the blocks inserted in
+    their order of recency: what it knew of their uses beyond that is lost).
+
+    The policy picks the victims; it is told of every block that enters or leaves, and of uses:
+    ``get`` and ``touch`` (which also refresh the stored recency), ``used`` (only the policy: a
+    DRAM hit), and a put of a block already held. A put evicts only what keeps the tier within its
+    bound ("capacity"); ``evict_to_low`` is the maintenance that evicts from ``high`` down to
+    ``low`` of it ("watermark"). Evictions are counted by reason in ``evicted_by``.
     """
 
-    def __init__(self, path: str | Path, capacity_bytes: int, *, map_size: int | None = None):
+    def __init__(self, path: str | Path, capacity_bytes: int, *, map_size: int | None = None,
+                 policy: str = DEFAULT_POLICY, high: float = DEFAULT_EVICT_HIGH, low: float = DEFAULT_EVICT_LOW):
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"eviction watermarks: 0 < low ({low}) <= high ({high}) <= 1")
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.capacity_bytes = capacity_bytes
+        self.high_bytes = int(capacity_bytes * high)
+        self.low_bytes = int(capacity_bytes * low)
         if map_size is None:
             map_size = capacity_bytes + max(int(capacity_bytes * _MAP_HEADROOM_FRACTION), _MAP_HEADROOM_MIN)
         # Commits reach the page cache, not the device: a crash of the process loses nothing
@@ -131,129 +166,227 @@ class DiskTier:
         # Writers from several threads (a put's transaction runs outside the store's lock): LMDB
         # serialises them itself, this guards the counters kept beside it.
         self._write_lock = threading.RLock()
+        # The policy has a lock of its own, held only for its in-memory steps: a use noted from a
+        # DRAM hit (``used``) never waits for a disk transaction.
+        self._policy_lock = threading.Lock()
         self._blocks = self._env.open_db(b"blocks")
         self._index = self._env.open_db(b"index")
         self._lru = self._env.open_db(b"lru")
         self.bytes = 0
         self.count = 0
-        self.evictions = 0
+        self.evicted_by: dict[str, int] = dict.fromkeys(EVICTION_REASONS, 0)
         self._seq = 0
         with self._env.begin() as txn:
             for _, entry in txn.cursor(db=self._index):
-                self.bytes += _ENTRY.unpack(entry)[1]
+                self.bytes += _unentry(entry)[1]
                 self.count += 1
-            cur = txn.cursor(db=self._lru)
-            if cur.last():
-                self._seq = _SEQ.unpack(cur.key())[0]
+            self.policy = make_policy(policy, 1)
+            self._sized = False
+            self._size_policy()
+            for seq, key in txn.cursor(db=self._lru):
+                entry = txn.get(key, db=self._index)
+                self.policy.insert(key, _unentry(entry)[2] if entry is not None else None)
+                self._seq = _SEQ.unpack(seq)[0]
 
     def __len__(self) -> int:
         return self.count
+
+    def _size_policy(self) -> None:
+        """Tell the policy how many blocks the bound holds, from the blocks held (once there are some)."""
+        if not self._sized and self.count:
+            self.policy.resize(max(1, self.capacity_bytes * self.count // max(1, self.bytes)))
+            self._sized = True
+
+    @property
+    def evictions(self) -> int:
+        """Blocks that left the tier to make room (any reason)."""
+        return sum(self.evicted_by.values())
 
     def _next_seq(self) -> bytes:
         self._seq += 1  # gaps after an aborted transaction are harmless
         return _SEQ.pack(self._seq)
 
     # ---- writes
-    def put(self, key: bytes, value: bytes) -> list[bytes]:
+    def put(self, key: bytes, value: bytes, parent: bytes | None = None) -> list[bytes]:
         """Store ``value`` (replacing any previous one); returns the keys evicted to make room.
 
         A value that cannot be stored at all (larger than the tier, or the map stays full) is
         reported as evicted itself.
         """
-        return self._write([(key, value)], replace=True)
+        return self._write([(key, value)], replace=True, parents={key: parent} if parent else None)
 
-    def add_many(self, items: list[tuple[bytes, bytes]]) -> list[bytes]:
+    def add_many(self, items: list[tuple[bytes, bytes]], parents: dict[bytes, bytes] | None = None, *,
+                 demoted: int = 0) -> list[bytes]:
         """Store each (key, value) in order, in one transaction: a key already held keeps its value
-        and only becomes the most recently used. Returns the keys evicted (or not storable), as ``put``."""
-        return self._write(items, replace=False)
+        and only becomes the most recently used (a use, but for the first ``demoted`` items: blocks
+        DRAM let go, whose stored recency alone is refreshed). ``parents``: key -> the key of the
+        block before it in its prompt, where known. Returns the keys evicted (or not storable), as ``put``."""
+        return self._write(items, replace=False, parents=parents, demoted=demoted)
 
-    def _write(self, items: list[tuple[bytes, bytes]], *, replace: bool) -> list[bytes]:
+    def _write(self, items: list[tuple[bytes, bytes]], *, replace: bool, parents: dict[bytes, bytes] | None = None,
+               demoted: int = 0) -> list[bytes]:
+        todo = [(key, value, i >= demoted) for i, (key, value) in enumerate(items)]
         with self._write_lock:
-            return self._write_locked(items, replace)
+            return self._write_locked(todo, replace, parents or {})
 
-    def _write_locked(self, items: list[tuple[bytes, bytes]], replace: bool) -> list[bytes]:
+    def _write_locked(self, items: list[tuple[bytes, bytes, bool]], replace: bool, parents: dict[bytes, bytes]
+                      ) -> list[bytes]:
         evicted: list[bytes] = []
         todo = []
-        for key, value in items:
+        for item in items:
+            key, value, _ = item
             if _footprint(len(value)) > self.capacity_bytes:
                 self.delete(key)
-                self.evictions += 1
+                self.evicted_by["too_large"] += 1
                 evicted.append(key)
             else:
-                todo.append((key, value))
+                todo.append(item)
         if not todo:
             return evicted
         for _ in range(16):
             try:
-                return evicted + self._write_txn(todo, replace)
+                return evicted + self._write_txn(todo, replace, parents)
             except lmdb.MapFullError:
                 # The map is fuller than the logical count says: free real pages and retry.
-                freed = self._evict(max(1, self.count // 8))
+                freed = self._evict(max(1, self.count // 8), "map_full")
                 evicted += freed
                 if not freed:
                     break
         if len(todo) > 1:  # more than the map can take at once: one by one, the last ones stay
             for item in todo:
-                evicted += self._write_locked([item], replace)
+                evicted += self._write_locked([item], replace, parents)
             return evicted
-        log.warning("disk_put_dropped", keys=len(todo), size=sum(len(v) for _, v in todo))
-        self.evictions += len(todo)
-        return evicted + [k for k, _ in todo]
+        log.warning("disk_put_dropped", keys=len(todo), size=sum(len(v) for _, v, _ in todo))
+        self.evicted_by["map_full"] += len(todo)
+        return evicted + [k for k, _, _ in todo]
 
-    def _write_txn(self, items: list[tuple[bytes, bytes]], replace: bool) -> list[bytes]:
-        evicted = []
+    def _write_txn(self, items: list[tuple[bytes, bytes, bool]], replace: bool, parents: dict[bytes, bytes]
+                   ) -> list[bytes]:
+        """One transaction; the policy follows it as it goes, and is put back if it aborts (the
+        blocks it had evicted come back as if new: the one thing an abort costs)."""
+        evicted: list[bytes] = []
+        inserted: list[bytes] = []
+        replaced: list[bytes] = []
+        victim_parents: dict[bytes, bytes | None] = {}
         total, count = self.bytes, self.count
-        with self._env.begin(write=True) as txn:
-            lru = txn.cursor(db=self._lru)
-            for key, value in items:
-                size = _footprint(len(value))
-                old = txn.get(key, db=self._index)
-                if old is not None:
-                    old_seq, old_size = _ENTRY.unpack(old)
-                    txn.delete(_SEQ.pack(old_seq), db=self._lru)
-                    if not replace:  # recency only
-                        self._place(txn, key, old_size)
-                        continue
-                    total, count = total - old_size, count - 1
-                while total + size > self.capacity_bytes and lru.first():
-                    victim = lru.value()
-                    lru.delete()
-                    total -= self._drop(txn, victim)
-                    count -= 1
-                    evicted.append(victim)
-                txn.put(key, value, db=self._blocks)
-                self._place(txn, key, size)
-                total, count = total + size, count + 1
+        policy = self.policy
+        try:
+            with self._env.begin(write=True) as txn:
+                for key, value, use in items:
+                    size = _footprint(len(value))
+                    old = txn.get(key, db=self._index)
+                    parent = parents.get(key)
+                    if old is not None:
+                        old_seq, old_size, old_parent = _unentry(old)
+                        txn.delete(_SEQ.pack(old_seq), db=self._lru)
+                        if not replace:  # recency only
+                            if use:
+                                with self._policy_lock:
+                                    policy.access(key)
+                            self._place(txn, key, old_size, old_parent)
+                            continue
+                        # replaced: out of the policy while room is made, then in again, used
+                        total, count = total - old_size, count - 1
+                        parent = parent or old_parent
+                        with self._policy_lock:
+                            victim_parents[key] = policy.parent(key)
+                            policy.remove(key)
+                        replaced.append(key)
+                    while total + size > self.capacity_bytes:
+                        with self._policy_lock:
+                            victim = policy.victim()
+                            if victim is not None:
+                                victim_parents[victim] = policy.parent(victim)
+                                policy.remove(victim, evicted=True)
+                        if victim is None:
+                            break
+                        total -= self._drop(txn, victim)
+                        count -= 1
+                        evicted.append(victim)
+                    txn.put(key, value, db=self._blocks)
+                    self._place(txn, key, size, parent)
+                    with self._policy_lock:
+                        policy.insert(key, parent)
+                        if old is not None:
+                            policy.access(key)
+                    inserted.append(key)
+                    total, count = total + size, count + 1
+        except BaseException:
+            with self._policy_lock:
+                for key in inserted:
+                    policy.remove(key)
+                gone = set(inserted) - set(replaced)  # new in the aborted transaction
+                for key in dict.fromkeys(evicted + replaced):
+                    if key not in gone:
+                        policy.insert(key, victim_parents.get(key))
+            raise
         self.bytes, self.count = total, count
-        self.evictions += len(evicted)
+        self.evicted_by["capacity"] += len(evicted)
+        self._size_policy()
         return evicted
 
-    def _place(self, txn, key: bytes, size: int) -> None:
+    def _place(self, txn, key: bytes, size: int, parent: bytes | None) -> None:
         """Make ``key`` the most recently used (its old ``lru`` entry already gone)."""
         seq = self._next_seq()
         txn.put(seq, key, db=self._lru)
-        txn.put(key, _ENTRY.pack(_SEQ.unpack(seq)[0], size), db=self._index)
+        txn.put(key, _entry(_SEQ.unpack(seq)[0], size, parent), db=self._index)
 
     def _drop(self, txn, key: bytes) -> int:
-        """Remove ``key`` from ``blocks`` and ``index`` (not ``lru``); returns its size."""
+        """Remove ``key`` from ``blocks``, ``index`` and ``lru``; returns its size."""
         entry = txn.pop(key, db=self._index)
         txn.delete(key, db=self._blocks)
-        return _ENTRY.unpack(entry)[1] if entry is not None else 0
+        if entry is None:
+            return 0
+        seq, size, _ = _unentry(entry)
+        txn.delete(_SEQ.pack(seq), db=self._lru)
+        return size
 
-    def _evict(self, n: int) -> list[bytes]:
-        """Evict the ``n`` least recently used blocks in their own transaction."""
+    def _evict(self, n: int, reason: str, nbytes: int | None = None) -> list[bytes]:
+        """Evict the policy's next ``n`` victims (or fewer, once ``nbytes`` are freed) in their own
+        transaction."""
         evicted, freed = [], 0
-        with self._env.begin(write=True) as txn:
-            cur = txn.cursor(db=self._lru)
-            while len(evicted) < n and cur.first():
-                victim = cur.value()
-                cur.delete()
-                freed += self._drop(txn, victim)
-                evicted.append(victim)
+        victim_parents: dict[bytes, bytes | None] = {}
+        try:
+            with self._env.begin(write=True) as txn:
+                while len(evicted) < n and (nbytes is None or freed < nbytes):
+                    with self._policy_lock:
+                        victim = self.policy.victim()
+                        if victim is None:
+                            break
+                        victim_parents[victim] = self.policy.parent(victim)
+                        self.policy.remove(victim, evicted=True)
+                    freed += self._drop(txn, victim)
+                    evicted.append(victim)
+        except BaseException:
+            with self._policy_lock:
+                for key in evicted:
+                    self.policy.insert(key, victim_parents[key])
+            raise
         self.bytes -= freed
         self.count -= len(evicted)
-        self.evictions += len(evicted)
+        self.evicted_by[reason] += len(evicted)
         return evicted
+
+    def over_high(self) -> bool:
+        """Whether the tier holds more than its high watermark (``evict_to_low`` is due)."""
+        return self.bytes > self.high_bytes
+
+    def evict_to_low(self, batch: int = 4096) -> list[bytes]:
+        """Evict down to the low watermark, ``batch`` blocks a transaction; the keys evicted."""
+        evicted: list[bytes] = []
+        with self._write_lock:
+            while self.bytes > self.low_bytes:
+                got = self._evict(batch, "watermark", self.bytes - self.low_bytes)
+                if not got:
+                    break
+                evicted += got
+        return evicted
+
+    def used(self, keys: list[bytes]) -> None:
+        """Tell the policy ``keys`` were used (those held); the stored recency is left as it is."""
+        with self._policy_lock:
+            for k in keys:
+                self.policy.access(k)
 
     def delete(self, key: bytes) -> bool:
         with self._write_lock:
@@ -261,27 +394,28 @@ class DiskTier:
                 entry = txn.get(key, db=self._index)
                 if entry is None:
                     return False
-                seq, size = _ENTRY.unpack(entry)
-                txn.delete(_SEQ.pack(seq), db=self._lru)
-                self._drop(txn, key)
+                size = self._drop(txn, key)
+            with self._policy_lock:
+                self.policy.remove(key)
             self.bytes -= size
             self.count -= 1
             return True
 
-    def touch(self, key: bytes) -> bool:
-        """Mark ``key`` most recently used; False when absent."""
+    def touch(self, key: bytes, *, use: bool = True) -> bool:
+        """Mark ``key`` most recently used (a use for the policy unless ``use`` is False); False when absent."""
         try:
             with self._write_lock, self._env.begin(write=True) as txn:
                 entry = txn.get(key, db=self._index)
                 if entry is None:
                     return False
-                old_seq, size = _ENTRY.unpack(entry)
+                old_seq, size, parent = _unentry(entry)
                 txn.delete(_SEQ.pack(old_seq), db=self._lru)
-                self._place(txn, key, size)
-            return True
+                self._place(txn, key, size, parent)
         except lmdb.MapFullError:
             log.warning("disk_touch_skipped_map_full", key=key.hex())
-            return True
+        if use:
+            self.used([key])
+        return True
 
     # ---- reads
     def get(self, key: bytes, *, touch: bool = True) -> bytes | None:
@@ -303,6 +437,12 @@ class DiskTier:
         """Keys from least to most recently used."""
         with self._env.begin() as txn:
             return [k for _, k in txn.cursor(db=self._lru)]
+
+    def parent(self, key: bytes) -> bytes | None:
+        """The stored parent of ``key`` (None: not held, or none known)."""
+        with self._env.begin() as txn:
+            entry = txn.get(key, db=self._index)
+        return _unentry(entry)[2] if entry is not None else None
 
     def sync(self) -> None:
         """Write what was committed through to the device (safe beside writers in other threads)."""
@@ -326,6 +466,8 @@ class StoreStats:
     evictions_dram: int  # blocks demoted out of DRAM
     evictions_disk: int  # blocks dropped from disk (gone from the pool)
     corrupt: int  # blocks deleted because their bytes failed verification
+    # evictions_disk by reason (``EVICTION_REASONS``: watermark, capacity, map_full, too_large)
+    evictions_by_reason: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -342,8 +484,15 @@ class StoreChanges:
 class TieredStore:
     """DRAM in front of LMDB, written through: every put lands in both, a DRAM eviction leaves
     the LMDB copy (a demotion), an LMDB hit is promoted back into DRAM. Thread-safe: every public
-    method holds one lock, but for the disk reads of ``get_many`` and the disk transaction of
-    ``put_many``, which run outside it.
+    method holds one lock, but for the disk reads of ``get_many`` and the disk transactions of
+    ``put_many`` and ``maintain``, which run outside it.
+
+    Blocks leave the store from the disk tier only, by its eviction policy (``eviction``, one of
+    ``services.cachestore.eviction.POLICIES``), which hears of every hit in either tier and of each
+    block's parent (the block before it in its prompt) where the put names it. DRAM is an LRU of
+    the hot copies. A put evicts from disk only what keeps it within ``disk_bytes``; ``maintain``,
+    due once the disk holds more than ``evict_high`` of it (``needs_maintenance``), evicts down to
+    ``evict_low`` of it: the caller runs it after puts, off their path.
 
     The store keeps the set of keys it holds (either tier) and an ordered log of changes to it:
     a key is *stored* when a put brings a key it did not hold, *removed* when it leaves both tiers
@@ -351,9 +500,12 @@ class TieredStore:
     between tiers is neither. ``drain_changes`` hands the log out, e.g. to publish KV events.
     """
 
-    def __init__(self, dram_bytes: int, disk_dir: str | Path, disk_bytes: int, *, disk_map_size: int | None = None):
+    def __init__(self, dram_bytes: int, disk_dir: str | Path, disk_bytes: int, *, disk_map_size: int | None = None,
+                 eviction: str = DEFAULT_POLICY, evict_high: float = DEFAULT_EVICT_HIGH,
+                 evict_low: float = DEFAULT_EVICT_LOW):
         self.dram = DramTier(dram_bytes)
-        self.disk = DiskTier(disk_dir, disk_bytes, map_size=disk_map_size)
+        self.disk = DiskTier(disk_dir, disk_bytes, map_size=disk_map_size, policy=eviction, high=evict_high,
+                             low=evict_low)
         self.corrupt = 0
         self._lock = threading.Lock()
         # Loads read the disk, and puts write it, outside the lock (LMDB serialises its writers and
@@ -410,20 +562,22 @@ class TieredStore:
             return list(self._held)
 
     # ---- operations
-    def put(self, key: bytes, value: bytes | bytearray | memoryview) -> StoreChanges:
-        """Store an encoded block; raises ``BlockCorrupt`` if it is not a valid block for ``key``.
+    def put(self, key: bytes, value: bytes | bytearray | memoryview, parent: bytes | None = None) -> StoreChanges:
+        """Store an encoded block (``parent``: the key of the block before it in its prompt, if
+        known); raises ``BlockCorrupt`` if it is not a valid block for ``key``.
 
         Returns what this put changed: ``stored == [key]`` unless the key was already held (or
         could not be kept at all), and the keys evicted from the store entirely to make room.
         """
-        changes, refused = self.put_many([(key, value)])
+        changes, refused = self.put_many([(key, value)], {key: parent} if parent else None)
         if refused:
             raise BlockCorrupt(refused[key])
         return changes
 
-    def put_many(self, items: list[tuple[bytes, bytes | bytearray | memoryview]]
-                 ) -> tuple[StoreChanges, dict[bytes, str]]:
-        """Store encoded blocks, in order, with one LMDB transaction for all of them.
+    def put_many(self, items: list[tuple[bytes, bytes | bytearray | memoryview]],
+                 parents: dict[bytes, bytes] | None = None) -> tuple[StoreChanges, dict[bytes, str]]:
+        """Store encoded blocks, in order, with one LMDB transaction for all of them (``parents``:
+        key -> the key of the block before it in its prompt, where known).
 
         Returns what the puts changed (as ``put``) and the blocks refused: key -> why it is not a
         valid block for that key. The valid ones are stored either way.
@@ -451,9 +605,12 @@ class TieredStore:
             self._outside += 1
         # Write-through: LMDB holds every block too, so a crash (kill -9) loses nothing that was
         # acknowledged; DRAM is the fast copy of the recently used ones. Blocks DRAM let go are on
-        # disk already and only refresh their recency there, before the new ones.
+        # disk already and only refresh their recency there, before the new ones (a block of this
+        # very put that DRAM let go is written with the others, once).
+        mine = {k for k, _ in good}
+        demoted = [(k, v) for k, v in demoted if k not in mine]
         try:
-            dropped = self.disk.add_many(demoted + good)
+            dropped = self.disk.add_many(demoted + good, parents, demoted=len(demoted))
         except BaseException:
             self._done_outside()
             raise
@@ -475,7 +632,31 @@ class TieredStore:
     def _demote(self, evicted: list[tuple[bytes, Block]]) -> list[bytes]:
         """Move DRAM evictions to disk (already there, tiers being inclusive: recency only);
         returns the keys the disk dropped on the way."""
-        return self.disk.add_many(evicted) if evicted else []
+        return self.disk.add_many(evicted, demoted=len(evicted)) if evicted else []
+
+    # ---- eviction down to the low watermark
+    def needs_maintenance(self) -> bool:
+        """Whether the disk holds more than its high watermark: ``maintain`` is due."""
+        return self.disk.over_high()
+
+    def maintain(self) -> StoreChanges:
+        """Evict from the disk tier, by its policy, down to its low watermark if it is above its
+        high one; returns what left the store. The disk transaction runs outside the store's lock,
+        as a put's does."""
+        with self._lock:
+            if self._closed or not self.disk.over_high():
+                return StoreChanges()
+            self._outside += 1
+        try:
+            dropped = self.disk.evict_to_low()
+        except BaseException:
+            self._done_outside()
+            raise
+        with self._lock:
+            try:
+                return self._settle(dropped)
+            finally:
+                self._outside_ended()
 
     def get(self, key: bytes) -> bytes | None:
         """The encoded block, or None. Bytes that fail verification are deleted: a miss."""
@@ -497,6 +678,7 @@ class TieredStore:
                 return []
             hot = {k: v for k in keys if (v := self.dram.get(k)) is not None}
             self._outside += 1  # the disk stays open until this read is done
+        self.disk.used(list(hot))  # a DRAM hit is a use of the block for the disk's policy too
         cold: dict[bytes, bytes | None] = {}
         try:
             for k in keys:
@@ -539,6 +721,7 @@ class TieredStore:
         if value is not None:
             # Verified when it entered DRAM (put or promotion) and immutable since; readers check
             # every block end to end anyway, and a re-put of the key replaces it.
+            self.disk.used([key])
             return value
         value = self.disk.get(key)
         if value is None:
@@ -596,6 +779,7 @@ class TieredStore:
                 evictions_dram=self.dram.evictions,
                 evictions_disk=self.disk.evictions,
                 corrupt=self.corrupt,
+                evictions_by_reason=dict(self.disk.evicted_by),
             )
 
     def flush(self) -> None:
@@ -603,7 +787,7 @@ class TieredStore:
         with self._lock:
             dropped: list[bytes] = []
             for k in self.dram.keys():
-                if not self.disk.touch(k):
+                if not self.disk.touch(k, use=False):
                     dropped += self.disk.put(k, self.dram.get(k))
             self._settle(dropped)
 
