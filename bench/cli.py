@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from bench import cache_trace, conductor, engine, peer, prefix, replay, sched, serve, transfer
+from bench import cache_trace, conductor, engine, eviction, peer, prefix, replay, sched, serve, transfer
 from bench.common import DEFAULT_TRACE, shown
 from yuebing.args import add_common, add_engine, count
 
@@ -20,6 +20,7 @@ def add_parsers(bench_sub) -> None:
     _prefix(bench_sub)
     _transfer(bench_sub)
     _trace(bench_sub)
+    _eviction(bench_sub)
     _sched(bench_sub)
     _engine(bench_sub)
     _peer(bench_sub)
@@ -106,6 +107,16 @@ def _trace(bench_sub) -> None:
     cache_b.add_argument("--no-settle", dest="settle", action="store_false",
                          help="send the next request without waiting for the previous one's pool writes")
     trace_b.set_defaults(func=trace_main)  # it dispatches: --url -> replay.main
+
+
+def _eviction(bench_sub) -> None:
+    """``bench eviction``: the cachestore's eviction policies on the trace, offline (bench/eviction.py)."""
+    p = bench_sub.add_parser("eviction", help="the cachestore's eviction policies against plain LRU on the "
+                             "conversation trace, offline: prefix hit ratio at 100/50/25/10 % of the working set",
+                             description="Replays the block chains of the trace's requests (as bench trace sends "
+                             "them) through one cache per policy and size, no cluster (bench/eviction.py).")
+    eviction.add_arguments(p)
+    p.set_defaults(func=eviction.main)
 
 
 def _sched(bench_sub) -> None:

@@ -68,13 +68,18 @@ class IdealLRU:
         return run
 
 
-def lru_prefix_hits(chains: Sequence[Sequence[Hashable]], capacity: int,
-                    reusable: Sequence[int] | None = None) -> list[int]:
-    """Per request, the blocks an ideal LRU cache of ``capacity`` blocks lets it reuse, the
+def prefix_hits(cache, chains: Sequence[Sequence[Hashable]], reusable: Sequence[int] | None = None) -> list[int]:
+    """Per request, the blocks ``cache`` (anything with ``IdealLRU.request``) lets it reuse, the
     requests served in order (``reusable``: per request, the most blocks it may reuse)."""
-    cache = IdealLRU(capacity)
     if reusable is None:
         return [cache.request(c) for c in chains]
     if len(reusable) != len(chains):
         raise ValueError("one reusable count per request")
     return [cache.request(c, r) for c, r in zip(chains, reusable)]
+
+
+def lru_prefix_hits(chains: Sequence[Sequence[Hashable]], capacity: int,
+                    reusable: Sequence[int] | None = None) -> list[int]:
+    """Per request, the blocks an ideal LRU cache of ``capacity`` blocks lets it reuse, the
+    requests served in order (``reusable``: per request, the most blocks it may reuse)."""
+    return prefix_hits(IdealLRU(capacity), chains, reusable)
