@@ -17,8 +17,10 @@ two prefill instances, one decode and one cachestore, for each size in ``--pool-
 100, 50, 25 and 10 % of the working set: the distinct full KV blocks of the replayed requests):
 
 * ``global_<pct>pct``: global_cache_aware, a pool of that many blocks (the cachestore's LMDB tier
-  sized to hold exactly that many, no DRAM tier in front of it, so the pool holds no more than its
-  size) and no cache of their own on the prefill instances: every block reused comes from the pool;
+  sized so that its high watermark is exactly that many: past it, the pool evicts down to its low
+  watermark, by its eviction policy, ``pool_eviction``; no DRAM tier in front of it, so the pool
+  holds no more than its size but for a put in progress) and no cache of their own on the prefill
+  instances: every block reused comes from the pool;
 * ``local_<pct>pct``: local_cache_aware, pool off, each prefill instance's own DRAM cache holding
   that many blocks divided by the number of instances: the caches add up to the pool's size.
 
@@ -170,14 +172,24 @@ class TraceResult:
         return sum(r.cached_tokens for r in self.ok) / p if p else None
 
 
+def pool_disk_bytes(blocks: int, on_disk: int, high: float) -> int:
+    """The bound of an LMDB tier whose high watermark (``high`` of the bound) is ``blocks`` blocks
+    of ``on_disk`` bytes: the pool holds that many before it evicts."""
+    want = blocks * on_disk
+    n = -(-want * 10**6 // round(high * 10**6))
+    while int(n * high) < want:  # as the store computes its watermark
+        n += 1
+    return n
+
+
 def trace_configs(distinct_blocks: int, fractions: list[float], sizes: BlockBytes, prefills: int = 2,
-                  names: list[str] | None = None) -> list[TraceConfig]:
+                  names: list[str] | None = None, evict_high: float = 1.0) -> list[TraceConfig]:
     """Per fraction of the working set (``distinct_blocks`` full KV blocks), the global row and the
     local-only row of that size, sized in blocks: the pool holds ``round(fraction * distinct_blocks)``
-    (its LMDB tier sized for that many, no DRAM tier, whose blocks would add to the disk's; the
-    prefill instances keep none of their own), and without the pool each of the ``prefills``
-    instances' own caches holds that many divided among them. ``names``: the rows to keep, by name
-    (``global_50pct``) or by kind (``global``, ``local``)."""
+    (its LMDB tier sized so that its high watermark, ``evict_high`` of its bound, is that many; no
+    DRAM tier, whose blocks would add to the disk's; the prefill instances keep none of their own),
+    and without the pool each of the ``prefills`` instances' own caches holds that many divided
+    among them. ``names``: the rows to keep, by name (``global_50pct``) or by kind (``global``, ``local``)."""
     out = []
     for f in fractions:
         if f <= 0:
@@ -185,7 +197,8 @@ def trace_configs(distinct_blocks: int, fractions: list[float], sizes: BlockByte
         pct = f"{round(f * 100)}pct"
         n = max(prefills, round(f * distinct_blocks))
         per = n // prefills
-        out.append(TraceConfig(f"global_{pct}", "global", f, "global_cache_aware", True, n, 0, n * sizes.on_disk, 0, 0))
+        out.append(TraceConfig(f"global_{pct}", "global", f, "global_cache_aware", True, n, 0,
+                               pool_disk_bytes(n, sizes.on_disk, evict_high), 0, 0))
         out.append(TraceConfig(f"local_{pct}", "local", f, "local_cache_aware", False, per * prefills, 0,
                                sizes.on_disk, per * sizes.local, per))
     if names:
@@ -494,7 +507,7 @@ def _trace(args) -> int:
         sizes = BlockBytes(encoded=block_bytes, on_disk=lmdb_footprint(block_bytes),
                            local=shape.kv_bytes_per_token() * block_size)
         working_set = bound["distinct_blocks"] * block_bytes
-        configs = trace_configs(bound["distinct_blocks"], fractions, sizes, PREFILLS, names)
+        configs = trace_configs(bound["distinct_blocks"], fractions, sizes, PREFILLS, names, base.pool_evict_high)
         ns = namespace_digest(model_identity(model_dir), placement.dtype_name, block_size)
         chains, reusable = prompt_chains(requests, block_size, ns)
         ideal = {c.capacity_blocks: ideal_lru_tokens(chains, reusable, c.capacity_blocks, block_size) for c in configs}
@@ -518,7 +531,9 @@ def _trace(args) -> int:
                 cluster.start(ready_timeout=300)
                 res.startup = time.perf_counter() - t0
                 say(f"[{cfg.name}] cluster ready in {res.startup:.1f}s: policy {cfg.policy}, "
-                    + (f"pool of {cfg.capacity_blocks} blocks (disk {cfg.disk_bytes / 1e6:.1f} MB, no DRAM tier), "
+                    + (f"pool of {cfg.capacity_blocks} blocks (disk {cfg.disk_bytes / 1e6:.1f} MB, no DRAM tier; "
+                       f"eviction {settings.pool_eviction}, from {settings.pool_evict_high:g} down to "
+                       f"{settings.pool_evict_low:g} of the disk), "
                        "no own caches" if cfg.use_pool else
                        f"pool off, own caches of {cfg.prefill_cache_blocks} blocks "
                        f"({cfg.prefill_cache_bytes / 1e6:.1f} MB) each"))
@@ -569,6 +584,8 @@ def _trace(args) -> int:
         "bound": round(b, 4), "bound_full_blocks": round(bound["bound_full_blocks"], 4),
         "bound_tokens": bound["bound_tokens"], "bound_full_blocks_tokens": bound["bound_full_blocks_tokens"],
         "pool_fractions": fractions, "configs": [c.name for c in configs],
+        "pool_eviction": base.pool_eviction, "pool_evict_high": base.pool_evict_high,
+        "pool_evict_low": base.pool_evict_low,
     }
     by_name = {}
     for res in results:

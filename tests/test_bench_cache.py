@@ -97,6 +97,9 @@ def test_trace_configs_sizes_and_selection():
     # the pool holds the working set's blocks in its LMDB tier, no DRAM tier, no own caches beside it
     assert (g.policy, g.use_pool, g.capacity_blocks) == ("global_cache_aware", True, 1001)
     assert (g.disk_bytes, g.dram_bytes, g.prefill_cache_bytes) == (1001 * 12288, 0, 0)
+    # with eviction past a high watermark, the pool's bound is the least whose watermark holds them all
+    [hw] = cache_trace.trace_configs(1001, [1.0], sizes, names=["global"], evict_high=0.99)
+    assert int(hw.disk_bytes * 0.99) >= 1001 * 12288 > int((hw.disk_bytes - 1) * 0.99)
     # local-only: pool off, placed on the own caches, which add up to the pool's size
     assert (loc.policy, loc.use_pool) == ("local_cache_aware", False)
     assert loc.prefill_cache_blocks == 500 and loc.prefill_cache_bytes == 500 * 8192 and loc.capacity_blocks == 1000
