@@ -81,6 +81,9 @@ def test_threshold_keeps_the_highest_rate_below_the_first_failure():
     assert bc.saturated({**_pt(10, 500.0), "p50_ms": 101.0}, 10)
     assert bc.saturated({**_pt(10, 5.0, lost=1), "p50_ms": 1.0}, 10)
     assert bc.saturated({**_pt(10, 5.0, backlog=1.5), "p50_ms": 1.0}, 10)
+    curve = [{**_pt(10, 50.0), "p50_ms": 4.0}, {**_pt(20, 90.0), "p50_ms": 30.0},
+             {**_pt(40, 900.0, backlog=2.0), "p50_ms": 500.0}]
+    assert bc.kept_up(curve, 10) == 20 and bc.sustained(curve, 10) is None
     # one more rate between the sustained one and the next measured
     assert bc.refine_rate(pts, 10) == 28.0  # sqrt(20 * 40), two digits
     assert bc.refine_rate([_pt(10, 2.0), _pt(11, 12.0)], 10) is None  # nothing strictly between at two digits
