@@ -90,7 +90,10 @@ DEFAULT_VOCAB = 49152  # SmolLM2's, as bench trace
 MODEL_ID = "bench-conductor"  # the synthetic model whose KV namespace the keys are in
 CONDUCTOR_ID = "conductor-0"
 GATEWAY_ID = "gateway-bench"
-PROBE_ID = "bench-probe"  # announces a new epoch after a pre-load: the conductor's dump request marks it ingested
+# a probe instance announces its epoch after KV events: the conductor's dump request for it says it
+# has applied them; each probe has an id of its own (bench-probe-N): a second epoch of one instance
+# that came while the dump of the first was on its way would be taken for a stale one, and ignored
+PROBE_ID = "bench-probe"
 DEFAULT_INSTANCES = "8,32"
 DEFAULT_BLOCKS = "1e5,1e6"
 FULL_INSTANCES = "8,32,128,512"
@@ -745,7 +748,8 @@ class Bench:
         self.unknown: list[str] = []
         self.dumps_asked: dict[str, float] = {}
         self.probe_asked = asyncio.Event()
-        self.probe_epoch = ""
+        self.probe = ""  # the probe awaited
+        self.probes = 0
         self.js_futures: list = []
         self.js_failed = 0
         self.nats = None
@@ -896,9 +900,10 @@ class Bench:
         iid = msg.subject.rsplit(".", 1)[1]
         req = decode(msg.data, KVDumpRequest)
         self.dumps_asked[iid] = time.monotonic()
-        if iid == PROBE_ID:
-            dump = KVDump(instance_id=iid, source="prefill", epoch=self.probe_epoch, seq=1, keys=[], total=0, offset=0)
-            self.probe_asked.set()
+        if iid.startswith(PROBE_ID):
+            dump = KVDump(instance_id=iid, source="prefill", epoch=iid, seq=1, keys=[], total=0, offset=0)
+            if iid == self.probe:
+                self.probe_asked.set()
         else:
             dump = self.sim.dump(iid, req.offset, max(1, min(req.limit, 20000)))
         if msg.reply:
@@ -947,7 +952,7 @@ class Bench:
                 await asyncio.sleep(0)  # heartbeats go on
         published = time.monotonic() - t0
         await self.sync_index()
-        seconds = self.dumps_asked[PROBE_ID] - t0
+        seconds = self.dumps_asked[self.probe] - t0
         cpu = _cpu(self.ps) - cpu0
         await asyncio.sleep(1.5)  # a maintenance pass, the last dumps' replies
         rss = self.ps.memory_info().rss
@@ -968,12 +973,14 @@ class Bench:
         await self._js_settle()
 
     async def sync_index(self, timeout: float = 3600.0) -> None:
-        """Return once the conductor has applied every KV event published so far: the probe
-        announces a new epoch after them, and the conductor asks it for a dump once it gets there."""
+        """Return once the conductor has applied every KV event published so far: a new probe
+        instance announces its epoch after them, and the conductor asks it for a dump once it gets
+        there."""
         self.probe_asked.clear()
-        self.probe_epoch = uuid.uuid4().hex[:12]
-        await self._js_publish(Subjects.kv_events(PROBE_ID), encode(KVEvent(
-            instance_id=PROBE_ID, source="prefill", epoch=self.probe_epoch, seq=1)))
+        self.probes += 1
+        self.probe = f"{PROBE_ID}-{self.probes}"
+        await self._js_publish(Subjects.kv_events(self.probe), encode(KVEvent(
+            instance_id=self.probe, source="prefill", epoch=self.probe, seq=1)))
         await self._js_settle()
         await asyncio.wait_for(self.probe_asked.wait(), timeout=timeout)
 
