@@ -379,10 +379,13 @@ class GatewayService(Service):
                     except (msgspec.DecodeError, msgspec.ValidationError):
                         continue
                     ready, gone = state.accept(ev)
+                    # every event let through, even when the last of them finished the request:
+                    # an attempt running ahead (one taken for lost that went on) can fill a choice's
+                    # whole tail at once, and the choice is done before the first of them is yielded
                     for e in ready:
                         yield e
-                        if state.done:
-                            return
+                    if state.done:
+                        return
                     if gone is not None:
                         failed = [gone]  # the worker handed the choice back: resume it from here
                 if failed:
@@ -455,6 +458,8 @@ class GatewayService(Service):
                     if ev.error:
                         raise oa.ApiError(503, f"generation failed: {ev.error}", code="worker_error", type="server_error")
                     o = outs[ev.index]
+                    if o.finish is not None:
+                        continue  # a stop string ended this choice: what its worker sent after is not the client's
                     if ev.seq == 0 and ev.index == 0:
                         cached = ev.cached_tokens
                     if ev.prompt_logprobs is not None and prompt_rows is None:
