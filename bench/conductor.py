@@ -81,6 +81,7 @@ import numpy as np
 
 from bench.common import (DEFAULT_TRACE, ROOT, TOKEN_LO, TRACE_BLOCK_TOKENS, emit, entry, make_data_dir, ms,
                           percentile, read_trace, release_data_dir, say)
+from bench.ideal_lru import leading_run
 from libs.protocol import (PROTOCOL_VERSION, DecodeReport, Heartbeat, IndexSummary, KVDump, KVDumpRequest, KVEvent,
                            PrefillDone, PrefillReport, SamplingParams, ScheduleReply, SequenceProgress, Subjects,
                            decode, encode)
@@ -397,12 +398,7 @@ class Holder:
         return [filler_key(self.number, n) for n in range(self.filler_lo, self.filler_hi)] + list(self.keys)
 
     def prefix_len(self, keys: Sequence[bytes]) -> int:
-        n = 0
-        for k in keys:
-            if k not in self.keys:
-                break
-            n += 1
-        return n
+        return leading_run(self.keys, keys)
 
     def event(self, stored: list[bytes], removed: list[bytes]) -> KVEvent:
         self.seq += 1

@@ -26,7 +26,7 @@ from collections.abc import Hashable, Sequence
 from pathlib import Path
 
 from bench.common import DEFAULT_TRACE, emit, entry, ratio, read_trace, say
-from bench.ideal_lru import IdealLRU, prefix_hits
+from bench.ideal_lru import IdealLRU, PrefixCache, prefix_hits
 from services.cachestore.eviction import DEFAULT_EVICT_HIGH, DEFAULT_EVICT_LOW, POLICIES, make_policy
 
 DEFAULT_FRACTIONS = (1.0, 0.5, 0.25, 0.1)
@@ -34,7 +34,7 @@ DEFAULT_WATERMARKS = (DEFAULT_EVICT_HIGH, DEFAULT_EVICT_LOW)  # the cachestore's
 VOCAB = 32000  # token ids of the scaled prompts: any vocabulary names the same blocks apart
 
 
-class PolicyCache:
+class PolicyCache(PrefixCache):
     """A cache of ``capacity`` blocks evicting by ``policy`` (``services.cachestore.eviction``),
     served as ``IdealLRU`` is (``request``). With ``high`` < 1, after each request a cache above
     ``high * capacity`` blocks evicts down to ``low * capacity``; at any time it holds at most
@@ -57,14 +57,6 @@ class PolicyCache:
     def __contains__(self, key: Hashable) -> bool:
         return key in self.policy
 
-    def leading_run(self, chain: Sequence[Hashable]) -> int:
-        n = 0
-        for k in chain:
-            if k not in self.policy:
-                break
-            n += 1
-        return n
-
     def _evict_to(self, n: int) -> None:
         while len(self.policy) > n:
             if self.policy.evict() is None:
@@ -84,13 +76,6 @@ class PolicyCache:
             parent = k
         if len(self.policy) > self.high:
             self._evict_to(self.low)
-
-    def request(self, chain: Sequence[Hashable], reusable: int | None = None) -> int:
-        run = self.leading_run(chain)
-        if reusable is not None:
-            run = min(run, max(0, reusable))
-        self.touch_all(chain)
-        return run
 
 
 def trace_chains(path: Path, limit: int | None, token_scale: int, block_size: int,

@@ -21,7 +21,37 @@ from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 
 
-class IdealLRU:
+def leading_run(held, chain: Sequence[Hashable]) -> int:
+    """How many leading keys of ``chain`` are in ``held`` (anything with ``in``)."""
+    n = 0
+    for k in chain:
+        if k not in held:
+            break
+        n += 1
+    return n
+
+
+class PrefixCache:
+    """A cache of block keys serving requests as the pool does: a request reuses the leading run
+    of its chain that is held, then its whole chain is touched (``touch_all``, the subclass's)."""
+
+    def leading_run(self, chain: Sequence[Hashable]) -> int:
+        """How many leading keys of ``chain`` are held (recency unchanged)."""
+        return leading_run(self, chain)
+
+    def touch_all(self, chain: Sequence[Hashable]) -> None:
+        raise NotImplementedError
+
+    def request(self, chain: Sequence[Hashable], reusable: int | None = None) -> int:
+        """Serve one request: the blocks it reuses; then its chain is cached."""
+        run = self.leading_run(chain)
+        if reusable is not None:
+            run = min(run, max(0, reusable))
+        self.touch_all(chain)
+        return run
+
+
+class IdealLRU(PrefixCache):
     """An LRU set of block keys holding at most ``capacity`` of them."""
 
     def __init__(self, capacity: int):
@@ -37,15 +67,6 @@ class IdealLRU:
     def __contains__(self, key: Hashable) -> bool:
         return key in self._keys
 
-    def leading_run(self, chain: Sequence[Hashable]) -> int:
-        """How many leading keys of ``chain`` are held (recency unchanged)."""
-        n = 0
-        for k in chain:
-            if k not in self._keys:
-                break
-            n += 1
-        return n
-
     def touch_all(self, chain: Sequence[Hashable]) -> None:
         """Make every key of ``chain`` the most recently used, in order, inserting the missing ones."""
         if self.capacity == 0:
@@ -58,15 +79,6 @@ class IdealLRU:
                 if len(self._keys) > self.capacity:
                     self._keys.popitem(last=False)
                     self.evictions += 1
-
-    def request(self, chain: Sequence[Hashable], reusable: int | None = None) -> int:
-        """Serve one request: the blocks it reuses; then its chain is cached."""
-        run = self.leading_run(chain)
-        if reusable is not None:
-            run = min(run, max(0, reusable))
-        self.touch_all(chain)
-        return run
-
 
 def prefix_hits(cache, chains: Sequence[Sequence[Hashable]], reusable: Sequence[int] | None = None) -> list[int]:
     """Per request, the blocks ``cache`` (anything with ``IdealLRU.request``) lets it reuse, the
