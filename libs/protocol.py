@@ -98,6 +98,9 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     # per prompt token from the second (an echo's), the same from the prompt's own logits
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    # structured output: an llguidance grammar (libs/engine/grammar.py) every sampled token must
+    # continue; built and checked by the gateway
+    grammar: str | None = None
 
     @property
     def greedy(self) -> bool:

@@ -17,6 +17,7 @@ from libs.kv.keys import namespace_digest
 from libs.bus import work_subscription
 from libs.config import Settings
 from libs.engine.device import resolve
+from libs.engine.grammar import Constraint, tokenizer_for as grammar_tokenizer
 from libs.engine.loading import check_load_format, model_identity, resolve_model
 from libs.log import get_logger
 from libs.protocol import Abort, SamplingParams, Subjects, TokenEvent, decode, encode
@@ -135,7 +136,7 @@ class ModelWorker(Service):
         self._engine = engine
         self._executor = engine.executor
         self.runner = await engine.load()  # a ModelRunner, or the simulated engine's SimRunner
-        path = engine.path
+        path = self.model_path = engine.path
         self.shape = self.runner.shape
         self.placement = engine.placement
         self.namespace = namespace_digest(model_identity(path, self.settings.load_format), self.shape.dtype_name,
@@ -151,6 +152,12 @@ class ModelWorker(Service):
     def identity(self) -> dict:
         return {"kv_namespace": self.namespace.hex(), "device": self.placement.device_name,
                 "dtype": self.placement.dtype_name}
+
+    async def constraint(self, grammar: str, consumed: list[int]):
+        """A sequence's structured-output constraint, after the tokens it has (the model's grammar
+        vocabulary is built on first use, off the event loop)."""
+        tokenizer = await asyncio.to_thread(grammar_tokenizer, self.model_path, self.shape.eos_token_ids)
+        return Constraint(tokenizer, grammar, consumed)
 
     async def compute(self, fn, *args, **kwargs):
         """Run blocking model work on the model thread."""

@@ -62,6 +62,14 @@ def tiny_cluster(tiny_dir, tmp_path_factory):
     cluster.stop()
 
 
+@pytest.fixture
+def client(tiny_cluster):
+    """The official openai client of the shared tiny cluster."""
+    from openai import AsyncOpenAI
+
+    return AsyncOpenAI(base_url=tiny_cluster.url + "/v1", api_key="unused", max_retries=0)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tiny_dir):
     from libs.engine.loading import load_model, load_tokenizer

@@ -3,18 +3,13 @@
 import asyncio
 
 import openai
-import pytest
 from openai import AsyncOpenAI
+import pytest
 
 from conftest import reference_greedy
 from helpers import get_json, post, stream_events, wait_until
 from libs.bus import connect
 from libs.protocol import IndexSummary, Subjects, decode
-
-
-@pytest.fixture
-def client(tiny_cluster):
-    return AsyncOpenAI(base_url=tiny_cluster.url + "/v1", api_key="unused", max_retries=0)
 
 
 def _max_context(tiny_dir) -> int:
@@ -178,21 +173,16 @@ _CHAT = [{"role": "user", "content": "Say hi"}]
 # (endpoint, keyword arguments of the client, the parameter the 400 must name)
 REFUSED = [
     ("chat", {"logit_bias": {"42": 5}}, "logit_bias"),
-    ("chat", {"response_format": {"type": "json_object"}}, "response_format"),
     ("chat", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}, "tools"),
     ("chat", {"tool_choice": "required"}, "tool_choice"),
     ("chat", {"parallel_tool_calls": False}, "parallel_tool_calls"),
     ("chat", {"functions": [{"name": "f"}]}, "functions"),
     ("chat", {"extra_body": {"echo": True}}, "echo"),
-    ("chat", {"extra_body": {"guided_json": {"type": "object"}}}, "guided_json"),
-    ("chat", {"extra_body": {"guided_choice": ["a", "b"]}}, "guided_choice"),
     ("chat", {"extra_body": {"best_of": 2}}, "best_of"),
     ("chat", {"extra_body": {"min_tokens": 4}}, "min_tokens"),
     ("text", {"best_of": 3}, "best_of"),
     ("text", {"suffix": " the end"}, "suffix"),
     ("text", {"logit_bias": {"42": -100}}, "logit_bias"),
-    ("text", {"extra_body": {"guided_regex": "[a-z]+"}}, "guided_regex"),
-    ("text", {"extra_body": {"response_format": {"type": "json_object"}}}, "response_format"),
 ]
 
 

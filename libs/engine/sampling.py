@@ -1,6 +1,6 @@
 """Sampling one token from a position's logits: greedy, or temperature/top-k/top-p with a seed
 that makes the draw independent of the instance that samples it; presence, frequency and
-repetition penalties first, when the request has them."""
+repetition penalties first, when the request has them, then its grammar's allowed tokens."""
 
 from __future__ import annotations
 
@@ -47,16 +47,19 @@ def penalize(logits: torch.Tensor, params: SamplingParams, prompt: Sequence[int]
 
 
 def sample_token(logits: torch.Tensor, params: SamplingParams, position: int,
-                 prompt: Sequence[int] = (), output: Sequence[int] = ()) -> int:
+                 prompt: Sequence[int] = (), output: Sequence[int] = (), allowed: torch.Tensor | None = None) -> int:
     """Sample one token from 1-D float logits. Greedy when temperature is 0.
 
     ``prompt`` and ``output`` (the request's prompt and its output tokens so far) are what the
-    penalties look at; only a request with penalties needs them.
+    penalties look at; only a request with penalties needs them. ``allowed`` (bool, one per
+    logit: a structured output's grammar, ``libs/engine/grammar.py``) leaves only those tokens.
 
     With a seed, the draw at each output position uses its own generator seeded from
     (seed, position), so the result does not depend on which instance samples it.
     """
     logits = penalize(logits, params, prompt, output)
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
     if params.greedy:
         return int(torch.argmax(logits).item())
     logits = logits.float() / params.temperature

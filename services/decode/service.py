@@ -11,6 +11,7 @@ import torch
 from libs.bus import BULK_PENDING_BYTES, BlobAssembler, BlobData, uninitialized
 from libs.engine.arena import kv_arena_for
 from libs.engine.logprobs import logprobs_rows
+from libs.engine.grammar import GrammarError
 from libs.engine.sampling import sample_token, split_resumed_prompt
 from libs.protocol import (DecodeReport, DecodeTask, KVMeta, SequenceProgress, Subjects, TokenEvent, decode,
                                    encode)
@@ -152,7 +153,22 @@ class DecodeService(ModelWorker):
         if group is not None:
             self._groups[rid] = group
         self._recv_bufs[rid] = [data, len(ids)]
-        history = split_resumed_prompt(task.prompt_token_ids, task.seq_base) if task.sampling.penalized else None
+        sampling = task.sampling
+        history = (split_resumed_prompt(task.prompt_token_ids, task.seq_base)
+                   if sampling.penalized or sampling.grammar is not None else None)
+        constraints = {}
+        if sampling.grammar is not None:  # each sequence's place in the grammar, after its output so far
+            try:
+                for index, output, _ in starts:
+                    constraints[index] = await self.constraint(sampling.grammar, history[1] + output)
+            except ValueError as e:
+                log.error("grammar_failed", error=str(e))
+                await self.emit_error(task.output_id, task.seq_base + len(task.output_token_ids),
+                                      f"structured output failed: {e}")
+                if self.recv_arena is not None:
+                    self.recv_arena.give_bytes(data)
+                await msg.ack()
+                return
         now = time.monotonic()
         for sid, (index, output, params) in zip(ids, starts):
             seq = Sequence(
@@ -170,8 +186,9 @@ class DecodeService(ModelWorker):
                 index=index,
                 group=group,
                 kv_key=rid,
+                constraint=constraints.get(index),
             )
-            if history is not None:  # the penalties look at the prompt's tokens and the earlier outputs
+            if history is not None and sampling.penalized:  # the penalties look at the prompt's tokens and the earlier outputs
                 seq.prompt, seq.earlier_outputs = history
             self.batcher.submit(seq)
         self._wake.set()
@@ -219,8 +236,7 @@ class DecodeService(ModelWorker):
         rows = [by_id[rid] for rid in self.batch.ids]  # the batch keeps its own row order
         assert len(rows) == len(by_id)
         logits = self.batch.step([s.output[-1] for s in rows])
-        tokens = {s.attempt_id: sample_token(logits[i], s.params, s.next_seq, *s.penalty_history())
-                  for i, s in enumerate(rows)}
+        tokens = {s.attempt_id: self._sample(logits[i], s) for i, s in enumerate(rows)}
         self._step_kv = kv
         # log-probabilities only for the rows that asked: nothing more for a batch where none did
         asked = [i for i, s in enumerate(rows) if s.params.logprobs is not None]
@@ -230,6 +246,19 @@ class DecodeService(ModelWorker):
                             [rows[i].params.logprobs for i in asked])
         lps = {rows[i].attempt_id: lp for i, lp in zip(asked, got)}
         return [tokens[s.attempt_id] for s in plan.rows], [lps.get(s.attempt_id) for s in plan.rows]
+
+    def _sample(self, logits, seq: Sequence) -> int:
+        """One row's next token; a structured output's among those its grammar allows."""
+        if seq.constraint is None:
+            return sample_token(logits, seq.params, seq.next_seq, *seq.penalty_history())
+        token = sample_token(logits, seq.params, seq.next_seq, *seq.penalty_history(),
+                             allowed=seq.constraint.allowed(logits.shape[-1]))
+        try:
+            seq.constraint.advance(token)
+        except GrammarError as e:  # cannot happen for a token drawn from the allowed ones
+            self.log.error("grammar_rejected_token", request_id=seq.attempt_id, error=str(e))
+            token = self.shape.eos_token_ids[0]
+        return token
 
     async def drain(self) -> None:
         """Finish running sequences for up to ``drain_seconds``; hand the rest back: each gets a

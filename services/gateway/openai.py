@@ -12,6 +12,8 @@ import msgspec
 
 from libs.config import SLO
 from libs.protocol import MAX_PAYLOAD, SamplingParams, TokenLogprobs
+from services.gateway.errors import ApiError
+from services.gateway.structured import ResponseFormat, StructuredOutputs, request_grammar
 
 MAX_MESSAGES = 1024
 MAX_JSON_DEPTH = 16
@@ -24,29 +26,6 @@ MAX_COMPLETION_LOGPROBS = 5  # completions' logprobs (OpenAI's bound)
 LOGPROB_FLOOR = -9999.0  # a logprob below is reported as this (vLLM's floor; JSON has no -inf)
 # an echo's prompt logprobs travel in one bus message: 4 bytes a position, 8 per alternative
 PROMPT_LOGPROBS_BYTES = MAX_PAYLOAD - 64 * 1024
-
-
-class ApiError(Exception):
-    """An error surfaced to the client as ``{"error": {message, type, param, code}}``."""
-
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 type: str | None = None, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
-        self.type = type or {
-            400: "invalid_request_error",
-            401: "authentication_error",
-            404: "invalid_request_error",
-            413: "invalid_request_error",
-            429: "rate_limit_error",
-        }.get(status, "server_error" if status >= 500 else "invalid_request_error")
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 # Every request Struct refuses fields it does not declare (a typo, or a parameter of the OpenAI or
@@ -95,6 +74,15 @@ class _Common(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     user: str | None = None
     ignore_eos: bool | None = None  # vLLM
     slo_class: str | None = None  # extension: the request class whose latency objectives apply
+    # structured output (services/gateway/structured.py): OpenAI's, and vLLM's two spellings
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: Any = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
+    guided_whitespace_pattern: str | None = None
 
 
 class ChatCompletionRequest(_Common, kw_only=True, forbid_unknown_fields=True):
@@ -153,14 +141,6 @@ _OFF_BOTH = {
     "logits_processors": (None,),
     "return_tokens_as_token_ids": (None, False),
     "return_token_ids": (None, False),
-    "response_format": (None, {"type": "text"}),
-    "guided_json": (None,),
-    "guided_regex": (None,),
-    "guided_choice": (None,),
-    "guided_grammar": (None,),
-    "guided_decoding_backend": (None,),
-    "guided_whitespace_pattern": (None,),
-    "structured_outputs": (None,),
     "priority": (None, 0),
     "request_id": (None,),
     "cache_salt": (None,),
@@ -286,6 +266,7 @@ class Normalized:
     include_usage: bool
     slo: SLO = SLO()
     echo: bool = False  # completions: the prompt goes before each choice's text
+    grammar_from: str | None = None  # the field that asked for a structured output
 
     @property
     def n(self) -> int:
@@ -399,6 +380,7 @@ def normalize(req: _Common, prompt_ids: list[int], max_context: int, max_tokens:
     repetition = _penalty(req.repetition_penalty, 1.0, "repetition_penalty", lambda v: 0.0 < v < math.inf,
                           "greater than 0")
     stop_ids = _stop_token_ids(req.stop_token_ids, vocab_size)
+    grammar_from, grammar = request_grammar(req) or (None, None)  # checked against the tokenizer by the gateway
     if not prompt_ids:
         raise _bad("the prompt is empty", "prompt")
     room = max_context - len(prompt_ids)
@@ -441,6 +423,7 @@ def normalize(req: _Common, prompt_ids: list[int], max_context: int, max_tokens:
         n=n,
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
+        grammar=grammar,
     )
     return Normalized(
         prompt_token_ids=prompt_ids,
@@ -450,6 +433,7 @@ def normalize(req: _Common, prompt_ids: list[int], max_context: int, max_tokens:
         include_usage=bool(req.stream and req.stream_options and req.stream_options.include_usage),
         slo=slo,
         echo=echo,
+        grammar_from=grammar_from,
     )
 
 

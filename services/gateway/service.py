@@ -19,6 +19,7 @@ from libs import metrics
 from libs.engine.device import DTYPES
 from libs.kv.keys import block_hashes, namespace_digest
 from libs.config import SLO
+from libs.engine import grammar
 from libs.engine.loading import load_tokenizer, model_identity, model_name_for, read_shape, resolve_model
 from libs.protocol import (
     Abort,
@@ -86,6 +87,7 @@ class GatewayService(Service):
         self.tokenizer = await asyncio.to_thread(load_tokenizer, path)
         self.token_text = TokenText(self.tokenizer)  # tokens as logprobs name them
         self.shape = read_shape(path)
+        self.model_path = path
         # prompts are hashed in the KV namespace the prefill instances announce (it binds the dtype
         # they chose, which a gateway without their hardware cannot know); until one is heard, in
         # the one the settings name (a dtype "auto" taken as float32)
@@ -252,6 +254,7 @@ class GatewayService(Service):
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         norm = oa.normalize(req, ids, self.shape.max_context, max_tokens, None, self.slo, self.slo_classes,
                             self.shape.vocab_size)
+        await self._check_grammar(norm)
         return await self._serve(request, norm, "chat", f"chatcmpl-{uuid.uuid4().hex}")
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -262,11 +265,24 @@ class GatewayService(Service):
         # OpenAI's default for completions is 16 tokens.
         norm = oa.normalize(req, list(ids), self.shape.max_context, req.max_tokens, 16, self.slo, self.slo_classes,
                             self.shape.vocab_size)
+        await self._check_grammar(norm)
         echoed = ""
         if norm.echo:  # the prompt as given, or as its token ids read
             echoed = prompt if isinstance(prompt, str) else self.tokenizer.decode(
                 list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
         return await self._serve(request, norm, "text", f"cmpl-{uuid.uuid4().hex}", echoed)
+
+    async def _check_grammar(self, norm: oa.Normalized) -> None:
+        """A structured output's grammar must compile for this model's tokenizer (as the sampling
+        instances will compile it): a 400 naming the field otherwise."""
+        if norm.sampling.grammar is None:
+            return
+        try:
+            tokenizer = await asyncio.to_thread(grammar.tokenizer_for, self.model_path, self.shape.eos_token_ids)
+            await asyncio.to_thread(grammar.check, norm.sampling.grammar, tokenizer)
+        except grammar.GrammarError as e:
+            raise oa.ApiError(400, f"{norm.grammar_from} cannot be followed: {e}", param=norm.grammar_from,
+                              code="invalid_grammar") from None
 
     # ---------------------------------------------------------------- generation
     async def _schedule(self, attempt_id: str, prompt: list[int], sampling, resume: Resume | None,

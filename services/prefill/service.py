@@ -294,10 +294,17 @@ class PrefillService(ModelWorker):
         nbytes = pool * bs * self.shape.kv_bytes_per_token()
         params, first = task.sampling, task.first_index
         try:
-            history = split_resumed_prompt(prompt, task.seq_base) if params.penalized else ((), ())
+            needs_history = params.penalized or params.grammar is not None
+            history = split_resumed_prompt(prompt, task.seq_base) if needs_history else ((), ())
+            allowed = None
+            if params.grammar is not None and params.max_tokens > 0:  # after the output so far (a resume's)
+                constraint = await self.constraint(params.grammar, history[1])
+                allowed = constraint.allowed(logits.shape[-1])
+            if not params.penalized:
+                history = ((), ())
             # n choices from the one distribution, each with its own seed (none at max_tokens 0:
             # an echo that only scores the prompt)
-            tokens = [sample_token(logits, params.choice(i), task.seq_base, *history)
+            tokens = [sample_token(logits, params.choice(i), task.seq_base, *history, allowed=allowed)
                       for i in range(params.n)] if params.max_tokens > 0 else []
             lps = logprobs_at(logits, tokens, params.logprobs) if params.logprobs is not None and tokens else None
         except Exception as e:  # noqa: BLE001 - one request's bad draw must not stop the instance
