@@ -129,6 +129,9 @@ class Settings(msgspec.Struct, kw_only=True):
     # pool_evict_low of it, after puts (a put itself evicts only what keeps it within disk_bytes)
     pool_evict_high: float = 0.99
     pool_evict_low: float = 0.97
+    # blocks an operator may pin at once on each cachestore instance (POST /cache/pins); pinned
+    # blocks are never evicted, so pins beyond this are refused
+    pool_max_pinned_blocks: int = 65536
 
     def slo(self) -> SLO:
         """The deployment's SLOs (requests without a class)."""

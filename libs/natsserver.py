@@ -106,7 +106,8 @@ def permissions(kind: str, iid: str = "*") -> dict:
     decode_sub = [f"yb.kv.{iid}", "yb.abort"]
     streams = (PREFILL, DECODE, EVENTS)
     table = {
-        "gateway": (["yb.sched", "yb.abort"], ["yb.out.>", "yb.hb.>"]),
+        # an operator's pin of a prefix goes to every cachestore instance (POST /cache/pins)
+        "gateway": (["yb.sched", "yb.abort", "yb.cache.*.pin"], ["yb.out.>", "yb.hb.>"]),
         "conductor": (["yb.task.prefill.>", "yb.kvdump.>", "yb.out.>",
                        *[f"$JS.API.STREAM.{op}.{s}" for op in ("CREATE", "UPDATE", "INFO") for s in streams],
                        f"$JS.API.STREAM.PURGE.{DECODE}",  # a lost decode instance's queued tasks

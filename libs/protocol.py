@@ -599,6 +599,25 @@ class CacheStats(msgspec.Struct, kw_only=True):
     evictions_disk: int
 
 
+class CachePinRequest(msgspec.Struct, kw_only=True):
+    """Keep these blocks in the pool for ``ttl_seconds`` (an operator's pin of a prefix), or end
+    their pins (``unpin``). Every cachestore instance takes every key: a block is kept wherever the
+    sharding puts it, before and after the pool's membership changes."""
+
+    v: int = PROTOCOL_VERSION
+    keys: list[bytes]
+    ttl_seconds: float = 0.0
+    unpin: bool = False
+
+
+class CachePinReply(msgspec.Struct, kw_only=True):
+    v: int = PROTOCOL_VERSION
+    instance_id: str
+    held: int = 0  # of the keys, how many this instance holds now
+    pinned: int = 0  # keys pinned on this instance in all, after the request
+    error: str = ""  # the pin was refused (none of its keys pinned): its bound on pinned blocks
+
+
 _encoder = msgspec.msgpack.Encoder()
 
 

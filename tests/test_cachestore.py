@@ -526,6 +526,52 @@ def test_put_many_with_parents_and_a_demotion_in_the_same_put(tmp_path):
     store.close()
 
 
+# ---------------------------------------------------------------- leases and pins
+def test_a_block_being_read_from_disk_is_not_evicted_under_the_read(tmp_path):
+    store = TieredStore(BLOCK_BYTES, tmp_path / "db", 4 * BLOCK_BYTES, eviction="lru")
+    for i in range(4):
+        store.put(key(i), block(i))  # 0 is the least recently used, on disk only
+    reading, release = _stall(store.disk, "get")
+    got = []
+    loader = _start(lambda: got.extend(store.get_many([key(0)])))
+    assert reading.wait(30)
+    # the read is in progress: puts that take the disk past its bound evict the others, not 0
+    changes, _ = store.put_many([(key(i), block(i)) for i in (4, 5)])
+    assert changes.removed == [key(1), key(2)]
+    release.set()
+    loader.join(timeout=30)
+    assert got == [(key(0), block(0))]
+    # the lease ended with the read: 0 (read last: the most recently used) is evictable again
+    assert [store.put(key(i), block(i)).removed for i in (6, 7, 8, 9)] == [[key(3)], [key(4)], [key(5)], [key(0)]]
+    store.close()
+
+
+def test_pinned_blocks_stay_until_their_time_to_live_and_pins_are_bounded(tmp_path):
+    from services.cachestore.holds import PinLimit
+
+    store = TieredStore(0, tmp_path / "db", 3 * BLOCK_BYTES, eviction="lfuda_leaf", max_pins=3)
+    store.put(key(0), block(0))
+    # 0 is held, 1 not yet: its pin applies when it arrives
+    assert store.pin([key(0), key(1)], until=100.0) == 1
+    store.put(key(1), block(1), parent=key(0))
+    for i in range(2, 8):  # a stream of other blocks: only they make room for each other
+        store.put(key(i), block(i))
+    assert store.where_many([key(0), key(1), key(7)]) == ["disk", "disk", "disk"]
+    assert (store.stats().pinned, store.stats().pinned_held) == (2, 2)
+    with pytest.raises(PinLimit):  # 2 pinned + 2 new > 3: none of them pinned
+        store.pin([key(6), key(7)], until=100.0)
+    assert store.stats().pinned == 2
+    assert store.pin([key(1), key(7)], until=50.0) == 2  # 1 keeps its later end
+    assert store.expire_pins(now=60.0) == 1  # 7's pin is over; 0's and 1's last to 100
+    assert store.put(key(8), block(8)).removed == [key(7)]
+    assert store.expire_pins(now=100.0) == 2
+    # evictable again, as blocks that just arrived: the leaf of the chain before its parent
+    removed = [k for i in range(9, 13) for k in store.put(key(i), block(i)).removed]
+    assert key(0) in removed and removed.index(key(1)) < removed.index(key(0))
+    assert store.unpin([key(5)]) == 0
+    store.close()
+
+
 # ---------------------------------------------------------------- service end to end
 @pytest.fixture(scope="module")
 def nats_server(tmp_path_factory):

@@ -15,7 +15,10 @@ Several instances form the pool; clients shard keys over the live ones by rendez
   instead (``LayerPiece``: one layer's slices of consecutive blocks), so a prefill can compute
   layer ``i`` while later layers are still arriving (``CacheClient.load_layers``).
 - ``exists``: ``CacheExistsRequest`` -> ``CacheExistsReply`` (presence and tier per key);
-- ``stats``: -> ``CacheStats``.
+- ``stats``: -> ``CacheStats``;
+- ``pin``: ``CachePinRequest`` -> ``CachePinReply``: keep the keys (an operator's pinned prefix)
+  until a time to live runs out, or end their pins; pins are bounded (``pool_max_pinned_blocks``)
+  and live in memory (a restarted instance has none). A load leases the blocks it reads from disk.
 
 Blocks leave the instance by the disk tier's eviction policy (``pool_eviction``), which a put
 feeds with each block's parent (``CachePutMeta.parents``); once the disk holds more than
@@ -31,6 +34,7 @@ Store calls run in worker threads (``asyncio.to_thread``) because LMDB reads and
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 
 import msgspec
@@ -49,6 +53,8 @@ from libs.protocol import (
     CacheGetMeta,
     CacheGetReply,
     CacheGetRequest,
+    CachePinReply,
+    CachePinRequest,
     CachePutMeta,
     CHUNK_DATA_BYTES,
     CacheStats,
@@ -58,6 +64,7 @@ from libs.protocol import (
 )
 from libs.service import Service
 
+from services.cachestore.holds import PinLimit
 from services.cachestore.store import EVICTION_REASONS, StoreStats, TieredStore
 
 _BAD_MESSAGE = (msgspec.DecodeError, msgspec.ValidationError)
@@ -88,6 +95,9 @@ GET_HITS = Counter("yuebing:cache_get_hit_blocks", "Blocks asked for by gets and
 GET_MISSES = Counter("yuebing:cache_get_miss_blocks", "Blocks asked for by gets and not found", ["instance_id"])
 PUTS = Counter("yuebing:cache_puts", "Blocks put (accepted), new or not", ["instance_id"])
 PUTS_REFUSED = Counter("yuebing:cache_puts_refused", "Blocks (or malformed put blobs) refused", ["instance_id"])
+PINNED = Gauge("yuebing:cache_pinned_blocks", "Blocks pinned by operators, by whether the instance holds them yet",
+               ["instance_id", "state"])
+PIN_EXPIRY_SECONDS = 1.0  # how often expired pins are ended
 
 
 class CacheStoreService(Service):
@@ -114,7 +124,7 @@ class CacheStoreService(Service):
         s = self.settings
         self.store = await asyncio.to_thread(TieredStore, s.dram_bytes, self.data_dir, s.disk_bytes,
                                              eviction=s.pool_eviction, evict_high=s.pool_evict_high,
-                                             evict_low=s.pool_evict_low)
+                                             evict_low=s.pool_evict_low, max_pins=s.pool_max_pinned_blocks)
         st = self.store.stats()
         self._evictions_seen = {"dram": st.evictions_dram, "disk": st.evictions_disk}
         self._reasons_seen = dict(st.evictions_by_reason)
@@ -136,6 +146,7 @@ class CacheStoreService(Service):
             await sub("get", cb=self._on_get),
             await sub("exists", cb=self._on_exists),
             await sub("stats", cb=self._on_stats),
+            await sub("pin", cb=self._on_pin),
         ]
         store = self.store
         self.events = KVEventPublisher(self.nc, self.js, self.instance_id, "cachestore", store.held_keys)
@@ -144,6 +155,16 @@ class CacheStoreService(Service):
         await self._publish_changes()  # anything stored while the publisher was starting
         if s.disk_sync_seconds > 0:
             self.spawn(self._sync_loop(s.disk_sync_seconds))
+        self.spawn(self._pin_expiry_loop())
+
+    async def _pin_expiry_loop(self) -> None:
+        """End pins whose time to live has run out: their blocks are evictable again."""
+        while not self.stopping:
+            await asyncio.sleep(PIN_EXPIRY_SECONDS)
+            store = self.store
+            if store is not None and await asyncio.to_thread(store.expire_pins, time.monotonic()):
+                self._update_metrics(store.stats())
+                self._maintain_soon()  # a tier kept past its high watermark by pins may evict now
 
     async def _sync_loop(self, every: float) -> None:
         """Flush the disk tier to the device now and then, so a machine crash loses at most that
@@ -210,6 +231,8 @@ class CacheStoreService(Service):
             if delta > 0:
                 EVICTION_CAUSES.labels(iid, reason).inc(delta)
             self._reasons_seen[reason] = n
+        PINNED.labels(iid, "held").set(st.pinned_held)
+        PINNED.labels(iid, "awaited").set(st.pinned - st.pinned_held)
 
     def _maintain_soon(self) -> None:
         """Start the eviction down to the low watermark if it is due and not running."""
@@ -360,3 +383,25 @@ class CacheStoreService(Service):
             await msg.respond(encode(reply))
         except Exception:  # noqa: BLE001
             self.log.exception("cache_stats_failed")
+
+    async def _on_pin(self, msg: Msg) -> None:
+        try:
+            req = decode(msg.data, CachePinRequest)
+        except _BAD_MESSAGE as e:
+            self.log.warning("cache_pin_dropped", error=str(e))
+            return
+        store, error, held = self.store, "", 0
+        try:
+            if req.unpin:
+                await asyncio.to_thread(store.unpin, req.keys)
+            else:
+                held = await asyncio.to_thread(store.pin, req.keys, time.monotonic() + req.ttl_seconds)
+        except PinLimit as e:
+            error = str(e)
+        st = store.stats()
+        self._update_metrics(st)
+        self.log.info("cache_pin", keys=len(req.keys), unpin=req.unpin, ttl_s=req.ttl_seconds, held=held,
+                      pinned=st.pinned, error=error or None)
+        if msg.reply:
+            await msg.respond(encode(CachePinReply(instance_id=self.instance_id, held=held, pinned=st.pinned,
+                                                   error=error)))

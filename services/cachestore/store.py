@@ -23,6 +23,7 @@ import lmdb
 from libs.kv.codec import BlockCorrupt, verify_block
 from libs.log import get_logger
 from services.cachestore.eviction import DEFAULT_EVICT_HIGH, DEFAULT_EVICT_LOW, DEFAULT_POLICY, make_policy
+from services.cachestore.holds import ProtectedPolicy
 
 log = get_logger("cachestore.store")
 
@@ -90,6 +91,7 @@ class DramTier:
         return list(self._items)
 
 
+DEFAULT_MAX_PINS = 65536  # blocks pinned at once, at most (``pool_max_pinned_blocks``)
 _SEQ = struct.Struct(">Q")  # recency sequence number; big-endian so LMDB orders it numerically
 _ENTRY = struct.Struct(">QQ")  # (seq, size) of a stored block, followed by its parent's key if known
 
@@ -144,7 +146,8 @@ class DiskTier:
     """
 
     def __init__(self, path: str | Path, capacity_bytes: int, *, map_size: int | None = None,
-                 policy: str = DEFAULT_POLICY, high: float = DEFAULT_EVICT_HIGH, low: float = DEFAULT_EVICT_LOW):
+                 policy: str = DEFAULT_POLICY, high: float = DEFAULT_EVICT_HIGH, low: float = DEFAULT_EVICT_LOW,
+                 max_pins: int = DEFAULT_MAX_PINS):
         if not 0 < low <= high <= 1:
             raise ValueError(f"eviction watermarks: 0 < low ({low}) <= high ({high}) <= 1")
         self.path = Path(path)
@@ -181,11 +184,13 @@ class DiskTier:
                 self.bytes += _unentry(entry)[1]
                 self.count += 1
             self.policy = make_policy(policy, 1)
+            # the order the tier evicts in: the policy's, less the blocks leased or pinned
+            self.holds = ProtectedPolicy(self.policy, max_pins)
             self._sized = False
             self._size_policy()
             for seq, key in txn.cursor(db=self._lru):
                 entry = txn.get(key, db=self._index)
-                self.policy.insert(key, _unentry(entry)[2] if entry is not None else None)
+                self.holds.insert(key, _unentry(entry)[2] if entry is not None else None)
                 self._seq = _SEQ.unpack(seq)[0]
 
     def __len__(self) -> int:
@@ -269,7 +274,7 @@ class DiskTier:
         replaced: list[bytes] = []
         victim_parents: dict[bytes, bytes | None] = {}
         total, count = self.bytes, self.count
-        policy = self.policy
+        policy = self.holds
         try:
             with self._env.begin(write=True) as txn:
                 for key, value, use in items:
@@ -350,17 +355,17 @@ class DiskTier:
             with self._env.begin(write=True) as txn:
                 while len(evicted) < n and (nbytes is None or freed < nbytes):
                     with self._policy_lock:
-                        victim = self.policy.victim()
+                        victim = self.holds.victim()
                         if victim is None:
                             break
-                        victim_parents[victim] = self.policy.parent(victim)
-                        self.policy.remove(victim, evicted=True)
+                        victim_parents[victim] = self.holds.parent(victim)
+                        self.holds.remove(victim, evicted=True)
                     freed += self._drop(txn, victim)
                     evicted.append(victim)
         except BaseException:
             with self._policy_lock:
                 for key in evicted:
-                    self.policy.insert(key, victim_parents[key])
+                    self.holds.insert(key, victim_parents[key])
             raise
         self.bytes -= freed
         self.count -= len(evicted)
@@ -386,7 +391,7 @@ class DiskTier:
         """Tell the policy ``keys`` were used (those held); the stored recency is left as it is."""
         with self._policy_lock:
             for k in keys:
-                self.policy.access(k)
+                self.holds.access(k)
 
     def delete(self, key: bytes) -> bool:
         with self._write_lock:
@@ -396,7 +401,7 @@ class DiskTier:
                     return False
                 size = self._drop(txn, key)
             with self._policy_lock:
-                self.policy.remove(key)
+                self.holds.remove(key)
             self.bytes -= size
             self.count -= 1
             return True
@@ -416,6 +421,28 @@ class DiskTier:
         if use:
             self.used([key])
         return True
+
+    # ---- holds: blocks not evicted for now (``services.cachestore.holds``)
+    def lease(self, keys: list[bytes]) -> None:
+        with self._policy_lock:
+            self.holds.lease(keys)
+
+    def release(self, keys: list[bytes]) -> None:
+        with self._policy_lock:
+            self.holds.release(keys)
+
+    def pin(self, keys: list[bytes], until: float) -> int:
+        """Pin ``keys`` until ``until`` (monotonic seconds); how many are held now. ``PinLimit`` past the bound."""
+        with self._policy_lock:
+            return self.holds.pin(keys, until)
+
+    def unpin(self, keys: list[bytes]) -> int:
+        with self._policy_lock:
+            return self.holds.unpin(keys)
+
+    def expire_pins(self, now: float) -> int:
+        with self._policy_lock:
+            return self.holds.expire(now)
 
     # ---- reads
     def get(self, key: bytes, *, touch: bool = True) -> bytes | None:
@@ -468,6 +495,8 @@ class StoreStats:
     corrupt: int  # blocks deleted because their bytes failed verification
     # evictions_disk by reason (``EVICTION_REASONS``: watermark, capacity, map_full, too_large)
     evictions_by_reason: dict[str, int] = field(default_factory=dict)
+    pinned: int = 0  # keys pinned (held or awaited)
+    pinned_held: int = 0  # pinned keys held
 
 
 @dataclass
@@ -492,7 +521,9 @@ class TieredStore:
     block's parent (the block before it in its prompt) where the put names it. DRAM is an LRU of
     the hot copies. A put evicts from disk only what keeps it within ``disk_bytes``; ``maintain``,
     due once the disk holds more than ``evict_high`` of it (``needs_maintenance``), evicts down to
-    ``evict_low`` of it: the caller runs it after puts, off their path.
+    ``evict_low`` of it: the caller runs it after puts, off their path. Blocks a load is reading
+    from disk are leased, and blocks an operator pinned (``pin``, until a time to live) are held:
+    no eviction takes them (``services.cachestore.holds``).
 
     The store keeps the set of keys it holds (either tier) and an ordered log of changes to it:
     a key is *stored* when a put brings a key it did not hold, *removed* when it leaves both tiers
@@ -502,10 +533,10 @@ class TieredStore:
 
     def __init__(self, dram_bytes: int, disk_dir: str | Path, disk_bytes: int, *, disk_map_size: int | None = None,
                  eviction: str = DEFAULT_POLICY, evict_high: float = DEFAULT_EVICT_HIGH,
-                 evict_low: float = DEFAULT_EVICT_LOW):
+                 evict_low: float = DEFAULT_EVICT_LOW, max_pins: int = DEFAULT_MAX_PINS):
         self.dram = DramTier(dram_bytes)
         self.disk = DiskTier(disk_dir, disk_bytes, map_size=disk_map_size, policy=eviction, high=evict_high,
-                             low=evict_low)
+                             low=evict_low, max_pins=max_pins)
         self.corrupt = 0
         self._lock = threading.Lock()
         # Loads read the disk, and puts write it, outside the lock (LMDB serialises its writers and
@@ -658,6 +689,23 @@ class TieredStore:
             finally:
                 self._outside_ended()
 
+    # ---- pins (``services.cachestore.holds``)
+    def pin(self, keys: list[bytes], until: float) -> int:
+        """Keep ``keys`` in the store until ``until`` (monotonic seconds), those held now and those
+        that arrive meanwhile; returns how many are held now. Raises ``PinLimit`` past the bound."""
+        with self._lock:
+            return self.disk.pin(keys, until)
+
+    def unpin(self, keys: list[bytes]) -> int:
+        """End the pins of ``keys``; returns how many were pinned."""
+        with self._lock:
+            return self.disk.unpin(keys)
+
+    def expire_pins(self, now: float) -> int:
+        """End the pins whose time has come (their blocks evictable again); returns how many."""
+        with self._lock:
+            return self.disk.expire_pins(now)
+
     def get(self, key: bytes) -> bytes | None:
         """The encoded block, or None. Bytes that fail verification are deleted: a miss."""
         with self._lock:
@@ -677,22 +725,26 @@ class TieredStore:
             if self._closed:
                 return []
             hot = {k: v for k in keys if (v := self.dram.get(k)) is not None}
+            # the blocks to read from disk are leased: not evicted while this read is under way
+            reading = [k for k in keys if k not in hot]
+            self.disk.lease(reading)
             self._outside += 1  # the disk stays open until this read is done
         self.disk.used(list(hot))  # a DRAM hit is a use of the block for the disk's policy too
         cold: dict[bytes, bytes | None] = {}
         try:
-            for k in keys:
-                if k not in hot:
-                    v = self.disk.get(k, touch=False)
-                    if v is not None:
-                        cold[k] = v if self._valid(k, v, "disk") else None
+            for k in reading:
+                v = self.disk.get(k, touch=False)
+                if v is not None:
+                    cold[k] = v if self._valid(k, v, "disk") else None
         except BaseException:
+            self.disk.release(reading)
             self._done_outside()
             raise
         with self._lock:
             try:
                 return self._settle_load(keys, hot, cold)
             finally:
+                self.disk.release(reading)
                 self._outside_ended()
 
     def _settle_load(self, keys: list[bytes], hot: dict[bytes, Block], cold: dict[bytes, bytes | None]
@@ -780,6 +832,8 @@ class TieredStore:
                 evictions_disk=self.disk.evictions,
                 corrupt=self.corrupt,
                 evictions_by_reason=dict(self.disk.evicted_by),
+                pinned=self.disk.holds.pinned,
+                pinned_held=self.disk.holds.pinned_held,
             )
 
     def flush(self) -> None:

@@ -23,6 +23,8 @@ from libs.engine import grammar
 from libs.engine.loading import load_tokenizer, model_identity, model_name_for, read_shape, resolve_model
 from libs.protocol import (
     Abort,
+    CachePinReply,
+    CachePinRequest,
     Heartbeat,
     Resume,
     ScheduleReply,
@@ -36,7 +38,7 @@ from libs.service import Service
 from yuebing import __version__
 
 from services.gateway import openai as oa
-from services.gateway import openapi
+from services.gateway import openapi, pins
 from services.gateway.choices import Choices, resume_id, resume_sampling
 from services.gateway.detok import IncrementalDetokenizer, StopStrings, TokenText
 
@@ -72,7 +74,8 @@ async def errors_middleware(request: web.Request, handler):
 
 
 # routes outside /v1/ that need an API key as /v1/* does (vLLM's utility routes)
-KEYED_PATHS = frozenset({"/tokenize", "/detokenize", "/version"})
+KEYED_PATHS = frozenset({"/tokenize", "/detokenize", "/version", "/cache/pins"})
+PIN_TIMEOUT = 5.0  # seconds a cachestore instance has to answer a pin
 # what /health needs heard from before it answers 200 (ready)
 READY_NEEDS = ("conductor", "prefill", "decode")
 DOWN_FORGET_SECONDS = 600.0  # /health names a silent instance as down for this long
@@ -114,6 +117,8 @@ class GatewayService(Service):
         app.router.add_post("/tokenize", self.tokenize)
         app.router.add_post("/detokenize", self.detokenize)
         app.router.add_get("/version", self.version)
+        app.router.add_post("/cache/pins", self.pin_prefix)
+        app.router.add_delete("/cache/pins", self.pin_prefix)
         app.router.add_get("/health", self.health)
         app.router.add_get("/live", self.live_probe)
         app.router.add_get("/metrics", self.metrics)
@@ -163,8 +168,8 @@ class GatewayService(Service):
 
     @web.middleware
     async def _auth(self, request: web.Request, handler):
-        """Bearer API keys on /v1/*, /tokenize, /detokenize and /version; /health, /live, /metrics and
-        /openapi.json stay open."""
+        """Bearer API keys on /v1/*, /tokenize, /detokenize, /version and /cache/pins; /health, /live,
+        /metrics and /openapi.json stay open."""
         if self.api_keys and (request.path.startswith("/v1/") or request.path in KEYED_PATHS):
             header = request.headers.get("Authorization", "")
             scheme, _, key = header.partition(" ")
@@ -235,6 +240,56 @@ class GatewayService(Service):
         ids = oa.check_token_ids(req.tokens, self.shape.vocab_size, "tokens")
         return _json({"prompt": self.tokenizer.decode(ids, skip_special_tokens=False,
                                                       clean_up_tokenization_spaces=False)})
+
+    async def pin_prefix(self, request: web.Request) -> web.Response:
+        """Pin a prefix's blocks in the pool for a time to live (POST), or end its pins (DELETE), on
+        every live cachestore instance. A pin that one instance refuses (its bound on pinned blocks)
+        is taken back from the others and answered 409."""
+        req = await self._body(request, pins.PinRequest)
+        pinning = request.method == "POST"
+        pins.check(req, pinning)
+        if req.messages is not None:
+            ids = self._chat_ids(oa.chat_messages(req), add_generation_prompt=False)
+        elif isinstance(req.prompt, str):
+            ids = self.tokenizer.encode(req.prompt, add_special_tokens=False)
+        else:
+            ids = oa.check_token_ids(req.prompt, self.shape.vocab_size, "prompt")
+        bs = self.settings.block_size
+        keys = block_hashes(list(ids)[: self.shape.max_context], bs, self.namespace)
+        if not keys:
+            raise oa.ApiError(400, f"the prefix has {len(ids)} tokens; a pin keeps whole blocks of {bs}",
+                              param="messages" if req.messages is not None else "prompt", code="invalid_value")
+        stores = sorted(b.instance_id for b in self.live_beats() if b.kind == "cachestore")
+        if not stores:
+            raise oa.ApiError(503, "no cachestore instance is alive", code="service_unavailable",
+                              headers={"Retry-After": "2"})
+        ask = CachePinRequest(keys=keys, ttl_seconds=req.ttl_seconds or 0.0, unpin=not pinning)
+        replies = await asyncio.gather(*[self.nc.request(Subjects.cache(iid, "pin"), encode(ask), timeout=PIN_TIMEOUT)
+                                         for iid in stores], return_exceptions=True)
+        answers = {}
+        for iid, r in zip(stores, replies):
+            try:
+                answers[iid] = decode(r.data, CachePinReply) if not isinstance(r, BaseException) else None
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                answers[iid] = None
+        refused = {iid: a.error for iid, a in answers.items() if a is not None and a.error}
+        if pinning and (refused or None in answers.values()):
+            undo = encode(CachePinRequest(keys=keys, unpin=True))
+            for iid, a in answers.items():
+                if a is not None and not a.error:
+                    await self.nc.publish(Subjects.cache(iid, "pin"), undo)
+            if refused:
+                iid, why = next(iter(refused.items()))
+                raise oa.ApiError(409, f"cachestore {iid} refused the pin: {why}", code="pin_limit_exceeded")
+            silent = ", ".join(iid for iid, a in answers.items() if a is None)
+            raise oa.ApiError(503, f"cachestore {silent} did not answer the pin", code="service_unavailable",
+                              headers={"Retry-After": "2"})
+        return _json({"object": "cache.pin" if pinning else "cache.unpin", "blocks": len(keys),
+                      "tokens": len(keys) * bs, "ttl_seconds": req.ttl_seconds if pinning else None,
+                      # of the prefix's blocks, how many the pool holds now (each on the instance it is sharded to)
+                      "held_blocks": min(len(keys), sum(a.held for a in answers.values() if a is not None)),
+                      "instances": {iid: None if a is None else {"held": a.held, "pinned": a.pinned}
+                                    for iid, a in answers.items()}})
 
     async def _body(self, request: web.Request, typ):
         raw = await request.read()

@@ -1,0 +1,135 @@
+"""Blocks the disk tier may not evict for now: leases and pins. Plain logic, no I/O.
+
+* A *lease* is held by a load while it reads blocks from the disk tier outside the store's lock:
+  a block being read is not evicted under the reader (which would turn a hit into a recompute).
+  Leases are counted: several loads may hold the same block.
+* A *pin* is an operator's: the blocks of a prefix (a system prompt) stay in the pool until a time
+  to live runs out. A key may be pinned before its block arrives; the pin applies when it does.
+  Pins are bounded (``max_pins``): pinned blocks cannot make room for others.
+
+``ProtectedPolicy`` wraps an eviction policy (``services.cachestore.eviction``): a held key is
+taken out of the policy's order (parked, with its parent) while it is held, so no victim is ever
+a held key, whichever path evicts; when its last hold ends it re-enters as a new key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from services.cachestore.eviction import EvictionPolicy, Key
+
+
+class PinLimit(ValueError):
+    """A pin that would take the store past its bound on pinned blocks."""
+
+
+class ProtectedPolicy:
+    """An eviction policy whose victims are never held keys (leased or pinned)."""
+
+    def __init__(self, inner: EvictionPolicy, max_pins: int):
+        self.inner = inner
+        self.name = inner.name
+        self.max_pins = max_pins
+        self._leases: dict[Key, int] = {}
+        self._pins: dict[Key, float] = {}  # key -> when its pin ends
+        self._parked: dict[Key, Key | None] = {}  # held keys the store holds: key -> parent
+
+    # ---- the policy's interface
+    def __len__(self) -> int:
+        return len(self.inner) + len(self._parked)
+
+    def __contains__(self, key: Key) -> bool:
+        return key in self._parked or key in self.inner
+
+    def insert(self, key: Key, parent: Key | None = None) -> None:
+        if self._held(key):
+            self._parked[key] = parent if parent is not None else self._parked.get(key)
+        else:
+            self.inner.insert(key, parent)
+
+    def access(self, key: Key) -> None:
+        if key not in self._parked:
+            self.inner.access(key)
+
+    def remove(self, key: Key, evicted: bool = False) -> None:
+        if key in self._parked:
+            del self._parked[key]
+        else:
+            self.inner.remove(key, evicted=evicted)
+
+    def victim(self) -> Key | None:
+        return self.inner.victim()
+
+    def resize(self, capacity: int) -> None:
+        self.inner.resize(capacity)
+
+    def parent(self, key: Key) -> Key | None:
+        return self._parked[key] if key in self._parked else self.inner.parent(key)
+
+    def has_child(self, key: Key) -> bool:
+        return self.inner.has_child(key)
+
+    # ---- holds
+    def _held(self, key: Key) -> bool:
+        return key in self._leases or key in self._pins
+
+    def _park(self, key: Key) -> None:
+        if key not in self._parked and key in self.inner:
+            parent = self.inner.parent(key)
+            self.inner.remove(key)
+            self._parked[key] = parent
+
+    def _unpark(self, key: Key) -> None:
+        if not self._held(key) and key in self._parked:
+            self.inner.insert(key, self._parked.pop(key))
+
+    def lease(self, keys: Iterable[Key]) -> None:
+        for key in keys:
+            self._leases[key] = self._leases.get(key, 0) + 1
+            self._park(key)
+
+    def release(self, keys: Iterable[Key]) -> None:
+        for key in keys:
+            n = self._leases.get(key, 0) - 1
+            if n > 0:
+                self._leases[key] = n
+                continue
+            self._leases.pop(key, None)
+            self._unpark(key)
+
+    def pin(self, keys: Iterable[Key], until: float) -> int:
+        """Pin ``keys`` until ``until`` (a key pinned already keeps the later end); raises
+        ``PinLimit`` (pinning none of them) if the pins would exceed ``max_pins``. Returns how many
+        of the keys the store holds now."""
+        keys = list(dict.fromkeys(keys))
+        new = sum(1 for k in keys if k not in self._pins)
+        if len(self._pins) + new > self.max_pins:
+            raise PinLimit(f"{len(self._pins)} blocks are pinned; {new} more would exceed the bound of "
+                           f"{self.max_pins}")
+        for key in keys:
+            self._pins[key] = max(until, self._pins.get(key, until))
+            self._park(key)
+        return sum(1 for k in keys if k in self._parked)
+
+    def unpin(self, keys: Iterable[Key]) -> int:
+        """End the pins of ``keys`` now; returns how many were pinned."""
+        n = 0
+        for key in keys:
+            if self._pins.pop(key, None) is not None:
+                n += 1
+                self._unpark(key)
+        return n
+
+    def expire(self, now: float) -> int:
+        """End the pins whose time has come; returns how many."""
+        return self.unpin([k for k, until in self._pins.items() if until <= now])
+
+    @property
+    def pinned(self) -> int:
+        """Keys pinned (held by the store or not)."""
+        return len(self._pins)
+
+    @property
+    def pinned_held(self) -> int:
+        """Pinned keys the store holds."""
+        return sum(1 for k in self._parked if k in self._pins)
