@@ -110,6 +110,9 @@ class Settings(msgspec.Struct, kw_only=True):
     prefill_cache_bytes: int = 256 << 20  # the instance's own DRAM cache of recent blocks
     cache_replicas: int = 1
     pool_write_backlog_bytes: int = 512 << 20  # prompts' KV awaiting pool writes; past it, writes are skipped
+    # decode writes each sequence's full blocks (prompt tail and output) to the pool as they fill,
+    # so a chat's next turn and a resumed request load them (services/decode/writeback.py)
+    decode_write_back: bool = True
     prefill_kv_arena_bytes: int = 512 << 20  # slab for prompts' KV, paged in at start (capped by the model; 0: none)
     # decode
     max_running: int = 32

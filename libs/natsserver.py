@@ -102,8 +102,9 @@ def permissions(kind: str, iid: str = "*") -> dict:
                    "yb.report.prefill_done", "yb.prefill.*.blocks", *into_loaders,
                    f"$JS.API.STREAM.INFO.{EVENTS}", *_own_consumer(PREFILL, iid)]
     prefill_sub = ["yb.abort", f"yb.kvdump.{iid}", "yb.hb.cachestore.>", f"yb.prefill.{iid}.blocks"]
-    decode_pub = ["yb.out.>", "yb.report.decode", *_own_consumer(DECODE, iid)]
-    decode_sub = [f"yb.kv.{iid}", "yb.abort"]
+    # decode writes its sequences' blocks to the pool (it hears the cachestores' heartbeats to shard them)
+    decode_pub = ["yb.out.>", "yb.report.decode", "yb.cache.*.put", *_own_consumer(DECODE, iid)]
+    decode_sub = [f"yb.kv.{iid}", "yb.abort", "yb.hb.cachestore.>"]
     streams = (PREFILL, DECODE, EVENTS)
     table = {
         # an operator's pin of a prefix goes to every cachestore instance (POST /cache/pins)

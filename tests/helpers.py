@@ -62,6 +62,23 @@ def log_events(path: Path, event: str | None = None) -> list[dict]:
     return [r for r in records if event is None or r.get("event") == event]
 
 
+async def wait_for_pool(nats_url: str, keys: list[bytes], timeout: float = 30.0) -> bool:
+    """Whether the pool holds every one of ``keys`` within ``timeout`` (its writes are asynchronous)."""
+    from libs.bus import connect
+    from libs.kv.client import CacheClient
+
+    nc = await connect(nats_url, "test-pool-wait")
+    cache = CacheClient(nc, timeout=5)
+    await cache.start()
+    try:
+        async def held():
+            return all(await cache.where(keys))
+        return bool(await wait_until(held, timeout=timeout))
+    finally:
+        await cache.close()
+        await nc.close()
+
+
 def start_up(model_dir, data_dir, port, *flags, env=None):
     """`yuebing up` as a user runs it; returns the process, its output lines so far and an event set
     once it is ready. ``env``: the process's environment (default: this one)."""

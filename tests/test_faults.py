@@ -89,9 +89,9 @@ async def test_kill_one_of_two_prefill_instances_under_load(tiny_dir, tiny_model
         cluster.stop()
 
 
-async def _streams_survive(cluster, tiny_dir, tiny_model, disturb, max_tokens=400, n=8):
-    """Run ``n`` greedy streams; once all are under way, ``disturb()``; every stream must complete
-    with the text of an undisturbed greedy run: no token repeated, none skipped."""
+async def _streams_survive(cluster, tiny_dir, tiny_model, disturb, max_tokens=400, n=8, under_way=5):
+    """Run ``n`` greedy streams; once each has ``under_way`` tokens, ``disturb()``; every stream must
+    complete with the text of an undisturbed greedy run: no token repeated, none skipped."""
     import aiohttp
     import orjson
 
@@ -119,7 +119,7 @@ async def _streams_survive(cluster, tiny_dir, tiny_model, disturb, max_tokens=40
         return text, n
 
     tasks = [asyncio.create_task(stream(r, p)) for r, p in enumerate(prompts)]
-    while min(progress) < 5:  # every stream is under way on one of the two decode instances
+    while min(progress) < under_way:  # every stream is under way on one of the two decode instances
         await asyncio.sleep(0.05)
     await disturb()
     results = await asyncio.gather(*tasks)
@@ -130,11 +130,24 @@ async def _streams_survive(cluster, tiny_dir, tiny_model, disturb, max_tokens=40
 
 
 async def test_kill_one_of_two_decode_instances_mid_stream(tiny_dir, tiny_model, tmp_path):
-    """Streams on the killed instance resume elsewhere (re-prefill of prompt + tokens sent)."""
+    """Streams on the killed instance resume elsewhere: a prefill of the prompt and the tokens sent,
+    which loads the blocks of both that the killed instance wrote to the pool and computes the rest."""
     cluster = start_cluster(tiny_dir, tmp_path / "c", decode=2)
+    bs = cluster.settings.block_size
     try:
         await _streams_survive(cluster, tiny_dir, tiny_model,
-                               lambda: asyncio.to_thread(cluster.kill, "decode-1", signal.SIGKILL))
+                               lambda: asyncio.to_thread(cluster.kill, "decode-1", signal.SIGKILL),
+                               under_way=3 * bs)
+        prefilled = {e["request_id"]: e for e in log_events(cluster.log_dir / "prefill-0.log", "prefilled")}
+        resumed = [(rid, e) for rid, e in prefilled.items() if rid.endswith(".a2")]
+        assert resumed, "no stream was on the killed instance"
+        for rid, e in resumed:
+            first = prefilled[rid.removesuffix(".a2")]
+            reused = e["local_tokens"] + e["pool_tokens"]
+            # beyond the prompt's own blocks: the output's, which only decode wrote
+            assert reused >= first["prompt_tokens"] // bs * bs + bs, (rid, e, first)
+            # recomputed: the last partial block, and a block or two whose write the kill cut short
+            assert e["prompt_tokens"] - reused <= 3 * bs, (rid, e)
     finally:
         cluster.stop()
 

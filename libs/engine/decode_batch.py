@@ -110,6 +110,16 @@ class DecodeBatch:
         self.lengths.append(length)
 
     @torch.inference_mode()
+    def block_kv(self, seq_id: str, start: int, end: int) -> torch.Tensor:
+        """A copy of one row's KV at positions ``[start, end)`` in the wire layout
+        ``[layers, 2, kv_heads, end - start, head_dim]``, on the CPU (a pool write's blocks)."""
+        r = self.ids.index(seq_id)
+        if not 0 <= start <= end <= self.lengths[r]:
+            raise ValueError(f"positions [{start}, {end}) are not all held (row of {self.lengths[r]})")
+        layers = [torch.stack((k[r, :, start:end], v[r, :, start:end])) for k, v in zip(self._k, self._v)]
+        return torch.stack(layers).cpu()
+
+    @torch.inference_mode()
     def remove(self, seq_ids: set[str]) -> None:
         """Leave: each freed row is filled by moving the last row (its own positions) into it."""
         for sid in [s for s in self.ids if s in seq_ids]:

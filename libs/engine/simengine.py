@@ -219,6 +219,14 @@ class SimDecodeBatch:
         self.ids.append(seq_id)
         self.lengths.append(int(kv.shape[3]))
 
+    def block_kv(self, seq_id: str, start: int, end: int) -> torch.Tensor:
+        """As ``DecodeBatch.block_kv``: KV of the model's shape and dtype (zeros: none is kept)."""
+        r = self.ids.index(seq_id)
+        if not 0 <= start <= end <= self.lengths[r]:
+            raise ValueError(f"positions [{start}, {end}) are not all held (row of {self.lengths[r]})")
+        shape = self.runner.shape
+        return torch.zeros(shape.kv_dims(end - start), dtype=shape.dtype)
+
     def remove(self, seq_ids: set[str]) -> None:
         """Leave, exactly as ``DecodeBatch.remove`` reorders rows: each freed row is filled by
         moving the last row into it."""

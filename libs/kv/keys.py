@@ -29,13 +29,15 @@ def namespace_digest(model_id: str, dtype: str, block_size: int, layout_version:
     return hashlib.blake2b(ident, digest_size=KEY_BYTES).digest()
 
 
-def block_hashes(token_ids: Sequence[int], block_size: int, namespace: bytes) -> list[bytes]:
-    """One 16-byte key per full block of ``token_ids``; the tail that does not fill a block gets none."""
+def block_hashes(token_ids: Sequence[int], block_size: int, namespace: bytes, parent: bytes | None = None
+                 ) -> list[bytes]:
+    """One 16-byte key per full block of ``token_ids``; the tail that does not fill a block gets none.
+    ``parent``: the key of the block before ``token_ids`` (they go on a chain already hashed)."""
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
     pack = struct.Struct(f"<{block_size}i").pack
     keys: list[bytes] = []
-    parent = namespace
+    parent = namespace if parent is None else parent
     for start in range(0, len(token_ids) - block_size + 1, block_size):
         try:
             tokens = pack(*token_ids[start : start + block_size])

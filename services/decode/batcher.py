@@ -42,6 +42,7 @@ class Sequence:
     group: "Group | None" = None  # the forks of one decode task (n > 1), which share its message and KV
     kv_key: str = ""  # the received KV buffer it holds a share of, until it joins or leaves
     constraint: Any = None  # a structured output's place in its grammar (libs/engine/grammar.py)
+    chain: Any = None  # its blocks' way back to the pool (services/decode/writeback.py); None: not written
     urgent: bool = field(init=False)  # its wait for a row is a gap its TBT counts (ten tokens or fewer)
 
     def __post_init__(self) -> None:

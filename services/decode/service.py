@@ -1,4 +1,5 @@
-"""Decode wiring: receive KV, join sequences to the running batch, step, stream tokens."""
+"""Decode wiring: receive KV, join sequences to the running batch, step, stream tokens, and write
+each sequence's full blocks back to the pool as they fill (``writeback.py``)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import time
 
 import msgspec
 import torch
+from prometheus_client import Counter
 
 from libs.bus import BULK_PENDING_BYTES, BlobAssembler, BlobData, uninitialized
+from libs.kv.client import CacheClient, CacheError
 from libs.engine.arena import kv_arena_for
 from libs.engine.logprobs import logprobs_rows
 from libs.engine.grammar import GrammarError
@@ -18,9 +21,16 @@ from libs.protocol import (DecodeReport, DecodeTask, KVMeta, SequenceProgress, S
 from libs.worker import ModelWorker
 
 from services.decode.batcher import Batcher, Group, Sequence, fork_ids
+from services.decode.writeback import Chain
 
 KV_WAIT_SECONDS = 30.0
 PROGRESS_EVERY = 15.0
+CACHE_TIMEOUT = 5.0
+
+WRITTEN_BLOCKS = Counter("yuebing:decode_pool_written_blocks", "Blocks of prompts and outputs decode wrote to the pool")
+WRITE_SKIPPED = Counter("yuebing:decode_pool_write_skipped_blocks",
+                        "Blocks decode did not write to the pool, by why: budget (the backlog of blocks on "
+                        "their way was full), failed (the pool refused or did not answer)", ["reason"])
 
 
 class DecodeService(ModelWorker):
@@ -56,9 +66,22 @@ class DecodeService(ModelWorker):
             Subjects.kv(self.instance_id), cb=self._assembler.handle, pending_bytes_limit=BULK_PENDING_BYTES
         )
         await self.subscribe_tasks(Subjects.DECODE_STREAM, Subjects.decode_task(self.instance_id))
+        # each sequence's full blocks go back to the pool as they fill: the next turn of a chat, or
+        # this request resumed elsewhere, loads them instead of recomputing them
+        self.cache = None
+        if s.use_pool and s.decode_write_back:
+            self.cache = CacheClient(self.nc, timeout=CACHE_TIMEOUT, replicas=s.cache_replicas)
+            await self.cache.start()
+        self.write_backlog = 0  # bytes of blocks on their way to the pool
+        self._step_blocks: list = []  # (sequence, its first block due, blocks due, their KV) of the last step
         self.spawn(self._pull_loop(), essential=True)
         self.spawn(self._engine_loop(), essential=True)
         self.spawn(self._progress_loop())
+
+    async def teardown(self) -> None:
+        if self.cache is not None:
+            await self.cache.close()
+        await super().teardown()
 
     def load(self):
         b = self.batcher
@@ -187,6 +210,8 @@ class DecodeService(ModelWorker):
                 group=group,
                 kv_key=rid,
                 constraint=constraints.get(index),
+                chain=Chain.start(task.prompt_token_ids, self.settings.block_size, self.namespace)
+                if self.cache is not None else None,
             )
             if history is not None and sampling.penalized:  # the penalties look at the prompt's tokens and the earlier outputs
                 seq.prompt, seq.earlier_outputs = history
@@ -238,6 +263,7 @@ class DecodeService(ModelWorker):
         logits = self.batch.step([s.output[-1] for s in rows])
         tokens = {s.attempt_id: self._sample(logits[i], s) for i, s in enumerate(rows)}
         self._step_kv = kv
+        self._step_blocks = self._blocks_due(rows)
         # log-probabilities only for the rows that asked: nothing more for a batch where none did
         asked = [i for i, s in enumerate(rows) if s.params.logprobs is not None]
         if not asked:
@@ -246,6 +272,51 @@ class DecodeService(ModelWorker):
                             [rows[i].params.logprobs for i in asked])
         lps = {rows[i].attempt_id: lp for i, lp in zip(asked, got)}
         return [tokens[s.attempt_id] for s in plan.rows], [lps.get(s.attempt_id) for s in plan.rows]
+
+    def _blocks_due(self, rows: list[Sequence]) -> list:
+        """On the model thread, after a step: the KV of the blocks the step completed, per sequence."""
+        due = []
+        bs = self.settings.block_size
+        for s, length in zip(rows, self.batch.lengths):
+            chain = s.chain
+            n = chain.due(length) if chain is not None else 0
+            if n:
+                start = chain.next_block * bs
+                due.append((s, n, self.batch.block_kv(s.attempt_id, start, start + n * bs)))
+        return due
+
+    def _write_blocks(self, due: list) -> None:
+        """Send the blocks a step completed to the pool, off the engine loop's path, within the
+        backlog budget; a sequence that loses a block writes none after it (unreachable then)."""
+        items, parents, sequences, nbytes = [], {}, [], 0
+        bs = self.settings.block_size
+        for seq, n, kv in due:
+            blocks = seq.chain.take(n, seq.output)
+            if self.write_backlog + kv.nbytes > self.settings.pool_write_backlog_bytes:
+                seq.chain.stopped = True
+                WRITE_SKIPPED.labels(reason="budget").inc(len(blocks))
+                continue
+            for i, (_, key, parent) in enumerate(blocks):
+                items.append((key, kv[:, :, :, i * bs : (i + 1) * bs]))
+                if parent is not None:
+                    parents[key] = parent
+            sequences.append(seq)
+            nbytes += kv.nbytes
+            self.write_backlog += kv.nbytes
+        if items:
+            self.spawn(self._put_blocks(items, parents, sequences, nbytes))
+
+    async def _put_blocks(self, items: list, parents: dict, sequences: list[Sequence], nbytes: int) -> None:
+        try:
+            await self.cache.put_blocks(items, parents=parents)
+            WRITTEN_BLOCKS.inc(len(items))
+        except CacheError as e:
+            for seq in sequences:
+                seq.chain.stopped = True
+            WRITE_SKIPPED.labels(reason="failed").inc(len(items))
+            self.log.warning("decode_pool_write_failed", blocks=len(items), error=str(e))
+        finally:
+            self.write_backlog -= nbytes
 
     def _sample(self, logits, seq: Sequence) -> int:
         """One row's next token; a structured output's among those its grammar allows."""
@@ -302,6 +373,9 @@ class DecodeService(ModelWorker):
                 continue
             for seq in plan.joins:
                 self._release_kv(seq)
+            if self._step_blocks:
+                due, self._step_blocks = self._step_blocks, []
+                self._write_blocks(due)
             finished = {s.attempt_id for s in self.batcher.record(plan.rows, tokens)}
             for k, (seq, tok) in enumerate(zip(plan.rows, tokens)):
                 if seq.finish == "abort":
