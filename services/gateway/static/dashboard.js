@@ -110,6 +110,16 @@
       el("li", { class: "muted" }, `${h.prompt_tokens} prompt tokens`));
   }
 
+  // a log axis's ticks: the powers of ten in its range
+  function decades(u, axis, lo, hi) {
+    const out = [];
+    for (let e = Math.floor(Math.log10(lo)); e <= Math.ceil(Math.log10(hi)); e++) {
+      const v = Math.pow(10, e);
+      if (v >= lo * 0.999 && v <= hi * 1.001) out.push(v);
+    }
+    return out;
+  }
+
   // y: "log" (latencies: milliseconds and an SLO of seconds on one chart), a fixed range, or from 0
   function makeChart(id, title, series, fmt, y, points) {
     const host = $(id);
@@ -122,7 +132,8 @@
           label, stroke: color, width: 2, dash: dashes, spanGaps: false, points: { show: points && !dashes, size: 5 },
           value: (u, v) => (v === null || v === undefined ? dash : fmt(v)),
         }))],
-      axes: [{}, { size: 64, values: (u, vals) => vals.map((v) => fmt(v)) }],
+      axes: [{}, { size: 64, values: (u, vals) => vals.map((v) => (v === null ? "" : fmt(v))),
+        ...(y === "log" ? { splits: decades, filter: (u, splits) => splits } : {}) }],
     };
     return new uPlot(opts, [[], ...series.map(() => [])], host);
   }
