@@ -170,7 +170,7 @@
 
   function renderRejections(doc) {
     const rows = doc.rejections.map((r) => el("tr", { "data-reason": r.reason },
-      td(r.reason), td(String(r.window), "num"), td(String(r.total), "num"), td(r.last)));
+      td(r.reason), td(String(r.window), "num"), td(String(r.total), "num"), td(r.last, "msg")));
     fill($("rejections").tBodies[0], rows, "none", 4);
   }
 
