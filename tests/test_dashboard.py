@@ -222,12 +222,19 @@ async def test_dashboard_shows_instances_and_requests_in_a_browser(keyed_gateway
     assert await wait_until(heard, timeout=10)
     # a prompt of a few blocks, sent twice: the second reuses the first one's KV
     prompt = f"{uuid.uuid4().hex} " + "the dashboard shows every instance and request " * 6
+
+    async def own_cache_bytes() -> int:
+        return (await data())["instances"]["prefill"][0]["kv_bytes"]
+
     ids = []
-    for p in (prompt, prompt, "Hello"):
+    for i, p in enumerate((prompt, prompt, "Hello")):
+        before = await own_cache_bytes()
         status, body, _ = await post(url + "/v1/completions", {"model": tiny_dir.name, "prompt": p, "max_tokens": 4,
                                                                "temperature": 0}, headers=auth)
         assert status == 200, body
         ids.append(body["id"])
+        if i == 0:  # its blocks kept in the instance's own cache (its heartbeat says), for the next to reuse
+            assert await wait_until(lambda: _grew(own_cache_bytes, before), timeout=10)
 
     # the data is behind the key; with it, one document says what happened
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
@@ -248,7 +255,7 @@ async def test_dashboard_shows_instances_and_requests_in_a_browser(keyed_gateway
         assert r["status"] == "done" and r["prefill"] == workers["prefill"] and r["decode"] == workers["decode"]
         assert r["predicted"]["ttft"] > 0 and r["ttft"] > 0 and r["output_tokens"] >= 1
     assert rows[ids[0]]["cached_tokens"] == 0  # a prompt never seen
-    assert rows[ids[1]]["cached_tokens"] > 0 and rows[ids[1]]["predicted"]["reused_tokens"] > 0
+    assert rows[ids[1]]["cached_tokens"] > 0 and rows[ids[1]]["predicted"]["plan"] in ("local", "pool", "peer")
     assert {k: [i["id"] for i in doc["instances"][k]] for k in ("prefill", "decode", "cachestore")} == {
         k: [workers[k]] for k in ("prefill", "decode", "cachestore")}
     assert doc["pool"]["tiers"]["dram"]["capacity_bytes"] == tiny_cluster.settings.dram_bytes
@@ -268,3 +275,7 @@ async def test_dashboard_shows_instances_and_requests_in_a_browser(keyed_gateway
 async def _reused(data) -> bool:
     h = (await data())["pool"]["hit_ratio"]
     return h["prompt_tokens"] > 0 and sum(h["tokens"][s] for s in ("own", "peer", "pool")) > 0
+
+
+async def _grew(read, before: int) -> bool:
+    return await read() > before
