@@ -7,7 +7,7 @@ PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip
 STAMP   = $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: up test install bench clean
+.PHONY: up test install browser bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,15 @@ install: $(STAMP)
 up: install
 	$(VENV)/bin/yuebing up $(ARGS)
 
-test: install
+# the dashboard's browser test drives the system's chromium through its chromedriver (Debian's
+# packages; selenium downloads nothing): installed with apt-get when either is missing
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	fi
+
+test: install browser
 	$(PY) -m pytest -q $(ARGS)
 
 bench: install

@@ -74,6 +74,9 @@ class Settings(msgspec.Struct, kw_only=True):
     served_model_name: str = ""  # the model name clients send and responses carry; "" = the model's own
     no_auth: bool = False  # serve without API keys: only when explicitly configured (local use)
     request_timeout: float = 600.0
+    # the operator's live dashboard at /dashboard (services/gateway/dashboard.py): "on" (its data
+    # behind the API keys, when there are any), "open" (its data without a key), "off"
+    dashboard: str = "on"
     # engine of the prefill and decode workers: "model" runs the model; "sim" replaces compute with
     # the calibrated cost profile (same bus, same pool, real KV bytes), for scheduling experiments
     engine: str = "model"

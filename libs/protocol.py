@@ -187,6 +187,20 @@ class ScheduleRequest(msgspec.Struct, kw_only=True):
     tbt_slo: float = 0.0
 
 
+class Prediction(msgspec.Struct, kw_only=True):
+    """What the conductor predicted of a request it placed (seconds), so that a gateway can show
+    the decision beside what happened: TTFT = queue + the slower of compute and load."""
+
+    ttft: float
+    queue: float  # for the prefill instance to be free
+    compute: float  # the prompt's compute past the reused prefix
+    load: float  # loading the reused prefix from the pool or a peer (under the compute); 0: none
+    tbt: float  # on the chosen decode instance, with the request added
+    plan: str = "local"  # where the reused prefix comes from: local (own cache) | pool | peer
+    peer_id: str = ""
+    reused_tokens: int = 0  # prompt tokens the plan reuses instead of computing
+
+
 class ScheduleReply(msgspec.Struct, kw_only=True):
     """conductor -> gateway. ``status`` is the HTTP status to surface when not admitted."""
 
@@ -198,6 +212,8 @@ class ScheduleReply(msgspec.Struct, kw_only=True):
     status: int = 200
     reason: str = ""
     retry_after: float = 0.0
+    cause: str = ""  # not admitted by the SLO check: "ttft" | "tbt" ("": not that)
+    prediction: Prediction | None = None  # admitted: what its placement predicted
 
 
 class PrefillTask(_Resumable, kw_only=True):
@@ -425,6 +441,16 @@ class SequenceProgress(msgspec.Struct, array_like=True):
     running: bool  # in the running batch (else waiting for a row)
 
 
+class TierUsage(msgspec.Struct, kw_only=True):
+    """One tier of a cachestore instance: what it holds, its bound, and the blocks gets found there
+    since the instance started."""
+
+    bytes: int = 0
+    capacity_bytes: int = 0
+    blocks: int = 0
+    hit_blocks: int = 0
+
+
 class Heartbeat(msgspec.Struct, kw_only=True):
     """Every instance announces itself and its load once per ``interval`` seconds."""
 
@@ -455,6 +481,16 @@ class Heartbeat(msgspec.Struct, kw_only=True):
     # decode: every sequence it holds, running ones first then those waiting, in the order they
     # take rows; lets the conductor project when rows free up from where each sequence is
     sequences: list[SequenceProgress] = []
+    # KV memory in use: a decode instance's running batch, a prefill instance's own block cache;
+    # and the most it holds (0: no fixed bound)
+    kv_bytes: int = 0
+    kv_capacity_bytes: int = 0
+    # prefill, since it started: prompt tokens, and those reused by where their KV came from ("own":
+    # its own DRAM cache, "peer": another prefill instance's, "pool": the cachestore pool)
+    prompt_tokens: int = 0
+    reused_tokens: dict[str, int] = {}
+    # cachestore: its tiers ("dram", "disk")
+    tiers: dict[str, TierUsage] = {}
 
 
 # ---------------------------------------------------------------- binary transfers

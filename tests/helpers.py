@@ -40,9 +40,9 @@ async def stream_events(url: str, body, timeout: float = 120) -> list:
     return events
 
 
-async def get_json(url: str) -> dict:
+async def get_json(url: str, headers: dict | None = None) -> dict:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
-        async with s.get(url) as r:
+        async with s.get(url, headers=headers) as r:
             return await r.json()
 
 

@@ -59,6 +59,12 @@ async def test_burst_gets_429_with_retry_after_and_admitted_requests_complete(ov
     for err, headers in rejected:
         assert int(headers["Retry-After"]) >= 1
         assert err["error"]["code"] == "rate_limited" and "time to first token" in err["error"]["message"]
+    # the dashboard counts them by reason, and the SLO attainment of the burst counts them as missed
+    board = await get_json(overload_cluster.url + "/dashboard/data")
+    assert [(r["reason"], r["window"]) for r in board["rejections"]] == [("ttft", len(rejected))]
+    assert "time to first token" in board["rejections"][0]["last"]
+    assert board["totals"]["rejected"] == len(rejected)
+    assert board["totals"]["attainment"] <= len(admitted) / burst + 1e-9
     for events in admitted:
         assert events[-1] == "[DONE]"
         usage = [e for e in events[:-1] if e.get("usage")][-1]["usage"]

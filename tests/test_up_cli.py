@@ -46,6 +46,11 @@ async def test_up_serves_and_sigint_stops_everything(tiny_dir, tmp_path):
         status, body, _ = await post(f"http://127.0.0.1:{port}/v1/completions", request,
                                      headers={"Authorization": f"Bearer {key}"})
         assert status == 200, body
+        # the dashboard's address, with the key for its data; the data lists the instances
+        board = next(line.split("dashboard: ")[1].split()[0] for line in lines if "dashboard: " in line)
+        assert board == f"http://127.0.0.1:{port}/dashboard?key={key}"
+        doc = await get_json(f"http://127.0.0.1:{port}/dashboard/data", headers={"Authorization": f"Bearer {key}"})
+        assert len(doc["instances"]["prefill"]) == 2 and doc["requests"][0]["status"] == "done"
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 0, "".join(lines[-30:])

@@ -56,6 +56,7 @@ def _settings(args, **extra):
         policy=getattr(args, "policy", None),
         api_keys=",".join(args.api_key) if getattr(args, "api_key", None) else None,
         no_auth=True if getattr(args, "no_auth", False) else None,
+        dashboard=getattr(args, "dashboard", None),
         served_model_name=getattr(args, "served_model_name", None),
         engine=getattr(args, "engine", None),
         calibration=getattr(args, "calibration", None),
@@ -76,6 +77,9 @@ def _auth_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", action="append", default=None,
                    help="an API key the gateway accepts (repeatable; default for `up`: one is generated)")
     p.add_argument("--no-auth", action="store_true", help="serve without API keys (local use only)")
+    p.add_argument("--dashboard", choices=("on", "open", "off"), default=None,
+                   help="the live dashboard at /dashboard: on (default; its data behind the API keys), open "
+                   "(its data without a key), off")
 
 
 def _served_name_flag(p: argparse.ArgumentParser) -> None:
@@ -154,6 +158,8 @@ def cmd_up(args) -> int:
                 else f"prefill x{args.prefill}, decode x{args.decode}") + f"   engine: {settings.engine}, "
             f"{cluster.placement.device_name} {cluster.placement.dtype_name}",
             "  metrics: " + ", ".join(f"{n} {u}" for n, u in cluster.metrics_urls.items()),
+            *([f"  dashboard: {cluster.url}/dashboard" + (f"?key={key}" if key and settings.dashboard == "on" else "")]
+              if settings.dashboard != "off" else []),
             f"  cores: {cluster.describe_cores()}",
             (f"  API key: {key}   (send 'Authorization: Bearer <key>'; kept in {cluster.data_dir / 'api_key'})"
              if key else "  API keys: off (--no-auth)"),

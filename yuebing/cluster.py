@@ -282,6 +282,7 @@ class LocalCluster:
         env["YUEBING_RESTARTS"] = str(self.restarts.restarts(name))  # in its heartbeat and metrics
         if kind == "gateway":
             env["YUEBING_API_KEYS"] = s.api_keys  # only the gateway needs them
+            env["YUEBING_DASHBOARD"] = s.dashboard
             env["YUEBING_SERVED_MODEL_NAME"] = s.served_model_name
         out = open(self.log_dir / f"{name}.log", "ab")
         proc = subprocess.Popen(cmd, stdout=out, stderr=out, env=env, start_new_session=True,

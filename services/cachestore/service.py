@@ -59,6 +59,7 @@ from libs.protocol import (
     CHUNK_DATA_BYTES,
     CacheStats,
     Subjects,
+    TierUsage,
     decode,
     encode,
 )
@@ -197,7 +198,9 @@ class CacheStoreService(Service):
             self.store = None
 
     def load(self):
-        return self.heartbeat()
+        usage = self.store.usage() if self.store is not None else {}
+        return self.heartbeat(tiers={tier: TierUsage(bytes=b, capacity_bytes=cap, blocks=n, hit_blocks=hits)
+                                     for tier, (b, cap, n, hits) in usage.items()})
 
     # ---- KV events and metrics
     async def _publish_changes(self) -> None:

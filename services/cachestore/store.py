@@ -538,6 +538,7 @@ class TieredStore:
         self.disk = DiskTier(disk_dir, disk_bytes, map_size=disk_map_size, policy=eviction, high=evict_high,
                              low=evict_low, max_pins=max_pins)
         self.corrupt = 0
+        self.hits = {"dram": 0, "disk": 0}  # blocks gets found in each tier
         self._lock = threading.Lock()
         # Loads read the disk, and puts write it, outside the lock (LMDB serialises its writers and
         # never blocks a reader; ``DiskTier`` guards its own counters), so a DRAM hit or a
@@ -755,8 +756,9 @@ class TieredStore:
         dropped: list[bytes] = []
         for k in keys:
             v = hot.get(k)
+            tier = "dram"
             if v is None and k in cold:
-                v = cold[k]
+                v, tier = cold[k], "disk"
                 if v is None:  # corrupt on disk
                     if self.disk.delete(k) and k not in self.dram:
                         dropped.append(k)
@@ -765,6 +767,7 @@ class TieredStore:
                     dropped += self._demote(self.dram.put(k, v))
             if v is not None:
                 found.append((k, v))
+                self.hits[tier] += 1
         self._settle(dropped)
         return found
 
@@ -774,6 +777,7 @@ class TieredStore:
             # Verified when it entered DRAM (put or promotion) and immutable since; readers check
             # every block end to end anyway, and a re-put of the key replaces it.
             self.disk.used([key])
+            self.hits["dram"] += 1
             return value
         value = self.disk.get(key)
         if value is None:
@@ -783,6 +787,7 @@ class TieredStore:
             dropped.append(key)
             return None
         dropped += self._demote(self.dram.put(key, value))  # promote; the disk copy stays
+        self.hits["disk"] += 1
         return value
 
     def _valid(self, key: bytes, value: bytes, tier: str) -> bool:
@@ -820,6 +825,12 @@ class TieredStore:
         """Every key held, for an index resync."""
         with self._lock:
             return set(self.dram.keys()) | set(self.disk.keys())
+
+    def usage(self) -> dict[str, tuple[int, int, int, int]]:
+        """Per tier: (bytes held, its bound, blocks held, blocks gets found there). Counters read
+        without the lock (a heartbeat's, never waiting for a disk transaction): each is current."""
+        return {"dram": (self.dram.bytes, self.dram.capacity_bytes, len(self.dram), self.hits["dram"]),
+                "disk": (self.disk.bytes, self.disk.capacity_bytes, len(self.disk), self.hits["disk"])}
 
     def stats(self) -> StoreStats:
         with self._lock:

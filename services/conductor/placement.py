@@ -79,6 +79,10 @@ class Placement:
     cached_blocks: int = 0  # blocks the plan expects to reuse
     predicted_tbt: float = 0.0  # on the chosen decode instance, with this request added
     cause: str = ""  # why not admitted by the SLO check: "ttft" | "tbt"
+    # the parts of predicted_prefill: the compute past the reused prefix, and the load of the
+    # reused prefix running under it (0: none); predicted_prefill is the slower of the two
+    predicted_compute: float = 0.0
+    predicted_load: float = 0.0
 
     @property
     def peer_blocks(self) -> int:
@@ -97,8 +101,9 @@ class _Choice:
     reuse_blocks: int
     use_pool: bool
     ttft: float
-    prefill: float
+    prefill: float  # the compute
     peer_id: str = ""
+    load: float = 0.0
 
 
 def affinity_rank(affinity: bytes, instance_id: str) -> int:
@@ -141,9 +146,10 @@ class Policy:
                 continue
             prefill = self.model.prefill_seconds(req.prompt_len, held * req.block_size)
             # the load streams layer by layer under the compute: the slower of the two sets the pace
-            ttft = p.queue_seconds + max(prefill, self.model.load_seconds((held - local) * req.block_size))
+            load = self.model.load_seconds((held - local) * req.block_size)
+            ttft = p.queue_seconds + max(prefill, load)
             if ttft < best.ttft:  # the kvcache-balancing threshold: load only when it beats recompute
-                best = _Choice(p, held, not peer_id, ttft, prefill, peer_id)
+                best = _Choice(p, held, not peer_id, ttft, prefill, peer_id, load)
         return best
 
     def choose_prefill(self, req: RequestView, prefills: list[PrefillView]) -> _Choice:
@@ -188,6 +194,8 @@ class Policy:
             predicted_prefill=c.ttft - c.view.queue_seconds,
             cached_blocks=c.reuse_blocks,
             predicted_tbt=d.predicted_tbt,
+            predicted_compute=c.prefill,
+            predicted_load=c.load,
         )
 
 

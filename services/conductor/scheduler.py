@@ -17,8 +17,8 @@ import msgspec
 from libs.config import SLO, Settings
 from libs.engine.costs import DEFAULT as DEFAULT_PROFILE, CostProfile
 from libs.metrics import largest_gap_counts
-from libs.protocol import (DecodeReport, Heartbeat, PrefillDone, PrefillReport, PrefillTask, SamplingParams,
-                           ScheduleRequest)
+from libs.protocol import (DecodeReport, Heartbeat, PrefillDone, PrefillReport, PrefillTask, Prediction,
+                           SamplingParams, ScheduleRequest)
 
 from services.conductor.admission import AdmissionController
 from services.conductor.decodecost import DecodeCostModel
@@ -49,6 +49,16 @@ def _remember(pending: OrderedDict, attempt_id: str, predicted: float) -> None:
     pending[attempt_id] = predicted
     while len(pending) > MAX_PENDING_PREDICTIONS:
         pending.popitem(last=False)
+
+
+def prediction(placement: Placement, block_size: int) -> Prediction | None:
+    """What an admitted placement predicted, as its reply tells the gateway (None: not admitted)."""
+    if not placement.admitted:
+        return None
+    return Prediction(ttft=placement.predicted_ttft, queue=max(0.0, placement.predicted_ttft - placement.predicted_prefill),
+                      compute=placement.predicted_compute, load=placement.predicted_load, tbt=placement.predicted_tbt,
+                      plan=placement.plan, peer_id=placement.peer_id,
+                      reused_tokens=placement.cached_blocks * block_size)
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from libs.protocol import (
 )
 from libs.service import Service
 
-from services.conductor.scheduler import Scheduler
+from services.conductor.scheduler import Scheduler, prediction
 
 _BAD = (msgspec.DecodeError, msgspec.ValidationError)
 WARMUP_BEATS = 1.5  # heartbeat intervals a starting conductor listens before it schedules
@@ -320,8 +320,7 @@ class ConductorService(Service):
         PREDICTED_TBT.observe(placement.predicted_tbt)
         await msg.respond(encode(self._reply(rid, placement)))
 
-    @staticmethod
-    def _reply(attempt_id: str, placement) -> ScheduleReply:
+    def _reply(self, attempt_id: str, placement) -> ScheduleReply:
         return ScheduleReply(
             attempt_id=attempt_id,
             admitted=placement.admitted,
@@ -330,4 +329,6 @@ class ConductorService(Service):
             status=placement.status,
             reason=placement.reason,
             retry_after=placement.retry_after,
+            cause=placement.cause,
+            prediction=prediction(placement, self.settings.block_size),
         )

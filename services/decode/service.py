@@ -87,9 +87,10 @@ class DecodeService(ModelWorker):
         b = self.batcher
         n, seconds, rows, kv = self._steps
         self._steps = [0, 0.0, 0, 0]
+        held = self.batch.kv_tokens()
         return self.heartbeat(
             queued=len(b.waiting), running=len(b.running), max_running=b.max_running, urgent_rows=b.urgent_rows,
-            kv_tokens=self.batch.kv_tokens(),
+            kv_tokens=held, kv_bytes=held * self.shape.kv_bytes_per_token(),
             steps=n, step_seconds=seconds / n if n else 0.0, step_batch=rows / n if n else 0.0,
             step_kv_tokens=kv / n if n else 0.0,
             sequences=[SequenceProgress(s.attempt_id, len(s.output) - s.initial_outputs,

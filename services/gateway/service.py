@@ -40,6 +40,7 @@ from yuebing import __version__
 from services.gateway import openai as oa
 from services.gateway import openapi, pins
 from services.gateway.choices import Choices, resume_id, resume_sampling
+from services.gateway.dashboard import Dashboard
 from services.gateway.detok import IncrementalDetokenizer, StopStrings, TokenText
 
 SCHEDULE_TIMEOUT = 10.0
@@ -123,6 +124,9 @@ class GatewayService(Service):
         app.router.add_get("/live", self.live_probe)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/openapi.json", self.openapi_json)
+        self.dashboard = Dashboard(self, s.dashboard, ready_needs=READY_NEEDS, forget_after=DOWN_FORGET_SECONDS)
+        await self.dashboard.start(app, self.nc)
+        self.keyed_paths = KEYED_PATHS | self.dashboard.keyed_paths
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, s.host, s.port)
@@ -168,9 +172,10 @@ class GatewayService(Service):
 
     @web.middleware
     async def _auth(self, request: web.Request, handler):
-        """Bearer API keys on /v1/*, /tokenize, /detokenize, /version and /cache/pins; /health, /live,
-        /metrics and /openapi.json stay open."""
-        if self.api_keys and (request.path.startswith("/v1/") or request.path in KEYED_PATHS):
+        """Bearer API keys on /v1/*, /tokenize, /detokenize, /version, /cache/pins and the dashboard's
+        data (unless it is "open"); /health, /live, /metrics, /openapi.json and the dashboard's page
+        stay open."""
+        if self.api_keys and (request.path.startswith("/v1/") or request.path in self.keyed_paths):
             header = request.headers.get("Authorization", "")
             scheme, _, key = header.partition(" ")
             if scheme.lower() != "bearer" or not any(hmac.compare_digest(key.strip(), k) for k in self.api_keys):
@@ -370,10 +375,14 @@ class GatewayService(Service):
             except nats.errors.TimeoutError:
                 pass
             metrics.REJECTED.labels(reason="no_conductor").inc()
+            if resume is None:  # a request's own (a resumed attempt's outcome is its request's)
+                self.dashboard.rejected(attempt_id, None, "the scheduler (conductor) is not reachable", len(prompt))
             raise oa.ApiError(503, "the scheduler (conductor) is not reachable", code="service_unavailable",
                               headers={"Retry-After": "2"}) from None
         if not reply.admitted:
             metrics.REJECTED.labels(reason=str(reply.status)).inc()
+            if resume is None:
+                self.dashboard.rejected(attempt_id, reply, reply.reason, len(prompt))
             retry = max(1, round(reply.retry_after))
             raise oa.ApiError(reply.status, reply.reason, code="service_unavailable" if reply.status == 503
                               else "rate_limited", headers={"Retry-After": str(retry)})
@@ -420,6 +429,7 @@ class GatewayService(Service):
         try:
             reply = await self._schedule(rid, norm.prompt_token_ids, norm.sampling, None, norm.slo)
             state.placed(rid, reply.decode_id)
+            self.dashboard.placed(rid, len(norm.prompt_token_ids), reply)
             placed = True
             reconnects = self.reconnects
             deadline = time.monotonic() + self.settings.request_timeout
@@ -597,15 +607,19 @@ class GatewayService(Service):
                             break
         except ClientGone:
             log.info("client_disconnected", completion_tokens=n_out)
+            self.dashboard.recent.cancelled(rid, time.time())
             metrics.REQUESTS_RUNNING.dec()
             return resp or web.Response(status=499)
         except (ConnectionResetError, asyncio.CancelledError):
             log.info("client_disconnected", completion_tokens=n_out)
+            self.dashboard.recent.cancelled(rid, time.time())
             metrics.REQUESTS_RUNNING.dec()
             raise
         except oa.ApiError as e:
             metrics.REQUESTS_RUNNING.dec()
             log.warning("request_failed", status=e.status, error=e.message)
+            self.dashboard.recent.failed(rid, e.message, time.time(),
+                                         None if first_at is None else first_at - started)
             if first_at is not None:  # admitted and prefilled, then failed: its prefill was wasted
                 metrics.WASTED_PREFILL.inc(len(norm.prompt_token_ids) - cached)
             if resp is None:
@@ -625,6 +639,8 @@ class GatewayService(Service):
         tbt = metrics.request_tbt(gaps)
         met = self._met(norm.slo, ttft, tbt)
         metrics.SLO_REQUESTS.labels(result="met" if met else "missed").inc()
+        self.dashboard.recent.finished(rid, time.time(), ttft=ttft, tbt=tbt, met=met, cached_tokens=cached,
+                                       output_tokens=n_out, finish_reason=finish or "")
         if not met:
             metrics.WASTED_PREFILL.inc(len(norm.prompt_token_ids) - cached)
         log.info("request_done", prompt_tokens=len(norm.prompt_token_ids), completion_tokens=n_out,

@@ -108,6 +108,8 @@ class PrefillService(ModelWorker):
         await self.events.start()
         self.queued = 0
         self.queued_tokens = 0
+        self.prompt_tokens = 0  # since start, and those reused by source (in the heartbeat)
+        self.reused_tokens = {"own": 0, "peer": 0, "pool": 0}
         self.write_backlog = 0  # bytes of prompts' KV held until their blocks are in the pool
         self.write_budget = pool_write_budget(s.pool_write_backlog_bytes, self.runner.arena)
         await self.nc.subscribe(Subjects.prefill_blocks(self.instance_id), cb=self._on_peer_get)
@@ -125,7 +127,9 @@ class PrefillService(ModelWorker):
         await super().teardown()
 
     def load(self):
-        return self.heartbeat(queued=self.queued, queued_tokens=self.queued_tokens)
+        return self.heartbeat(queued=self.queued, queued_tokens=self.queued_tokens, kv_bytes=self.blocks.bytes,
+                              kv_capacity_bytes=self.blocks.capacity, prompt_tokens=self.prompt_tokens,
+                              reused_tokens=dict(self.reused_tokens))
 
     async def _loop(self) -> None:
         while not self.stopping:
@@ -328,6 +332,9 @@ class PrefillService(ModelWorker):
         HIT_TOKENS.labels(source="local").inc(local * bs)
         HIT_TOKENS.labels(source="peer" if done.peer else "pool").inc(pool * bs)
         COMPUTED_TOKENS.inc(len(prompt) - reused)
+        self.prompt_tokens += len(prompt)
+        self.reused_tokens["own"] += local * bs
+        self.reused_tokens["peer" if done.peer else "pool"] += pool * bs
         PREFILL_SECONDS.observe(compute_seconds)
         log.info("prefilled", prompt_tokens=len(prompt), choices=params.n, local_tokens=local * bs,
                  pool_tokens=pool * bs, peer=done.peer,
