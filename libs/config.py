@@ -138,6 +138,10 @@ class Settings(msgspec.Struct, kw_only=True):
     # blocks an operator may pin at once on each cachestore instance (POST /cache/pins); pinned
     # blocks are never evicted, so pins beyond this are refused
     pool_max_pinned_blocks: int = 65536
+    # a session's blocks (prompt and answers of its turns so far, at most session_max_blocks of them)
+    # stay pinned in the pool this long after its last turn (services/gateway/sessions.py); 0: off
+    session_ttl_seconds: float = 600.0
+    session_max_blocks: int = 2048
 
     def slo(self) -> SLO:
         """The deployment's SLOs (requests without a class)."""

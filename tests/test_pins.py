@@ -60,3 +60,58 @@ async def test_bad_pins_are_refused_by_name(tiny_cluster):
         assert status == 400 and resp["error"]["param"] == param, (body, resp)
     status, resp = await _delete(url, {"prompt": SYSTEM, "ttl_seconds": 5})
     assert status == 400 and resp["error"]["param"] == "ttl_seconds"
+
+
+async def _pinned(nc, keys: list[bytes] = (), unpin: bool = False) -> int:
+    """The blocks pinned on the cluster's cachestore (after ending the pins of ``keys`` if ``unpin``)."""
+    from libs.protocol import CachePinReply, CachePinRequest, Subjects, decode, encode
+
+    raw = await nc.request(Subjects.cache("cachestore-0", "pin"), encode(CachePinRequest(keys=list(keys), unpin=True)
+                                                                         if unpin else CachePinRequest(keys=[])),
+                           timeout=5)
+    return decode(raw.data, CachePinReply).pinned
+
+
+async def test_a_session_keeps_its_turns_blocks_pinned(tiny_cluster, tiny_dir, tiny_model):
+    from libs.bus import connect
+    from libs.engine.loading import model_identity
+    from libs.kv.keys import block_hashes, namespace_digest
+
+    _, tok = tiny_model
+    bs = tiny_cluster.settings.block_size
+    ns = namespace_digest(model_identity(tiny_dir), "float32", bs)
+    nc = await connect(tiny_cluster.nats.url, "test-sessions")
+    try:
+        before = await _pinned(nc)
+        turn1 = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Do you sell rye bread?"}]
+        status, body, _ = await post(tiny_cluster.url + "/v1/chat/completions", {
+            "model": tiny_dir.name, "messages": turn1, "max_tokens": 20, "temperature": 0, "ignore_eos": True,
+            "session_id": "bakery-42"})
+        assert status == 200, body
+        ids1 = tok.apply_chat_template(turn1, add_generation_prompt=True, tokenize=True, return_dict=False)
+        blocks1 = (len(ids1) + 20 - 1) // bs
+
+        async def pinned_now(n):
+            return await _pinned(nc) == before + n
+        assert await wait_until(lambda: pinned_now(blocks1), timeout=15)
+
+        # the next turn (the session named by the header) renews the pins of its own, longer chain
+        turn2 = turn1 + [{"role": "assistant", "content": body["choices"][0]["message"]["content"]},
+                         {"role": "user", "content": "And rolls?"}]
+        status, body2, _ = await post(tiny_cluster.url + "/v1/chat/completions", {
+            "model": tiny_dir.name, "messages": turn2, "max_tokens": 6, "temperature": 0, "ignore_eos": True},
+            headers={"X-Session-Id": "bakery-42"})
+        assert status == 200, body2
+        ids2 = tok.apply_chat_template(turn2, add_generation_prompt=True, tokenize=True, return_dict=False)
+        blocks2 = (len(ids2) + 6 - 1) // bs
+        assert blocks2 > blocks1
+        assert await wait_until(lambda: pinned_now(blocks2), timeout=15)
+        # exactly the blocks of the second turn's prompt (and the answer's first tokens): ending
+        # the pins of its prompt's blocks leaves only the answer's
+        prompt_keys = block_hashes(ids2, bs, ns)
+        assert await _pinned(nc, prompt_keys, unpin=True) == before + blocks2 - len(prompt_keys)
+    finally:
+        await nc.close()
+    status, resp, _ = await post(tiny_cluster.url + "/v1/chat/completions", {
+        "model": tiny_dir.name, "messages": turn1, "max_tokens": 2, "session_id": "x" * 200})
+    assert status == 400 and resp["error"]["param"] == "session_id"

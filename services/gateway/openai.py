@@ -13,6 +13,7 @@ import msgspec
 from libs.config import SLO
 from libs.protocol import MAX_PAYLOAD, SamplingParams, TokenLogprobs
 from services.gateway.errors import ApiError
+from services.gateway.sessions import MAX_SESSION_ID
 from services.gateway.structured import ResponseFormat, StructuredOutputs, request_grammar
 
 MAX_MESSAGES = 1024
@@ -74,6 +75,9 @@ class _Common(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     user: str | None = None
     ignore_eos: bool | None = None  # vLLM
     slo_class: str | None = None  # extension: the request class whose latency objectives apply
+    # extension: the conversation this turn belongs to; its blocks stay pinned between turns
+    # (services/gateway/sessions.py); also the X-Session-Id header
+    session_id: str | None = None
     # structured output (services/gateway/structured.py): OpenAI's, and vLLM's two spellings
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
@@ -266,6 +270,7 @@ class Normalized:
     include_usage: bool
     slo: SLO = SLO()
     echo: bool = False  # completions: the prompt goes before each choice's text
+    session_id: str | None = None  # the conversation it is a turn of
     grammar_from: str | None = None  # the field that asked for a structured output
 
     @property
@@ -341,10 +346,14 @@ def prompt_logprobs_fit(prompt_len: int, k: int) -> bool:
 
 def normalize(req: _Common, prompt_ids: list[int], max_context: int, max_tokens: int | None,
               default_max_tokens: int | None, slo: SLO = SLO(), slo_classes: dict[str, SLO] | None = None,
-              vocab_size: int | None = None) -> Normalized:
+              vocab_size: int | None = None, session_header: str | None = None) -> Normalized:
     """Check sampling parameters, the context budget and the SLO class; build SamplingParams.
     ``slo`` applies to requests without a class; ``slo_classes`` are the classes a request may name;
-    ``vocab_size`` bounds the stop token ids."""
+    ``vocab_size`` bounds the stop token ids; ``session_header``: the request's X-Session-Id."""
+    session = req.session_id if req.session_id is not None else session_header
+    if session is not None and not 0 < len(session) <= MAX_SESSION_ID:
+        raise _bad(f"session_id must be 1 to {MAX_SESSION_ID} characters",
+                   "session_id" if req.session_id is not None else "X-Session-Id")
     if req.slo_class is not None:
         classes = slo_classes or {}
         if req.slo_class not in classes:
@@ -434,6 +443,7 @@ def normalize(req: _Common, prompt_ids: list[int], max_context: int, max_tokens:
         slo=slo,
         echo=echo,
         grammar_from=grammar_from,
+        session_id=session,
     )
 
 

@@ -42,6 +42,7 @@ from services.gateway import openapi, pins
 from services.gateway.choices import Choices, resume_id, resume_sampling
 from services.gateway.dashboard import Dashboard
 from services.gateway.detok import IncrementalDetokenizer, StopStrings, TokenText
+from services.gateway.sessions import Sessions
 
 SCHEDULE_TIMEOUT = 10.0
 STALL_TIMEOUT = 120.0  # longest silence between two token events before the request fails
@@ -92,6 +93,7 @@ class GatewayService(Service):
         self.token_text = TokenText(self.tokenizer)  # tokens as logprobs name them
         self.shape = read_shape(path)
         self.model_path = path
+        self.sessions = Sessions(s.session_ttl_seconds, s.session_max_blocks)
         # prompts are hashed in the KV namespace the prefill instances announce (it binds the dtype
         # they chose, which a gateway without their hardware cannot know); until one is heard, in
         # the one the settings name (a dtype "auto" taken as float32)
@@ -268,15 +270,8 @@ class GatewayService(Service):
         if not stores:
             raise oa.ApiError(503, "no cachestore instance is alive", code="service_unavailable",
                               headers={"Retry-After": "2"})
-        ask = CachePinRequest(keys=keys, ttl_seconds=req.ttl_seconds or 0.0, unpin=not pinning)
-        replies = await asyncio.gather(*[self.nc.request(Subjects.cache(iid, "pin"), encode(ask), timeout=PIN_TIMEOUT)
-                                         for iid in stores], return_exceptions=True)
-        answers = {}
-        for iid, r in zip(stores, replies):
-            try:
-                answers[iid] = decode(r.data, CachePinReply) if not isinstance(r, BaseException) else None
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                answers[iid] = None
+        answers = await self._ask_stores(stores, CachePinRequest(keys=keys, ttl_seconds=req.ttl_seconds or 0.0,
+                                                                 unpin=not pinning))
         refused = {iid: a.error for iid, a in answers.items() if a is not None and a.error}
         if pinning and (refused or None in answers.values()):
             undo = encode(CachePinRequest(keys=keys, unpin=True))
@@ -296,6 +291,39 @@ class GatewayService(Service):
                       "instances": {iid: None if a is None else {"held": a.held, "pinned": a.pinned}
                                     for iid, a in answers.items()}})
 
+    async def _ask_stores(self, stores: list[str], ask: CachePinRequest) -> dict[str, CachePinReply | None]:
+        """Send a pin (or its end) to each of ``stores``; each one's answer, None where none came."""
+        replies = await asyncio.gather(*[self.nc.request(Subjects.cache(iid, "pin"), encode(ask), timeout=PIN_TIMEOUT)
+                                         for iid in stores], return_exceptions=True)
+        answers = {}
+        for iid, r in zip(stores, replies):
+            try:
+                answers[iid] = decode(r.data, CachePinReply) if not isinstance(r, BaseException) else None
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                answers[iid] = None
+        return answers
+
+    async def _keep_session(self, session: str, tokens: list[int]) -> None:
+        """A turn of ``session`` is over: pin the blocks whose KV its prompt and answer have (every
+        token's but the last one's: nothing was generated after it) until the session's time to
+        live; end the pins of blocks its chain no longer has. Best effort: a pin the pool refuses
+        leaves the blocks to its eviction."""
+        bs = self.settings.block_size
+        keys = block_hashes(tokens[: len(tokens) - 1], bs, self.namespace)
+        renewal = self.sessions.turn(session, keys, time.monotonic())
+        stores = sorted(b.instance_id for b in self.live_beats() if b.kind == "cachestore")
+        if not stores or not (renewal.pin or renewal.unpin):
+            return
+        asks = [CachePinRequest(keys=renewal.pin, ttl_seconds=self.sessions.ttl)] if renewal.pin else []
+        if renewal.unpin:
+            asks.append(CachePinRequest(keys=renewal.unpin, unpin=True))
+        for ask in asks:
+            answers = await self._ask_stores(stores, ask)
+            refused = {iid: a.error or "no answer" for iid, a in answers.items() if a is None or a.error}
+            if refused:
+                self.log.warning("session_pin_failed", session=session, blocks=len(ask.keys), unpin=ask.unpin,
+                                 refused=refused)
+
     async def _body(self, request: web.Request, typ):
         raw = await request.read()
         try:
@@ -313,7 +341,7 @@ class GatewayService(Service):
         ids = self._chat_ids(oa.chat_messages(req))
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         norm = oa.normalize(req, ids, self.shape.max_context, max_tokens, None, self.slo, self.slo_classes,
-                            self.shape.vocab_size)
+                            self.shape.vocab_size, request.headers.get("X-Session-Id"))
         await self._check_grammar(norm)
         return await self._serve(request, norm, "chat", f"chatcmpl-{uuid.uuid4().hex}")
 
@@ -324,7 +352,7 @@ class GatewayService(Service):
             prompt, add_special_tokens=bool(req.add_special_tokens))
         # OpenAI's default for completions is 16 tokens.
         norm = oa.normalize(req, list(ids), self.shape.max_context, req.max_tokens, 16, self.slo, self.slo_classes,
-                            self.shape.vocab_size)
+                            self.shape.vocab_size, request.headers.get("X-Session-Id"))
         await self._check_grammar(norm)
         echoed = ""
         if norm.echo:  # the prompt as given, or as its token ids read
@@ -643,6 +671,8 @@ class GatewayService(Service):
                                        output_tokens=n_out, finish_reason=finish or "")
         if not met:
             metrics.WASTED_PREFILL.inc(len(norm.prompt_token_ids) - cached)
+        if norm.session_id is not None and self.sessions.enabled:
+            self.spawn(self._keep_session(norm.session_id, norm.prompt_token_ids + state.all[0].got))
         log.info("request_done", prompt_tokens=len(norm.prompt_token_ids), completion_tokens=n_out,
                  cached_tokens=cached, finish=finish, choices=norm.n, seconds=round(time.monotonic() - started, 4),
                  ttft=None if ttft is None else round(ttft, 4), tbt=None if tbt is None else round(tbt, 4),
