@@ -1,7 +1,13 @@
-"""Prometheus metrics, named the way operators of vLLM know them (``yuebing:`` prefix)."""
+"""Prometheus metrics, named the way operators of vLLM know them (``yuebing:`` prefix), each
+exported with the served model's name as its ``model_name`` label (``ModelLabelled``).
+
+The gateway's are here; each service declares its own beside its code (``services/*/service.py``).
+docs/metrics.md lists them all, and deploy/grafana/yuebing.json charts them.
+"""
 
 from __future__ import annotations
 
+import copy
 import weakref
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
@@ -80,3 +86,36 @@ class KVArenaCollector:
 
 KV_ARENAS = KVArenaCollector()
 REGISTRY.register(KV_ARENAS)
+
+
+class ModelLabelled:
+    """The default registry as a scrape sees it: every ``yuebing:`` sample with a ``model_name``
+    label, the served model's name (as vLLM labels its metrics), so a Prometheus serving several
+    models tells them apart. One place adds it, whatever declares the metric."""
+
+    PREFIX = "yuebing:"
+
+    def __init__(self, registry=REGISTRY, model_name: str = ""):
+        self.registry = registry
+        self.model_name = model_name
+
+    def collect(self):
+        name = self.model_name
+        for family in self.registry.collect():
+            if not name or not family.name.startswith(self.PREFIX):
+                yield family
+                continue
+            out = copy.copy(family)
+            out.samples = [s._replace(labels={"model_name": name, **s.labels}) for s in family.samples]
+            yield out
+
+    def restricted_registry(self, names):  # a scrape asking for some names only (``name[]``)
+        return ModelLabelled(self.registry.restricted_registry(names), self.model_name)
+
+
+EXPORTED = ModelLabelled()
+
+
+def set_model_name(name: str) -> None:
+    """Label this process's metrics with the served model's name from now on."""
+    EXPORTED.model_name = name

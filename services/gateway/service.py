@@ -202,7 +202,7 @@ class GatewayService(Service):
         return _json({"status": "alive", "nats_connected": self.nc.is_connected})
 
     async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(body=generate_latest(metrics.EXPORTED), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def models(self, request: web.Request) -> web.Response:
         card = oa.model_card(self.model_name, self.root_name, self.created, self.shape.max_context)
