@@ -38,6 +38,7 @@ from services.gateway import openai as oa
 from services.gateway import openapi
 from services.gateway.choices import Choices, resume_id, resume_sampling
 from services.gateway.detok import IncrementalDetokenizer, StopStrings, TokenText
+from services.gateway.phases import PhaseTimes
 
 SCHEDULE_TIMEOUT = 10.0
 STALL_TIMEOUT = 120.0  # longest silence between two token events before the request fails
@@ -425,6 +426,7 @@ class GatewayService(Service):
         before each choice's text."""
         log = self.log.bind(request_id=rid)
         started = time.monotonic()
+        times = PhaseTimes(started)  # its phases, for the metrics
         created = oa.now()
         transport = request.transport
 
@@ -460,6 +462,7 @@ class GatewayService(Service):
                     o = outs[ev.index]
                     if o.finish is not None:
                         continue  # a stop string ended this choice: what its worker sent after is not the client's
+                    times.event(ev, now)
                     if ev.seq == 0 and ev.index == 0:
                         cached = ev.cached_tokens
                     if ev.prompt_logprobs is not None and prompt_rows is None:
@@ -547,6 +550,8 @@ class GatewayService(Service):
         finish = outs[0].finish
         use = oa.usage(len(norm.prompt_token_ids), n_out, cached)  # the prompt once, every choice's tokens
         metrics.PROMPT_TOKENS.inc(len(norm.prompt_token_ids))
+        metrics.PROMPT_TOKENS_CACHED.inc(cached)
+        metrics.observe_phases(times.phases())
         metrics.GENERATION_TOKENS.inc(n_out)
         metrics.E2E.observe(time.monotonic() - started)
         metrics.SUCCESS.labels(finished_reason=finish).inc()
