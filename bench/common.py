@@ -280,18 +280,15 @@ def stream_body(model: str, prompt: list[int], max_tokens: int) -> dict:
 
 
 def parse_prometheus(text: str) -> dict[str, dict[str, float]]:
-    """``{metric name: {label string: value}}`` from the Prometheus text format."""
+    """``{sample name: {label string: value}}`` from the Prometheus text format; the label string
+    is ``k="v"`` pairs sorted by name, without ``model_name`` (the same on every sample)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     out: dict[str, dict[str, float]] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        try:
-            head, value = line.rsplit(" ", 1)
-            v = float(value)
-        except ValueError:
-            continue
-        name, _, labels = head.partition("{")
-        out.setdefault(name, {})[labels.rstrip("}")] = v
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()) if k != "model_name")
+            out.setdefault(s.name, {})[labels] = s.value
     return out
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import msgspec
 
-from libs.engine.loading import default_data_dir, DEFAULT_MODEL
+from libs.engine.loading import default_data_dir, DEFAULT_MODEL, model_name
 
 # 16 tokens per block: fine-grained prefix reuse (a block is the unit of a hit), and one block
 # of the default model (30 layers x K,V x 3 heads x 64 dims x fp32 = 46 KiB/token, 720 KiB per
@@ -142,6 +142,10 @@ class Settings(msgspec.Struct, kw_only=True):
     # stay pinned in the pool this long after its last turn (services/gateway/sessions.py); 0: off
     session_ttl_seconds: float = 600.0
     session_max_blocks: int = 2048
+
+    def served_name(self) -> str:
+        """The model's name as clients send it and the metrics' ``model_name`` label carries it."""
+        return self.served_model_name or model_name(self.model, self.resolved_models_dir())
 
     def slo(self) -> SLO:
         """The deployment's SLOs (requests without a class)."""

@@ -1,7 +1,13 @@
-"""Prometheus metrics, named the way operators of vLLM know them (``yuebing:`` prefix)."""
+"""Prometheus metrics, named the way operators of vLLM know them (``yuebing:`` prefix), each
+exported with the served model's name as its ``model_name`` label (``ModelLabelled``).
+
+The gateway's are here; each service declares its own beside its code (``services/*/service.py``).
+docs/metrics.md lists them all, and deploy/grafana/yuebing.json charts them.
+"""
 
 from __future__ import annotations
 
+import copy
 import weakref
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
@@ -19,15 +25,41 @@ ITL = Histogram("yuebing:inter_token_latency_seconds", "Time between two output 
 E2E = Histogram("yuebing:e2e_request_latency_seconds", "Arrival to last token", buckets=_LATENCY_BUCKETS)
 RESTARTS = Gauge("yuebing:instance_restarts", "Times its supervisor (yuebing up) has restarted this instance",
                  ["kind", "instance"])
-REQUESTS_RUNNING = Gauge("yuebing:num_requests_running", "Requests the gateway is serving")
+# vLLM's num_requests_running is a batch's rows: decode's yuebing:num_requests_running here
+REQUESTS_RUNNING = Gauge("yuebing:gateway_requests_running", "Requests the gateway is serving")
 SUCCESS = Counter("yuebing:request_success", "Finished requests", ["finished_reason"])
 REJECTED = Counter("yuebing:request_rejected", "Requests refused before any work", ["reason"])
 PROMPT_TOKENS = Counter("yuebing:prompt_tokens", "Prompt tokens of finished requests")
+PROMPT_TOKENS_CACHED = Counter("yuebing:prompt_tokens_cached",
+                               "Prompt tokens of finished requests whose KV was reused (their usage's cached_tokens)")
 GENERATION_TOKENS = Counter("yuebing:generation_tokens", "Generated tokens of finished requests")
 SLO_REQUESTS = Counter("yuebing:slo_requests", "Finished requests, by whether they met their TTFT and TBT objectives",
                        ["result"])
 WASTED_PREFILL = Counter("yuebing:prefill_wasted_tokens",
                          "Prompt tokens computed for requests that then missed an objective or failed")
+# a finished request's phases, as the gateway sees them (services/gateway/phases.py); vLLM's names,
+# and its meaning of decode: first token to last, which a request's KV transfer is part of
+_KV_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+QUEUE_TIME = Histogram("yuebing:request_queue_time_seconds",
+                       "Arrival at the gateway to its prefill instance taking the prompt up (scheduling and queue)",
+                       buckets=_LATENCY_BUCKETS)
+PREFILL_TIME = Histogram("yuebing:request_prefill_time_seconds",
+                         "Prefill instance taking the prompt up to its first token sent", buckets=_LATENCY_BUCKETS)
+KV_TRANSFER_TIME = Histogram("yuebing:request_kv_transfer_time_seconds",
+                             "First token to the decode instance holding the request's KV and task (requests "
+                             "that reach decode)", buckets=_KV_BUCKETS)
+DECODE_TIME = Histogram("yuebing:request_decode_time_seconds", "First token to last token",
+                        buckets=_LATENCY_BUCKETS)
+INFERENCE_TIME = Histogram("yuebing:request_inference_time_seconds", "Prefill taking the prompt up to the last token",
+                           buckets=_LATENCY_BUCKETS)
+PHASES = {"queue": QUEUE_TIME, "prefill": PREFILL_TIME, "kv_transfer": KV_TRANSFER_TIME, "decode": DECODE_TIME,
+          "inference": INFERENCE_TIME}
+
+
+def observe_phases(phases: dict[str, float]) -> None:
+    """A finished request's phases (``services.gateway.phases.PhaseTimes.phases``)."""
+    for name, seconds in phases.items():
+        PHASES[name].observe(seconds)
 
 
 def request_tbt(gaps: list[float]) -> float | None:
@@ -80,3 +112,36 @@ class KVArenaCollector:
 
 KV_ARENAS = KVArenaCollector()
 REGISTRY.register(KV_ARENAS)
+
+
+class ModelLabelled:
+    """The default registry as a scrape sees it: every ``yuebing:`` sample with a ``model_name``
+    label, the served model's name (as vLLM labels its metrics), so a Prometheus serving several
+    models tells them apart. One place adds it, whatever declares the metric."""
+
+    PREFIX = "yuebing:"
+
+    def __init__(self, registry=REGISTRY, model_name: str = ""):
+        self.registry = registry
+        self.model_name = model_name
+
+    def collect(self):
+        name = self.model_name
+        for family in self.registry.collect():
+            if not name or not family.name.startswith(self.PREFIX):
+                yield family
+                continue
+            out = copy.copy(family)
+            out.samples = [s._replace(labels={"model_name": name, **s.labels}) for s in family.samples]
+            yield out
+
+    def restricted_registry(self, names):  # a scrape asking for some names only (``name[]``)
+        return ModelLabelled(self.registry.restricted_registry(names), self.model_name)
+
+
+EXPORTED = ModelLabelled()
+
+
+def set_model_name(name: str) -> None:
+    """Label this process's metrics with the served model's name from now on."""
+    EXPORTED.model_name = name

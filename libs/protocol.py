@@ -326,6 +326,12 @@ class TokenEvent(msgspec.Struct, kw_only=True):
     # only for a request that asked: one per token of ``token_ids``; the prompt's on choice 0's first event
     logprobs: list[TokenLogprobs] | None = None
     prompt_logprobs: PromptLogprobs | None = None
+    # the request's phases, each timed on one host, for the gateway's metrics (None: not this
+    # event's, or a sender that predates them). A prefill's first-token events: seconds from the
+    # instance taking the prompt up to this event. A decode instance's first event of a sequence:
+    # seconds from the sequence's KV and task both in hand to this event (its wait for a row, its step)
+    prefill_seconds: float | None = None
+    since_kv_seconds: float | None = None
 
 
 class PrefillReport(msgspec.Struct, kw_only=True):

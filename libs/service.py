@@ -14,7 +14,7 @@ from libs.bus import connect, ensure_streams, wait_for_streams
 from libs.config import Settings
 from libs.heap import keep_freed_heap
 from libs.log import configure, get_logger
-from libs.metrics import KV_ARENAS, RESTARTS
+from libs.metrics import EXPORTED, KV_ARENAS, RESTARTS, set_model_name
 from libs.protocol import Heartbeat, Subjects, encode
 
 
@@ -30,6 +30,7 @@ class Service:
     def __init__(self, settings: Settings):
         self.settings = settings.with_instance(self.kind)
         self.instance_id = self.settings.instance_id
+        set_model_name(self.settings.served_name())  # the model_name label of this process's metrics
         self.log = get_logger(self.kind).bind(instance=self.instance_id)
         self.nc = None
         self.js = None
@@ -195,7 +196,8 @@ def run(service_classes: type[Service] | list[type[Service]], settings: Settings
     kept = keep_freed_heap(settings.heap_keep_bytes)
     get_logger(name).info("heap", keep_bytes=settings.heap_keep_bytes if kept else 0)
     if settings.metrics_port and name != "gateway":
-        start_http_server(settings.metrics_port, addr=settings.host)
+        set_model_name(settings.served_name())  # from the first scrape on
+        start_http_server(settings.metrics_port, addr=settings.host, registry=EXPORTED)
     started = time.monotonic()
 
     async def main() -> bool:

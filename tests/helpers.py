@@ -102,3 +102,22 @@ def start_up(model_dir, data_dir, port, *flags, env=None):
 
     threading.Thread(target=reader, daemon=True).start()
     return proc, lines, ready
+
+
+SERVICE_MODULES = ("services.gateway.service", "services.conductor.service", "services.prefill.service",
+                   "services.decode.service", "services.cachestore.service")
+
+
+def declared_metrics() -> dict[str, set[str]]:
+    """Every ``yuebing:`` metric a service process declares, with the sample names a scrape shows
+    of it: {name: {sample names}} (a counter's ``_total``, a histogram's ``_bucket``, ``_sum`` and
+    ``_count``). Labelled metrics no request has touched yet count too."""
+    import importlib
+
+    from prometheus_client import REGISTRY
+
+    for module in SERVICE_MODULES:
+        importlib.import_module(module)
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+    return {f.name: {f.name + s for s in suffixes[f.type]} for f in REGISTRY.collect()
+            if f.name.startswith("yuebing:")}

@@ -120,7 +120,7 @@ async def test_an_instance_pulls_only_its_own_tasks(tiny_cluster):
             with pytest.raises(Exception):
                 sub = await js.pull_subscribe(subject, durable=durable, stream=stream)
                 await sub.fetch(1, timeout=1.0)
-            assert await c.refused(f"$js.api.consumer"), (user, durable, c.errors)
+            assert await c.refused("$js.api.consumer"), (user, durable, c.errors)
 
 
 async def test_forged_replies_and_tasks_are_refused(tiny_cluster):

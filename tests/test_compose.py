@@ -1,6 +1,8 @@
 """compose.yaml describes the same cluster as `yuebing up`, each worker scalable, each service
-restarted when it dies and healthy only when it can serve; compose.gpu.yaml moves the workers to GPUs."""
+restarted when it dies and healthy only when it can serve; compose.gpu.yaml moves the workers to GPUs;
+Prometheus scrapes every service, and Grafana's dashboard queries only metrics the code exports."""
 
+import json
 import os
 import re
 import subprocess
@@ -10,11 +12,12 @@ from pathlib import Path
 
 import yaml
 
+from helpers import declared_metrics
 from libs.natsserver import free_port
 from yuebing.cli import SERVICES, build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
-LONG_RUNNING = (*SERVICES, "nats", "prometheus")
+LONG_RUNNING = (*SERVICES, "nats", "prometheus", "grafana")
 
 
 def _compose(name: str = "compose.yaml"):
@@ -73,7 +76,7 @@ def test_every_service_restarts_and_says_when_it_is_healthy():
             assert test[2] == "-c"
             compile(test[3], kind, "exec")
             assert "urllib.request.urlopen" in test[3]
-        else:  # nats and prometheus: busybox wget in their images
+        else:  # nats, prometheus and grafana: busybox wget in their images
             assert test[1] == "wget"
     # the gateway: /health is 200 only when a conductor, a prefill and a decode are live
     gateway = services["gateway"]
@@ -173,3 +176,60 @@ def test_gpu_override_puts_the_workers_on_gpus():
         assert device["device_ids"]  # a GPU each: Docker would give every `count: 1` the same first one
         assert gpu[kind]["environment"]["YUEBING_DEVICE"] == "cuda"
         assert gpu[kind]["environment"]["YUEBING_DTYPE"] == "bfloat16"
+
+
+def _mounts(svc) -> dict[str, str]:
+    """A service's bind mounts of files in the repository: {path in the container: path here}."""
+    out = {}
+    for v in svc["volumes"]:
+        source, target = v.split(":")[:2]
+        if source.startswith("./"):
+            out[target] = source
+    return out
+
+
+def test_grafana_is_opt_in_with_prometheus_and_the_dashboard_provisioned():
+    services = _compose()["services"]
+    grafana = services["grafana"]
+    assert grafana["profiles"] == ["monitoring"]  # a plain `up` starts the cluster and Prometheus only
+    assert "profiles" not in services["prometheus"]
+    assert grafana["depends_on"]["prometheus"]["condition"] == "service_healthy"
+    mounts = _mounts(grafana)
+    provisioning = ROOT / mounts["/etc/grafana/provisioning"]
+    [source] = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())["datasources"]
+    port = services["prometheus"]["ports"][0].rsplit(":", 1)[1]
+    assert source["type"] == "prometheus" and source["url"] == f"http://prometheus:{port}" and source["isDefault"]
+    [provider] = yaml.safe_load((provisioning / "dashboards" / "yuebing.yml").read_text())["providers"]
+    dashboard = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert Path(dashboard).parent == Path(provider["options"]["path"])
+    assert mounts[dashboard] == "./deploy/grafana/yuebing.json"
+    assert "grafana" in _compose()["volumes"]
+
+
+def _dashboard_exprs() -> list[str]:
+    board = json.loads((ROOT / "deploy" / "grafana" / "yuebing.json").read_text())
+    exprs = []
+    for panel in board["panels"]:
+        if panel["type"] == "row":
+            continue
+        assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+        assert panel["targets"], panel["title"]
+        exprs += [t["expr"] for t in panel["targets"]]
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    assert variables["datasource"]["query"] == "prometheus"
+    exprs.append(variables["model_name"]["definition"])
+    return exprs
+
+
+def test_dashboard_queries_only_metrics_the_services_export():
+    exported = set().union(*declared_metrics().values())
+    names = set()
+    for expr in _dashboard_exprs():
+        assert all(expr.count(a) == expr.count(b) for a, b in ("()", "[]", "{}")), expr
+        for name, selector in re.findall(r"(yuebing:[A-Za-z0-9_:]+)(\{[^}]*\})?", expr):
+            names.add(name)
+            if "label_values" not in expr:  # every series of the board is the chosen models'
+                assert 'model_name=~"$model_name"' in selector, expr
+    assert names and names <= exported, sorted(names - exported)
+    # the board's model list comes from a metric every service shows from its start
+    assert "yuebing:instance_restarts" in names

@@ -183,13 +183,7 @@ def cmd_up(args) -> int:
 
 
 def _model_id(settings) -> str:
-    from pathlib import Path
-
-    from libs.engine.loading import DEFAULT_MODEL
-
-    if settings.served_model_name:
-        return settings.served_model_name
-    return DEFAULT_MODEL if settings.model == DEFAULT_MODEL else Path(settings.model).name
+    return settings.served_name()
 
 
 def cmd_serve(args) -> int:

@@ -34,7 +34,8 @@ FORWARDED = ("block_size", "threads", "max_running", "urgent_rows", "dram_bytes"
              "cache_replicas", "drain_seconds", "no_auth", "engine", "sim_noise", "sim_seed", "calibration", "colocated", "admission",
              "ttft_slo", "tbt_slo", "slo_classes", "pool_write_backlog_bytes", "disk_sync_seconds", "pool_writes",
              "peer_fetch", "prefill_kv_arena_bytes", "decode_kv_arena_bytes", "device", "dtype", "load_format", "stream_replicas",
-             "task_ack_wait", "pool_eviction", "pool_evict_high", "pool_evict_low")
+             "task_ack_wait", "pool_eviction", "pool_evict_high", "pool_evict_low",
+             "served_model_name")  # the gateway's, and every service's metrics' model_name label
 
 
 # the share of the host's available memory (at start) that the KV arenas of a local cluster's
@@ -283,7 +284,6 @@ class LocalCluster:
         if kind == "gateway":
             env["YUEBING_API_KEYS"] = s.api_keys  # only the gateway needs them
             env["YUEBING_DASHBOARD"] = s.dashboard
-            env["YUEBING_SERVED_MODEL_NAME"] = s.served_model_name
         out = open(self.log_dir / f"{name}.log", "ab")
         proc = subprocess.Popen(cmd, stdout=out, stderr=out, env=env, start_new_session=True,
                                 preexec_fn=die_with_parent)

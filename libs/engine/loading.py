@@ -50,11 +50,21 @@ def resolve_model(spec: str, models_dir: Path | None = None) -> Path:
     ``spec`` is the default model's name, a path to a ``.gguf`` file, or a local directory with
     ``config.json``. Converted models live in ``models_dir``. Nothing is fetched from a model hub.
     """
+    out, gguf = _locate(spec, models_dir)
+    if gguf is not None and not (out / "model.safetensors").exists() and \
+            not (out / "model.safetensors.index.json").exists():
+        convert_gguf(gguf, out)
+    return out
+
+
+def _locate(spec: str, models_dir: Path | None) -> tuple[Path, Path | None]:
+    """Where ``resolve_model`` finds ``spec``: its directory, and the GGUF file converted into it
+    (None: a directory as given)."""
     p = Path(spec).expanduser()
     if p.is_dir():
         if not (p / "config.json").exists():
             raise FileNotFoundError(f"{p} has no config.json: not a Hugging Face model directory")
-        return p.resolve()
+        return p.resolve(), None
     if spec == DEFAULT_MODEL:
         gguf = _default_gguf()
     elif p.suffix == ".gguf" and p.exists():
@@ -65,10 +75,7 @@ def resolve_model(spec: str, models_dir: Path | None = None) -> Path:
         )
     st = gguf.stat()
     tag = hashlib.blake2b(f"{gguf}:{st.st_size}:{int(st.st_mtime)}".encode(), digest_size=6).hexdigest()
-    out = (models_dir or default_data_dir() / "models") / f"{gguf.stem}-{tag}"
-    if not (out / "model.safetensors").exists() and not (out / "model.safetensors.index.json").exists():
-        convert_gguf(gguf, out)
-    return out
+    return (models_dir or default_data_dir() / "models") / f"{gguf.stem}-{tag}", gguf
 
 
 _convert_lock = threading.Lock()
@@ -100,6 +107,17 @@ def convert_gguf(gguf: Path, out: Path) -> None:
 def model_name_for(spec: str, path: Path) -> str:
     """The name clients use in the ``model`` field."""
     return DEFAULT_MODEL if spec == DEFAULT_MODEL else path.name
+
+
+def model_name(spec: str, models_dir: Path | None = None) -> str:
+    """``model_name_for`` the directory ``resolve_model`` gives ``spec``, converting nothing (for
+    the services that never load the model); ``spec`` itself when it names no model here."""
+    if spec == DEFAULT_MODEL:
+        return DEFAULT_MODEL
+    try:
+        return model_name_for(spec, _locate(spec, models_dir)[0])
+    except FileNotFoundError:
+        return spec
 
 
 LOAD_FORMATS = ("auto", "safetensors", "dummy")

@@ -81,6 +81,8 @@ PUT_SLAB_GRANULE = 256 << 10
 # ---- metrics (label ``instance_id``: tests and local runs may host several instances per process)
 POOL_BYTES = Gauge("yuebing:cache_pool_bytes", "Bytes of KV blocks held, per tier", ["instance_id", "tier"])
 POOL_BLOCKS = Gauge("yuebing:cache_pool_blocks", "KV blocks held, per tier", ["instance_id", "tier"])
+POOL_CAPACITY = Gauge("yuebing:cache_pool_capacity_bytes", "Bytes of KV blocks a tier holds at most (dram_bytes, "
+                      "disk_bytes)", ["instance_id", "tier"])
 EVICTIONS = Counter(
     "yuebing:cache_evictions",
     "Blocks evicted, per tier (dram: demoted to disk; disk: gone from the instance)",
@@ -127,6 +129,8 @@ class CacheStoreService(Service):
                                              eviction=s.pool_eviction, evict_high=s.pool_evict_high,
                                              evict_low=s.pool_evict_low, max_pins=s.pool_max_pinned_blocks)
         st = self.store.stats()
+        POOL_CAPACITY.labels(self.instance_id, "dram").set(s.dram_bytes)
+        POOL_CAPACITY.labels(self.instance_id, "disk").set(s.disk_bytes)
         self._evictions_seen = {"dram": st.evictions_dram, "disk": st.evictions_disk}
         self._reasons_seen = dict(st.evictions_by_reason)
         self._update_metrics(st)

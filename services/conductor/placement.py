@@ -27,11 +27,20 @@ class RequestView:
     pool_blocks: int  # leading blocks present in the pool
     tbt_slo: float = 0.0  # seconds; 0 = none
     affinity: bytes = b""  # the prompt's first block key ("" for a prompt shorter than a block)
+    # the longest run of leading blocks one holder in the cluster has: the pool (when used) or a
+    # prefill instance's own cache
+    held_blocks: int = 0
 
     @property
     def max_reuse_blocks(self) -> int:
         # at least one prompt token is always computed: its logits give the first output token
         return max(0, (self.prompt_len - 1) // self.block_size)
+
+    @property
+    def cluster_hit_tokens(self) -> int:
+        """Prompt tokens the cluster holds the KV of, whichever instance the prompt goes to: what a
+        placement can reuse at best (the conductor's cluster hit rate, whatever the policy does)."""
+        return min(self.held_blocks, self.max_reuse_blocks) * self.block_size
 
 
 @dataclass(frozen=True)

@@ -176,17 +176,19 @@ class Scheduler:
         """Placement of a prompt of ``prompt_len`` tokens expected to decode ``tokens`` tokens
         (``urgent``: its wait for a decode row counts in its TBT, so decode serves it first);
         ``avoid_decode`` is not chosen while another decode instance is alive."""
-        view = RequestView(
-            prompt_len=prompt_len,
-            block_size=self.settings.block_size,
-            pool_blocks=self.index.pool_prefix_len(keys) if self.settings.use_pool else 0,
-            tbt_slo=tbt_slo,
-            affinity=keys[0] if keys else b"",
-        )
         prefills = [
             PrefillView(i.instance_id, self.queue_seconds(i.instance_id, now), self.index.prefix_len(keys, i.instance_id))
             for i in self.registry.alive("prefill", now)
         ]
+        pool_blocks = self.index.pool_prefix_len(keys) if self.settings.use_pool else 0
+        view = RequestView(
+            prompt_len=prompt_len,
+            block_size=self.settings.block_size,
+            pool_blocks=pool_blocks,
+            tbt_slo=tbt_slo,
+            affinity=keys[0] if keys else b"",
+            held_blocks=max([pool_blocks] + [p.local_blocks for p in prefills]),
+        )
         # when the request would reach decode: its best predicted TTFT, and that TTFT as far over
         # (the 90th percentile of actual / predicted) and as far under (the 10th) as the admitted
         # requests' have lately run

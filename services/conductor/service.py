@@ -56,6 +56,15 @@ WAIT_MARGIN = Gauge("yuebing:conductor_decode_wait_margin_seconds",
                     "Added to predicted waits for a decode row: how much longer they have lately turned out")
 PROJECTED_DECODE = Gauge("yuebing:conductor_decode_sequences", "Sequences admitted and not finished",
                          ["phase"])
+# the cluster's prefix cache as one (vLLM's prefix_cache_queries / hits, in tokens): each placed
+# prompt, and the longest prefix of it one holder has (the pool or a prefill instance's own cache)
+CLUSTER_QUERIES = Counter("yuebing:cluster_prefix_cache_queries", "Prompt tokens of placed requests")
+CLUSTER_HITS = Counter("yuebing:cluster_prefix_cache_hits", "Prompt tokens of placed requests whose KV the cluster "
+                       "held (the longest prefix one holder had, as the prefix index saw it at placement)")
+PREFILL_QUEUE = Gauge("yuebing:prefill_queue_requests", "Prompts placed on a prefill instance that it is not done "
+                      "with (the one it runs included), as the conductor counts them", ["instance_id"])
+PREFILL_QUEUE_SECONDS = Gauge("yuebing:prefill_queue_seconds", "Predicted seconds before a prompt placed now on "
+                              "the prefill instance would start computing", ["instance_id"])
 
 
 class ConductorService(Service):
@@ -69,6 +78,7 @@ class ConductorService(Service):
         self.scheduler = Scheduler(s)
         self.index = self.scheduler.index
         self._dumping: set[str] = set()
+        self._queues_shown: set[str] = set()  # prefill instances with queue gauges
         self.resyncs = 0  # before the KV-event subscription: replaying it may fetch a dump at once
         await self.nc.subscribe(f"{Subjects.HEARTBEAT_PREFIX}.>", cb=self._on_heartbeat)
         await self.nc.subscribe(Subjects.PREFILL_REPORT, cb=self._on_report)
@@ -193,6 +203,19 @@ class ConductorService(Service):
             in_prefill, in_decode = self.scheduler.decode_sequences()
             PROJECTED_DECODE.labels(phase="decode").set(in_decode)
             PROJECTED_DECODE.labels(phase="prefill").set(in_prefill)
+            self._show_queues(time.monotonic())
+
+    def _show_queues(self, now: float) -> None:
+        """Each live prefill instance's queue on the gauges; a lost one's taken off them."""
+        queues = self.scheduler.queues
+        alive = {i.instance_id for i in self.scheduler.registry.alive("prefill", now)}
+        for iid in self._queues_shown - alive:
+            PREFILL_QUEUE.remove(iid)
+            PREFILL_QUEUE_SECONDS.remove(iid)
+        for iid in alive:
+            PREFILL_QUEUE.labels(iid).set(queues.pending(iid))
+            PREFILL_QUEUE_SECONDS.labels(iid).set(queues.seconds(iid, now))
+        self._queues_shown = alive
 
     async def _on_state(self, msg) -> None:
         if not msg.reply:
@@ -290,7 +313,7 @@ class ConductorService(Service):
                      overtakes={rid: round(seconds, 3) for rid, seconds in d.delayed} or None)
             # the next request is placed on a state that counts this one already; the JetStream
             # round trip (tenths of a second on a loaded host) does not hold the next decision
-            self.spawn(self._dispatch(msg, d.task, placement, log))
+            self.spawn(self._dispatch(msg, d.task, placement, log, view))
             # a backlog of schedule requests is taken from the subscription's queue without a
             # pause: yield, so that heartbeats (an instance unheard for three beats is declared
             # lost), reports and the dispatches just spawned run between decisions
@@ -300,7 +323,7 @@ class ConductorService(Service):
         log.warning("not_admitted", status=placement.status, reason=placement.reason)
         await msg.respond(encode(self._reply(req.attempt_id, placement)))
 
-    async def _dispatch(self, msg, task: PrefillTask, placement, log) -> None:
+    async def _dispatch(self, msg, task: PrefillTask, placement, log, view) -> None:
         """Queue an admitted request's prefill task, then answer its gateway; if JetStream cannot
         take it, forget what its placement counted and answer 503 (never a hang)."""
         rid = task.attempt_id
@@ -318,6 +341,8 @@ class ConductorService(Service):
         PLACED.labels(policy=self.scheduler.policy.name, plan=placement.plan).inc()
         PREDICTED_TTFT.observe(placement.predicted_ttft)
         PREDICTED_TBT.observe(placement.predicted_tbt)
+        CLUSTER_QUERIES.inc(view.prompt_len)
+        CLUSTER_HITS.inc(view.cluster_hit_tokens)
         await msg.respond(encode(self._reply(rid, placement)))
 
     def _reply(self, attempt_id: str, placement) -> ScheduleReply:

@@ -8,7 +8,7 @@ import time
 
 import msgspec
 import torch
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge, Histogram
 
 from libs.bus import BULK_PENDING_BYTES, BlobAssembler, BlobData, uninitialized
 from libs.kv.client import CacheClient, CacheError
@@ -31,6 +31,22 @@ WRITTEN_BLOCKS = Counter("yuebing:decode_pool_written_blocks", "Blocks of prompt
 WRITE_SKIPPED = Counter("yuebing:decode_pool_write_skipped_blocks",
                         "Blocks decode did not write to the pool, by why: budget (the backlog of blocks on "
                         "their way was full), failed (the pool refused or did not answer)", ["reason"])
+
+# vLLM's names where it has one: its running and waiting requests are a batch's rows and its queue
+RUNNING = Gauge("yuebing:num_requests_running", "Sequences in the running decode batch (its rows)")
+WAITING = Gauge("yuebing:num_requests_waiting", "Sequences with their KV in hand, waiting for a row of the batch")
+KV_TOKENS = Gauge("yuebing:decode_kv_tokens", "KV positions the running batch holds")
+KV_USAGE = Gauge("yuebing:kv_cache_usage_perc", "KV positions the running batch holds, as a fraction of the most it "
+                 "can hold: its rows (max_running + urgent_rows) at the model's whole context; 1 = full")
+STEP_SECONDS = Histogram("yuebing:decode_step_seconds", "One decode step: planning, the batch's forward, sampling "
+                         "and emitting its tokens (the gap between two tokens of a sequence it holds)",
+                         buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5,
+                                  0.75, 1.0, 2.5))
+ITERATION_TOKENS = Histogram("yuebing:iteration_tokens_total", "Tokens per decode step: its batch size, a token per row",
+                             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
+HANDBACKS = Counter("yuebing:decode_handbacks", "Sequences handed back to their gateway, which resumes them "
+                    "elsewhere (nothing preempts a row here), by reason: drain (stopping), step_failed, kv_missing",
+                    ["reason"])
 
 
 class DecodeService(ModelWorker):
@@ -74,6 +90,7 @@ class DecodeService(ModelWorker):
             await self.cache.start()
         self.write_backlog = 0  # bytes of blocks on their way to the pool
         self._step_blocks: list = []  # (sequence, its first block due, blocks due, their KV) of the last step
+        self._export_load()
         self.spawn(self._pull_loop(), essential=True)
         self.spawn(self._engine_loop(), essential=True)
         self.spawn(self._progress_loop())
@@ -98,6 +115,15 @@ class DecodeService(ModelWorker):
                        for running, seqs in ((True, b.running.values()), (False, b.waiting))
                        for s in seqs if s.finish is None],
         )
+
+    def _export_load(self) -> None:
+        """The batch's gauges, read when scraped (from the metrics server's thread: sizes only)."""
+        b = self.batcher
+        rows = (b.max_running + b.urgent_rows) * self.shape.max_context
+        RUNNING.set_function(lambda: len(b.running))
+        WAITING.set_function(lambda: len(b.waiting))
+        KV_TOKENS.set_function(lambda: self.batch.kv_tokens())
+        KV_USAGE.set_function(lambda: self.batch.kv_tokens() / rows if rows else 0.0)
 
     # ---- KV arrival
     def _on_kv(self, transfer_id: str, meta: bytes, data: BlobData) -> None:
@@ -149,6 +175,7 @@ class DecodeService(ModelWorker):
             kv = self._take_kv(meta, data)
         except (asyncio.TimeoutError, KeyError, ValueError) as e:
             log.error("kv_missing", error=repr(e))
+            HANDBACKS.labels(reason="kv_missing").inc()
             await self.emit_error(task.output_id, task.seq_base + len(task.output_token_ids),
                                   "decode did not receive the KV cache", retry=True)
             self._drop_kv(rid)
@@ -340,6 +367,7 @@ class DecodeService(ModelWorker):
         while (self.batcher.running or self.batcher.waiting) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         left = list(self.batcher.running.values()) + list(self.batcher.waiting)
+        HANDBACKS.labels(reason="drain").inc(len(left))
         for seq in left:
             self.batcher.abort(seq.attempt_id)
             await self.emit_error(seq.output_id, seq.next_seq, "decode instance is shutting down", retry=True,
@@ -362,6 +390,7 @@ class DecodeService(ModelWorker):
                 tokens, lps = await self.compute(self._step, plan)
             except Exception as e:  # noqa: BLE001 - fail the batch's requests, keep serving
                 self.log.error("decode_step_failed", error=repr(e), exc_info=True)
+                HANDBACKS.labels(reason="step_failed").inc(len(plan.rows))
                 for seq in plan.joins:
                     self._release_kv(seq)
                 for seq in plan.rows:
@@ -378,9 +407,11 @@ class DecodeService(ModelWorker):
                 due, self._step_blocks = self._step_blocks, []
                 self._write_blocks(due)
             finished = {s.attempt_id for s in self.batcher.record(plan.rows, tokens)}
+            stepped = time.monotonic()
             for k, (seq, tok) in enumerate(zip(plan.rows, tokens)):
                 if seq.finish == "abort":
                     continue
+                first = len(seq.output) - seq.initial_outputs == 1  # its first token made here
                 await self.emit(
                     TokenEvent(
                         output_id=seq.output_id,
@@ -389,6 +420,7 @@ class DecodeService(ModelWorker):
                         finish_reason=seq.finish if seq.attempt_id in finished else None,
                         index=seq.index,
                         logprobs=[lps[k]] if lps is not None and lps[k] is not None else None,
+                        since_kv_seconds=stepped - seq.joined_at if first and seq.joined_at else None,
                     )
                 )
                 if seq.attempt_id in finished:
@@ -397,11 +429,14 @@ class DecodeService(ModelWorker):
                 if seq.finish == "abort":
                     await self._finish(seq)
             if plan.rows:
+                seconds = time.perf_counter() - started
                 st = self._steps
                 st[0] += 1
-                st[1] += time.perf_counter() - started
+                st[1] += seconds
                 st[2] += len(plan.rows)
                 st[3] += self._step_kv
+                STEP_SECONDS.observe(seconds)
+                ITERATION_TOKENS.observe(len(plan.rows))
 
     async def _finish(self, seq: Sequence) -> None:
         self.done.add(seq.attempt_id)

@@ -42,6 +42,7 @@ from services.gateway import openapi, pins
 from services.gateway.choices import Choices, resume_id, resume_sampling
 from services.gateway.dashboard import Dashboard
 from services.gateway.detok import IncrementalDetokenizer, StopStrings, TokenText
+from services.gateway.phases import PhaseTimes
 from services.gateway.sessions import Sessions
 
 SCHEDULE_TIMEOUT = 10.0
@@ -216,7 +217,7 @@ class GatewayService(Service):
         return _json({"status": "alive", "nats_connected": self.nc.is_connected})
 
     async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(body=generate_latest(metrics.EXPORTED), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def models(self, request: web.Request) -> web.Response:
         card = oa.model_card(self.model_name, self.root_name, self.created, self.shape.max_context)
@@ -534,6 +535,7 @@ class GatewayService(Service):
         before each choice's text."""
         log = self.log.bind(request_id=rid)
         started = time.monotonic()
+        times = PhaseTimes(started)  # its phases, for the metrics
         created = oa.now()
         transport = request.transport
 
@@ -569,6 +571,7 @@ class GatewayService(Service):
                     o = outs[ev.index]
                     if o.finish is not None:
                         continue  # a stop string ended this choice: what its worker sent after is not the client's
+                    times.event(ev, now)
                     if ev.seq == 0 and ev.index == 0:
                         cached = ev.cached_tokens
                     if ev.prompt_logprobs is not None and prompt_rows is None:
@@ -660,6 +663,8 @@ class GatewayService(Service):
         finish = outs[0].finish
         use = oa.usage(len(norm.prompt_token_ids), n_out, cached)  # the prompt once, every choice's tokens
         metrics.PROMPT_TOKENS.inc(len(norm.prompt_token_ids))
+        metrics.PROMPT_TOKENS_CACHED.inc(cached)
+        metrics.observe_phases(times.phases())
         metrics.GENERATION_TOKENS.inc(n_out)
         metrics.E2E.observe(time.monotonic() - started)
         metrics.SUCCESS.labels(finished_reason=finish).inc()

@@ -324,7 +324,8 @@ class PrefillService(ModelWorker):
             await self.emit(TokenEvent(output_id=task.output_id, seq=task.seq_base, token_ids=tokens[i : i + 1],
                                        finish_reason=reason, prompt_tokens=len(prompt), cached_tokens=reused,
                                        index=first + i, logprobs=[lps[i]] if lps is not None else None,
-                                       prompt_logprobs=done.prompt_logprobs if i == 0 else None))
+                                       prompt_logprobs=done.prompt_logprobs if i == 0 else None,
+                                       prefill_seconds=time.monotonic() - started))
         going = [i for i, reason in enumerate(reasons) if reason is None]  # the choices decode goes on with
         ttft = max(0.0, time.time() - task.arrival_time) if task.arrival_time else 0.0
         emit_seconds = time.monotonic() - computed  # the draw and handing the token to the bus
