@@ -7,6 +7,7 @@ paged dump requests, so a receiver can rebuild its view of the instance at any t
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 
@@ -35,13 +36,24 @@ def net_changes(stored: Sequence[bytes], removed: Sequence[bytes], held: Callabl
             [k for k in removed if k not in both or k not in now])
 
 
+def new_epoch() -> str:
+    """A run's epoch: its start time (nanoseconds, 16 hex digits) then 8 random hex digits, so the
+    epochs of one instance order by when its runs began (``epoch_newer``)."""
+    return f"{time.time_ns():016x}{uuid.uuid4().hex[:8]}"
+
+
+def epoch_newer(a: str, b: str) -> bool:
+    """Whether epoch ``a`` began after ``b``; False when either is not a ``new_epoch`` (unordered)."""
+    return len(a) == len(b) == 24 and a > b
+
+
 class KVEventPublisher:
     def __init__(self, nc, js, instance_id: str, source: str, keys: Callable[[], Sequence[bytes]]):
         self.nc = nc
         self.js = js
         self.instance_id = instance_id
         self.source = source
-        self.epoch = uuid.uuid4().hex[:12]
+        self.epoch = new_epoch()
         self.seq = 0
         self._keys = keys  # the instance's current keys, for dumps
         self._lock = asyncio.Lock()

@@ -57,6 +57,25 @@ def test_index_restart_epoch_and_stale_replay():
     assert idx.apply(ev("c0", 1, source="cachestore", epoch="newer")) is True
 
 
+def test_index_a_restart_while_its_dump_was_on_its_way_is_not_taken_for_stale():
+    from libs.kvevents import new_epoch
+
+    first, second = new_epoch(), new_epoch()
+    assert second > first
+    idx = PrefixIndex()
+    assert idx.apply(ev("c0", 1, source="cachestore", epoch=first)) is True
+    # the instance restarts (second run) before the dump, still of the first run, arrives
+    assert idx.apply(ev("c0", 1, source="cachestore", epoch=second)) is False  # buffered
+    assert idx.apply(ev("c0", 2, stored=K[:3], source="cachestore", epoch=second)) is False
+    idx.load_dump("c0", "cachestore", first, 1, K[:1])
+    assert idx.needs_dump("c0")  # the second run needs its own dump
+    idx.load_dump("c0", "cachestore", second, 1, [])
+    assert idx.pool_prefix_len(K) == 3 and not idx.needs_dump("c0")  # its buffered event on top
+    # a late event of the first run changes nothing
+    assert idx.apply(ev("c0", 2, removed=K[:3], source="cachestore", epoch=first)) is False
+    assert idx.pool_prefix_len(K) == 3
+
+
 def test_pool_prefix_counts_only_cachestores_and_drop_forgets():
     idx = PrefixIndex()
     idx.load_dump("p0", "prefill", "e", 0, K[:5])

@@ -115,3 +115,21 @@ async def test_a_session_keeps_its_turns_blocks_pinned(tiny_cluster, tiny_dir, t
     status, resp, _ = await post(tiny_cluster.url + "/v1/chat/completions", {
         "model": tiny_dir.name, "messages": turn1, "max_tokens": 2, "session_id": "x" * 200})
     assert status == 400 and resp["error"]["param"] == "session_id"
+
+
+def test_sessions_renew_their_chain_and_stay_bounded():
+    from services.gateway.sessions import Sessions
+
+    s = Sessions(ttl_seconds=60, max_blocks=3, max_sessions=2)
+    k = [bytes([i]) * 16 for i in range(6)]
+    assert (s.turn("a", k[:2], now=0).pin, s.turn("a", k[:2], now=0).unpin) == (k[:2], [])
+    r = s.turn("a", k[:5], now=10)  # a longer chain: its leading 3 blocks pinned, none ended
+    assert (r.pin, r.unpin) == (k[:3], [])
+    r = s.turn("a", [k[0], k[5]], now=20)  # the conversation was edited after its first block
+    assert (r.pin, r.unpin) == ([k[0], k[5]], [k[1], k[2]])
+    s.turn("b", k[:1], now=30)
+    s.turn("c", k[:1], now=40)  # a third session: the one idle longest is forgotten
+    assert len(s) == 2 and s.pinned("a") == [] and s.pinned("b") == k[:1]
+    s.expire(now=95)  # b's pins (from 30) have run out, c's (from 40) not yet
+    assert s.pinned("b") == [] and s.pinned("c") == k[:1]
+    assert not Sessions(ttl_seconds=0, max_blocks=3).enabled

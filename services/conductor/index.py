@@ -4,7 +4,11 @@ Plain logic. Events of an instance apply in ``seq`` order within an ``epoch`` (o
 instance). A gap, an epoch not seen before (a restart, or an instance first heard of, as when the
 conductor replays the event stream after its own restart) puts the instance in resync: the caller
 fetches a dump, events that arrive meanwhile are buffered, and those newer than the dump are
-applied on top of it. Events of epochs that a dump has superseded are ignored.
+applied on top of it. Events of epochs that a dump has superseded are ignored. Epochs order by
+their runs' start (``libs.kvevents.epoch_newer``): an event of a run older than the one the index
+follows is ignored, and events buffered from a run newer than a dump's (the instance restarted
+while its dump was on its way) keep the instance in resync for the next dump, instead of being
+taken for stale.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from libs.kvevents import epoch_newer
 from libs.protocol import KVEvent
 
 
@@ -38,8 +43,8 @@ class PrefixIndex:
         h = self._holders.get(ev.instance_id)
         if h is None:
             h = self._holders[ev.instance_id] = _Holder(source=ev.source)
-        if ev.epoch in h.old_epochs:
-            return False
+        if ev.epoch in h.old_epochs or epoch_newer(h.epoch, ev.epoch):
+            return False  # a run the index has moved past
         if h.resyncing:
             h.buffered.append(ev)
             return False
@@ -95,6 +100,10 @@ class PrefixIndex:
             h.old_epochs.add(h.epoch)
         h.epoch, h.seq, h.resyncing = epoch, seq, False
         pending, h.buffered = h.buffered, []
+        newer = [e for e in pending if epoch_newer(e.epoch, epoch)]
+        if newer:  # it restarted again while the dump was on its way: that run needs a dump of its own
+            h.resyncing, h.buffered = True, newer
+            return
         h.old_epochs.update(e.epoch for e in pending if e.epoch != epoch)
         for ev in sorted((e for e in pending if e.epoch == epoch and e.seq > seq), key=lambda e: e.seq):
             if self.apply(ev):
