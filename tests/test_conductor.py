@@ -81,8 +81,12 @@ def test_pool_prefix_counts_only_cachestores_and_drop_forgets():
     idx.load_dump("p0", "prefill", "e", 0, K[:5])
     idx.load_dump("c0", "cachestore", "e", 0, K[:2])
     assert idx.pool_prefix_len(K) == 2 and idx.prefix_len(K, "p0") == 5
+    idx.load_dump("c1", "cachestore", "e", 0, K[1:3])  # a second shard, one key in common
+    assert idx.pool_blocks() == 3 and idx.pool_keys() == set(K[:3]) and idx.pool_prefix_len(K) == 3
+    idx.drop_instance("c1")
+    assert idx.pool_blocks() == 2 and idx.pool_prefix_len(K) == 2  # K[1] still in c0
     idx.drop_instance("c0")
-    assert idx.pool_prefix_len(K) == 0
+    assert idx.pool_prefix_len(K) == 0 and idx.pool_blocks() == 0
     assert idx.apply(ev("c0", 1, source="cachestore", epoch="e")) is False  # dead epoch ignored
 
 

@@ -259,6 +259,26 @@ def test_registry_expires_after_three_missed_beats():
     assert [i.instance_id for i in r.prune(3.1)] == ["p0"]
 
 
+def test_registry_judges_liveness_as_of_how_far_behind_the_conductor_is_on_heartbeats():
+    r = Registry(lag_cap=10.0)
+    r.beat(_hb("prefill", "p0"), now=0.0)
+    r.clock.sent(0.5)  # the conductor's own beat, not taken in yet at 3.5: it is 3 s behind
+    assert [i.instance_id for i in r.alive("prefill", 3.5)] == ["p0"] and r.prune(3.5) == []
+    r.clock.received(3.6, sent_at=0.5)  # taken in 3.1 s late: p0's next beats may be as late
+    assert [i.instance_id for i in r.alive("prefill", 3.7)] == ["p0"]
+    r.clock.sent(4.0)
+    r.clock.received(4.01, sent_at=4.0)  # caught up: p0 has been silent for four beats
+    assert [i.instance_id for i in r.prune(4.02)] == ["p0"]
+    # a beat of its own lost on the way holds the judgement back until a later one comes back
+    r.beat(_hb("prefill", "p1"), now=10.0)
+    r.clock.sent(10.0)  # lost
+    r.clock.sent(11.0)
+    r.clock.received(11.01, sent_at=11.0)
+    assert r.clock.behind(14.0) < 0.1 and r.alive("prefill", 14.0) == []
+    r.clock.sent(20.0)  # and by at most the cap when none does
+    assert r.clock.behind(40.0) == 10.0
+
+
 def test_counts_on_the_command_line_refuse_values_below_their_least():
     import argparse
 

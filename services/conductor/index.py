@@ -35,6 +35,7 @@ class PrefixIndex:
     def __init__(self) -> None:
         self._holders: dict[str, _Holder] = {}
         self._where: dict[bytes, set[str]] = {}  # key -> instance ids holding it
+        self._pool: dict[bytes, int] = {}  # key -> cachestore instances holding it (kept as they change)
         self.gaps = 0
 
     # ---- updates
@@ -63,25 +64,36 @@ class PrefixIndex:
         for k in ev.stored:
             if k not in h.keys:
                 h.keys.add(k)
-                self._where.setdefault(k, set()).add(iid)
+                self._hold(k, iid, h)
         for k in ev.removed:
             if k in h.keys:
                 h.keys.discard(k)
-                self._forget(k, iid)
+                self._forget(k, iid, h)
         h.seq = ev.seq
 
-    def _forget(self, key: bytes, iid: str) -> None:
+    def _hold(self, key: bytes, iid: str, h: _Holder) -> None:
+        self._where.setdefault(key, set()).add(iid)
+        if h.source == "cachestore":
+            self._pool[key] = self._pool.get(key, 0) + 1
+
+    def _forget(self, key: bytes, iid: str, h: _Holder) -> None:
         holders = self._where.get(key)
         if holders is not None:
             holders.discard(iid)
             if not holders:
                 del self._where[key]
+        if h.source == "cachestore":
+            n = self._pool.get(key, 0) - 1
+            if n > 0:
+                self._pool[key] = n
+            else:
+                self._pool.pop(key, None)
 
     def _set_keys(self, iid: str, h: _Holder, keys: set[bytes]) -> None:
         for k in h.keys - keys:
-            self._forget(k, iid)
+            self._forget(k, iid, h)
         for k in keys - h.keys:
-            self._where.setdefault(k, set()).add(iid)
+            self._hold(k, iid, h)
         h.keys = keys
 
     def needs_dump(self, instance_id: str) -> bool:
@@ -115,7 +127,7 @@ class PrefixIndex:
         if h is None:
             return
         for k in h.keys:
-            self._forget(k, instance_id)
+            self._forget(k, instance_id, h)
         old = h.old_epochs | {h.epoch} | {e.epoch for e in h.buffered}
         self._holders[instance_id] = _Holder(source=h.source, old_epochs=old - {""})
 
@@ -136,8 +148,7 @@ class PrefixIndex:
         """How many leading ``keys`` some cachestore instance holds."""
         n = 0
         for k in keys:
-            holders = self._where.get(k)
-            if not holders or not any(self._holders[i].source == "cachestore" for i in holders):
+            if k not in self._pool:
                 break
             n += 1
         return n
@@ -150,8 +161,9 @@ class PrefixIndex:
         return [i for i, h in self._holders.items() if h.epoch or h.resyncing]
 
     def pool_keys(self) -> set[bytes]:
-        out: set[bytes] = set()
-        for h in self._holders.values():
-            if h.source == "cachestore":
-                out |= h.keys
-        return out
+        """Every key some cachestore instance holds."""
+        return set(self._pool)
+
+    def pool_blocks(self) -> int:
+        """How many keys some cachestore instance holds (kept as events come: no scan)."""
+        return len(self._pool)

@@ -1,7 +1,15 @@
-"""Live instances, from heartbeats. Plain logic: the caller passes the clock."""
+"""Live instances, from heartbeats. Plain logic: the caller passes the clock.
+
+An instance is lost when its heartbeats stop coming, not when the conductor is slow to take them
+in: a conductor behind on its subscriptions (a burst of KV events, a slow host) would otherwise
+declare every instance lost at once. Its own heartbeats travel the same way, through the same
+subscription, so how late they are taken in (``BeatClock``) is how far behind it is, and the
+registry judges liveness at that many seconds before now.
+"""
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 from libs.protocol import Heartbeat
@@ -22,9 +30,34 @@ class Instance:
         return now - self.last_seen <= MISSED_BEATS * self.beat.interval
 
 
+class BeatClock:
+    """How far behind the conductor is in taking heartbeats in, from its own: ``sent`` when it
+    publishes one (its ``sent_at``), ``received`` when it takes one of its own in. Behind by the
+    last one's delay, or by the age of the oldest one not yet taken in if that is more; at most
+    ``cap`` seconds. One taken in settles every one sent before it (those were lost on the way)."""
+
+    def __init__(self, cap: float):
+        self.cap = cap
+        self._sent: deque[float] = deque()
+        self.lag = 0.0
+
+    def sent(self, at: float) -> None:
+        self._sent.append(at)
+
+    def received(self, at: float, sent_at: float) -> None:
+        while self._sent and self._sent[0] <= sent_at:
+            self._sent.popleft()
+        self.lag = max(0.0, at - sent_at)
+
+    def behind(self, now: float) -> float:
+        waiting = now - self._sent[0] if self._sent else 0.0
+        return min(self.cap, max(self.lag, waiting))
+
+
 class Registry:
-    def __init__(self) -> None:
+    def __init__(self, lag_cap: float = 30.0) -> None:
         self._instances: dict[tuple[str, str], Instance] = {}
+        self.clock = BeatClock(lag_cap)
 
     def beat(self, hb: Heartbeat, now: float) -> Instance:
         key = (hb.kind, hb.instance_id)
@@ -39,11 +72,13 @@ class Registry:
 
     def alive(self, kind: str, now: float) -> list[Instance]:
         """Instances that can take new work: beating, and not draining."""
-        return [i for (k, _), i in self._instances.items() if k == kind and i.alive(now) and not i.beat.draining]
+        seen = now - self.clock.behind(now)
+        return [i for (k, _), i in self._instances.items() if k == kind and i.alive(seen) and not i.beat.draining]
 
     def prune(self, now: float) -> list[Instance]:
         """Forget instances that missed their beats; returns them."""
-        gone = [i for i in self._instances.values() if not i.alive(now)]
+        seen = now - self.clock.behind(now)
+        gone = [i for i in self._instances.values() if not i.alive(seen)]
         for i in gone:
             del self._instances[(i.kind, i.instance_id)]
         return gone

@@ -84,7 +84,8 @@ class DecodeWait:
 class Scheduler:
     def __init__(self, settings: Settings):
         s = self.settings = settings
-        self.registry = Registry()
+        # liveness judged as of how far the conductor is behind on heartbeats, at most ten beats
+        self.registry = Registry(lag_cap=10 * settings.heartbeat_interval)
         self.index = PrefixIndex()
         profile = CostProfile.load(s.calibration) if s.calibration else DEFAULT_PROFILE
         self.cost = PrefillCostModel.from_profile(profile)

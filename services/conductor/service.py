@@ -101,7 +101,10 @@ class ConductorService(Service):
                       calibration=s.calibration or "default")
 
     def load(self):
-        return self.heartbeat()
+        # its own beats come back through the heartbeat subscription: how late is how far behind it is
+        now = time.monotonic()
+        self.scheduler.registry.clock.sent(now)
+        return msgspec.structs.replace(self.heartbeat(), sent_at=now)
 
     # ---- inputs
     async def _on_heartbeat(self, msg) -> None:
@@ -109,6 +112,8 @@ class ConductorService(Service):
             hb = decode(msg.data, Heartbeat)
         except _BAD:
             return
+        if hb.kind == self.kind and hb.instance_id == self.instance_id and hb.sent_at:
+            self.scheduler.registry.clock.received(time.monotonic(), hb.sent_at)
         if self.scheduler.heartbeat(hb, time.monotonic()):
             self.log.info("instance_joined", kind=hb.kind, id=hb.instance_id)
 
@@ -197,7 +202,7 @@ class ConductorService(Service):
                 if self.index.needs_dump(iid) and iid not in self._dumping:
                     src = "cachestore" if self.scheduler.registry.get("cachestore", iid) else "prefill"
                     self.spawn(self._fetch_dump(iid, src))
-            INDEX_BLOCKS.labels(source="cachestore").set(len(self.index.pool_keys()))
+            INDEX_BLOCKS.labels(source="cachestore").set(self.index.pool_blocks())
             if lost:
                 self.log.warning("prefill_done_reports_missing", tasks=lost)
             in_prefill, in_decode = self.scheduler.decode_sequences()
