@@ -108,7 +108,9 @@ class Service:
         # (seconds, on a loaded host) while every stream waits
         gc.collect()
         gc.freeze()
-        self.spawn(self._heartbeat_loop())
+        # essential: an instance whose heartbeat loop died (its load() raised) would serve on unseen,
+        # its work moved elsewhere as if it were lost; exiting gets it restarted
+        self.spawn(self._heartbeat_loop(), essential=True)
         self.log.info("service_started", nats=self.settings.nats_url.rpartition("@")[2])
 
     async def stop(self) -> None:
