@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from bench import cache_trace, conductor, engine, eviction, peer, prefix, replay, sched, serve, transfer
+from bench import cache_trace, conductor, engine, eviction, multiturn, peer, prefix, replay, sched, serve, transfer
 from bench.common import DEFAULT_TRACE, shown
 from yuebing.args import add_common, add_engine, count
 
@@ -25,6 +25,7 @@ def add_parsers(bench_sub) -> None:
     _engine(bench_sub)
     _peer(bench_sub)
     _conductor(bench_sub)
+    _multiturn(bench_sub)
 
 
 def trace_main(args) -> int:
@@ -235,3 +236,26 @@ def _conductor(bench_sub) -> None:
                              "(bench/conductor.py says what is synthetic).")
     conductor.add_arguments(p)
     p.set_defaults(func=conductor.main)
+
+
+def _multiturn(bench_sub) -> None:
+    """``bench multiturn``: decode's write-back against none, on conversations and resumptions."""
+    p = bench_sub.add_parser("multiturn", help="later turns' reuse and TTFT, and a killed decode's resumption, with "
+                             "and without decode's write-back of blocks to the pool",
+                             description="Conversations replayed turn by turn with their answers fed back, and "
+                             "streams whose decode instance is killed, on a cluster with decode's write-back and on "
+                             "one without (bench/multiturn.py).")
+    add_common(p)
+    p.add_argument("--conversations", type=count(1), default=4, help="(default %(default)s)")
+    p.add_argument("--turns", type=count(2), default=4, help="per conversation (default %(default)s)")
+    p.add_argument("--history-tokens", type=count(1), default=2048,
+                   help="the first message, and a resumed stream's prompt (default %(default)s)")
+    p.add_argument("--question-tokens", type=count(1), default=64, help="each later message (default %(default)s)")
+    p.add_argument("--answer-tokens", type=count(1), default=128, help="answers' max_tokens (default %(default)s)")
+    p.add_argument("--resumes", type=count(0), default=3, help="streams whose decode is killed (default %(default)s)")
+    p.add_argument("--resume-tokens", type=count(1), default=256, help="each one's tokens (default %(default)s)")
+    p.add_argument("--kill-after", type=count(1), default=128,
+                   help="tokens streamed before the kill (default %(default)s)")
+    p.add_argument("--seed", type=int, default=17, help="messages and prompts (default %(default)s)")
+    p.add_argument("--out", default=None, help="also write the JSON figures here")
+    p.set_defaults(func=multiturn.main)

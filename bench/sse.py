@@ -47,6 +47,7 @@ class StreamResult:
     first_event: float | None = None  # the first SSE data event of any kind ([DONE] included)
     token_times: list[float] = field(default_factory=list)  # one entry per token arrival, in order
     chunks: int = 0  # data events that brought at least one token
+    text: str = ""  # the first choice's text (chat's delta content, completions' text), as streamed
     finish_reason: str | None = None
     finish_time: float | None = None  # the first event with a finish_reason
     usage: dict | None = None
@@ -178,6 +179,9 @@ def _on_event(res: StreamResult, counter: TokenCounter, payload: bytes, at: floa
     if event.get("usage"):
         res.usage = event["usage"]
     choices = event.get("choices") or []
+    if choices and isinstance(choices[0], dict) and not choices[0].get("index"):
+        delta = choices[0].get("delta")
+        res.text += choices[0].get("text") or (delta.get("content") if isinstance(delta, dict) else None) or ""
     reason = choices[0].get("finish_reason") if choices and isinstance(choices[0], dict) else None
     if reason and res.finish_reason is None:
         res.finish_reason, res.finish_time = reason, at
