@@ -279,6 +279,17 @@ def test_registry_judges_liveness_as_of_how_far_behind_the_conductor_is_on_heart
     assert r.clock.behind(40.0) == 10.0
 
 
+def test_every_setting_reaches_the_services_yuebing_up_starts():
+    """A setting that is neither forwarded nor given per service would be the launcher's alone: its
+    services would run on the default (as decode_write_back once did)."""
+    from libs.config import Settings
+    from yuebing.cluster import FORWARDED, PER_SERVICE
+
+    fields = set(Settings.__struct_fields__)
+    assert set(FORWARDED) | set(PER_SERVICE) == fields, fields - set(FORWARDED) - set(PER_SERVICE)
+    assert not set(FORWARDED) & set(PER_SERVICE)
+
+
 def test_counts_on_the_command_line_refuse_values_below_their_least():
     import argparse
 

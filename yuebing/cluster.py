@@ -34,8 +34,13 @@ FORWARDED = ("block_size", "threads", "max_running", "urgent_rows", "dram_bytes"
              "cache_replicas", "drain_seconds", "no_auth", "engine", "sim_noise", "sim_seed", "calibration", "colocated", "admission",
              "ttft_slo", "tbt_slo", "slo_classes", "pool_write_backlog_bytes", "disk_sync_seconds", "pool_writes",
              "peer_fetch", "prefill_kv_arena_bytes", "decode_kv_arena_bytes", "device", "dtype", "load_format", "stream_replicas",
-             "task_ack_wait", "pool_eviction", "pool_evict_high", "pool_evict_low",
+             "task_ack_wait", "pool_eviction", "pool_evict_high", "pool_evict_low", "pool_max_pinned_blocks",
+             "decode_write_back", "session_ttl_seconds", "session_max_blocks", "heap_keep_bytes",
              "served_model_name")  # the gateway's, and every service's metrics' model_name label
+# settings each process gets its own way (its command line, or only the service that uses them):
+# with FORWARDED, every setting (tests/test_units.py checks that a new one is in one or the other)
+PER_SERVICE = ("model", "data_dir", "models_dir", "host", "port", "metrics_port", "nats_url", "instance_id",
+               "restarts", "cpus", "api_keys", "dashboard")
 
 
 # the share of the host's available memory (at start) that the KV arenas of a local cluster's
