@@ -510,7 +510,15 @@ async def test_n_choices_from_one_prefill(client, tiny_cluster, tiny_dir, tiny_m
     prompt = tok.encode("Pick a random animal:", add_special_tokens=False)
     kw = dict(model=tiny_dir.name, prompt=prompt, max_tokens=8, temperature=1.0, seed=11, n=4, logprobs=1,
               extra_body={"ignore_eos": True})
-    r = await client.completions.create(**kw)
+    import aiohttp
+
+    from bench.common import prefill_counters
+
+    async with aiohttp.ClientSession() as session:
+        before = await prefill_counters(session, tiny_cluster.metrics_urls["prefill-0"])
+        r = await client.completions.create(**kw)
+        after = await prefill_counters(session, tiny_cluster.metrics_urls["prefill-0"])
+    assert after["queries"] - before["queries"] == len(prompt)  # the prefill counters: the prompt once
     assert [c.index for c in r.choices] == [0, 1, 2, 3]
     assert all(c.finish_reason == "length" and len(c.logprobs.tokens) == 8 for c in r.choices)
     assert r.usage.prompt_tokens == len(prompt) and r.usage.completion_tokens == 32
