@@ -324,6 +324,32 @@ def test_restarts_back_off_reset_after_a_healthy_run_and_give_up_on_a_crash_loop
     assert [rr.exited("x", t, t) - t for t in (0.0, 20.0, 40.0, 60.0)] == [1.0, 2.0, 4.0, 4.0]  # capped
 
 
+def test_a_shared_system_prompt_does_not_send_every_conversation_to_one_instance():
+    """Ties between equally good instances go by the prompt's first block that no instance holds:
+    conversations that all begin with one system prompt (held everywhere) spread over the prefill
+    instances, and the same prompt keeps to one."""
+    from libs.config import Settings
+    from libs.kv.keys import block_hashes
+    from libs.protocol import Heartbeat
+    from services.conductor.scheduler import Scheduler
+
+    s = Scheduler(Settings(policy="local_cache_aware", admission="none", use_pool=False))
+    for kind, iid in [("prefill", f"p{i}") for i in range(4)] + [("decode", "d0")]:
+        s.heartbeat(Heartbeat(kind=kind, instance_id=iid, interval=1.0, max_running=32), 0.0)
+    ns = b"n" * 16
+    system = list(range(16))
+    for i in range(4):  # every instance holds the system prompt's block
+        s.index.load_dump(f"p{i}", "prefill", "e", 0, block_hashes(system, 16, ns))
+
+    def chosen(conversation: int) -> str:
+        prompt = system + [1000 + conversation] * 32
+        return s.place(len(prompt), block_hashes(prompt, 16, ns), 0.1)[0].prefill_id
+
+    picks = [chosen(c) for c in range(16)]
+    assert len(set(picks)) >= 3, picks  # by the first block held nowhere, not by the shared one
+    assert [chosen(c) for c in range(16)] == picks
+
+
 def test_a_resumed_request_avoids_the_decode_instance_it_failed_on():
     """A request handed back after its decode instance failed is placed on another decode while
     one is alive, even before the conductor has noticed the failed one is gone; with no other, on

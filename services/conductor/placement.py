@@ -26,7 +26,9 @@ class RequestView:
     block_size: int
     pool_blocks: int  # leading blocks present in the pool
     tbt_slo: float = 0.0  # seconds; 0 = none
-    affinity: bytes = b""  # the prompt's first block key ("" for a prompt shorter than a block)
+    # the key that breaks ties between instances: the prompt's first block no holder has (its last
+    # if all are held; "" for a prompt shorter than a block)
+    affinity: bytes = b""
     # the longest run of leading blocks one holder in the cluster has: the pool (when used) or a
     # prefill instance's own cache
     held_blocks: int = 0
@@ -117,8 +119,9 @@ class _Choice:
 
 def affinity_rank(affinity: bytes, instance_id: str) -> int:
     """Rendezvous hashing: among instances a policy finds equally good, the one whose hash with the
-    prompt's first block is highest. Conversations spread over the instances, and the turns of one
-    (the same first block) land on the same instance while nothing else tells them apart."""
+    prompt's ``affinity`` block (the first no instance holds) is highest. Prompts that differ after a
+    shared prefix (conversations after one system prompt) spread over the instances; the same
+    prompt lands on the same instance while nothing else tells the instances apart."""
     return -int.from_bytes(hashlib.blake2b(affinity + instance_id.encode(), digest_size=8).digest(), "little")
 
 

@@ -182,13 +182,16 @@ class Scheduler:
             for i in self.registry.alive("prefill", now)
         ]
         pool_blocks = self.index.pool_prefix_len(keys) if self.settings.use_pool else 0
+        held = max([pool_blocks] + [p.local_blocks for p in prefills])
         view = RequestView(
             prompt_len=prompt_len,
             block_size=self.settings.block_size,
             pool_blocks=pool_blocks,
             tbt_slo=tbt_slo,
-            affinity=keys[0] if keys else b"",
-            held_blocks=max([pool_blocks] + [p.local_blocks for p in prefills]),
+            # ties go by the first block nothing holds: a system prompt every conversation shares
+            # does not send them all to one instance, while what tells the prompt apart does
+            affinity=keys[min(held, len(keys) - 1)] if keys else b"",
+            held_blocks=held,
         )
         # when the request would reach decode: its best predicted TTFT, and that TTFT as far over
         # (the 90th percentile of actual / predicted) and as far under (the 10th) as the admitted
