@@ -83,6 +83,7 @@ def test_pool_prefix_counts_only_cachestores_and_drop_forgets():
     assert idx.pool_prefix_len(K) == 2 and idx.prefix_len(K, "p0") == 5
     idx.load_dump("c1", "cachestore", "e", 0, K[1:3])  # a second shard, one key in common
     assert idx.pool_blocks() == 3 and idx.pool_keys() == set(K[:3]) and idx.pool_prefix_len(K) == 3
+    assert (idx.count_of("c1"), idx.count_of("p0"), idx.count_of("nobody")) == (2, 5, 0)
     idx.drop_instance("c1")
     assert idx.pool_blocks() == 2 and idx.pool_prefix_len(K) == 2  # K[1] still in c0
     idx.drop_instance("c0")

@@ -153,6 +153,11 @@ class PrefixIndex:
             n += 1
         return n
 
+    def count_of(self, instance_id: str) -> int:
+        """How many blocks the instance holds (no copy of its keys)."""
+        h = self._holders.get(instance_id)
+        return len(h.keys) if h else 0
+
     def keys_of(self, instance_id: str) -> set[bytes]:
         h = self._holders.get(instance_id)
         return set(h.keys) if h else set()

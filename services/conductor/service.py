@@ -227,7 +227,7 @@ class ConductorService(Service):
             return
         pool = self.index.pool_keys()
         summary = IndexSummary(
-            blocks={i: len(self.index.keys_of(i)) for i in self.index.instances()},
+            blocks={i: self.index.count_of(i) for i in self.index.instances()},
             pool_blocks=len(pool),
             pool_digest=keys_digest(pool),
             gaps=self.index.gaps,
