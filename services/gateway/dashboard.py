@@ -16,11 +16,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import msgspec
 import orjson
 from aiohttp import web
 
-from libs.protocol import Heartbeat, ScheduleReply, Subjects, decode
+from libs.protocol import Heartbeat, ScheduleReply
 
 from services.gateway.clusterview import ReuseWindow, counters, hit_ratio, instances, pool
 from services.gateway.recent import RecentRequests
@@ -59,23 +58,21 @@ class Dashboard:
         """Paths behind the gateway's API keys (the page and its scripts hold no data: open)."""
         return frozenset({DATA_PATH}) if self.mode == "on" else frozenset()
 
-    async def start(self, app: web.Application, nc) -> None:
+    def start(self, app: web.Application) -> None:
         if self.mode == "off":
             return
         app.router.add_get("/dashboard", self.page)
         app.router.add_get("/dashboard/", self.slash)
         app.router.add_get(DATA_PATH, self.data)
         app.router.add_static("/dashboard/static/", STATIC)
-        await nc.subscribe(f"{Subjects.HEARTBEAT_PREFIX}.>", cb=self._on_heartbeat)
-
-    async def _on_heartbeat(self, msg) -> None:
-        try:
-            hb = decode(msg.data, Heartbeat)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            return
-        self.reuse.observe(f"{hb.kind}/{hb.instance_id}", counters(hb), time.monotonic())
 
     # ---- what the gateway tells it
+    def heartbeat(self, hb: Heartbeat, now: float) -> None:
+        """A heartbeat the gateway took in (its own subscription: the dashboard has none)."""
+        if self.mode != "off":
+            self.reuse.observe(f"{hb.kind}/{hb.instance_id}", counters(hb), now)
+
+
     def placed(self, rid: str, prompt_tokens: int, reply: ScheduleReply) -> None:
         self.recent.placed(rid, prompt_tokens, reply, time.time())
 

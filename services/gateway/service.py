@@ -107,6 +107,7 @@ class GatewayService(Service):
         self.slo = s.slo()
         self.slo_classes = s.slo_class_map()
         self.live: dict[tuple[str, str], tuple[float, Heartbeat]] = {}  # (kind, id) -> (last seen, beat)
+        self.dashboard = Dashboard(self, s.dashboard, ready_needs=READY_NEEDS, forget_after=DOWN_FORGET_SECONDS)
         await self.nc.subscribe(f"{Subjects.HEARTBEAT_PREFIX}.>", cb=self._on_heartbeat)
 
         self.api_keys = {k.strip() for k in s.api_keys.split(",") if k.strip()}
@@ -127,8 +128,7 @@ class GatewayService(Service):
         app.router.add_get("/live", self.live_probe)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/openapi.json", self.openapi_json)
-        self.dashboard = Dashboard(self, s.dashboard, ready_needs=READY_NEEDS, forget_after=DOWN_FORGET_SECONDS)
-        await self.dashboard.start(app, self.nc)
+        self.dashboard.start(app)
         self.keyed_paths = KEYED_PATHS | self.dashboard.keyed_paths
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
@@ -149,7 +149,9 @@ class GatewayService(Service):
             hb = decode(msg.data, Heartbeat)
         except (msgspec.DecodeError, msgspec.ValidationError):
             return
-        self.live[(hb.kind, hb.instance_id)] = (time.monotonic(), hb)
+        now = time.monotonic()
+        self.live[(hb.kind, hb.instance_id)] = (now, hb)
+        self.dashboard.heartbeat(hb, now)
         if hb.kind == "prefill" and hb.kv_namespace and hb.kv_namespace != self.namespace.hex():
             try:
                 announced = bytes.fromhex(hb.kv_namespace)
