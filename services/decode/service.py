@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 
 import msgspec
 import torch
@@ -220,6 +221,9 @@ class DecodeService(ModelWorker):
                     self.recv_arena.give_bytes(data)
                 await msg.ack()
                 return
+        # the prompt's chain, hashed once for the task's forks
+        chain = (Chain.start(task.prompt_token_ids, self.settings.block_size, self.namespace)
+                 if self.cache is not None else None)
         now = time.monotonic()
         for sid, (index, output, params) in zip(ids, starts):
             seq = Sequence(
@@ -238,8 +242,7 @@ class DecodeService(ModelWorker):
                 group=group,
                 kv_key=rid,
                 constraint=constraints.get(index),
-                chain=Chain.start(task.prompt_token_ids, self.settings.block_size, self.namespace)
-                if self.cache is not None else None,
+                chain=replace(chain) if chain is not None else None,  # the forks part after the prompt
             )
             if history is not None and sampling.penalized:  # the penalties look at the prompt's tokens and the earlier outputs
                 seq.prompt, seq.earlier_outputs = history

@@ -298,14 +298,11 @@ class PrefillService(ModelWorker):
         nbytes = pool * bs * self.shape.kv_bytes_per_token()
         params, first = task.sampling, task.first_index
         try:
-            needs_history = params.penalized or params.grammar is not None
-            history = split_resumed_prompt(prompt, task.seq_base) if needs_history else ((), ())
+            history = split_resumed_prompt(prompt, task.seq_base) if params.penalized else ((), ())
             allowed = None
             if params.grammar is not None and params.max_tokens > 0:  # after the output so far (a resume's)
-                constraint = await self.constraint(params.grammar, history[1])
+                constraint = await self.constraint(params.grammar, split_resumed_prompt(prompt, task.seq_base)[1])
                 allowed = constraint.allowed(logits.shape[-1])
-            if not params.penalized:
-                history = ((), ())
             # n choices from the one distribution, each with its own seed (none at max_tokens 0:
             # an echo that only scores the prompt)
             tokens = [sample_token(logits, params.choice(i), task.seq_base, *history, allowed=allowed)
