@@ -62,21 +62,27 @@ def log_events(path: Path, event: str | None = None) -> list[dict]:
     return [r for r in records if event is None or r.get("event") == event]
 
 
-async def wait_for_pool(nats_url: str, keys: list[bytes], timeout: float = 30.0) -> bool:
-    """Whether the pool holds every one of ``keys`` within ``timeout`` (its writes are asynchronous)."""
-    from libs.bus import connect
-    from libs.kv.client import CacheClient
+async def logged(path: Path, event: str, request_ids, count: int = 1) -> list[dict]:
+    """The ``event`` lines of a service's log for ``request_ids``, once there are ``count`` of them
+    (a log line may come a moment after the response)."""
+    async def enough():
+        return len([e for e in log_events(path, event) if e.get("request_id") in request_ids]) >= count
 
-    nc = await connect(nats_url, "test-pool-wait")
-    cache = CacheClient(nc, timeout=5)
-    await cache.start()
+    assert await wait_until(enough, timeout=30, interval=0.1), f"fewer than {count} {event} lines for {request_ids}"
+    return [e for e in log_events(path, event) if e.get("request_id") in request_ids]
+
+
+async def wait_for_pool(nats_url: str, keys: list[bytes], timeout: float = 30.0,
+                        cachestores: tuple[str, ...] = ("cachestore-0",)) -> bool:
+    """Whether, within ``timeout``, the pool holds every one of ``keys`` and the conductor's index
+    all the pool holds (its writes, and the KV events after them, are asynchronous)."""
+    from bench.common import PoolProbe
+
+    probe = await PoolProbe(nats_url, list(cachestores)).start()
     try:
-        async def held():
-            return all(await cache.where(keys))
-        return bool(await wait_until(held, timeout=timeout))
+        return await probe.settle(keys, timeout=timeout)
     finally:
-        await cache.close()
-        await nc.close()
+        await probe.close()
 
 
 def start_up(model_dir, data_dir, port, *flags, env=None):

@@ -7,7 +7,7 @@ from openai import AsyncOpenAI
 import pytest
 
 from conftest import reference_greedy
-from helpers import get_json, post, stream_events, wait_until
+from helpers import get_json, logged, post, stream_events, wait_until
 from libs.bus import connect
 from libs.protocol import IndexSummary, Subjects, decode
 
@@ -493,16 +493,6 @@ async def test_completion_echo_with_logprobs_scores_every_prompt_token(client, t
     assert r1.choices[0].text == choice.text and r1.choices[0].logprobs is None
 
 
-async def _logged(path, event, request_ids, count):
-    from helpers import log_events
-
-    async def enough():
-        return len([e for e in log_events(path, event) if e.get("request_id") in request_ids]) >= count
-
-    assert await wait_until(enough, timeout=30, interval=0.1)
-    return [e for e in log_events(path, event) if e.get("request_id") in request_ids]
-
-
 async def test_n_choices_from_one_prefill(client, tiny_cluster, tiny_dir, tiny_model):
     """n=4: four choices, the prompt prefilled once and four sequences decoded; usage counts the
     prompt once. With a seed the choices are reproducible, and choice 0 is what n=1 gives."""
@@ -525,10 +515,10 @@ async def test_n_choices_from_one_prefill(client, tiny_cluster, tiny_dir, tiny_m
     texts = [c.text for c in r.choices]
     assert len(set(texts)) > 1  # each choice draws with its own seed
     logs = tiny_cluster.log_dir
-    prefilled = await _logged(logs / "prefill-0.log", "prefilled", {r.id}, 1)
+    prefilled = await logged(logs / "prefill-0.log", "prefilled", {r.id}, 1)
     assert len(prefilled) == 1 and prefilled[0]["choices"] == 4  # the prompt computed once
     forks = {r.id} | {f"{r.id}#{i}" for i in range(1, 4)}
-    decoded = await _logged(logs / "decode-0.log", "decoded", forks, 4)
+    decoded = await logged(logs / "decode-0.log", "decoded", forks, 4)
     assert sorted(e["request_id"] for e in decoded) == sorted(forks)
     assert all(e["output_tokens"] == 7 for e in decoded)  # the first token is the prefill's
     again = await client.completions.create(**kw)
@@ -572,7 +562,7 @@ async def test_a_stop_string_ends_one_choice_and_only_its_sequence(client, tiny_
     r = await client.completions.create(**kw, stop=[stop])
     assert (r.choices[0].text, r.choices[0].finish_reason) == (t0[: t0.index(stop)], "stop")
     assert (r.choices[1].text, r.choices[1].finish_reason) == (t1, "length")
-    decoded = {e["request_id"]: e for e in await _logged(tiny_cluster.log_dir / "decode-0.log", "decoded",
+    decoded = {e["request_id"]: e for e in await logged(tiny_cluster.log_dir / "decode-0.log", "decoded",
                                                          {r.id, f"{r.id}#1"}, 2)}
     assert decoded[r.id]["finish"] == "abort" and decoded[r.id]["output_tokens"] < 59
     assert decoded[f"{r.id}#1"]["finish"] == "length" and decoded[f"{r.id}#1"]["output_tokens"] == 59
