@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import argparse
 
-from bench import cache_trace, conductor, engine, eviction, multiturn, peer, prefix, replay, sched, serve, transfer
+from bench import (cache_trace, conductor, engine, eviction, hotblocks, multiturn, peer, prefix, replay, sched, serve,
+                   transfer)
 from bench.common import DEFAULT_TRACE, shown
 from yuebing.args import add_common, add_engine, count
 
@@ -19,6 +20,7 @@ def add_parsers(bench_sub) -> None:
     _serve(bench_sub)
     _prefix(bench_sub)
     _transfer(bench_sub)
+    _hotblocks(bench_sub)
     _trace(bench_sub)
     _eviction(bench_sub)
     _sched(bench_sub)
@@ -74,6 +76,22 @@ def _transfer(bench_sub) -> None:
     transfer_b.add_argument("--data-dir", default=None, help="NATS store, cachestore files and logs (default: a temp dir)")
     transfer_b.add_argument("--out", default=None, help="also write the JSON figures here")
     transfer_b.set_defaults(func=transfer.main)
+
+
+def _hotblocks(bench_sub) -> None:
+    """``bench hotblocks``: a prefix read by many prefills at once, with and without hot-block copies."""
+    hot_b = bench_sub.add_parser("hotblocks", help="pool load time of a prefix many prefills read at once, "
+                                                   "hot-block copies off vs on")
+    hot_b.add_argument("--shards", type=int, default=4, help="cachestore instances (default 4)")
+    hot_b.add_argument("--readers", type=int, default=8, help="prefill instances loading at once (default 8)")
+    hot_b.add_argument("--prefix-tokens", type=int, default=1024, help="the shared prefix (default 1024)")
+    hot_b.add_argument("--bursts", type=int, default=20, help="bursts a run (default 20)")
+    hot_b.add_argument("--warmup", type=int, default=3, help="first bursts of a run not counted (default 3)")
+    hot_b.add_argument("--repeats", type=int, default=2, help="runs with copies off and on each (default 2)")
+    hot_b.add_argument("--gap", type=float, default=0.2, help="seconds between bursts (default 0.2)")
+    hot_b.add_argument("--data-dir", default=None, help="NATS store, cachestore files and logs (default: a temp dir)")
+    hot_b.add_argument("--out", default=None, help="also write the JSON figures here")
+    hot_b.set_defaults(func=hotblocks.main)
 
 
 def _trace(bench_sub) -> None:

@@ -15,6 +15,7 @@ import random
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -206,6 +207,18 @@ def entry(body, args) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def stop_proc(p: "subprocess.Popen | None", timeout: float = 15.0) -> None:
+    """Stop a process the benchmark started: SIGTERM, then SIGKILL after ``timeout``."""
+    if p is None or p.poll() is not None:
+        return
+    p.send_signal(signal.SIGTERM)
+    try:
+        p.wait(timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
 
 
 def resolve_models_dir(args) -> Path:

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 
-from bench.common import emit, entry, make_data_dir, median, ms, ratio, release_data_dir, say
+from bench.common import emit, entry, make_data_dir, median, ms, ratio, release_data_dir, say, stop_proc
 
 DEFAULT_BLOCK_SHAPE = (30, 2, 3, 16, 64)  # SmolLM2-135M: layers, K/V, kv heads, block size, head dim
 RAW_GO = "yb.bench.raw.go"
@@ -245,17 +245,6 @@ def _parse_shape(spec) -> tuple[int, ...]:
     return shape
 
 
-def _stop_proc(p: subprocess.Popen | None, timeout: float = 15.0) -> None:
-    if p is None or p.poll() is not None:
-        return
-    p.send_signal(signal.SIGTERM)
-    try:
-        p.wait(timeout)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.wait()
-
-
 def _transfer(args) -> int:
     from libs.natsserver import NatsServer
     from libs.proc import die_with_parent
@@ -297,8 +286,8 @@ def _transfer(args) -> int:
             rounds, info = asyncio.run(run_transfer(server.url, blocks=blocks, shape=shape, repeats=repeats,
                                                     put_batch=put_batch, progress=progress))
         finally:
-            _stop_proc(pub)
-            _stop_proc(store)
+            stop_proc(pub)
+            stop_proc(store)
             server.stop()
         clean = all(r.ok for r in rounds)
     finally:

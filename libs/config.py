@@ -138,6 +138,12 @@ class Settings(msgspec.Struct, kw_only=True):
     # blocks an operator may pin at once on each cachestore instance (POST /cache/pins); pinned
     # blocks are never evicted, so pins beyond this are refused
     pool_max_pinned_blocks: int = 65536
+    # hot blocks (services/cachestore/hot.py): a block read more than pool_hot_reads_per_second per
+    # copy gets extra copies on the next cachestore instances of its ranking, at most
+    # pool_hot_replicas (0: off), readers spread over them; the rate decays with this half-life
+    pool_hot_replicas: int = 2
+    pool_hot_reads_per_second: float = 4.0
+    pool_hot_half_life_seconds: float = 10.0
     # a session's blocks (prompt and answers of its turns so far, at most session_max_blocks of them)
     # stay pinned in the pool this long after its last turn (services/gateway/sessions.py); 0: off
     session_ttl_seconds: float = 600.0

@@ -606,6 +606,9 @@ class CacheGetReply(msgspec.Struct, kw_only=True):
     found: list[bytes]  # the keys that will be streamed, in order
     headers: list[BlockHeader] = []  # by_layer: one per found key
     transfer_id: str = ""  # by_layer: the id its LayerPieces carry
+    # per found key, when the answering instance is the key's primary: the extra copies of the
+    # block on the next instances of its ranking that readers may use (0: read it here only)
+    replicas: list[int] = []
 
 
 class LayerPiece(msgspec.Struct, kw_only=True, array_like=True):

@@ -474,3 +474,117 @@ async def test_writers_never_get_a_stalled_store_cut_off(nats_server, tmp_path):
             await nc.close()
         proc.terminate()
         proc.wait(30)
+
+
+# ---------------------------------------------------------------- hot blocks
+def test_hot_blocks_copies_grow_with_the_read_rate_are_bounded_and_decay():
+    from services.cachestore.hot import HotBlocks
+
+    hot = HotBlocks(reads_per_replica=10.0, max_replicas=2, half_life=1.0)
+    k, cold = key(1), key(2)
+    # 10 reads/s for a while: the decayed sum settles at rate * half_life / ln 2 -> one copy wanted
+    due = []
+    for i in range(200):
+        due += hot.read([k], i * 0.1)
+    assert 9.0 < hot.rate(k, 20.0) < 11.0
+    assert due and due[0] == (k, 1)
+    assert hot.advertised(k, 20.0) == 0  # wanted, not made: readers are not sent to it
+    hot.making(k)
+    assert hot.read([k], 20.0) == []  # being made: not asked for again
+    hot.made(k, 1)
+    assert hot.advertised(k, 20.0) == 1 and hot.hot_blocks(20.0) == 1
+    # readers now send the primary half of the reads: each counts twice, the estimate holds (and
+    # a rate just under the threshold keeps the copy made)
+    for i in range(200):
+        hot.read([k], 20.0 + i * 0.2)
+    assert 9.0 < hot.rate(k, 60.0) < 11.0 and hot.advertised(k, 60.0) == 1
+    # a burst far above the bound still asks for at most max_replicas
+    burst = []
+    for _ in range(500):
+        burst += hot.read([k], 60.0)
+    assert burst and max(n for _, n in burst) == 2
+    hot.made(k, 2)
+    assert hot.advertised(k, 60.0) == 2
+    # the rate decays with no reads: fewer copies advertised, then none
+    assert hot.advertised(k, 60.0 + 8.0) < 2
+    assert hot.advertised(k, 60.0 + 20.0) == 0 and hot.hot_blocks(80.0) == 0
+    # a block read now and then never gets a copy
+    assert all(not hot.read([cold], t) for t in range(0, 100, 5))
+    # off: nothing tracked
+    assert HotBlocks(reads_per_replica=1.0, max_replicas=0, half_life=1.0).read([k] * 100, 0.0) == []
+
+
+def test_hot_blocks_track_a_bounded_number_of_blocks_and_keep_the_hottest():
+    from services.cachestore.hot import HotBlocks
+
+    hot = HotBlocks(reads_per_replica=1.0, max_replicas=1, half_life=10.0, max_keys=100)
+    for _ in range(30):
+        hot.read([key(0)], 0.0)
+    hot.made(key(0), 1)
+    for i in range(1, 400):
+        hot.read([key(i)], 0.0)
+    assert len(hot._reads) <= 100
+    assert hot.advertised(key(0), 0.0) == 1  # the hot one survived the pruning
+
+
+async def test_hot_blocks_get_copies_readers_spread_over_them_and_fall_back_to_the_primary(nats_server, tmp_path):
+    """A block read often gets copies on the next instances of its ranking (at most
+    pool_hot_replicas), readers spread their loads over them, and a copy's holder that is gone
+    costs nothing: the read goes to the primary."""
+    from services.cachestore.service import GET_HITS
+
+    ids = ["cs-h1", "cs-h2", "cs-h3", "cs-h4"]
+    # the test's blocks: those ranked h1, h2, h3, h4 (primary h1, copies on h2 then h3, never h4)
+    keys = [k for k in (key(5000 + i) for i in range(2000)) if rank(k, ids) == ids][:4]
+    assert len(keys) == 4
+    svcs = await start_pool(nats_server.url, tmp_path, ids, pool_hot_replicas=2, pool_hot_reads_per_second=1.0,
+                            pool_hot_half_life_seconds=30.0)
+    by_id = {s.instance_id: s for s in svcs}
+    nc = await connect(nats_server.url, "test-hot")
+    try:
+        client = await pool_client(nc, ids, timeout=10)
+        for s in svcs:  # each instance knows the pool (its copies go to the others)
+            for _ in range(100):
+                if s.peers.live() == ids:
+                    break
+                await asyncio.sleep(0.05)
+        blocks = [layered_block(i) for i in range(len(keys))]
+        await client.put_blocks(list(zip(keys, blocks)))
+        bs = LAYERED[3]
+        total = len(keys) * bs
+
+        async def load() -> None:
+            dest = layered_dest(total, total)
+            assert await client.load_layers(keys, dest, 0) == len(keys), dest.failed
+            assert torch.equal(dest.kv, torch.cat(blocks, dim=3))
+
+        for _ in range(200):  # 1 read/s per copy: a few dozen reads in a burst want both copies
+            await load()
+            if all(set(keys) <= by_id[i].store.keys() for i in ids[:3]):
+                break
+            await asyncio.sleep(0.01)
+        assert all(set(keys) <= by_id[i].store.keys() for i in ids[:3])
+        assert not set(keys) & by_id["cs-h4"].store.keys()  # bounded by pool_hot_replicas
+        copies = REGISTRY.get_sample_value("yuebing:cache_hot_copies_total", {"instance_id": "cs-h1"})
+        assert copies >= 2 * len(keys)
+
+        hits = lambda: {i: GET_HITS.labels(i)._value.get() for i in ids}  # noqa: E731
+        before = hits()
+        for _ in range(30):
+            await load()
+        after = hits()
+        served = {i: after[i] - before[i] for i in ids}
+        assert served["cs-h1"] + served["cs-h2"] + served["cs-h3"] == 30 * len(keys) and served["cs-h4"] == 0
+        assert min(served[i] for i in ids[:3]) > 0  # every copy took some of the reads
+        got = await client.get_blocks(keys)  # the batched get spreads the same way
+        assert all(torch.equal(got[k], b) for k, b in zip(keys, blocks))
+
+        # a copy's holder stops: loads asked of it go on to the primary, every block arrives
+        await by_id["cs-h2"].stop()
+        for _ in range(10):
+            await load()
+        await client.close()
+    finally:
+        for svc in svcs:
+            await svc.stop()
+        await nc.close()

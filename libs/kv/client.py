@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import uuid
 from collections.abc import Mapping, Sequence
 from functools import partial
@@ -15,7 +16,7 @@ from libs.bus import BULK_PENDING_BYTES, BlobAssembler, BlobData, TransferError,
 from libs.kv.blobs import PUT_BLOB_MAX_BLOCKS, PUT_BLOB_MAX_BYTES, blob_groups
 from libs.kv.codec import BlockCorrupt, decode_block, encode_blocks
 from libs.kv.layers import LayeredLoad
-from libs.kv.sharding import owners
+from libs.kv.sharding import owners, rank
 from libs.log import get_logger
 from libs.protocol import (
     CacheExistsReply,
@@ -44,6 +45,9 @@ class CacheError(RuntimeError):
 PUT_WINDOW_CHUNKS = 2
 MISSED_BEATS = 3  # an instance is gone after missing this many heartbeats
 DISCOVERY_WAIT = 2.0  # a client used without start() waits this long (at most) for the first heartbeat
+# A primary's word that a block has extra copies holds this long; then the next read asks the primary again.
+HOT_ADVICE_SECONDS = 5.0
+HOT_ADVICE_MAX_KEYS = 65536
 
 _NATS_ERRORS = (nats.errors.Error, asyncio.TimeoutError, TransferError)
 _BAD_REPLY = (msgspec.DecodeError, msgspec.ValidationError)
@@ -75,6 +79,7 @@ class CacheClient:
         self._pool_changed: asyncio.Event | None = None
         self._starting: asyncio.Task | None = None
         self._closed = False
+        self._hot: dict[bytes, tuple[int, float]] = {}  # key -> (extra copies, advice good until)
 
     # ---- pool membership
     async def start(self) -> None:
@@ -166,6 +171,31 @@ class CacheClient:
     def _left(self, deadline: float) -> float:
         return max(0.0, deadline - asyncio.get_running_loop().time())
 
+    # ---- hot blocks: reads spread over the copies a block's primary advertises
+    def _learn(self, iid: str, keys: Sequence[bytes], replicas: Sequence[int], live: list[str]) -> None:
+        """Take a reply's ``replicas`` advice for the keys ``iid`` is the primary of."""
+        if len(replicas) != len(keys) or not live:
+            return
+        until = asyncio.get_running_loop().time() + HOT_ADVICE_SECONDS
+        for k, n in zip(keys, replicas):
+            if n > 0 and owners(k, live, 1)[0] == iid:
+                self._hot[k] = (n, until)
+            elif k in self._hot and owners(k, live, 1)[0] == iid:
+                del self._hot[k]
+        if len(self._hot) > HOT_ADVICE_MAX_KEYS:
+            now = asyncio.get_running_loop().time()
+            self._hot = {k: v for k, v in self._hot.items() if v[1] > now}
+
+    def _read_order(self, key: bytes, live: list[str], n: int) -> list[str]:
+        """Whom to ask for ``key``, in order: its ``n`` owners, after one of its advertised copies
+        (or the primary) drawn at random when the block is hot."""
+        ranking = rank(key, live)
+        hot = self._hot.get(key)
+        if hot is None or hot[1] <= asyncio.get_running_loop().time() or len(ranking) < 2:
+            return ranking[:n]
+        first = ranking[random.randint(0, min(hot[0], len(ranking) - 1))]
+        return [first] + [iid for iid in ranking[:n] if iid != first]
+
     async def _rounds(self, keys: list[bytes], live: list[str], deadline: float, ask, merge) -> None:
         """Ask each key's owners, in rank order, until it is found: round ``r`` sends every key still
         missing to its ``r``-th owner, one request per instance, all instances in parallel.
@@ -173,16 +203,16 @@ class CacheClient:
         ``ask(instance, keys, budget)`` returns a reply or None (unreachable); ``merge(indices, reply)``
         records it and returns the indices still missing.
         """
-        ranks = [owners(k, live, self.replicas) for k in keys]
+        ranks = [self._read_order(k, live, self.replicas) for k in keys]
         pending = list(range(len(keys)))
-        for r in range(self.replicas):
+        for r in range(max(map(len, ranks), default=0)):
             groups: dict[str, list[int]] = {}
             for i in pending:
                 if len(ranks[i]) > r:
                     groups.setdefault(ranks[i][r], []).append(i)
             if not groups or self._left(deadline) <= 0:
                 return
-            budget = self._left(deadline) / (self.replicas - r)  # leave time for the later rounds
+            budget = self._left(deadline) / max(1, self.replicas - r)  # leave time for the later rounds
             replies = await asyncio.gather(
                 *(ask(iid, [keys[i] for i in idxs], budget) for iid, idxs in groups.items())
             )
@@ -233,13 +263,27 @@ class CacheClient:
         if errors:
             log.warning("cache_put_partial", blocks=len(blocks), errors=errors)
 
-    async def _put_to(self, iid: str, blocks: list[tuple[bytes, torch.Tensor]], deadline: float,
+    async def copy_to(self, iid: str, blocks: Sequence[tuple[bytes, bytes]], *, timeout: float | None = None
+                      ) -> set[bytes]:
+        """Store blocks already encoded (as a store holds them) on the instance ``iid``, whoever
+        owns them: a hot block's extra copies. Returns the keys it took."""
+        taken, error = await self._put_to(iid, list(blocks), self._deadline(timeout))
+        if error:
+            log.warning("cache_copy_failed", instance=iid, blocks=len(blocks), taken=len(taken), error=error)
+        return taken
+
+    async def _put_to(self, iid: str, blocks: list[tuple[bytes, "torch.Tensor | bytes"]], deadline: float,
                       parents: Mapping[bytes, bytes] | None = None) -> tuple[set[bytes], str]:
-        """Send one owner its blocks, blob after blob (each encoded only when its turn comes);
-        returns the keys it took and the error that stopped it, if any."""
+        """Send one owner its blocks (tensors, or blocks already encoded), blob after blob (each
+        encoded only when its turn comes); returns the keys it took and the error that stopped it, if any."""
         taken: set[bytes] = set()
-        for start, end in blob_groups([t.nbytes for _, t in blocks], PUT_BLOB_MAX_BLOCKS, PUT_BLOB_MAX_BYTES):
-            blob, sizes = encode_blocks(blocks[start:end])
+        nbytes = [len(t) if isinstance(t, (bytes, bytearray, memoryview)) else t.nbytes for _, t in blocks]
+        for start, end in blob_groups(nbytes, PUT_BLOB_MAX_BLOCKS, PUT_BLOB_MAX_BYTES):
+            group = blocks[start:end]
+            if isinstance(group[0][1], torch.Tensor):
+                blob, sizes = encode_blocks(group)
+            else:
+                blob, sizes = b"".join(v for _, v in group), [len(v) for _, v in group]
             keys = [k for k, _ in blocks[start:end]]
             meta = CachePutMeta(keys=keys, sizes=sizes, parents=[parents.get(k, b"") for k in keys] if parents else [])
             tid = f"{meta.keys[0].hex()}.{uuid.uuid4().hex[:8]}"
@@ -275,7 +319,7 @@ class CacheClient:
             return got
 
         async def ask(iid, ks, budget):
-            return await self._get_one(iid, ks, budget, deadline)
+            return await self._get_one(iid, ks, budget, deadline, live)
 
         def merge(idxs, reply):
             got.update(reply)
@@ -284,7 +328,7 @@ class CacheClient:
         await self._rounds(keys, live, deadline, ask, merge)
         return {k: got[k] for k in keys if k in got}
 
-    async def _get_one(self, iid: str, keys: list[bytes], budget: float, deadline: float):
+    async def _get_one(self, iid: str, keys: list[bytes], budget: float, deadline: float, live: list[str]):
         """Blocks of ``keys`` held by ``iid`` (a dict), or None when it does not answer.
 
         The instance answers which keys it found, then streams them as a few large chunked blobs
@@ -327,8 +371,10 @@ class CacheClient:
             )
             req = CacheGetRequest(keys=keys, reply_subject=inbox)
             resp = await self.nc.request(Subjects.cache(iid, "get"), encode(req), timeout=max(0.01, budget))
-            found = [k for k in decode(resp.data, CacheGetReply).found if k in wanted]
+            reply = decode(resp.data, CacheGetReply)
+            found = [k for k in reply.found if k in wanted]
             self._heard_from(iid)
+            self._learn(iid, reply.found, reply.replicas, live)
             while not arrived.issuperset(found):
                 remaining = deadline - loop.time()
                 if remaining <= 0:
@@ -363,7 +409,9 @@ class CacheClient:
         complete; the last layer is released only once every block's checksum has matched. Returns the
         number of leading blocks that arrived whole and verified; when that is fewer than
         ``len(keys)`` (a block missing, corrupt or late, an instance gone), ``dest.fail`` was called
-        and the caller recomputes past that point. Each key is asked of its first owner only.
+        and the caller recomputes past that point. Each key is asked of its first owner only, or,
+        when the block is hot, of one of its advertised copies (then of the first owner if that
+        copy no longer has it).
 
         With ``peer`` (a prefill instance's id) every key is asked of that instance instead, which
         holds them in its own DRAM cache (``Subjects.prefill_blocks``), not of the pool.
@@ -374,6 +422,8 @@ class CacheClient:
         deadline = self._deadline(timeout)
         load = LayeredLoad(keys, dest, start)
         groups: dict[str, list[int]] = {}
+        live: list[str] = []
+        primary: dict[int, str] = {}  # a key asked of a copy -> its first owner
         if peer:
             groups[peer] = list(range(len(keys)))
         else:
@@ -382,17 +432,16 @@ class CacheClient:
                 dest.fail("no cache pool instance is live")
                 return 0
             for i, k in enumerate(keys):
-                groups.setdefault(owners(k, live, 1)[0], []).append(i)
+                order = self._read_order(k, live, 1)
+                groups.setdefault(order[0], []).append(i)
+                if len(order) > 1:
+                    primary[i] = order[1]
         subs = []
         try:
-            asks = []
-            for iid, idxs in groups.items():
-                inbox = self.nc.new_inbox()
-                subs.append(await self.nc.subscribe(inbox, cb=partial(load.on_piece, self.nc),
-                                                    pending_bytes_limit=BULK_PENDING_BYTES))
-                subject = Subjects.prefill_blocks(iid) if peer else Subjects.cache(iid, "get")
-                asks.append(self._ask_layers(iid, subject, [keys[i] for i in idxs], idxs, inbox, load, deadline))
-            await asyncio.gather(*asks)
+            await asyncio.gather(*(
+                self._ask_layers(iid, Subjects.prefill_blocks(iid) if peer else Subjects.cache(iid, "get"), keys,
+                                 idxs, load, deadline, subs, live, primary)
+                for iid, idxs in groups.items()))
             load.announced()
             try:
                 await asyncio.wait_for(load.done.wait(), self._left(deadline))
@@ -423,15 +472,29 @@ class CacheClient:
         self._heard_from(iid)
         return reply
 
-    async def _ask_layers(self, iid: str, subject: str, keys: list[bytes], idxs: list[int], inbox: str,
-                          load: "LayeredLoad", deadline: float) -> None:
+    async def _ask_layers(self, iid: str, subject: str, all_keys: list[bytes], idxs: list[int], load: "LayeredLoad",
+                          deadline: float, subs: list, live: list[str], primary: Mapping[int, str]) -> None:
+        """Ask ``iid`` for the blocks ``idxs`` of ``all_keys``, streamed into ``load``; those it does
+        not have that were asked of a copy are asked of their ``primary`` next."""
+        keys = [all_keys[i] for i in idxs]
+        inbox = self.nc.new_inbox()
+        subs.append(await self.nc.subscribe(inbox, cb=partial(load.on_piece, self.nc),
+                                            pending_bytes_limit=BULK_PENDING_BYTES))
         req = CacheGetRequest(keys=keys, reply_subject=inbox, by_layer=True)
         reply = await self._ask(iid, "get", req, CacheGetReply, self._left(deadline), "layered_get", subject=subject,
                                 keys=len(keys))
-        if reply is None:
-            load.missing(idxs)
-        else:
-            load.expect(reply, keys, idxs)
+        found = set() if reply is None else set(reply.found)
+        retry: dict[str, list[int]] = {}
+        for k, i in zip(keys, idxs):
+            if k not in found and primary.get(i, iid) != iid:
+                retry.setdefault(primary[i], []).append(i)
+        if reply is not None:
+            self._learn(iid, reply.found, reply.replicas, live)
+            load.expect(reply, [k for k in keys if k in found], [i for k, i in zip(keys, idxs) if k in found])
+        again = {i for group in retry.values() for i in group}
+        load.missing([i for k, i in zip(keys, idxs) if k not in found and i not in again])
+        await asyncio.gather(*(self._ask_layers(p, Subjects.cache(p, "get"), all_keys, group, load, deadline, subs,
+                                                live, {}) for p, group in retry.items()))
 
     async def where(self, keys: Sequence[bytes], *, timeout: float | None = None) -> list[str]:
         """Tier of each key: "dram", "disk", or "" when absent (or when no owner answers)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import msgspec
 import numpy as np
@@ -32,11 +32,13 @@ LAYER_PIECE_TARGET_BYTES = CHUNK_DATA_BYTES
 LAYER_PIECES_IN_FLIGHT = 16
 
 
-async def serve_layers(msg, nc, subject: str, found: Sequence[tuple[bytes, "KVBlock | KVBlockView"]]) -> list[bytes]:
+async def serve_layers(msg, nc, subject: str, found: Sequence[tuple[bytes, "KVBlock | KVBlockView"]],
+                       replicas: "Mapping[bytes, int] | None" = None) -> list[bytes]:
     """The sending end of a layered get (``CacheClient.load_layers``), for whoever holds the blocks:
     answer ``msg`` with the blocks' headers, then send layer 0 of every block, layer 1 of every
     block, ... to ``subject`` as ``LayerPiece`` messages of at most one chunk, acked in windows.
     Only blocks shaped like the first one are sent (one namespace, one shape); returns their keys.
+    ``replicas``: key -> the extra copies readers may use (``CacheGetReply.replicas``).
     The blocks' memory must stay as it is until this returns."""
     views, keys = [], []
     for k, view in found:
@@ -47,7 +49,8 @@ async def serve_layers(msg, nc, subject: str, found: Sequence[tuple[bytes, "KVBl
     tid = uuid.uuid4().hex[:12]
     await msg.respond(encode(CacheGetReply(
         found=keys, transfer_id=tid,
-        headers=[BlockHeader(shape=list(v.shape), dtype=v.dtype, checksum=v.checksum) for v in views])))
+        headers=[BlockHeader(shape=list(v.shape), dtype=v.dtype, checksum=v.checksum) for v in views],
+        replicas=[replicas.get(k, 0) for k in keys] if replicas else [])))
     if not views:
         return keys
     layers = views[0].shape[0]

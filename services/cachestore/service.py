@@ -20,6 +20,11 @@ Several instances form the pool; clients shard keys over the live ones by rendez
   until a time to live runs out, or end their pins; pins are bounded (``pool_max_pinned_blocks``)
   and live in memory (a restarted instance has none). A load leases the blocks it reads from disk.
 
+Hot blocks: for the keys it is the primary of (the first of their rendezvous ranking), an instance
+counts reads (``HotBlocks``); a block read often gets extra copies on the next instances of its
+ranking (``CacheClient.copy_to``, after the get was served), and the get's reply tells readers how
+many (``CacheGetReply.replicas``), so they spread their reads over them (``CacheClient``).
+
 Blocks leave the instance by the disk tier's eviction policy (``pool_eviction``), which a put
 feeds with each block's parent (``CachePutMeta.parents``); once the disk holds more than
 ``pool_evict_high`` of ``disk_bytes``, a maintenance step after the put (``_maintain``, in a worker
@@ -42,6 +47,8 @@ from nats.aio.msg import Msg
 from prometheus_client import Counter, Gauge
 
 from libs.kv.blobs import blob_groups, GET_BLOB_MAX_BLOCKS
+from libs.kv.client import CacheClient
+from libs.kv.sharding import rank
 from libs.kv.codec import block_header, BlockCorrupt
 from libs.kv.layers import serve_layers
 from libs.bus import BULK_PENDING_BYTES, BlobAssembler, BlobData, TransferError, send_blob
@@ -66,6 +73,7 @@ from libs.protocol import (
 from libs.service import Service
 
 from services.cachestore.holds import PinLimit
+from services.cachestore.hot import HotBlocks
 from services.cachestore.store import EVICTION_REASONS, StoreStats, TieredStore
 
 _BAD_MESSAGE = (msgspec.DecodeError, msgspec.ValidationError)
@@ -100,7 +108,12 @@ PUTS = Counter("yuebing:cache_puts", "Blocks put (accepted), new or not", ["inst
 PUTS_REFUSED = Counter("yuebing:cache_puts_refused", "Blocks (or malformed put blobs) refused", ["instance_id"])
 PINNED = Gauge("yuebing:cache_pinned_blocks", "Blocks pinned by operators, by whether the instance holds them yet",
                ["instance_id", "state"])
+HOT_COPIES = Counter("yuebing:cache_hot_copies", "Copies of hot blocks this instance (their primary) put on other "
+                     "instances", ["instance_id"])
+HOT_BLOCKS = Gauge("yuebing:cache_hot_blocks", "Blocks this instance is the primary of whose extra copies readers "
+                   "are told of", ["instance_id"])
 PIN_EXPIRY_SECONDS = 1.0  # how often expired pins are ended
+HOT_COPY_TIMEOUT = 10.0
 
 
 class CacheStoreService(Service):
@@ -118,6 +131,8 @@ class CacheStoreService(Service):
         self._evictions_seen = {"dram": 0, "disk": 0}
         self._reasons_seen: dict[str, int] = {}
         self._maintaining = False
+        self.hot: HotBlocks | None = None
+        self.peers: CacheClient | None = None  # the pool's membership, and copies of hot blocks
 
     @property
     def data_dir(self):
@@ -161,6 +176,11 @@ class CacheStoreService(Service):
         if s.disk_sync_seconds > 0:
             self.spawn(self._sync_loop(s.disk_sync_seconds))
         self.spawn(self._pin_expiry_loop())
+        if s.pool_hot_replicas > 0:
+            self.hot = HotBlocks(reads_per_replica=s.pool_hot_reads_per_second, max_replicas=s.pool_hot_replicas,
+                                 half_life=s.pool_hot_half_life_seconds)
+            self.peers = CacheClient(self.nc, timeout=HOT_COPY_TIMEOUT)
+            await self.peers.start()
 
     async def _pin_expiry_loop(self) -> None:
         """End pins whose time to live has run out: their blocks are evictable again."""
@@ -183,6 +203,8 @@ class CacheStoreService(Service):
                 self.log.warning("disk_sync_failed", error=repr(e))
 
     async def teardown(self) -> None:
+        if self.peers is not None:
+            await self.peers.close()
         for sub in self._subs:
             try:
                 await sub.unsubscribe()
@@ -314,10 +336,12 @@ class CacheStoreService(Service):
             GET_HITS.labels(self.instance_id).inc(len(found))
             GET_MISSES.labels(self.instance_id).inc(len(set(req.keys)) - len(found))
             self._update_metrics(st)
+            replicas = self._count_reads(found)
             if req.by_layer:
-                await self._stream_layers(msg, req.reply_subject, found)
+                await self._stream_layers(msg, req.reply_subject, found, replicas)
             else:
-                await msg.respond(encode(CacheGetReply(found=[k for k, _ in found])))
+                await msg.respond(encode(CacheGetReply(found=[k for k, _ in found],
+                                                       replicas=[replicas.get(k, 0) for k, _ in found])))
                 await self._stream_blocks(req.reply_subject, found)
         except TransferError as e:
             self.log.warning("cache_get_aborted", error=str(e))  # the reader went away
@@ -326,6 +350,54 @@ class CacheStoreService(Service):
         finally:
             # A get can promote blocks (pushing others out) or find corrupt ones.
             await self._publish_changes()
+
+    # ---- hot blocks
+    def _count_reads(self, found: list[tuple[bytes, bytes]]) -> dict[bytes, int]:
+        """Count the reads of the found blocks this instance is the primary of, start copying those
+        that became hot, and return the extra copies to advertise for each (none: not hot)."""
+        hot, peers = self.hot, self.peers
+        if hot is None or peers is None or not found:
+            return {}
+        live = peers.live()
+        if len(live) < 2:
+            return {}
+        now = time.monotonic()
+        mine = [(k, v) for k, v in found if rank(k, live)[0] == self.instance_id]
+        due = dict(hot.read([k for k, _ in mine], now))
+        if due:
+            copies = [(k, bytes(v), due[k]) for k, v in mine if k in due]  # its own bytes: the block may leave
+            for k, _, _ in copies:
+                hot.making(k)
+            self.spawn(self._copy_hot(copies, live))
+        advertised = {k: n for k, _ in mine if (n := hot.advertised(k, now))}
+        HOT_BLOCKS.labels(self.instance_id).set(hot.hot_blocks(now))
+        return advertised
+
+    async def _copy_hot(self, copies: list[tuple[bytes, bytes, int]], live: list[str]) -> None:
+        """Put each block on the next ``want`` instances of its ranking; then advertise the leading
+        run of them that took it."""
+        hot = self.hot
+        targets = {k: rank(k, live)[1 : 1 + want] for k, _, want in copies}
+        by_target: dict[str, list[tuple[bytes, bytes]]] = {}
+        for k, data, _ in copies:
+            for iid in targets[k]:
+                by_target.setdefault(iid, []).append((k, data))
+        taken: dict[str, set[bytes]] = {}
+        try:
+            results = await asyncio.gather(*(self.peers.copy_to(iid, blocks) for iid, blocks in by_target.items()))
+            taken = dict(zip(by_target, results))
+        finally:
+            for k, _, _ in copies:
+                n = 0
+                for iid in targets[k]:
+                    if k not in taken.get(iid, ()):
+                        break
+                    n += 1
+                hot.made(k, n)
+        HOT_COPIES.labels(self.instance_id).inc(sum(len(t) for t in taken.values()))
+        HOT_BLOCKS.labels(self.instance_id).set(hot.hot_blocks(time.monotonic()))
+        self.log.info("cache_hot_copies", blocks=len(copies), copies=sum(len(t) for t in taken.values()),
+                      instances=len(by_target))
 
     async def _stream_blocks(self, subject: str, found: list[tuple[bytes, bytes]]) -> None:
         """Send ``found`` as blobs of whole blocks, ``GET_BLOBS_IN_FLIGHT`` of them unacked at a time."""
@@ -348,7 +420,8 @@ class CacheStoreService(Service):
             for t in tasks:
                 t.cancel()
 
-    async def _stream_layers(self, msg: Msg, subject: str, found: list[tuple[bytes, bytes]]) -> None:
+    async def _stream_layers(self, msg: Msg, subject: str, found: list[tuple[bytes, bytes]],
+                             replicas: dict[bytes, int]) -> None:
         """A layered get: the found blocks' headers, then their data layer by layer (``serve_layers``).
         A block whose header does not decode is left out."""
         views = []
@@ -357,7 +430,7 @@ class CacheStoreService(Service):
                 views.append((k, block_header(v)))
             except BlockCorrupt:
                 continue
-        await serve_layers(msg, self.nc, subject, views)
+        await serve_layers(msg, self.nc, subject, views, replicas)
 
     async def _on_exists(self, msg: Msg) -> None:
         try:
