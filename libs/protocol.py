@@ -498,8 +498,10 @@ class Heartbeat(msgspec.Struct, kw_only=True):
     # its own DRAM cache, "peer": another prefill instance's, "pool": the cachestore pool)
     prompt_tokens: int = 0
     reused_tokens: dict[str, int] = {}
-    # cachestore: its tiers ("dram", "disk")
+    # cachestore: its tiers ("dram", "disk"), and the blocks it is the primary of that have extra
+    # copies readers are told of (hot blocks)
     tiers: dict[str, TierUsage] = {}
+    hot_blocks: int = 0
 
 
 # ---------------------------------------------------------------- binary transfers

@@ -10,6 +10,7 @@ import uuid
 from pathlib import Path
 
 import aiohttp
+import msgspec
 import pytest
 
 from helpers import get_json, post, wait_until
@@ -126,8 +127,8 @@ def test_instances_and_pool_from_heartbeats():
     assert [(r["id"], r["state"]) for r in kinds["decode"]] == [("d-dead", "down")]
     assert kinds["cachestore"][0]["kv_bytes"] == 100 and kinds["cachestore"][0]["kv_capacity_bytes"] == 1000
     assert kinds["prefill"][0]["state"] == "live" and kinds["conductor"] == []
-    p = pool([hb for _, hb in beats[:2]] + [_store("c2", 0, 0)])
-    assert p["instances"] == 2
+    p = pool([hb for _, hb in beats[:2]] + [msgspec.structs.replace(_store("c2", 0, 0), hot_blocks=3)])
+    assert p["instances"] == 2 and p["hot_blocks"] == 3
     assert p["tiers"]["disk"] == {"bytes": 600, "capacity_bytes": 8000, "blocks": 12}
 
 

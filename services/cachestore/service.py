@@ -225,8 +225,9 @@ class CacheStoreService(Service):
 
     def load(self):
         usage = self.store.usage() if self.store is not None else {}
+        hot = self.hot.hot_blocks(time.monotonic()) if self.hot is not None else 0
         return self.heartbeat(tiers={tier: TierUsage(bytes=b, capacity_bytes=cap, blocks=n, hit_blocks=hits)
-                                     for tier, (b, cap, n, hits) in usage.items()})
+                                     for tier, (b, cap, n, hits) in usage.items()}, hot_blocks=hot)
 
     # ---- KV events and metrics
     async def _publish_changes(self) -> None:

@@ -50,19 +50,21 @@ def instances(heard: list[tuple[float, Heartbeat]], forget_after: float) -> dict
 
 
 def pool(beats: list[Heartbeat]) -> dict:
-    """The pool by tier, summed over the live cachestore instances: bytes used of capacity, blocks."""
+    """The pool by tier, summed over the live cachestore instances: bytes used of capacity, blocks;
+    and the hot blocks with extra copies."""
     tiers = {t: {"bytes": 0, "capacity_bytes": 0, "blocks": 0} for t in TIERS}
-    n = 0
+    n = hot = 0
     for hb in beats:
         if hb.kind != "cachestore":
             continue
         n += 1
+        hot += hb.hot_blocks
         for t, u in hb.tiers.items():
             s = tiers.setdefault(t, {"bytes": 0, "capacity_bytes": 0, "blocks": 0})
             s["bytes"] += u.bytes
             s["capacity_bytes"] += u.capacity_bytes
             s["blocks"] += u.blocks
-    return {"instances": n, "tiers": tiers}
+    return {"instances": n, "tiers": tiers, "hot_blocks": hot}
 
 
 def counters(hb: Heartbeat) -> dict[str, int]:

@@ -98,6 +98,7 @@
       td(bar(t.capacity_bytes ? t.bytes / t.capacity_bytes : 0, tier === "dram" ? "var(--dram)" : "var(--disk)")),
       td(String(t.blocks), "num")));
     fill($("pool").tBodies[0], rows, "no cachestore instance", 4);
+    $("hot-blocks").textContent = String(doc.pool.hot_blocks);
     const h = doc.pool.hit_ratio;
     const ratio = h.ratio;
     // the pool's share by tier, or as a whole when its tiers were not reported
