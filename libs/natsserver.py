@@ -124,8 +124,9 @@ def permissions(kind: str, iid: str = "*") -> dict:
                       ["yb.sched", "yb.hb.>", "yb.report.>", "yb.conductor.state"]),
         "prefill": (prefill_pub, prefill_sub),
         "decode": (decode_pub, decode_sub),
-        "cachestore": ([f"yb.kvev.{iid}", *into_loaders, f"$JS.API.STREAM.INFO.{EVENTS}"],
-                       [f"yb.cache.{iid}.>", f"yb.kvdump.{iid}"]),
+        # a cachestore puts copies of its hot blocks on the others (it hears their heartbeats to rank them)
+        "cachestore": ([f"yb.kvev.{iid}", *into_loaders, f"$JS.API.STREAM.INFO.{EVENTS}", "yb.cache.*.put"],
+                       [f"yb.cache.{iid}.>", f"yb.kvdump.{iid}", "yb.hb.cachestore.>"]),
         # a colocated worker runs prefill and decode in one process, under one id
         "worker": ([*prefill_pub, *decode_pub], [*prefill_sub, *decode_sub]),
     }

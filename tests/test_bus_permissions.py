@@ -176,3 +176,6 @@ def test_every_kind_can_do_its_own_work_and_no_more():
     assert "$JS.API.CONSUMER.MSG.NEXT.YB_PREFILL.x-1" in p["prefill"]["pub"]
     assert not any("MSG.NEXT" in s and not s.endswith(".x-1") for s in p["prefill"]["pub"] + p["decode"]["pub"])
     assert "$JS.API.STREAM.CREATE.YB_PREFILL" in p["conductor"]["pub"]
+    # a cachestore copies hot blocks to the others: their puts, not their gets or pins
+    assert "yb.cache.*.put" in p["cachestore"]["pub"] and "yb.hb.cachestore.>" in p["cachestore"]["sub"]
+    assert not any(s.startswith("yb.cache.") and not s.endswith(".put") for s in p["cachestore"]["pub"])
