@@ -108,7 +108,7 @@ def permissions(kind: str, iid: str = "*") -> dict:
     streams = (PREFILL, DECODE, EVENTS)
     table = {
         # an operator's pin of a prefix goes to every cachestore instance (POST /cache/pins)
-        "gateway": (["yb.sched", "yb.abort", "yb.cache.*.pin"], ["yb.out.>", "yb.hb.>"]),
+        "gateway": (["yb.sched", "yb.sched.*", "yb.abort", "yb.cache.*.pin"], ["yb.out.>", "yb.hb.>"]),
         "conductor": (["yb.task.prefill.>", "yb.kvdump.>", "yb.out.>",
                        *[f"$JS.API.STREAM.{op}.{s}" for op in ("CREATE", "UPDATE", "INFO") for s in streams],
                        f"$JS.API.STREAM.PURGE.{DECODE}",  # a lost decode instance's queued tasks
@@ -121,7 +121,7 @@ def permissions(kind: str, iid: str = "*") -> dict:
                        f"$JS.API.CONSUMER.CREATE.{EVENTS}", f"$JS.API.CONSUMER.CREATE.{EVENTS}.>",
                        f"$JS.API.CONSUMER.INFO.{EVENTS}.*", f"$JS.API.CONSUMER.DELETE.{EVENTS}.*",
                        "$JS.FC.>"],
-                      ["yb.sched", "yb.hb.>", "yb.report.>", "yb.conductor.state"]),
+                      ["yb.sched", f"yb.sched.{iid}", "yb.hb.>", "yb.report.>", "yb.conductor.state"]),
         "prefill": (prefill_pub, prefill_sub),
         "decode": (decode_pub, decode_sub),
         # a cachestore puts copies of its hot blocks on the others (it hears their heartbeats to rank them)

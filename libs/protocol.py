@@ -20,11 +20,16 @@ CHUNK_DATA_BYTES = MAX_PAYLOAD - 4096
 class Subjects:
     """Subject names, in one place. ``<id>`` parts are instance or request ids."""
 
-    SCHEDULE = "yb.sched"  # gateway -> conductor, request/reply
+    SCHEDULE = "yb.sched"  # gateway -> any conductor (a queue group), request/reply
     ABORT = "yb.abort"  # gateway -> workers, core
     HEARTBEAT_PREFIX = "yb.hb"  # yb.hb.<kind>.<instance>
     PREFILL_STREAM = "YB_PREFILL"
     DECODE_STREAM = "YB_DECODE"
+
+    @staticmethod
+    def schedule_to(conductor_id: str) -> str:
+        """Gateway -> one conductor, request/reply (several conductors share the cluster)."""
+        return f"yb.sched.{conductor_id}"
 
     @staticmethod
     def heartbeat(kind: str, instance_id: str) -> str:
@@ -212,7 +217,7 @@ class ScheduleReply(msgspec.Struct, kw_only=True):
     status: int = 200
     reason: str = ""
     retry_after: float = 0.0
-    cause: str = ""  # not admitted by the SLO check: "ttft" | "tbt" ("": not that)
+    cause: str = ""  # not admitted by the SLO check: "ttft" | "tbt"; "elsewhere": another conductor places it
     prediction: Prediction | None = None  # admitted: what its placement predicted
 
 
@@ -502,6 +507,8 @@ class Heartbeat(msgspec.Struct, kw_only=True):
     # copies readers are told of (hot blocks)
     tiers: dict[str, TierUsage] = {}
     hot_blocks: int = 0
+    # conductor: the prefill and decode instances it places work on (several conductors split them)
+    instances: dict[str, int] = {}
 
 
 # ---------------------------------------------------------------- binary transfers

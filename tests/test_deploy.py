@@ -137,9 +137,9 @@ def test_every_service_runs_and_nats_with_it(manifests):
     assert {"gateway", "nats", "nats-headless", "cachestore"} <= set(_named(manifests, "Service"))
     for kind in SERVICES:
         assert _main(_workloads(manifests)[kind])["args"][:2] == ["serve", kind]
-    # one conductor (a second would share no placement state); replaced, not rolled, on update
-    assert deployments["conductor"]["spec"]["replicas"] == 1
-    assert deployments["conductor"]["spec"]["strategy"]["type"] == "Recreate"
+    # two conductors splitting the instances; a rollout replaces one at a time, the other stays
+    assert deployments["conductor"]["spec"]["replicas"] == 2
+    assert deployments["conductor"]["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 1
 
 
 def test_every_workload_has_probes_and_resource_requests(manifests):

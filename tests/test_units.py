@@ -375,3 +375,60 @@ def test_a_resumed_request_avoids_the_decode_instance_it_failed_on():
         alone.heartbeat(Heartbeat(kind=kind, instance_id=iid, interval=1.0, max_running=32), 0.0)
     kept = alone.schedule(request("b.a2", Resume(output_id="b", seq_base=1, failed_decode="d0")), 0.1)
     assert kept.placement.admitted and kept.placement.decode_id == "d0"
+
+
+def test_conductors_split_the_instances_each_kind_dealt_in_turn():
+    from services.conductor.partition import Partition
+
+    conductors = ("c-a", "c-b", "c-c")
+    prefills = [f"p{i}" for i in range(7)]
+    shares = {c: Partition(c).mine(prefills, conductors) for c in conductors}
+    assert sorted(sum(shares.values(), [])) == sorted(prefills)  # each instance to exactly one
+    assert sorted(len(v) for v in shares.values()) == [2, 2, 3]
+    for c, mine in shares.items():
+        assert all(Partition.owner(p, prefills, conductors) == c for p in mine)
+    # fewer instances than conductors: the last conductor gets none
+    assert [len(Partition(c).mine(["d0", "d1"], conductors)) for c in conductors] == [1, 1, 0]
+    # alone, a conductor has them all; a lost instance still has its owner among those left
+    assert Partition("c-a").mine(prefills, ("c-a",)) == prefills
+    assert Partition.owner("p3", [p for p in prefills if p != "p3"], conductors) == "c-a"
+
+
+def test_two_conductors_place_only_on_their_own_instances_and_take_over_when_one_is_lost():
+    from libs.config import Settings
+    from libs.protocol import Heartbeat, SamplingParams, ScheduleRequest
+    from services.conductor.scheduler import Scheduler
+
+    def beat(s: Scheduler, now: float, *instances) -> None:
+        for kind, iid in instances:
+            s.heartbeat(Heartbeat(kind=kind, instance_id=iid, interval=1.0, max_running=32), now)
+
+    workers = [("prefill", f"p{i}") for i in range(4)] + [("decode", f"d{i}") for i in range(4)]
+    a, b = (Scheduler(Settings(policy="least_loaded", admission="none", instance_id=c)) for c in ("c-a", "c-b"))
+    for s in (a, b):
+        beat(s, 0.0, ("conductor", "c-a"), ("conductor", "c-b"), *workers)
+    assert a.placing(0.0) == b.placing(0.0) == {"prefill": 2, "decode": 2}
+
+    def placed(s: Scheduler, n: int, now: float) -> set[str]:
+        out = set()
+        for i in range(n):
+            d = s.schedule(ScheduleRequest(attempt_id=f"{s.partition.own}-{now}-{i}",
+                                           prompt_token_ids=list(range(100, 140)),
+                                           sampling=SamplingParams(max_tokens=8)), now)
+            assert d.placement.admitted
+            out |= {d.placement.prefill_id, d.placement.decode_id}
+        return out
+
+    by_a, by_b = placed(a, 12, 0.1), placed(b, 12, 0.1)
+    assert by_a and by_b and not by_a & by_b  # never the same instance
+    assert by_a | by_b == {iid for _, iid in workers}
+    # an instance lost now: exactly one of the two moves its work
+    for kind, iid in workers:
+        assert a.owns_lost(kind, iid, 0.2) != b.owns_lost(kind, iid, 0.2)
+    # c-b falls silent: c-a places on every instance, and moves the work of an instance lost now
+    # whatever its owner was
+    beat(a, 3.5, ("conductor", "c-a"), *workers)
+    a.prune(3.5)
+    assert a.placing(3.5) == {"prefill": 4, "decode": 4}
+    assert placed(a, 24, 3.6) == {iid for _, iid in workers}
+    assert all(a.owns_lost(kind, iid, 3.6) for kind, iid in workers)

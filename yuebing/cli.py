@@ -127,6 +127,7 @@ def cmd_up(args) -> int:
     configure("up")
     settings = _settings(args)
     cluster = LocalCluster(settings, prefill=args.prefill, decode=args.decode, cachestore=args.cachestore,
+                           conductor=args.conductor,
                            colocated=args.colocated, nats_port=args.nats_port, pin_cores=args.pin_cores)
 
     def on_signal(signum, frame):
@@ -224,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     _auth_flags(up)
     _served_name_flag(up)
     up.add_argument("--cachestore", type=int, default=1, help="cachestore instances (default 1)")
+    up.add_argument("--conductor", type=int, default=1,
+                    help="conductors (default 1); several split the prefill and decode instances between "
+                         "them and take over a lost one's share")
     up.add_argument("--policy", default=None, help="placement: random, round_robin, least_loaded, "
                     "local_cache_aware, global_cache_aware (default)")
     up.add_argument("--pin-cores", action="store_true",

@@ -70,6 +70,7 @@ class LocalCluster:
     prefill: int = 1
     decode: int = 1
     cachestore: int = 1
+    conductor: int = 1  # several share the instances (services/conductor/partition.py)
     colocated: int = 0  # workers that prefill and decode their own requests (instead of prefill/decode)
     nats_port: int | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
@@ -249,7 +250,7 @@ class LocalCluster:
         if self.colocated and kind in ("prefill", "decode", "cachestore"):
             return 0
         return {"prefill": self.prefill, "decode": self.decode, "cachestore": self.cachestore,
-                "worker": self.colocated}.get(kind, 1)
+                "worker": self.colocated, "conductor": self.conductor}.get(kind, 1)
 
     def start_service(self, kind: str, index: int) -> subprocess.Popen:
         name = f"{kind}-{index}"
@@ -356,7 +357,7 @@ class LocalCluster:
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         want = {"prefill": self.count("prefill") + self.colocated, "decode": self.count("decode") + self.colocated,
-                "conductor": 1, "cachestore": self.count("cachestore")}
+                "conductor": self.count("conductor"), "cachestore": self.count("cachestore")}
         while True:
             self._stop_point()
             for name, p in self.procs.items():

@@ -30,6 +30,7 @@ from services.conductor.poolwrites import PoolWriteAdmission
 from services.conductor.prefillcost import PrefillCostModel
 from services.conductor.prefillqueue import PrefillQueues
 from services.conductor.projector import DecodeLoadProjector
+from services.conductor.partition import Partition
 from services.conductor.registry import Instance, Registry
 
 PRIOR_KV_TOKENS = 256  # KV positions per sequence assumed before any has been seen
@@ -66,7 +67,7 @@ class Decision:
     """What ``Scheduler.schedule`` decided for one request."""
 
     placement: Placement
-    view: RequestView
+    view: RequestView | None  # None: not placed here at all (another conductor places it)
     task: PrefillTask | None = None  # the task to queue when admitted
     wait: float | None = None  # the wait for a decode row the admission judged it by (it reaches decode)
     delayed: tuple[tuple[str, float], ...] = ()  # admitted requests it makes wait longer, with the seconds
@@ -86,6 +87,8 @@ class Scheduler:
         s = self.settings = settings
         # liveness judged as of how far the conductor is behind on heartbeats, at most ten beats
         self.registry = Registry(lag_cap=10 * settings.heartbeat_interval)
+        # with several conductors, the prefill and decode instances this one places work on
+        self.partition = Partition(settings.instance_id or "conductor")
         self.index = PrefixIndex()
         profile = CostProfile.load(s.calibration) if s.calibration else DEFAULT_PROFILE
         self.cost = PrefillCostModel.from_profile(profile)
@@ -169,6 +172,36 @@ class Scheduler:
         return len(self.projector.entries) - started, started
 
     # ---- decisions
+    def conductors(self, now: float) -> tuple[str, ...]:
+        """The conductors sharing the cluster (this one and those beating)."""
+        return self.partition.conductors(i.instance_id for i in self.registry.alive("conductor", now))
+
+    def own(self, kind: str, now: float) -> list[Instance]:
+        """The live instances of ``kind`` this conductor places work on."""
+        alive = self.registry.alive(kind, now)
+        conductors = self.conductors(now)
+        if len(conductors) == 1:
+            return alive
+        mine = set(self.partition.mine([i.instance_id for i in alive], conductors))
+        return [i for i in alive if i.instance_id in mine]
+
+    def owns_lost(self, kind: str, instance_id: str, now: float) -> bool:
+        """Whether this conductor moves the work of ``instance_id``, of ``kind``, just lost: the
+        one it belonged to among the instances of its kind still alive."""
+        conductors = self.conductors(now)
+        alive = [i.instance_id for i in self.registry.alive(kind, now)]
+        return self.partition.owner(instance_id, alive, conductors) == self.partition.own
+
+    def elsewhere(self, now: float) -> bool:
+        """Whether requests are another conductor's to place: this one has no prefill or no decode
+        instance of its own, while the cluster has both."""
+        return (len(self.conductors(now)) > 1 and not all(self.placing(now).values())
+                and bool(self.registry.alive("prefill", now)) and bool(self.registry.alive("decode", now)))
+
+    def placing(self, now: float) -> dict[str, int]:
+        """How many prefill and decode instances this conductor places work on (its heartbeat's)."""
+        return {kind: len(self.own(kind, now)) for kind in ("prefill", "decode")}
+
     def queue_seconds(self, iid: str, now: float) -> float:
         return self.queues.seconds(iid, now)
 
@@ -179,7 +212,7 @@ class Scheduler:
         ``avoid_decode`` is not chosen while another decode instance is alive."""
         prefills = [
             PrefillView(i.instance_id, self.queue_seconds(i.instance_id, now), self.index.prefix_len(keys, i.instance_id))
-            for i in self.registry.alive("prefill", now)
+            for i in self.own("prefill", now)
         ]
         pool_blocks = self.index.pool_prefix_len(keys) if self.settings.use_pool else 0
         held = max([pool_blocks] + [p.local_blocks for p in prefills])
@@ -202,7 +235,7 @@ class Scheduler:
         decodes = [decode_view(i, self.projector, self.decode_cost, self.queues.handoff.seconds(prompt_len),
                                self.wait_error.margin(), self._judged_wait, now=now, arrive=now + eta,
                                prompt_len=prompt_len, tokens=tokens, late=late, early=early, urgent=urgent)
-                   for i in self.registry.alive("decode", now)]
+                   for i in self.own("decode", now)]
         others = [d for d in decodes if d.instance_id != avoid_decode]
         return self.policy.place(view, prefills, others or decodes), view, decodes
 
@@ -248,6 +281,9 @@ class Scheduler:
 
     def schedule(self, req: ScheduleRequest, now: float) -> Decision:
         """Place and admit a new request; when admitted, count it placed and return its task."""
+        if self.elsewhere(now):
+            return Decision(Placement(False, status=503, cause="elsewhere", reason="this conductor has no share of "
+                                      "the instances now: another conductor places requests"), None)
         keys = req.block_hashes
         tokens = self.projector.expected_tokens(req.sampling.max_tokens, req.sampling.ignore_eos)
         urgent = largest_gap_counts(req.sampling.max_tokens)

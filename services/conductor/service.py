@@ -93,6 +93,7 @@ class ConductorService(Service):
         # responder and ask again
         await asyncio.sleep(WARMUP_BEATS * s.heartbeat_interval)
         await self.nc.subscribe(Subjects.SCHEDULE, queue="conductor", cb=self._on_schedule)
+        await self.nc.subscribe(Subjects.schedule_to(self.instance_id), cb=self._on_schedule)
         await self.nc.subscribe(Subjects.CONDUCTOR_STATE, cb=self._on_state)
         self.spawn(self._maintenance_loop())
         self.log.info("conductor_policy", policy=s.policy, use_pool=s.use_pool, pool_writes=s.pool_writes,
@@ -104,7 +105,7 @@ class ConductorService(Service):
         # its own beats come back through the heartbeat subscription: how late is how far behind it is
         now = time.monotonic()
         self.scheduler.registry.clock.sent(now)
-        return msgspec.structs.replace(self.heartbeat(), sent_at=now)
+        return msgspec.structs.replace(self.heartbeat(), sent_at=now, instances=self.scheduler.placing(now))
 
     # ---- inputs
     async def _on_heartbeat(self, msg) -> None:
@@ -191,9 +192,13 @@ class ConductorService(Service):
     async def _maintenance_loop(self) -> None:
         while True:
             await asyncio.sleep(1.0)
-            gone, lost = self.scheduler.prune(time.monotonic())
+            now = time.monotonic()
+            gone, lost = self.scheduler.prune(now)
             for inst in gone:
                 self.log.warning("instance_lost", kind=inst.kind, id=inst.instance_id)
+                # with several conductors, the one the lost instance belongs to now moves its work
+                if inst.kind in ("prefill", "decode") and not self.scheduler.owns_lost(inst.kind, inst.instance_id, now):
+                    continue
                 if inst.kind == "prefill":
                     self.spawn(self._reassign_prefill(inst.instance_id))
                 elif inst.kind == "decode":
@@ -333,14 +338,21 @@ class ConductorService(Service):
         take it, forget what its placement counted and answer 503 (never a hang)."""
         rid = task.attempt_id
         try:
-            await self.js.publish(Subjects.prefill_task(placement.prefill_id), encode(task),
-                                  headers={"Nats-Msg-Id": rid})
+            ack = await self.js.publish(Subjects.prefill_task(placement.prefill_id), encode(task),
+                                        headers={"Nats-Msg-Id": rid})
         except Exception as e:  # noqa: BLE001 - JetStream unavailable: tell the client, do not hang
             log.error("dispatch_failed", error=str(e))
             self.scheduler.unplace(rid, placement)
             NOT_ADMITTED.labels(status="503", cause="unavailable").inc()
             await msg.respond(encode(ScheduleReply(attempt_id=rid, admitted=False, status=503,
                                                    reason="task queue unavailable", retry_after=1.0)))
+            return
+        if ack.duplicate:
+            # placed before, by a conductor lost before it answered: that task runs, this one was
+            # dropped; which instances run it is not known here
+            log.warning("placed_before", prefill=placement.prefill_id)
+            self.scheduler.unplace(rid, placement)
+            await msg.respond(encode(ScheduleReply(attempt_id=rid, admitted=True, reason="placed before")))
             return
         # counted once queued: a placement undone above is a request not admitted
         PLACED.labels(policy=self.scheduler.policy.name, plan=placement.plan).inc()

@@ -40,12 +40,18 @@ from yuebing import __version__
 from services.gateway import openai as oa
 from services.gateway import openapi, pins
 from services.gateway.choices import Choices, resume_id, resume_sampling
+from services.gateway.conductors import ConductorChoice
 from services.gateway.dashboard import Dashboard
 from services.gateway.detok import IncrementalDetokenizer, StopStrings, TokenText
 from services.gateway.phases import PhaseTimes
 from services.gateway.sessions import Sessions
 
 SCHEDULE_TIMEOUT = 10.0
+CONDUCTOR_CHECK_SECONDS = 0.25  # while a schedule request waits, how often its conductor's liveness is checked
+
+
+class ConductorLost(Exception):
+    """The conductor asked to place a request was lost before it answered."""
 STALL_TIMEOUT = 120.0  # longest silence between two token events before the request fails
 MAX_ATTEMPTS = 3  # a request is resumed at most twice after instance failures
 
@@ -107,6 +113,7 @@ class GatewayService(Service):
         self.slo = s.slo()
         self.slo_classes = s.slo_class_map()
         self.live: dict[tuple[str, str], tuple[float, Heartbeat]] = {}  # (kind, id) -> (last seen, beat)
+        self.conductors = ConductorChoice()
         self.dashboard = Dashboard(self, s.dashboard, ready_needs=READY_NEEDS, forget_after=DOWN_FORGET_SECONDS)
         await self.nc.subscribe(f"{Subjects.HEARTBEAT_PREFIX}.>", cb=self._on_heartbeat)
 
@@ -388,20 +395,39 @@ class GatewayService(Service):
             arrival_time=time.time(),
             resume=resume,
         )
-        # no conductor subscribed (restarting, or its standby taking over): ask again until it is
-        # back, within SCHEDULE_TIMEOUT; a request it took and did not answer is not asked again
+        # one of the live conductors in turn (none heard of yet: whichever listens). No conductor
+        # subscribed (restarting), or the one asked lost before it answered: ask again, another
+        # one if there is one, within SCHEDULE_TIMEOUT; a request a live conductor took and did
+        # not answer in time is not asked again
         deadline = time.monotonic() + SCHEDULE_TIMEOUT
         pause = 0.1
+        avoid: set[str] = set()
+        body = encode(sreq)
         while True:
+            target = self.conductors.pick((hb.instance_id for hb in self.live_beats() if hb.kind == "conductor"
+                                           and not hb.draining and all(hb.instances.values())), avoid)
             try:
-                raw = await self.nc.request(Subjects.SCHEDULE, encode(sreq),
-                                            timeout=max(0.01, deadline - time.monotonic()))
+                raw = await self._ask_conductor(target, body, deadline)
                 reply = decode(raw.data, ScheduleReply)
-                break
-            except nats.errors.NoRespondersError:
-                if time.monotonic() + pause < deadline:
+                if reply.admitted or reply.cause != "elsewhere" or time.monotonic() + pause >= deadline:
+                    break
+                # a conductor with no share of the instances (the split changed since its last
+                # heartbeat): another one places it
+                if target:
+                    avoid.add(target)
+                else:
                     await asyncio.sleep(pause)
                     pause = min(1.0, 2 * pause)
+                continue
+            except (nats.errors.NoRespondersError, ConductorLost) as e:
+                if target:
+                    avoid.add(target)
+                    self.log.warning("conductor_lost", conductor=target, request_id=attempt_id,
+                                     error=type(e).__name__)
+                if time.monotonic() + pause < deadline:
+                    if not target:  # no conductor listens: give one time to (re)start
+                        await asyncio.sleep(pause)
+                        pause = min(1.0, 2 * pause)
                     continue
             except nats.errors.TimeoutError:
                 pass
@@ -418,6 +444,21 @@ class GatewayService(Service):
             raise oa.ApiError(reply.status, reply.reason, code="service_unavailable" if reply.status == 503
                               else "rate_limited", headers={"Retry-After": str(retry)})
         return reply
+
+    async def _ask_conductor(self, target: str, body: bytes, deadline: float):
+        """Ask ``target`` (or, with "", whichever conductor listens) to place a request; raises
+        ``ConductorLost`` when ``target`` misses its heartbeats before it answers."""
+        subject = Subjects.schedule_to(target) if target else Subjects.SCHEDULE
+        ask = asyncio.ensure_future(self.nc.request(subject, body, timeout=max(0.01, deadline - time.monotonic())))
+        try:
+            while True:
+                done, _ = await asyncio.wait({ask}, timeout=CONDUCTOR_CHECK_SECONDS)
+                if done:
+                    return ask.result()
+                if target and self._lost("conductor", target):
+                    raise ConductorLost(target)
+        finally:
+            ask.cancel()
 
     async def _reschedule(self, attempt_id: str, prompt: list[int], sampling, resume: Resume, slo: SLO,
                           patience: float = 15.0) -> ScheduleReply:
