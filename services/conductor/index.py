@@ -33,8 +33,10 @@ class _Holder:
 
 class PrefixIndex:
     def __init__(self) -> None:
+        # Each instance's keys are a set of its own (bytes keys in a set: one object for the
+        # collector to track, not one per key), and the pool's a dict of counts (small ints are
+        # shared): no container per key, so a full garbage collection does not walk millions of them
         self._holders: dict[str, _Holder] = {}
-        self._where: dict[bytes, set[str]] = {}  # key -> instance ids holding it
         self._pool: dict[bytes, int] = {}  # key -> cachestore instances holding it (kept as they change)
         self.gaps = 0
 
@@ -72,16 +74,10 @@ class PrefixIndex:
         h.seq = ev.seq
 
     def _hold(self, key: bytes, iid: str, h: _Holder) -> None:
-        self._where.setdefault(key, set()).add(iid)
         if h.source == "cachestore":
             self._pool[key] = self._pool.get(key, 0) + 1
 
     def _forget(self, key: bytes, iid: str, h: _Holder) -> None:
-        holders = self._where.get(key)
-        if holders is not None:
-            holders.discard(iid)
-            if not holders:
-                del self._where[key]
         if h.source == "cachestore":
             n = self._pool.get(key, 0) - 1
             if n > 0:
