@@ -432,3 +432,25 @@ def test_two_conductors_place_only_on_their_own_instances_and_take_over_when_one
     assert a.placing(3.5) == {"prefill": 4, "decode": 4}
     assert placed(a, 24, 3.6) == {iid for _, iid in workers}
     assert all(a.owns_lost(kind, iid, 3.6) for kind, iid in workers)
+
+
+def test_decode_predictions_are_made_for_the_least_loaded_few():
+    from libs.config import Settings
+    from libs.protocol import Heartbeat, SamplingParams, ScheduleRequest
+    from services.conductor.decodeview import DECODE_CANDIDATES, decode_candidates
+    from services.conductor.scheduler import Scheduler
+
+    s = Scheduler(Settings(policy="global_cache_aware", admission="none"))
+    s.heartbeat(Heartbeat(kind="prefill", instance_id="p0", interval=1.0), 0.0)
+    for i in range(20):  # d00 is the busiest, d19 the idlest
+        s.heartbeat(Heartbeat(kind="decode", instance_id=f"d{i:02d}", interval=1.0, max_running=32,
+                              running=20 - i, kv_tokens=1000 * (20 - i)), 0.0)
+    chosen = decode_candidates(s.registry.alive("decode", 0.0))
+    assert sorted(i.instance_id for i in chosen) == [f"d{i:02d}" for i in range(20 - DECODE_CANDIDATES, 20)]
+    _, _, views = s.place(40, [], 0.1, tokens=8)
+    assert len(views) == DECODE_CANDIDATES
+    d = s.schedule(ScheduleRequest(attempt_id="a", prompt_token_ids=list(range(40)),
+                                   sampling=SamplingParams(max_tokens=8)), 0.1)
+    assert d.placement.decode_id == "d19"  # the idlest, as with a prediction for every instance
+    _, _, views = s.place(40, [], 0.1, tokens=8, avoid_decode="d19")
+    assert "d19" not in {v.instance_id for v in views}

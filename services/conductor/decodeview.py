@@ -3,12 +3,29 @@ and as projected to when the request would reach it. Plain logic with no I/O."""
 
 from __future__ import annotations
 
+import heapq
 from typing import Callable
 
 from services.conductor.decodecost import DecodeCostModel, pushed_past, request_tbt_joining
 from services.conductor.placement import DecodeView
 from services.conductor.projector import DecodeLoadProjector
 from services.conductor.registry import Instance
+
+
+# decode instances whose TBT is predicted for a request, at most: the least loaded ones now
+DECODE_CANDIDATES = 8
+
+
+def decode_candidates(instances: list[Instance], k: int = DECODE_CANDIDATES) -> list[Instance]:
+    """The ``k`` decode instances with the fewest sequences (reported, and placed since) and KV
+    positions now: the full prediction (``decode_view``, a projection of every admitted sequence
+    on the instance) is made for those only, so a decision's cost does not grow with the number of
+    decode instances. The instance a request's projected TBT favours is almost always among the
+    least loaded now; when it is not, one a little more loaded is chosen."""
+    if len(instances) <= k:
+        return instances
+    return heapq.nsmallest(k, instances, key=lambda i: (i.beat.running + i.beat.queued + i.placed_since_beat,
+                                                        i.beat.kv_tokens, i.instance_id))
 
 
 def decode_view(inst: Instance, p: DecodeLoadProjector, cost: DecodeCostModel, handoff: float, margin: float,

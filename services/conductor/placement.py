@@ -132,6 +132,9 @@ class Policy:
     recomputing it; local_cache_aware never does (it reuses only the instance's own DRAM)."""
 
     name = "base"
+    # the decode instance is chosen by its predicted TBT (``choose_decode``): the scheduler may
+    # predict only for the least loaded few (random and round robin choose among all)
+    decode_by_prediction = True
 
     def __init__(self, model: PrefillCostModel, use_pool: bool = True, seed: int | None = None,
                  colocated: bool = False, peer_fetch: bool = False):
@@ -213,6 +216,7 @@ class Policy:
 
 class RandomPolicy(Policy):
     name = "random"
+    decode_by_prediction = False
 
     def choose_prefill(self, req, prefills):
         return self.estimate(req, self.rng.choice(prefills), self.use_pool)
@@ -223,6 +227,7 @@ class RandomPolicy(Policy):
 
 class RoundRobinPolicy(Policy):
     name = "round_robin"
+    decode_by_prediction = False
 
     def choose_prefill(self, req, prefills):
         p = prefills[self._rr % len(prefills)]

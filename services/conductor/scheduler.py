@@ -22,7 +22,7 @@ from libs.protocol import (DecodeReport, Heartbeat, PrefillDone, PrefillReport, 
 
 from services.conductor.admission import AdmissionController
 from services.conductor.decodecost import DecodeCostModel
-from services.conductor.decodeview import decode_view
+from services.conductor.decodeview import decode_candidates, decode_view
 from services.conductor.feedback import TTFTErrorModel, WaitErrorModel
 from services.conductor.index import PrefixIndex
 from services.conductor.placement import DecodeView, Placement, PrefillView, RequestView, make_policy
@@ -232,10 +232,14 @@ class Scheduler:
         eta = min((self.policy.estimate(view, p, self.settings.use_pool).ttft for p in prefills), default=0.0)
         late = now + eta * max(1.0, self.ttft_error.factor())
         early = now + eta * self.ttft_error.early_factor()
+        alive = self.own("decode", now)
+        if self.policy.decode_by_prediction and not self.settings.colocated:
+            # the prediction for the least loaded few; never only the one to avoid
+            alive = decode_candidates([i for i in alive if i.instance_id != avoid_decode] or alive)
         decodes = [decode_view(i, self.projector, self.decode_cost, self.queues.handoff.seconds(prompt_len),
                                self.wait_error.margin(), self._judged_wait, now=now, arrive=now + eta,
                                prompt_len=prompt_len, tokens=tokens, late=late, early=early, urgent=urgent)
-                   for i in self.own("decode", now)]
+                   for i in alive]
         others = [d for d in decodes if d.instance_id != avoid_decode]
         return self.policy.place(view, prefills, others or decodes), view, decodes
 
