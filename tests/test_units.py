@@ -279,6 +279,25 @@ def test_registry_judges_liveness_as_of_how_far_behind_the_conductor_is_on_heart
     assert r.clock.behind(40.0) == 10.0
 
 
+def test_a_conductor_that_stalled_does_not_take_the_instances_for_lost():
+    """Its loop blocked for 5 s (no beat sent, none taken in): the instances' beats queued meanwhile
+    come in before its own next one, so until that one is back it judges as of the stall."""
+    r = Registry(lag_cap=10.0, interval=1.0)
+    r.beat(_hb("prefill", "p0"), now=0.0)
+    r.clock.sent(0.0)
+    r.clock.received(0.01, sent_at=0.0)
+    r.clock.sent(6.0)  # the next beat, 6 s after the last: 5 s of stall
+    assert r.prune(6.05) == [] and [i.instance_id for i in r.alive("prefill", 6.05)] == ["p0"]
+    r.beat(_hb("prefill", "p0"), now=6.06)  # its queued beat taken in
+    r.clock.received(6.1, sent_at=6.0)
+    assert r.prune(6.2) == []
+    # without the stall allowance it would have been judged silent for 6 s
+    plain = Registry(lag_cap=10.0)
+    plain.beat(_hb("prefill", "p0"), now=0.0)
+    plain.clock.sent(6.0)
+    assert [i.instance_id for i in plain.prune(6.05)] == ["p0"]
+
+
 def test_every_setting_reaches_the_services_yuebing_up_starts():
     """A setting that is neither forwarded nor given per service would be the launcher's alone: its
     services would run on the default (as decode_write_back once did)."""

@@ -34,30 +34,40 @@ class BeatClock:
     """How far behind the conductor is in taking heartbeats in, from its own: ``sent`` when it
     publishes one (its ``sent_at``), ``received`` when it takes one of its own in. Behind by the
     last one's delay, or by the age of the oldest one not yet taken in if that is more; at most
-    ``cap`` seconds. One taken in settles every one sent before it (those were lost on the way)."""
+    ``cap`` seconds. One taken in settles every one sent before it (those were lost on the way).
 
-    def __init__(self, cap: float):
+    A conductor that stalled (a long computation, a garbage collection) sent no beat meanwhile:
+    a beat sent more than ``interval`` after the one before counts the excess as well until it
+    is taken in, since the instances' beats queued during the stall come in before it does."""
+
+    def __init__(self, cap: float, interval: float = 0.0):
         self.cap = cap
-        self._sent: deque[float] = deque()
+        self.interval = interval
+        self._sent: deque[tuple[float, float]] = deque()  # (sent at, the stall before it)
+        self._last_sent: float | None = None
         self.lag = 0.0
 
     def sent(self, at: float) -> None:
-        self._sent.append(at)
+        stall = 0.0
+        if self.interval > 0 and self._last_sent is not None:
+            stall = max(0.0, at - self._last_sent - self.interval)
+        self._last_sent = at
+        self._sent.append((at, stall))
 
     def received(self, at: float, sent_at: float) -> None:
-        while self._sent and self._sent[0] <= sent_at:
+        while self._sent and self._sent[0][0] <= sent_at:
             self._sent.popleft()
         self.lag = max(0.0, at - sent_at)
 
     def behind(self, now: float) -> float:
-        waiting = now - self._sent[0] if self._sent else 0.0
+        waiting = max((now - at + stall for at, stall in self._sent), default=0.0)
         return min(self.cap, max(self.lag, waiting))
 
 
 class Registry:
-    def __init__(self, lag_cap: float = 30.0) -> None:
+    def __init__(self, lag_cap: float = 30.0, interval: float = 0.0) -> None:
         self._instances: dict[tuple[str, str], Instance] = {}
-        self.clock = BeatClock(lag_cap)
+        self.clock = BeatClock(lag_cap, interval)
 
     def beat(self, hb: Heartbeat, now: float) -> Instance:
         key = (hb.kind, hb.instance_id)

@@ -86,7 +86,7 @@ class Scheduler:
     def __init__(self, settings: Settings):
         s = self.settings = settings
         # liveness judged as of how far the conductor is behind on heartbeats, at most ten beats
-        self.registry = Registry(lag_cap=10 * settings.heartbeat_interval)
+        self.registry = Registry(lag_cap=10 * settings.heartbeat_interval, interval=settings.heartbeat_interval)
         # with several conductors, the prefill and decode instances this one places work on
         self.partition = Partition(settings.instance_id or "conductor")
         self.index = PrefixIndex()

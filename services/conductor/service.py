@@ -234,7 +234,8 @@ class ConductorService(Service):
         summary = IndexSummary(
             blocks={i: self.index.count_of(i) for i in self.index.instances()},
             pool_blocks=len(pool),
-            pool_digest=keys_digest(pool),
+            # seconds at millions of keys: not on the loop that takes the heartbeats in
+            pool_digest=await asyncio.to_thread(keys_digest, pool),
             gaps=self.index.gaps,
             resyncs=self.resyncs,
         )
