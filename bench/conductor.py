@@ -1018,6 +1018,8 @@ class Bench:
 
     async def _on_reply(self, msg) -> None:
         now = time.monotonic()
+        if not msg.data:  # the server's "no responders" (the conductor was cut off): a lost reply
+            return
         r = decode(msg.data, ScheduleReply)
         got = self.pending.pop(r.attempt_id, None)
         if got is None:

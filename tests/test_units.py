@@ -286,6 +286,7 @@ def test_a_conductor_that_stalled_does_not_take_the_instances_for_lost():
     r.beat(_hb("prefill", "p0"), now=0.0)
     r.clock.sent(0.0)
     r.clock.received(0.01, sent_at=0.0)
+    assert r.prune(5.9) == []  # stalled: its own beat is overdue by 4.9 s
     r.clock.sent(6.0)  # the next beat, 6 s after the last: 5 s of stall
     assert r.prune(6.05) == [] and [i.instance_id for i in r.alive("prefill", 6.05)] == ["p0"]
     r.beat(_hb("prefill", "p0"), now=6.06)  # its queued beat taken in

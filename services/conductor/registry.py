@@ -36,9 +36,10 @@ class BeatClock:
     last one's delay, or by the age of the oldest one not yet taken in if that is more; at most
     ``cap`` seconds. One taken in settles every one sent before it (those were lost on the way).
 
-    A conductor that stalled (a long computation, a garbage collection) sent no beat meanwhile:
-    a beat sent more than ``interval`` after the one before counts the excess as well until it
-    is taken in, since the instances' beats queued during the stall come in before it does."""
+    A conductor that stalls (a long computation, a garbage collection) sends no beat meanwhile:
+    while its next beat is overdue it is behind by as much, and a beat sent more than
+    ``interval`` after the one before counts the excess as well until it is taken in, since the
+    instances' beats queued during the stall come in before it does."""
 
     def __init__(self, cap: float, interval: float = 0.0):
         self.cap = cap
@@ -61,7 +62,8 @@ class BeatClock:
 
     def behind(self, now: float) -> float:
         waiting = max((now - at + stall for at, stall in self._sent), default=0.0)
-        return min(self.cap, max(self.lag, waiting))
+        overdue = now - self._last_sent - self.interval if self.interval > 0 and self._last_sent is not None else 0.0
+        return min(self.cap, max(self.lag, waiting, overdue))
 
 
 class Registry:
