@@ -68,14 +68,14 @@ class BeatClock:
 
 class Registry:
     def __init__(self, lag_cap: float = 30.0, interval: float = 0.0) -> None:
-        self._instances: dict[tuple[str, str], Instance] = {}
+        self._kinds: dict[str, dict[str, Instance]] = {}  # kind -> instance id -> instance
         self.clock = BeatClock(lag_cap, interval)
 
     def beat(self, hb: Heartbeat, now: float) -> Instance:
-        key = (hb.kind, hb.instance_id)
-        inst = self._instances.get(key)
+        of_kind = self._kinds.setdefault(hb.kind, {})
+        inst = of_kind.get(hb.instance_id)
         if inst is None:
-            inst = self._instances[key] = Instance(hb.kind, hb.instance_id, now, hb)
+            inst = of_kind[hb.instance_id] = Instance(hb.kind, hb.instance_id, now, hb)
         else:
             inst.last_seen = now
             inst.beat = hb
@@ -85,15 +85,15 @@ class Registry:
     def alive(self, kind: str, now: float) -> list[Instance]:
         """Instances that can take new work: beating, and not draining."""
         seen = now - self.clock.behind(now)
-        return [i for (k, _), i in self._instances.items() if k == kind and i.alive(seen) and not i.beat.draining]
+        return [i for i in self._kinds.get(kind, {}).values() if i.alive(seen) and not i.beat.draining]
 
     def prune(self, now: float) -> list[Instance]:
         """Forget instances that missed their beats; returns them."""
         seen = now - self.clock.behind(now)
-        gone = [i for i in self._instances.values() if not i.alive(seen)]
+        gone = [i for of_kind in self._kinds.values() for i in of_kind.values() if not i.alive(seen)]
         for i in gone:
-            del self._instances[(i.kind, i.instance_id)]
+            del self._kinds[i.kind][i.instance_id]
         return gone
 
     def get(self, kind: str, instance_id: str) -> Instance | None:
-        return self._instances.get((kind, instance_id))
+        return self._kinds.get(kind, {}).get(instance_id)
