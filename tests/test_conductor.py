@@ -282,3 +282,34 @@ def test_pool_writes_all_or_from_the_second_sight_of_a_prefix():
         PoolWriteAdmission("some")
     with pytest.raises(ValueError):
         PoolWriteAdmission("seen", capacity=0)
+
+
+@pytest.mark.parametrize("name", ["global_cache_aware", "local_cache_aware"])
+def test_cache_aware_choice_among_few_candidates_is_the_choice_among_all(name):
+    """The estimates made for the holders and the least queued other instance pick what estimates
+    for every instance would have picked."""
+    import random
+
+    from services.conductor.placement import affinity_rank
+
+    rng = random.Random(7)
+    policy = make_policy(name, _model(), use_pool=True, peer_fetch=True)
+    for trial in range(300):
+        n = rng.randint(1, 40)
+        prefills = [PrefillView(f"p{i}", rng.choice([0.0, 0.0, 0.5, rng.random() * 3]),
+                                rng.choice([0, 0, 0, rng.randint(1, 20)])) for i in range(n)]
+        req = RequestView(prompt_len=rng.randint(32, 600), block_size=16, pool_blocks=rng.randint(0, 20),
+                          affinity=rng.randbytes(16))
+        chosen = policy.choose_prefill(req, prefills)
+        holders = sorted((p for p in prefills if p.local_blocks > 0), key=lambda p: -p.local_blocks)[:2]
+
+        def peer(p):
+            return next((q for q in holders if q.instance_id != p.instance_id), None) if name == "global_cache_aware" else None
+
+        every = [policy.estimate(req, p, name == "global_cache_aware", peer(p)) for p in prefills]
+        if name == "global_cache_aware":
+            best = min(every, key=lambda c: (c.ttft, c.use_pool or bool(c.peer_id),
+                                             affinity_rank(req.affinity, c.view.instance_id)))
+        else:
+            best = min(every, key=lambda c: (c.ttft, affinity_rank(req.affinity, c.view.instance_id)))
+        assert chosen.view.instance_id == best.view.instance_id, trial
