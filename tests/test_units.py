@@ -474,3 +474,13 @@ def test_decode_predictions_are_made_for_the_least_loaded_few():
     assert d.placement.decode_id == "d19"  # the idlest, as with a prediction for every instance
     _, _, views = s.place(40, [], 0.1, tokens=8, avoid_decode="d19")
     assert "d19" not in {v.instance_id for v in views}
+
+
+def test_gateways_ask_the_conductors_in_turn_and_another_when_one_is_lost():
+    from services.gateway.conductors import ConductorChoice
+
+    c = ConductorChoice()
+    picks = [c.pick(["c-b", "c-a"]) for _ in range(4)]
+    assert sorted(picks) == ["c-a", "c-a", "c-b", "c-b"] and picks[0] != picks[1]
+    assert {c.pick(["c-a", "c-b"], avoid={"c-a"}) for _ in range(3)} == {"c-b"}
+    assert c.pick(["c-a"], avoid={"c-a"}) == "" and c.pick([]) == ""  # none: the queue group
