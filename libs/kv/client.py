@@ -178,10 +178,11 @@ class CacheClient:
             return
         until = asyncio.get_running_loop().time() + HOT_ADVICE_SECONDS
         for k, n in zip(keys, replicas):
-            if n > 0 and owners(k, live, 1)[0] == iid:
-                self._hot[k] = (n, until)
-            elif k in self._hot and owners(k, live, 1)[0] == iid:
-                del self._hot[k]
+            if (n > 0 or k in self._hot) and owners(k, live, 1)[0] == iid:
+                if n > 0:
+                    self._hot[k] = (n, until)
+                else:
+                    del self._hot[k]
         if len(self._hot) > HOT_ADVICE_MAX_KEYS:
             now = asyncio.get_running_loop().time()
             self._hot = {k: v for k, v in self._hot.items() if v[1] > now}
