@@ -105,6 +105,19 @@ def test_cost_model_fits_reports():
     assert m.prefill_seconds(2048, 1984) < m.prefill_seconds(2048, 0) / 10
 
 
+def test_the_cost_model_counts_a_revision_when_a_fit_moves_its_prices():
+    m = PrefillCostModel()  # the built-in guess: 2 ms a token
+    for i in range(PrefillCostModel.MIN_SAMPLES):
+        m.observe_prefill(500 + 100 * i, 0, 1e-4 * (500 + 100 * i))  # twenty times faster than the guess
+    assert (m.fits, m.revision) == (1, 1)  # the first fit always reprices
+    m.observe_prefill(800, 0, 1.02e-4 * 800)  # a sample within the noise
+    assert (m.fits, m.revision) == (2, 1)
+    for i in range(64):  # the machine got twice as slow
+        m.observe_prefill(500 + 10 * i, 0, 2e-4 * (500 + 10 * i))
+    assert m.revision >= 2
+    assert m.prefill_seconds(1000, 0) > 0.15  # from 0.1 s before
+
+
 def test_cost_model_load_rate_moves_toward_observations():
     m = PrefillCostModel(PrefillCalibration(load_tokens_per_second=1000.0))
     for _ in range(50):

@@ -149,3 +149,15 @@ def test_a_compute_model_that_runs_high_gives_a_negative_lag_but_no_task_counts_
     q.first_token("p0", "zz", now=1.0)  # unknown: nothing learnt
     q.lag.observe(-1.0, 0.5)  # a clock gone backwards: not a sample
     assert len(q.lag._samples) == 8
+
+
+def test_waiting_tasks_are_priced_again_and_computed_ones_are_not():
+    q = PrefillQueues()
+    q.placed("p0", "a", 2.0, 1000, now=0.0)  # priced at a guess of 2 ms a token
+    q.placed("p0", "b", 2.0, 1000, reused=512)
+    q.placed("p0", "c", 2.0, 1000, reused=512, load_seconds=0.3)  # its load is slower than its compute
+    q.placed("p1", "d", 2.0, 1000)
+    q.first_token("p1", "d", now=0.5)  # computed: only its hand-off is left, nothing to price
+    assert q.reprice(lambda prompt, reused: 1e-4 * (prompt - reused)) == 3
+    assert q.seconds("p0", now=0.0) == pytest.approx(0.1 + 0.0488 + 0.3)
+    assert q.seconds("p1", now=0.5) == 0.0

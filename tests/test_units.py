@@ -397,6 +397,36 @@ def test_a_resumed_request_avoids_the_decode_instance_it_failed_on():
     assert kept.placement.admitted and kept.placement.decode_id == "d0"
 
 
+def test_a_queue_placed_on_the_built_in_guess_is_priced_again_once_reports_ground_the_model():
+    """Requests queued while the prefill cost model was still its built-in guess (2 ms a token, far
+    too slow for a small model) must not keep the queue looking tens of seconds long once reports
+    have fitted it: admission, then trusting the model, would reject what the instance serves in
+    milliseconds."""
+    from libs.config import Settings
+    from libs.protocol import Heartbeat, PrefillReport, SamplingParams, ScheduleRequest
+    from services.conductor.scheduler import Scheduler
+
+    s = Scheduler(Settings(policy="least_loaded", admission="predictive"))
+    for kind, iid in (("prefill", "p0"), ("decode", "d0")):
+        s.heartbeat(Heartbeat(kind=kind, instance_id=iid, interval=1.0, max_running=32), 0.0)
+
+    def request(rid, n):
+        return ScheduleRequest(attempt_id=rid, prompt_token_ids=[(7 * i + n) % 30000 + 50 for i in range(n)],
+                               sampling=SamplingParams(max_tokens=4), ttft_slo=30.0)
+
+    for i in range(24):  # admitted on the guess: an ungrounded model judges nothing
+        assert s.schedule(request(f"q{i}", 1000 + 16 * i), 0.01 * i).placement.admitted
+    assert s.queue_seconds("p0", 0.3) > 30.0  # as the guess prices them
+    for i in range(8):  # the first eight are computed, at 0.1 ms a token
+        n = 1000 + 16 * i
+        s.prefill_report(PrefillReport(attempt_id=f"q{i}", instance_id="p0", prompt_tokens=n,
+                                       local_tokens=0, pool_tokens=0, load_bytes=0, load_seconds=0.0,
+                                       compute_seconds=1e-4 * n, queue_seconds=0.0, ttft_seconds=0.5), 0.5)
+    assert s.cost.fits > 0
+    assert s.queue_seconds("p0", 0.5) < 5.0
+    assert s.schedule(request("late", 1200), 0.6).placement.admitted
+
+
 def test_conductors_split_the_instances_each_kind_dealt_in_turn():
     from services.conductor.partition import Partition
 

@@ -27,6 +27,7 @@ class PrefillCalibration:
 
 class PrefillCostModel:
     MIN_SAMPLES = 8
+    REPRICE_SHIFT = 0.1
 
     def __init__(self, calibration: PrefillCalibration | None = None, window: int = 512):
         self.cal = calibration or PrefillCalibration()
@@ -38,6 +39,11 @@ class PrefillCostModel:
         self._loads: deque[tuple[float, float]] = deque(maxlen=window)  # (bytes, seconds)
         self.kv_bytes_per_token = 0  # of the served model, from the workers' reports (0: not known yet)
         self.fits = 0
+        # counts the fits that moved prices: the first, and each that changed the predicted total of
+        # the window's samples by more than REPRICE_SHIFT since the last one counted (work priced
+        # before such a fit is priced again)
+        self.revision = 0
+        self._priced_coef = self.coef.copy()
 
     @classmethod
     def from_profile(cls, profile: CostProfile, window: int = 512) -> "PrefillCostModel":
@@ -104,3 +110,7 @@ class PrefillCostModel:
             coef = np.array(fit(rows, y), dtype=float)
             self.coef = np.maximum(coef, [0.0, 1e-6, 0.0])
         self.fits += 1
+        before = float(np.sum(x @ self._priced_coef))
+        if self.fits == 1 or abs(float(np.sum(x @ self.coef)) / max(before, 1e-12) - 1.0) > self.REPRICE_SHIFT:
+            self.revision += 1
+            self._priced_coef = self.coef.copy()

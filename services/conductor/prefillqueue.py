@@ -25,11 +25,18 @@ them: on the simulated 8P+8D cluster at 4x load such queues ran a second (15 %) 
 predicted compute, and the TTFT predictions admission relies on fell behind as the queues grew. So
 every task also counts the lag between its start and its first token beyond its predicted compute,
 learnt as the mean of that difference over recent tasks (``StartLagModel``).
+
+A task's compute is priced by the cost model as it was when the task was placed. When a refit moves
+the model's prices (its first fit above all: until then the prices are a built-in guess, which for
+a small model may be twenty times too high), the tasks still waiting are priced again (``reprice``):
+left at the old prices, a queue built before the fit kept predicting TTFTs of tens of seconds for
+prompts that took milliseconds, and admission, by then trusting the fitted model, rejected them.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from libs.engine.costs import fit
@@ -100,6 +107,8 @@ class _Task:
     tokens: int  # positions of KV it will hand off
     started_at: float | None = None  # when the instance took it up (None: still waiting, or unknown)
     first_token_at: float | None = None
+    reused: int = 0  # prompt positions it reuses rather than computes
+    load: float = 0.0  # predicted seconds of the reused prefix's load, under which the compute runs
 
 
 class PrefillQueues:
@@ -119,12 +128,25 @@ class PrefillQueues:
         self._tasks: dict[str, dict[str, _Task]] = {}
 
     def placed(self, instance_id: str, attempt_id: str, compute_seconds: float, tokens: int,
-               now: float | None = None) -> None:
-        """A task sent to the instance at ``now`` (None: its start is not tracked, its whole
-        compute counts until its first token)."""
+               now: float | None = None, reused: int = 0, load_seconds: float = 0.0) -> None:
+        """A task of a ``tokens``-long prompt reusing ``reused`` positions (loaded in ``load_seconds``)
+        sent to the instance at ``now`` (None: its start is not tracked, its whole compute counts
+        until its first token)."""
         tasks = self._tasks.setdefault(instance_id, {})
         idle = not tasks
-        tasks[attempt_id] = _Task(max(0.0, compute_seconds), tokens, started_at=now if idle else None)
+        tasks[attempt_id] = _Task(max(0.0, compute_seconds), tokens, started_at=now if idle else None,
+                                  reused=reused, load=max(0.0, load_seconds))
+
+    def reprice(self, prefill_seconds: Callable[[int, int], float]) -> int:
+        """Price again the compute of every task not yet computed, with ``prefill_seconds(prompt_len,
+        reused)`` (the cost model as now fitted); returns how many were priced."""
+        priced = 0
+        for tasks in self._tasks.values():
+            for task in tasks.values():
+                if task.first_token_at is None:
+                    task.compute = max(0.0, prefill_seconds(task.tokens, task.reused), task.load)
+                    priced += 1
+        return priced
 
     def first_token(self, instance_id: str, attempt_id: str, now: float) -> None:
         task = self._tasks.get(instance_id, {}).get(attempt_id)

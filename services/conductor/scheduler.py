@@ -131,7 +131,10 @@ class Scheduler:
             self.ttft_error.observe(predicted, r.ttft_seconds)
         reused = r.local_tokens + r.pool_tokens
         self.cost.observe_kv_size(r.kv_bytes_per_token)
+        revision = self.cost.revision
         self.cost.observe_prefill(r.prompt_tokens - reused, reused, r.compute_seconds)
+        if self.cost.revision != revision:  # the prices moved: the queued tasks are priced again
+            self.queues.reprice(self.cost.prefill_seconds)
         self.cost.observe_load(r.pool_tokens, r.load_seconds, r.load_bytes)
 
     def prefill_done(self, r: PrefillDone, now: float) -> None:
@@ -339,7 +342,9 @@ class Scheduler:
         """Count a placed request (expected to decode ``tokens``) on its prefill queue and in the
         decode projection."""
         _remember(self._predicted_ttft, attempt_id, placement.predicted_ttft)
-        self.queues.placed(placement.prefill_id, attempt_id, placement.predicted_prefill, prompt_len, now)
+        self.queues.placed(placement.prefill_id, attempt_id, placement.predicted_prefill, prompt_len, now,
+                           reused=placement.cached_blocks * self.settings.block_size,
+                           load_seconds=placement.predicted_load)
         inst = self.registry.get("decode", placement.decode_id)
         if inst is not None:
             inst.placed_since_beat += 1
