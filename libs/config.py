@@ -101,6 +101,13 @@ class Settings(msgspec.Struct, kw_only=True):
     # global_cache_aware may have a prompt's prefix loaded from the prefill instance whose own DRAM
     # cache holds it (a peer), when that beats the pool's hit and recomputing
     peer_fetch: bool = True
+    # chunked pipeline parallelism: a prompt with at least ``pipeline_min_tokens`` to compute may be
+    # split over up to ``pipeline_max_stages`` prefill instances (1: never), when the cost model
+    # predicts the pipeline's first token sooner; a stage waits at most ``pipeline_stage_timeout``
+    # seconds for the one before it, then computes that part itself
+    pipeline_min_tokens: int = 4096
+    pipeline_max_stages: int = 4
+    pipeline_stage_timeout: float = 60.0
     # SLOs (seconds; 0 = none) and admission: "none" admits everything, "early" rejects on the
     # best predicted TTFT and the decode pool's current load, "predictive" projects the decode load
     # to when the request would reach it (Mooncake's prediction-based early rejection)

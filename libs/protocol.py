@@ -231,6 +231,14 @@ class PrefillTask(_Resumable, kw_only=True):
     leading blocks the instance may write to the pool afterwards (-1: every one the pool lacks).
     ``peer_id`` names another prefill instance whose own DRAM cache holds the first ``peer_blocks``
     blocks: the instance loads those past its own from that peer instead of the pool.
+
+    A long prompt split over several instances in a pipeline (chunked pipeline parallelism) is one
+    task per stage. ``stage_end`` > 0: this task is a stage before the last: it computes the
+    prompt's positions up to ``stage_end`` (a multiple of the block size) and serves their KV, layer
+    by layer as it computes them, to the next stage; it emits nothing to the client and hands
+    nothing to decode. ``stage_from`` (with ``stage_attempt``, the previous stage's task) names the
+    instance computing the positions before ``stage_past``: this task loads them from it live,
+    layer by layer while both run, instead of from a cache.
     """
 
     v: int = PROTOCOL_VERSION
@@ -247,6 +255,10 @@ class PrefillTask(_Resumable, kw_only=True):
     pool_write_blocks: int = -1
     peer_id: str = ""
     peer_blocks: int = 0
+    stage_end: int = 0
+    stage_from: str = ""
+    stage_attempt: str = ""
+    stage_past: int = 0
 
 
 class Fork(msgspec.Struct, array_like=True):
@@ -354,6 +366,7 @@ class PrefillReport(msgspec.Struct, kw_only=True):
     queue_seconds: float
     kv_bytes_per_token: int = 0  # of the model served (what a load of one position moves)
     ttft_seconds: float = 0.0  # from the request's arrival at the gateway to its first token (0: unknown)
+    num_layers: int = 0  # of the model served (a pipeline's stages run one layer apart)
 
 
 class PrefillDone(msgspec.Struct, kw_only=True):
@@ -600,6 +613,9 @@ class CacheGetRequest(msgspec.Struct, kw_only=True):
     # Stream layer by layer instead of block by block (``LayerPiece`` messages): the reader can
     # start computing layer 0 while the later layers are still on the way.
     by_layer: bool = False
+    # A pipeline stage's KV as it is computed (a prefill instance's task ``attempt_id``, a stage
+    # before the last): ``keys`` are blocks of that task's prompt, each layer is sent once computed
+    live: str = ""
 
 
 class BlockHeader(msgspec.Struct, kw_only=True, array_like=True):
@@ -618,6 +634,10 @@ class CacheGetReply(msgspec.Struct, kw_only=True):
     # per found key, when the answering instance is the key's primary: the extra copies of the
     # block on the next instances of its ranking that readers may use (0: read it here only)
     replicas: list[int] = []
+    # a live get's answer: the pieces carry their own checksums (the blocks' are not known before
+    # they are computed); ``reused_tokens`` of the positions sent came from a cache, not a forward
+    live: bool = False
+    reused_tokens: int = 0
 
 
 class LayerPiece(msgspec.Struct, kw_only=True, array_like=True):
@@ -625,12 +645,14 @@ class LayerPiece(msgspec.Struct, kw_only=True, array_like=True):
     their ``[2, num_kv_heads, block_size, head_dim]`` slices one after another (each a contiguous
     range of its block's data). A sender's pieces go layer by layer, so a block's slices arrive in
     layer order and its checksum can be checked once its last layer is in. The last piece of each
-    window is sent as a request: the sender waits for the reader's ``ChunkAck`` before going on."""
+    window is sent as a request: the sender waits for the reader's ``ChunkAck`` before going on.
+    ``checksum``: XXH3-64 of ``data``, in a live get's pieces (None in a stored block's)."""
 
     transfer_id: str
     layer: int
     first: int
     count: int
+    checksum: int | None = None
     data: memoryview
 
 

@@ -36,6 +36,7 @@ FORWARDED = ("block_size", "threads", "max_running", "urgent_rows", "dram_bytes"
              "peer_fetch", "prefill_kv_arena_bytes", "decode_kv_arena_bytes", "device", "dtype", "load_format", "stream_replicas",
              "task_ack_wait", "pool_eviction", "pool_evict_high", "pool_evict_low", "pool_max_pinned_blocks",
              "pool_hot_replicas", "pool_hot_reads_per_second", "pool_hot_half_life_seconds",
+             "pipeline_min_tokens", "pipeline_max_stages", "pipeline_stage_timeout",
              "decode_write_back", "session_ttl_seconds", "session_max_blocks", "heap_keep_bytes",
              "served_model_name")  # the gateway's, and every service's metrics' model_name label
 # settings each process gets its own way (its command line, or only the service that uses them):

@@ -59,7 +59,7 @@ class PrefillKV:
         self._ready = layers if ready else 0  # layers 0.._ready-1 are in place (layers arrive in order)
         self._computed = 0  # layers 0.._computed-1 hold every new position
         self._error: str | None = None
-        self._watch = None
+        self._watchers: list = []
         self.waited = 0.0  # seconds the model spent waiting for the past
 
     @classmethod
@@ -95,13 +95,13 @@ class PrefillKV:
 
     def watch(self, callback) -> None:
         """Call ``callback()`` (no arguments, on the changing thread) whenever layers become ready,
-        computed, or the buffer fails."""
-        self._watch = callback
+        computed, or the buffer fails (every callback set, in turn)."""
+        self._watchers.append(callback)
         callback()
 
     def _changed(self) -> None:
-        if self._watch is not None:
-            self._watch()
+        for callback in self._watchers:
+            callback()
 
     def layer_ready(self, upto: int) -> None:
         """Layers ``0..upto-1`` hold their past."""
@@ -143,6 +143,11 @@ class PrefillKV:
         """Free the GPU copy once the prompt has run (copies in flight keep their memory)."""
         if self.dev is not self.kv:
             self.dev = None
+
+    def computed_layers(self) -> int:
+        """Leading layers that hold every new position (their past was in place when they ran)."""
+        with self._cond:
+            return self._computed
 
     def sendable_layers(self) -> int:
         """Leading layers whose bytes are final: computed, over a past that is all verified."""

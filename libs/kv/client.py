@@ -456,6 +456,42 @@ class CacheClient:
                     pass
         return load.finish()
 
+    async def load_live(self, keys: Sequence[bytes], dest, start: int, *, peer: str, attempt: str,
+                        timeout: float) -> tuple[int, int]:
+        """Stream the blocks of ``keys`` from the pipeline stage computing them (task ``attempt`` on
+        the prefill instance ``peer``) into ``dest`` layer by layer, each layer as that stage
+        computes it (``serve_live_layers``); the stage may not have started yet, so ``timeout``
+        covers its wait in its own queue and its compute. Returns the leading blocks that arrived
+        whole and checked, and how many of the positions sent that stage reused from a cache rather
+        than computed. Fewer blocks than asked: ``dest.fail`` was called and the caller computes past
+        the good ones."""
+        keys = list(keys)
+        if not keys:
+            return 0, 0
+        deadline = self._deadline(timeout)
+        load = LayeredLoad(keys, dest, start)
+        sub = await self.nc.subscribe(self.nc.new_inbox(), cb=partial(load.on_piece, self.nc),
+                                      pending_bytes_limit=BULK_PENDING_BYTES)
+        try:
+            req = CacheGetRequest(keys=keys, reply_subject=sub.subject, by_layer=True, live=attempt)
+            reply = await self._ask(peer, "get", req, CacheGetReply, self._left(deadline), "live_get",
+                                    subject=Subjects.prefill_blocks(peer), keys=len(keys))
+            if reply is not None and reply.live:
+                load.expect(reply, keys, list(range(len(keys))))
+            else:
+                load.missing([i for i in range(len(keys)) if reply is None or keys[i] not in reply.found])
+            load.announced()
+            try:
+                await asyncio.wait_for(load.done.wait(), self._left(deadline))
+            except asyncio.TimeoutError:
+                load.give_up("the stage's layers did not all arrive in time")
+        finally:
+            try:
+                await sub.unsubscribe()
+            except nats.errors.Error:
+                pass
+        return load.finish(), load.reused_tokens
+
     async def _ask(self, iid: str, op: str, msg, reply_type, budget: float, what: str, *, subject: str = "",
                    **log_fields):
         """One request to an instance (``msg`` None: an empty body; ``subject``: other than its

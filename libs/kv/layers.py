@@ -2,11 +2,15 @@
 
 ``serve_layers`` is the sending end (a cachestore, or a prefill instance serving its own DRAM
 cache to a peer); ``LayeredLoad`` the receiving end that ``CacheClient.load_layers`` drives.
+``serve_live_layers`` sends the blocks of a prompt still being computed (a pipeline stage's), each
+layer once the model has computed it; each of its pieces carries its own checksum, and the reader
+checks every piece as it lands instead of each block once its last layer is in.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -16,7 +20,7 @@ import numpy as np
 import torch
 
 from libs import checksum as sums
-from libs.bus import send_windowed
+from libs.bus import TransferError, send_windowed
 from libs.kv.codec import KV_DTYPES, KVBlock, KVBlockView
 from libs.log import get_logger
 from libs.protocol import CHUNK_DATA_BYTES, BlockHeader, CacheGetReply, ChunkAck, LayerPiece, decode, encode, encode_with_data
@@ -69,6 +73,60 @@ async def serve_layers(msg, nc, subject: str, found: Sequence[tuple[bytes, "KVBl
     return keys
 
 
+async def serve_live_layers(msg, nc, subject: str, keys: Sequence[bytes], buf, start: int, block_size: int,
+                            dtype: str, reused_tokens: int, timeout: float = 60.0) -> None:
+    """The sending end of a live get: answer ``msg``, then send layer ``i`` of the blocks of
+    ``keys`` (positions ``start ..`` of ``buf``, a ``PrefillKV`` being computed) as soon as the
+    model has computed layer ``i``. Raises TransferError when the buffer fails, a layer is not
+    computed within ``timeout`` or the reader stops acking."""
+    layers, _, heads, _, dim = buf.kv.shape
+    n = len(keys)
+    tid = uuid.uuid4().hex[:12]
+    shape = [layers, 2, heads, block_size, dim]
+    await msg.respond(encode(CacheGetReply(
+        found=list(keys), transfer_id=tid, headers=[BlockHeader(shape=shape, dtype=dtype, checksum=0)] * n,
+        live=True, reused_tokens=reused_tokens)))
+    if not n:
+        return
+    loop = asyncio.get_running_loop()
+    changed = asyncio.Event()
+
+    def wake() -> None:  # on the model thread, or the loop's own
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(changed.set)
+
+    buf.watch(wake)
+    per = 2 * heads * block_size * dim * buf.kv.element_size()
+    run = max(1, LAYER_PIECE_TARGET_BYTES // per)
+
+    def layer_bytes(layer: int) -> bytes:
+        """The layer's slices of the blocks, block after block (each ``[2, H, bs, D]``)."""
+        x = buf.kv[layer, :, :, start : start + n * block_size]
+        return x.reshape(2, heads, n, block_size, dim).permute(2, 0, 1, 3, 4).contiguous().view(-1).view(
+            torch.uint8).numpy().tobytes()
+
+    for layer in range(layers):
+        deadline = loop.time() + timeout
+        while buf.computed_layers() <= layer:
+            if buf.failed is not None:
+                raise TransferError(f"the stage's KV was not computed: {buf.failed}")
+            changed.clear()
+            if buf.computed_layers() > layer:
+                break
+            try:
+                await asyncio.wait_for(changed.wait(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError as e:
+                raise TransferError(f"layer {layer} of the stage was not computed within {timeout}s") from e
+        data = await asyncio.to_thread(layer_bytes, layer)  # a copy off the loop (MBs for a long prompt)
+        pieces = []
+        for first in range(0, n, run):
+            count = min(run, n - first)
+            part = memoryview(data)[first * per : (first + count) * per]
+            pieces.append(encode_with_data(LayerPiece(transfer_id=tid, layer=layer, first=first, count=count,
+                                                      checksum=sums.checksum(part), data=b""), [part]))
+        await send_windowed(nc, subject, tid, pieces, window=LAYER_PIECES_IN_FLIGHT)
+
+
 class LayeredLoad:
     """The receiving end of ``CacheClient.load_layers``: places each ``LayerPiece`` in the buffer,
     keeps a running checksum per block, and releases layers to the model as they complete."""
@@ -95,6 +153,8 @@ class LayeredLoad:
         self.early: dict[str, list[LayerPiece]] = {}  # pieces that came before their sender's reply
         self.kv_np = self.kv.numpy() if self.kv.dtype in _NUMPY_DTYPES else None  # same memory
         self.finished = False  # past ``finish`` the buffer is its owner's again: nothing more lands in it
+        self.live = False  # a live get: every piece carries its checksum, checked as it lands
+        self.reused_tokens = 0  # a live get: positions its sender reused rather than computed
 
     # ---- bookkeeping of what will come
     def missing(self, idxs: Sequence[int]) -> None:
@@ -112,6 +172,9 @@ class LayeredLoad:
             got = []
         for i, h in zip(got, reply.headers):
             self.checksum[i] = h.checksum
+        if got and reply.live:
+            self.live = True
+            self.reused_tokens = reply.reused_tokens
         self.bad.update(set(idxs) - set(got))
         early = self.early.pop(reply.transfer_id, [])
         if not got:
@@ -173,6 +236,8 @@ class LayeredLoad:
         per = 2 * self.heads * bs * self.dim * self.kv.element_size()
         if len(p.data) != p.count * per:
             raise ValueError(f"piece of {len(p.data)} bytes for {p.count} block slices of {per}")
+        if self.live and (p.checksum is None or sums.checksum(p.data) != p.checksum):
+            raise ValueError(f"layer {p.layer} piece of blocks {p.first}+{p.count} does not match its checksum")
         src = self._source(p.data, p.count)
         run_start = 0
         for j in range(p.count + 1):  # copy runs of blocks that are adjacent in the buffer too
@@ -246,7 +311,10 @@ class LayeredLoad:
             self.dest.layer_ready(ready)
 
     def _corrupt(self, blocks: Iterable[int]) -> list[int]:
-        """Of ``blocks`` (all their layers in), those whose data does not match their stored checksum."""
+        """Of ``blocks`` (all their layers in), those whose data does not match their stored checksum
+        (none in a live get: its pieces were checked as they landed)."""
+        if self.live:
+            return []
         return [i for i in blocks if self.sums[i].intdigest() != self.checksum[i]]
 
     def _check_done(self) -> None:

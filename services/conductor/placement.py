@@ -94,6 +94,7 @@ class Placement:
     # reused prefix running under it (0: none); predicted_prefill is the slower of the two
     predicted_compute: float = 0.0
     predicted_load: float = 0.0
+    stages: int = 1  # prefill instances the prompt is split over (a pipeline: more than one)
 
     @property
     def peer_blocks(self) -> int:
@@ -102,7 +103,10 @@ class Placement:
 
     @property
     def plan(self) -> str:
-        """Where the reused prefix comes from: "local" (the instance's own cache), "pool" or "peer"."""
+        """Where the reused prefix comes from: "local" (the instance's own cache), "pool" or "peer";
+        "pipeline" for a prompt split over several instances."""
+        if self.stages > 1:
+            return "pipeline"
         return "peer" if self.peer_id else "pool" if self.use_pool else "local"
 
 

@@ -38,6 +38,7 @@ class PrefillCostModel:
         self.load_coef = (0.0, 1.0 / self.cal.load_bytes_per_second)
         self._loads: deque[tuple[float, float]] = deque(maxlen=window)  # (bytes, seconds)
         self.kv_bytes_per_token = 0  # of the served model, from the workers' reports (0: not known yet)
+        self.layers = 0  # of the served model, from the workers' reports (0: not known yet)
         self.fits = 0
         # counts the fits that moved prices: the first, and each that changed the predicted total of
         # the window's samples by more than REPRICE_SHIFT since the last one counted (work priced

@@ -31,6 +31,7 @@ from services.conductor.prefillcost import PrefillCostModel
 from services.conductor.prefillqueue import PrefillQueues
 from services.conductor.projector import DecodeLoadProjector
 from services.conductor.partition import Partition
+from services.conductor.pipeline import Pipeline, plan_pipeline
 from services.conductor.registry import Instance, Registry
 
 PRIOR_KV_TOKENS = 256  # KV positions per sequence assumed before any has been seen
@@ -71,6 +72,9 @@ class Decision:
     task: PrefillTask | None = None  # the task to queue when admitted
     wait: float | None = None  # the wait for a decode row the admission judged it by (it reaches decode)
     delayed: tuple[tuple[str, float], ...] = ()  # admitted requests it makes wait longer, with the seconds
+    # a prompt split over several prefill instances: the stages before the last, (instance, task)
+    # each, to queue before ``task`` (the last stage, on ``placement.prefill_id``)
+    stages: tuple[tuple[str, PrefillTask], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -131,6 +135,8 @@ class Scheduler:
             self.ttft_error.observe(predicted, r.ttft_seconds)
         reused = r.local_tokens + r.pool_tokens
         self.cost.observe_kv_size(r.kv_bytes_per_token)
+        if r.num_layers > 0:
+            self.cost.layers = r.num_layers
         revision = self.cost.revision
         self.cost.observe_prefill(r.prompt_tokens - reused, reused, r.compute_seconds)
         if self.cost.revision != revision:  # the prices moved: the queued tasks are priced again
@@ -310,6 +316,10 @@ class Scheduler:
             pool_write_blocks=self.pool_writes.blocks_to_write(keys),
             resume=req.resume,
         ), placement)
+        stages: tuple[tuple[str, PrefillTask], ...] = ()
+        pipe = self._pipeline(req, placement, now)
+        if pipe is not None:
+            placement, task, stages = self._staged(task, placement, pipe, now)
         self._placed(req.attempt_id, placement, len(req.prompt_token_ids), tokens, urgent, now, req.tbt_slo)
         wait = None
         d = next(v for v in decodes if v.instance_id == placement.decode_id)
@@ -323,11 +333,62 @@ class Scheduler:
         for rid, seconds in d.delayed:
             if rid in self._predicted_wait:
                 self._predicted_wait[rid] += seconds
-        return Decision(placement, view, task, wait, d.delayed)
+        return Decision(placement, view, task, wait, d.delayed, stages)
+
+    def _pipeline(self, req: ScheduleRequest, placement: Placement, now: float) -> Pipeline | None:
+        """The pipeline of prefill instances to split the prompt over, when the cost model says it
+        gives the first token sooner than the placement's one instance (``pipeline.py``)."""
+        s = self.settings
+        if (s.pipeline_max_stages < 2 or s.colocated or req.sampling.prompt_logprobs is not None
+                or len(req.prompt_token_ids) < s.pipeline_min_tokens or not self.cost.layers):
+            return None
+        others = [(i.instance_id, self.queue_seconds(i.instance_id, now)) for i in self.own("prefill", now)
+                  if i.instance_id != placement.prefill_id]
+        first = (placement.prefill_id, self.queue_seconds(placement.prefill_id, now))
+        return plan_pipeline(len(req.prompt_token_ids), placement.cached_blocks * s.block_size, first, others,
+                             single_ttft=placement.predicted_ttft, block_size=s.block_size, layers=self.cost.layers,
+                             price=self.cost.prefill_seconds, move=self.cost.load_seconds,
+                             max_stages=s.pipeline_max_stages, min_tokens=s.pipeline_min_tokens)
+
+    def _staged(self, task: PrefillTask, placement: Placement, pipe: Pipeline,
+                now: float) -> tuple[Placement, PrefillTask, tuple[tuple[str, PrefillTask], ...]]:
+        """The tasks of a pipeline: the first stage reuses what the placement planned, each later
+        one loads its past live from the one before; the last keeps the request's id, draws the
+        first token and hands off to decode. Every stage but the last is counted on its queue here."""
+        bs = self.settings.block_size
+        stages: list[tuple[str, PrefillTask]] = []
+        before: tuple[str, str] = ("", "")  # the previous stage's instance and task id
+        for k, st in enumerate(pipe.stages):
+            last = k == len(pipe.stages) - 1
+            aid = task.attempt_id if last else f"{task.attempt_id}~s{k}"
+            staged = msgspec.structs.replace(
+                task, attempt_id=aid, stage_end=0 if last else st.end,
+                stage_from=before[0], stage_attempt=before[1], stage_past=st.start if k else 0,
+                predicted_seconds=st.compute)
+            if k:  # its past comes from the stage before: no cache load of it
+                staged = msgspec.structs.replace(staged, reuse_blocks=st.start // bs, use_pool=False, pool_blocks=-1,
+                                                 peer_id="", peer_blocks=0)
+            if last:
+                task = staged
+            else:
+                stages.append((st.instance_id, staged))
+                queue = self.queue_seconds(st.instance_id, now)
+                self.queues.placed(st.instance_id, aid, max(0.0, st.finish - queue), st.end, now, reused=st.start)
+            before = (st.instance_id, aid)
+        final = pipe.stages[-1]
+        queue = self.queue_seconds(final.instance_id, now)
+        placement = dataclasses.replace(
+            placement, prefill_id=final.instance_id, predicted_ttft=final.finish,
+            predicted_prefill=max(0.0, final.finish - queue), predicted_compute=final.compute, predicted_load=0.0,
+            use_pool=False, peer_id="", reuse_blocks=final.start // bs, stages=len(pipe.stages))
+        return placement, task, tuple(stages)
 
     def reassign(self, task: PrefillTask, now: float) -> tuple[Placement, PrefillTask | None]:
         """Place afresh a task queued on a lost prefill instance (it was admitted once: not judged
         again); returns the placement and, when it found instances, the task to queue."""
+        # the last stage of a pipeline is placed afresh as a whole prompt (the stages before it,
+        # whose KV it would have read, are the caller's to drop)
+        task = msgspec.structs.replace(task, stage_from="", stage_attempt="", stage_past=0)
         tokens = self.projector.expected_tokens(task.sampling.max_tokens, task.sampling.ignore_eos)
         urgent = largest_gap_counts(task.sampling.max_tokens)
         placement, _, _ = self.place(len(task.prompt_token_ids), reusable_keys(task.sampling, task.block_hashes), now,

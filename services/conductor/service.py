@@ -268,7 +268,7 @@ class ConductorService(Service):
             pass
         except Exception as e:  # noqa: BLE001
             self.log.warning("consumer_delete_failed", instance=dead, error=str(e))
-        moved = failed = 0
+        moved = failed = dropped = 0
         sub = await self.js.pull_subscribe(subject, stream=stream)
         consumer = (await sub.consumer_info()).name
         try:
@@ -282,6 +282,12 @@ class ConductorService(Service):
                         task = decode(m.data, PrefillTask)
                     except _BAD:
                         await m.term()
+                        continue
+                    if task.stage_end:
+                        # a pipeline stage before the last: the next stage computes its part itself
+                        # once this one's KV does not come; nothing to move, nothing to tell a client
+                        await m.ack()
+                        dropped += 1
                         continue
                     placement, moved_task = self.scheduler.reassign(task, time.monotonic())
                     if moved_task is None:
@@ -301,8 +307,9 @@ class ConductorService(Service):
             # the instance may come back under the same id
             with contextlib.suppress(Exception):
                 await self.js.delete_consumer(stream, consumer)
-        if moved or failed:
-            self.log.warning("prefill_tasks_reassigned", instance=dead, moved=moved, failed=failed)
+        if moved or failed or dropped:
+            self.log.warning("prefill_tasks_reassigned", instance=dead, moved=moved, failed=failed,
+                             stages_dropped=dropped)
 
     async def _on_schedule(self, msg) -> None:
         try:
@@ -321,10 +328,11 @@ class ConductorService(Service):
                      predicted_prefill=round(placement.predicted_prefill, 4),
                      predicted_tbt=round(placement.predicted_tbt, 4),
                      predicted_wait=None if d.wait is None else round(d.wait, 4),
-                     overtakes={rid: round(seconds, 3) for rid, seconds in d.delayed} or None)
+                     overtakes={rid: round(seconds, 3) for rid, seconds in d.delayed} or None,
+                     stages=[iid for iid, _ in d.stages] + [placement.prefill_id] if d.stages else None)
             # the next request is placed on a state that counts this one already; the JetStream
             # round trip (tenths of a second on a loaded host) does not hold the next decision
-            self.spawn(self._dispatch(msg, d.task, placement, log, view))
+            self.spawn(self._dispatch(msg, d.task, placement, log, view, d.stages))
             # a backlog of schedule requests is taken from the subscription's queue without a
             # pause: yield, so that heartbeats (an instance unheard for three beats is declared
             # lost), reports and the dispatches just spawned run between decisions
@@ -334,16 +342,21 @@ class ConductorService(Service):
         log.warning("not_admitted", status=placement.status, reason=placement.reason)
         await msg.respond(encode(self._reply(req.attempt_id, placement)))
 
-    async def _dispatch(self, msg, task: PrefillTask, placement, log, view) -> None:
-        """Queue an admitted request's prefill task, then answer its gateway; if JetStream cannot
-        take it, forget what its placement counted and answer 503 (never a hang)."""
+    async def _dispatch(self, msg, task: PrefillTask, placement, log, view, stages=()) -> None:
+        """Queue an admitted request's prefill task (after the stages before it, for a prompt split
+        over several instances), then answer its gateway; if JetStream cannot take them, forget
+        what the placement counted and answer 503 (never a hang)."""
         rid = task.attempt_id
         try:
+            for iid, stage in stages:
+                await self.js.publish(Subjects.prefill_task(iid), encode(stage), headers={"Nats-Msg-Id": stage.attempt_id})
             ack = await self.js.publish(Subjects.prefill_task(placement.prefill_id), encode(task),
                                         headers={"Nats-Msg-Id": rid})
         except Exception as e:  # noqa: BLE001 - JetStream unavailable: tell the client, do not hang
             log.error("dispatch_failed", error=str(e))
             self.scheduler.unplace(rid, placement)
+            for iid, stage in stages:  # a stage queued before the failure finds no next stage to serve
+                self.scheduler.queues.done(iid, stage.attempt_id, 0, 0.0)
             NOT_ADMITTED.labels(status="503", cause="unavailable").inc()
             await msg.respond(encode(ScheduleReply(attempt_id=rid, admitted=False, status=503,
                                                    reason="task queue unavailable", retry_after=1.0)))
@@ -353,6 +366,8 @@ class ConductorService(Service):
             # dropped; which instances run it is not known here
             log.warning("placed_before", prefill=placement.prefill_id)
             self.scheduler.unplace(rid, placement)
+            for iid, stage in stages:
+                self.scheduler.queues.done(iid, stage.attempt_id, 0, 0.0)
             await msg.respond(encode(ScheduleReply(attempt_id=rid, admitted=True, reason="placed before")))
             return
         # counted once queued: a placement undone above is a request not admitted

@@ -11,6 +11,12 @@ The KV leaves for decode while the prompt runs: each layer's bytes go as soon as
 written the layer's last position (and any pool past under it has verified), so by the first
 token only the last layers are still on the way and the instance is free for its next prompt
 soon after, instead of a whole prompt's KV transfer later.
+
+A long prompt may be split over several instances in a pipeline (chunked pipeline parallelism):
+each stage computes a chunk in one forward, its past streamed in live, layer by layer, from the
+instance computing the chunk before it (``services/prefill/stages.py``), so the stages' layers run
+side by side. Only the last stage draws the first token and hands the KV to decode. A stage whose
+live past does not arrive computes it itself; one before the last then leaves that to the next.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from libs.kv.client import CacheClient, CacheError
 from libs.kv.codec import block_view, tensor_bytes
-from libs.kv.layers import serve_layers
+from libs.kv.layers import serve_layers, serve_live_layers
 from libs.bus import TransferError, keep_in_progress, send_blob
 from libs.kvevents import KVEventPublisher
 from libs.engine.arena import kv_arena_for, KVArena
@@ -34,6 +40,7 @@ from libs.engine.prefill_kv import PastNotLoaded, PrefillKV
 from libs.engine.logprobs import PromptScores, logprobs_at
 from libs.engine.sampling import sample_token, split_resumed_prompt
 from libs.protocol import (
+    CacheGetReply,
     CacheGetRequest,
     DecodeTask,
     Fork,
@@ -51,6 +58,7 @@ from libs.worker import ModelWorker, finish_reason
 
 from services.prefill.blockcache import BlockCache
 from services.prefill.handoff import HANDOFF_WINDOW_CHUNKS, stream_kv
+from services.prefill.stages import LiveStages, Stage
 
 CACHE_TIMEOUT = 5.0
 
@@ -61,6 +69,8 @@ PREFILL_SECONDS = Histogram("yuebing:prefill_compute_seconds", "Model time of on
 LOAD_SECONDS = Histogram("yuebing:prefill_pool_load_seconds", "Time to load prefix blocks from the pool or a peer",
                          ["source"])
 PEER_SERVED = Counter("yuebing:prefill_peer_blocks_served", "Blocks of the own cache sent to a peer instance")
+STAGES = Counter("yuebing:prefill_pipeline_stages", "Pipeline stages run (a long prompt split over instances)",
+                 ["role", "outcome"])
 LOCAL_BYTES = Gauge("yuebing:prefill_local_cache_bytes", "Bytes in the instance's own block cache")
 LOCAL_EVICTIONS = Counter("yuebing:prefill_local_cache_evictions", "Blocks evicted from the instance's own cache")
 HANDOFF_TAIL_SECONDS = Histogram("yuebing:prefill_kv_handoff_tail_seconds",
@@ -80,6 +90,9 @@ class Prefilled(NamedTuple):
     compute_seconds: float  # the model's time on the prompt (waits for the past's layers excluded)
     handoff: "asyncio.Future | None"  # the KV on its way to decode as the layers ran (None: not sent yet)
     prompt_logprobs: PromptLogprobs | None = None  # asked for (an echo with logprobs)
+    staged: bool = False  # ``pool`` blocks came live from the pipeline stage before (not a cache)
+    cached_tokens: int = 0  # positions reused from a cache, anywhere in the pipeline
+    recomputed: bool = False  # the past did not all arrive: the prompt was computed past what did
 
     @property
     def kv(self) -> torch.Tensor:
@@ -112,6 +125,7 @@ class PrefillService(ModelWorker):
         self.reused_tokens = {"own": 0, "peer": 0, "pool": 0}
         self.write_backlog = 0  # bytes of prompts' KV held until their blocks are in the pool
         self.write_budget = pool_write_budget(s.pool_write_backlog_bytes, self.runner.arena)
+        self.stages = LiveStages(s.pipeline_stage_timeout)
         await self.nc.subscribe(Subjects.prefill_blocks(self.instance_id), cb=self._on_peer_get)
         await self.subscribe_tasks(Subjects.PREFILL_STREAM, Subjects.prefill_task(self.instance_id))
         self._loop_task = self.spawn(self._loop(), essential=True)
@@ -165,7 +179,7 @@ class PrefillService(ModelWorker):
     # ---- prefix reuse
     def _local_prefix(self, task: PrefillTask) -> tuple[list[bytes], list[torch.Tensor]]:
         """The keys worth reusing (all full blocks but one token) and those in the own DRAM cache."""
-        n = reusable_blocks(len(task.prompt_token_ids), self.settings.block_size, task.reuse_blocks,
+        n = reusable_blocks(len(stage_prompt(task)), self.settings.block_size, task.reuse_blocks,
                             task.sampling.prompt_logprobs is not None)
         keys = task.block_hashes[:n]
         return keys, self.blocks.prefix(keys)
@@ -216,7 +230,7 @@ class PrefillService(ModelWorker):
             except RuntimeError:
                 pass  # the model thread has stopped
 
-    async def _prefill(self, task: PrefillTask, log, stream: bool) -> "Prefilled":
+    async def _prefill(self, task: PrefillTask, log, stream: bool, stage: bool = False) -> "Prefilled":
         """Reuse what is cached, compute the rest.
 
         Own DRAM blocks are copied into the request's KV buffer; pool blocks stream into it layer by
@@ -224,38 +238,71 @@ class PrefillService(ModelWorker):
         missing, corrupt or late stops the run: the prompt is computed again from the verified prefix.
         With ``stream`` the KV is sent to decode layer by layer as the model computes it (the
         returned ``handoff``); after a recompute it is sent afterwards instead.
+
+        A pipeline stage (``task.stage_from``) loads its past live from the stage before it instead
+        of from the pool or a peer, and computes its chunk in one forward, so that each layer waits
+        only for its own past. ``stage``: a stage before the last, registered for the next stage
+        to read; a past of it that does not arrive is then not computed here (the next stage,
+        whose load fails with it, computes the prompt so far itself).
         """
         bs = self.settings.block_size
-        prompt, chunk = task.prompt_token_ids, self.settings.prefill_chunk
+        prompt, chunk = stage_prompt(task), self.settings.prefill_chunk
         keys, blocks = self._local_prefix(task)
         local = len(blocks)
-        peer, found = self._peer(task, keys[local:], local)
-        if not peer:
-            found = await self._pool_blocks(task, keys[local:], local)
+        staged = bool(task.stage_from)
+        if staged:
+            peer, found = task.stage_from, max(0, min(len(keys), task.stage_past // bs) - local)
+        else:
+            peer, found = self._peer(task, keys[local:], local)
+            if not peer:
+                found = await self._pool_blocks(task, keys[local:], local)
         reused = (local + found) * bs
+        if staged or stage:
+            chunk = max(chunk, len(prompt) - reused)  # one forward: layer i of every stage runs side by side
         k = task.sampling.prompt_logprobs
         scores = PromptScores(prompt, k) if k is not None else None  # then nothing is reused
         buf = self.runner.kv_buffer(len(prompt) - reused, blocks, pending=found * bs)
+        live: Stage | None = None
+        if stage:
+            live = self.stages.open(task.attempt_id, buf, task.block_hashes[: len(prompt) // bs])
+            live.reused_tokens = local * bs if staged else reused
+            if not staged:
+                live.known.set()
+        if staged:
+            buf.timeout = self.settings.pipeline_stage_timeout  # the stage before may still be queued
         handoff = asyncio.ensure_future(self._stream_kv(task, buf)) if stream else None
         try:
             t0 = time.monotonic()
             run = asyncio.ensure_future(self._compute_prefill(prompt[reused:], chunk, buf, scores))
-            pool, seconds = 0, 0.0
+            pool, seconds, upstream_cached = 0, 0.0, 0
             if found:
                 started = time.monotonic()
                 try:
-                    pool = await self.cache.load_layers(keys[local : local + found], buf, local * bs, peer=peer)
+                    if staged:
+                        pool, upstream_cached = await self.cache.load_live(
+                            keys[local : local + found], buf, local * bs, peer=peer, attempt=task.stage_attempt,
+                            timeout=self.settings.pipeline_stage_timeout)
+                    else:
+                        pool = await self.cache.load_layers(keys[local : local + found], buf, local * bs, peer=peer)
                 except Exception as e:  # noqa: BLE001 - a load that fails is a recompute, never a failed request
-                    buf.fail(f"{'peer' if peer else 'pool'} load failed: {e}")
+                    buf.fail(f"{'stage' if staged else 'peer' if peer else 'pool'} load failed: {e}")
                     log.warning("pool_load_failed", peer=peer, error=repr(e))
                 seconds = time.monotonic() - started
-                if pool:
+                if pool and not staged:
                     LOAD_SECONDS.labels(source="peer" if peer else "pool").observe(seconds)
+                if live is not None:
+                    live.reused_tokens += upstream_cached if pool == found else 0
+                    live.known.set()
+            cached = (local + pool) * bs if not staged else local * bs + (upstream_cached if pool else 0)
+            recomputed = False
             try:
                 logits, _ = await run
             except PastNotLoaded as e:
                 good = (local + pool) * bs
                 log.warning("pool_load_incomplete", peer=peer, wanted_blocks=found, loaded_blocks=pool, error=str(e))
+                if stage:
+                    raise  # the next stage computes it, with this chunk, itself
+                recomputed = True
                 # what the stream sent (never a layer over an unverified past) is forgotten by decode;
                 # the recomputed KV goes afterwards, under a transfer id of its own
                 await _cancel(handoff)
@@ -264,10 +311,13 @@ class PrefillService(ModelWorker):
                 buf = self.runner.kv_buffer(len(prompt) - good, failed.kv[:, :, :, :good] if good else None)
                 failed.release()  # its verified past is copied over, and nothing else reads it
                 logits, _ = await self._compute_prefill(prompt[good:], chunk, buf, scores)
-            return Prefilled(logits, buf, local, pool, peer, seconds, time.monotonic() - t0 - buf.waited, handoff,
-                             scores.message() if scores is not None else None)
+            return Prefilled(logits, buf, local, pool, peer, 0.0 if staged else seconds,
+                             time.monotonic() - t0 - buf.waited, handoff,
+                             scores.message() if scores is not None else None, staged, cached, recomputed)
         except BaseException:
             await _cancel(handoff)  # the prompt failed: nothing of it goes to decode
+            if live is not None:
+                self.stages.end(task.attempt_id)
             raise
 
     async def _run(self, task: PrefillTask, msg) -> tuple[int, float | None]:
@@ -278,6 +328,8 @@ class PrefillService(ModelWorker):
         if rid in self.done or rid in self.aborted:
             await msg.ack()  # a redelivery of finished work, or the client has gone
             return 0, None
+        if task.stage_end:
+            return await self._run_stage(task, msg, log)
         started = time.monotonic()
         queue_seconds = max(0.0, time.time() - task.arrival_time) if task.arrival_time else 0.0
         prompt = task.prompt_token_ids
@@ -295,7 +347,7 @@ class PrefillService(ModelWorker):
         logits, kv, local, pool = done.logits, done.kv, done.local, done.pool
         load_seconds, compute_seconds = done.load_seconds, done.compute_seconds
         reused = (local + pool) * bs
-        nbytes = pool * bs * self.shape.kv_bytes_per_token()
+        nbytes = 0 if done.staged else pool * bs * self.shape.kv_bytes_per_token()
         params, first = task.sampling, task.first_index
         try:
             history = split_resumed_prompt(prompt, task.seq_base) if params.penalized else ((), ())
@@ -319,30 +371,28 @@ class PrefillService(ModelWorker):
                    else ["length"] * params.n)
         for i, reason in enumerate(reasons):
             await self.emit(TokenEvent(output_id=task.output_id, seq=task.seq_base, token_ids=tokens[i : i + 1],
-                                       finish_reason=reason, prompt_tokens=len(prompt), cached_tokens=reused,
+                                       finish_reason=reason, prompt_tokens=len(prompt),
+                                       cached_tokens=done.cached_tokens,
                                        index=first + i, logprobs=[lps[i]] if lps is not None else None,
                                        prompt_logprobs=done.prompt_logprobs if i == 0 else None,
                                        prefill_seconds=time.monotonic() - started))
         going = [i for i, reason in enumerate(reasons) if reason is None]  # the choices decode goes on with
         ttft = max(0.0, time.time() - task.arrival_time) if task.arrival_time else 0.0
         emit_seconds = time.monotonic() - computed  # the draw and handing the token to the bus
-        QUERY_TOKENS.inc(len(prompt))
-        HIT_TOKENS.labels(source="local").inc(local * bs)
-        HIT_TOKENS.labels(source="peer" if done.peer else "pool").inc(pool * bs)
-        COMPUTED_TOKENS.inc(len(prompt) - reused)
-        self.prompt_tokens += len(prompt)
-        self.reused_tokens["own"] += local * bs
-        self.reused_tokens["peer" if done.peer else "pool"] += pool * bs
-        PREFILL_SECONDS.observe(compute_seconds)
+        self._count_reuse(prompt, local, 0 if done.staged else pool, len(prompt) - reused, done.peer,
+                          compute_seconds)
+        if done.staged:
+            STAGES.labels(role="last", outcome="past_recomputed" if done.recomputed else "ok").inc()
         log.info("prefilled", prompt_tokens=len(prompt), choices=params.n, local_tokens=local * bs,
-                 pool_tokens=pool * bs, peer=done.peer,
+                 pool_tokens=pool * bs, peer=done.peer, staged=done.staged or None,
                  load_s=round(load_seconds, 4), compute_s=round(compute_seconds, 4),
                  predicted_s=round(task.predicted_seconds, 4), waited_s=round(queue_seconds, 4),
                  emit_s=round(emit_seconds, 4), total_s=round(time.monotonic() - started, 4))
         await self.nc.publish(Subjects.PREFILL_REPORT, encode(PrefillReport(
             instance_id=self.instance_id, attempt_id=rid, prompt_tokens=len(prompt), local_tokens=local * bs,
             pool_tokens=pool * bs, load_bytes=nbytes, load_seconds=load_seconds, compute_seconds=compute_seconds,
-            queue_seconds=queue_seconds, kv_bytes_per_token=self.shape.kv_bytes_per_token(), ttft_seconds=ttft)))
+            queue_seconds=queue_seconds, kv_bytes_per_token=self.shape.kv_bytes_per_token(), ttft_seconds=ttft,
+            num_layers=self.shape.num_layers)))
         first_token_at, handed = time.monotonic(), 0
         if going and rid not in self.aborted:
             try:
@@ -367,7 +417,8 @@ class PrefillService(ModelWorker):
         # a deployment without the pool writes none to it; the conductor may say how many leading
         # blocks are worth writing (the others are taken not to be read again)
         writable = task.block_hashes if task.pool_write_blocks < 0 else task.block_hashes[: task.pool_write_blocks]
-        from_pool = set() if done.peer else set(task.block_hashes[local : local + pool])
+        # blocks loaded from the pool are there already; those from a stage before are written by it
+        from_pool = set() if done.peer and not done.staged else set(task.block_hashes[local : local + pool])
         to_write = [k for k in writable if k not in from_pool]
         if to_write and self.settings.use_pool:
             if self.write_backlog + kv.nbytes > self.write_budget:
@@ -382,6 +433,68 @@ class PrefillService(ModelWorker):
         done.buf.release()
         return handed, first_token_at
 
+    def _count_reuse(self, prompt: list[int], local: int, pool: int, computed: int, peer: str,
+                     compute_seconds: float) -> None:
+        """The prefix-cache metrics of one prompt (or one pipeline stage's part of it)."""
+        bs = self.settings.block_size
+        QUERY_TOKENS.inc(len(prompt))
+        HIT_TOKENS.labels(source="local").inc(local * bs)
+        HIT_TOKENS.labels(source="peer" if peer else "pool").inc(pool * bs)
+        COMPUTED_TOKENS.inc(computed)
+        self.prompt_tokens += len(prompt)
+        self.reused_tokens["own"] += local * bs
+        self.reused_tokens["peer" if peer else "pool"] += pool * bs
+        PREFILL_SECONDS.observe(compute_seconds)
+
+    async def _run_stage(self, task: PrefillTask, msg, log) -> tuple[int, float | None]:
+        """A pipeline stage before the last: compute the prompt up to ``task.stage_end`` while the
+        next stage reads it live; report the compute (a sample of the cost model), keep the
+        blocks. Nothing goes to the client or to decode: a stage that fails is the next stage's
+        to compute, and a client never hears of it."""
+        rid = task.attempt_id
+        try:
+            done = await self._prefill(task, log, stream=False, stage=True)
+        except Exception as e:  # noqa: BLE001 - the next stage's live load fails with it and computes
+            log.warning("stage_failed", error=repr(e))
+            STAGES.labels(role="before", outcome="failed").inc()
+            self.done.add(rid)
+            await msg.ack()
+            return 0, None
+        computed_at = time.monotonic()
+        bs = self.settings.block_size
+        prompt = stage_prompt(task)
+        local, past = done.local, done.pool
+        reused = (local + past) * bs
+        self._count_reuse(prompt, local, 0 if done.staged else past, len(prompt) - reused, done.peer,
+                          done.compute_seconds)
+        STAGES.labels(role="before", outcome="ok").inc()
+        log.info("stage_prefilled", prompt_tokens=len(prompt), local_tokens=local * bs, past_tokens=past * bs,
+                 staged=done.staged or None, compute_s=round(done.compute_seconds, 4))
+        await self.nc.publish(Subjects.PREFILL_REPORT, encode(PrefillReport(
+            instance_id=self.instance_id, attempt_id=rid, prompt_tokens=len(prompt), local_tokens=local * bs,
+            pool_tokens=past * bs, load_bytes=0 if done.staged else past * bs * self.shape.kv_bytes_per_token(),
+            load_seconds=done.load_seconds, compute_seconds=done.compute_seconds, queue_seconds=0.0,
+            kv_bytes_per_token=self.shape.kv_bytes_per_token(), num_layers=self.shape.num_layers)))
+        self.done.add(rid)
+        await msg.ack()
+        if task.block_hashes:
+            await self._keep_blocks(task.block_hashes, done.kv)
+        self.spawn(self._after_stage(task, done))
+        return 0, computed_at
+
+    async def _after_stage(self, task: PrefillTask, done: Prefilled) -> None:
+        """Hold a stage's KV until the next stage has read it, then write its blocks to the pool."""
+        await self.stages.close(task.attempt_id)
+        kv, bs = done.kv, self.settings.block_size
+        keys = task.block_hashes[: kv.shape[3] // bs]
+        skip = set() if done.peer and not done.staged else set(keys[done.local : done.local + done.pool])
+        to_write = [k for k in keys if k not in skip]
+        if to_write and self.settings.use_pool and self.write_backlog + kv.nbytes <= self.write_budget:
+            self.write_backlog += kv.nbytes
+            await self._store_blocks(task.attempt_id, to_write, done.buf, task.block_hashes)
+        else:
+            done.buf.release()
+
     # ---- blocks for a peer
     async def _on_peer_get(self, msg) -> None:
         """A peer's layered get of blocks in this instance's own cache: the leading run of the keys
@@ -394,7 +507,29 @@ class PrefillService(ModelWorker):
         if not msg.reply or not req.reply_subject or not req.by_layer:
             self.log.warning("peer_get_dropped", error="a peer get is layered, with a reply subject")
             return
-        self.spawn(self._serve_peer(msg, req))
+        self.spawn(self._serve_stage(msg, req) if req.live else self._serve_peer(msg, req))
+
+    async def _serve_stage(self, msg, req: CacheGetRequest) -> None:
+        """The next pipeline stage's live get of a stage running (or queued) here: each layer of the
+        blocks asked for, as it is computed. A stage not started within the stage timeout, ended,
+        or not holding those blocks answers with nothing found (the reader computes them)."""
+        stage = await self.stages.find(req.live, self.settings.pipeline_stage_timeout)
+        keys = list(req.keys)
+        first = stage.span(keys) if stage is not None else -1
+        if stage is None or first < 0:
+            await msg.respond(encode(CacheGetReply(found=[])))
+            return
+        bs = self.settings.block_size
+        try:
+            await stage.known.wait()
+            start = first * bs
+            await serve_live_layers(msg, self.nc, req.reply_subject, keys, stage.buf, start, bs,
+                                    self.shape.dtype_name, stage.reused_in(start, start + len(keys) * bs),
+                                    timeout=self.settings.pipeline_stage_timeout)
+        except (TransferError, Exception) as e:  # noqa: BLE001 - the reader computes what did not arrive
+            self.log.warning("stage_serve_aborted", request_id=req.live, blocks=len(keys), error=repr(e))
+        finally:
+            stage.served.set()
 
     async def _serve_peer(self, msg, req: CacheGetRequest) -> None:
         held = self.blocks.peek(req.keys)
@@ -495,6 +630,11 @@ def pool_write_budget(backlog_bytes: int, arena: KVArena | None) -> int:
     if arena is None or not arena.size:
         return backlog_bytes
     return min(backlog_bytes, arena.size // 2)
+
+
+def stage_prompt(task: PrefillTask) -> list[int]:
+    """The tokens a task computes to: the whole prompt, or a pipeline stage's part of it."""
+    return task.prompt_token_ids[: task.stage_end] if task.stage_end else task.prompt_token_ids
 
 
 def reusable_blocks(prompt_len: int, block_size: int, cap: int, scored: bool) -> int:
