@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 
-from bench import (cache_trace, conductor, engine, eviction, hotblocks, multiturn, peer, prefix, replay, sched, serve,
-                   transfer)
+from bench import (cache_trace, conductor, engine, eviction, hotblocks, multiturn, peer, pipeline, prefix, replay, sched,
+                   serve, transfer)
 from bench.common import DEFAULT_TRACE, shown
 from yuebing.args import add_common, add_engine, count
 
@@ -21,6 +21,7 @@ def add_parsers(bench_sub) -> None:
     _prefix(bench_sub)
     _transfer(bench_sub)
     _hotblocks(bench_sub)
+    _pipeline(bench_sub)
     _trace(bench_sub)
     _eviction(bench_sub)
     _sched(bench_sub)
@@ -92,6 +93,28 @@ def _hotblocks(bench_sub) -> None:
     hot_b.add_argument("--data-dir", default=None, help="NATS store, cachestore files and logs (default: a temp dir)")
     hot_b.add_argument("--out", default=None, help="also write the JSON figures here")
     hot_b.set_defaults(func=hotblocks.main)
+
+
+def _pipeline(bench_sub) -> None:
+    """``bench pipeline``: TTFT of long prompts split over several prefill instances (bench/pipeline.py)."""
+    p = bench_sub.add_parser("pipeline", help="TTFT of long prompts split over 1, 2, 4 prefill instances "
+                                              "(chunked pipeline parallelism), real model and simulated engine")
+    p.add_argument("--engine", choices=("real", "sim", "both"), default="both")
+    p.add_argument("--instances", default="1,2,4", help="the most stages a prompt may be split into, one run each "
+                   "(real: also the prefill instances started)")
+    p.add_argument("--sim-prefill", type=int, default=8, help="prefill instances of every simulated run (default 8)")
+    p.add_argument("--prompts", type=int, default=3, help="prompts per run, sent one at a time (default 3)")
+    p.add_argument("--prompt-tokens", type=int, default=8000, help="tokens per prompt (default 8000)")
+    p.add_argument("--output-tokens", type=int, default=8, help="tokens generated per prompt (default 8)")
+    p.add_argument("--min-tokens", type=int, default=4096, help="pipeline_min_tokens of the clusters (default 4096)")
+    p.add_argument("--model", default=None)
+    p.add_argument("--models-dir", default=None)
+    p.add_argument("--dtype", default="float32", choices=("auto", "float32", "bfloat16"),
+                   help="the real model's number format (default float32, the calibration profile's)")
+    p.add_argument("--calibration", default=None, help="cost profile (default: the model's, calibrated if missing)")
+    p.add_argument("--keep-data", action="store_true", help="keep each run's cluster files and logs")
+    p.add_argument("--out", default=None, help="also write the JSON figures here")
+    p.set_defaults(func=pipeline.main)
 
 
 def _trace(bench_sub) -> None:

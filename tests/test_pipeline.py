@@ -67,6 +67,20 @@ def test_a_pipeline_is_chosen_only_when_it_gives_the_first_token_sooner():
     assert [s.instance_id for s in p.stages] == ["p0", "p2", "p3"]
 
 
+def test_the_benchmark_reads_the_stages_each_prompt_ran_on_from_the_conductors_log(tmp_path):
+    from bench.pipeline import _stages_used
+
+    log = tmp_path / "conductor-0.log"
+    log.write_text("\n".join([
+        '{"event": "scheduled", "request_id": "cmpl-a", "stages": ["prefill-0", "prefill-3", "prefill-1"]}',
+        '{"event": "scheduled", "request_id": "cmpl-b", "stages": null}',
+        'not json',
+        '{"event": "instance_joined", "id": "prefill-0"}',
+    ]))
+    assert _stages_used(log) == {"cmpl-a": 3, "cmpl-b": 1}
+    assert _stages_used(tmp_path / "missing.log") == {}
+
+
 # ---------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def cpp_cluster(tiny_dir, tmp_path_factory):
