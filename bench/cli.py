@@ -111,6 +111,8 @@ def _pipeline(bench_sub) -> None:
     p.add_argument("--models-dir", default=None)
     p.add_argument("--dtype", default="float32", choices=("auto", "float32", "bfloat16"),
                    help="the real model's number format (default float32, the calibration profile's)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads of each real model worker (default: "
+                   "the host's cores split between them, as `yuebing up` does)")
     p.add_argument("--calibration", default=None, help="cost profile (default: the model's, calibrated if missing)")
     p.add_argument("--keep-data", action="store_true", help="keep each run's cluster files and logs")
     p.add_argument("--out", default=None, help="also write the JSON figures here")

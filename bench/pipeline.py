@@ -13,8 +13,10 @@ model: the calibrated profile ``--calibration``).
 Two engines:
 
 - ``--engine real``: the model itself. One configuration per count in ``--instances`` (default
-  1,2,4): that many prefill instances, at most that many stages. On a machine with fewer cores than
-  instances the stages share the cores, which bounds what splitting can gain; the run says so.
+  1,2,4): that many prefill instances, at most that many stages. The local cluster splits the
+  host's cores between its model workers as ``yuebing up`` does (``--threads N``: N torch threads
+  each instead); on a machine with fewer cores than instances the stages share the cores, which
+  bounds what splitting can gain. Each run's line says how the cores were shared.
 - ``--engine sim``: the simulated engine (compute replaced by sleeping the calibrated cost, real KV
   bytes on the bus), ``--sim-prefill`` (default 8) prefill instances in every configuration, at
   most ``--instances`` stages.
@@ -76,16 +78,19 @@ def run_config(args, *, engine: str, prefill: int, stages: int, prompts: list[li
 
     data_dir = Path(tempfile.mkdtemp(prefix=f"yuebing-pipeline-{engine}-{stages}-"))
     settings = from_env(
-        model=str(model_dir), data_dir=str(data_dir), models_dir=str(models_dir), port=free_port(), engine=engine,
+        model=str(model_dir), data_dir=str(data_dir), models_dir=str(models_dir), port=free_port(),
+        engine="model" if engine == "real" else "sim",
         calibration=str(calibration), admission="none", no_auth=True, pipeline_max_stages=stages,
-        pipeline_min_tokens=args.min_tokens, threads=1 if engine == "sim" else None,
+        pipeline_min_tokens=args.min_tokens, threads=1 if engine == "sim" else args.threads,
         dtype=args.dtype if engine == "real" else None)
     cluster = LocalCluster(settings, prefill=prefill, decode=1, cachestore=1)
     label = f"{engine}, {prefill} prefill, at most {stages} stage{'s' if stages > 1 else ''}"
+    cores = ""
     try:
         t0 = time.perf_counter()
         cluster.start(ready_timeout=600)
-        say(f"[{label}] cluster up in {time.perf_counter() - t0:.0f}s")
+        cores = cluster.describe_cores()
+        say(f"[{label}] cluster up in {time.perf_counter() - t0:.0f}s; {cores}")
         asyncio.run(_send(cluster.url, "", [warmup], 2))
         results = asyncio.run(_send(cluster.url, "", prompts, args.output_tokens))
     finally:
@@ -100,7 +105,7 @@ def run_config(args, *, engine: str, prefill: int, stages: int, prompts: list[li
     ran_on = [used.get(r.request_id, 0) for r in results if r.ok]
     say(f"[{label}] TTFT " + ", ".join(f"{t:.2f}s" for t in ttfts) + f"; stages {ran_on}"
         + (f"; errors {errors}" if errors else ""))
-    return {"engine": engine, "prefill": prefill, "max_stages": stages, "dtype": settings.dtype,
+    return {"engine": engine, "prefill": prefill, "max_stages": stages, "dtype": settings.dtype, "cores": cores,
             "ttft_s": [round(t, 4) for t in ttfts], "stages_used": ran_on,
             "ttft_mean_s": round(sum(ttfts) / len(ttfts), 4) if ttfts else None,
             "ttft_p50_s": round(median(ttfts), 4) if ttfts else None,

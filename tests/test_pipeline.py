@@ -81,6 +81,48 @@ def test_the_benchmark_reads_the_stages_each_prompt_ran_on_from_the_conductors_l
     assert _stages_used(tmp_path / "missing.log") == {}
 
 
+def test_the_conductor_queues_a_task_per_stage_each_reading_the_one_before():
+    from libs.config import Settings
+    from libs.protocol import Heartbeat, PrefillReport, ScheduleRequest
+    from services.conductor.scheduler import Scheduler
+
+    s = Scheduler(Settings(policy="global_cache_aware", admission="none", pipeline_max_stages=3))
+    for kind, iid in [("prefill", f"p{i}") for i in range(3)] + [("decode", "d0")]:
+        s.heartbeat(Heartbeat(kind=kind, instance_id=iid, interval=1.0, max_running=32), 0.0)
+
+    def request(rid, n):
+        prompt = [(5 * i + len(rid)) % 30000 + 50 for i in range(n)]
+        return ScheduleRequest(attempt_id=rid, prompt_token_ids=prompt, block_hashes=[bytes([i % 256, i // 256]) * 8
+                                                                                      for i in range(n // BS)],
+                               sampling=SamplingParams(max_tokens=8))
+
+    assert not s.schedule(request("before-layers", 8192), 0.0).stages  # the model's layers not known yet
+    s.prefill_report(PrefillReport(attempt_id="x", instance_id="p0", prompt_tokens=100, local_tokens=0,
+                                   pool_tokens=0, load_bytes=0, load_seconds=0.0, compute_seconds=0.1,
+                                   queue_seconds=0.0, num_layers=30), 0.0)
+    assert not s.schedule(request("short", 2048), 0.0).stages  # under pipeline_min_tokens
+    s = Scheduler(Settings(policy="global_cache_aware", admission="none", pipeline_max_stages=3))
+    for kind, iid in [("prefill", f"p{i}") for i in range(3)] + [("decode", "d0")]:
+        s.heartbeat(Heartbeat(kind=kind, instance_id=iid, interval=1.0, max_running=32), 0.0)
+    s.cost.layers = 30
+    d = s.schedule(request("long", 8192), 0.0)
+    assert len(d.stages) == 2 and d.placement.stages == 3 and d.placement.plan == "pipeline"
+    tasks = [t for _, t in d.stages] + [d.task]
+    where = [iid for iid, _ in d.stages] + [d.placement.prefill_id]
+    assert sorted(where) == ["p0", "p1", "p2"]
+    assert [t.attempt_id for t in tasks] == ["long~s0", "long~s1", "long"]
+    ends = [t.stage_end for t in tasks[:-1]]
+    assert tasks[-1].stage_end == 0 and 0 < ends[0] < ends[1] < 8192 and all(e % BS == 0 for e in ends)
+    assert [(t.stage_from, t.stage_attempt, t.stage_past) for t in tasks] == [
+        ("", "", 0), (where[0], "long~s0", ends[0]), (where[1], "long~s1", ends[1])]
+    assert all(not t.use_pool and t.reuse_blocks == t.stage_past // BS for t in tasks[1:])
+    assert all(s.queues.pending(iid) == 1 for iid in where)  # every stage counted on its instance's queue
+    assert d.placement.predicted_ttft < s.cost.prefill_seconds(8192, 0) / 2
+    # a lost last stage is placed again as a whole prompt, reading no stage
+    placement, moved = s.reassign(d.task, 1.0)
+    assert moved is not None and (moved.stage_from, moved.stage_attempt, moved.stage_past) == ("", "", 0)
+
+
 # ---------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def cpp_cluster(tiny_dir, tmp_path_factory):
