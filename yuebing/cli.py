@@ -64,6 +64,7 @@ def _settings(args, **extra):
         pool_writes=getattr(args, "pool_writes", None),
         pool_eviction=getattr(args, "pool_eviction", None),
         peer_fetch=False if getattr(args, "no_peer_fetch", False) else None,
+        pipeline_max_stages=getattr(args, "pipeline_stages", None),
         ttft_slo=getattr(args, "ttft_slo", None),
         tbt_slo=getattr(args, "tbt_slo", None),
         slo_classes=",".join(args.slo_class) if getattr(args, "slo_class", None) else None,
@@ -103,6 +104,9 @@ def _serving(p: argparse.ArgumentParser) -> None:
                    "second sight: only the leading blocks an earlier request also had)")
     p.add_argument("--no-peer-fetch", action="store_true",
                    help="global_cache_aware never loads a prefix from another prefill instance's own cache")
+    p.add_argument("--pipeline-stages", type=int, default=None, metavar="N",
+                   help="the most prefill instances one long prompt (4,096 tokens or more to compute) may be split "
+                   "over when the conductor predicts its first token sooner (default 4; 1: never split)")
     p.add_argument("--pool-eviction", choices=EVICTION_POLICIES, default=None,
                    help="which blocks leave the cachestore pool first: lfuda_leaf (default: LFU with ageing, a "
                    "block kept while the pool holds a block after it in a prompt), lfuda, lru_leaf, lru, s3fifo, "
