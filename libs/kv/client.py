@@ -457,14 +457,15 @@ class CacheClient:
         return load.finish()
 
     async def load_live(self, keys: Sequence[bytes], dest, start: int, *, peer: str, attempt: str,
-                        timeout: float) -> tuple[int, int]:
+                        timeout: float, on_reply=None) -> tuple[int, int]:
         """Stream the blocks of ``keys`` from the pipeline stage computing them (task ``attempt`` on
         the prefill instance ``peer``) into ``dest`` layer by layer, each layer as that stage
         computes it (``serve_live_layers``); the stage may not have started yet, so ``timeout``
         covers its wait in its own queue and its compute. Returns the leading blocks that arrived
         whole and checked, and how many of the positions sent that stage reused from a cache rather
         than computed. Fewer blocks than asked: ``dest.fail`` was called and the caller computes past
-        the good ones."""
+        the good ones. ``on_reply(reused)``, when the stage has answered (before its layers come):
+        how many of the positions it will send came from a cache (0 when it holds none of them)."""
         keys = list(keys)
         if not keys:
             return 0, 0
@@ -481,6 +482,8 @@ class CacheClient:
             else:
                 load.missing([i for i in range(len(keys)) if reply is None or keys[i] not in reply.found])
             load.announced()
+            if on_reply is not None:
+                on_reply(load.reused_tokens if not load.failed else 0)
             try:
                 await asyncio.wait_for(load.done.wait(), self._left(deadline))
             except asyncio.TimeoutError:

@@ -275,13 +275,22 @@ class PrefillService(ModelWorker):
             t0 = time.monotonic()
             run = asyncio.ensure_future(self._compute_prefill(prompt[reused:], chunk, buf, scores))
             pool, seconds, upstream_cached = 0, 0.0, 0
+
+            def answered(reused: int) -> None:
+                """The stage before has answered: the next stage may be answered too, with what of
+                this stage's past came from a cache (not once all of it is in: the stages would
+                then start one after the other instead of a layer apart)."""
+                if live is not None:
+                    live.reused_tokens += reused
+                    live.known.set()
+
             if found:
                 started = time.monotonic()
                 try:
                     if staged:
                         pool, upstream_cached = await self.cache.load_live(
                             keys[local : local + found], buf, local * bs, peer=peer, attempt=task.stage_attempt,
-                            timeout=self.settings.pipeline_stage_timeout)
+                            timeout=self.settings.pipeline_stage_timeout, on_reply=answered)
                     else:
                         pool = await self.cache.load_layers(keys[local : local + found], buf, local * bs, peer=peer)
                 except Exception as e:  # noqa: BLE001 - a load that fails is a recompute, never a failed request
@@ -291,8 +300,7 @@ class PrefillService(ModelWorker):
                 if pool and not staged:
                     LOAD_SECONDS.labels(source="peer" if peer else "pool").observe(seconds)
                 if live is not None:
-                    live.reused_tokens += upstream_cached if pool == found else 0
-                    live.known.set()
+                    live.known.set()  # a load that failed before its answer: the next stage is told now
             cached = (local + pool) * bs if not staged else local * bs + (upstream_cached if pool else 0)
             recomputed = False
             try:

@@ -1,0 +1,91 @@
+"""The prefix index's compact key tables, against Python sets (plain logic)."""
+
+import random
+
+from libs.protocol import KVEvent
+from services.conductor.index import PrefixIndex
+from services.conductor.keyset import KeyBatch, KeySet
+
+
+def _keys(n: int, seed: int) -> list[bytes]:
+    rng = random.Random(seed)
+    return [rng.getrandbits(128).to_bytes(16, "little") for _ in range(n)]
+
+
+def test_a_key_set_does_what_a_python_set_does_through_growth_removal_and_shrinking():
+    rng = random.Random(1)
+    universe = _keys(3000, 2)
+    ref: set[bytes] = set()
+    ks = KeySet()
+    capacities = set()
+    for step in range(400):
+        grow = step < 250  # then mostly removals, so the table shrinks again
+        add = [rng.choice(universe) for _ in range(rng.randint(0, 120 if grow else 10))]
+        rem = [rng.choice(universe) for _ in range(rng.randint(0, 40 if grow else 120))]
+        assert set(ks.add(KeyBatch.of(add)).keys()) == set(add) - ref  # the keys new to it, once each
+        ref |= set(add)
+        assert set(ks.remove(KeyBatch.of(rem)).keys()) == set(rem) & ref
+        ref -= set(rem)
+        assert len(ks) == len(ref)
+        probe = [rng.choice(universe) for _ in range(50)]
+        assert list(ks.contains(KeyBatch.of(probe))) == [k in ref for k in probe]
+        assert [ks.holds_first(k) for k in probe[:5]] == [k in ref for k in probe[:5]]
+        capacities.add(ks.capacity)
+        if len(ks) > 64:
+            assert len(ks) >= 0.3 * ks.capacity - 1  # never mostly empty
+            assert ks.nbytes / len(ks) <= 64
+    assert set(ks.keys()) == ref
+    assert len(capacities) >= 3  # it grew and shrank
+
+
+def test_a_prefix_is_the_leading_run_of_keys_held():
+    chain = _keys(10, 3)
+    ks = KeySet.of(chain[:4] + chain[5:8])
+    assert ks.prefix_len(KeyBatch.of(chain)) == 4
+    assert ks.prefix_len(KeyBatch.of(chain[:3])) == 3
+    assert KeySet().prefix_len(KeyBatch.of(chain)) == 0
+    assert KeyBatch.of([]).keys() == [] and len(KeySet.of([])) == 0
+
+
+def test_the_index_matches_a_set_model_of_every_instance_and_the_pool():
+    """Events, dumps and drops on prefill and cachestore instances in any order: every query
+    answers as sets of the same keys would, the pool's size among them."""
+    rng = random.Random(4)
+    universe = _keys(400, 5)
+    idx = PrefixIndex()
+    model: dict[str, set[bytes]] = {}
+    kinds = {"p0": "prefill", "p1": "prefill", "c0": "cachestore", "c1": "cachestore", "c2": "cachestore"}
+    seqs = {iid: 0 for iid in kinds}
+    epochs = {iid: 0 for iid in kinds}
+    for step in range(600):
+        iid = rng.choice(list(kinds))
+        what = rng.random()
+        if what < 0.05:  # gone: forgotten, until a dump of its next run
+            idx.drop_instance(iid)
+            model.pop(iid, None)
+            continue
+        if what < 0.12 or iid not in model:  # a dump, as after a restart
+            keys = set(rng.sample(universe, rng.randint(0, 120)))
+            epochs[iid] += 1
+            seqs[iid] = 3
+            idx.load_dump(iid, kinds[iid], f"{epochs[iid]:04d}", seqs[iid], list(keys))
+            model[iid] = keys
+            continue
+        stored = [rng.choice(universe) for _ in range(rng.randint(0, 20))]
+        removed = [rng.choice(universe) for _ in range(rng.randint(0, 20))]
+        seqs[iid] += 1
+        assert not idx.apply(KVEvent(instance_id=iid, source=kinds[iid], epoch=f"{epochs[iid]:04d}", seq=seqs[iid],
+                                     stored=stored, removed=removed))
+        model[iid] = (model[iid] | set(stored)) - set(removed)
+        pool = set().union(*(model.get(c, set()) for c in ("c0", "c1", "c2")))
+        assert idx.pool_blocks() == len(pool)
+        chain = rng.sample(sorted(pool), min(3, len(pool))) + rng.sample(universe, 3)
+        want = next((i for i, k in enumerate(chain) if k not in pool), len(chain))
+        assert idx.pool_prefix_len(chain) == want
+        for p in ("p0", "p1"):
+            held = model.get(p, set())
+            want = next((i for i, k in enumerate(chain) if k not in held), len(chain))
+            assert idx.prefix_len(chain, p) == want
+            assert idx.count_of(p) == len(held)
+    assert idx.pool_keys() == set().union(*(model.get(c, set()) for c in ("c0", "c1", "c2")))
+    assert all(idx.keys_of(i) == model.get(i, set()) for i in kinds)
