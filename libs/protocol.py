@@ -7,6 +7,8 @@ not speak. Nothing else is ever deserialised from the bus.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
 
 PROTOCOL_VERSION = 2  # 2: attempt_id and output_id named apart (1: request_id for both)
@@ -394,6 +396,10 @@ class DecodeReport(msgspec.Struct, kw_only=True):
     waited_seconds: float = 0.0  # of those, waiting for a row of the running batch
 
 
+# a block key (``libs.kv.keys``): events and dumps with any other are refused when decoded
+BlockKey = Annotated[bytes, msgspec.Meta(min_length=16, max_length=16)]
+
+
 class KVEvent(msgspec.Struct, kw_only=True):
     """Blocks stored in / removed from one instance's cache (JetStream ``YB_KV_EVENTS``).
 
@@ -406,8 +412,8 @@ class KVEvent(msgspec.Struct, kw_only=True):
     source: str  # "prefill" | "cachestore"
     epoch: str
     seq: int
-    stored: list[bytes] = []
-    removed: list[bytes] = []
+    stored: list[BlockKey] = []
+    removed: list[BlockKey] = []
 
 
 class KVDumpRequest(msgspec.Struct, kw_only=True):
@@ -424,7 +430,7 @@ class KVDump(msgspec.Struct, kw_only=True):
     source: str
     epoch: str
     seq: int
-    keys: list[bytes]
+    keys: list[BlockKey]
     total: int
     offset: int
 
