@@ -39,8 +39,9 @@ What is synthetic (everything the conductor sees is well-formed and self-consist
   rate, not the trace's timestamps; once the trace slice is used up it is offered again (those
   requests then find their whole prefix indexed);
 - the index: the blocks of the first ``--warm-requests`` trace requests, as the prefill instance
-  that served each (round robin) and the pool would hold them, topped up with filler keys (random
-  16-byte names no request asks for) to ``--blocks``; ``--pool-share`` of it in the cachestore;
+  that served each (round robin) and the pool would hold them, topped up with filler keys (distinct
+  16-byte names no request asks for, counters rather than digests) to ``--blocks``; ``--pool-share`` of
+  it in the cachestore;
 - instances: a prefill instance serves its tasks one at a time, reusing the longest prefix it or
   the pool holds, computing the rest at a per-token pace set so that the offered prompts would
   keep the prefill instances ``--prefill-util`` busy; it then reports (``PrefillReport``,

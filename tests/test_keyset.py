@@ -89,3 +89,16 @@ def test_the_index_matches_a_set_model_of_every_instance_and_the_pool():
             assert idx.count_of(p) == len(held)
     assert idx.pool_keys() == set().union(*(model.get(c, set()) for c in ("c0", "c1", "c2")))
     assert all(idx.keys_of(i) == model.get(i, set()) for i in kinds)
+
+
+def test_keys_that_are_not_digests_are_held_too():
+    """Counters (names whose bits are not spread) and the all-zero key behave like any key."""
+    counters = [b"\xfe\xed" + (7).to_bytes(4, "big") + n.to_bytes(10, "big") for n in range(5000)]
+    zero = bytes(16)
+    ks = KeySet.of(counters[:4000] + [zero])
+    assert len(ks) == 4001 and ks.holds_first(zero) and ks.holds_first(counters[3999])
+    assert not ks.holds_first(counters[4000])
+    assert list(ks.contains(KeyBatch.of(counters[3990:4010]))) == [True] * 10 + [False] * 10
+    ks.remove(KeyBatch.of([zero] + counters[:2000]))
+    assert not ks.holds_first(zero) and ks.prefix_len(KeyBatch.of(counters[2000:4001])) == 2000
+    assert set(ks.keys()) == set(counters[2000:4000])

@@ -2,15 +2,16 @@
 
 The prefix index holds one such set per instance. A Python ``set`` of ``bytes`` costs about 100
 bytes a key (a 49-byte object per key, and a hash table of 16-byte entries kept under two thirds
-full); here a key is its 16 bytes in two ``uint64`` arrays, in a table kept between 40 % and 80 %
-full: 20 to 40 bytes a key, and no object per key for the garbage collector to walk.
+full); here a key is its 16 bytes in two ``uint64`` arrays and a state byte, in a table kept
+between 30 % and 70 % full: 24 to 57 bytes a key, and no object per key for the garbage collector
+to walk.
 
-Slots are found by linear probing from the key's low 64 bits (block keys are BLAKE2b digests, so
-any bits of them are uniformly spread). A slot is empty when both words are zero (a BLAKE2b digest
-is never all zeros in practice), live when ``used`` is set, and a tombstone (a removed key, kept so
-that probing walks past it) when its words are set but ``used`` is not; ``used`` is a packed bit
-array. Operations take whole batches of keys (a ``KeyBatch``) and run as numpy array operations,
-one probing step at a time for every key still probing.
+Slots are found by linear probing from a multiplicative hash of the key's two words (block keys
+are BLAKE2b digests, whose bits are spread already; names that are not, counters say, would pile
+up on a few home slots if their bits were taken as they are). A slot's state is a byte: empty,
+live, or a tombstone (a removed key's slot, which probing walks past and an insert may take).
+Operations take whole batches of keys (a ``KeyBatch``) and run as numpy array operations, one
+probing step at a time for every key still probing.
 """
 
 from __future__ import annotations
@@ -24,9 +25,12 @@ MIN_CAPACITY = 64
 # live and tombstone slots: past MAX_LOAD the table is rebuilt, with the live keys only, at the
 # smallest power of two they fill at most MAX_LOAD of (so at least half that); live slots below
 # MIN_LOAD of a table larger than MIN_CAPACITY: rebuilt smaller the same way. A slot is 17 bytes:
-# a live key costs 21 to 57 bytes
-MAX_LOAD = 0.8
+# a live key costs 24 to 57 bytes. (Fuller tables make the probe sequences of absent keys long:
+# at 80 % a batch took three times as many probing steps.)
+MAX_LOAD = 0.7
 MIN_LOAD = 0.3
+_MIX = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: Fibonacci hashing
+_WORD = (1 << 64) - 1
 
 
 class KeyBatch:
@@ -54,12 +58,21 @@ class KeyBatch:
         return KeyBatch(self.hi[which], self.lo[which])
 
     def unique(self) -> "KeyBatch":
-        pairs = np.unique(np.stack([self.hi, self.lo], axis=1), axis=0)
-        return KeyBatch(pairs[:, 0].copy(), pairs[:, 1].copy())
+        """The keys once each (in sorted order)."""
+        if len(self) < 2:
+            return self
+        order = np.lexsort((self.hi, self.lo))
+        hi, lo = self.hi[order], self.lo[order]
+        first = np.ones(len(self), bool)
+        first[1:] = (lo[1:] != lo[:-1]) | (hi[1:] != hi[:-1])
+        return KeyBatch(hi[first], lo[first])
 
     def keys(self) -> list[bytes]:
         raw = np.stack([self.hi, self.lo], axis=1).astype("<u8", copy=False).tobytes()
         return [raw[i : i + KEY_BYTES] for i in range(0, len(raw), KEY_BYTES)]
+
+
+EMPTY, LIVE, TOMB = 0, 1, 2
 
 
 class KeySet:
@@ -71,10 +84,15 @@ class KeySet:
     def _alloc(self, capacity: int) -> None:
         self._hi = np.zeros(capacity, np.uint64)
         self._lo = np.zeros(capacity, np.uint64)
-        self._used = np.zeros(capacity, bool)
-        self._mask = np.uint64(capacity - 1)
+        self._state = np.zeros(capacity, np.uint8)
+        self._mask = capacity - 1
+        self._shift = 64 - (capacity.bit_length() - 1)
         self._live = 0
         self._tombs = 0
+
+    def _home(self, b: KeyBatch) -> np.ndarray:
+        """Each key's first slot: the top bits of its words' product with ``_MIX``."""
+        return (((b.hi ^ b.lo) * np.uint64(_MIX)) >> np.uint64(self._shift)).astype(np.int64)
 
     # ---- reading
     def __len__(self) -> int:
@@ -86,7 +104,7 @@ class KeySet:
 
     @property
     def nbytes(self) -> int:
-        return self._hi.nbytes + self._lo.nbytes + self._used.nbytes
+        return self._hi.nbytes + self._lo.nbytes + self._state.nbytes
 
     def _find(self, b: KeyBatch) -> np.ndarray:
         """Per key, its live slot, or -1."""
@@ -94,15 +112,14 @@ class KeySet:
         if not len(b) or not self._live:
             return out
         idx = np.arange(len(b))
-        pos = (b.lo & self._mask).astype(np.int64)
+        pos = self._home(b)
         hi, lo = b.hi, b.lo
         while idx.size:
-            shi, slo = self._hi[pos], self._lo[pos]
-            same = (shi == hi) & (slo == lo)
-            hit = same & self._used[pos]
+            state = self._state[pos]
+            hit = (state == LIVE) & (self._hi[pos] == hi) & (self._lo[pos] == lo)
             out[idx[hit]] = pos[hit]
-            going = ~same & ((shi != 0) | (slo != 0))  # neither this key nor an empty slot: walk on
-            idx, pos, hi, lo = idx[going], (pos[going] + 1) & int(self._mask), hi[going], lo[going]
+            going = (state != EMPTY) & ~hit  # past other keys and tombstones, to an empty slot
+            idx, pos, hi, lo = idx[going], (pos[going] + 1) & self._mask, hi[going], lo[going]
         return out
 
     def contains(self, b: KeyBatch) -> np.ndarray:
@@ -112,8 +129,7 @@ class KeySet:
         """How many leading keys of the batch (a prefix chain) the set holds."""
         if not self._live or not len(b):
             return 0
-        present = self.contains(b)
-        missing = np.flatnonzero(~present)
+        missing = np.flatnonzero(~self.contains(b))
         return int(missing[0]) if missing.size else len(b)
 
     def holds_first(self, key: bytes) -> bool:
@@ -122,29 +138,30 @@ class KeySet:
             return False
         hi = int.from_bytes(key[:8], "little")
         lo = int.from_bytes(key[8:], "little")
-        mask = int(self._mask)
-        pos = lo & mask
+        pos = (((hi ^ lo) * _MIX) & _WORD) >> self._shift
         while True:
-            shi, slo = int(self._hi[pos]), int(self._lo[pos])
-            if shi == hi and slo == lo:
-                return bool(self._used[pos])
-            if shi == 0 and slo == 0:
+            state = self._state[pos]
+            if state == EMPTY:
                 return False
-            pos = (pos + 1) & mask
+            if state == LIVE and int(self._hi[pos]) == hi and int(self._lo[pos]) == lo:
+                return True
+            pos = (pos + 1) & self._mask
 
     def batch(self) -> KeyBatch:
-        return KeyBatch(self._hi[self._used], self._lo[self._used])
+        live = self._state == LIVE
+        return KeyBatch(self._hi[live], self._lo[live])
 
     def keys(self) -> list[bytes]:
         return self.batch().keys()
 
     # ---- changing
     def add(self, b: KeyBatch) -> KeyBatch:
-        """Add the keys; returns those that were not in the set."""
+        """Add the keys; returns those that were not in the set (once each)."""
         if not len(b):
             return b
-        b = b.unique() if len(b) > 1 else b
         new = b.take(self._find(b) < 0)
+        if len(new) > 1:
+            new = new.unique()
         if not len(new):
             return new
         if self._live + self._tombs + len(new) > MAX_LOAD * self.capacity:
@@ -153,40 +170,39 @@ class KeySet:
         return new
 
     def _insert(self, b: KeyBatch) -> None:
-        """Place keys known to be absent (and distinct): each in the first tombstone or empty slot of
-        its probe sequence; keys that race for one slot take it in turn."""
+        """Place keys known to be absent (and distinct), each in the first tombstone or empty slot
+        of its probe sequence. Keys that reach one free slot at once all write it; the one whose
+        words are there afterwards has it, the others walk on."""
+        placed = np.zeros(len(b), bool)
         idx = np.arange(len(b))
-        pos = (b.lo & self._mask).astype(np.int64)
-        mask = int(self._mask)
+        pos = self._home(b)
         while idx.size:
-            free = ~self._used[pos]
-            # a key's own tombstone, or another's, or an empty slot: take the first one reached
-            take_idx, take_pos = idx[free], pos[free]
-            if take_idx.size:
-                slots, first = np.unique(take_pos, return_index=True)
-                winners = take_idx[first]
-                was_tomb = (self._hi[slots] != 0) | (self._lo[slots] != 0)
-                self._hi[slots], self._lo[slots] = b.hi[winners], b.lo[winners]
-                self._used[slots] = True
-                self._live += int(slots.size)
-                self._tombs -= int(np.count_nonzero(was_tomb))
-                placed = np.zeros(len(b), bool)
-                placed[winners] = True
+            state = self._state[pos]
+            free = state != LIVE
+            if free.any():
+                fi, fp = idx[free], pos[free]
+                was_tomb = state[free] == TOMB
+                self._hi[fp], self._lo[fp] = b.hi[fi], b.lo[fi]
+                won = (self._hi[fp] == b.hi[fi]) & (self._lo[fp] == b.lo[fi])
+                self._state[fp[won]] = LIVE
+                self._live += int(np.count_nonzero(won))
+                self._tombs -= int(np.count_nonzero(was_tomb & won))
+                placed[fi[won]] = True
                 keep = ~placed[idx]
                 idx, pos = idx[keep], pos[keep]
-            pos = np.where(self._used[pos], (pos + 1) & mask, pos)
+            pos = np.where(self._state[pos] == LIVE, (pos + 1) & self._mask, pos)
 
     def remove(self, b: KeyBatch) -> KeyBatch:
-        """Remove the keys; returns those that were in the set."""
+        """Remove the keys; returns those that were in the set (once each)."""
         if not len(b):
             return b
         b = b.unique() if len(b) > 1 else b
         slots = self._find(b)
         held = slots >= 0
-        slots = slots[held]
-        self._used[slots] = False  # the words stay: a tombstone
-        self._live -= int(slots.size)
-        self._tombs += int(slots.size)
+        self._state[slots[held]] = TOMB
+        gone = int(np.count_nonzero(held))
+        self._live -= gone
+        self._tombs += gone
         if self.capacity > MIN_CAPACITY and self._live < MIN_LOAD * self.capacity:
             self._rebuild(self._live)
         return b.take(held)
