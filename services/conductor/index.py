@@ -10,9 +10,14 @@ follows is ignored, and events buffered from a run newer than a dump's (the inst
 while its dump was on its way) keep the instance in resync for the next dump, instead of being
 taken for stale.
 
-Each instance's keys are a ``KeySet`` (``keyset.py``: 16 bytes a key in numpy arrays, 21 to 57
+Each instance's keys are a ``KeySet`` (``keyset.py``: 16 bytes a key in numpy arrays, 24 to 68
 bytes with the table's slack, against about 100 for a Python set of ``bytes``); the pool is the
 union of the cachestore instances' sets, and its number of distinct keys is kept as events come.
+Every decision walks the prompt's chain in every prefill instance's keys, and the blocks of a
+shared system prompt are in all of them: a ``KeySet`` lookup is Python (about 400 ns, against 50
+for a set), which doubled a decision's time at 128 prefill instances. So each prefill instance
+also remembers, in a small set (``HOT_KEYS``), the keys it was last found holding; a walk costs a
+set lookup a key and one ``KeySet`` probe where the instance's prefix ends.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from libs.protocol import KVEvent
 
 from services.conductor.keyset import KeyBatch, KeySet
 
+HOT_KEYS = 4096  # per prefill instance: keys lately found held, looked up in a set (cleared when full)
+
 
 @dataclass
 class _Holder:
@@ -34,9 +41,26 @@ class _Holder:
     epoch: str = ""
     seq: int = 0
     keys: KeySet = field(default_factory=KeySet)
+    hot: set[bytes] = field(default_factory=set)  # keys lately found held here (a subset of ``keys``)
     resyncing: bool = False
     buffered: list[KVEvent] = field(default_factory=list)
     old_epochs: set[str] = field(default_factory=set)
+
+    @property
+    def pooled(self) -> bool:
+        return self.source == "cachestore"
+
+    def prefix_len(self, keys: Sequence[bytes]) -> int:
+        hot, n = self.hot, 0
+        for k in keys:
+            if k not in hot:
+                if not self.keys.holds(k):
+                    break
+                if len(hot) >= HOT_KEYS:
+                    hot.clear()
+                hot.add(k)
+            n += 1
+        return n
 
 
 class PrefixIndex:
@@ -72,27 +96,29 @@ class PrefixIndex:
             self._held(iid, h, h.keys.add(KeyBatch.of(ev.stored)))
         if ev.removed:
             self._dropped(iid, h, h.keys.remove(KeyBatch.of(ev.removed)))
+            h.hot.difference_update(ev.removed)
         h.seq = ev.seq
 
     def _elsewhere(self, iid: str, b: KeyBatch) -> np.ndarray:
         """Per key, whether a cachestore instance other than ``iid`` holds it."""
         held = np.zeros(len(b), bool)
         for other, h in self._holders.items():
-            if other != iid and h.source == "cachestore" and len(h.keys):
+            if other != iid and h.pooled and len(h.keys):
                 held |= h.keys.contains(b)
         return held
 
     def _held(self, iid: str, h: _Holder, new: KeyBatch) -> None:
         """``new`` keys are now held by ``iid`` (and were not before)."""
-        if h.source == "cachestore" and len(new):
+        if h.pooled and len(new):
             self._pool_blocks += int(np.count_nonzero(~self._elsewhere(iid, new)))
 
     def _dropped(self, iid: str, h: _Holder, gone: KeyBatch) -> None:
         """``gone`` keys are no longer held by ``iid`` (and were before)."""
-        if h.source == "cachestore" and len(gone):
+        if h.pooled and len(gone):
             self._pool_blocks -= int(np.count_nonzero(~self._elsewhere(iid, gone)))
 
     def _set_keys(self, iid: str, h: _Holder, keys: Sequence[bytes]) -> None:
+        h.hot.clear()
         new = KeyBatch.of(keys)
         new = new.unique() if len(new) > 1 else new
         added = new.take(~h.keys.contains(new))
@@ -142,21 +168,19 @@ class PrefixIndex:
     def prefix_len(self, keys: Sequence[bytes], instance_id: str) -> int:
         """How many leading ``keys`` the instance holds."""
         h = self._holders.get(instance_id)
-        if h is None or not keys or not h.keys.holds_first(keys[0]):
-            return 0  # most instances do not hold a prompt's first block: one probe says so
-        return h.keys.prefix_len(KeyBatch.of(keys))
+        return h.prefix_len(keys) if h is not None else 0
 
     def pool_prefix_len(self, keys: Sequence[bytes]) -> int:
         """How many leading ``keys`` some cachestore instance holds."""
-        stores = [h.keys for h in self._holders.values() if h.source == "cachestore" and len(h.keys)]
-        if not keys or not any(s.holds_first(keys[0]) for s in stores):
-            return 0
-        b = KeyBatch.of(keys)
-        held = np.zeros(len(b), bool)
-        for s in stores:
-            held |= s.contains(b)
-        missing = np.flatnonzero(~held)
-        return int(missing[0]) if missing.size else len(b)
+        stores = [h.keys for h in self._holders.values() if h.pooled and len(h.keys)]
+        if len(stores) == 1:
+            return stores[0].prefix_len(keys)
+        n = 0
+        for k in keys:
+            if not any(s.holds(k) for s in stores):
+                break
+            n += 1
+        return n
 
     def count_of(self, instance_id: str) -> int:
         """How many blocks the instance holds (no copy of its keys)."""
@@ -165,7 +189,7 @@ class PrefixIndex:
 
     def keys_of(self, instance_id: str) -> set[bytes]:
         h = self._holders.get(instance_id)
-        return set(h.keys.keys()) if h else set()
+        return set(h.keys.keys()) if h is not None else set()
 
     def instances(self) -> list[str]:
         return [i for i, h in self._holders.items() if h.epoch or h.resyncing]
@@ -174,7 +198,7 @@ class PrefixIndex:
         """Every key some cachestore instance holds."""
         out: set[bytes] = set()
         for h in self._holders.values():
-            if h.source == "cachestore":
+            if h.pooled:
                 out.update(h.keys.keys())
         return out
 
