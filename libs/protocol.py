@@ -203,7 +203,7 @@ class Prediction(msgspec.Struct, kw_only=True):
     compute: float  # the prompt's compute past the reused prefix
     load: float  # loading the reused prefix from the pool or a peer (under the compute); 0: none
     tbt: float  # on the chosen decode instance, with the request added
-    plan: str = "local"  # where the reused prefix comes from: local (own cache) | pool | peer
+    plan: str = "local"  # where the reused prefix comes from: local (own cache) | pool | peer; or pipeline
     peer_id: str = ""
     reused_tokens: int = 0  # prompt tokens the plan reuses instead of computing
 
