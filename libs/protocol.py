@@ -11,6 +11,10 @@ from typing import Annotated
 
 import msgspec
 
+# a block key (``libs.kv.keys``): schedule requests, KV events and dumps with any other are refused
+# when decoded
+BlockKey = Annotated[bytes, msgspec.Meta(min_length=16, max_length=16)]
+
 PROTOCOL_VERSION = 2  # 2: attempt_id and output_id named apart (1: request_id for both)
 
 # NATS' default max_payload is 1 MiB; a chunk of binary data leaves room for its header.
@@ -186,7 +190,7 @@ class ScheduleRequest(msgspec.Struct, kw_only=True):
     attempt_id: str
     prompt_token_ids: list[int]
     sampling: SamplingParams
-    block_hashes: list[bytes] = []
+    block_hashes: list[BlockKey] = []
     arrival_time: float = 0.0
     resume: Resume | None = None
     # the request's SLOs in seconds (its class's, or the deployment's); 0 = none
@@ -394,10 +398,6 @@ class DecodeReport(msgspec.Struct, kw_only=True):
     seconds: float  # from joining the batch to leaving it
     finish_reason: str = ""
     waited_seconds: float = 0.0  # of those, waiting for a row of the running batch
-
-
-# a block key (``libs.kv.keys``): events and dumps with any other are refused when decoded
-BlockKey = Annotated[bytes, msgspec.Meta(min_length=16, max_length=16)]
 
 
 class KVEvent(msgspec.Struct, kw_only=True):
@@ -652,7 +652,8 @@ class LayerPiece(msgspec.Struct, kw_only=True, array_like=True):
     range of its block's data). A sender's pieces go layer by layer, so a block's slices arrive in
     layer order and its checksum can be checked once its last layer is in. The last piece of each
     window is sent as a request: the sender waits for the reader's ``ChunkAck`` before going on.
-    ``checksum``: XXH3-64 of ``data``, in a live get's pieces (None in a stored block's)."""
+    ``checksum``: XXH3-64 of ``data``, in a live get's pieces (None in a stored block's). A piece of
+    no blocks (``count`` 0) is its sender's abort: what it still owed will not come."""
 
     transfer_id: str
     layer: int

@@ -349,6 +349,55 @@ def test_layered_load_holds_back_the_last_layer_until_every_checksum_checks():
     assert load.done.is_set() and cut.failed and load.finish() == 0
 
 
+def test_a_live_load_checks_every_piece_releases_every_layer_and_ends_on_the_senders_abort():
+    """A live get (a pipeline stage's KV as it is computed): no block checksum up front, each
+    piece checked as it lands, every layer released as it completes (the last one too); a piece
+    that does not match its checksum fails the load; an abort ends it at once."""
+    from libs.checksum import checksum
+    from libs.kv.layers import LayeredLoad
+
+    bs = LAYERED[3]
+    keys = [key(i) for i in range(3)]
+    blocks = [layered_block(i) for i in range(3)]
+    live_reply = CacheGetReply(found=keys, transfer_id="t1", live=True, reused_tokens=bs,
+                               headers=[BlockHeader(shape=list(LAYERED), dtype="float32", checksum=0)] * 3)
+
+    def live_pieces():
+        for p in _pieces("t1", blocks):
+            yield LayerPiece(transfer_id="t1", layer=p.layer, first=0, count=p.count, checksum=checksum(p.data),
+                             data=p.data)
+
+    dest = layered_dest(3 * bs + 1, 3 * bs)
+    load = LayeredLoad(keys, dest, 0)
+    load.expect(live_reply, keys, [0, 1, 2])
+    load.announced()
+    assert load.reused_tokens == bs
+    for p in live_pieces():
+        load._place(p)
+        assert load.ready == p.layer + 1  # released as it completes, the last layer included
+    assert load.finish() == 3 and not dest.failed
+    assert torch.equal(dest.kv[:, :, :, : 3 * bs], torch.cat(blocks, dim=3))
+
+    bad = layered_dest(3 * bs + 1, 3 * bs)
+    load = LayeredLoad(keys, bad, 0)
+    load.expect(live_reply, keys, [0, 1, 2])
+    load.announced()
+    pieces = list(live_pieces())
+    load._place(pieces[0])
+    wrong = LayerPiece(transfer_id="t1", layer=1, first=0, count=3, checksum=pieces[1].checksum ^ 1,
+                       data=pieces[1].data)
+    with pytest.raises(ValueError):
+        load._place(wrong)
+
+    cut = layered_dest(3 * bs + 1, 3 * bs)
+    load = LayeredLoad(keys, cut, 0)
+    load.expect(live_reply, keys, [0, 1, 2])
+    load.announced()
+    load._place(pieces[0])
+    load._place(LayerPiece(transfer_id="t1", layer=0, first=0, count=0, data=memoryview(b"")))  # the abort
+    assert load.done.is_set() and cut.failed and load.finish() == 0
+
+
 # ---------------------------------------------------------------- KV events
 async def read_events(js, instance_id: str) -> list[KVEvent]:
     subject = Subjects.kv_events(instance_id)

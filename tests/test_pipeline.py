@@ -123,6 +123,24 @@ def test_the_conductor_queues_a_task_per_stage_each_reading_the_one_before():
     assert moved is not None and (moved.stage_from, moved.stage_attempt, moved.stage_past) == ("", "", 0)
 
 
+async def test_a_stage_is_kept_while_the_next_stage_reads_it_and_forgotten_after_its_hold_when_nobody_does():
+    from services.prefill.stages import LiveStages
+
+    stages = LiveStages(hold_seconds=0.05)
+    read = stages.open("a", buf=object(), keys=[b"k" * 16])
+    read.serving = True  # the next stage's get is under way
+    closing = asyncio.ensure_future(stages.close("a"))
+    await asyncio.sleep(0.3)
+    assert not closing.done() and not read.ended  # past its hold: still read, still kept
+    read.served.set()
+    await closing
+    assert read.ended and await stages.find("a", 1.0) is None  # ended: a late get is answered at once
+    unread = stages.open("b", buf=object(), keys=[b"k" * 16])
+    await stages.close("b")  # nobody asked within the hold
+    assert unread.ended
+    assert await stages.find("never-started", 0.05) is None
+
+
 # ---------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def cpp_cluster(tiny_dir, tmp_path_factory):

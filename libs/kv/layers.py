@@ -105,26 +105,40 @@ async def serve_live_layers(msg, nc, subject: str, keys: Sequence[bytes], buf, s
         return x.reshape(2, heads, n, block_size, dim).permute(2, 0, 1, 3, 4).contiguous().view(-1).view(
             torch.uint8).numpy().tobytes()
 
-    for layer in range(layers):
-        deadline = loop.time() + timeout
-        while buf.computed_layers() <= layer:
-            if buf.failed is not None:
-                raise TransferError(f"the stage's KV was not computed: {buf.failed}")
-            changed.clear()
-            if buf.computed_layers() > layer:
-                break
-            try:
-                await asyncio.wait_for(changed.wait(), max(0.0, deadline - loop.time()))
-            except asyncio.TimeoutError as e:
-                raise TransferError(f"layer {layer} of the stage was not computed within {timeout}s") from e
-        data = await asyncio.to_thread(layer_bytes, layer)  # a copy off the loop (MBs for a long prompt)
-        pieces = []
-        for first in range(0, n, run):
-            count = min(run, n - first)
-            part = memoryview(data)[first * per : (first + count) * per]
-            pieces.append(encode_with_data(LayerPiece(transfer_id=tid, layer=layer, first=first, count=count,
-                                                      checksum=sums.checksum(part), data=b""), [part]))
-        await send_windowed(nc, subject, tid, pieces, window=LAYER_PIECES_IN_FLIGHT)
+    try:
+        for layer in range(layers):
+            await _send_live_layer(nc, subject, tid, buf, layer, layer_bytes, changed, loop.time() + timeout,
+                                   n, per, run, timeout)
+    except BaseException:
+        # the reader stops waiting now (and computes what did not come) rather than at its deadline
+        with contextlib.suppress(Exception):
+            await nc.publish(subject, encode_with_data(LayerPiece(transfer_id=tid, layer=0, first=0, count=0,
+                                                                  data=b""), []))
+        raise
+
+
+async def _send_live_layer(nc, subject: str, tid: str, buf, layer: int, layer_bytes, changed: asyncio.Event,
+                           deadline: float, n: int, per: int, run: int, timeout: float) -> None:
+    """Layer ``layer`` of a live get, once computed (``serve_live_layers``)."""
+    loop = asyncio.get_running_loop()
+    while buf.computed_layers() <= layer:
+        if buf.failed is not None:
+            raise TransferError(f"the stage's KV was not computed: {buf.failed}")
+        changed.clear()
+        if buf.computed_layers() > layer:
+            break
+        try:
+            await asyncio.wait_for(changed.wait(), max(0.0, deadline - loop.time()))
+        except asyncio.TimeoutError as e:
+            raise TransferError(f"layer {layer} of the stage was not computed within {timeout}s") from e
+    data = await asyncio.to_thread(layer_bytes, layer)  # a copy off the loop (MBs for a long prompt)
+    pieces = []
+    for first in range(0, n, run):
+        count = min(run, n - first)
+        part = memoryview(data)[first * per : (first + count) * per]
+        pieces.append(encode_with_data(LayerPiece(transfer_id=tid, layer=layer, first=first, count=count,
+                                                  checksum=sums.checksum(part), data=b""), [part]))
+    await send_windowed(nc, subject, tid, pieces, window=LAYER_PIECES_IN_FLIGHT)
 
 
 class LayeredLoad:
@@ -229,6 +243,10 @@ class LayeredLoad:
             await nc.publish(msg.reply, encode(ChunkAck(transfer_id="", received=0, ok=not error, error=error)))
 
     def _place(self, p: LayerPiece) -> None:
+        if p.count == 0:  # the sender's abort: what it still owed will not come
+            log.warning("cache_layer_transfer_aborted", transfer=p.transfer_id)
+            self._abandon(p.transfer_id)
+            return
         idxs = self.senders[p.transfer_id]
         if not 0 <= p.layer < self.layers or p.first < 0 or p.first + p.count > len(idxs):
             raise ValueError(f"unexpected piece {p.transfer_id} layer {p.layer} blocks {p.first}+{p.count}")

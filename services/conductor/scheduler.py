@@ -320,7 +320,8 @@ class Scheduler:
         pipe = self._pipeline(req, placement, now)
         if pipe is not None:
             placement, task, stages = self._staged(task, placement, pipe, now)
-        self._placed(req.attempt_id, placement, len(req.prompt_token_ids), tokens, urgent, now, req.tbt_slo)
+        self._placed(req.attempt_id, placement, len(req.prompt_token_ids), tokens, urgent, now, req.tbt_slo,
+                     reused=pipe.stages[-1].start if pipe is not None else None)
         wait = None
         d = next(v for v in decodes if v.instance_id == placement.decode_id)
         if tokens > 1:  # it reaches decode: remember the wait the admission judged it by
@@ -399,12 +400,13 @@ class Scheduler:
         return placement, self.placed_task(task, placement)
 
     def _placed(self, attempt_id: str, placement: Placement, prompt_len: int, tokens: int, urgent: bool,
-                now: float, tbt_slo: float = 0.0) -> None:
+                now: float, tbt_slo: float = 0.0, reused: int | None = None) -> None:
         """Count a placed request (expected to decode ``tokens``) on its prefill queue and in the
-        decode projection."""
+        decode projection; ``reused``: the positions its instance does not compute, when not the
+        placement's reuse (the last stage of a pipeline: the stages' past)."""
         _remember(self._predicted_ttft, attempt_id, placement.predicted_ttft)
         self.queues.placed(placement.prefill_id, attempt_id, placement.predicted_prefill, prompt_len, now,
-                           reused=placement.cached_blocks * self.settings.block_size,
+                           reused=placement.cached_blocks * self.settings.block_size if reused is None else reused,
                            load_seconds=placement.predicted_load)
         inst = self.registry.get("decode", placement.decode_id)
         if inst is not None:

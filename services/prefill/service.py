@@ -266,7 +266,7 @@ class PrefillService(ModelWorker):
         if stage:
             live = self.stages.open(task.attempt_id, buf, task.block_hashes[: len(prompt) // bs])
             live.reused_tokens = local * bs if staged else reused
-            if not staged:
+            if not (staged and found):  # nothing to hear from a stage before: the next may be answered
                 live.known.set()
         if staged:
             buf.timeout = self.settings.pipeline_stage_timeout  # the stage before may still be queued
@@ -316,15 +316,20 @@ class PrefillService(ModelWorker):
                 await _cancel(handoff)
                 handoff = None
                 failed = buf
+                lost_wait = failed.waited  # waiting for a past that never came is not compute
                 buf = self.runner.kv_buffer(len(prompt) - good, failed.kv[:, :, :, :good] if good else None)
                 failed.release()  # its verified past is copied over, and nothing else reads it
                 logits, _ = await self._compute_prefill(prompt[good:], chunk, buf, scores)
+            else:
+                lost_wait = 0.0
             return Prefilled(logits, buf, local, pool, peer, 0.0 if staged else seconds,
-                             time.monotonic() - t0 - buf.waited, handoff,
+                             time.monotonic() - t0 - buf.waited - lost_wait, handoff,
                              scores.message() if scores is not None else None, staged, cached, recomputed)
-        except BaseException:
+        except BaseException as e:
             await _cancel(handoff)  # the prompt failed: nothing of it goes to decode
             if live is not None:
+                if buf.failed is None:
+                    buf.fail(f"the stage failed: {e!r}")  # a serve under way stops now, not at its timeout
                 self.stages.end(task.attempt_id)
             raise
 
@@ -469,25 +474,27 @@ class PrefillService(ModelWorker):
             await msg.ack()
             return 0, None
         computed_at = time.monotonic()
-        bs = self.settings.block_size
-        prompt = stage_prompt(task)
-        local, past = done.local, done.pool
-        reused = (local + past) * bs
-        self._count_reuse(prompt, local, 0 if done.staged else past, len(prompt) - reused, done.peer,
-                          done.compute_seconds)
-        STAGES.labels(role="before", outcome="ok").inc()
-        log.info("stage_prefilled", prompt_tokens=len(prompt), local_tokens=local * bs, past_tokens=past * bs,
-                 staged=done.staged or None, compute_s=round(done.compute_seconds, 4))
-        await self.nc.publish(Subjects.PREFILL_REPORT, encode(PrefillReport(
-            instance_id=self.instance_id, attempt_id=rid, prompt_tokens=len(prompt), local_tokens=local * bs,
-            pool_tokens=past * bs, load_bytes=0 if done.staged else past * bs * self.shape.kv_bytes_per_token(),
-            load_seconds=done.load_seconds, compute_seconds=done.compute_seconds, queue_seconds=0.0,
-            kv_bytes_per_token=self.shape.kv_bytes_per_token(), num_layers=self.shape.num_layers)))
-        self.done.add(rid)
-        await msg.ack()
-        if task.block_hashes:
-            await self._keep_blocks(task.block_hashes, done.kv)
-        self.spawn(self._after_stage(task, done))
+        try:
+            bs = self.settings.block_size
+            prompt = stage_prompt(task)
+            local, past = done.local, done.pool
+            reused = (local + past) * bs
+            self._count_reuse(prompt, local, 0 if done.staged else past, len(prompt) - reused, done.peer,
+                              done.compute_seconds)
+            STAGES.labels(role="before", outcome="ok").inc()
+            log.info("stage_prefilled", prompt_tokens=len(prompt), local_tokens=local * bs, past_tokens=past * bs,
+                     staged=done.staged or None, compute_s=round(done.compute_seconds, 4))
+            await self.nc.publish(Subjects.PREFILL_REPORT, encode(PrefillReport(
+                instance_id=self.instance_id, attempt_id=rid, prompt_tokens=len(prompt), local_tokens=local * bs,
+                pool_tokens=past * bs, load_bytes=0 if done.staged else past * bs * self.shape.kv_bytes_per_token(),
+                load_seconds=done.load_seconds, compute_seconds=done.compute_seconds, queue_seconds=0.0,
+                kv_bytes_per_token=self.shape.kv_bytes_per_token(), num_layers=self.shape.num_layers)))
+            self.done.add(rid)
+            await msg.ack()
+            if task.block_hashes:
+                await self._keep_blocks(task.block_hashes, done.kv)
+        finally:
+            self.spawn(self._after_stage(task, done))  # the next stage's read, then the pool write
         return 0, computed_at
 
     async def _after_stage(self, task: PrefillTask, done: Prefilled) -> None:
@@ -495,8 +502,9 @@ class PrefillService(ModelWorker):
         await self.stages.close(task.attempt_id)
         kv, bs = done.kv, self.settings.block_size
         keys = task.block_hashes[: kv.shape[3] // bs]
+        writable = keys if task.pool_write_blocks < 0 else keys[: task.pool_write_blocks]
         skip = set() if done.peer and not done.staged else set(keys[done.local : done.local + done.pool])
-        to_write = [k for k in keys if k not in skip]
+        to_write = [k for k in writable if k not in skip]
         if to_write and self.settings.use_pool and self.write_backlog + kv.nbytes <= self.write_budget:
             self.write_backlog += kv.nbytes
             await self._store_blocks(task.attempt_id, to_write, done.buf, task.block_hashes)
@@ -523,10 +531,11 @@ class PrefillService(ModelWorker):
         or not holding those blocks answers with nothing found (the reader computes them)."""
         stage = await self.stages.find(req.live, self.settings.pipeline_stage_timeout)
         keys = list(req.keys)
-        first = stage.span(keys) if stage is not None else -1
+        first = stage.span(keys) if stage is not None and not stage.ended else -1
         if stage is None or first < 0:
             await msg.respond(encode(CacheGetReply(found=[])))
             return
+        stage.serving = True  # from here its buffer is kept until this serve ends, however long
         bs = self.settings.block_size
         try:
             await stage.known.wait()

@@ -26,6 +26,8 @@ class Stage:
     reused_tokens: int = 0
     known: asyncio.Event = field(default_factory=asyncio.Event)
     served: asyncio.Event = field(default_factory=asyncio.Event)
+    serving: bool = False  # the next stage's get is being served: the buffer is read
+    ended: bool = False  # forgotten here: a get that found it before must not read its buffer
 
     def reused_in(self, start: int, end: int) -> int:
         """Of positions ``[start, end)``, how many came from a cache."""
@@ -68,21 +70,24 @@ class LiveStages:
         return self._stages.get(attempt_id)
 
     async def close(self, attempt_id: str) -> None:
-        """The stage's compute is over: wait for the next stage's get to end (at most
-        ``hold_seconds``), then forget it (its buffer is the caller's again)."""
+        """The stage's compute is over: wait for the next stage's get to end (for ``hold_seconds``
+        if none has begun; a get under way reads the buffer to its end, bounded by its own
+        timeouts), then forget it (its buffer is the caller's again)."""
         stage = self._stages.get(attempt_id)
         if stage is not None:
             stage.known.set()
             try:
                 await asyncio.wait_for(stage.served.wait(), self.hold_seconds)
             except asyncio.TimeoutError:
-                pass
+                if stage.serving:
+                    await stage.served.wait()
         self.end(attempt_id)
 
     def end(self, attempt_id: str) -> None:
         """Forget the stage now (it failed, or was never started here)."""
         stage = self._stages.pop(attempt_id, None)
         if stage is not None:
+            stage.ended = True
             stage.known.set()
         opened = self._opened.pop(attempt_id, None)
         if opened is not None:
