@@ -127,3 +127,42 @@ def declared_metrics() -> dict[str, set[str]]:
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
     return {f.name: {f.name + s for s in suffixes[f.type]} for f in REGISTRY.collect()
             if f.name.startswith("yuebing:")}
+
+
+def prompt_keys(model_dir, prompt: list[int], block_size: int = 16) -> list[bytes]:
+    """The block keys the gateway computes for ``prompt`` served from ``model_dir``."""
+    from libs.engine.loading import model_identity, read_shape
+    from libs.kv.keys import block_hashes, namespace_digest
+
+    ns = namespace_digest(model_identity(model_dir), read_shape(model_dir).dtype_name, block_size)
+    return block_hashes(prompt, block_size, ns)
+
+
+async def run_prefill_tasks(nats_url: str, output_id: str, tasks: list, timeout: float = 60.0) -> tuple[list[int], int]:
+    """Put PrefillTasks (``(instance, task)`` pairs, in order) straight on the instances' work
+    queues, as the conductor would, and collect the token events of ``output_id`` until it
+    finishes: its tokens and the first event's ``cached_tokens``. Fails on an error event."""
+    from libs.bus import connect, synced
+    from libs.protocol import Subjects, TokenEvent, decode, encode
+
+    nc = await connect(nats_url, "test-prefill-tasks")
+    events: list[TokenEvent] = []
+    finished = asyncio.Event()
+
+    async def on_event(msg):
+        ev = decode(msg.data, TokenEvent)
+        events.append(ev)
+        if ev.finish_reason:
+            finished.set()
+
+    try:
+        await nc.subscribe(Subjects.output(output_id), cb=on_event)
+        await synced(nc)
+        for instance, task in tasks:
+            await nc.jetstream().publish(Subjects.prefill_task(instance), encode(task))
+        await asyncio.wait_for(finished.wait(), timeout)
+    finally:
+        await nc.close()
+    events.sort(key=lambda e: e.seq)
+    assert not any(e.error for e in events), events
+    return [t for e in events for t in e.token_ids], events[0].cached_tokens

@@ -8,11 +8,8 @@ import uuid
 import pytest
 
 from conftest import reference_greedy, start_cluster
-from helpers import post
-from libs.bus import connect, synced
-from libs.engine.loading import model_identity
-from libs.kv.keys import block_hashes, namespace_digest
-from libs.protocol import PrefillTask, SamplingParams, Subjects, TokenEvent, decode, encode
+from helpers import post, prompt_keys, run_prefill_tasks
+from libs.protocol import PrefillTask, SamplingParams
 from services.conductor.pipeline import pipeline_finish, plan_pipeline, split_points
 
 BS = 16
@@ -151,46 +148,23 @@ def cpp_cluster(tiny_dir, tmp_path_factory):
     cluster.stop()
 
 
-def _keys(model_dir, prompt):
-    return block_hashes(prompt, BS, namespace_digest(model_identity(model_dir), "float32", BS))
-
-
 async def _run_stages(cluster, model_dir, prompt: list[int], plan: list[tuple[str, int]], max_tokens: int = 16,
                       bogus_past: bool = False) -> tuple[list[int], int]:
     """Queue a pipeline's tasks straight on the instances (``plan``: each stage's instance and
     end, the last's end the prompt's length), as the conductor would; collect the output."""
     rid = f"cmpl-cpp-{uuid.uuid4().hex[:8]}"
-    nc = await connect(cluster.nats.url, "test-cpp")
-    events: list[TokenEvent] = []
-    finished = asyncio.Event()
-
-    async def on_event(msg):
-        ev = decode(msg.data, TokenEvent)
-        events.append(ev)
-        if ev.finish_reason:
-            finished.set()
-
-    keys = _keys(model_dir, prompt)
-    try:
-        await nc.subscribe(Subjects.output(rid), cb=on_event)
-        await synced(nc)
-        before, start = ("", ""), 0
-        for k, (iid, end) in enumerate(plan):
-            last = k == len(plan) - 1
-            aid = rid if last else f"{rid}~s{k}"
-            task = PrefillTask(attempt_id=aid, prompt_token_ids=prompt, decode_id="decode-0", block_hashes=keys,
-                               sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0),
-                               stage_end=0 if last else end, stage_from=before[0],
-                               stage_attempt=before[1] + ("-never" if bogus_past else ""), stage_past=start,
-                               reuse_blocks=start // BS if k else -1, use_pool=k == 0)
-            await nc.jetstream().publish(Subjects.prefill_task(iid), encode(task))
-            before, start = (iid, aid), end
-        await asyncio.wait_for(finished.wait(), 60)
-    finally:
-        await nc.close()
-    events.sort(key=lambda e: e.seq)
-    assert not any(e.error for e in events), events
-    return [t for e in events for t in e.token_ids], events[0].cached_tokens
+    keys = prompt_keys(model_dir, prompt, BS)
+    tasks, before, start = [], ("", ""), 0
+    for k, (iid, end) in enumerate(plan):
+        last = k == len(plan) - 1
+        aid = rid if last else f"{rid}~s{k}"
+        tasks.append((iid, PrefillTask(attempt_id=aid, prompt_token_ids=prompt, decode_id="decode-0", block_hashes=keys,
+                                       sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0),
+                                       stage_end=0 if last else end, stage_from=before[0],
+                                       stage_attempt=before[1] + ("-never" if bogus_past else ""), stage_past=start,
+                                       reuse_blocks=start // BS if k else -1, use_pool=k == 0)))
+        before, start = (iid, aid), end
+    return await run_prefill_tasks(cluster.nats.url, rid, tasks)
 
 
 async def _stage_counts(cluster) -> dict[str, float]:

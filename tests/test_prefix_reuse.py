@@ -8,7 +8,7 @@ import lmdb
 import pytest
 
 from conftest import reference_greedy, start_cluster
-from helpers import get_json, logged, post, wait_for_pool, wait_until
+from helpers import get_json, logged, post, prompt_keys, run_prefill_tasks, wait_for_pool, wait_until
 from libs.bus import connect, synced
 from libs.engine.loading import model_identity
 from libs.kv.keys import block_hashes, namespace_digest
@@ -247,45 +247,21 @@ async def test_corrupt_block_in_lmdb_is_a_miss_not_wrong_text(tiny_dir, tiny_mod
 
 
 def _keys(model_dir, prompt: list[int]) -> list[bytes]:
-    from libs.kv.keys import block_hashes, namespace_digest
-    from libs.engine.loading import model_identity, read_shape
-
-    ns = namespace_digest(model_identity(model_dir), read_shape(model_dir).dtype_name, BS)
-    return block_hashes(prompt, BS, ns)
+    return prompt_keys(model_dir, prompt, BS)
 
 
 async def _run_prefill_task(cluster, model_dir, instance: str, prompt: list[int], max_tokens: int, **plan):
     """Put a PrefillTask straight on ``instance``'s work queue (the plan in ``plan``, as the
     conductor would have made it) and collect the request's token events until it finishes."""
-    import asyncio
     import uuid
 
-    from libs.protocol import PrefillTask, SamplingParams, TokenEvent
+    from libs.protocol import PrefillTask, SamplingParams
 
     rid = f"cmpl-peer-{uuid.uuid4().hex[:8]}"
-    nc = await connect(cluster.nats.url, "test-peer-task")
-    events: list[TokenEvent] = []
-    finished = asyncio.Event()
-
-    async def on_event(msg):
-        ev = decode(msg.data, TokenEvent)
-        events.append(ev)
-        if ev.finish_reason:
-            finished.set()
-
-    try:
-        await nc.subscribe(Subjects.output(rid), cb=on_event)
-        await synced(nc)
-        task = PrefillTask(attempt_id=rid, prompt_token_ids=prompt, decode_id="decode-0",
-                           block_hashes=_keys(model_dir, prompt),
-                           sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0), **plan)
-        await nc.jetstream().publish(Subjects.prefill_task(instance), encode(task))
-        await asyncio.wait_for(finished.wait(), 60)
-    finally:
-        await nc.close()
-    events.sort(key=lambda e: e.seq)
-    assert not any(e.error for e in events), events
-    return [t for e in events for t in e.token_ids], events[0].cached_tokens
+    task = PrefillTask(attempt_id=rid, prompt_token_ids=prompt, decode_id="decode-0",
+                       block_hashes=_keys(model_dir, prompt),
+                       sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0), **plan)
+    return await run_prefill_tasks(cluster.nats.url, rid, [(instance, task)])
 
 
 async def _holds(cluster, name: str, key: bytes) -> bool:

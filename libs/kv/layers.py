@@ -99,46 +99,42 @@ async def serve_live_layers(msg, nc, subject: str, keys: Sequence[bytes], buf, s
     per = 2 * heads * block_size * dim * buf.kv.element_size()
     run = max(1, LAYER_PIECE_TARGET_BYTES // per)
 
-    def layer_bytes(layer: int) -> bytes:
-        """The layer's slices of the blocks, block after block (each ``[2, H, bs, D]``)."""
+    def layer_bytes(layer: int) -> memoryview:
+        """The layer's slices of the blocks, block after block (each ``[2, H, bs, D]``): one copy."""
         x = buf.kv[layer, :, :, start : start + n * block_size]
-        return x.reshape(2, heads, n, block_size, dim).permute(2, 0, 1, 3, 4).contiguous().view(-1).view(
-            torch.uint8).numpy().tobytes()
+        flat = x.reshape(2, heads, n, block_size, dim).permute(2, 0, 1, 3, 4).contiguous().view(-1)
+        return memoryview(flat.view(torch.uint8).numpy())
+
+    async def send_layer(layer: int) -> None:
+        deadline = loop.time() + timeout
+        while buf.computed_layers() <= layer:
+            if buf.failed is not None:
+                raise TransferError(f"the stage's KV was not computed: {buf.failed}")
+            changed.clear()
+            if buf.computed_layers() > layer:
+                break
+            try:
+                await asyncio.wait_for(changed.wait(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError as e:
+                raise TransferError(f"layer {layer} of the stage was not computed within {timeout}s") from e
+        data = await asyncio.to_thread(layer_bytes, layer)  # the copy off the loop (MBs for a long prompt)
+        pieces = []
+        for first in range(0, n, run):
+            part = data[first * per : min(n, first + run) * per]
+            pieces.append(encode_with_data(LayerPiece(transfer_id=tid, layer=layer, first=first,
+                                                      count=min(run, n - first), checksum=sums.checksum(part),
+                                                      data=b""), [part]))
+        await send_windowed(nc, subject, tid, pieces, window=LAYER_PIECES_IN_FLIGHT)
 
     try:
         for layer in range(layers):
-            await _send_live_layer(nc, subject, tid, buf, layer, layer_bytes, changed, loop.time() + timeout,
-                                   n, per, run, timeout)
+            await send_layer(layer)
     except BaseException:
         # the reader stops waiting now (and computes what did not come) rather than at its deadline
         with contextlib.suppress(Exception):
             await nc.publish(subject, encode_with_data(LayerPiece(transfer_id=tid, layer=0, first=0, count=0,
                                                                   data=b""), []))
         raise
-
-
-async def _send_live_layer(nc, subject: str, tid: str, buf, layer: int, layer_bytes, changed: asyncio.Event,
-                           deadline: float, n: int, per: int, run: int, timeout: float) -> None:
-    """Layer ``layer`` of a live get, once computed (``serve_live_layers``)."""
-    loop = asyncio.get_running_loop()
-    while buf.computed_layers() <= layer:
-        if buf.failed is not None:
-            raise TransferError(f"the stage's KV was not computed: {buf.failed}")
-        changed.clear()
-        if buf.computed_layers() > layer:
-            break
-        try:
-            await asyncio.wait_for(changed.wait(), max(0.0, deadline - loop.time()))
-        except asyncio.TimeoutError as e:
-            raise TransferError(f"layer {layer} of the stage was not computed within {timeout}s") from e
-    data = await asyncio.to_thread(layer_bytes, layer)  # a copy off the loop (MBs for a long prompt)
-    pieces = []
-    for first in range(0, n, run):
-        count = min(run, n - first)
-        part = memoryview(data)[first * per : (first + count) * per]
-        pieces.append(encode_with_data(LayerPiece(transfer_id=tid, layer=layer, first=first, count=count,
-                                                  checksum=sums.checksum(part), data=b""), [part]))
-    await send_windowed(nc, subject, tid, pieces, window=LAYER_PIECES_IN_FLIGHT)
 
 
 class LayeredLoad:
