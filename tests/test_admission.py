@@ -216,6 +216,22 @@ def test_a_decode_instances_report_of_its_sequences_is_where_the_projection_star
     assert not p.entries
 
 
+def test_a_projection_counts_only_its_own_instances_sequences():
+    p = DecodeLoadProjector(default_token_seconds=0.1, step=lambda rows, kv: 0.1)
+    p.admit("a", "d0", start=0.0, tokens=10, kv_tokens=10)
+    p.admit("b", "d1", start=0.0, tokens=20, kv_tokens=10)
+    p.started("a", 0.0)
+    p.started("b", 0.0)
+    assert [s.rid for s in p.slots("d0", 0.0)] == ["a"] and p.current("d1") == (1, 10)
+    p.admit("a", "d1", start=1.0, tokens=10, kv_tokens=10)  # placed again elsewhere (a resume)
+    assert p.slots("d0", 1.0) == [] and sorted(s.rid for s in p.slots("d1", 1.0)) == ["a", "b"]
+    p.progress("d1", 2.0, [("b", 10, 10, True)])  # "a" not there yet: not seen, so not gone
+    assert set(p.of("d1")) == {"a", "b"}
+    p.finished("b", 20, 2.0, True)
+    p.drop_instance("d1")
+    assert not p.entries and p.of("d1") == {} and p.slots("d1", 3.0) == []
+
+
 def test_a_newcomer_reaching_decode_first_delays_those_admitted_before_it():
     p = DecodeLoadProjector(default_token_seconds=0.1, step=lambda rows, kv: 0.1)
     p.admit("run", "d0", start=0.0, tokens=30, kv_tokens=10)  # holds the one row until 3 s

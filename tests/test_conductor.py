@@ -105,6 +105,23 @@ def test_cost_model_fits_reports():
     assert m.prefill_seconds(2048, 1984) < m.prefill_seconds(2048, 0) / 10
 
 
+def test_an_online_fit_is_redone_after_each_sample_while_few_then_after_a_share_of_its_window():
+    from libs.engine.costs import Refits
+    from services.conductor.decodecost import DecodeCostModel
+
+    r = Refits(share=16)
+    assert all(r.due(n) for n in range(1, 32))  # fewer than 32 samples: every one (n // 16 <= 1)
+    fits = [n for n in range(32, 200) if r.due(n)]
+    assert fits[:3] == [33, 35, 37] and fits[-1] > 180  # every n // 16 new samples
+    window = Refits(share=16)
+    assert sum(window.due(512) for _ in range(512)) == 16  # a full window of 512: every 32 samples
+    m = DecodeCostModel(coef=(0.1, 0.1, 0.0))
+    for i in range(400):
+        m.observe(10, 1 + i % 8, 100, 0.01 + 0.004 * (1 + i % 8))
+    assert 40 < m.fits < 100  # not one a heartbeat
+    assert m.step_seconds(4, 100) == pytest.approx(0.026, rel=1e-3)
+
+
 def test_the_cost_model_counts_a_revision_when_a_fit_moves_its_prices():
     m = PrefillCostModel()  # the built-in guess: 2 ms a token
     for i in range(PrefillCostModel.MIN_SAMPLES):
@@ -299,8 +316,8 @@ def test_pool_writes_all_or_from_the_second_sight_of_a_prefix():
 
 @pytest.mark.parametrize("name", ["global_cache_aware", "local_cache_aware"])
 def test_cache_aware_choice_among_few_candidates_is_the_choice_among_all(name):
-    """The estimates made for the holders and the least queued other instance pick what estimates
-    for every instance would have picked."""
+    """The estimates made for the least queued instance of each group holding as much of the prompt
+    (and a peer's holders) pick what estimates for every instance would have picked."""
     import random
 
     from services.conductor.placement import affinity_rank
@@ -309,8 +326,10 @@ def test_cache_aware_choice_among_few_candidates_is_the_choice_among_all(name):
     policy = make_policy(name, _model(), use_pool=True, peer_fetch=True)
     for trial in range(300):
         n = rng.randint(1, 40)
+        # instances holding as much of the prompt as others (a shared system prompt) and queues that tie
+        shared = [rng.randint(1, 20) for _ in range(3)]
         prefills = [PrefillView(f"p{i}", rng.choice([0.0, 0.0, 0.5, rng.random() * 3]),
-                                rng.choice([0, 0, 0, rng.randint(1, 20)])) for i in range(n)]
+                                rng.choice([0, 0, 0, rng.randint(1, 20)] + shared)) for i in range(n)]
         req = RequestView(prompt_len=rng.randint(32, 600), block_size=16, pool_blocks=rng.randint(0, 20),
                           affinity=rng.randbytes(16))
         chosen = policy.choose_prefill(req, prefills)

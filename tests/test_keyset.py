@@ -85,11 +85,16 @@ def test_the_index_matches_a_set_model_of_every_instance_and_the_pool():
         chain = rng.sample(sorted(pool), min(rng.choice((3, 12)), len(pool))) + rng.sample(universe, 3)
         want = next((i for i, k in enumerate(chain) if k not in pool), len(chain))
         assert idx.pool_prefix_len(chain) == want
-        for p in ("p0", "p1"):
-            held = model.get(p, set())
-            want = next((i for i, k in enumerate(chain) if k not in held), len(chain))
-            assert idx.prefix_len(chain, p) == want
-            assert idx.count_of(p) == len(held)
+        own = sorted(model.get("p0", set()) & model.get("p1", set())) or sorted(model.get("p0", set()))
+        for ch in (chain, rng.sample(own, min(len(own), rng.randint(0, 8))) + rng.sample(universe, 2)):
+            wants = []
+            for p in ("p0", "p1"):
+                held = model.get(p, set())
+                wants.append(next((i for i, k in enumerate(ch) if k not in held), len(ch)))
+                assert idx.prefix_len(ch, p) == wants[-1]
+                assert idx.count_of(p) == len(held)
+            # every instance's at once, an unknown one among them
+            assert idx.prefix_lens(ch, ["p0", "nobody", "p1"]) == [wants[0], 0, wants[1]]
     assert idx.pool_keys() == set().union(*(model.get(c, set()) for c in ("c0", "c1", "c2")))
     assert all(idx.keys_of(i) == model.get(i, set()) for i in kinds)
 

@@ -135,6 +135,26 @@ DEFAULT = CostProfile(
 )
 
 
+class Refits:
+    """When an online fit over a window of recent samples is redone: after every sample while
+    the window holds fewer than ``share`` of them, then after every ``len(window) // share`` new
+    ones. A fit of ``n`` samples moves little for the next ``n / share`` (they are that share of
+    it), and refitting on each sample cost a conductor a millisecond per report and per decode
+    heartbeat: at 128 + 128 instances, a third of its core."""
+
+    def __init__(self, share: int = 16):
+        self.share = share
+        self._new = 0
+
+    def due(self, samples: int) -> bool:
+        """One sample more in a window now holding ``samples``: whether to fit now."""
+        self._new += 1
+        if self._new >= max(1, samples // self.share):
+            self._new = 0
+            return True
+        return False
+
+
 def fit(features_rows: Sequence[Sequence[float]], seconds: Sequence[float], relative: bool = False) -> tuple[float, ...]:
     """Non-negative least squares: coefficients ``c >= 0`` minimising ``|features @ c - seconds|``.
 

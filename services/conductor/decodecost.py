@@ -10,7 +10,7 @@ from collections import deque
 
 import numpy as np
 
-from libs.engine.costs import decode_features, fit
+from libs.engine.costs import Refits, decode_features, fit
 from libs.metrics import largest_gap_counts
 
 
@@ -25,19 +25,21 @@ class DecodeCostModel:
         # plain floats: a placement prices thousands of steps, 40 % faster than numpy on three terms
         self.coef = tuple(float(c) for c in coef)
         self._samples: deque[tuple[float, float, float, float]] = deque(maxlen=window)
+        self._refits = Refits()
         self.fits = 0
 
     def step_seconds(self, batch: float, kv_tokens: float) -> float:
         if batch <= 0:
             return 0.0
-        return max(0.0, sum(c * f for c, f in zip(self.coef, decode_features(batch, kv_tokens))))
+        fixed, per_row, per_kv = self.coef  # (decode_features: 1, rows, KV positions)
+        return max(0.0, fixed + per_row * batch + per_kv * kv_tokens)
 
     def observe(self, steps: int, batch: float, kv_tokens: float, seconds: float) -> None:
         """``steps`` steps with these mean rows, KV positions and seconds."""
         if steps <= 0 or batch <= 0 or seconds <= 0:
             return
         self._samples.append((float(steps), float(batch), float(kv_tokens), float(seconds)))
-        if len(self._samples) >= self.MIN_SAMPLES:
+        if len(self._samples) >= self.MIN_SAMPLES and self._refits.due(len(self._samples)):
             self._fit()
 
     def _fit(self) -> None:

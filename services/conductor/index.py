@@ -53,14 +53,19 @@ class _Holder:
     def prefix_len(self, keys: Sequence[bytes]) -> int:
         hot, n = self.hot, 0
         for k in keys:
-            if k not in hot:
-                if not self.keys.holds(k):
-                    break
-                if len(hot) >= HOT_KEYS:
-                    hot.clear()
-                hot.add(k)
+            if k not in hot and not self.holds_new(k):
+                break
             n += 1
         return n
+
+    def holds_new(self, k: bytes) -> bool:
+        """Whether the instance holds ``k``, which is not among its hot keys (it becomes one)."""
+        if not self.keys.holds(k):
+            return False
+        if len(self.hot) >= HOT_KEYS:
+            self.hot.clear()
+        self.hot.add(k)
+        return True
 
 
 class PrefixIndex:
@@ -169,6 +174,27 @@ class PrefixIndex:
         """How many leading ``keys`` the instance holds."""
         h = self._holders.get(instance_id)
         return h.prefix_len(keys) if h is not None else 0
+
+    def prefix_lens(self, keys: Sequence[bytes], instance_ids: Sequence[str]) -> list[int]:
+        """``prefix_len`` of each instance, walking the chain once for all of them: at each key only
+        the instances holding every key before it are looked at (the others' prefixes have ended),
+        so a decision's walk costs the instances' prefixes and not a call per instance."""
+        out = [0] * len(instance_ids)
+        going = [(j, h) for j, iid in enumerate(instance_ids)
+                 if (h := self._holders.get(iid)) is not None and len(h.keys)]
+        for n, k in enumerate(keys):
+            if not going:
+                break
+            still = []
+            for j, h in going:
+                if k in h.hot or h.holds_new(k):
+                    still.append((j, h))
+                else:
+                    out[j] = n
+            going = still
+        for j, _ in going:
+            out[j] = len(keys)
+        return out
 
     def pool_prefix_len(self, keys: Sequence[bytes]) -> int:
         """How many leading ``keys`` some cachestore instance holds."""

@@ -11,9 +11,12 @@ pulls the blocks (and keeps them: hot prefixes spread to where they are served).
 
 from __future__ import annotations
 
+import heapq
 import random
-import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+import xxhash
 
 from services.conductor.prefillcost import PrefillCostModel
 
@@ -126,20 +129,29 @@ def affinity_rank(affinity: bytes, instance_id: str) -> int:
     prompt's ``affinity`` block (the first no instance holds) is highest. Prompts that differ after a
     shared prefix (conversations after one system prompt) spread over the instances; the same
     prompt lands on the same instance while nothing else tells the instances apart."""
-    return -int.from_bytes(hashlib.blake2b(affinity + instance_id.encode(), digest_size=8).digest(), "little")
+    return -xxhash.xxh3_64_intdigest(affinity + instance_id.encode())
 
 
-def cache_candidates(req: RequestView, prefills: list[PrefillView]) -> list[PrefillView]:
-    """The prefill instances a cache-aware choice can pick: those holding some of the prompt, and
-    of the others (whose estimates differ only by their queues: the same prefix to reuse, the pool's
-    or a peer's, the same plan) the one with the shortest queue, ties to the prompt's affinity. The
-    choice among these is the choice among all, at the cost of a few estimates instead of one per
-    instance."""
-    held = [p for p in prefills if p.local_blocks > 0]
-    others = [p for p in prefills if p.local_blocks <= 0]
-    if others:
-        held.append(min(others, key=lambda p: (p.queue_seconds, affinity_rank(req.affinity, p.instance_id))))
-    return held
+def cache_candidates(req: RequestView, prefills: list[PrefillView], keep: Sequence[PrefillView] = ()) -> list[PrefillView]:
+    """The prefill instances a cache-aware choice can pick: of the instances holding the same
+    number of the prompt's leading blocks (whose estimates differ only by their queues: the same
+    prefix to reuse, the pool's or a peer's, the same plan) the one with the shortest queue, ties
+    to the prompt's affinity; and ``keep`` (instances whose estimate differs otherwise: a peer's
+    own holders). The choice among these is the choice among all, at the cost of a few estimates
+    instead of one per instance (a system prompt every instance holds makes them one group)."""
+    kept = {p.instance_id for p in keep}
+    best: dict[int, tuple[float, int | None, PrefillView]] = {}  # local blocks -> (queue, affinity rank, view)
+    for p in prefills:
+        if p.instance_id in kept:
+            continue
+        b = best.get(p.local_blocks)
+        if b is None or p.queue_seconds < b[0]:
+            best[p.local_blocks] = (p.queue_seconds, None, p)
+        elif p.queue_seconds == b[0]:  # (ranks are hashes: computed for ties only)
+            rank_b = b[1] if b[1] is not None else affinity_rank(req.affinity, b[2].instance_id)
+            rank_p = affinity_rank(req.affinity, p.instance_id)
+            best[p.local_blocks] = (p.queue_seconds, rank_p, p) if rank_p < rank_b else (b[0], rank_b, b[2])
+    return list(keep) + [b[2] for b in best.values()]
 
 
 class Policy:
@@ -280,15 +292,17 @@ class GlobalCacheAwarePolicy(Policy):
     name = "global_cache_aware"
 
     def choose_prefill(self, req, prefills):
-        holders = sorted((p for p in prefills if p.local_blocks > 0), key=lambda p: -p.local_blocks)[:2]
+        holders = heapq.nsmallest(2, (p for p in prefills if p.local_blocks > 0), key=lambda p: -p.local_blocks)
 
         def peer(p: PrefillView) -> PrefillView | None:
             if not self.peer_fetch:
                 return None
             return next((q for q in holders if q.instance_id != p.instance_id), None)
 
+        # the two longest holders load from each other, the others from the longest: kept apart
+        keep = holders if self.peer_fetch else ()
         # on a tie, the plan that moves no blocks, then the prompt's affinity
-        return min((self.estimate(req, p, self.use_pool, peer(p)) for p in cache_candidates(req, prefills)),
+        return min((self.estimate(req, p, self.use_pool, peer(p)) for p in cache_candidates(req, prefills, keep)),
                    key=lambda c: (c.ttft, c.use_pool or bool(c.peer_id), affinity_rank(req.affinity, c.view.instance_id)))
 
 

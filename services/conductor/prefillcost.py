@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from libs.engine.costs import DEFAULT_LOAD_BYTES_PER_SECOND, CostProfile, fit, prefill_features
+from libs.engine.costs import DEFAULT_LOAD_BYTES_PER_SECOND, CostProfile, Refits, fit, prefill_features
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class PrefillCostModel:
         # a load = fixed + per_byte * bytes (the fixed part: request round trips), fitted on loads seen
         self.load_coef = (0.0, 1.0 / self.cal.load_bytes_per_second)
         self._loads: deque[tuple[float, float]] = deque(maxlen=window)  # (bytes, seconds)
+        self._refits, self._load_refits = Refits(), Refits()
         self.kv_bytes_per_token = 0  # of the served model, from the workers' reports (0: not known yet)
         self.layers = 0  # of the served model, from the workers' reports (0: not known yet)
         self.fits = 0
@@ -74,7 +75,7 @@ class PrefillCostModel:
 
     def observe_prefill(self, new_tokens: int, reused_tokens: int, seconds: float) -> None:
         self._samples.append((float(max(1, new_tokens)), float(reused_tokens), float(seconds)))
-        if len(self._samples) >= self.MIN_SAMPLES:
+        if len(self._samples) >= self.MIN_SAMPLES and self._refits.due(len(self._samples)):
             self._fit()
 
     def observe_load(self, tokens: int, seconds: float, nbytes: int = 0) -> None:
@@ -84,7 +85,8 @@ class PrefillCostModel:
             if nbytes > 0:
                 self.observe_kv_size(nbytes // tokens)
                 self._loads.append((float(nbytes), float(seconds)))
-                self._fit_load()
+                if self._load_refits.due(len(self._loads)):
+                    self._fit_load()
 
     def _fit_load(self) -> None:
         nominal = 1.0 / self.cal.load_bytes_per_second

@@ -36,10 +36,10 @@ prompts that took milliseconds, and admission, by then trusting the fitted model
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from libs.engine.costs import fit
+from libs.engine.costs import Refits, fit
 
 
 class HandOffModel:
@@ -52,6 +52,7 @@ class HandOffModel:
         self._samples: deque[tuple[int, float]] = deque(maxlen=window)
         self.coef = (0.0, 0.0)
         self.fits = 0
+        self._refits = Refits()
 
     def seconds(self, tokens: int) -> float:
         fixed, per_token = self.coef
@@ -62,7 +63,8 @@ class HandOffModel:
             return
         self._samples.append((tokens, seconds))
         if len(self._samples) >= self.MIN_SAMPLES:
-            self._fit()
+            if self._refits.due(len(self._samples)):
+                self._fit()
         else:  # a first estimate: the mean, all of it fixed
             self.coef = (sum(s for _, s in self._samples) / len(self._samples), 0.0)
 
@@ -170,17 +172,26 @@ class PrefillQueues:
     def seconds(self, instance_id: str, now: float) -> float:
         """Predicted seconds until the instance computes a prompt placed now: what the tasks before
         it have left, and the lag of its own start."""
+        return self.seconds_of((instance_id,), now)[0]
+
+    def seconds_of(self, instance_ids: Iterable[str], now: float) -> list[float]:
+        """``seconds`` of each instance (one call for a decision's every instance)."""
         lag = self.lag.seconds
-        total = max(0.0, lag)
-        for task in self._tasks.get(instance_id, {}).values():
-            tail = self.handoff.seconds(task.tokens)
-            if task.first_token_at is None:
-                busy = max(0.0, task.compute + lag)
-                left = busy if task.started_at is None else max(0.0, busy - (now - task.started_at))
-                total += left + tail
-            else:  # computed: what is left of its hand-off
-                total += max(0.0, tail - (now - task.first_token_at))
-        return total
+        idle = max(0.0, lag)
+        fixed, per_token = self.handoff.coef
+        out = []
+        for iid in instance_ids:
+            total = idle
+            for task in self._tasks.get(iid, {}).values():
+                tail = fixed + per_token * max(0, task.tokens)  # (HandOffModel.seconds)
+                if task.first_token_at is None:
+                    busy = max(0.0, task.compute + lag)
+                    left = busy if task.started_at is None else max(0.0, busy - (now - task.started_at))
+                    total += left + tail
+                else:  # computed: what is left of its hand-off
+                    total += max(0.0, tail - (now - task.first_token_at))
+            out.append(total)
+        return out
 
     def pending(self, instance_id: str) -> int:
         return len(self._tasks.get(instance_id, {}))

@@ -69,6 +69,8 @@ class DecodeLoadProjector:
     def __init__(self, default_output_tokens: int = 128, default_token_seconds: float = 0.05,
                  step: Callable[[int, float], float] | None = None):
         self.entries: dict[str, _Admitted] = {}
+        # the same entries by decode instance: a projection of one instance reads its own only
+        self._of: dict[str, dict[str, _Admitted]] = {}
         self.mean_output = float(default_output_tokens)
         self.token_seconds = default_token_seconds
         self.step = step
@@ -101,7 +103,13 @@ class DecodeLoadProjector:
 
     def admit(self, rid: str, decode_id: str, start: float, tokens: int, kv_tokens: int,
               tbt_slo: float = 0.0, urgent: bool = False) -> None:
-        self.entries[rid] = _Admitted(decode_id, start, tokens, kv_tokens, tbt_slo, urgent=urgent)
+        self.forget(rid)
+        e = self.entries[rid] = _Admitted(decode_id, start, tokens, kv_tokens, tbt_slo, urgent=urgent)
+        self._of.setdefault(decode_id, {})[rid] = e
+
+    def of(self, decode_id: str) -> dict[str, _Admitted]:
+        """The admitted requests placed on ``decode_id`` (not to be changed by the caller)."""
+        return self._of.get(decode_id, {})
 
     def started(self, rid: str, now: float) -> None:
         e = self.entries.get(rid)
@@ -111,7 +119,7 @@ class DecodeLoadProjector:
     def finished(self, rid: str, output_tokens: int, seconds: float, natural: bool, waited: float = 0.0) -> None:
         """A sequence left decode after ``seconds`` there, ``waited`` of them for a row; ``natural``:
         it ended by stop or length (its figures are learnt)."""
-        self.entries.pop(rid, None)
+        self.forget(rid)
         decoding = seconds - max(0.0, waited)
         if natural and output_tokens > 0 and decoding > 0:
             a = 0.1 if self._observed >= 10 else 1.0 / (self._observed + 1)
@@ -120,10 +128,16 @@ class DecodeLoadProjector:
             self._observed += 1
 
     def forget(self, rid: str) -> None:
-        self.entries.pop(rid, None)
+        e = self.entries.pop(rid, None)
+        if e is not None:
+            of = self._of.get(e.decode_id)
+            if of is not None:
+                of.pop(rid, None)
+                if not of:
+                    del self._of[e.decode_id]
 
     def drop_instance(self, decode_id: str) -> None:
-        for rid in [r for r, e in self.entries.items() if e.decode_id == decode_id]:
+        for rid in self._of.pop(decode_id, {}):
             del self.entries[rid]
         self._seen.pop(decode_id, None)
 
@@ -132,9 +146,10 @@ class DecodeLoadProjector:
         length limit, holds a row) each, rows first, then those waiting in order. A sequence it
         reported before and not now has left it."""
         listed = set()
+        of = self.of(decode_id)
         for pos, (rid, decoded, limit, running) in enumerate(sequences):
-            e = self.entries.get(rid)
-            if e is None or e.decode_id != decode_id:
+            e = of.get(rid)
+            if e is None:
                 continue
             listed.add(rid)
             if not e.started:  # there before its prefill's report came
@@ -142,9 +157,8 @@ class DecodeLoadProjector:
             expected = e.tokens - decoded  # (its expected tokens count the one prefill made)
             e.left = min(limit, expected if expected > 0 else self.OVERDUE_STEPS)
             e.decoded, e.seen, e.running, e.pos = decoded, at, running, pos
-        for rid in [r for r, e in self.entries.items()
-                    if e.decode_id == decode_id and e.seen is not None and r not in listed]:
-            del self.entries[rid]
+        for rid in [r for r, e in of.items() if e.seen is not None and r not in listed]:
+            self.forget(rid)
         self._seen[decode_id] = at
 
     def _rows_free(self, rows: int, others: int, others_end: float) -> list[float]:
@@ -166,8 +180,9 @@ class DecodeLoadProjector:
         (``others_kv`` KV positions) hold rows until ``others_end`` and count in the batch.
         ``extra``: one more sequence, admitted last, to see what it would change."""
         seen = self._seen.get(decode_id)
-        ids = [r for r, e in self.entries.items() if e.decode_id == decode_id]
-        mine = [self.entries[r] for r in ids]
+        of = self.of(decode_id)
+        ids = list(of)
+        mine = list(of.values())
         if extra is not None:
             ids.append(extra[0])
             mine.append(extra[1])
@@ -258,6 +273,8 @@ class DecodeLoadProjector:
             return []
         if slots is None:
             slots = self.slots(decode_id, now, rows, others, others_end, others_kv, urgent_rows=urgent_rows)
+        if len(slots) + 1 + min(others, rows) <= rows:
+            return []  # rows for all, the newcomer too: each takes one as it arrives, none waits longer
         before = {s.rid: s for s in slots}
         after = self.slots(decode_id, now, rows, others, others_end, others_kv,
                            extra=("", _Admitted(decode_id, arrive, tokens, kv_tokens, urgent=urgent)),
@@ -282,8 +299,8 @@ class DecodeLoadProjector:
     def current(self, decode_id: str) -> tuple[int, int]:
         """(sequences, KV positions) in decode now: started and not yet finished."""
         seqs = kv = 0
-        for e in self.entries.values():
-            if e.decode_id == decode_id and e.started:
+        for e in self.of(decode_id).values():
+            if e.started:
                 seqs += 1
                 kv += e.kv_tokens
         return seqs, kv
@@ -327,5 +344,5 @@ class DecodeLoadProjector:
         lost = [r for r, e in self.entries.items()
                 if now > e.start + (self.duration(e.tokens) if e.started else 0.0) + self.LOST_AFTER]
         for r in lost:
-            del self.entries[r]
+            self.forget(r)
         return len(lost)

@@ -85,7 +85,9 @@ class Registry:
     def alive(self, kind: str, now: float) -> list[Instance]:
         """Instances that can take new work: beating, and not draining."""
         seen = now - self.clock.behind(now)
-        return [i for i in self._kinds.get(kind, {}).values() if i.alive(seen) and not i.beat.draining]
+        # (``Instance.alive``, inline: a decision asks this of every instance)
+        return [i for i in self._kinds.get(kind, {}).values()
+                if seen - i.last_seen <= MISSED_BEATS * i.beat.interval and not i.beat.draining]
 
     def prune(self, now: float) -> list[Instance]:
         """Forget instances that missed their beats; returns them."""

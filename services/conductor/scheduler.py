@@ -25,7 +25,8 @@ from services.conductor.decodecost import DecodeCostModel
 from services.conductor.decodeview import decode_candidates, decode_view
 from services.conductor.feedback import TTFTErrorModel, WaitErrorModel
 from services.conductor.index import PrefixIndex
-from services.conductor.placement import DecodeView, Placement, PrefillView, RequestView, make_policy
+from services.conductor.placement import (DecodeView, Placement, PrefillView, RequestView, cache_candidates,
+                                         make_policy)
 from services.conductor.poolwrites import PoolWriteAdmission
 from services.conductor.prefillcost import PrefillCostModel
 from services.conductor.prefillqueue import PrefillQueues
@@ -219,10 +220,9 @@ class Scheduler:
         """Placement of a prompt of ``prompt_len`` tokens expected to decode ``tokens`` tokens
         (``urgent``: its wait for a decode row counts in its TBT, so decode serves it first);
         ``avoid_decode`` is not chosen while another decode instance is alive."""
-        prefills = [
-            PrefillView(i.instance_id, self.queue_seconds(i.instance_id, now), self.index.prefix_len(keys, i.instance_id))
-            for i in self.own("prefill", now)
-        ]
+        ids = [i.instance_id for i in self.own("prefill", now)]
+        prefills = [PrefillView(iid, queue, held) for iid, queue, held in
+                    zip(ids, self.queues.seconds_of(ids, now), self.index.prefix_lens(keys, ids))]
         pool_blocks = self.index.pool_prefix_len(keys) if self.settings.use_pool else 0
         held = max([pool_blocks] + [p.local_blocks for p in prefills])
         view = RequestView(
@@ -238,7 +238,9 @@ class Scheduler:
         # when the request would reach decode: its best predicted TTFT, and that TTFT as far over
         # (the 90th percentile of actual / predicted) and as far under (the 10th) as the admitted
         # requests' have lately run
-        eta = min((self.policy.estimate(view, p, self.settings.use_pool).ttft for p in prefills), default=0.0)
+        # (the best of each group of instances holding as much of the prompt is the best of all)
+        eta = min((self.policy.estimate(view, p, self.settings.use_pool).ttft for p in cache_candidates(view, prefills)),
+                  default=0.0)
         late = now + eta * max(1.0, self.ttft_error.factor())
         early = now + eta * self.ttft_error.early_factor()
         alive = self.own("decode", now)
