@@ -332,6 +332,10 @@ def test_tiered_demotion_and_promotion(tmp_path):
     st = store.stats()
     assert st.dram_blocks == 2 and st.dram_bytes == 2 * BLOCK_BYTES
     assert st.disk_blocks == 3  # tiers are inclusive: every block has its disk copy
+    assert st.promotions == 1 and st.hits == {"dram": 0, "disk": 1}
+    assert store.get(key(0)) == block(0)  # now a DRAM hit: nothing promoted
+    st = store.stats()
+    assert st.promotions == 1 and st.hits == {"dram": 1, "disk": 1}
     store.close()
 
     store = TieredStore(2 * BLOCK_BYTES, tmp_path / "db", 100 * BLOCK_BYTES)

@@ -472,6 +472,10 @@ async def test_kv_events_track_what_the_instance_holds(nats_server, tmp_path):
         assert REGISTRY.get_sample_value("yuebing:cache_pool_blocks", {**labels, "tier": "disk"}) == st.disk_blocks
         assert REGISTRY.get_sample_value("yuebing:cache_pool_bytes", {**labels, "tier": "dram"}) == st.dram_bytes
         assert REGISTRY.get_sample_value("yuebing:cache_evictions_total", {**labels, "tier": "disk"}) == st.evictions_disk
+        assert st.promotions > 0  # gets of blocks DRAM had let go
+        assert REGISTRY.get_sample_value("yuebing:cache_promotions_total", labels) == st.promotions
+        for tier in ("dram", "disk"):
+            assert REGISTRY.get_sample_value("yuebing:cache_tier_hit_blocks_total", {**labels, "tier": tier}) == st.hits[tier]
         await client.close()
     finally:
         await svc.stop()

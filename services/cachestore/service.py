@@ -103,6 +103,10 @@ EVICTION_CAUSES = Counter(
     ["instance_id", "reason"],
 )
 GET_HITS = Counter("yuebing:cache_get_hit_blocks", "Blocks asked for by gets and found", ["instance_id"])
+TIER_HITS = Counter("yuebing:cache_tier_hit_blocks", "Blocks gets found, per tier they were found in (a disk hit "
+                    "is promoted to DRAM)", ["instance_id", "tier"])
+PROMOTIONS = Counter("yuebing:cache_promotions", "Blocks read from the disk tier and copied back into DRAM",
+                     ["instance_id"])
 GET_MISSES = Counter("yuebing:cache_get_miss_blocks", "Blocks asked for by gets and not found", ["instance_id"])
 PUTS = Counter("yuebing:cache_puts", "Blocks put (accepted), new or not", ["instance_id"])
 PUTS_REFUSED = Counter("yuebing:cache_puts_refused", "Blocks (or malformed put blobs) refused", ["instance_id"])
@@ -128,8 +132,7 @@ class CacheStoreService(Service):
         self._events_live = False
         self._events_lock = asyncio.Lock()
         self._subs = []
-        self._evictions_seen = {"dram": 0, "disk": 0}
-        self._reasons_seen: dict[str, int] = {}
+        self._totals_seen: dict[tuple, int] = {}  # (counter, labels) -> the store's total counted
         self._maintaining = False
         self.hot: HotBlocks | None = None
         self.peers: CacheClient | None = None  # the pool's membership, and copies of hot blocks
@@ -146,9 +149,7 @@ class CacheStoreService(Service):
         st = self.store.stats()
         POOL_CAPACITY.labels(self.instance_id, "dram").set(s.dram_bytes)
         POOL_CAPACITY.labels(self.instance_id, "disk").set(s.disk_bytes)
-        self._evictions_seen = {"dram": st.evictions_dram, "disk": st.evictions_disk}
-        self._reasons_seen = dict(st.evictions_by_reason)
-        self._update_metrics(st)
+        self._update_metrics(st, prime=True)
         self.log.info("cachestore_opened", path=str(self.data_dir), disk_blocks=st.disk_blocks, disk_bytes=st.disk_bytes,
                       eviction=s.pool_eviction, evict_high=s.pool_evict_high, evict_low=s.pool_evict_low)
         # The DRAM tier keeps a received block as a view into the blob it came in, and blobs are
@@ -243,24 +244,22 @@ class CacheStoreService(Service):
             if changes:
                 await self.events.publish(changes.stored, changes.removed)
 
-    def _update_metrics(self, st: StoreStats) -> None:
+    def _update_metrics(self, st: StoreStats, prime: bool = False) -> None:
+        """The metrics as of ``st``; the store keeps running totals, which the counters follow
+        (``prime``: only note them, as of the store's opening)."""
         iid = self.instance_id
-        for tier, nbytes, blocks, evictions in (
-            ("dram", st.dram_bytes, st.dram_blocks, st.evictions_dram),
-            ("disk", st.disk_bytes, st.disk_blocks, st.evictions_disk),
-        ):
+        totals = [(EVICTIONS, (iid, "dram"), st.evictions_dram), (EVICTIONS, (iid, "disk"), st.evictions_disk),
+                  (PROMOTIONS, (iid,), st.promotions)]
+        totals += [(EVICTION_CAUSES, (iid, reason), st.evictions_by_reason.get(reason, 0)) for reason in EVICTION_REASONS]
+        totals += [(TIER_HITS, (iid, tier), n) for tier, n in st.hits.items()]
+        for counter, labels, total in totals:
+            seen = self._totals_seen.get((counter, labels), 0)
+            if total > seen and not prime:
+                counter.labels(*labels).inc(total - seen)
+            self._totals_seen[(counter, labels)] = total
+        for tier, nbytes, blocks in (("dram", st.dram_bytes, st.dram_blocks), ("disk", st.disk_bytes, st.disk_blocks)):
             POOL_BYTES.labels(iid, tier).set(nbytes)
             POOL_BLOCKS.labels(iid, tier).set(blocks)
-            delta = evictions - self._evictions_seen[tier]
-            if delta > 0:
-                EVICTIONS.labels(iid, tier).inc(delta)
-            self._evictions_seen[tier] = evictions
-        for reason in EVICTION_REASONS:
-            n = st.evictions_by_reason.get(reason, 0)
-            delta = n - self._reasons_seen.get(reason, 0)
-            if delta > 0:
-                EVICTION_CAUSES.labels(iid, reason).inc(delta)
-            self._reasons_seen[reason] = n
         PINNED.labels(iid, "held").set(st.pinned_held)
         PINNED.labels(iid, "awaited").set(st.pinned - st.pinned_held)
 

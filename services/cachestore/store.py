@@ -497,6 +497,8 @@ class StoreStats:
     evictions_by_reason: dict[str, int] = field(default_factory=dict)
     pinned: int = 0  # keys pinned (held or awaited)
     pinned_held: int = 0  # pinned keys held
+    hits: dict[str, int] = field(default_factory=dict)  # blocks gets found, per tier
+    promotions: int = 0  # disk hits copied back into DRAM
 
 
 @dataclass
@@ -539,6 +541,7 @@ class TieredStore:
                              low=evict_low, max_pins=max_pins)
         self.corrupt = 0
         self.hits = {"dram": 0, "disk": 0}  # blocks gets found in each tier
+        self.promotions = 0  # disk hits copied back into DRAM
         self._lock = threading.Lock()
         # Loads read the disk, and puts write it, outside the lock (LMDB serialises its writers and
         # never blocks a reader; ``DiskTier`` guards its own counters), so a DRAM hit or a
@@ -765,6 +768,7 @@ class TieredStore:
                     continue
                 if self.disk.touch(k) and k not in self.dram:  # still held: promote it
                     dropped += self._demote(self.dram.put(k, v))
+                    self.promotions += 1
             if v is not None:
                 found.append((k, v))
                 self.hits[tier] += 1
@@ -787,6 +791,7 @@ class TieredStore:
             dropped.append(key)
             return None
         dropped += self._demote(self.dram.put(key, value))  # promote; the disk copy stays
+        self.promotions += 1
         self.hits["disk"] += 1
         return value
 
@@ -845,6 +850,8 @@ class TieredStore:
                 evictions_by_reason=dict(self.disk.evicted_by),
                 pinned=self.disk.holds.pinned,
                 pinned_held=self.disk.holds.pinned_held,
+                hits=dict(self.hits),
+                promotions=self.promotions,
             )
 
     def flush(self) -> None:

@@ -11,7 +11,7 @@ import heapq
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NamedTuple
 
 
 @dataclass
@@ -31,11 +31,10 @@ class _Admitted:
     urgent: bool = False  # its wait for a row counts in its TBT: decode serves it first (``Batcher``)
 
 
-@dataclass(frozen=True)
-class _Slot:
+class _Slot(NamedTuple):
     """An admitted sequence on its decode instance, as projected: there from ``arrive`` (waiting
     for a row until ``row``), decoding ``tokens`` more tokens from ``row`` (with ``kv_tokens`` KV
-    positions then) until ``end``."""
+    positions then) until ``end``. (A tuple: a decision makes hundreds.)"""
     arrive: float
     row: float
     end: float
@@ -199,7 +198,8 @@ class DecodeLoadProjector:
         row_at, end = [0.0] * n, [0.0] * n
         left = [float(e.left if r else e.tokens) for e, r in zip(mine, reported)]  # tokens still to decode
         decoded = [float(e.decoded) if r else 0.0 for e, r in zip(mine, reported)]
-        kv0 = [e.kv_tokens + int(d) for e, d in zip(mine, decoded)]
+        kv_base = [e.kv_tokens for e in mine]
+        kv0 = [k + int(d) for k, d in zip(kv_base, decoded)]
         tokens0 = [int(x) for x in left]
         # the rows as reported: held since the report
         running = [i for i in range(n) if reported[i] and mine[i].running]
@@ -235,8 +235,13 @@ class DecodeLoadProjector:
                 t = min(later)  # idle until the next arrival, or blocked until the others leave
                 continue
             batch = len(running) + held
-            kv = sum(mine[i].kv_tokens + decoded[i] for i in running) + (others_kv if held else 0)
-            first = min(left[i] for i in running)
+            kv, first = 0, math.inf  # (one pass: a projection runs this loop once per event)
+            for i in running:
+                kv += kv_base[i] + decoded[i]
+                if left[i] < first:
+                    first = left[i]
+            if held:
+                kv += others_kv
             # priced at the KV the batch holds halfway to the next event (it grows a position a token)
             pace = self._pace(batch, kv)
             halfway = (min([t + first * pace] + later) - t) / pace / 2
@@ -246,18 +251,20 @@ class DecodeLoadProjector:
                 t, done = t + first * pace, first  # the first of them is done (exactly: no float creep)
             else:
                 t, done = event, (event - t) / pace
-            for i in list(running):
+            still = []
+            for i in running:
                 if left[i] < math.inf:  # (an overdue one's KV is taken to stay as it was)
                     decoded[i] += done
                 left[i] -= done
                 if left[i] > 1e-9:
-                    continue
-                if mine[i].started and t < now:
+                    still.append(i)
+                elif mine[i].started and t < now:
                     left[i] = math.inf
                     overdue.append(i)
-                    continue
-                end[i] = t
-                running.remove(i)
+                    still.append(i)
+                else:
+                    end[i] = t
+            running = still
         return [_Slot(arrive[i], row_at[i], end[i], tokens0[i], kv0[i], ids[i], mine[i].urgent) for i in range(n)]
 
     def delayed_by(self, decode_id: str, now: float, arrive: float, tokens: int, kv_tokens: int, rows: int,
