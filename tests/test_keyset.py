@@ -2,7 +2,10 @@
 
 import random
 
+import pytest
+
 from libs.protocol import KVEvent
+from services.conductor import index
 from services.conductor.index import PrefixIndex
 from services.conductor.keyset import KeyBatch, KeySet
 
@@ -50,9 +53,12 @@ def test_a_prefix_is_the_leading_run_of_keys_held():
     assert KeyBatch.of([]).keys() == [] and len(KeySet.of([])) == 0
 
 
-def test_the_index_matches_a_set_model_of_every_instance_and_the_pool():
+@pytest.mark.parametrize("wide", [8, 0])
+def test_the_index_matches_a_set_model_of_every_instance_and_the_pool(wide, monkeypatch):
     """Events, dumps and drops on prefill and cachestore instances in any order: every query
-    answers as sets of the same keys would, the pool's size among them."""
+    answers as sets of the same keys would, the pool's size among them; a walk over all prefill
+    instances at once too, by the instances (8) or by its cache of each key's holders (0)."""
+    monkeypatch.setattr(index, "WIDE", wide)
     rng = random.Random(4)
     universe = _keys(400, 5)
     idx = PrefixIndex()

@@ -33,6 +33,10 @@ from libs.protocol import KVEvent
 from services.conductor.keyset import KeyBatch, KeySet
 
 HOT_KEYS = 4096  # per prefill instance: keys lately found held, looked up in a set (cleared when full)
+# a decision's walk past this many instances still holding the prompt takes each key's holders
+# from a cache (``_holders_of``) and checks them all at once
+WIDE = 8
+HOLDER_KEYS = 65_536  # keys whose prefill holders are cached (cleared when full)
 
 
 @dataclass
@@ -73,6 +77,9 @@ class PrefixIndex:
         self._holders: dict[str, _Holder] = {}
         self._pool_blocks = 0  # distinct keys some cachestore instance holds (kept as they change)
         self.gaps = 0
+        # key -> the prefill instances holding it, for keys a walk found held by many (a shared
+        # system prompt's): kept current by events, cleared by a dump or a drop of a prefill instance
+        self._wide: dict[bytes, set[str]] = {}
 
     # ---- updates
     def apply(self, ev: KVEvent) -> bool:
@@ -102,6 +109,12 @@ class PrefixIndex:
         if ev.removed:
             self._dropped(iid, h, h.keys.remove(KeyBatch.of(ev.removed)))
             h.hot.difference_update(ev.removed)
+        if self._wide and not h.pooled:  # (stored, then removed: an event's order)
+            wide = self._wide
+            for k in wide.keys() & set(ev.stored):
+                wide[k].add(iid)
+            for k in wide.keys() & set(ev.removed):
+                wide[k].discard(iid)
         h.seq = ev.seq
 
     def _elsewhere(self, iid: str, b: KeyBatch) -> np.ndarray:
@@ -124,6 +137,8 @@ class PrefixIndex:
 
     def _set_keys(self, iid: str, h: _Holder, keys: Sequence[bytes]) -> None:
         h.hot.clear()
+        if not h.pooled:
+            self._wide.clear()
         new = KeyBatch.of(keys)
         new = new.unique() if len(new) > 1 else new
         added = new.take(~h.keys.contains(new))
@@ -166,6 +181,8 @@ class PrefixIndex:
             return
         gone, h.keys = h.keys.batch(), KeySet()
         self._dropped(instance_id, h, gone)
+        if not h.pooled:
+            self._wide.clear()
         old = h.old_epochs | {h.epoch} | {e.epoch for e in h.buffered}
         self._holders[instance_id] = _Holder(source=h.source, old_epochs=old - {""})
 
@@ -176,25 +193,38 @@ class PrefixIndex:
         return h.prefix_len(keys) if h is not None else 0
 
     def prefix_lens(self, keys: Sequence[bytes], instance_ids: Sequence[str]) -> list[int]:
-        """``prefix_len`` of each instance, walking the chain once for all of them: at each key only
-        the instances holding every key before it are looked at (the others' prefixes have ended),
-        so a decision's walk costs the instances' prefixes and not a call per instance."""
+        """``prefix_len`` of each (prefill) instance, walking the chain once for all of them: at each
+        key only the instances holding every key before it are looked at. While more than ``WIDE``
+        are, the key's holders come from a cache and are checked at once (a set operation): the
+        blocks of a system prompt every instance holds cost a lookup each, not one an instance."""
         out = [0] * len(instance_ids)
-        going = [(j, h) for j, iid in enumerate(instance_ids)
-                 if (h := self._holders.get(iid)) is not None and len(h.keys)]
+        going = {iid: j for j, iid in enumerate(instance_ids)
+                 if (h := self._holders.get(iid)) is not None and len(h.keys)}
         for n, k in enumerate(keys):
             if not going:
                 break
-            still = []
-            for j, h in going:
-                if k in h.hot or h.holds_new(k):
-                    still.append((j, h))
-                else:
-                    out[j] = n
-            going = still
-        for j, _ in going:
+            if len(going) > WIDE:
+                holders = self._holders_of(k)
+                if going.keys() <= holders:
+                    continue
+                ended = [iid for iid in going if iid not in holders]
+            else:
+                ended = [iid for iid in going if k not in (h := self._holders[iid]).hot and not h.holds_new(k)]
+            for iid in ended:
+                out[going.pop(iid)] = n
+        for j in going.values():
             out[j] = len(keys)
         return out
+
+    def _holders_of(self, key: bytes) -> set[str]:
+        """The prefill instances holding ``key`` (cached; see ``_wide``)."""
+        got = self._wide.get(key)
+        if got is None:
+            if len(self._wide) >= HOLDER_KEYS:
+                self._wide.clear()
+            got = self._wide[key] = {iid for iid, h in self._holders.items()
+                                     if not h.pooled and (key in h.hot or h.keys.holds(key))}
+        return got
 
     def pool_prefix_len(self, keys: Sequence[bytes]) -> int:
         """How many leading ``keys`` some cachestore instance holds."""
