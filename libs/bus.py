@@ -79,6 +79,18 @@ async def connect(url: str, name: str, *, connect_timeout: float = 30.0,
             await asyncio.sleep(0.5)
 
 
+def taking_turns(handler: Callable[[Msg], Awaitable[None]]) -> Callable[[Msg], Awaitable[None]]:
+    """``handler`` as a subscription callback that gives the other subscriptions a turn after each
+    message. nats-py runs a subscription's queued messages back to back without returning to the
+    event loop, so a burst on one subject (every instance's heartbeat within a second, a replay of
+    KV events) holds a message of another subject (a schedule request) for the whole burst."""
+    async def cb(msg: Msg) -> None:
+        await handler(msg)
+        await asyncio.sleep(0)
+
+    return cb
+
+
 async def synced(nc: NATS, timeout: float = 10.0) -> None:
     """Return once the server has processed every command sent on ``nc`` so far (a subscription
     made, a message published), so that another connection may act on it.

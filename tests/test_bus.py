@@ -3,7 +3,7 @@
 import asyncio
 import os
 
-from libs.bus import BlobAssembler, connect, send_blob, synced
+from libs.bus import BlobAssembler, connect, send_blob, synced, taking_turns
 from libs.checksum import checksum
 from libs.protocol import NO_BLOB_CHECKSUM, Chunk, ChunkAck, decode, encode
 
@@ -208,3 +208,35 @@ def test_the_nats_server_gives_freed_heap_back_lazily_unless_told_otherwise(nats
     assert server_env({"GODEBUG": "gctrace=1"})["GODEBUG"] == "gctrace=1,madvdontneed=0"  # kept, added to
     assert server_env({"GODEBUG": "madvdontneed=1"})["GODEBUG"] == "madvdontneed=1"  # an operator's choice stands
     assert server_env({})["GODEBUG"] == "madvdontneed=0"
+
+
+async def test_a_burst_on_one_subscription_lets_a_message_of_another_through_between_its_messages(nats_server):
+    """The conductor's inputs take turns: a schedule request published after a burst of heartbeats
+    is handled after those that had arrived with it, not after the whole burst (a plain callback
+    takes its subscription's queued messages back to back)."""
+    sender = await connect(nats_server.url, "burst-sender")
+    nc = await connect(nats_server.url, "burst-receiver")
+    order: list[str] = []
+    done = asyncio.Event()
+
+    async def busy(msg):
+        order.append("hb")
+        sum(range(20_000))  # a heartbeat's worth of work
+
+    async def schedule(msg):
+        order.append("sched")
+        done.set()
+
+    try:
+        await nc.subscribe("t.hb", cb=taking_turns(busy))
+        await nc.subscribe("t.sched", cb=taking_turns(schedule))
+        await synced(nc)
+        for _ in range(300):
+            await sender.publish("t.hb", b"x")
+        await sender.publish("t.sched", b"y")
+        await sender.flush()
+        await asyncio.wait_for(done.wait(), 10)
+        assert order.index("sched") < 250, order.index("sched")  # (300: the burst first, whole)
+    finally:
+        await nc.close()
+        await sender.close()

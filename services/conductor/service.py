@@ -30,6 +30,7 @@ from libs.protocol import (
     encode,
     keys_digest,
 )
+from libs.bus import taking_turns
 from libs.service import Service
 
 from services.conductor.scheduler import Scheduler, prediction
@@ -80,13 +81,15 @@ class ConductorService(Service):
         self._dumping: set[str] = set()
         self._queues_shown: set[str] = set()  # prefill instances with queue gauges
         self.resyncs = 0  # before the KV-event subscription: replaying it may fetch a dump at once
-        await self.nc.subscribe(f"{Subjects.HEARTBEAT_PREFIX}.>", cb=self._on_heartbeat)
-        await self.nc.subscribe(Subjects.PREFILL_REPORT, cb=self._on_report)
-        await self.nc.subscribe(Subjects.PREFILL_DONE, cb=self._on_prefill_done)
-        await self.nc.subscribe(Subjects.DECODE_REPORT, cb=self._on_decode_report)
+        # each input message gives the others a turn: a burst of one kind (heartbeats, KV events)
+        # does not hold a decision behind all of it
+        await self.nc.subscribe(f"{Subjects.HEARTBEAT_PREFIX}.>", cb=taking_turns(self._on_heartbeat))
+        await self.nc.subscribe(Subjects.PREFILL_REPORT, cb=taking_turns(self._on_report))
+        await self.nc.subscribe(Subjects.PREFILL_DONE, cb=taking_turns(self._on_prefill_done))
+        await self.nc.subscribe(Subjects.DECODE_REPORT, cb=taking_turns(self._on_decode_report))
         # Replay every KV event kept in the stream, then follow it: this rebuilds the index after a
         # restart; gaps and unknown epochs are repaired with dumps.
-        await self.js.subscribe("yb.kvev.>", stream=Subjects.KV_EVENTS_STREAM, cb=self._on_kv_event,
+        await self.js.subscribe("yb.kvev.>", stream=Subjects.KV_EVENTS_STREAM, cb=taking_turns(self._on_kv_event),
                                 ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
         # decide nothing before the instances have been heard from: a conductor that has just
         # (re)started knows none, and would answer "no instance alive"; meanwhile gateways find no
