@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 
-from bench import (cache_trace, conductor, engine, eviction, hotblocks, multiturn, peer, pipeline, prefix, replay, sched,
-                   serve, transfer)
+from bench import (cache_trace, conductor, decisions, engine, eviction, hotblocks, multiturn, peer, pipeline, prefix,
+                   replay, sched, serve, transfer)
 from bench.common import DEFAULT_TRACE, shown
 from yuebing.args import add_common, add_engine, count
 
@@ -28,6 +28,7 @@ def add_parsers(bench_sub) -> None:
     _engine(bench_sub)
     _peer(bench_sub)
     _conductor(bench_sub)
+    _decisions(bench_sub)
     _multiturn(bench_sub)
 
 
@@ -268,6 +269,16 @@ def _peer(bench_sub) -> None:
     p.add_argument("--out", default=None, help="also write the JSON figures here")
     p.add_argument("--plot", default=None, help="also draw both servers over load as a PNG here")
     p.set_defaults(func=peer.main)
+
+
+def _decisions(bench_sub) -> None:
+    """``bench decisions``: the conductor's scheduler alone, without the bus (bench/decisions.py)."""
+    p = bench_sub.add_parser("decisions", help="the conductor's decisions without the bus: CPU per decision and per "
+                             "request's reports, heartbeats and KV events, in one process",
+                             description="The conductor's Scheduler fed by bench conductor's synthetic cluster on a "
+                             "virtual clock, in this process (bench/decisions.py).")
+    decisions.add_arguments(p)
+    p.set_defaults(func=decisions.main)
 
 
 def _conductor(bench_sub) -> None:

@@ -207,3 +207,21 @@ def test_small_run_against_a_real_conductor(tmp_path):
     assert sum(cfg["rejected"].values()) < cfg["replies"]  # most were placed
     assert all((tmp_path / "png" / name).exists()
                for name in ("conductor-rates.png", "conductor-instances.png", "conductor-blocks.png"))
+
+
+def test_bench_decisions_feeds_the_scheduler_an_index_it_holds_and_counts_every_input(tmp_path, monkeypatch):
+    """``bench decisions``: every request placed, the index pre-loaded as the instances hold it (the
+    run refuses to measure otherwise), and the KV events, heartbeats and reports all handed over."""
+    from bench import decisions
+
+    p = argparse.ArgumentParser()
+    decisions.add_arguments(p)
+    out = tmp_path / "d.json"
+    args = p.parse_args(["--instances", "4", "--blocks", "3e4", "--rates", "50", "--requests", "120", "--warm", "20",
+                         "--warm-requests", "40", "--out", str(out)])
+    assert decisions.main(args) == 0
+    (point,) = json.loads(out.read_text())["points"]
+    assert point["decisions"] == point["admitted"] == 120
+    assert point["kv_events_per_request"] > 0 and point["kv_keys_per_event"] > 0
+    assert point["kv_event_ms_per_request"] > 0 and point["heartbeat_ms_per_request"] > 0
+    assert point["report_ms_per_request"] > 0 and point["decision_p50_ms"] > 0

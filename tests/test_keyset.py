@@ -5,7 +5,7 @@ import random
 import pytest
 
 from libs.protocol import KVEvent
-from services.conductor import index
+from services.conductor import index, keyset
 from services.conductor.index import PrefixIndex
 from services.conductor.keyset import KeyBatch, KeySet
 
@@ -15,7 +15,12 @@ def _keys(n: int, seed: int) -> list[bytes]:
     return [rng.getrandbits(128).to_bytes(16, "little") for _ in range(n)]
 
 
-def test_a_key_set_does_what_a_python_set_does_through_growth_removal_and_shrinking():
+@pytest.mark.parametrize("tail, prefix", [(24, 16), (0, 2), (10**9, 10**9)])
+def test_a_key_set_does_what_a_python_set_does_through_growth_removal_and_shrinking(tail, prefix, monkeypatch):
+    """As a Python set would, whether keys probe as numpy steps, one by one, or both (``tail``),
+    and a prefix is probed one by one or in a batch past its first keys (``prefix``)."""
+    monkeypatch.setattr(keyset, "SCALAR_TAIL", tail)
+    monkeypatch.setattr(keyset, "PREFIX_KEYS", prefix)
     rng = random.Random(1)
     universe = _keys(3000, 2)
     ref: set[bytes] = set()
@@ -33,6 +38,8 @@ def test_a_key_set_does_what_a_python_set_does_through_growth_removal_and_shrink
         probe = [rng.choice(universe) for _ in range(50)]
         assert list(ks.contains(KeyBatch.of(probe))) == [k in ref for k in probe]
         assert [ks.holds(k) for k in probe[:5]] == [k in ref for k in probe[:5]]
+        chain = rng.sample(sorted(ref), min(len(ref), rng.randint(0, 40))) + probe[:3]
+        assert ks.prefix_len(chain) == next((i for i, k in enumerate(chain) if k not in ref), len(chain))
         capacities.add(ks.capacity)
         if len(ks) > 64:
             assert len(ks) >= 0.25 * ks.capacity - 1  # never mostly empty

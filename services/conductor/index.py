@@ -201,8 +201,11 @@ class PrefixIndex:
         going = {iid: j for j, iid in enumerate(instance_ids)
                  if (h := self._holders.get(iid)) is not None and len(h.keys)}
         for n, k in enumerate(keys):
-            if not going:
-                break
+            if len(going) <= 1:
+                if going:  # one left: the rest of its prefix at once (``KeySet.prefix_len``)
+                    ((iid, j),) = going.items()
+                    out[j] = n + self._holders[iid].keys.prefix_len(keys[n:])
+                return out
             if len(going) > WIDE:
                 holders = self._holders_of(k)
                 if going.keys() <= holders:

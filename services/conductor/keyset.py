@@ -34,6 +34,14 @@ MIN_CAPACITY = 64
 MAX_LOAD = 0.7
 REBUILD_LOAD = 0.55
 MIN_LOAD = 0.25
+# Probing runs as numpy steps over every key still probing while more than SCALAR_TAIL are; the
+# last few (the keys in long clusters) finish one by one in Python: a numpy step costs the same
+# few microseconds for 3 keys as for 300, and a batch's longest probe sets how many steps it takes.
+SCALAR_TAIL = 24
+# A prefix is probed key by key up to this many, then the rest of the chain in one batch: a chain
+# of hundreds of held keys (a conversation's history, a pool holding the whole prompt) is one
+# numpy pass instead of hundreds of Python probes.
+PREFIX_KEYS = 16
 _MIX = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: Fibonacci hashing
 _WORD = (1 << 64) - 1
 _PAIR = struct.Struct("<QQ")
@@ -123,12 +131,19 @@ class KeySet:
         idx = np.arange(len(b))
         pos = self._home(b)
         hi, lo = b.hi, b.lo
-        while idx.size:
+        while idx.size > SCALAR_TAIL:
             state = self._state[pos]
             hit = (state == LIVE) & (self._hi[pos] == hi) & (self._lo[pos] == lo)
             out[idx[hit]] = pos[hit]
             going = (state != EMPTY) & ~hit  # past other keys and tombstones, to an empty slot
             idx, pos, hi, lo = idx[going], (pos[going] + 1) & self._mask, hi[going], lo[going]
+        states, his, los, mask = self._state_view, self._hi_view, self._lo_view, self._mask
+        for i, p, h, lw in zip(idx.tolist(), pos.tolist(), hi.tolist(), lo.tolist()):
+            while (st := states[p]) != EMPTY:
+                if st == LIVE and his[p] == h and los[p] == lw:
+                    out[i] = p
+                    break
+                p = (p + 1) & mask
         return out
 
     def contains(self, b: KeyBatch) -> np.ndarray:
@@ -143,6 +158,10 @@ class KeySet:
         state, his, los, mask, shift = self._state_view, self._hi_view, self._lo_view, self._mask, self._shift
         n = 0
         for key in keys:
+            if n == PREFIX_KEYS and len(keys) > 2 * PREFIX_KEYS:  # held so far: the rest in one batch
+                held = self.contains(KeyBatch.of(keys[n:]))
+                missing = np.flatnonzero(~held)
+                return n + (int(missing[0]) if missing.size else len(held))
             hi, lo = _PAIR.unpack(key)
             pos = (((hi ^ lo) * _MIX) & _WORD) >> shift
             while True:
@@ -188,7 +207,7 @@ class KeySet:
         placed = np.zeros(len(b), bool)
         idx = np.arange(len(b))
         pos = self._home(b)
-        while idx.size:
+        while idx.size > SCALAR_TAIL:
             state = self._state[pos]
             free = state != LIVE
             if free.any():
@@ -203,6 +222,14 @@ class KeySet:
                 keep = ~placed[idx]
                 idx, pos = idx[keep], pos[keep]
             pos = np.where(self._state[pos] == LIVE, (pos + 1) & self._mask, pos)
+        states, his, los, mask = self._state_view, self._hi_view, self._lo_view, self._mask
+        for i, p in zip(idx.tolist(), pos.tolist()):  # the last few, one at a time
+            while states[p] == LIVE:
+                p = (p + 1) & mask
+            if states[p] == TOMB:
+                self._tombs -= 1
+            his[p], los[p], states[p] = int(b.hi[i]), int(b.lo[i]), LIVE
+            self._live += 1
 
     def remove(self, b: KeyBatch) -> KeyBatch:
         """Remove the keys; returns those that were in the set (once each)."""
