@@ -201,70 +201,83 @@ class DecodeLoadProjector:
         kv_base = [e.kv_tokens for e in mine]
         kv0 = [k + int(d) for k, d in zip(kv_base, decoded)]
         tokens0 = [int(x) for x in left]
+        # Every sequence holding a row advances by the same tokens a step, so the loop keeps the
+        # batch's progress ``done_all`` (tokens any row has decoded since the projection began)
+        # rather than each one's: a sequence that took its row at progress ``p0`` with ``left``
+        # tokens ends at progress ``p0 + left`` (a heap, the next to end on top), and the KV of the
+        # rows is a sum kept as they come and go. Sequences past their projected end while still
+        # there at ``now`` (``overdue``) hold their row without progressing until ``now``.
+        ends: list[tuple[float, int]] = []  # (progress at which it ends, sequence)
+        joined = [0.0] * n  # the batch's progress when it took its row
+        kv_rows = 0.0  # sum over progressing rows of (KV positions at its row - progress then)
+        done_all = 0.0
+        overdue: list[int] = []  # in decode longer than projected: still there at ``now``
+        kv_overdue = 0.0
+
+        def take_row(i: int) -> None:
+            nonlocal kv_rows
+            joined[i] = done_all
+            kv_rows += kv_base[i] + decoded[i] - done_all
+            heapq.heappush(ends, (done_all + left[i], i))
+
         # the rows as reported: held since the report
-        running = [i for i in range(n) if reported[i] and mine[i].running]
-        for i in running:
+        first_rows = [i for i in range(n) if reported[i] and mine[i].running]
+        for i in first_rows:
             row_at[i] = arrive[i]
+            take_row(i)
         urgent_q: deque[int] = deque()  # waiting for a row, by kind
         normal_q: deque[int] = deque()
-        overdue: list[int] = []  # in decode longer than projected: still there at ``now``
-        nxt = len(running)  # sorted first: the report's rows, in its order
+        nxt = len(first_rows)  # sorted first: the report's rows, in its order
         t = arrive[0] if n else now
-        while nxt < n or urgent_q or normal_q or running:
+        while nxt < n or urgent_q or normal_q or ends or overdue:
             while nxt < n and arrive[nxt] <= t:
                 (urgent_q if mine[nxt].urgent else normal_q).append(nxt)
                 nxt += 1
             if overdue and t >= now:
                 for i in overdue:
                     left[i] = float(self.OVERDUE_STEPS)
+                    take_row(i)
                 overdue.clear()
+                kv_overdue = 0.0
             held = others if t < others_end else 0
             if rows > 0:
                 held = min(held, rows)
             for queue, cap in ((urgent_q, rows + urgent_rows), (normal_q, rows)):
-                while queue and (rows <= 0 or len(running) + held < cap):
+                while queue and (rows <= 0 or len(ends) + len(overdue) + held < cap):
                     i = queue.popleft()
                     row_at[i] = t
-                    running.append(i)
+                    take_row(i)
             later = [arrive[nxt]] if nxt < n else []
             if held:
                 later.append(others_end)
             if overdue:
                 later.append(now)
+            running = len(ends) + len(overdue)
             if not running:
                 t = min(later)  # idle until the next arrival, or blocked until the others leave
                 continue
-            batch = len(running) + held
-            kv, first = 0, math.inf  # (one pass: a projection runs this loop once per event)
-            for i in running:
-                kv += kv_base[i] + decoded[i]
-                if left[i] < first:
-                    first = left[i]
-            if held:
-                kv += others_kv
+            batch = running + held
+            kv = kv_rows + len(ends) * done_all + kv_overdue + (others_kv if held else 0)
+            first = ends[0][0] - done_all if ends else math.inf
             # priced at the KV the batch holds halfway to the next event (it grows a position a token)
             pace = self._pace(batch, kv)
             halfway = (min([t + first * pace] + later) - t) / pace / 2
-            pace = self._pace(batch, kv + len(running) * halfway)
+            pace = self._pace(batch, kv + running * halfway)
             event = min(later, default=math.inf)
             if t + first * pace <= event:
-                t, done = t + first * pace, first  # the first of them is done (exactly: no float creep)
+                t, done = t + first * pace, first  # the first of them is done
             else:
                 t, done = event, (event - t) / pace
-            still = []
-            for i in running:
-                if left[i] < math.inf:  # (an overdue one's KV is taken to stay as it was)
-                    decoded[i] += done
-                left[i] -= done
-                if left[i] > 1e-9:
-                    still.append(i)
-                elif mine[i].started and t < now:
-                    left[i] = math.inf
+            done_all += done
+            while ends and ends[0][0] - done_all <= 1e-9:
+                _, i = heapq.heappop(ends)
+                decoded[i] += done_all - joined[i]
+                kv_rows -= kv_base[i] + decoded[i] - done_all
+                if mine[i].started and t < now:  # still there: holds its row, its KV as it was
                     overdue.append(i)
-                    still.append(i)
+                    kv_overdue += kv_base[i] + decoded[i]
                 else:
                     end[i] = t
-            running = still
         return [_Slot(arrive[i], row_at[i], end[i], tokens0[i], kv0[i], ids[i], mine[i].urgent) for i in range(n)]
 
     def delayed_by(self, decode_id: str, now: float, arrive: float, tokens: int, kv_tokens: int, rows: int,
