@@ -15,12 +15,18 @@ def _keys(n: int, seed: int) -> list[bytes]:
     return [rng.getrandbits(128).to_bytes(16, "little") for _ in range(n)]
 
 
-@pytest.mark.parametrize("tail, prefix", [(24, 16), (0, 2), (10**9, 10**9)])
-def test_a_key_set_does_what_a_python_set_does_through_growth_removal_and_shrinking(tail, prefix, monkeypatch):
+@pytest.mark.parametrize("tail, prefix, move", [(24, 16, None), (0, 2, None), (10**9, 10**9, None), (24, 4, 8),
+                                                (0, 16, 64)])
+def test_a_key_set_does_what_a_python_set_does_through_growth_removal_and_shrinking(tail, prefix, move, monkeypatch):
     """As a Python set would, whether keys probe as numpy steps, one by one, or both (``tail``),
-    and a prefix is probed one by one or in a batch past its first keys (``prefix``)."""
+    a prefix is probed one by one or in a batch past its first keys (``prefix``), and a table is
+    replaced at once or its keys moved to the next one ``move`` slots an add or remove."""
     monkeypatch.setattr(keyset, "SCALAR_TAIL", tail)
     monkeypatch.setattr(keyset, "PREFIX_KEYS", prefix)
+    if move is not None:
+        monkeypatch.setattr(keyset, "MOVE_AT_ONCE", 0)
+        monkeypatch.setattr(keyset, "MOVE_SLOTS", move)
+    moving = 0
     rng = random.Random(1)
     universe = _keys(3000, 2)
     ref: set[bytes] = set()
@@ -41,11 +47,13 @@ def test_a_key_set_does_what_a_python_set_does_through_growth_removal_and_shrink
         chain = rng.sample(sorted(ref), min(len(ref), rng.randint(0, 40))) + probe[:3]
         assert ks.prefix_len(chain) == next((i for i, k in enumerate(chain) if k not in ref), len(chain))
         capacities.add(ks.capacity)
-        if len(ks) > 64:
+        moving += ks.moving
+        if len(ks) > 64 and not ks.moving:
             assert len(ks) >= 0.25 * ks.capacity - 1  # never mostly empty
             assert ks.nbytes / len(ks) <= 17 / 0.25  # a slot of 17 bytes, never under a quarter full
     assert set(ks.keys()) == ref
     assert len(capacities) >= 3  # it grew and shrank
+    assert (moving > 0) == (move is not None)  # (lookups, adds and removes happened while moving)
 
 
 def test_a_prefix_is_the_leading_run_of_keys_held():

@@ -27,13 +27,17 @@ MIN_CAPACITY = 64
 # Live and tombstone slots past MAX_LOAD of the table: it is rebuilt with the live keys only, at
 # the smallest power of two they fill at most REBUILD_LOAD of (twice the size when they are more
 # than that, the same size when tombstones filled it, so that a cache churning at a steady size
-# rebuilds only after 15 % of its table has churned: a rebuild stops the loop about 0.1 s per
-# million keys). Live slots below MIN_LOAD of a table larger than MIN_CAPACITY: rebuilt smaller the
+# rebuilds only after 15 % of its table has churned; built at once, a rebuild would stop the loop
+# about 0.1 s per million keys: see MOVE_AT_ONCE). Live slots below MIN_LOAD of a table larger than MIN_CAPACITY: rebuilt smaller the
 # same way. A slot is 17 bytes. (Fuller tables make the probe sequences of absent keys long: at
 # 80 % a batch took three times as many probing steps as at 70.)
 MAX_LOAD = 0.7
 REBUILD_LOAD = 0.55
 MIN_LOAD = 0.25
+# A table of more slots than MOVE_AT_ONCE is replaced in steps of MOVE_SLOTS slots an add or remove
+# (a step moves their live keys: a few milliseconds; a table of 16 million slots, in 512 steps)
+MOVE_AT_ONCE = 1 << 18
+MOVE_SLOTS = 1 << 15
 # Probing runs as numpy steps over every key still probing while more than SCALAR_TAIL are; the
 # last few (the keys in long clusters) finish one by one in Python: a numpy step costs the same
 # few microseconds for 3 keys as for 300, and a batch's longest probe sets how many steps it takes.
@@ -89,8 +93,9 @@ class KeyBatch:
 EMPTY, LIVE, TOMB = 0, 1, 2
 
 
-class KeySet:
-    """A set of 16-byte keys, added and removed in batches."""
+class _Table:
+    """One open-addressing table of 16-byte keys (``KeySet`` holds one, two while it moves its keys
+    to a table of another size). It never resizes itself."""
 
     def __init__(self, capacity: int = MIN_CAPACITY):
         self._alloc(max(MIN_CAPACITY, 1 << (max(1, capacity) - 1).bit_length()))
@@ -188,20 +193,6 @@ class KeySet:
         return self.batch().keys()
 
     # ---- changing
-    def add(self, b: KeyBatch) -> KeyBatch:
-        """Add the keys; returns those that were not in the set (once each)."""
-        if not len(b):
-            return b
-        new = b.take(self._find(b) < 0)
-        if len(new) > 1:
-            new = new.unique()
-        if not len(new):
-            return new
-        if self._live + self._tombs + len(new) > MAX_LOAD * self.capacity:
-            self._rebuild(self._live + len(new))
-        self._insert(new)
-        return new
-
     def _insert(self, b: KeyBatch) -> None:
         """Place keys known to be absent (and distinct), each in the first tombstone or empty slot
         of its probe sequence. Keys that reach one free slot at once all write it; the one whose
@@ -233,33 +224,153 @@ class KeySet:
             his[p], los[p], states[p] = int(b.hi[i]), int(b.lo[i]), LIVE
             self._live += 1
 
-    def remove(self, b: KeyBatch) -> KeyBatch:
-        """Remove the keys; returns those that were in the set (once each)."""
-        if not len(b):
-            return b
-        b = b.unique() if len(b) > 1 else b
+    def remove(self, b: KeyBatch) -> np.ndarray:
+        """Remove the keys (distinct); returns which of them were held."""
         slots = self._find(b)
         held = slots >= 0
         self._state[slots[held]] = TOMB
         gone = int(np.count_nonzero(held))
         self._live -= gone
         self._tombs += gone
-        if self.capacity > MIN_CAPACITY and self._live < MIN_LOAD * self.capacity:
-            self._rebuild(self._live)
+        return held
+
+    def take_live(self, start: int, end: int) -> KeyBatch:
+        """The live keys of slots ``start:end``, taken out (tombstones in their place: probes of
+        the keys still here walk on past them)."""
+        live = np.flatnonzero(self._state[start:end] == LIVE) + start
+        self._state[live] = TOMB
+        self._live -= live.size
+        self._tombs += live.size
+        return KeyBatch(self._hi[live], self._lo[live])
+
+
+def _capacity_for(live: int) -> int:
+    """The smallest table that ``live`` keys fill at most ``REBUILD_LOAD`` of."""
+    capacity = MIN_CAPACITY
+    while live > capacity * REBUILD_LOAD:
+        capacity *= 2
+    return capacity
+
+
+class KeySet:
+    """A set of 16-byte keys, added and removed in batches.
+
+    A table that fills up (live keys and tombstones past ``MAX_LOAD``) or empties (live keys under
+    ``MIN_LOAD``) is replaced by one of the size its live keys call for. A small one is rebuilt at
+    once; a large one is moved in steps: the new table takes new keys at once, and every add or
+    remove moves the live keys of ``MOVE_SLOTS`` more slots of the old one, which lookups consult
+    too until it is empty. Rebuilt at once, the pool's table of 16 million slots stopped the
+    conductor for 1.7 s, every 15 % of the pool churned."""
+
+    def __init__(self, capacity: int = MIN_CAPACITY):
+        self._t = _Table(capacity)
+        self._old: _Table | None = None  # the table being emptied into ``_t``
+        self._moved = 0  # slots of ``_old`` moved so far
+
+    # ---- reading
+    def __len__(self) -> int:
+        return len(self._t) + (len(self._old) if self._old is not None else 0)
+
+    @property
+    def capacity(self) -> int:
+        return self._t.capacity
+
+    @property
+    def nbytes(self) -> int:
+        return self._t.nbytes + (self._old.nbytes if self._old is not None else 0)
+
+    @property
+    def moving(self) -> bool:
+        """Whether the keys are being moved to a table of another size."""
+        return self._old is not None
+
+    def contains(self, b: KeyBatch) -> np.ndarray:
+        held = self._t.contains(b)
+        if self._old is not None and len(self._old) and not held.all():
+            rest = ~held
+            held[rest] = self._old.contains(b.take(rest))
+        return held
+
+    def prefix_len(self, keys: Sequence[bytes]) -> int:
+        """How many leading ``keys`` (a prefix chain) the set holds."""
+        if self._old is None:
+            return self._t.prefix_len(keys)
+        if not keys:
+            return 0
+        missing = np.flatnonzero(~self.contains(KeyBatch.of(list(keys))))
+        return int(missing[0]) if missing.size else len(keys)
+
+    def holds(self, key: bytes) -> bool:
+        """Whether the set holds ``key`` (one key, probed in Python)."""
+        return self._t.holds(key) or (self._old is not None and self._old.holds(key))
+
+    def batch(self) -> KeyBatch:
+        b = self._t.batch()
+        if self._old is None:
+            return b
+        o = self._old.batch()
+        return KeyBatch(np.concatenate([b.hi, o.hi]), np.concatenate([b.lo, o.lo]))
+
+    def keys(self) -> list[bytes]:
+        return self.batch().keys()
+
+    # ---- changing
+    def add(self, b: KeyBatch) -> KeyBatch:
+        """Add the keys; returns those that were not in the set (once each)."""
+        if not len(b):
+            return b
+        self._move_some()
+        new = b.take(~self.contains(b))
+        if len(new) > 1:
+            new = new.unique()
+        if not len(new):
+            return new
+        t = self._t
+        if t._live + t._tombs + len(new) > MAX_LOAD * t.capacity:
+            self._resize(len(self) + len(new))
+        self._t._insert(new)
+        return new
+
+    def remove(self, b: KeyBatch) -> KeyBatch:
+        """Remove the keys; returns those that were in the set (once each)."""
+        if not len(b):
+            return b
+        self._move_some()
+        b = b.unique() if len(b) > 1 else b
+        held = self._t.remove(b)
+        if self._old is not None and not held.all():
+            rest = ~held
+            held[rest] = self._old.remove(b.take(rest))
+        if self.capacity > MIN_CAPACITY and len(self) < MIN_LOAD * self.capacity:
+            self._resize(len(self))
         return b.take(held)
 
     def clear(self) -> None:
-        self._alloc(MIN_CAPACITY)
+        self._t, self._old = _Table(), None
 
-    def _rebuild(self, live: int) -> None:
-        """A table for ``live`` keys (at most ``REBUILD_LOAD`` full, at least half that), holding the
-        live keys and no tombstones."""
-        keep = self.batch()
-        capacity = MIN_CAPACITY
-        while live > capacity * REBUILD_LOAD:
-            capacity *= 2
-        self._alloc(capacity)
-        self._insert(keep)
+    def _resize(self, live: int) -> None:
+        """A table for ``live`` keys (at most ``REBUILD_LOAD`` full, at least half that), without
+        tombstones: built at once when small, else filled in steps from the old one."""
+        if self._old is not None:  # (a resize while moving: the rest of the last one at once)
+            self._t._insert(self._old.take_live(self._moved, self._old.capacity))
+            self._old = None
+        old, self._t = self._t, _Table(_capacity_for(live))
+        if old.capacity <= MOVE_AT_ONCE:
+            self._t._insert(old.batch())
+        else:
+            self._old, self._moved = old, 0
+
+    def _move_some(self) -> None:
+        """Move the live keys of the next ``MOVE_SLOTS`` slots of the old table, if there is one."""
+        old = self._old
+        if old is None:
+            return
+        end = min(old.capacity, self._moved + MOVE_SLOTS)
+        self._t._insert(old.take_live(self._moved, end))
+        self._moved = end
+        if end == old.capacity or not len(old):
+            self._t._insert(old.take_live(end, old.capacity))
+            self._old = None
 
     @classmethod
     def of(cls, keys: Sequence[bytes] | KeyBatch) -> "KeySet":
