@@ -345,3 +345,29 @@ def test_cache_aware_choice_among_few_candidates_is_the_choice_among_all(name):
         else:
             best = min(every, key=lambda c: (c.ttft, affinity_rank(req.affinity, c.view.instance_id)))
         assert chosen.view.instance_id == best.view.instance_id, trial
+
+
+@pytest.mark.parametrize("n", [1, 15, 16, 14_000, 70_000])
+def test_a_schedule_requests_token_ids_reach_the_prefill_task_as_sent_without_being_decoded(n):
+    """The conductor reads a schedule request with its token ids packed (every array header size),
+    counts them, and the prefill task it encodes carries the same ids."""
+    import msgspec
+
+    from libs.config import Settings
+    from libs.protocol import (Heartbeat, PrefillTask, SamplingParams, ScheduleRequest, ScheduleRequestPacked,
+                               decode, encode)
+    from services.conductor.scheduler import Scheduler
+
+    ids = [(i * 7919) % 50_000 for i in range(n)]
+    wire = encode(ScheduleRequest(attempt_id="r1", prompt_token_ids=ids, sampling=SamplingParams(max_tokens=4)))
+    req = decode(wire, ScheduleRequestPacked).packed()
+    assert len(req.prompt_token_ids) == n
+    sched = Scheduler(Settings(pipeline_max_stages=1))
+    for kind in ("prefill", "decode"):
+        sched.heartbeat(Heartbeat(kind=kind, instance_id=f"{kind}-0", interval=1.0, max_running=8), 0.0)
+    d = sched.schedule(req, 0.0)
+    assert d.task is not None
+    assert decode(encode(d.task), PrefillTask).prompt_token_ids == ids
+    bad = msgspec.msgpack.encode({"attempt_id": "r2", "prompt_token_ids": "not ids", "sampling": {"max_tokens": 4}})
+    with pytest.raises(msgspec.ValidationError):  # a prompt that is not an array of ids
+        decode(bad, ScheduleRequestPacked).packed()

@@ -23,7 +23,7 @@ from libs.protocol import (
     PrefillReport,
     PrefillTask,
     ScheduleReply,
-    ScheduleRequest,
+    ScheduleRequestPacked,
     Subjects,
     TokenEvent,
     decode,
@@ -316,7 +316,7 @@ class ConductorService(Service):
 
     async def _on_schedule(self, msg) -> None:
         try:
-            req = decode(msg.data, ScheduleRequest)
+            req = decode(msg.data, ScheduleRequestPacked).packed()  # its token ids passed on undecoded
         except _BAD as e:
             self.log.warning("bad_schedule_request", error=str(e))
             return
