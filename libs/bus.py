@@ -79,14 +79,28 @@ async def connect(url: str, name: str, *, connect_timeout: float = 30.0,
             await asyncio.sleep(0.5)
 
 
-def taking_turns(handler: Callable[[Msg], Awaitable[None]]) -> Callable[[Msg], Awaitable[None]]:
-    """``handler`` as a subscription callback that gives the other subscriptions a turn after each
-    message. nats-py runs a subscription's queued messages back to back without returning to the
-    event loop, so a burst on one subject (every instance's heartbeat within a second, a replay of
-    KV events) holds a message of another subject (a schedule request) for the whole burst."""
+def taking_turns(handler: Callable[[Msg], Awaitable[None]], budget: float = 0.002) -> Callable[[Msg], Awaitable[None]]:
+    """``handler`` as a subscription callback that gives the other subscriptions a turn once it
+    has run ``budget`` seconds since it last did. nats-py runs a subscription's queued messages
+    back to back without returning to the event loop, so a burst on one subject (every instance's
+    heartbeat within a second, a replay of KV events) held a message of another subject (a
+    schedule request) for the whole burst. A turn after every message instead starved a busy
+    subscription: at overload, heartbeats taken one per round of decisions fell behind their
+    arrivals until every instance looked lost."""
+    ran = 0.0  # handler seconds since the last turn given
+    last_end = 0.0
+
     async def cb(msg: Msg) -> None:
+        nonlocal ran, last_end
+        start = time.monotonic()
+        if start - last_end > budget:
+            ran = 0.0  # the loop ran other work since (its queue was empty): a fresh turn
         await handler(msg)
-        await asyncio.sleep(0)
+        last_end = time.monotonic()
+        ran += last_end - start
+        if ran >= budget:
+            ran = 0.0
+            await asyncio.sleep(0)
 
     return cb
 
