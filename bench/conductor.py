@@ -287,6 +287,20 @@ def sweep_plan(instances: Sequence[int], blocks: Sequence[int]) -> list[list[Sta
     return [[Stage(n, b) for b in sizes] for n in sorted(set(instances))]
 
 
+def warm_prompts(chains: "TraceChains", warm: Sequence["Prompt"], blocks: int, prefill_ids: Sequence[str],
+                 pool: bool) -> list[tuple[list[bytes], str]]:
+    """The warm requests' block chains the index starts with, up to half its ``blocks`` (each held
+    by the prefill instance that served it, round robin, and by the pool), with that instance."""
+    budget, prompts = blocks // 2, []
+    for i, p in enumerate(warm):
+        keys = chains.keys(p)
+        budget -= len(keys) * (2 if pool else 1)
+        if budget < 0:
+            break
+        prompts.append((keys, prefill_ids[i % len(prefill_ids)]))
+    return prompts
+
+
 def quotas(blocks: int, prefills: int, pool: bool, pool_share: float) -> tuple[list[int], int]:
     """Index entries per prefill instance and in the pool adding up to ``blocks``."""
     in_pool = round(blocks * pool_share) if pool else 0
@@ -926,15 +940,7 @@ class Bench:
         prefill_q, pool_q = quotas(stage.blocks, self.n, a.pool, a.pool_share)
         self.sim.resize(prefill_q, pool_q)
         first = not any(len(h) for h in self.sim.holders.values())
-        prompts = []
-        if first:  # the warm requests' blocks, up to half the index, served round robin
-            budget = stage.blocks // 2
-            for i, p in enumerate(self.warm):
-                keys = self.chains.keys(p)
-                if budget - len(keys) * (2 if a.pool else 1) < 0:
-                    break
-                budget -= len(keys) * (2 if a.pool else 1)
-                prompts.append((keys, self.sim.prefill_ids[i % self.n]))
+        prompts = warm_prompts(self.chains, self.warm, stage.blocks, self.sim.prefill_ids, a.pool) if first else []
         rss0, cpu0 = self.ps.memory_info().rss, _cpu(self.ps)
         before = self.sim.total_blocks()
         events = keys = 0

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import DEFAULT_TRACE, emit, entry, read_trace, say
-from bench.conductor import MODEL_ID, SimCluster, TraceChains, parse_counts, quotas, sim_pace
+from bench.conductor import MODEL_ID, SimCluster, TraceChains, parse_counts, quotas, sim_pace, warm_prompts
 
 COLS = ["instances", "blocks", "rate", "decisions", "admitted", "decision_p50_ms", "decision_p99_ms",
         "decision_mean_ms", "background_ms_per_request", "heartbeat_ms_per_request", "kv_event_ms_per_request",
@@ -54,14 +54,7 @@ def run_point(args, chains: TraceChains, warm: list, offered: list, instances: i
 
     for _, ev in sim.announce():
         apply(ev)
-    budget, prompts = blocks // 2, []
-    for i, p in enumerate(warm):  # the warm requests' blocks, up to half the index (as bench conductor)
-        keys = chains.keys(p)
-        if budget - len(keys) * (2 if args.pool else 1) < 0:
-            break
-        budget -= len(keys) * (2 if args.pool else 1)
-        prompts.append((keys, sim.prefill_ids[i % instances]))
-    for ev in sim.preload(prompts, args.event_keys):
+    for ev in sim.preload(warm_prompts(chains, warm, blocks, sim.prefill_ids, args.pool), args.event_keys):
         apply(ev)
     held = sum(sched.index.count_of(iid) for iid in sim.holders)
     if held != sim.total_blocks():
