@@ -94,6 +94,48 @@ def test_lfuda_ages_out_a_block_used_often_long_ago():
     assert gone == ["n0", "n1", "n2", "hot", "n3", "n4"]
 
 
+@pytest.mark.parametrize("name", POLICIES)
+def test_a_held_key_is_never_the_victim_and_keeps_its_rank_and_uses(name):
+    p = make_policy(name, 8)
+    insert_chain(p, ["a", "b"])  # b is a's child
+    p.insert("c")
+    for _ in range(3):
+        p.access("a")
+        p.access("b")
+    p.hold("b")
+    p.hold("z")  # not held yet: held from when it arrives
+    p.insert("z")
+    p.access("b")  # a use while held still counts
+    victims = []
+    while (k := p.evict()) is not None:
+        victims.append(k)
+    # b and z are never victims; c (used least) before a (leaf first: a has a held child, and goes
+    # only when nothing else can)
+    assert victims == ["c", "a"]
+    p.unhold("b")
+    p.unhold("z")
+    assert sorted(drain(p)) == ["b", "z"]
+
+
+@pytest.mark.parametrize("name", ["lru", "lru_leaf", "lfuda", "lfuda_leaf"])
+def test_holding_a_key_while_it_is_read_changes_nothing_of_the_order(name):
+    """A block used often and held for a read ranks after the blocks used once when the read ends,
+    as if it had never been held (a held key re-entering as new would go before a block inserted
+    after it under LFU, and before the blocks used after it under LRU)."""
+    p, q = make_policy(name, 8), make_policy(name, 8)
+    for pol in (p, q):
+        insert_chain(pol, ["a", "b"])
+        for _ in range(3):
+            pol.access("a")
+    p.hold("a")
+    for pol in (p, q):
+        pol.access("a")
+        pol.access("b")
+        pol.insert("c")
+    p.unhold("a")
+    assert drain(p) == drain(q)
+
+
 def test_lfuda_leaf_first_never_leaves_a_used_block_without_its_parent():
     for leaf_first, order in ((False, ["a", "x", "b"]), (True, ["x", "b", "a"])):
         p = LFUDAPolicy(leaf_first)

@@ -36,6 +36,9 @@ on its first 1,000 requests and on the whole of it. ``lfuda_leaf`` is the caches
 first 1,000 requests; S3-FIFO, up to 32 % ahead there, fell 13 % behind on the whole trace (its
 small queue lets a conversation's new blocks go before the next turn comes).
 
+A caller may ``hold`` a key (a block being read, or pinned): it is never a victim while held, and
+keeps its place, uses and parent, so a block read often stays ranked as one (``unhold`` ends it).
+
 A key's parent is the block before it; "held child" counts the keys inserted with that parent and
 not removed since, whether or not the parent itself is held (a child may arrive before its parent,
 or, in a pool sharded over instances, live on an instance where its parent does not).
@@ -98,6 +101,7 @@ class EvictionPolicy:
     def __init__(self, leaf_first: bool = False):
         self.leaf_first = leaf_first
         self._family = _Family()
+        self._held: set[Key] = set()  # never a victim while here; may name a key not held yet
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -128,6 +132,20 @@ class EvictionPolicy:
         if key is not None:
             self.remove(key, evicted=True)
         return key
+
+    def hold(self, key: Key) -> None:
+        """Pass ``key`` over when choosing victims until ``unhold``; what the policy knows of it
+        (rank, uses, parent) is kept and still follows its uses. ``key`` need not be held yet."""
+        self._held.add(key)
+
+    def unhold(self, key: Key) -> None:
+        """``key`` may be a victim again, ranked as its uses say."""
+        if key in self._held:
+            self._held.discard(key)
+            self._unheld(key)
+
+    def _unheld(self, key: Key) -> None:
+        pass
 
     def resize(self, capacity: int) -> None:
         """The cache now holds about ``capacity`` keys (a queue-based policy sizes its queues by it)."""
@@ -161,7 +179,11 @@ class _RankedPolicy(EvictionPolicy):
         raise NotImplementedError
 
     def _eligible(self, key: Key) -> bool:
-        return not (self.leaf_first and self._family.has_child(key))
+        return key not in self._held and not (self.leaf_first and self._family.has_child(key))
+
+    def _unheld(self, key: Key) -> None:
+        if key in self._rank and self._eligible(key):
+            heapq.heappush(self._heap, (self._rank[key], key))
 
     def _rerank(self, key: Key, inserted: bool) -> None:
         self._tick += 1
@@ -210,8 +232,10 @@ class _RankedPolicy(EvictionPolicy):
             if self._live(self._heap[0]):
                 return self._heap[0][1]
             heapq.heappop(self._heap)
-        # every held key has a held child: only a cycle of parents does that; the lowest rank then
-        return min(self._rank, key=self._rank.__getitem__, default=None)
+        # every key not held by the caller has a held child: only a cycle of parents does that;
+        # the lowest rank of those then
+        free = (k for k in self._rank if k not in self._held)
+        return min(free, key=self._rank.__getitem__, default=None)
 
     def order(self) -> list[Key]:
         """Held keys, lowest rank first, whether or not they have a child."""
@@ -314,7 +338,7 @@ class S3FIFOPolicy(EvictionPolicy):
         self._family.drop(key)
 
     def _pinned(self, key: Key) -> bool:
-        return self.leaf_first and self._family.has_child(key)
+        return key in self._held or (self.leaf_first and self._family.has_child(key))
 
     def _scan(self, queue: OrderedDict) -> tuple[Key | None, bool]:
         """The first key of ``queue`` used since it entered (True) or evictable (False)."""
@@ -353,8 +377,8 @@ class S3FIFOPolicy(EvictionPolicy):
             del self._small[key]
             self._main[key] = None
             self._freq[key] = 0
-        # every held key is a parent of a held key (a cycle of parents): the oldest
-        return next(iter(self._main), next(iter(self._small), None))
+        # every key not held by the caller is a parent of a held key (a cycle of parents): the oldest
+        return next((k for q in (self._main, self._small) for k in q if k not in self._held), None)
 
 
 def make_policy(name: str, capacity: int) -> EvictionPolicy:

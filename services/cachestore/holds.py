@@ -7,9 +7,11 @@
   to live runs out. A key may be pinned before its block arrives; the pin applies when it does.
   Pins are bounded (``max_pins``): pinned blocks cannot make room for others.
 
-``ProtectedPolicy`` wraps an eviction policy (``services.cachestore.eviction``): a held key is
-taken out of the policy's order (parked, with its parent) while it is held, so no victim is ever
-a held key, whichever path evicts; when its last hold ends it re-enters as a new key.
+``ProtectedPolicy`` wraps an eviction policy (``services.cachestore.eviction``) and holds a key
+there (``EvictionPolicy.hold``) from its first lease or pin to the end of its last: no victim is
+ever a held key, whichever path evicts, and the policy keeps following its uses meanwhile: a block
+read often is still ranked as one when its read ends (were it to re-enter as a new key, every read
+would reset what the policy knows, and LFU with ageing would behave as plain LRU in the pool).
 """
 
 from __future__ import annotations
@@ -32,30 +34,22 @@ class ProtectedPolicy:
         self.max_pins = max_pins
         self._leases: dict[Key, int] = {}
         self._pins: dict[Key, float] = {}  # key -> when its pin ends
-        self._parked: dict[Key, Key | None] = {}  # held keys the store holds: key -> parent
 
     # ---- the policy's interface
     def __len__(self) -> int:
-        return len(self.inner) + len(self._parked)
+        return len(self.inner)
 
     def __contains__(self, key: Key) -> bool:
-        return key in self._parked or key in self.inner
+        return key in self.inner
 
     def insert(self, key: Key, parent: Key | None = None) -> None:
-        if self._held(key):
-            self._parked[key] = parent if parent is not None else self._parked.get(key)
-        else:
-            self.inner.insert(key, parent)
+        self.inner.insert(key, parent)
 
     def access(self, key: Key) -> None:
-        if key not in self._parked:
-            self.inner.access(key)
+        self.inner.access(key)
 
     def remove(self, key: Key, evicted: bool = False) -> None:
-        if key in self._parked:
-            del self._parked[key]
-        else:
-            self.inner.remove(key, evicted=evicted)
+        self.inner.remove(key, evicted=evicted)
 
     def victim(self) -> Key | None:
         return self.inner.victim()
@@ -64,7 +58,7 @@ class ProtectedPolicy:
         self.inner.resize(capacity)
 
     def parent(self, key: Key) -> Key | None:
-        return self._parked[key] if key in self._parked else self.inner.parent(key)
+        return self.inner.parent(key)
 
     def has_child(self, key: Key) -> bool:
         return self.inner.has_child(key)
@@ -73,20 +67,11 @@ class ProtectedPolicy:
     def _held(self, key: Key) -> bool:
         return key in self._leases or key in self._pins
 
-    def _park(self, key: Key) -> None:
-        if key not in self._parked and key in self.inner:
-            parent = self.inner.parent(key)
-            self.inner.remove(key)
-            self._parked[key] = parent
-
-    def _unpark(self, key: Key) -> None:
-        if not self._held(key) and key in self._parked:
-            self.inner.insert(key, self._parked.pop(key))
-
     def lease(self, keys: Iterable[Key]) -> None:
         for key in keys:
+            if not self._held(key):
+                self.inner.hold(key)
             self._leases[key] = self._leases.get(key, 0) + 1
-            self._park(key)
 
     def release(self, keys: Iterable[Key]) -> None:
         for key in keys:
@@ -94,8 +79,8 @@ class ProtectedPolicy:
             if n > 0:
                 self._leases[key] = n
                 continue
-            self._leases.pop(key, None)
-            self._unpark(key)
+            if self._leases.pop(key, None) is not None and key not in self._pins:
+                self.inner.unhold(key)
 
     def pin(self, keys: Iterable[Key], until: float) -> int:
         """Pin ``keys`` until ``until`` (a key pinned already keeps the later end); raises
@@ -107,9 +92,10 @@ class ProtectedPolicy:
             raise PinLimit(f"{len(self._pins)} blocks are pinned; {new} more would exceed the bound of "
                            f"{self.max_pins}")
         for key in keys:
+            if not self._held(key):
+                self.inner.hold(key)
             self._pins[key] = max(until, self._pins.get(key, until))
-            self._park(key)
-        return sum(1 for k in keys if k in self._parked)
+        return sum(1 for k in keys if k in self.inner)
 
     def unpin(self, keys: Iterable[Key]) -> int:
         """End the pins of ``keys`` now; returns how many were pinned."""
@@ -117,7 +103,8 @@ class ProtectedPolicy:
         for key in keys:
             if self._pins.pop(key, None) is not None:
                 n += 1
-                self._unpark(key)
+                if key not in self._leases:
+                    self.inner.unhold(key)
         return n
 
     def expire(self, now: float) -> int:
@@ -132,4 +119,4 @@ class ProtectedPolicy:
     @property
     def pinned_held(self) -> int:
         """Pinned keys the store holds."""
-        return sum(1 for k in self._parked if k in self._pins)
+        return sum(1 for k in self._pins if k in self.inner)
