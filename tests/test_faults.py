@@ -162,8 +162,11 @@ async def test_sigterm_drains_a_decode_instance(tiny_dir, tiny_model, tmp_path):
     try:
         await _streams_survive(cluster, tiny_dir, tiny_model,
                                lambda: asyncio.to_thread(cluster.kill, "decode-1", signal.SIGTERM),
-                               max_tokens=1200, n=6)
+                               max_tokens=400, n=6)
         assert cluster.procs["decode-1"].returncode == 0
+        # streams too long to finish within the drain were handed back and resumed elsewhere
+        handed = log_events(cluster.log_dir / "decode-1.log", "drain_handed_back")
+        assert handed and handed[0]["sequences"] >= 1
         # the rest stop on SIGTERM by themselves, each draining its connection (no subscription
         # left holding messages nothing will handle)
         assert cluster.stop() == []

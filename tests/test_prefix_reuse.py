@@ -8,7 +8,7 @@ import lmdb
 import pytest
 
 from conftest import reference_greedy, start_cluster
-from helpers import get_json, logged, post, prompt_keys, run_prefill_tasks, wait_for_pool, wait_until
+from helpers import get_json, log_events, logged, post, prompt_keys, run_prefill_tasks, wait_for_pool, wait_until
 from libs.bus import connect, synced
 from libs.engine.loading import model_identity
 from libs.kv.keys import block_hashes, namespace_digest
@@ -211,11 +211,14 @@ async def test_reuse_from_lmdb_after_cachestore_restart_and_index_rebuild(rr_clu
 
 async def test_corrupt_block_in_lmdb_is_a_miss_not_wrong_text(tiny_dir, tiny_model, tmp_path):
     model, tok = tiny_model
-    cluster = start_cluster(tiny_dir, tmp_path / "c")
+    # no own cache on the prefill instance: the pool is the only place its prefixes come from
+    cluster = start_cluster(tiny_dir, tmp_path / "c", prefill_cache_bytes=0)
     try:
         prompt = [(17 * i + 9) % 30000 + 400 for i in range(60)]  # 3 full blocks
         cold_text, _ = await _complete(cluster, tiny_dir.name, prompt)
         assert await wait_until(lambda: _pool_holds(cluster, 3), timeout=30)
+        text, usage = await _complete(cluster, tiny_dir.name, prompt)
+        assert usage["prompt_tokens_details"]["cached_tokens"] == 48  # from the pool
         cluster.kill("cachestore-0", signal.SIGTERM)
         await _gone(cluster, "cachestore-0")
         db = cluster.data_dir / "cachestore" / "cachestore-0"
@@ -227,23 +230,20 @@ async def test_corrupt_block_in_lmdb_is_a_miss_not_wrong_text(tiny_dir, tiny_mod
                 bad[len(bad) // 2] ^= 0x5A  # flip bits in every stored block's KV bytes
                 txn.put(k, bytes(bad), db=blocks)
         env.close()
-        # while the pool is down, a fresh prefill instance recomputes: same text, nothing cached
-        await _restart(cluster, "prefill-0")
-        cluster.cachestore = 0
-        await _wait_ready(cluster)
+        # while the pool is down the prefill recomputes: same text, nothing cached
         text, usage = await _complete(cluster, tiny_dir.name, prompt)
         assert usage["prompt_tokens_details"]["cached_tokens"] == 0
         assert text == cold_text
-        cluster.cachestore = 1
+        # back, it lists the corrupt blocks; a read of them is a miss, not their bytes
         cluster.start_service("cachestore", 0)
-        await _restart(cluster, "prefill-0")
         await _wait_ready(cluster)
+        assert await wait_for_pool(cluster.nats.url, _keys(tiny_dir, prompt)[:3])  # and the index knows
         text, usage = await _complete(cluster, tiny_dir.name, prompt)
         assert usage["prompt_tokens_details"]["cached_tokens"] == 0
         assert text == cold_text == _text(tok, reference_greedy(model, prompt, 24))
+        assert log_events(cluster.log_dir / "cachestore-0.log", "block_corrupt_dropped")
     finally:
         cluster.stop()
-
 
 
 def _keys(model_dir, prompt: list[int]) -> list[bytes]:
