@@ -160,6 +160,17 @@ class Settings(msgspec.Struct, kw_only=True):
         """The model's name as clients send it and the metrics' ``model_name`` label carries it."""
         return self.served_model_name or model_name(self.model, self.resolved_models_dir())
 
+    def api_key_list(self) -> list[str]:
+        """The Bearer keys the gateway accepts, in the order given."""
+        return [k.strip() for k in self.api_keys.split(",") if k.strip()]
+
+    def gateway_auth_error(self) -> str | None:
+        """Why a gateway must not start with these settings (no API key and no explicit
+        ``--no-auth``), or None: checked before anything is loaded."""
+        if self.api_key_list() or self.no_auth:
+            return None
+        return "the gateway needs API keys (--api-key / YUEBING_API_KEYS) or an explicit --no-auth for local use"
+
     def slo(self) -> SLO:
         """The deployment's SLOs (requests without a class)."""
         return SLO(self.ttft_slo, self.tbt_slo)

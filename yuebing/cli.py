@@ -202,6 +202,9 @@ def cmd_serve(args) -> int:
         return 0
     module, cls = SERVICES[args.service]
     settings = _settings(args, metrics_port=args.metrics_port)
+    if args.service == "gateway" and (problem := settings.gateway_auth_error()):
+        print(f"yuebing serve gateway: {problem}", file=sys.stderr)  # before the model's libraries load
+        return 2
     run(getattr(importlib.import_module(module), cls), settings)
     return 0
 

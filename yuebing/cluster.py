@@ -107,8 +107,8 @@ class LocalCluster:
     @property
     def api_key(self) -> str | None:
         """The first API key clients must send, or None when the gateway runs with --no-auth."""
-        keys = [k for k in self.settings.api_keys.split(",") if k.strip()]
-        return keys[0].strip() if keys else None
+        keys = self.settings.api_key_list()
+        return keys[0] if keys else None
 
     def _ensure_api_key(self) -> None:
         """Auth is on unless explicitly off: without keys, make one (kept in DATA_DIR/api_key)."""

@@ -95,6 +95,9 @@ class GatewayService(Service):
 
     async def setup(self) -> None:
         s = self.settings
+        if problem := s.gateway_auth_error():
+            raise RuntimeError(problem)
+        self.api_keys = set(s.api_key_list())
         path = await asyncio.to_thread(resolve_model, s.model, s.resolved_models_dir())
         self.tokenizer = await asyncio.to_thread(load_tokenizer, path)
         self.token_text = TokenText(self.tokenizer)  # tokens as logprobs name them
@@ -117,10 +120,6 @@ class GatewayService(Service):
         self.dashboard = Dashboard(self, s.dashboard, ready_needs=READY_NEEDS, forget_after=DOWN_FORGET_SECONDS)
         await self.nc.subscribe(f"{Subjects.HEARTBEAT_PREFIX}.>", cb=self._on_heartbeat)
 
-        self.api_keys = {k.strip() for k in s.api_keys.split(",") if k.strip()}
-        if not self.api_keys and not s.no_auth:
-            raise RuntimeError("the gateway needs API keys (--api-key / YUEBING_API_KEYS) "
-                               "or an explicit --no-auth for local use")
         self.openapi = openapi.document(self.model_name)
         app = web.Application(client_max_size=s.max_body_bytes, middlewares=[errors_middleware, self._auth])
         app.router.add_post("/v1/chat/completions", self.chat_completions)
