@@ -519,6 +519,17 @@ class TierUsage(msgspec.Struct, kw_only=True):
     hit_blocks: int = 0
 
 
+class PoolEvents(msgspec.Struct, kw_only=True):
+    """What a cachestore instance's blocks went through since it started (counters), and its pins now."""
+
+    promoted: int = 0  # disk hits copied back into DRAM
+    demoted: int = 0  # blocks DRAM let go to the disk tier
+    evicted: dict[str, int] = {}  # blocks gone from the disk tier, by reason (watermark, capacity, ...)
+    corrupt: int = 0  # blocks dropped because their bytes failed verification
+    pinned: int = 0  # keys pinned (held or awaited)
+    pinned_held: int = 0  # pinned keys the instance holds
+
+
 class Heartbeat(msgspec.Struct, kw_only=True):
     """Every instance announces itself and its load once per ``interval`` seconds."""
 
@@ -564,6 +575,7 @@ class Heartbeat(msgspec.Struct, kw_only=True):
     # copies readers are told of (hot blocks)
     tiers: dict[str, TierUsage] = {}
     hot_blocks: int = 0
+    pool_events: PoolEvents | None = None
     # conductor: the prefill and decode instances it places work on (several conductors split them)
     instances: dict[str, int] = {}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -14,7 +15,7 @@ import msgspec
 import pytest
 
 from helpers import get_json, post, wait_until
-from libs.protocol import Heartbeat, Prediction, ScheduleReply, TierUsage
+from libs.protocol import Heartbeat, PoolEvents, Prediction, ScheduleReply, TierUsage
 from services.gateway.clusterview import ReuseWindow, counters, hit_ratio, instances, pool
 from services.gateway.dashboard import Dashboard, check_mode
 from services.gateway.recent import RecentRequests
@@ -127,9 +128,16 @@ def test_instances_and_pool_from_heartbeats():
     assert [(r["id"], r["state"]) for r in kinds["decode"]] == [("d-dead", "down")]
     assert kinds["cachestore"][0]["kv_bytes"] == 100 and kinds["cachestore"][0]["kv_capacity_bytes"] == 1000
     assert kinds["prefill"][0]["state"] == "live" and kinds["conductor"] == []
-    p = pool([hb for _, hb in beats[:2]] + [msgspec.structs.replace(_store("c2", 0, 0), hot_blocks=3)])
-    assert p["instances"] == 2 and p["hot_blocks"] == 3
-    assert p["tiers"]["disk"] == {"bytes": 600, "capacity_bytes": 8000, "blocks": 12}
+    events = PoolEvents(promoted=4, demoted=7, evicted={"watermark": 5, "capacity": 1}, corrupt=1, pinned=3,
+                        pinned_held=2)
+    c2 = msgspec.structs.replace(_store("c2", 0, 0), hot_blocks=3, pool_events=events)
+    c3 = msgspec.structs.replace(_store("c3", 0, 0), pool_events=PoolEvents(promoted=1, evicted={"watermark": 2}))
+    p = pool([hb for _, hb in beats[:2]] + [c2, c3])
+    assert p["instances"] == 3 and p["hot_blocks"] == 3
+    assert p["tiers"]["disk"] == {"bytes": 900, "capacity_bytes": 12000, "blocks": 18}
+    # summed over the instances that report them (c1's heartbeat carries none)
+    assert p["events"] == {"promoted": 5, "demoted": 7, "evicted": {"watermark": 7, "capacity": 1}, "corrupt": 1,
+                           "pinned": 3, "pinned_held": 2}
 
 
 def test_dashboard_modes():
@@ -193,6 +201,7 @@ def _browse(url: str, request_ids: list[str], instance_ids: list[str], shot: Pat
         seen["request_rows"] = {r.get_attribute("data-id"): r.text for r in
                                 driver.find_elements(By.CSS_SELECTOR, "#requests tbody tr[data-id]")}
         seen["charts"] = len(driver.find_elements(By.CSS_SELECTOR, ".uplot canvas"))
+        seen["pool_events"] = driver.find_element(By.ID, "pool-events").text
         driver.save_screenshot(str(shot))
         # a key given in the address: kept for the tab, taken out of the address
         driver.get(url + f"/dashboard?key={KEY}")
@@ -260,6 +269,7 @@ async def test_dashboard_shows_instances_and_requests_in_a_browser(keyed_gateway
     assert {k: [i["id"] for i in doc["instances"][k]] for k in ("prefill", "decode", "cachestore")} == {
         k: [workers[k]] for k in ("prefill", "decode", "cachestore")}
     assert doc["pool"]["tiers"]["dram"]["capacity_bytes"] == tiny_cluster.settings.dram_bytes
+    assert set(doc["pool"]["events"]) == {"promoted", "demoted", "evicted", "corrupt", "pinned", "pinned_held"}
     assert sum(doc["series"]["done"]) >= 3 and doc["totals"]["ttft_p50"] > 0
     # the prefill instance's counters reach the hit ratio with its next heartbeats
     assert await wait_until(lambda: _reused(data), timeout=10)
@@ -268,6 +278,8 @@ async def test_dashboard_shows_instances_and_requests_in_a_browser(keyed_gateway
     shot.parent.mkdir(parents=True, exist_ok=True)
     seen = await asyncio.to_thread(_browse, url, ids, [workers[k] for k in ("prefill", "decode", "cachestore")], shot)
     assert seen["form_hidden"] and seen["charts"] >= 4
+    assert re.fullmatch(r"since the cachestores started: promoted \d+, demoted \d+, evicted .+, corrupt \d+; "
+                        r"pinned now \d+ held(, \d+ awaited)?", seen["pool_events"]), seen["pool_events"]
     assert workers["prefill"] in seen["request_rows"][ids[1]]  # the chosen instances, in the row
     assert "key=" not in seen["url_after_key"]
     assert shot.stat().st_size > 10_000

@@ -65,6 +65,7 @@ from libs.protocol import (
     CachePutMeta,
     CHUNK_DATA_BYTES,
     CacheStats,
+    PoolEvents,
     Subjects,
     TierUsage,
     decode,
@@ -133,6 +134,7 @@ class CacheStoreService(Service):
         self._events_lock = asyncio.Lock()
         self._subs = []
         self._totals_seen: dict[tuple, int] = {}  # (counter, labels) -> the store's total counted
+        self._last_stats: StoreStats | None = None  # what the heartbeat reports of the pool's events
         self._maintaining = False
         self.hot: HotBlocks | None = None
         self.peers: CacheClient | None = None  # the pool's membership, and copies of hot blocks
@@ -227,8 +229,13 @@ class CacheStoreService(Service):
     def load(self):
         usage = self.store.usage() if self.store is not None else {}
         hot = self.hot.hot_blocks(time.monotonic()) if self.hot is not None else 0
+        events = None
+        if (st := self._last_stats) is not None:  # as of the last put, get or maintenance: no lock taken
+            events = PoolEvents(promoted=st.promotions, demoted=st.evictions_dram, evicted=st.evictions_by_reason,
+                                corrupt=st.corrupt, pinned=st.pinned, pinned_held=st.pinned_held)
         return self.heartbeat(tiers={tier: TierUsage(bytes=b, capacity_bytes=cap, blocks=n, hit_blocks=hits)
-                                     for tier, (b, cap, n, hits) in usage.items()}, hot_blocks=hot)
+                                     for tier, (b, cap, n, hits) in usage.items()}, hot_blocks=hot,
+                              pool_events=events)
 
     # ---- KV events and metrics
     async def _publish_changes(self) -> None:
@@ -247,6 +254,7 @@ class CacheStoreService(Service):
     def _update_metrics(self, st: StoreStats, prime: bool = False) -> None:
         """The metrics as of ``st``; the store keeps running totals, which the counters follow
         (``prime``: only note them, as of the store's opening)."""
+        self._last_stats = st
         iid = self.instance_id
         totals = [(EVICTIONS, (iid, "dram"), st.evictions_dram), (EVICTIONS, (iid, "disk"), st.evictions_disk),
                   (PROMOTIONS, (iid,), st.promotions)]

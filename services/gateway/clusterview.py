@@ -51,20 +51,27 @@ def instances(heard: list[tuple[float, Heartbeat]], forget_after: float) -> dict
 
 def pool(beats: list[Heartbeat]) -> dict:
     """The pool by tier, summed over the live cachestore instances: bytes used of capacity, blocks;
-    and the hot blocks with extra copies."""
+    the hot blocks with extra copies; and what the blocks went through since each instance started
+    (promoted, demoted, evicted by reason, dropped as corrupt) with the pins held now."""
     tiers = {t: {"bytes": 0, "capacity_bytes": 0, "blocks": 0} for t in TIERS}
+    events = {"promoted": 0, "demoted": 0, "evicted": {}, "corrupt": 0, "pinned": 0, "pinned_held": 0}
     n = hot = 0
     for hb in beats:
         if hb.kind != "cachestore":
             continue
         n += 1
         hot += hb.hot_blocks
+        if (e := hb.pool_events) is not None:
+            for name in ("promoted", "demoted", "corrupt", "pinned", "pinned_held"):
+                events[name] += getattr(e, name)
+            for reason, count in e.evicted.items():
+                events["evicted"][reason] = events["evicted"].get(reason, 0) + count
         for t, u in hb.tiers.items():
             s = tiers.setdefault(t, {"bytes": 0, "capacity_bytes": 0, "blocks": 0})
             s["bytes"] += u.bytes
             s["capacity_bytes"] += u.capacity_bytes
             s["blocks"] += u.blocks
-    return {"instances": n, "tiers": tiers, "hot_blocks": hot}
+    return {"instances": n, "tiers": tiers, "hot_blocks": hot, "events": events}
 
 
 def counters(hb: Heartbeat) -> dict[str, int]:

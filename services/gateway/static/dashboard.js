@@ -99,6 +99,15 @@
       td(String(t.blocks), "num")));
     fill($("pool").tBodies[0], rows, "no cachestore instance", 4);
     $("hot-blocks").textContent = String(doc.pool.hot_blocks);
+    const ev = doc.pool.events;
+    const evicted = Object.entries(ev.evicted).filter(([, n]) => n > 0);
+    $("pool-promoted").textContent = String(ev.promoted);
+    $("pool-demoted").textContent = String(ev.demoted);
+    $("pool-evicted").textContent = evicted.length
+      ? evicted.map(([reason, n]) => `${n} (${reason})`).join(", ") : "0";
+    $("pool-corrupt").textContent = String(ev.corrupt);
+    $("pool-pinned").textContent = `${ev.pinned_held} held` + (ev.pinned > ev.pinned_held
+      ? `, ${ev.pinned - ev.pinned_held} awaited` : "");
     const h = doc.pool.hit_ratio;
     const ratio = h.ratio;
     // the pool's share by tier, or as a whole when its tiers were not reported
