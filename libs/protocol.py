@@ -551,6 +551,9 @@ class Heartbeat(msgspec.Struct, kw_only=True):
     kv_tokens: int = 0  # KV positions held by the running batch (decode)
     draining: bool = False  # stopping: finishes what it has, takes nothing new
     restarts: int = 0  # times its supervisor has restarted this instance
+    # a random id of the sending process: another one under the same instance id is a restart, and
+    # whatever the earlier process was asked and had not answered is lost ("": not given)
+    incarnation: str = ""
     # the sender's monotonic clock when it sent the beat (a conductor times its own beats' way back
     # to it: how far behind it is on heartbeats); 0: not given
     sent_at: float = 0.0

@@ -6,6 +6,7 @@ import asyncio
 import gc
 import signal
 import time
+import uuid
 
 import structlog
 from prometheus_client import start_http_server
@@ -30,6 +31,7 @@ class Service:
     def __init__(self, settings: Settings):
         self.settings = settings.with_instance(self.kind)
         self.instance_id = self.settings.instance_id
+        self.incarnation = uuid.uuid4().hex[:12]  # this process, in its heartbeats
         set_model_name(self.settings.served_name())  # the model_name label of this process's metrics
         self.log = get_logger(self.kind).bind(instance=self.instance_id)
         self.nc = None
@@ -156,6 +158,7 @@ class Service:
             model=self.settings.model,
             draining=self.stopping,
             restarts=self.settings.restarts,
+            incarnation=self.incarnation,
             **self.identity(),
             **load,
         )

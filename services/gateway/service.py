@@ -400,11 +400,19 @@ class GatewayService(Service):
         # not answer in time is not asked again
         deadline = time.monotonic() + SCHEDULE_TIMEOUT
         pause = 0.1
-        avoid: set[str] = set()
+        avoid: dict[str, str] = {}  # conductor -> the process of it that was lost or said "elsewhere"
         body = encode(sreq)
         while True:
-            target = self.conductors.pick((hb.instance_id for hb in self.live_beats() if hb.kind == "conductor"
-                                           and not hb.draining and all(hb.instances.values())), avoid)
+            live = [hb for hb in self.live_beats() if hb.kind == "conductor" and not hb.draining]
+            # those placing work on instances of both kinds; else any live one (its answer says
+            # "elsewhere" at once, and a conductor asked by name is watched for its loss: one that
+            # takes a request from the queue group and dies holding it is not); a conductor avoided
+            # is asked again once it beats as another process (restarted)
+            avoided = {c for c, inc in avoid.items() if self._incarnation("conductor", c) == inc}
+            asked = [hb for hb in live if hb.instance_id not in avoided]
+            placing = [hb.instance_id for hb in asked if all(hb.instances.values())]
+            target = self.conductors.pick(placing or [hb.instance_id for hb in asked])
+            incarnation = self._incarnation("conductor", target)
             try:
                 raw = await self._ask_conductor(target, body, deadline)
                 reply = decode(raw.data, ScheduleReply)
@@ -413,14 +421,14 @@ class GatewayService(Service):
                 # a conductor with no share of the instances (the split changed since its last
                 # heartbeat): another one places it
                 if target:
-                    avoid.add(target)
+                    avoid[target] = incarnation
                 else:
                     await asyncio.sleep(pause)
                     pause = min(1.0, 2 * pause)
                 continue
             except (nats.errors.NoRespondersError, ConductorLost) as e:
                 if target:
-                    avoid.add(target)
+                    avoid[target] = incarnation
                     self.log.warning("conductor_lost", conductor=target, request_id=attempt_id,
                                      error=type(e).__name__)
                 if time.monotonic() + pause < deadline:
@@ -446,15 +454,18 @@ class GatewayService(Service):
 
     async def _ask_conductor(self, target: str, body: bytes, deadline: float):
         """Ask ``target`` (or, with "", whichever conductor listens) to place a request; raises
-        ``ConductorLost`` when ``target`` misses its heartbeats before it answers."""
+        ``ConductorLost`` when ``target`` misses its heartbeats, or beats as another process (it
+        restarted), before it answers."""
         subject = Subjects.schedule_to(target) if target else Subjects.SCHEDULE
+        asked = self._incarnation("conductor", target)
         ask = asyncio.ensure_future(self.nc.request(subject, body, timeout=max(0.01, deadline - time.monotonic())))
         try:
             while True:
                 done, _ = await asyncio.wait({ask}, timeout=CONDUCTOR_CHECK_SECONDS)
                 if done:
                     return ask.result()
-                if target and self._lost("conductor", target):
+                if target and (self._lost("conductor", target)
+                               or asked and self._incarnation("conductor", target) not in ("", asked)):
                     raise ConductorLost(target)
         finally:
             ask.cancel()
@@ -478,6 +489,11 @@ class GatewayService(Service):
         if slo.ttft > 0 and (ttft is None or ttft > slo.ttft):
             return False
         return not (slo.tbt > 0 and tbt is not None and tbt > slo.tbt)
+
+    def _incarnation(self, kind: str, instance_id: str) -> str:
+        """The process an instance's last heartbeat came from ("": none heard, or not given)."""
+        seen = self.live.get((kind, instance_id))
+        return seen[1].incarnation if seen is not None else ""
 
     def _lost(self, kind: str, instance_id: str) -> bool:
         """An instance this gateway heard from that has now missed three heartbeats."""
