@@ -514,3 +514,23 @@ def test_gateways_ask_the_conductors_in_turn_and_another_when_one_is_lost():
     assert sorted(picks) == ["c-a", "c-a", "c-b", "c-b"] and picks[0] != picks[1]
     assert {c.pick(["c-a", "c-b"], avoid={"c-a"}) for _ in range(3)} == {"c-b"}
     assert c.pick(["c-a"], avoid={"c-a"}) == "" and c.pick([]) == ""  # none: the queue group
+
+
+def test_gateways_ask_a_conductor_by_name_and_a_restarted_one_again():
+    from libs.protocol import Heartbeat
+    from services.gateway.conductors import ConductorChoice
+
+    def beat(iid, inc, share=True, **kw):
+        return Heartbeat(kind="conductor", instance_id=iid, interval=1.0, incarnation=inc,
+                         instances={"prefill": int(share), "decode": int(share)}, **kw)
+
+    c = ConductorChoice()
+    a, b = beat("c-a", "a1"), beat("c-b", "b1", share=False)
+    worker = Heartbeat(kind="prefill", instance_id="p-0", interval=1.0)
+    assert {c.target([a, b, worker], {}) for _ in range(3)} == {"c-a"}  # the one placing work
+    # c-a lost (or said "elsewhere"): c-b by name, though it has no share, not the queue group
+    assert c.target([a, b], {"c-a": "a1"}) == "c-b"
+    assert c.target([a, b], {"c-a": "a1", "c-b": "b1"}) == ""
+    # c-a restarted under the same id: another process, asked again
+    assert c.target([beat("c-a", "a2"), b], {"c-a": "a1", "c-b": "b1"}) == "c-a"
+    assert c.target([beat("c-a", "a1", draining=True)], {}) == ""

@@ -403,15 +403,7 @@ class GatewayService(Service):
         avoid: dict[str, str] = {}  # conductor -> the process of it that was lost or said "elsewhere"
         body = encode(sreq)
         while True:
-            live = [hb for hb in self.live_beats() if hb.kind == "conductor" and not hb.draining]
-            # those placing work on instances of both kinds; else any live one (its answer says
-            # "elsewhere" at once, and a conductor asked by name is watched for its loss: one that
-            # takes a request from the queue group and dies holding it is not); a conductor avoided
-            # is asked again once it beats as another process (restarted)
-            avoided = {c for c, inc in avoid.items() if self._incarnation("conductor", c) == inc}
-            asked = [hb for hb in live if hb.instance_id not in avoided]
-            placing = [hb.instance_id for hb in asked if all(hb.instances.values())]
-            target = self.conductors.pick(placing or [hb.instance_id for hb in asked])
+            target = self.conductors.target(self.live_beats(), avoid)  # services/gateway/conductors.py
             incarnation = self._incarnation("conductor", target)
             try:
                 raw = await self._ask_conductor(target, body, deadline)
