@@ -7,7 +7,7 @@
   to live runs out. A key may be pinned before its block arrives; the pin applies when it does.
   Pins are bounded (``max_pins``): pinned blocks cannot make room for others.
 
-``ProtectedPolicy`` wraps an eviction policy (``services.cachestore.eviction``) and holds a key
+``Holds`` counts the leases and pins of an eviction policy's keys (``services.cachestore.eviction``) and holds a key
 there (``EvictionPolicy.hold``) from its first lease or pin to the end of its last: no victim is
 ever a held key, whichever path evicts, and the policy keeps following its uses meanwhile: a block
 read often is still ranked as one when its read ends (were it to re-enter as a new key, every read
@@ -25,43 +25,14 @@ class PinLimit(ValueError):
     """A pin that would take the store past its bound on pinned blocks."""
 
 
-class ProtectedPolicy:
-    """An eviction policy whose victims are never held keys (leased or pinned)."""
+class Holds:
+    """The leases and pins of the keys of an eviction policy, which holds each such key (never a victim)."""
 
     def __init__(self, inner: EvictionPolicy, max_pins: int):
         self.inner = inner
-        self.name = inner.name
         self.max_pins = max_pins
         self._leases: dict[Key, int] = {}
         self._pins: dict[Key, float] = {}  # key -> when its pin ends
-
-    # ---- the policy's interface
-    def __len__(self) -> int:
-        return len(self.inner)
-
-    def __contains__(self, key: Key) -> bool:
-        return key in self.inner
-
-    def insert(self, key: Key, parent: Key | None = None) -> None:
-        self.inner.insert(key, parent)
-
-    def access(self, key: Key) -> None:
-        self.inner.access(key)
-
-    def remove(self, key: Key, evicted: bool = False) -> None:
-        self.inner.remove(key, evicted=evicted)
-
-    def victim(self) -> Key | None:
-        return self.inner.victim()
-
-    def resize(self, capacity: int) -> None:
-        self.inner.resize(capacity)
-
-    def parent(self, key: Key) -> Key | None:
-        return self.inner.parent(key)
-
-    def has_child(self, key: Key) -> bool:
-        return self.inner.has_child(key)
 
     # ---- holds
     def _held(self, key: Key) -> bool:

@@ -23,7 +23,7 @@ import lmdb
 from libs.kv.codec import BlockCorrupt, verify_block
 from libs.log import get_logger
 from services.cachestore.eviction import DEFAULT_EVICT_HIGH, DEFAULT_EVICT_LOW, DEFAULT_POLICY, make_policy
-from services.cachestore.holds import ProtectedPolicy
+from services.cachestore.holds import Holds
 
 log = get_logger("cachestore.store")
 
@@ -184,13 +184,13 @@ class DiskTier:
                 self.bytes += _unentry(entry)[1]
                 self.count += 1
             self.policy = make_policy(policy, 1)
-            # the order the tier evicts in: the policy's, less the blocks leased or pinned
-            self.holds = ProtectedPolicy(self.policy, max_pins)
+            # the blocks leased or pinned: held in the policy, never its victims
+            self.holds = Holds(self.policy, max_pins)
             self._sized = False
             self._size_policy()
             for seq, key in txn.cursor(db=self._lru):
                 entry = txn.get(key, db=self._index)
-                self.holds.insert(key, _unentry(entry)[2] if entry is not None else None)
+                self.policy.insert(key, _unentry(entry)[2] if entry is not None else None)
                 self._seq = _SEQ.unpack(seq)[0]
 
     def __len__(self) -> int:
@@ -274,7 +274,7 @@ class DiskTier:
         replaced: list[bytes] = []
         victim_parents: dict[bytes, bytes | None] = {}
         total, count = self.bytes, self.count
-        policy = self.holds
+        policy = self.policy
         try:
             with self._env.begin(write=True) as txn:
                 for key, value, use in items:
@@ -355,17 +355,17 @@ class DiskTier:
             with self._env.begin(write=True) as txn:
                 while len(evicted) < n and (nbytes is None or freed < nbytes):
                     with self._policy_lock:
-                        victim = self.holds.victim()
+                        victim = self.policy.victim()
                         if victim is None:
                             break
-                        victim_parents[victim] = self.holds.parent(victim)
-                        self.holds.remove(victim, evicted=True)
+                        victim_parents[victim] = self.policy.parent(victim)
+                        self.policy.remove(victim, evicted=True)
                     freed += self._drop(txn, victim)
                     evicted.append(victim)
         except BaseException:
             with self._policy_lock:
                 for key in evicted:
-                    self.holds.insert(key, victim_parents[key])
+                    self.policy.insert(key, victim_parents[key])
             raise
         self.bytes -= freed
         self.count -= len(evicted)
@@ -391,7 +391,7 @@ class DiskTier:
         """Tell the policy ``keys`` were used (those held); the stored recency is left as it is."""
         with self._policy_lock:
             for k in keys:
-                self.holds.access(k)
+                self.policy.access(k)
 
     def delete(self, key: bytes) -> bool:
         with self._write_lock:
@@ -401,7 +401,7 @@ class DiskTier:
                     return False
                 size = self._drop(txn, key)
             with self._policy_lock:
-                self.holds.remove(key)
+                self.policy.remove(key)
             self.bytes -= size
             self.count -= 1
             return True

@@ -406,7 +406,7 @@ class GatewayService(Service):
             target = self.conductors.target(self.live_beats(), avoid)  # services/gateway/conductors.py
             incarnation = self._incarnation("conductor", target)
             try:
-                raw = await self._ask_conductor(target, body, deadline)
+                raw = await self._ask_conductor(target, incarnation, body, deadline)
                 reply = decode(raw.data, ScheduleReply)
                 if reply.admitted or reply.cause != "elsewhere" or time.monotonic() + pause >= deadline:
                     break
@@ -444,12 +444,11 @@ class GatewayService(Service):
                               else "rate_limited", headers={"Retry-After": str(retry)})
         return reply
 
-    async def _ask_conductor(self, target: str, body: bytes, deadline: float):
+    async def _ask_conductor(self, target: str, asked: str, body: bytes, deadline: float):
         """Ask ``target`` (or, with "", whichever conductor listens) to place a request; raises
         ``ConductorLost`` when ``target`` misses its heartbeats, or beats as another process (it
-        restarted), before it answers."""
+        restarted from ``asked``, the process it was), before it answers."""
         subject = Subjects.schedule_to(target) if target else Subjects.SCHEDULE
-        asked = self._incarnation("conductor", target)
         ask = asyncio.ensure_future(self.nc.request(subject, body, timeout=max(0.01, deadline - time.monotonic())))
         try:
             while True:
