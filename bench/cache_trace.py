@@ -468,7 +468,8 @@ def _trace(args) -> int:
     from libs.kv.keys import namespace_digest
     from libs.config import from_env
     from libs.engine.dtypechoice import placement_for
-    from libs.engine.loading import DEFAULT_MODEL, model_identity, read_shape, resolve_model
+    from libs.engine.modelpath import DEFAULT_MODEL, resolve_model
+    from libs.engine.loading import model_identity, read_shape
     from libs.natsserver import free_port
     from services.cachestore.store import _footprint as lmdb_footprint
 

@@ -223,7 +223,7 @@ def stop_proc(p: "subprocess.Popen | None", timeout: float = 15.0) -> None:
 
 def resolve_models_dir(args) -> Path:
     """``--models-dir``, or the shared model cache (whatever the data dir: a model is converted once)."""
-    from libs.engine.loading import default_data_dir
+    from libs.engine.modelpath import default_data_dir
 
     if getattr(args, "models_dir", None):
         return Path(args.models_dir).expanduser()

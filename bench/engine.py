@@ -250,7 +250,7 @@ def measure_join(runner, long_kv, join_kv, rows: int, joins: int) -> dict:
 
 def _model_dir(args) -> tuple[Path, str, str]:
     """(model directory, its name in the figures, load format)."""
-    from libs.engine.loading import DEFAULT_MODEL, resolve_model
+    from libs.engine.modelpath import DEFAULT_MODEL, resolve_model
 
     models_dir = resolve_models_dir(args)
     dummy = getattr(args, "dummy", None)
@@ -290,7 +290,7 @@ def run(args) -> dict:
 
     from libs.engine.device import dtype_name
     from libs.engine.dtypechoice import placement_for
-    from libs.engine.loading import default_data_dir
+    from libs.engine.modelpath import default_data_dir
     from libs.engine.runner import ModelRunner
 
     threads = getattr(args, "threads", None)

@@ -109,7 +109,7 @@ def dummy_llama_dir(out: Path, tokenizer_from: Path, preset: str = "1b") -> Path
 def dummy_model(preset: str = "1b", models_dir: Path | None = None) -> Path:
     """The dummy Llama ``preset`` under ``models_dir`` (default DATA_DIR/models), named
     ``dummy-llama-PRESET``, with the default model's tokenizer (converted once if need be)."""
-    from libs.engine.loading import DEFAULT_MODEL, default_data_dir, resolve_model
+    from libs.engine.modelpath import DEFAULT_MODEL, default_data_dir, resolve_model
 
     models_dir = Path(models_dir) if models_dir else default_data_dir() / "models"
     return dummy_llama_dir(models_dir / f"dummy-llama-{preset}", resolve_model(DEFAULT_MODEL, models_dir), preset)

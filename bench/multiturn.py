@@ -210,7 +210,8 @@ def main(args) -> int:
 
 def _multiturn(args) -> int:
     from libs.config import from_env
-    from libs.engine.loading import DEFAULT_MODEL, load_tokenizer, read_shape, resolve_model
+    from libs.engine.modelpath import DEFAULT_MODEL, resolve_model
+    from libs.engine.loading import load_tokenizer, read_shape
     from libs.natsserver import free_port
     from yuebing.cluster import LocalCluster
 

@@ -25,7 +25,7 @@ Running it::
 
 What it does:
 
-1. Resolve the model once (``libs.engine.loading.resolve_model``: the local Hugging Face directory the
+1. Resolve the model once (``libs.engine.modelpath.resolve_model``: the local Hugging Face directory the
    cluster serves), fix the workload and print it: per point (an output length and a load) a list of
    prompt lengths drawn log-uniformly from 100 to 2,000 tokens (seeded), each prompt a chat message
    (an index at its start, so no two requests share more than the chat template's system prompt)
@@ -644,7 +644,8 @@ def main(args) -> int:
 
 def _peer(args) -> int:
     from libs.config import from_env
-    from libs.engine.loading import DEFAULT_MODEL, load_tokenizer, resolve_model
+    from libs.engine.modelpath import DEFAULT_MODEL, resolve_model
+    from libs.engine.loading import load_tokenizer
     from libs.natsserver import free_port
     from yuebing.cluster import LocalCluster
 

@@ -125,7 +125,8 @@ def _main(args) -> int:
     from libs.config import DEFAULT_MODEL, default_data_dir
     from libs.engine.calibrate import calibrate
     from libs.engine.costs import profile_path
-    from libs.engine.loading import model_identity, read_shape, resolve_model
+    from libs.engine.modelpath import resolve_model
+    from libs.engine.loading import model_identity, read_shape
 
     counts = sorted({int(x) for x in str(args.instances).split(",") if x.strip()})
     if not counts or counts[0] < 1:

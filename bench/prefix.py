@@ -162,7 +162,7 @@ def main(args) -> int:
 def _prefix(args) -> int:
     from yuebing.cluster import LocalCluster
     from libs.config import from_env
-    from libs.engine.loading import DEFAULT_MODEL, resolve_model
+    from libs.engine.modelpath import DEFAULT_MODEL, resolve_model
     from libs.natsserver import free_port
 
     prompt_tokens = int(getattr(args, "prompt_tokens", 2048))

@@ -434,7 +434,8 @@ def main(args) -> int:
     from libs.engine.calibrate import calibrate
     from libs.engine.costs import CostProfile, profile_path
     from libs.log import configure
-    from libs.engine.loading import DEFAULT_MODEL, default_data_dir, model_identity, resolve_model
+    from libs.engine.modelpath import DEFAULT_MODEL, default_data_dir, resolve_model
+    from libs.engine.loading import model_identity
 
     configure("bench", level="WARNING")
     experiments = _names(args.experiments, EXPERIMENTS, "experiments")

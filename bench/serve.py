@@ -345,7 +345,8 @@ def _serve(args) -> int:
 
     from yuebing.cluster import LocalCluster
     from libs.config import from_env
-    from libs.engine.loading import DEFAULT_MODEL, load_tokenizer, resolve_model
+    from libs.engine.modelpath import DEFAULT_MODEL, resolve_model
+    from libs.engine.loading import load_tokenizer
     from libs.natsserver import free_port
 
     levels = _parse_levels(getattr(args, "concurrency", "1,8,16"))

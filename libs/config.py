@@ -9,7 +9,7 @@ from pathlib import Path
 
 import msgspec
 
-from libs.engine.loading import default_data_dir, DEFAULT_MODEL, model_name
+from libs.engine.modelpath import default_data_dir, DEFAULT_MODEL, model_name
 
 # 16 tokens per block: fine-grained prefix reuse (a block is the unit of a hit), and one block
 # of the default model (30 layers x K,V x 3 heads x 64 dims x fp32 = 46 KiB/token, 720 KiB per

@@ -18,7 +18,8 @@ from libs.bus import work_subscription
 from libs.config import Settings
 from libs.engine.device import resolve
 from libs.engine.grammar import Constraint, tokenizer_for as grammar_tokenizer
-from libs.engine.loading import check_load_format, model_identity, resolve_model
+from libs.engine.modelpath import resolve_model
+from libs.engine.loading import check_load_format, model_identity
 from libs.log import get_logger
 from libs.protocol import Abort, SamplingParams, Subjects, TokenEvent, decode, encode
 from libs.service import Service

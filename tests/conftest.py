@@ -10,7 +10,7 @@ import pytest
 
 from libs.log import configure
 from bench.models import random_llama
-from libs.engine.loading import default_data_dir, DEFAULT_MODEL, resolve_model
+from libs.engine.modelpath import default_data_dir, DEFAULT_MODEL, resolve_model
 
 configure("tests", level=os.environ.get("YUEBING_LOG_LEVEL", "WARNING"))
 # The references are float32 generate on the CPU: every cluster, service and `yuebing up` a test

@@ -371,3 +371,15 @@ def test_a_schedule_requests_token_ids_reach_the_prefill_task_as_sent_without_be
     bad = msgspec.msgpack.encode({"attempt_id": "r2", "prompt_token_ids": "not ids", "sampling": {"max_tokens": 4}})
     with pytest.raises(msgspec.ValidationError):  # a prompt that is not an array of ids
         decode(bad, ScheduleRequestPacked).packed()
+
+
+def test_the_conductor_process_imports_no_model_libraries():
+    """The conductor never runs the model: it starts without importing torch or transformers (a
+    second of CPU each at every start, with every other service of a host starting beside it)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, services.conductor.service, yuebing.cluster; "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

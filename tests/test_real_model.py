@@ -4,7 +4,8 @@ import pytest
 from openai import AsyncOpenAI
 
 from conftest import reference_greedy, start_cluster
-from libs.engine.loading import DEFAULT_MODEL, load_model, load_tokenizer
+from libs.engine.modelpath import DEFAULT_MODEL
+from libs.engine.loading import load_model, load_tokenizer
 
 pytestmark = pytest.mark.slow
 

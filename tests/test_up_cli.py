@@ -99,7 +99,6 @@ async def test_up_restarts_a_killed_service_and_loses_no_request(tiny_dir, tmp_p
         assert not sender.done() or not all(t.done() for t in tasks)  # killed while requests are in flight
         [pid] = [p for p in _processes_mentioning(str(data_dir)) if _mentions(p, f"--instance-id {victim}")]
         sending.clear()  # what is sent from here on is sent once the service is gone
-        sent_before_kill = len(tasks)
         os.kill(pid, signal.SIGKILL)
         assert await wait_until(lambda: _async(not (Path("/proc") / str(pid)).exists()), timeout=10)
         await asyncio.sleep(0.2)  # and the NATS server has seen its connection close

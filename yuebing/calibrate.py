@@ -45,7 +45,8 @@ def main(args) -> int:
     from libs.config import from_env
     from libs.engine.costs import profile_path
     from libs.log import configure
-    from libs.engine.loading import model_identity, resolve_model
+    from libs.engine.modelpath import resolve_model
+    from libs.engine.loading import model_identity
     from libs.engine.dtypechoice import choice_path, load as load_choice, placement_for
     import torch
 

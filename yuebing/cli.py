@@ -211,7 +211,7 @@ def cmd_serve(args) -> int:
 
 def cmd_convert(args) -> int:
     from libs.log import configure
-    from libs.engine.loading import resolve_model
+    from libs.engine.modelpath import resolve_model
 
     configure("convert")
     settings = _settings(args)

@@ -20,7 +20,7 @@ import psutil
 from libs.config import Settings
 from libs.cpus import CorePlan, available_cores
 from libs.log import get_logger
-from libs.engine.loading import resolve_model
+from libs.engine.modelpath import resolve_model
 from libs.natsserver import NatsServer, free_port
 from libs.proc import die_with_parent
 from yuebing.supervisor import RestartPolicy, Restarts

@@ -20,7 +20,8 @@ from libs.engine.device import DTYPES
 from libs.kv.keys import block_hashes, namespace_digest
 from libs.config import SLO
 from libs.engine import grammar
-from libs.engine.loading import load_tokenizer, model_identity, model_name_for, read_shape, resolve_model
+from libs.engine.modelpath import model_name_for, resolve_model
+from libs.engine.loading import load_tokenizer, model_identity, read_shape
 from libs.protocol import (
     Abort,
     CachePinReply,
