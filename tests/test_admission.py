@@ -167,6 +167,44 @@ def test_a_stay_is_priced_at_the_pace_of_the_batch_it_is_in():
     assert (a.row, a.end, b.row) == (1.0, pytest.approx(2.0), pytest.approx(2.0))
 
 
+def test_a_projection_is_given_again_only_while_nothing_it_rests_on_changed():
+    """Decisions a few milliseconds apart project the same decode instances: an instance's last
+    projection is given again for ``REUSE_SECONDS`` of the clock, and never once its sequences, a
+    report of them or the step prices changed: each of those changes the projection."""
+    price = [0.1]
+    p = DecodeLoadProjector(default_token_seconds=1.0, step=lambda rows, kv: price[0] * rows)
+    p.admit("a", "d0", start=0.0, tokens=10, kv_tokens=5)
+    p.admit("b", "d1", start=0.0, tokens=10, kv_tokens=5)
+
+    def fresh(now: float, **kw):
+        return p._project("d0", now, kw.get("rows", 1), 0, 0.0, 0, None, 0)
+
+    first = p.slots("d0", 0.0, rows=1)
+    assert p.slots("d0", 0.004, rows=1) is first and first == fresh(0.0)  # unchanged, a few ms later
+    p.admit("c", "d1", start=0.0, tokens=4, kv_tokens=5)  # another instance's change
+    assert p.slots("d0", 0.005, rows=1) is first
+    assert p.slots("d0", 0.005, rows=2) == fresh(0.005, rows=2)  # asked for another batch
+    later = 0.005 + 2 * p.REUSE_SECONDS
+    assert p.slots("d0", later, rows=2) == fresh(later, rows=2) != fresh(0.005, rows=2)  # past its time
+    changes = [
+        lambda: p.admit("d", "d0", start=0.2, tokens=3, kv_tokens=5),  # a sequence placed there
+        lambda: p.started("d", 0.3),  # its first token came
+        lambda: p.progress("d0", 0.4, [("a", 1, 20, True)]),  # a report: "d" not there yet
+        lambda: p.forget("d"),  # aborted
+        lambda: (price.__setitem__(0, 0.2), p.repriced()),  # the step prices refitted
+        lambda: p.finished("zz", 10, 1.0, True),  # a finished sequence moves the learnt stay
+    ]
+    now = 0.02
+    for change in changes:
+        before = p.slots("d0", now, rows=1)
+        assert p.slots("d0", now, rows=1) is before
+        change()
+        after = p.slots("d0", now, rows=1)
+        assert after is not before and after == fresh(now), change
+    p.drop_instance("d0")
+    assert p.slots("d0", now, rows=1) == []
+
+
 def test_a_stay_is_priced_at_the_kv_the_batch_holds_and_an_overdue_one_is_still_there():
     q = DecodeLoadProjector(default_token_seconds=1.0, step=lambda rows, kv: 0.01 * kv)
     q.admit("c", "d0", start=0.0, tokens=10, kv_tokens=10)

@@ -120,7 +120,10 @@ class Scheduler:
             self.projector.progress(hb.instance_id, now,
                                     [(q.attempt_id, q.decoded, q.left, q.running) for q in hb.sequences])
             if hb.steps:
+                fits = self.decode_cost.fits
                 self.decode_cost.observe(hb.steps, hb.step_batch, hb.step_kv_tokens, hb.step_seconds)
+                if self.decode_cost.fits != fits:
+                    self.projector.repriced()
             if hb.max_running > 0:
                 # until sequences are seen to finish, each is taken to decode at a full batch's pace
                 # (a batch-1 step would have the first admitted requests leave decode twice as soon)
