@@ -259,6 +259,19 @@ def test_registry_expires_after_three_missed_beats():
     assert [i.instance_id for i in r.prune(3.1)] == ["p0"]
 
 
+def test_registry_answers_alive_again_at_one_time_until_a_beat_or_prune_changes_it():
+    r = Registry()
+    r.beat(_hb("prefill", "p0"), now=0.0)
+    first = r.alive("prefill", 1.0)
+    assert r.alive("prefill", 1.0) is first and r.alive("decode", 1.0) == []
+    r.beat(_hb("prefill", "p1"), now=1.0)  # a new instance at the same time
+    assert [i.instance_id for i in r.alive("prefill", 1.0)] == ["p0", "p1"]
+    r.beat(_hb("prefill", "p1", draining=True), now=1.0)  # draining: no new work
+    assert [i.instance_id for i in r.alive("prefill", 1.0)] == ["p0"]
+    assert [i.instance_id for i in r.alive("prefill", 3.5)] == []  # p0 silent for 3.5 s
+    assert [i.instance_id for i in r.prune(3.5)] == ["p0"]
+
+
 def test_registry_judges_liveness_as_of_how_far_behind_the_conductor_is_on_heartbeats():
     r = Registry(lag_cap=10.0)
     r.beat(_hb("prefill", "p0"), now=0.0)

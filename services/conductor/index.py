@@ -30,7 +30,7 @@ import numpy as np
 from libs.kvevents import epoch_newer
 from libs.protocol import KVEvent
 
-from services.conductor.keyset import KeyBatch, KeySet
+from services.conductor.keyset import KeyBatch, KeySet, words
 
 HOT_KEYS = 4096  # per prefill instance: keys lately found held, looked up in a set (cleared when full)
 # a decision's walk past this many instances still holding the prompt takes each key's holders
@@ -80,13 +80,24 @@ class PrefixIndex:
         # key -> the prefill instances holding it, for keys a walk found held by many (a shared
         # system prompt's): kept current by events, cleared by a dump or a drop of a prefill instance
         self._wide: dict[bytes, set[str]] = {}
+        self._prefill: list[tuple[str, _Holder]] | None = None  # the prefill instances' (kept till one comes or goes)
+
+    def _holder(self, instance_id: str, source: str) -> _Holder:
+        h = self._holders.get(instance_id)
+        if h is None:
+            h = self._holders[instance_id] = _Holder(source=source)
+            self._prefill = None
+        return h
+
+    def _prefill_holders(self) -> list[tuple[str, _Holder]]:
+        if self._prefill is None:
+            self._prefill = [(iid, h) for iid, h in self._holders.items() if not h.pooled]
+        return self._prefill
 
     # ---- updates
     def apply(self, ev: KVEvent) -> bool:
         """Apply one event; returns True when the instance now needs a dump (resync)."""
-        h = self._holders.get(ev.instance_id)
-        if h is None:
-            h = self._holders[ev.instance_id] = _Holder(source=ev.source)
+        h = self._holder(ev.instance_id, ev.source)
         if ev.epoch in h.old_epochs or epoch_newer(h.epoch, ev.epoch):
             return False  # a run the index has moved past
         if h.resyncing:
@@ -154,12 +165,12 @@ class PrefixIndex:
         return h is not None and h.resyncing
 
     def mark_resync(self, instance_id: str, source: str) -> None:
-        h = self._holders.setdefault(instance_id, _Holder(source=source))
+        h = self._holder(instance_id, source)
         h.resyncing = True
 
     def load_dump(self, instance_id: str, source: str, epoch: str, seq: int, keys: Sequence[bytes]) -> None:
         """Replace what the instance holds with a dump current as of (epoch, seq)."""
-        h = self._holders.setdefault(instance_id, _Holder(source=source))
+        h = self._holder(instance_id, source)
         self._set_keys(instance_id, h, keys)
         if h.epoch and h.epoch != epoch:
             h.old_epochs.add(h.epoch)
@@ -185,6 +196,7 @@ class PrefixIndex:
             self._wide.clear()
         old = h.old_epochs | {h.epoch} | {e.epoch for e in h.buffered}
         self._holders[instance_id] = _Holder(source=h.source, old_epochs=old - {""})
+        self._prefill = None
 
     # ---- queries
     def prefix_len(self, keys: Sequence[bytes], instance_id: str) -> int:
@@ -225,8 +237,9 @@ class PrefixIndex:
         if got is None:
             if len(self._wide) >= HOLDER_KEYS:
                 self._wide.clear()
-            got = self._wide[key] = {iid for iid, h in self._holders.items()
-                                     if not h.pooled and (key in h.hot or h.keys.holds(key))}
+            hi, lo = words(key)
+            got = self._wide[key] = {iid for iid, h in self._prefill_holders()
+                                     if key in h.hot or h.keys.has(hi, lo)}
         return got
 
     def pool_prefix_len(self, keys: Sequence[bytes]) -> int:

@@ -50,6 +50,11 @@ _WORD = (1 << 64) - 1
 _PAIR = struct.Struct("<QQ")
 
 
+def words(key: bytes) -> tuple[int, int]:
+    """A key's two words, as ``has`` takes them."""
+    return _PAIR.unpack(key)
+
+
 class KeyBatch:
     """Keys as two ``uint64`` arrays (``hi``, ``lo``: the first and last 8 bytes of each key)."""
 
@@ -167,7 +172,19 @@ class _Table:
 
     def holds(self, key: bytes) -> bool:
         """Whether the set holds ``key`` (one key, probed in Python)."""
-        return self.prefix_len((key,)) == 1
+        return self.has(*_PAIR.unpack(key))
+
+    def has(self, hi: int, lo: int) -> bool:
+        """Whether the set holds the key of words ``hi`` and ``lo`` (``words``), probed in Python."""
+        if not self._live:
+            return False
+        state, his, los, mask = self._state_view, self._hi_view, self._lo_view, self._mask
+        pos = (((hi ^ lo) * _MIX) & _WORD) >> self._shift
+        while (st := state[pos]) != EMPTY:
+            if st == LIVE and his[pos] == hi and los[pos] == lo:
+                return True
+            pos = (pos + 1) & mask
+        return False
 
     def batch(self) -> KeyBatch:
         live = self._state == LIVE
@@ -263,7 +280,12 @@ class KeySet:
 
     def holds(self, key: bytes) -> bool:
         """Whether the set holds ``key`` (one key, probed in Python)."""
-        return self._t.holds(key) or (self._old is not None and self._old.holds(key))
+        return self.has(*_PAIR.unpack(key))
+
+    def has(self, hi: int, lo: int) -> bool:
+        """Whether the set holds the key of words ``hi`` and ``lo`` (``words``: one key's unpacked
+        once for many sets)."""
+        return self._t.has(hi, lo) or (self._old is not None and self._old.has(hi, lo))
 
     def batch(self) -> KeyBatch:
         b = self._t.batch()

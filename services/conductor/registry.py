@@ -70,8 +70,13 @@ class Registry:
     def __init__(self, lag_cap: float = 30.0, interval: float = 0.0) -> None:
         self._kinds: dict[str, dict[str, Instance]] = {}  # kind -> instance id -> instance
         self.clock = BeatClock(lag_cap, interval)
+        # ``alive``'s answers for one clock reading, until a beat or a prune changes them (a
+        # decision asks it several times of each kind, at one time)
+        self._alive: dict[str, list[Instance]] = {}
+        self._alive_at: float | None = None
 
     def beat(self, hb: Heartbeat, now: float) -> Instance:
+        self._alive_at = None
         of_kind = self._kinds.setdefault(hb.kind, {})
         inst = of_kind.get(hb.instance_id)
         if inst is None:
@@ -83,11 +88,16 @@ class Registry:
         return inst
 
     def alive(self, kind: str, now: float) -> list[Instance]:
-        """Instances that can take new work: beating, and not draining."""
+        """Instances that can take new work: beating, and not draining (a list not to be changed)."""
         seen = now - self.clock.behind(now)
-        # (``Instance.alive``, inline: a decision asks this of every instance)
-        return [i for i in self._kinds.get(kind, {}).values()
-                if seen - i.last_seen <= MISSED_BEATS * i.beat.interval and not i.beat.draining]
+        if seen != self._alive_at:
+            self._alive, self._alive_at = {}, seen
+        got = self._alive.get(kind)
+        if got is None:
+            # (``Instance.alive``, inline: a decision asks this of every instance)
+            got = self._alive[kind] = [i for i in self._kinds.get(kind, {}).values()
+                                       if seen - i.last_seen <= MISSED_BEATS * i.beat.interval and not i.beat.draining]
+        return got
 
     def prune(self, now: float) -> list[Instance]:
         """Forget instances that missed their beats; returns them."""
@@ -95,6 +105,7 @@ class Registry:
         gone = [i for of_kind in self._kinds.values() for i in of_kind.values() if not i.alive(seen)]
         for i in gone:
             del self._kinds[i.kind][i.instance_id]
+        self._alive_at = None
         return gone
 
     def get(self, kind: str, instance_id: str) -> Instance | None:
