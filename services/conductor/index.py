@@ -80,19 +80,24 @@ class PrefixIndex:
         # key -> the prefill instances holding it, for keys a walk found held by many (a shared
         # system prompt's): kept current by events, cleared by a dump or a drop of a prefill instance
         self._wide: dict[bytes, set[str]] = {}
-        self._prefill: list[tuple[str, _Holder]] | None = None  # the prefill instances' (kept till one comes or goes)
+        # the prefill instances' holders and the cachestores' (kept until an instance comes or goes)
+        self._split: tuple[list[tuple[str, _Holder]], list[tuple[str, _Holder]]] | None = None
 
     def _holder(self, instance_id: str, source: str) -> _Holder:
         h = self._holders.get(instance_id)
         if h is None:
             h = self._holders[instance_id] = _Holder(source=source)
-            self._prefill = None
+            self._split = None
         return h
 
     def _prefill_holders(self) -> list[tuple[str, _Holder]]:
-        if self._prefill is None:
-            self._prefill = [(iid, h) for iid, h in self._holders.items() if not h.pooled]
-        return self._prefill
+        return self._holders_split()[0]
+
+    def _holders_split(self) -> tuple[list[tuple[str, _Holder]], list[tuple[str, _Holder]]]:
+        if self._split is None:
+            self._split = ([(iid, h) for iid, h in self._holders.items() if not h.pooled],
+                           [(iid, h) for iid, h in self._holders.items() if h.pooled])
+        return self._split
 
     # ---- updates
     def apply(self, ev: KVEvent) -> bool:
@@ -131,8 +136,8 @@ class PrefixIndex:
     def _elsewhere(self, iid: str, b: KeyBatch) -> np.ndarray:
         """Per key, whether a cachestore instance other than ``iid`` holds it."""
         held = np.zeros(len(b), bool)
-        for other, h in self._holders.items():
-            if other != iid and h.pooled and len(h.keys):
+        for other, h in self._holders_split()[1]:
+            if other != iid and len(h.keys):
                 held |= h.keys.contains(b)
         return held
 
@@ -196,7 +201,7 @@ class PrefixIndex:
             self._wide.clear()
         old = h.old_epochs | {h.epoch} | {e.epoch for e in h.buffered}
         self._holders[instance_id] = _Holder(source=h.source, old_epochs=old - {""})
-        self._prefill = None
+        self._split = None
 
     # ---- queries
     def prefix_len(self, keys: Sequence[bytes], instance_id: str) -> int:
@@ -244,7 +249,7 @@ class PrefixIndex:
 
     def pool_prefix_len(self, keys: Sequence[bytes]) -> int:
         """How many leading ``keys`` some cachestore instance holds."""
-        stores = [h.keys for h in self._holders.values() if h.pooled and len(h.keys)]
+        stores = [h.keys for _, h in self._holders_split()[1] if len(h.keys)]
         if len(stores) == 1:
             return stores[0].prefix_len(keys)
         n = 0

@@ -247,7 +247,7 @@ class KeySet:
 
     # ---- reading
     def __len__(self) -> int:
-        return len(self._t) + (len(self._old) if self._old is not None else 0)
+        return self._t._live + (self._old._live if self._old is not None else 0)
 
     @property
     def capacity(self) -> int:
