@@ -31,39 +31,35 @@ def _home(hi, lo, shift):
     return np.int64(((hi ^ lo) * MIX) >> shift)
 
 
+@njit(int64(uint64[:], uint64[:], uint8[:], uint64, uint64, uint64), cache=True, nogil=True)
+def _slot(t_hi, t_lo, state, shift, h, lw):
+    """The live slot of the key of words ``h`` and ``lw``, or -1."""
+    mask = state.size - 1
+    p = _home(h, lw, shift)
+    while True:
+        st = state[p]
+        if st == EMPTY:
+            return -1
+        if st == LIVE and t_hi[p] == h and t_lo[p] == lw:
+            return p
+        p = (p + 1) & mask
+
+
 @njit(void(*_TABLE, int64[:]), cache=True, nogil=True)
 def find(t_hi, t_lo, state, shift, q_hi, q_lo, out):
     """``out[i]``: the live slot of key ``i``, or -1 (left as it is where a key is absent and
     ``out[i]`` was set already: a caller probing two tables keeps the first's answer)."""
-    mask = state.size - 1
     for i in range(q_hi.size):
-        h, lw = q_hi[i], q_lo[i]
-        p = _home(h, lw, shift)
-        while True:
-            st = state[p]
-            if st == EMPTY:
-                break
-            if st == LIVE and t_hi[p] == h and t_lo[p] == lw:
-                out[i] = p
-                break
-            p = (p + 1) & mask
+        p = _slot(t_hi, t_lo, state, shift, q_hi[i], q_lo[i])
+        if p >= 0:
+            out[i] = p
 
 
 @njit(int64(*_TABLE, int64), cache=True, nogil=True)
 def prefix_len(t_hi, t_lo, state, shift, q_hi, q_lo, start):
     """How many keys from ``start`` on the table holds, up to the first it does not."""
-    mask = state.size - 1
     n = start
-    while n < q_hi.size:
-        h, lw = q_hi[n], q_lo[n]
-        p = _home(h, lw, shift)
-        while True:
-            st = state[p]
-            if st == EMPTY:
-                return n
-            if st == LIVE and t_hi[p] == h and t_lo[p] == lw:
-                break
-            p = (p + 1) & mask
+    while n < q_hi.size and _slot(t_hi, t_lo, state, shift, q_hi[n], q_lo[n]) >= 0:
         n += 1
     return n
 
@@ -94,19 +90,11 @@ def insert(t_hi, t_lo, state, shift, q_hi, q_lo, placed):
 @njit(int64(*_TABLE, boolean[:]), cache=True, nogil=True)
 def remove(t_hi, t_lo, state, shift, q_hi, q_lo, held):
     """Remove the keys (distinct) the table holds, marking ``held[i]``; returns how many."""
-    mask = state.size - 1
     gone = 0
     for i in range(q_hi.size):
-        h, lw = q_hi[i], q_lo[i]
-        p = _home(h, lw, shift)
-        while True:
-            st = state[p]
-            if st == EMPTY:
-                break
-            if st == LIVE and t_hi[p] == h and t_lo[p] == lw:
-                state[p] = TOMB
-                held[i] = True
-                gone += 1
-                break
-            p = (p + 1) & mask
+        p = _slot(t_hi, t_lo, state, shift, q_hi[i], q_lo[i])
+        if p >= 0:
+            state[p] = TOMB
+            held[i] = True
+            gone += 1
     return gone
