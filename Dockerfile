@@ -39,8 +39,9 @@ RUN groupadd --system --gid 10001 yuebing \
     && chown -R yuebing:yuebing /data
 USER 10001:10001
 # the conductor's compiled key-table loops, compiled once here into this user's numba cache
-# (services/conductor/keyprobe.py) rather than at every container's first start
-RUN python -c "import services.conductor.keyprobe"
+# (services/conductor/keyprobe.py) rather than at every container's first start; -P: the installed
+# copy the services run, not the one in this working directory (the cache is kept per file)
+RUN python -P -c "import services.conductor.keyprobe"
 
 ENTRYPOINT ["yuebing"]
 CMD ["--help"]

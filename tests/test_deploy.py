@@ -370,7 +370,7 @@ def test_dockerfile_cpu_torch_by_default_a_user_without_privileges_and_the_cli_a
     assert _dockerfile_user() != 0
     # everything is installed before it; as it, only the conductor's loops are compiled into its cache
     after_user = [rest for word, rest in ins[ins.index(next(i for i in ins if i[0] == "USER")):] if word == "RUN"]
-    assert after_user == ['python -c "import services.conductor.keyprobe"']
+    assert after_user == ['python -P -c "import services.conductor.keyprobe"']
     assert ("ENTRYPOINT", '["yuebing"]') in ins
     # the data directories exist in the image, owned by that user: a named volume mounted on one
     # starts out with that owner
