@@ -71,12 +71,14 @@ def test_a_prefix_is_the_leading_run_of_keys_held():
     assert KeyBatch.of([]).keys() == [] and len(KeySet.of([])) == 0
 
 
-@pytest.mark.parametrize("wide", [8, 0])
-def test_the_index_matches_a_set_model_of_every_instance_and_the_pool(wide, monkeypatch):
+@pytest.mark.parametrize("wide, walk", [(8, 32), (0, 32), (8, 0), (8, 3)])
+def test_the_index_matches_a_set_model_of_every_instance_and_the_pool(wide, walk, monkeypatch):
     """Events, dumps and drops on prefill and cachestore instances in any order: every query
     answers as sets of the same keys would, the pool's size among them; a walk over all prefill
-    instances at once too, by the instances (8) or by its cache of each key's holders (0)."""
+    instances at once too, by the instances (8) or by its cache of each key's holders (0), key
+    by key or, past ``walk`` keys left, each instance's rest in one compiled walk."""
     monkeypatch.setattr(index, "WIDE", wide)
+    monkeypatch.setattr(index, "WALK_KEYS", walk)
     rng = random.Random(4)
     universe = _keys(400, 5)
     idx = PrefixIndex()

@@ -270,6 +270,13 @@ class KeySet:
         missing = np.flatnonzero(~self.contains(KeyBatch.of(list(keys))))
         return int(missing[0]) if missing.size else len(keys)
 
+    def batch_prefix_len(self, b: KeyBatch) -> int:
+        """How many leading keys of ``b`` the set holds (a compiled walk)."""
+        if self._old is None:
+            return self._t.batch_prefix_len(b)
+        missing = np.flatnonzero(~self.contains(b))
+        return int(missing[0]) if missing.size else len(b)
+
     def holds(self, key: bytes) -> bool:
         """Whether the set holds ``key`` (one key, probed in Python)."""
         return self.has(*_PAIR.unpack(key))
