@@ -30,7 +30,7 @@ import numpy as np
 from libs.kvevents import epoch_newer
 from libs.protocol import KVEvent
 
-from services.conductor.keyset import KeyBatch, KeySet, words
+from services.conductor.keyset import KeyBatch, KeySet, leading, words
 
 HOT_KEYS = 4096  # per prefill instance: keys lately found held, looked up in a set (cleared when full)
 # a decision's walk past this many instances still holding the prompt takes each key's holders
@@ -93,9 +93,6 @@ class PrefixIndex:
             h = self._holders[instance_id] = _Holder(source=source)
             self._split = None
         return h
-
-    def _prefill_holders(self) -> list[tuple[str, _Holder]]:
-        return self._holders_split()[0]
 
     def _holders_split(self) -> tuple[list[tuple[str, _Holder]], list[tuple[str, _Holder]]]:
         if self._split is None:
@@ -252,7 +249,7 @@ class PrefixIndex:
             if len(self._wide) >= HOLDER_KEYS:
                 self._wide.clear()
             hi, lo = words(key)
-            got = self._wide[key] = {iid for iid, h in self._prefill_holders()
+            got = self._wide[key] = {iid for iid, h in self._holders_split()[0]
                                      if key in h.hot or h.keys.has(hi, lo)}
         return got
 
@@ -266,8 +263,7 @@ class PrefixIndex:
             held = np.zeros(len(b), bool)
             for st in stores:
                 held |= st.contains(b)
-            missing = np.flatnonzero(~held)
-            return int(missing[0]) if missing.size else len(keys)
+            return leading(held)
         n = 0
         for k in keys:
             if not any(s.holds(k) for s in stores):

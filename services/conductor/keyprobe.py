@@ -55,10 +55,10 @@ def find(t_hi, t_lo, state, shift, q_hi, q_lo, out):
             out[i] = p
 
 
-@njit(int64(*_TABLE, int64), cache=True, nogil=True)
-def prefix_len(t_hi, t_lo, state, shift, q_hi, q_lo, start):
-    """How many keys from ``start`` on the table holds, up to the first it does not."""
-    n = start
+@njit(int64(*_TABLE), cache=True, nogil=True)
+def prefix_len(t_hi, t_lo, state, shift, q_hi, q_lo):
+    """How many leading keys the table holds."""
+    n = 0
     while n < q_hi.size and _slot(t_hi, t_lo, state, shift, q_hi[n], q_lo[n]) >= 0:
         n += 1
     return n

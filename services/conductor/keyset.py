@@ -55,6 +55,12 @@ def words(key: bytes) -> tuple[int, int]:
     return _PAIR.unpack(key)
 
 
+def leading(held: np.ndarray) -> int:
+    """How many of the first ``held`` flags are set before the first that is not."""
+    missing = np.flatnonzero(~held)
+    return int(missing[0]) if missing.size else len(held)
+
+
 class KeyBatch:
     """Keys as two ``uint64`` arrays (``hi``, ``lo``: the first and last 8 bytes of each key)."""
 
@@ -156,11 +162,11 @@ class _Table:
             n += 1
         return n
 
-    def batch_prefix_len(self, b: KeyBatch, start: int = 0) -> int:
-        """How many keys of ``b`` from ``start`` on the set holds, up to the first it does not."""
+    def batch_prefix_len(self, b: KeyBatch) -> int:
+        """How many leading keys of ``b`` the set holds."""
         if not self._live:
             return 0
-        return probe.prefix_len(self._hi, self._lo, self._state, self._ushift, b.hi, b.lo, start) - start
+        return probe.prefix_len(self._hi, self._lo, self._state, self._ushift, b.hi, b.lo)
 
     def holds(self, key: bytes) -> bool:
         """Whether the set holds ``key`` (one key, probed in Python)."""
@@ -265,17 +271,13 @@ class KeySet:
         """How many leading ``keys`` (a prefix chain) the set holds."""
         if self._old is None:
             return self._t.prefix_len(keys)
-        if not keys:
-            return 0
-        missing = np.flatnonzero(~self.contains(KeyBatch.of(list(keys))))
-        return int(missing[0]) if missing.size else len(keys)
+        return self.batch_prefix_len(KeyBatch.of(list(keys)))
 
     def batch_prefix_len(self, b: KeyBatch) -> int:
         """How many leading keys of ``b`` the set holds (a compiled walk)."""
         if self._old is None:
             return self._t.batch_prefix_len(b)
-        missing = np.flatnonzero(~self.contains(b))
-        return int(missing[0]) if missing.size else len(b)
+        return leading(self.contains(b))
 
     def holds(self, key: bytes) -> bool:
         """Whether the set holds ``key`` (one key, probed in Python)."""

@@ -164,7 +164,7 @@ class DecodeLoadProjector:
             del self.entries[rid]
         self._seen.pop(decode_id, None)
         self._kept.pop(decode_id, None)
-        self._changed(decode_id)
+        self._rev.pop(decode_id, None)
 
     def progress(self, decode_id: str, at: float, sequences: Iterable[tuple[str, int, int, bool]]) -> None:
         """``decode_id`` holds ``sequences`` at ``at``: (request id, steps run there, steps to its
